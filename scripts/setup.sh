@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Installs what edge-inspect needs on a fresh Debian machine and prints the ONNX Runtime
+# library path. Idempotent: installed packages and a verified library are reused.
+#
+# Usage: eval "$(scripts/setup.sh)"   # exports ORT_DYLIB_PATH
+set -euo pipefail
+repo_root=$(cd "$(dirname "$0")/.." && pwd)
+
+# Debian packages: curl + unzip fetch ONNX Runtime; mosquitto is the test broker;
+# libclang1-14 is needed by nokhwa's bindgen (camera feature).
+packages=(curl unzip ca-certificates)
+missing=()
+for p in "${packages[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    if [ "$(id -u)" -ne 0 ]; then
+        echo "setup: missing Debian packages: ${missing[*]} (run as root or install them)" >&2
+        exit 1
+    fi
+    echo "setup: installing ${missing[*]}" >&2
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq >&2
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2
+fi
+
+lib=$("$repo_root/scripts/fetch-onnxruntime.sh")
+echo "export ORT_DYLIB_PATH=$lib"

@@ -1,0 +1,200 @@
+//! `edge-inspect infer`: one-shot inference on image files.
+//!
+//! Writes per image `<stem>_map.png` (16-bit normalised scores), `<stem>_mask.png`,
+//! `<stem>_overlay.png` and a JSON line (stdout and `results.jsonl`). A file that cannot be
+//! read is reported, counted and skipped; the command then exits non-zero.
+
+use std::collections::HashSet;
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Context, bail};
+use serde::Serialize;
+
+use crate::cli::{InferArgs, ReconstructionArgs};
+use crate::infer::reconstruct::ReconstructionSpec;
+use crate::model::bundle::{Bundle, write_atomic};
+use crate::model::preprocess::Prepared;
+use crate::postprocess::anomaly::{Region, analyse};
+use crate::postprocess::render::{OverlayFormat, map_png, mask_png, overlay};
+
+/// Payload schema of one result line.
+pub const RESULT_SCHEMA: u32 = 1;
+
+#[derive(Debug, Serialize)]
+struct ModelRef<'a> {
+    name: &'a str,
+    version: &'a str,
+    sha256: &'a str,
+}
+
+#[derive(Debug, Serialize)]
+struct Timings {
+    preprocess_ms: f64,
+    reconstruct_ms: f64,
+    postprocess_ms: f64,
+}
+
+#[derive(Debug, Serialize)]
+struct ResultLine<'a> {
+    schema: u32,
+    image: String,
+    score: f64,
+    normalised_score: f64,
+    image_threshold: f64,
+    label: &'static str,
+    defect_area: usize,
+    defect_ratio: f64,
+    regions: Vec<Region>,
+    reconstruction_mse: f64,
+    seed: u64,
+    unet_calls: usize,
+    t0: usize,
+    model: ModelRef<'a>,
+    outputs: [String; 3],
+    timings: Timings,
+}
+
+/// Applies flag overrides to the manifest's reconstruction settings.
+pub fn reconstruction_spec(base: ReconstructionSpec, args: &ReconstructionArgs) -> ReconstructionSpec {
+    let mut spec = base;
+    if let Some(t0) = args.t0 {
+        spec.t0 = t0;
+        // A DDPM override of t0 alone keeps "every step".
+        if args.steps.is_none() && spec.sampler == crate::infer::reconstruct::Sampler::Ddpm {
+            spec.steps = t0;
+        }
+    }
+    if let Some(steps) = args.steps {
+        spec.steps = steps;
+    }
+    if let Some(sampler) = args.sampler {
+        spec.sampler = sampler.into();
+    }
+    if let Some(eta) = args.eta {
+        spec.eta = eta;
+    }
+    spec
+}
+
+/// Output stems, unique even when two inputs share a file name.
+fn output_stems(images: &[PathBuf]) -> Vec<String> {
+    let mut seen = HashSet::new();
+    images
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let stem = p.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| format!("image{i}"));
+            if seen.insert(stem.clone()) { stem } else { format!("{stem}-{i}") }
+        })
+        .collect()
+}
+
+pub fn run(args: InferArgs) -> anyhow::Result<()> {
+    if args.batch == 0 {
+        bail!("--batch must be at least 1");
+    }
+    let runtime = args.runtime.to_config();
+    let mut bundle = Bundle::load(&args.model, &runtime)?;
+    let spec = reconstruction_spec(bundle.manifest.reconstruction, &args.reconstruction);
+    let mut reconstructor = bundle.reconstructor(Some(spec))?;
+    fs::create_dir_all(&args.out).with_context(|| format!("{}: cannot create output directory", args.out.display()))?;
+    let manifest = bundle.manifest.clone();
+    let input = manifest.input;
+    let stems = output_stems(&args.images);
+    let mut lines = Vec::new();
+    let mut failures = 0usize;
+
+    let indices: Vec<usize> = (0..args.images.len()).collect();
+    for chunk in indices.chunks(args.batch) {
+        let started = Instant::now();
+        let mut frames: Vec<(usize, Prepared)> = Vec::with_capacity(chunk.len());
+        for &i in chunk {
+            match input.prepare_file(&args.images[i]) {
+                Ok(p) => frames.push((i, p)),
+                Err(e) => {
+                    failures += 1;
+                    tracing::error!(error = %e, "Image skipped.");
+                }
+            }
+        }
+        if frames.is_empty() {
+            continue;
+        }
+        let preprocess_ms = started.elapsed().as_secs_f64() * 1e3 / frames.len() as f64;
+        let n = frames.len();
+        let mut clean = Vec::with_capacity(n * input.frame_len());
+        for (_, p) in &frames {
+            clean.extend_from_slice(&p.tensor);
+        }
+        let seeds: Vec<u64> = frames.iter().map(|(i, _)| args.seed.wrapping_add(*i as u64)).collect();
+        let mut recon = vec![0.0f32; clean.len()];
+        let started = Instant::now();
+        reconstructor.reconstruct(
+            &mut bundle.denoiser,
+            &clean,
+            [n, input.channels, input.height, input.width],
+            &seeds,
+            &mut recon,
+        )?;
+        let reconstruct_ms = started.elapsed().as_secs_f64() * 1e3 / n as f64;
+
+        for (slot, (i, prepared)) in frames.iter().enumerate() {
+            let started = Instant::now();
+            let range = slot * input.frame_len()..(slot + 1) * input.frame_len();
+            let analysis = analyse(
+                &clean[range.clone()],
+                &recon[range],
+                [input.channels, input.height, input.width],
+                &manifest.anomaly,
+                &manifest.thresholds.pixel,
+                &manifest.thresholds.image,
+            );
+            let stem = &stems[*i];
+            let outputs = [format!("{stem}_map.png"), format!("{stem}_mask.png"), format!("{stem}_overlay.png")];
+            let encoded = [map_png(&analysis), mask_png(&analysis), overlay(&prepared.display, &analysis, OverlayFormat::Png)];
+            for (name, bytes) in outputs.iter().zip(&encoded) {
+                let path = args.out.join(name);
+                write_atomic(&path, bytes).with_context(|| format!("{}: cannot write", path.display()))?;
+            }
+            let defect_area = analysis.mask.iter().filter(|m| **m != 0).count();
+            let line = ResultLine {
+                schema: RESULT_SCHEMA,
+                image: args.images[*i].display().to_string(),
+                score: analysis.score,
+                normalised_score: analysis.normalised_score,
+                image_threshold: manifest.thresholds.image.value,
+                label: if analysis.anomalous { "anomalous" } else { "normal" },
+                defect_area,
+                defect_ratio: defect_area as f64 / analysis.mask.len() as f64,
+                regions: analysis.regions.clone(),
+                reconstruction_mse: analysis.reconstruction_mse,
+                seed: seeds[slot],
+                unet_calls: reconstructor.unet_calls(),
+                t0: reconstructor.spec().t0,
+                model: ModelRef { name: &manifest.name, version: &manifest.version, sha256: &manifest.artifact.sha256 },
+                outputs,
+                timings: Timings { preprocess_ms, reconstruct_ms, postprocess_ms: started.elapsed().as_secs_f64() * 1e3 },
+            };
+            let json = serde_json::to_string(&line)?;
+            println!("{json}");
+            lines.push(json);
+        }
+    }
+    write_results(&args.out, &lines)?;
+    if failures > 0 {
+        bail!("{failures} of {} images could not be read (see the errors above)", args.images.len());
+    }
+    Ok(())
+}
+
+fn write_results(out: &Path, lines: &[String]) -> anyhow::Result<()> {
+    let mut text = Vec::new();
+    for line in lines {
+        writeln!(text, "{line}")?;
+    }
+    let path = out.join("results.jsonl");
+    write_atomic(&path, &text).with_context(|| format!("{}: cannot write", path.display()))
+}

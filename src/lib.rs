@@ -1,0 +1,22 @@
+//! edge-inspect: visual inspection on factory lines with robust diffusion (RDDPM).
+//!
+//! # Layout
+//!
+//! ```text
+//! infer:  model::preprocess → infer::reconstruct (ORT UNet) → postprocess::anomaly → render + JSON
+//! export: model::unet (burn) → model::onnx_export → model::export (ORT parity, golden) → bundle
+//! shared core: model::{manifest, bundle, preprocess, diffusion, architecture},
+//!              infer::{runtime, reconstruct}, postprocess::{anomaly, render}
+//! ```
+//!
+//! - [`model`]: what a model *is*: architecture, schedule, preprocessing, the bundle format
+//!   and (feature `train`) the burn UNet and its ONNX exporter.
+//! - [`infer`]: running a model: ONNX Runtime sessions and the reconstruction samplers.
+//! - [`postprocess`]: from reconstruction to verdict: maps, scores, masks, regions, images.
+//! - [`commands`]: the subcommands, thin over the above.
+
+pub mod cli;
+pub mod commands;
+pub mod infer;
+pub mod model;
+pub mod postprocess;

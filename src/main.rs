@@ -1,0 +1,30 @@
+//! CLI entry: parses arguments, sets up logging, dispatches, maps errors to exit codes.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use edge_inspect::cli::{Cli, Command};
+use edge_inspect::commands;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,ort=warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let result = match cli.command {
+        Command::Infer(args) => commands::infer::run(args),
+        #[cfg(feature = "train")]
+        Command::Export(args) => commands::export::run(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,228 @@
+//! Loading and writing model bundles (`models/<name>/{model.onnx, manifest.toml}`).
+//!
+//! Loading verifies, in order: the manifest parses and is self-consistent, the ONNX
+//! file's sha256 matches, ORT accepts the graph and its inputs match the manifest, and the
+//! golden probe reproduces the recorded output (this run is also the warm-up). Any failure
+//! is a [`BundleError`] naming the file and the value.
+//!
+//! Writing is staged in a hidden sibling directory and renamed into place, so a reader
+//! never sees a half-written bundle and a failed export leaves nothing behind.
+
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
+
+use super::diffusion::NoiseSchedule;
+use super::manifest::{GoldenCheck, MANIFEST_FILE, Manifest, SCHEMA_VERSION};
+use crate::infer::reconstruct::{ReconstructionSpec, Reconstructor};
+use crate::infer::runtime::{Denoiser, OrtDenoiser, RuntimeConfig, RuntimeError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum BundleError {
+    #[error("{path}: model bundle directory not found")]
+    NotFound { path: PathBuf },
+    #[error("{path}: missing from the bundle")]
+    MissingFile { path: PathBuf },
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("{path}: invalid manifest: {message}")]
+    ManifestParse { path: PathBuf, message: String },
+    #[error("{path}: schema_version {found} is not supported (this build reads {SCHEMA_VERSION})")]
+    SchemaVersion { path: PathBuf, found: u32 },
+    #[error("{path}: {what}")]
+    Inconsistent { path: PathBuf, what: String },
+    #[error("{path}: sha256 is {actual}, manifest expects {expected}")]
+    ShaMismatch { path: PathBuf, expected: String, actual: String },
+    #[error(transparent)]
+    Runtime(#[from] RuntimeError),
+    #[error("{path}: golden check failed: {what}")]
+    Golden { path: PathBuf, what: String },
+    #[error("{path}: already exists (use --force to replace it)")]
+    Exists { path: PathBuf },
+}
+
+/// Lowercase hex sha256 of a byte string.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> BundleError + '_ {
+    move |source| BundleError::Io { path: path.to_path_buf(), source }
+}
+
+/// Reads and checks a manifest (no ONNX Runtime needed).
+pub fn read_manifest(dir: &Path) -> Result<Manifest, BundleError> {
+    if !dir.is_dir() {
+        return Err(BundleError::NotFound { path: dir.to_path_buf() });
+    }
+    let path = dir.join(MANIFEST_FILE);
+    if !path.is_file() {
+        return Err(BundleError::MissingFile { path });
+    }
+    let text = fs::read_to_string(&path).map_err(io_error(&path))?;
+    // Check the version before the full parse so an old file gets the precise error.
+    let version = toml::from_str::<toml::Table>(&text)
+        .map_err(|e| BundleError::ManifestParse { path: path.clone(), message: e.to_string() })?
+        .get("schema_version")
+        .and_then(toml::Value::as_integer);
+    match version {
+        Some(v) if v == SCHEMA_VERSION as i64 => {}
+        Some(v) => return Err(BundleError::SchemaVersion { path, found: v.max(0) as u32 }),
+        None => return Err(BundleError::ManifestParse { path, message: "schema_version is missing".into() }),
+    }
+    let manifest: Manifest =
+        toml::from_str(&text).map_err(|e| BundleError::ManifestParse { path: path.clone(), message: e.to_string() })?;
+    validate(&manifest).map_err(|what| BundleError::Inconsistent { path, what })?;
+    Ok(manifest)
+}
+
+/// Cross-field rules a parsed manifest must satisfy.
+pub fn validate(m: &Manifest) -> Result<(), String> {
+    if m.input.channels != m.unet.channels {
+        return Err(format!("input.channels = {} but unet.channels = {}", m.input.channels, m.unet.channels));
+    }
+    if !(m.input.std > 0.0) {
+        return Err(format!("input.std must be > 0, got {}", m.input.std));
+    }
+    m.unet.validate().map_err(|e| e.to_string())?;
+    m.unet.check_input_size(m.input.height, m.input.width).map_err(|e| e.to_string())?;
+    let schedule = NoiseSchedule::new(&m.schedule).map_err(|e| format!("schedule: {e}"))?;
+    Reconstructor::new(schedule, m.reconstruction).map_err(|e| format!("reconstruction: {e}"))?;
+    for (name, t) in [("pixel", &m.thresholds.pixel), ("image", &m.thresholds.image)] {
+        if !(t.max >= t.min) || !t.value.is_finite() {
+            return Err(format!("thresholds.{name}: need finite value and max >= min, got {t:?}"));
+        }
+    }
+    if m.golden.batch == 0 || m.golden.timesteps.len() != m.golden.batch {
+        return Err(format!("golden: {} timesteps for batch {}", m.golden.timesteps.len(), m.golden.batch));
+    }
+    Ok(())
+}
+
+/// A verified bundle with a warm ONNX Runtime session.
+pub struct Bundle {
+    pub dir: PathBuf,
+    pub manifest: Manifest,
+    pub denoiser: OrtDenoiser,
+}
+
+impl Bundle {
+    pub fn load(dir: &Path, runtime: &RuntimeConfig) -> Result<Self, BundleError> {
+        let manifest = read_manifest(dir)?;
+        let onnx_path = dir.join(&manifest.artifact.onnx);
+        if !onnx_path.is_file() {
+            return Err(BundleError::MissingFile { path: onnx_path });
+        }
+        let bytes = fs::read(&onnx_path).map_err(io_error(&onnx_path))?;
+        let actual = sha256_hex(&bytes);
+        if actual != manifest.artifact.sha256 {
+            return Err(BundleError::ShaMismatch { path: onnx_path, expected: manifest.artifact.sha256.clone(), actual });
+        }
+        let mut denoiser = OrtDenoiser::load(&onnx_path, manifest.unet.channels, runtime)?;
+        run_golden(&mut denoiser, &manifest).map_err(|what| BundleError::Golden { path: onnx_path, what })?;
+        tracing::info!(bundle = %dir.display(), name = %manifest.name, version = %manifest.version, sha256 = %manifest.artifact.sha256, "Model bundle verified.");
+        Ok(Self { dir: dir.to_path_buf(), manifest, denoiser })
+    }
+
+    /// A reconstructor for this model; `spec` overrides the manifest's t0/steps/sampler.
+    pub fn reconstructor(&self, spec: Option<ReconstructionSpec>) -> Result<Reconstructor, BundleError> {
+        let schedule = NoiseSchedule::new(&self.manifest.schedule)
+            .map_err(|e| BundleError::Inconsistent { path: self.dir.clone(), what: e.to_string() })?;
+        Reconstructor::new(schedule, spec.unwrap_or(self.manifest.reconstruction))
+            .map_err(|e| BundleError::Inconsistent { path: self.dir.clone(), what: format!("reconstruction: {e}") })
+    }
+}
+
+/// Runs the golden probe through `denoiser` and compares with the manifest.
+pub fn run_golden(denoiser: &mut dyn Denoiser, manifest: &Manifest) -> Result<(), String> {
+    let golden = &manifest.golden;
+    let input = &manifest.input;
+    let probe = GoldenCheck::probe(golden.batch, input);
+    let shape = [golden.batch, input.channels, input.height, input.width];
+    let mut verdict = Err("the model produced no output".to_string());
+    denoiser
+        .predict_eps(&probe, shape, &golden.timesteps, &mut |eps| verdict = golden.verify(eps))
+        .map_err(|e| e.to_string())?;
+    verdict
+}
+
+/// A bundle being written in a hidden sibling directory; [`Staged::commit`] renames it
+/// into place, dropping it without commit removes it.
+pub struct Staged {
+    target: PathBuf,
+    staging: PathBuf,
+    force: bool,
+    committed: bool,
+}
+
+impl Staged {
+    pub fn new(target: &Path, force: bool) -> Result<Self, BundleError> {
+        if target.exists() && !force {
+            return Err(BundleError::Exists { path: target.to_path_buf() });
+        }
+        let parent = target.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        fs::create_dir_all(parent).map_err(io_error(parent))?;
+        let name = target.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "bundle".into());
+        let staging = parent.join(format!(".{name}.staging-{}", std::process::id()));
+        if staging.exists() {
+            fs::remove_dir_all(&staging).map_err(io_error(&staging))?;
+        }
+        fs::create_dir(&staging).map_err(io_error(&staging))?;
+        Ok(Self { target: target.to_path_buf(), staging, force, committed: false })
+    }
+
+    /// Path of a file inside the staging directory.
+    pub fn path(&self, file: &str) -> PathBuf {
+        self.staging.join(file)
+    }
+
+    pub fn write(&self, file: &str, bytes: &[u8]) -> Result<(), BundleError> {
+        let path = self.path(file);
+        let mut f = fs::File::create(&path).map_err(io_error(&path))?;
+        f.write_all(bytes).and_then(|_| f.sync_all()).map_err(io_error(&path))
+    }
+
+    /// Moves the staged bundle into place, replacing an old one only with `force`.
+    pub fn commit(mut self) -> Result<PathBuf, BundleError> {
+        let old = self.staging.with_extension("previous");
+        if self.target.exists() {
+            if !self.force {
+                return Err(BundleError::Exists { path: self.target.clone() });
+            }
+            fs::rename(&self.target, &old).map_err(io_error(&self.target))?;
+        }
+        if let Err(e) = fs::rename(&self.staging, &self.target) {
+            // Put the previous bundle back: a failed write never loses the good model.
+            let _ = fs::rename(&old, &self.target);
+            return Err(BundleError::Io { path: self.target.clone(), source: e });
+        }
+        self.committed = true;
+        if old.exists() {
+            fs::remove_dir_all(&old).map_err(io_error(&old))?;
+        }
+        Ok(self.target.clone())
+    }
+}
+
+impl Drop for Staged {
+    fn drop(&mut self) {
+        if !self.committed {
+            let _ = fs::remove_dir_all(&self.staging);
+        }
+    }
+}
+
+/// Writes `bytes` to `path` via a temporary file and a rename.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let tmp = path.with_file_name(format!(
+        ".{}.tmp-{}",
+        path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default(),
+        std::process::id()
+    ));
+    let mut f = fs::File::create(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    fs::rename(&tmp, path)
+}

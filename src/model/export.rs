@@ -1,0 +1,89 @@
+//! From a burn UNet to a verified bundle on disk: the exporter that `retrain` and
+//! `export` share.
+//!
+//! The ONNX graph is written to a staging directory, loaded back through ONNX Runtime
+//! (the daemon's own path), compared with burn's forward pass on the golden probe
+//! (max |ORT − burn| ≤ [`PARITY_TOLERANCE`]), and only then given its golden statistics
+//! and renamed into place. A graph that fails any step never becomes a bundle.
+
+use std::path::{Path, PathBuf};
+
+use burn::tensor::{Tensor, TensorData};
+
+use super::bundle::{BundleError, Staged, run_golden, sha256_hex};
+use super::manifest::{GoldenCheck, MANIFEST_FILE, Manifest, ONNX_FILE};
+use super::onnx_export::{OPSET, export_onnx};
+use super::unet::UNet;
+use crate::infer::runtime::{Denoiser, OrtDenoiser, RuntimeConfig};
+
+/// Largest accepted |ORT − burn| on the probe batch.
+pub const PARITY_TOLERANCE: f64 = 1e-4;
+/// Golden statistics tolerance; loose enough for GPU kernels, tight enough to catch a
+/// different or corrupted graph.
+pub const GOLDEN_TOLERANCE: f64 = 1e-3;
+
+/// Forward pass of the burn model on a host batch.
+pub fn burn_forward(model: &UNet, x: &[f32], shape: [usize; 4], t: &[f32]) -> Vec<f32> {
+    let device = model.conv_in.weight.val().device();
+    let x = Tensor::<4>::from_data(TensorData::new(x.to_vec(), shape), &device);
+    let t = Tensor::<1>::from_data(TensorData::new(t.to_vec(), [t.len()]), &device);
+    model.forward(x, t).into_data().as_slice::<f32>().expect("the UNet computes in f32").to_vec()
+}
+
+/// Largest element-wise difference between ORT and burn on `x`, `t`.
+pub fn parity(model: &UNet, ort: &mut dyn Denoiser, x: &[f32], shape: [usize; 4], t: &[f32]) -> Result<f64, BundleError> {
+    let reference = burn_forward(model, x, shape, t);
+    let mut worst = f64::NAN;
+    ort.predict_eps(x, shape, t, &mut |eps| {
+        worst = eps.iter().zip(&reference).map(|(a, b)| (a - b).abs() as f64).fold(0.0, f64::max);
+    })?;
+    Ok(worst)
+}
+
+/// Exports `model` as the bundle described by `manifest` (its `artifact` and `golden`
+/// sections are filled in here) into `target`.
+pub fn export_bundle(
+    model: &UNet,
+    mut manifest: Manifest,
+    target: &Path,
+    runtime: &RuntimeConfig,
+    force: bool,
+) -> Result<(PathBuf, Manifest), BundleError> {
+    let staged = Staged::new(target, force)?;
+    let onnx = export_onnx(model, &manifest.unet, env!("CARGO_PKG_VERSION"));
+    staged.write(ONNX_FILE, &onnx)?;
+    let onnx_path = staged.path(ONNX_FILE);
+    let mut ort = OrtDenoiser::load(&onnx_path, manifest.unet.channels, runtime)?;
+
+    let input = manifest.input;
+    let batch = 2;
+    let timesteps = vec![0.0, (manifest.schedule.steps / 2) as f32];
+    let probe = GoldenCheck::probe(batch, &input);
+    let shape = [batch, input.channels, input.height, input.width];
+    let worst = parity(model, &mut ort, &probe, shape, &timesteps)?;
+    if !(worst <= PARITY_TOLERANCE) {
+        return Err(BundleError::Inconsistent {
+            path: onnx_path,
+            what: format!("export parity failed: max |ORT − burn| = {worst:e} > {PARITY_TOLERANCE:e}"),
+        });
+    }
+    let mut golden = None;
+    ort.predict_eps(&probe, shape, &timesteps, &mut |eps| {
+        golden = Some(GoldenCheck::from_output(batch, timesteps.clone(), eps, GOLDEN_TOLERANCE));
+    })?;
+    manifest.golden = golden.expect("predict_eps hands over its output");
+    manifest.artifact.onnx = ONNX_FILE.to_string();
+    manifest.artifact.sha256 = sha256_hex(&onnx);
+    manifest.artifact.opset = OPSET;
+    manifest.artifact.parity_max_abs_diff = worst;
+    super::bundle::validate(&manifest).map_err(|what| BundleError::Inconsistent { path: target.to_path_buf(), what })?;
+    run_golden(&mut ort, &manifest).map_err(|what| BundleError::Golden { path: onnx_path.clone(), what })?;
+
+    let text = toml::to_string_pretty(&manifest)
+        .map_err(|e| BundleError::ManifestParse { path: staged.path(MANIFEST_FILE), message: e.to_string() })?;
+    staged.write(MANIFEST_FILE, text.as_bytes())?;
+    drop(ort);
+    let path = staged.commit()?;
+    tracing::info!(bundle = %path.display(), parity = worst, sha256 = %manifest.artifact.sha256, "Bundle exported.");
+    Ok((path, manifest))
+}

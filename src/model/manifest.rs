@@ -1,0 +1,147 @@
+//! The versioned sidecar of a model bundle (`models/<name>/manifest.toml`).
+//!
+//! Written by the exporter (`retrain`, `export`), verified by every loader. It pins
+//! everything needed to reproduce the training-time view of a frame: input size and
+//! normalisation, architecture, schedule, reconstruction, anomaly-map settings,
+//! thresholds with their calibration, provenance, the ONNX file's sha256 and a golden
+//! input/output check.
+
+use serde::{Deserialize, Serialize};
+
+use super::architecture::UNetConfig;
+use super::diffusion::ScheduleSpec;
+use super::preprocess::InputSpec;
+use crate::infer::reconstruct::ReconstructionSpec;
+use crate::postprocess::anomaly::{AnomalySpec, Threshold};
+
+/// Bumped on any incompatible change of this file's layout.
+pub const SCHEMA_VERSION: u32 = 1;
+pub const MANIFEST_FILE: &str = "manifest.toml";
+pub const ONNX_FILE: &str = "model.onnx";
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    pub schema_version: u32,
+    pub name: String,
+    pub version: String,
+    /// RFC 3339 creation time.
+    pub created: String,
+    pub input: InputSpec,
+    pub unet: UNetConfig,
+    pub schedule: ScheduleSpec,
+    pub reconstruction: ReconstructionSpec,
+    pub anomaly: AnomalySpec,
+    pub thresholds: Thresholds,
+    pub provenance: Provenance,
+    pub artifact: Artifact,
+    pub golden: GoldenCheck,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Thresholds {
+    pub pixel: Threshold,
+    pub image: Threshold,
+    pub calibration: Calibration,
+}
+
+/// How the thresholds were chosen, with the statistics they came from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Calibration {
+    /// The rule in words, e.g. "uncalibrated" or "quantile 0.995 of pixel scores after
+    /// trimming the top 10 % of frames".
+    pub rule: String,
+    /// Frames the statistics were computed on (0 = not calibrated).
+    pub frames: usize,
+    #[serde(default)]
+    pub pixel_quantiles: Vec<[f64; 2]>,
+    #[serde(default)]
+    pub image_quantiles: Vec<[f64; 2]>,
+}
+
+/// Where the weights came from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Provenance {
+    /// "random" for untrained exports, else the training loss ("mse", "huber", "lts", "l1").
+    pub loss: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub huber_delta: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lts_lambda: Option<f64>,
+    /// sha256 over the training data (sorted file hashes); empty when untrained.
+    pub data_sha256: String,
+    pub training_steps: usize,
+    pub seed: u64,
+    /// The exact command that produced the bundle.
+    pub command: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Artifact {
+    pub onnx: String,
+    pub sha256: String,
+    pub opset: i64,
+    /// Largest |ORT − burn| on the export probe batch.
+    pub parity_max_abs_diff: f64,
+}
+
+/// A deterministic probe and the statistics of the graph's answer to it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GoldenCheck {
+    pub batch: usize,
+    /// Timestep index of each probe frame.
+    pub timesteps: Vec<f32>,
+    pub output_mean: f64,
+    pub output_mean_abs: f64,
+    pub output_rms: f64,
+    /// First output values, for a pointed message when the check fails.
+    pub output_head: Vec<f32>,
+    pub tolerance: f64,
+}
+
+impl GoldenCheck {
+    /// The probe input: a smooth deterministic pattern in [−0.9, 0.9].
+    pub fn probe(batch: usize, input: &InputSpec) -> Vec<f32> {
+        (0..batch * input.frame_len()).map(|i| 0.9 * ((i as f32) * 0.37).sin() * ((i as f32) * 0.011).cos()).collect()
+    }
+
+    /// Statistics of an output, in the form stored in the manifest.
+    pub fn from_output(batch: usize, timesteps: Vec<f32>, output: &[f32], tolerance: f64) -> Self {
+        let n = output.len() as f64;
+        Self {
+            batch,
+            timesteps,
+            output_mean: output.iter().map(|v| *v as f64).sum::<f64>() / n,
+            output_mean_abs: output.iter().map(|v| v.abs() as f64).sum::<f64>() / n,
+            output_rms: (output.iter().map(|v| (*v as f64).powi(2)).sum::<f64>() / n).sqrt(),
+            output_head: output.iter().take(8).copied().collect(),
+            tolerance,
+        }
+    }
+
+    /// Compares an observed output with the recorded statistics; `Err` says what differs.
+    pub fn verify(&self, output: &[f32]) -> Result<(), String> {
+        let got = Self::from_output(self.batch, self.timesteps.clone(), output, self.tolerance);
+        let pairs = [
+            ("mean", self.output_mean, got.output_mean),
+            ("mean |x|", self.output_mean_abs, got.output_mean_abs),
+            ("rms", self.output_rms, got.output_rms),
+        ];
+        for (what, want, have) in pairs {
+            if (want - have).abs() > self.tolerance {
+                return Err(format!("output {what} is {have:.6}, manifest expects {want:.6} (tolerance {})", self.tolerance));
+            }
+        }
+        for (i, (want, have)) in self.output_head.iter().zip(&got.output_head).enumerate() {
+            if (want - have).abs() as f64 > self.tolerance {
+                return Err(format!("output[{i}] is {have:.6}, manifest expects {want:.6} (tolerance {})", self.tolerance));
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,299 @@
+//! Writes the UNet as an ONNX graph by interpreting [`UNet::walk`] with node emitters.
+//!
+//! Why not burn-onnx's exporter: it is trace-based, fails on `Sin` and `MeanDim`, and fixes
+//! the batch size (see `docs/design.md`). Here every op of the walk maps to a few standard
+//! ONNX ops at opset 17, the inputs have dynamic `N`, `H`, `W`, and initializers carry the
+//! parameter paths of the burn module (`down.0.res.0.conv1.weight`).
+//!
+//! Graph contract: inputs `x_t: f32[N,C,H,W]`, `t: f32[N]` (timestep index, the time
+//! embedding is computed in the graph); output `eps: f32[N,C,H,W]`.
+
+use std::collections::HashMap;
+
+use burn::nn::conv::Conv2d;
+use burn::nn::Linear;
+use burn::tensor::Tensor;
+use onnx_ir::{AttributeProto, Message, ModelProto, NodeProto, TensorProto, ValueInfoProto, AttributeType};
+
+use super::architecture::UNetConfig;
+use super::unet::{GROUP_NORM_EPS, GroupNorm, UNet, UNetOps, embedding_frequencies};
+
+pub const INPUT_IMAGE: &str = "x_t";
+pub const INPUT_TIME: &str = "t";
+pub const OUTPUT_EPS: &str = "eps";
+pub const OPSET: i64 = 17;
+/// IR version 8 is the one that opset 17 shipped with; ORT ≥ 1.14 reads it.
+const IR_VERSION: i64 = 8;
+const FLOAT: i32 = 1;
+const INT64: i32 = 7;
+
+/// Serialises the model as an ONNX `ModelProto`.
+pub fn export_onnx(model: &UNet, config: &UNetConfig, producer_version: &str) -> Vec<u8> {
+    let mut emitter = OnnxEmitter::default();
+    let out = model.walk(&mut emitter, INPUT_IMAGE.to_string(), INPUT_TIME.to_string());
+    emitter.push_node("Identity", &[&out], vec![], Some(OUTPUT_EPS.to_string()));
+
+    let mut proto = ModelProto::new();
+    proto.ir_version = IR_VERSION;
+    proto.producer_name = "edge-inspect".into();
+    proto.producer_version = producer_version.into();
+    // OperatorSetIdProto is not re-exported by onnx-ir; build it through the Vec's type.
+    proto.opset_import.push(Default::default());
+    let opset = proto.opset_import.last_mut().expect("just pushed");
+    opset.domain = String::new();
+    opset.version = OPSET;
+
+    let graph = proto.graph.mut_or_insert_default();
+    graph.name = "rddpm_unet".into();
+    graph.node = emitter.nodes;
+    graph.initializer = emitter.initializers;
+    let c = config.channels as i64;
+    graph.input.push(value_info(INPUT_IMAGE, &[Dim::Param("N"), Dim::Value(c), Dim::Param("H"), Dim::Param("W")]));
+    graph.input.push(value_info(INPUT_TIME, &[Dim::Param("N")]));
+    graph.output.push(value_info(OUTPUT_EPS, &[Dim::Param("N"), Dim::Value(c), Dim::Param("H"), Dim::Param("W")]));
+    proto.write_to_bytes().expect("an in-memory ModelProto always serialises")
+}
+
+enum Dim<'a> {
+    Param(&'a str),
+    Value(i64),
+}
+
+fn value_info(name: &str, dims: &[Dim]) -> ValueInfoProto {
+    let mut info = ValueInfoProto::new();
+    info.name = name.into();
+    let tensor = info.type_.mut_or_insert_default().mut_tensor_type();
+    tensor.elem_type = FLOAT;
+    let shape = tensor.shape.mut_or_insert_default();
+    for d in dims {
+        shape.dim.push(Default::default());
+        let dim = shape.dim.last_mut().expect("just pushed");
+        match d {
+            Dim::Param(p) => dim.set_dim_param((*p).into()),
+            Dim::Value(v) => dim.set_dim_value(*v),
+        }
+    }
+    info
+}
+
+fn attr_int(name: &str, value: i64) -> AttributeProto {
+    let mut a = AttributeProto::new();
+    a.name = name.into();
+    a.type_ = AttributeType::INT.into();
+    a.i = value;
+    a
+}
+
+fn attr_ints(name: &str, values: &[i64]) -> AttributeProto {
+    let mut a = AttributeProto::new();
+    a.name = name.into();
+    a.type_ = AttributeType::INTS.into();
+    a.ints = values.to_vec();
+    a
+}
+
+fn attr_float(name: &str, value: f32) -> AttributeProto {
+    let mut a = AttributeProto::new();
+    a.name = name.into();
+    a.type_ = AttributeType::FLOAT.into();
+    a.f = value;
+    a
+}
+
+fn attr_string(name: &str, value: &str) -> AttributeProto {
+    let mut a = AttributeProto::new();
+    a.name = name.into();
+    a.type_ = AttributeType::STRING.into();
+    a.s = value.as_bytes().to_vec().into();
+    a
+}
+
+fn to_f32<const D: usize>(t: Tensor<D>) -> Vec<f32> {
+    let data = t.into_data();
+    data.as_slice::<f32>().expect("UNet parameters are f32").to_vec()
+}
+
+/// Accumulates nodes and initializers while the walk runs.
+#[derive(Default)]
+struct OnnxEmitter {
+    nodes: Vec<NodeProto>,
+    initializers: Vec<TensorProto>,
+    /// Constants already emitted, by content key, so repeated shapes share one initializer.
+    constants: HashMap<String, String>,
+    counter: usize,
+}
+
+impl OnnxEmitter {
+    fn push_node(&mut self, op: &str, inputs: &[&str], attrs: Vec<AttributeProto>, output: Option<String>) -> String {
+        self.counter += 1;
+        let out = output.unwrap_or_else(|| format!("{}_{}", op.to_lowercase(), self.counter));
+        let mut node = NodeProto::new();
+        node.name = format!("{op}_{}", self.counter);
+        node.op_type = op.into();
+        node.input = inputs.iter().map(|s| s.to_string()).collect();
+        node.output = vec![out.clone()];
+        node.attribute = attrs;
+        self.nodes.push(node);
+        out
+    }
+
+    fn node(&mut self, op: &str, inputs: &[&str], attrs: Vec<AttributeProto>) -> String {
+        self.push_node(op, inputs, attrs, None)
+    }
+
+    fn float_initializer(&mut self, name: &str, dims: &[usize], values: Vec<f32>) -> String {
+        debug_assert_eq!(dims.iter().product::<usize>(), values.len(), "{name}");
+        let mut t = TensorProto::new();
+        t.name = name.into();
+        t.data_type = FLOAT;
+        t.dims = dims.iter().map(|d| *d as i64).collect();
+        t.float_data = values;
+        self.initializers.push(t);
+        name.to_string()
+    }
+
+    fn int_constant(&mut self, values: &[i64]) -> String {
+        let key = format!("i64:{values:?}");
+        if let Some(name) = self.constants.get(&key) {
+            return name.clone();
+        }
+        let name = format!("const_{}", self.constants.len());
+        let mut t = TensorProto::new();
+        t.name = name.clone();
+        t.data_type = INT64;
+        t.dims = vec![values.len() as i64];
+        t.int64_data = values.to_vec();
+        self.initializers.push(t);
+        self.constants.insert(key, name.clone());
+        name
+    }
+
+    fn float_constant(&mut self, dims: &[usize], values: &[f32]) -> String {
+        let key = format!("f32:{dims:?}:{:?}", values.iter().map(|v| v.to_bits()).collect::<Vec<_>>());
+        if let Some(name) = self.constants.get(&key) {
+            return name.clone();
+        }
+        let name = format!("const_{}", self.constants.len());
+        self.float_initializer(&name, dims, values.to_vec());
+        self.constants.insert(key, name.clone());
+        name
+    }
+}
+
+impl UNetOps for OnnxEmitter {
+    type Map = String;
+    type Vector = String;
+    type Time = String;
+
+    fn timestep_embedding(&mut self, t: String, dim: usize) -> String {
+        let freqs = embedding_frequencies(dim);
+        let freqs = self.float_constant(&[1, freqs.len()], &freqs);
+        let column = self.int_constant(&[-1, 1]);
+        let t = self.node("Reshape", &[&t, &column], vec![]);
+        let args = self.node("Mul", &[&t, &freqs], vec![]);
+        let sin = self.node("Sin", &[&args], vec![]);
+        let cos = self.node("Cos", &[&args], vec![]);
+        self.node("Concat", &[&sin, &cos], vec![attr_int("axis", 1)])
+    }
+
+    fn linear(&mut self, name: &str, layer: &Linear, x: String) -> String {
+        let weight = layer.weight.val();
+        let [d_in, d_out] = weight.dims();
+        let w = self.float_initializer(&format!("{name}.weight"), &[d_in, d_out], to_f32(weight));
+        let mut inputs = vec![x, w];
+        if let Some(bias) = &layer.bias {
+            inputs.push(self.float_initializer(&format!("{name}.bias"), &[d_out], to_f32(bias.val())));
+        }
+        let inputs: Vec<&str> = inputs.iter().map(String::as_str).collect();
+        self.node("Gemm", &inputs, vec![])
+    }
+
+    fn silu_vector(&mut self, x: String) -> String {
+        self.silu(x)
+    }
+
+    fn conv(&mut self, name: &str, layer: &Conv2d, x: String) -> String {
+        let weight = layer.weight.val();
+        let dims = weight.dims();
+        let w = self.float_initializer(&format!("{name}.weight"), &dims, to_f32(weight));
+        let mut inputs = vec![x, w];
+        if let Some(bias) = &layer.bias {
+            inputs.push(self.float_initializer(&format!("{name}.bias"), &[dims[0]], to_f32(bias.val())));
+        }
+        let pads = match layer.padding {
+            burn::nn::PaddingConfig2d::Explicit(top, left, bottom, right) => [top, left, bottom, right],
+            ref other => unreachable!("the UNet only builds explicit padding, found {other:?}"),
+        };
+        let attrs = vec![
+            attr_ints("kernel_shape", &[dims[2] as i64, dims[3] as i64]),
+            attr_ints("strides", &[layer.stride[0] as i64, layer.stride[1] as i64]),
+            // ONNX order: [x1_begin, x2_begin, x1_end, x2_end].
+            attr_ints("pads", &[pads[0] as i64, pads[1] as i64, pads[2] as i64, pads[3] as i64]),
+        ];
+        let inputs: Vec<&str> = inputs.iter().map(String::as_str).collect();
+        self.node("Conv", &inputs, attrs)
+    }
+
+    /// Lowered as PyTorch does before opset 18: InstanceNormalization over `[N, G, −1]`.
+    fn group_norm(&mut self, name: &str, layer: &GroupNorm, x: String) -> String {
+        let channels = layer.gamma.dims()[0];
+        let groups = layer.groups;
+        let grouped_shape = self.int_constant(&[0, groups as i64, -1]);
+        let grouped = self.node("Reshape", &[&x, &grouped_shape], vec![]);
+        let ones = self.float_constant(&[groups], &vec![1.0; groups]);
+        let zeros = self.float_constant(&[groups], &vec![0.0; groups]);
+        let normed =
+            self.node("InstanceNormalization", &[&grouped, &ones, &zeros], vec![attr_float("epsilon", GROUP_NORM_EPS)]);
+        let shape = self.node("Shape", &[&x], vec![]);
+        let normed = self.node("Reshape", &[&normed, &shape], vec![]);
+        let gamma = self.float_initializer(&format!("{name}.gamma"), &[1, channels, 1, 1], to_f32(layer.gamma.val()));
+        let beta = self.float_initializer(&format!("{name}.beta"), &[1, channels, 1, 1], to_f32(layer.beta.val()));
+        let scaled = self.node("Mul", &[&normed, &gamma], vec![]);
+        self.node("Add", &[&scaled, &beta], vec![])
+    }
+
+    fn silu(&mut self, x: String) -> String {
+        let gate = self.node("Sigmoid", &[&x], vec![]);
+        self.node("Mul", &[&x, &gate], vec![])
+    }
+
+    fn add(&mut self, a: String, b: String) -> String {
+        self.node("Add", &[&a, &b], vec![])
+    }
+
+    fn add_per_channel(&mut self, x: String, v: String) -> String {
+        let shape = self.int_constant(&[0, 0, 1, 1]);
+        let v = self.node("Reshape", &[&v, &shape], vec![]);
+        self.node("Add", &[&x, &v], vec![])
+    }
+
+    fn concat_channels(&mut self, a: String, b: String) -> String {
+        self.node("Concat", &[&a, &b], vec![attr_int("axis", 1)])
+    }
+
+    fn upsample_nearest2x(&mut self, x: String) -> String {
+        let scales = self.float_constant(&[4], &[1.0, 1.0, 2.0, 2.0]);
+        let attrs = vec![
+            attr_string("mode", "nearest"),
+            attr_string("coordinate_transformation_mode", "asymmetric"),
+            attr_string("nearest_mode", "floor"),
+        ];
+        self.node("Resize", &[&x, "", &scales], attrs)
+    }
+
+    fn attend(&mut self, q: String, k: String, v: String, channels: usize) -> String {
+        let flat = self.int_constant(&[0, channels as i64, -1]);
+        let out_shape = self.node("Shape", &[&q], vec![]);
+        let q = self.node("Reshape", &[&q, &flat], vec![]);
+        let q = self.node("Transpose", &[&q], vec![attr_ints("perm", &[0, 2, 1])]);
+        let k = self.node("Reshape", &[&k, &flat], vec![]);
+        let v = self.node("Reshape", &[&v, &flat], vec![]);
+        let scores = self.node("MatMul", &[&q, &k], vec![]);
+        let scale = self.float_constant(&[], &[1.0 / (channels as f32).sqrt()]);
+        let scores = self.node("Mul", &[&scores, &scale], vec![]);
+        let weights = self.node("Softmax", &[&scores], vec![attr_int("axis", -1)]);
+        let weights = self.node("Transpose", &[&weights], vec![attr_ints("perm", &[0, 2, 1])]);
+        let out = self.node("MatMul", &[&v, &weights], vec![]);
+        self.node("Reshape", &[&out, &out_shape], vec![])
+    }
+}

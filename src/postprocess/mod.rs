@@ -1,0 +1,4 @@
+//! From a frame and its reconstruction to what the line sees: maps, verdicts, images.
+
+pub mod anomaly;
+pub mod render;

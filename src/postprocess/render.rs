@@ -1,0 +1,76 @@
+//! Encoders for what people look at: mask PNGs, heat-map overlays, raw map PNGs.
+
+use std::io::Cursor;
+
+use image::{ImageFormat, Luma, Rgb, RgbImage};
+
+use super::anomaly::Analysis;
+
+/// Output format of an overlay.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OverlayFormat {
+    Png,
+    Jpeg { quality: u8 },
+}
+
+/// Binary mask as an 8-bit PNG (0 / 255) at model resolution.
+pub fn mask_png(analysis: &Analysis) -> Vec<u8> {
+    let img = image::GrayImage::from_fn(analysis.width as u32, analysis.height as u32, |x, y| {
+        Luma([analysis.mask[y as usize * analysis.width + x as usize] * 255])
+    });
+    encode_png(img)
+}
+
+/// Normalised pixel scores as a 16-bit greyscale PNG (0.5 = threshold = 32768).
+pub fn map_png(analysis: &Analysis) -> Vec<u8> {
+    let img = image::ImageBuffer::<Luma<u16>, Vec<u16>>::from_fn(analysis.width as u32, analysis.height as u32, |x, y| {
+        let v = analysis.normalised_map[y as usize * analysis.width + x as usize];
+        Luma([(v.clamp(0.0, 1.0) * 65535.0).round() as u16])
+    });
+    encode_png(img)
+}
+
+fn encode_png(img: impl Into<image::DynamicImage>) -> Vec<u8> {
+    let mut out = Cursor::new(Vec::new());
+    img.into().write_to(&mut out, ImageFormat::Png).expect("PNG encoding into memory cannot fail");
+    out.into_inner()
+}
+
+/// The "jet" colormap (as in anomalib's overlays) for a value in [0, 1].
+fn jet(v: f32) -> [u8; 3] {
+    let v = v.clamp(0.0, 1.0);
+    let channel = |offset: f32| ((1.5 - (4.0 * v - offset).abs()).clamp(0.0, 1.0) * 255.0).round() as u8;
+    [channel(3.0), channel(2.0), channel(1.0)]
+}
+
+/// Frame with the colour-mapped normalised scores blended in and the mask outline in red.
+pub fn overlay(frame: &RgbImage, analysis: &Analysis, format: OverlayFormat) -> Vec<u8> {
+    const ALPHA: f32 = 0.4;
+    let (w, h) = (analysis.width, analysis.height);
+    let mut img = RgbImage::from_fn(w as u32, h as u32, |x, y| {
+        let p = frame.get_pixel(x, y).0;
+        let c = jet(analysis.normalised_map[y as usize * w + x as usize]);
+        Rgb(std::array::from_fn(|i| ((1.0 - ALPHA) * p[i] as f32 + ALPHA * c[i] as f32).round() as u8))
+    });
+    let inside = |x: isize, y: isize| {
+        x >= 0 && y >= 0 && (x as usize) < w && (y as usize) < h && analysis.mask[y as usize * w + x as usize] != 0
+    };
+    for y in 0..h as isize {
+        for x in 0..w as isize {
+            let edge = inside(x, y) && [(-1, 0), (1, 0), (0, -1), (0, 1)].iter().any(|(dx, dy)| !inside(x + dx, y + dy));
+            if edge {
+                img.put_pixel(x as u32, y as u32, Rgb([255, 0, 0]));
+            }
+        }
+    }
+    let mut out = Cursor::new(Vec::new());
+    match format {
+        OverlayFormat::Png => img.write_to(&mut out, ImageFormat::Png).expect("PNG encoding into memory cannot fail"),
+        OverlayFormat::Jpeg { quality } => {
+            image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, quality)
+                .encode_image(&img)
+                .expect("JPEG encoding into memory cannot fail");
+        }
+    }
+    out.into_inner()
+}

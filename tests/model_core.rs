@@ -1,0 +1,329 @@
+//! Model core against real parts: burn, the ONNX emitter, a real ONNX Runtime session,
+//! bundles on disk and the `edge-inspect` binary.
+//!
+//! Needs `ORT_DYLIB_PATH` (set by `.ci/run` from `scripts/fetch-onnxruntime.sh`).
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use burn::tensor::Device;
+use edge_inspect::infer::reconstruct::{ReconstructionSpec, Sampler};
+use edge_inspect::infer::runtime::{OrtDenoiser, RuntimeConfig};
+use edge_inspect::model::architecture::UNetConfig;
+use edge_inspect::model::bundle::{Bundle, BundleError, read_manifest};
+use edge_inspect::model::export::{export_bundle, parity};
+use edge_inspect::model::manifest::{
+    Artifact, Calibration, GoldenCheck, MANIFEST_FILE, Manifest, ONNX_FILE, Provenance, SCHEMA_VERSION, Thresholds,
+};
+use edge_inspect::model::diffusion::ScheduleSpec;
+use edge_inspect::model::preprocess::InputSpec;
+use edge_inspect::model::unet::UNet;
+use edge_inspect::postprocess::anomaly::{AnomalySpec, Threshold};
+
+const BIN: &str = env!("CARGO_BIN_EXE_edge-inspect");
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
+}
+
+fn runtime() -> RuntimeConfig {
+    assert!(
+        std::env::var_os("ORT_DYLIB_PATH").is_some(),
+        "set ORT_DYLIB_PATH to libonnxruntime.so (scripts/fetch-onnxruntime.sh prints it)"
+    );
+    RuntimeConfig::default()
+}
+
+/// A small UNet: 16×16 input, two levels, with attention so every op is exercised.
+fn small_config(channels: usize, attention: bool) -> UNetConfig {
+    UNetConfig { channels, base_channels: 16, channel_mults: vec![1, 2], res_blocks: 1, attention, groups: 8 }
+}
+
+fn manifest_for(unet: &UNetConfig, size: usize) -> Manifest {
+    let t = Threshold { value: 0.1, min: 0.0, max: 0.2 };
+    Manifest {
+        schema_version: SCHEMA_VERSION,
+        name: "test".into(),
+        version: "0.0.0".into(),
+        created: "2026-11-28T00:00:00Z".into(),
+        input: InputSpec { width: size, height: size, channels: unet.channels, ..InputSpec::default() },
+        unet: unet.clone(),
+        schedule: ScheduleSpec::default(),
+        reconstruction: ReconstructionSpec { t0: 20, steps: 4, sampler: Sampler::Ddim, eta: 0.0 },
+        anomaly: AnomalySpec::default(),
+        thresholds: Thresholds {
+            pixel: t,
+            image: t,
+            calibration: Calibration { rule: "uncalibrated".into(), frames: 0, pixel_quantiles: vec![], image_quantiles: vec![] },
+        },
+        provenance: Provenance {
+            loss: "random".into(),
+            huber_delta: None,
+            lts_lambda: None,
+            data_sha256: String::new(),
+            training_steps: 0,
+            seed: 7,
+            command: "test".into(),
+        },
+        artifact: Artifact { onnx: String::new(), sha256: String::new(), opset: 0, parity_max_abs_diff: 0.0 },
+        golden: GoldenCheck::from_output(1, vec![0.0], &[0.0], 0.0),
+    }
+}
+
+fn export_small(dir: &Path, channels: usize, attention: bool) -> (UNet, Manifest) {
+    let config = small_config(channels, attention);
+    let model = UNet::init(&config, 7, &Device::flex()).unwrap();
+    let (_, manifest) = export_bundle(&model, manifest_for(&config, 16), dir, &runtime(), false).unwrap();
+    (model, manifest)
+}
+
+/// Export parity: ORT on the emitted graph equals burn's forward pass at batch 1 and 4,
+/// for grey and RGB, with and without attention, on seeded random weights.
+#[test]
+fn exported_graph_matches_burn_at_batch_1_and_4() {
+    let tmp = tempfile::tempdir().unwrap();
+    for (channels, attention) in [(1, true), (3, false)] {
+        let dir = tmp.path().join(format!("c{channels}a{attention}"));
+        let (model, manifest) = export_small(&dir, channels, attention);
+        assert!(manifest.artifact.parity_max_abs_diff <= 1e-4);
+        let mut ort = OrtDenoiser::load(&dir.join(ONNX_FILE), channels, &runtime()).unwrap();
+        for batch in [1usize, 4] {
+            let x: Vec<f32> = (0..batch * channels * 16 * 16).map(|i| ((i * 7919 % 1000) as f32 / 500.0) - 1.0).collect();
+            let t: Vec<f32> = (0..batch).map(|i| (i * 311 % 1000) as f32).collect();
+            let worst = parity(&model, &mut ort, &x, [batch, channels, 16, 16], &t).unwrap();
+            assert!(worst <= 1e-4, "channels {channels}, batch {batch}: max |ORT − burn| = {worst}");
+            assert!(worst.is_finite());
+        }
+    }
+}
+
+#[test]
+fn t0_zero_reconstruction_returns_the_input_exactly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("b");
+    export_small(&dir, 1, false);
+    let mut bundle = Bundle::load(&dir, &runtime()).unwrap();
+    let spec = ReconstructionSpec { t0: 0, steps: 0, sampler: Sampler::Ddim, eta: 0.0 };
+    let mut r = bundle.reconstructor(Some(spec)).unwrap();
+    let clean: Vec<f32> = (0..2 * 256).map(|i| (i as f32 * 0.01).sin()).collect();
+    let mut out = vec![9.0; clean.len()];
+    r.reconstruct(&mut bundle.denoiser, &clean, [2, 1, 16, 16], &[1, 2], &mut out).unwrap();
+    assert_eq!(out, clean);
+    assert_eq!(r.unet_calls(), 0);
+
+    // And a real partial diffusion changes the frame, deterministically per seed.
+    let mut r = bundle.reconstructor(None).unwrap();
+    let mut a = vec![0.0; clean.len()];
+    let mut b = vec![0.0; clean.len()];
+    r.reconstruct(&mut bundle.denoiser, &clean, [2, 1, 16, 16], &[1, 2], &mut a).unwrap();
+    r.reconstruct(&mut bundle.denoiser, &clean, [2, 1, 16, 16], &[1, 2], &mut b).unwrap();
+    assert_eq!(a, b);
+    assert_ne!(a, clean);
+    // Batch-invariant: frame 1 alone with its seed gives the same reconstruction.
+    let mut single = vec![0.0; 256];
+    r.reconstruct(&mut bundle.denoiser, &clean[256..], [1, 1, 16, 16], &[2], &mut single).unwrap();
+    let worst = single.iter().zip(&a[256..]).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
+    assert!(worst < 1e-4, "batch composition changed a frame by {worst}");
+}
+
+fn load_err(dir: &Path) -> BundleError {
+    match Bundle::load(dir, &runtime()) {
+        Ok(_) => panic!("{} loaded but should not", dir.display()),
+        Err(e) => e,
+    }
+}
+
+fn edit_manifest(dir: &Path, edit: impl FnOnce(&mut toml::Table)) {
+    let path = dir.join(MANIFEST_FILE);
+    let mut table: toml::Table = toml::from_str(&fs::read_to_string(&path).unwrap()).unwrap();
+    edit(&mut table);
+    fs::write(&path, toml::to_string(&table).unwrap()).unwrap();
+}
+
+#[test]
+fn broken_bundles_give_clear_errors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let good = tmp.path().join("good");
+    export_small(&good, 1, false);
+    Bundle::load(&good, &runtime()).unwrap();
+    let copy = |name: &str| {
+        let dir = tmp.path().join(name);
+        fs::create_dir(&dir).unwrap();
+        for f in [MANIFEST_FILE, ONNX_FILE] {
+            fs::copy(good.join(f), dir.join(f)).unwrap();
+        }
+        dir
+    };
+
+    let sha = copy("sha");
+    edit_manifest(&sha, |m| {
+        m["artifact"]["sha256"] = toml::Value::String("0".repeat(64));
+    });
+    let e = load_err(&sha);
+    assert!(matches!(e, BundleError::ShaMismatch { .. }), "{e}");
+    assert!(e.to_string().contains("model.onnx") && e.to_string().contains(&"0".repeat(64)), "{e}");
+
+    let missing = copy("missing");
+    fs::remove_file(missing.join(ONNX_FILE)).unwrap();
+    let e = load_err(&missing);
+    assert!(matches!(e, BundleError::MissingFile { .. }) && e.to_string().contains("model.onnx"), "{e}");
+
+    let no_manifest = copy("no-manifest");
+    fs::remove_file(no_manifest.join(MANIFEST_FILE)).unwrap();
+    assert!(matches!(load_err(&no_manifest), BundleError::MissingFile { .. }));
+
+    // The manifest claims RGB; the graph takes one channel.
+    let shape = copy("shape");
+    edit_manifest(&shape, |m| {
+        m["input"]["channels"] = toml::Value::Integer(3);
+        m["unet"]["channels"] = toml::Value::Integer(3);
+    });
+    let e = load_err(&shape);
+    assert!(e.to_string().contains("1 channels but the manifest says 3"), "{e}");
+
+    // An input size the UNet cannot halve.
+    let size = copy("size");
+    edit_manifest(&size, |m| {
+        m["input"]["width"] = toml::Value::Integer(15);
+    });
+    let e = load_err(&size);
+    assert!(e.to_string().contains("input size 16x15"), "{e}");
+
+    // A graph that does not reproduce its recorded output.
+    let golden = copy("golden");
+    edit_manifest(&golden, |m| {
+        let old = m["golden"]["output_rms"].as_float().unwrap();
+        m["golden"]["output_rms"] = toml::Value::Float(old + 0.5);
+    });
+    let e = load_err(&golden);
+    assert!(matches!(e, BundleError::Golden { .. }) && e.to_string().contains("rms"), "{e}");
+
+    let unknown = copy("unknown-key");
+    edit_manifest(&unknown, |m| {
+        m.insert("colour".into(), toml::Value::String("red".into()));
+    });
+    let e = read_manifest(&unknown).unwrap_err();
+    assert!(e.to_string().contains("colour"), "{e}");
+
+    let newer = copy("schema");
+    edit_manifest(&newer, |m| {
+        m["schema_version"] = toml::Value::Integer(99);
+    });
+    assert!(matches!(read_manifest(&newer), Err(BundleError::SchemaVersion { found: 99, .. })));
+
+    // A corrupt ONNX file with a matching sha256 is refused by the runtime, not a panic.
+    let corrupt = copy("corrupt");
+    fs::write(corrupt.join(ONNX_FILE), b"not a model").unwrap();
+    edit_manifest(&corrupt, |m| {
+        m["artifact"]["sha256"] = toml::Value::String(edge_inspect::model::bundle::sha256_hex(b"not a model"));
+    });
+    let e = load_err(&corrupt);
+    assert!(e.to_string().contains("model.onnx"), "{e}");
+
+    // Export never replaces a bundle without force.
+    let config = small_config(1, false);
+    let model = UNet::init(&config, 8, &Device::flex()).unwrap();
+    let e = export_bundle(&model, manifest_for(&config, 16), &good, &runtime(), false).unwrap_err();
+    assert!(matches!(e, BundleError::Exists { .. }));
+    Bundle::load(&good, &runtime()).unwrap();
+}
+
+fn run_cli(args: &[&str], env_remove_ort: bool) -> std::process::Output {
+    let mut cmd = Command::new(BIN);
+    cmd.args(args);
+    if env_remove_ort {
+        cmd.env_remove("ORT_DYLIB_PATH");
+    }
+    cmd.output().unwrap()
+}
+
+fn export_cli(dir: &Path) {
+    let out = run_cli(
+        &["export", "--out", dir.to_str().unwrap(), "--size", "64", "--base-channels", "16", "--channel-mults", "1,2", "--seed", "3", "--t0", "30", "--steps", "3"],
+        false,
+    );
+    assert!(out.status.success(), "export failed: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
+fn missing_onnxruntime_is_a_clear_error_not_a_panic() {
+    let tmp = tempfile::tempdir().unwrap();
+    let bundle = tmp.path().join("m");
+    export_cli(&bundle);
+    let out = run_cli(
+        &["infer", "--model", bundle.to_str().unwrap(), "--out", tmp.path().join("o").to_str().unwrap(), "--ort-lib", "/nonexistent/libonnxruntime.so", fixture("brick_clean.png").to_str().unwrap()],
+        true,
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("ONNX Runtime library not found") && stderr.contains("/nonexistent/libonnxruntime.so"), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+
+    // A bad bundle through the CLI: non-zero, message names the file, no panic.
+    fs::remove_file(bundle.join(ONNX_FILE)).unwrap();
+    let out = run_cli(&["infer", "--model", bundle.to_str().unwrap(), "--out", tmp.path().join("o").to_str().unwrap(), fixture("brick_clean.png").to_str().unwrap()], false);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("model.onnx: missing from the bundle") && !stderr.contains("panicked"), "{stderr}");
+}
+
+fn without_timings(jsonl: &str) -> Vec<serde_json::Value> {
+    jsonl
+        .lines()
+        .map(|l| {
+            let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+            v.as_object_mut().unwrap().remove("timings").expect("timings present");
+            v
+        })
+        .collect()
+}
+
+#[test]
+fn infer_writes_outputs_deterministically() {
+    let tmp = tempfile::tempdir().unwrap();
+    let bundle = tmp.path().join("m");
+    export_cli(&bundle);
+    let images = [fixture("brick_clean.png"), fixture("brick_scratch.png"), fixture("brick_stain.png")];
+    let infer = |out: &Path, seed: &str| {
+        let mut args = vec!["infer", "--model", bundle.to_str().unwrap(), "--out", out.to_str().unwrap(), "--seed", seed, "--batch", "2"];
+        args.extend(images.iter().map(|p| p.to_str().unwrap()));
+        let o = run_cli(&args, false);
+        assert!(o.status.success(), "infer failed: {}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8(o.stdout).unwrap()
+    };
+    let (a, b, c) = (tmp.path().join("a"), tmp.path().join("b"), tmp.path().join("c"));
+    let stdout_a = infer(&a, "5");
+    infer(&b, "5");
+    infer(&c, "6");
+
+    let lines = without_timings(&fs::read_to_string(a.join("results.jsonl")).unwrap());
+    assert_eq!(lines.len(), 3);
+    assert_eq!(without_timings(&stdout_a), lines);
+    assert_eq!(lines, without_timings(&fs::read_to_string(b.join("results.jsonl")).unwrap()));
+    assert_ne!(lines, without_timings(&fs::read_to_string(c.join("results.jsonl")).unwrap()), "seed must matter");
+    let manifest = read_manifest(&bundle).unwrap();
+    for (line, stem) in lines.iter().zip(["brick_clean", "brick_scratch", "brick_stain"]) {
+        assert_eq!(line["model"]["sha256"], manifest.artifact.sha256.as_str());
+        assert_eq!(line["unet_calls"], 3);
+        for suffix in ["map", "mask", "overlay"] {
+            let name = format!("{stem}_{suffix}.png");
+            let bytes_a = fs::read(a.join(&name)).unwrap();
+            assert_eq!(bytes_a, fs::read(b.join(&name)).unwrap(), "{name} differs between identical runs");
+            let img = image::load_from_memory(&bytes_a).unwrap();
+            assert_eq!((img.width(), img.height()), (64, 64), "{name}");
+        }
+    }
+    // A corrupt image is skipped, reported, and fails the run without losing the others.
+    let corrupt = tmp.path().join("corrupt.png");
+    fs::write(&corrupt, b"\x89PNG\r\n\x1a\nbroken").unwrap();
+    let d = tmp.path().join("d");
+    let o = run_cli(
+        &["infer", "--model", bundle.to_str().unwrap(), "--out", d.to_str().unwrap(), corrupt.to_str().unwrap(), images[0].to_str().unwrap()],
+        false,
+    );
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("corrupt.png") && stderr.contains("1 of 2 images"), "{stderr}");
+    assert!(d.join("brick_clean_mask.png").is_file());
+}
