@@ -15,7 +15,7 @@ use edge_inspect::infer::runtime::{Denoiser, Provider, RuntimeConfig};
 use edge_inspect::model::architecture::UNetConfig;
 use edge_inspect::model::bundle::Bundle;
 use edge_inspect::model::diffusion::ScheduleSpec;
-use edge_inspect::model::export::export_bundle;
+use edge_inspect::model::export::{export_bundle, keep_thresholds};
 use edge_inspect::model::manifest::{Artifact, Calibration, GoldenCheck, Manifest, Provenance, SCHEMA_VERSION, Thresholds};
 use edge_inspect::model::preprocess::InputSpec;
 use edge_inspect::model::unet::UNet;
@@ -57,7 +57,7 @@ fn main() {
     let dir = tmp.path().join("bench");
     let model = UNet::init(&unet, 0, &Device::flex()).expect("default UNet");
     // Parity is checked on CPU; the benchmark session then uses the requested provider.
-    export_bundle(&model, manifest, &dir, &RuntimeConfig { intra_threads: threads, ..RuntimeConfig::default() }, false)
+    export_bundle(&model, manifest, &dir, &RuntimeConfig { intra_threads: threads, ..RuntimeConfig::default() }, false, keep_thresholds)
         .expect("export");
     let mut bundle = Bundle::load(&dir, &runtime).expect("load bundle");
 

@@ -1,11 +1,16 @@
 #!/usr/bin/env python3
 """Cut the committed sample frames out of the CC0 texture photographs.
 
-Standard library only (zlib + struct), so it runs on a bare machine. Reads an 8-bit
-greyscale PNG from ../shared/data/textures/, writes 64x64 crops to tests/fixtures/:
-clean crops, and crops with a pasted synthetic defect plus its exact binary mask.
+Standard library only (zlib + struct), so it runs on a bare machine. Reads the 8-bit
+greyscale brick.png from ../shared/data/textures/ and writes:
 
-Usage: scripts/make-sample-frames.py [textures-dir] [out-dir]
+- tests/fixtures/: 64x64 crops, clean and with a pasted synthetic defect plus its mask;
+- data/brick/: the demo dataset in the MVTec layout. train/good holds 16 crops of 128x128
+  from the left three quarters of the photograph, 2 of them with pasted defects (the
+  contamination retrain must be robust to, 12.5 %); test/{good,scratch,stain} hold 64x64
+  crops from the right quarter, never seen in training, with ground_truth masks.
+
+Usage: scripts/make-sample-frames.py [textures-dir] [repo-root]
 """
 import os
 import struct
@@ -64,34 +69,67 @@ def crop(rows, x0, y0, size=64):
     return [bytearray(r[x0:x0 + size]) for r in rows[y0:y0 + size]]
 
 
-def scratch(frame):
+def scratch(frame, x0=14, y0=18, length=36):
     """A dark diagonal scratch, 2 px wide."""
     mask = [bytearray(len(frame[0])) for _ in frame]
-    for t in range(14, 50):
+    for t in range(length):
         for w in range(2):
-            x, y = t, t // 2 + 18 + w
+            x, y = x0 + t, y0 + (x0 + t) // 2 + w
             frame[y][x] = 20
             mask[y][x] = 255
     return frame, mask
 
 
-def stain(frame):
-    """A bright round stain, radius 6."""
+def stain(frame, cx=40, cy=24, radius=6):
+    """A bright round stain."""
     mask = [bytearray(len(frame[0])) for _ in frame]
     for y in range(len(frame)):
         for x in range(len(frame[0])):
-            if (x - 40) ** 2 + (y - 24) ** 2 <= 36:
+            if (x - cx) ** 2 + (y - cy) ** 2 <= radius * radius:
                 frame[y][x] = 235
                 mask[y][x] = 255
     return frame, mask
 
 
+def demo_dataset(brick, root):
+    base = os.path.join(root, "data", "brick")
+    dirs = {d: os.path.join(base, d) for d in
+            ["train/good", "test/good", "test/scratch", "test/stain", "ground_truth/scratch", "ground_truth/stain"]}
+    for d in dirs.values():
+        os.makedirs(d, exist_ok=True)
+    # Training: 16 crops of 128x128 on a 4x4 grid over x in [0, 384), y in [0, 512).
+    n = 0
+    for gy in range(4):
+        for gx in range(4):
+            x0, y0 = gx * 85, gy * 128
+            frame = crop(brick, x0, y0, 128)
+            if n == 5:
+                frame, _ = scratch(frame, 30, 40, 60)
+            elif n == 11:
+                frame, _ = stain(frame, 70, 60, 10)
+            write_grey_png(os.path.join(dirs["train/good"], f"{n:03d}.png"), frame)
+            n += 1
+    # Test: 64x64 crops from x in [384, 512), unseen in training.
+    for i, (x0, y0) in enumerate([(400, 10), (440, 150), (392, 300), (430, 420)]):
+        write_grey_png(os.path.join(dirs["test/good"], f"{i:03d}.png"), crop(brick, x0, y0))
+    for i, (x0, y0, sx, sy) in enumerate([(384, 70, 14, 18), (420, 220, 10, 30), (400, 360, 20, 8)]):
+        frame, mask = scratch(crop(brick, x0, y0), sx, sy)
+        write_grey_png(os.path.join(dirs["test/scratch"], f"{i:03d}.png"), frame)
+        write_grey_png(os.path.join(dirs["ground_truth/scratch"], f"{i:03d}_mask.png"), mask)
+    for i, (x0, y0, cx, cy, r) in enumerate([(410, 100, 40, 24, 6), (444, 250, 20, 40, 8), (390, 440, 32, 32, 5)]):
+        frame, mask = stain(crop(brick, x0, y0), cx, cy, r)
+        write_grey_png(os.path.join(dirs["test/stain"], f"{i:03d}.png"), frame)
+        write_grey_png(os.path.join(dirs["ground_truth/stain"], f"{i:03d}_mask.png"), mask)
+
+
 def main():
     here = os.path.dirname(os.path.abspath(__file__))
     textures = sys.argv[1] if len(sys.argv) > 1 else os.path.join(here, "..", "..", "shared", "data", "textures")
-    out = sys.argv[2] if len(sys.argv) > 2 else os.path.join(here, "..", "tests", "fixtures")
+    root = sys.argv[2] if len(sys.argv) > 2 else os.path.join(here, "..")
+    out = os.path.join(root, "tests", "fixtures")
     os.makedirs(out, exist_ok=True)
     brick = read_grey_png(os.path.join(textures, "brick.png"))
+    demo_dataset(brick, root)
     write_grey_png(os.path.join(out, "brick_clean.png"), crop(brick, 0, 0))
     write_grey_png(os.path.join(out, "brick_clean_2.png"), crop(brick, 200, 300))
     frame, mask = scratch(crop(brick, 64, 128))

@@ -21,6 +21,9 @@ pub enum Command {
     /// Export a UNet with seeded random weights as a verified bundle (tests, benchmarks).
     #[cfg(feature = "train")]
     Export(ExportArgs),
+    /// Train a model on (contaminated, unlabelled) frames with a robust loss and export a bundle.
+    #[cfg(feature = "train")]
+    Retrain(RetrainArgs),
 }
 
 /// Where ONNX Runtime comes from and what it runs on.
@@ -157,6 +160,123 @@ pub struct ExportArgs {
     /// Replace an existing bundle.
     #[arg(long)]
     pub force: bool,
+    #[command(flatten)]
+    pub runtime: RuntimeArgs,
+}
+
+#[cfg(feature = "train")]
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum LossArg {
+    /// Plain DDPM (not robust).
+    Mse,
+    L1,
+    /// Element-wise Huber with --delta (RDDPM).
+    Huber,
+    /// Least trimmed squares with --lambda (RDDPM-LTS).
+    Lts,
+}
+
+#[cfg(feature = "train")]
+#[derive(Debug, Args)]
+pub struct RetrainArgs {
+    /// Training frames: MVTec category, capture store, anomalib Folder, or any image folder.
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Force the data layout instead of detecting it.
+    #[arg(long, value_enum)]
+    pub layout: Option<crate::train::data::Layout>,
+    /// Bundle directory to write (models/<name>).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Replace an existing bundle.
+    #[arg(long)]
+    pub force: bool,
+    #[arg(long)]
+    pub name: Option<String>,
+    #[arg(long, default_value = "1.0.0")]
+    pub version: String,
+    #[arg(long, value_enum, default_value = "huber")]
+    pub loss: LossArg,
+    /// Huber threshold δ.
+    #[arg(long, default_value_t = 0.2)]
+    pub delta: f64,
+    /// LTS kept fraction λ.
+    #[arg(long, default_value_t = 0.8)]
+    pub lambda: f64,
+    /// Optimiser steps.
+    #[arg(long, default_value_t = 2000)]
+    pub steps: usize,
+    #[arg(long, default_value_t = 16)]
+    pub batch_size: usize,
+    #[arg(long, default_value_t = 2e-4)]
+    pub learning_rate: f64,
+    /// Linear warm-up steps (default: a tenth of --steps, at most 200).
+    #[arg(long)]
+    pub warmup_steps: Option<usize>,
+    #[arg(long, default_value_t = 0.01)]
+    pub weight_decay: f64,
+    /// Gradient norm cap per parameter tensor.
+    #[arg(long, default_value_t = 1.0)]
+    pub grad_clip: f64,
+    #[arg(long, default_value_t = 0.999)]
+    pub ema_decay: f64,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Model input height and width.
+    #[arg(long, default_value_t = 64)]
+    pub size: usize,
+    #[arg(long, default_value_t = 1)]
+    pub channels: usize,
+    #[arg(long, default_value_t = 32)]
+    pub base_channels: usize,
+    #[arg(long, default_value = "1,2,2", value_delimiter = ',')]
+    pub channel_mults: Vec<usize>,
+    #[arg(long, default_value_t = 1)]
+    pub res_blocks: usize,
+    #[arg(long)]
+    pub attention: bool,
+    /// Inference: forward noising steps recorded in the manifest.
+    #[arg(long, default_value_t = 100)]
+    pub t0: usize,
+    /// Inference: reverse UNet calls recorded in the manifest.
+    #[arg(long, default_value_t = 10)]
+    pub reverse_steps: usize,
+    #[arg(long, value_enum, default_value = "ddim")]
+    pub sampler: SamplerArg,
+    /// Anomaly-map Gaussian σ in pixels.
+    #[arg(long, default_value_t = 2.0)]
+    pub smoothing_sigma: f64,
+    /// Random horizontal/vertical flips.
+    #[arg(long)]
+    pub flips: bool,
+    /// Random square crops of this many source pixels before the resize.
+    #[arg(long)]
+    pub random_crop: Option<u32>,
+    /// Fraction of frames held out for threshold calibration.
+    #[arg(long, default_value_t = 0.1)]
+    pub calibration_fraction: f64,
+    /// Fraction of highest-scoring held-out frames ignored by calibration (contamination).
+    #[arg(long, default_value_t = 0.1)]
+    pub calibration_trim: f64,
+    /// Fine-tune from this bundle's weights.
+    #[arg(long)]
+    pub init: Option<PathBuf>,
+    /// Checkpoint directory (default: .<name>.checkpoint beside --out).
+    #[arg(long)]
+    pub checkpoint_dir: Option<PathBuf>,
+    #[arg(long, default_value_t = 100)]
+    pub checkpoint_every: usize,
+    /// Continue from the checkpoint.
+    #[arg(long)]
+    pub resume: bool,
+    /// Run at most this many steps now, then checkpoint and stop.
+    #[arg(long)]
+    pub stop_after: Option<usize>,
+    /// JSON report path (default: <out>.report.json).
+    #[arg(long)]
+    pub report: Option<PathBuf>,
+    #[arg(long)]
+    pub no_progress: bool,
     #[command(flatten)]
     pub runtime: RuntimeArgs,
 }

@@ -5,6 +5,8 @@
 //! ```text
 //! infer:  model::preprocess → infer::reconstruct (ORT UNet) → postprocess::anomaly → render + JSON
 //! export: model::unet (burn) → model::onnx_export → model::export (ORT parity, golden) → bundle
+//! train:  train::data → model::preprocess → model::diffusion (q_sample) → model::unet
+//!         → train::losses → AdamW/EMA → model::export + train::calibrate → bundle
 //! shared core: model::{manifest, bundle, preprocess, diffusion, architecture},
 //!              infer::{runtime, reconstruct}, postprocess::{anomaly, render}
 //! ```
@@ -13,6 +15,8 @@
 //!   and (feature `train`) the burn UNet and its ONNX exporter.
 //! - [`infer`]: running a model: ONNX Runtime sessions and the reconstruction samplers.
 //! - [`postprocess`]: from reconstruction to verdict: maps, scores, masks, regions, images.
+//! - `train` (feature `train`): `retrain`: data layouts, robust losses, the training loop,
+//!   calibration.
 //! - [`commands`]: the subcommands, thin over the above.
 
 pub mod cli;
@@ -20,3 +24,5 @@ pub mod commands;
 pub mod infer;
 pub mod model;
 pub mod postprocess;
+#[cfg(feature = "train")]
+pub mod train;

@@ -14,11 +14,15 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,ort=warn")),
         )
         .with_writer(std::io::stderr)
+        // journald and log files get plain text; colours only on a terminal.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let result = match cli.command {
         Command::Infer(args) => commands::infer::run(args),
         #[cfg(feature = "train")]
         Command::Export(args) => commands::export::run(args),
+        #[cfg(feature = "train")]
+        Command::Retrain(args) => commands::retrain::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -12,7 +12,7 @@ use edge_inspect::infer::reconstruct::{ReconstructionSpec, Sampler};
 use edge_inspect::infer::runtime::{OrtDenoiser, RuntimeConfig};
 use edge_inspect::model::architecture::UNetConfig;
 use edge_inspect::model::bundle::{Bundle, BundleError, read_manifest};
-use edge_inspect::model::export::{export_bundle, parity};
+use edge_inspect::model::export::{export_bundle, keep_thresholds, parity};
 use edge_inspect::model::manifest::{
     Artifact, Calibration, GoldenCheck, MANIFEST_FILE, Manifest, ONNX_FILE, Provenance, SCHEMA_VERSION, Thresholds,
 };
@@ -74,7 +74,7 @@ fn manifest_for(unet: &UNetConfig, size: usize) -> Manifest {
 fn export_small(dir: &Path, channels: usize, attention: bool) -> (UNet, Manifest) {
     let config = small_config(channels, attention);
     let model = UNet::init(&config, 7, &Device::flex()).unwrap();
-    let (_, manifest) = export_bundle(&model, manifest_for(&config, 16), dir, &runtime(), false).unwrap();
+    let (_, manifest) = export_bundle(&model, manifest_for(&config, 16), dir, &runtime(), false, keep_thresholds).unwrap();
     (model, manifest)
 }
 
@@ -224,7 +224,7 @@ fn broken_bundles_give_clear_errors() {
     // Export never replaces a bundle without force.
     let config = small_config(1, false);
     let model = UNet::init(&config, 8, &Device::flex()).unwrap();
-    let e = export_bundle(&model, manifest_for(&config, 16), &good, &runtime(), false).unwrap_err();
+    let e = export_bundle(&model, manifest_for(&config, 16), &good, &runtime(), false, keep_thresholds).unwrap_err();
     assert!(matches!(e, BundleError::Exists { .. }));
     Bundle::load(&good, &runtime()).unwrap();
 }

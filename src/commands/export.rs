@@ -10,7 +10,7 @@ use crate::cli::ExportArgs;
 use crate::infer::reconstruct::ReconstructionSpec;
 use crate::model::architecture::UNetConfig;
 use crate::model::diffusion::ScheduleSpec;
-use crate::model::export::export_bundle;
+use crate::model::export::{export_bundle, keep_thresholds};
 use crate::model::manifest::{Artifact, Calibration, GoldenCheck, Manifest, Provenance, SCHEMA_VERSION, Thresholds};
 use crate::model::preprocess::InputSpec;
 use crate::model::unet::UNet;
@@ -62,7 +62,7 @@ pub fn run(args: ExportArgs) -> anyhow::Result<()> {
         artifact: Artifact { onnx: String::new(), sha256: String::new(), opset: 0, parity_max_abs_diff: f64::NAN },
         golden: GoldenCheck::from_output(1, vec![0.0], &[0.0], 0.0),
     };
-    let (path, manifest) = export_bundle(&model, manifest, &args.out, &args.runtime.to_config(), args.force)?;
+    let (path, manifest) = export_bundle(&model, manifest, &args.out, &args.runtime.to_config(), args.force, keep_thresholds)?;
     println!(
         "exported {} (sha256 {}, parity {:.2e})",
         path.display(),

@@ -3,3 +3,5 @@
 #[cfg(feature = "train")]
 pub mod export;
 pub mod infer;
+#[cfg(feature = "train")]
+pub mod retrain;

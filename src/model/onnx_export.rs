@@ -10,6 +10,7 @@
 
 use std::collections::HashMap;
 
+use burn::module::Module;
 use burn::nn::conv::Conv2d;
 use burn::nn::Linear;
 use burn::tensor::Tensor;
@@ -295,5 +296,57 @@ impl UNetOps for OnnxEmitter {
         let weights = self.node("Transpose", &[&weights], vec![attr_ints("perm", &[0, 2, 1])]);
         let out = self.node("MatMul", &[&v, &weights], vec![]);
         self.node("Reshape", &[&out, &out_shape], vec![])
+    }
+}
+
+/// Sets every parameter of `model` from the initializer of the same path in an exported
+/// graph (`retrain --init`): the bundle's ONNX file is also its weight file.
+pub fn import_weights(model: UNet, onnx: &[u8]) -> Result<UNet, String> {
+    let proto = ModelProto::parse_from_bytes(onnx).map_err(|e| format!("not an ONNX model: {e}"))?;
+    let graph = proto.graph.as_ref().ok_or("the ONNX model has no graph")?;
+    let initializers: HashMap<&str, &TensorProto> = graph.initializer.iter().map(|t| (t.name.as_str(), t)).collect();
+    let mut importer = WeightImporter { initializers, path: Vec::new(), error: None };
+    let model = model.map(&mut importer);
+    match importer.error {
+        Some(e) => Err(e),
+        None => Ok(model),
+    }
+}
+
+/// Walks the module tree keeping the dotted parameter path (`down.0.res.0.conv1`).
+struct WeightImporter<'a> {
+    initializers: HashMap<&'a str, &'a TensorProto>,
+    path: Vec<String>,
+    error: Option<String>,
+}
+
+impl burn::module::ModuleMapper for WeightImporter<'_> {
+    fn enter_module(&mut self, name: &str, _container_type: &str) {
+        self.path.push(name.to_string());
+    }
+
+    fn exit_module(&mut self, _name: &str, _container_type: &str) {
+        self.path.pop();
+    }
+
+    fn map_float<const D: usize>(&mut self, param: burn::module::Param<Tensor<D>>) -> burn::module::Param<Tensor<D>> {
+        let name = self.path.join(".");
+        let Some(init) = self.initializers.get(name.as_str()) else {
+            self.error.get_or_insert_with(|| format!("the ONNX graph has no initializer '{name}'"));
+            return param;
+        };
+        let expected: usize = param.shape().num_elements();
+        if init.float_data.len() != expected {
+            self.error.get_or_insert_with(|| {
+                format!("initializer '{name}' has {} values, the model expects {expected}", init.float_data.len())
+            });
+            return param;
+        }
+        let values = init.float_data.clone();
+        param.map(|t| {
+            let loaded = Tensor::from_data(burn::tensor::TensorData::new(values, t.shape()), &t.device());
+            // A fresh tensor does not track gradients; keep the parameter trainable.
+            if t.is_require_grad() { loaded.require_grad() } else { loaded }
+        })
     }
 }

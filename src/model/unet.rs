@@ -13,7 +13,7 @@
 //! ResBlock: GN → SiLU → conv3×3 → + Linear(time) → GN → SiLU → conv3×3, 1×1 skip on
 //! width change. Time: sinusoidal(t, base) → Linear → SiLU → Linear → SiLU.
 
-use burn::module::{Module, Param};
+use burn::module::{Module, Param, ParamId};
 use burn::nn::conv::Conv2d;
 use burn::nn::{Linear, PaddingConfig2d};
 use burn::tensor::activation::{silu, softmax};
@@ -189,7 +189,8 @@ impl UNet {
     /// fan-in bounds), identical for a given seed on every machine and backend.
     pub fn init(config: &UNetConfig, seed: u64, device: &Device) -> Result<Self, ArchitectureError> {
         config.validate()?;
-        let mut init = SeededInit { rng: ChaCha8Rng::seed_from_u64(seed), device: device.clone(), groups: config.groups };
+        let mut init =
+            SeededInit { rng: ChaCha8Rng::seed_from_u64(seed), device: device.clone(), groups: config.groups, next_id: 1 };
         let base = config.base_channels;
         let time_dim = config.time_dim();
         let widths = config.level_widths();
@@ -233,21 +234,32 @@ impl UNet {
 
 /// Deterministic weight initialisation; burn's own initialisers draw from a global RNG
 /// that tests running in parallel would share.
+///
+/// Parameter ids are assigned in construction order, so two models built from one config
+/// share ids: an optimizer checkpoint (keyed by id) then loads onto a rebuilt model.
 struct SeededInit {
     rng: ChaCha8Rng,
     device: Device,
     groups: usize,
+    next_id: u64,
 }
 
 impl SeededInit {
+    fn param<const D: usize>(&mut self, values: Vec<f32>, shape: [usize; D]) -> Param<Tensor<D>> {
+        let mut param = Param::from_tensor(Tensor::from_data(TensorData::new(values, shape), &self.device));
+        param.id = ParamId::from(self.next_id);
+        self.next_id += 1;
+        param
+    }
+
     fn uniform<const D: usize>(&mut self, shape: [usize; D], bound: f32) -> Param<Tensor<D>> {
         let n = shape.iter().product();
         let values: Vec<f32> = (0..n).map(|_| self.rng.random_range(-bound..=bound)).collect();
-        Param::from_tensor(Tensor::from_data(TensorData::new(values, shape), &self.device))
+        self.param(values, shape)
     }
 
     fn constant(&mut self, len: usize, value: f32) -> Param<Tensor<1>> {
-        Param::from_tensor(Tensor::from_data(TensorData::new(vec![value; len], [len]), &self.device))
+        self.param(vec![value; len], [len])
     }
 
     fn conv(&mut self, c_in: usize, c_out: usize, kernel: usize, stride: usize) -> Conv2d {

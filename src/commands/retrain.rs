@@ -1,0 +1,111 @@
+//! `edge-inspect retrain`: flags → [`TrainConfig`], Ctrl-C → checkpoint, outcome → stdout.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use anyhow::Context;
+
+use crate::cli::{LossArg, RetrainArgs};
+use crate::infer::reconstruct::ReconstructionSpec;
+use crate::model::architecture::UNetConfig;
+use crate::model::diffusion::ScheduleSpec;
+use crate::model::preprocess::InputSpec;
+use crate::postprocess::anomaly::AnomalySpec;
+use crate::train::calibrate::CalibrationRule;
+use crate::train::losses::Loss;
+use crate::train::{Outcome, RunOptions, TrainConfig, train};
+
+pub fn run(args: RetrainArgs) -> anyhow::Result<()> {
+    let name = args.name.clone().unwrap_or_else(|| {
+        args.out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into())
+    });
+    let loss = match args.loss {
+        LossArg::Mse => Loss::Mse,
+        LossArg::L1 => Loss::L1,
+        LossArg::Huber => Loss::Huber { delta: args.delta },
+        LossArg::Lts => Loss::Lts { lambda: args.lambda },
+    };
+    let config = TrainConfig {
+        name: name.clone(),
+        version: args.version.clone(),
+        input: InputSpec { width: args.size, height: args.size, channels: args.channels, ..InputSpec::default() },
+        unet: UNetConfig {
+            channels: args.channels,
+            base_channels: args.base_channels,
+            channel_mults: args.channel_mults.clone(),
+            res_blocks: args.res_blocks,
+            attention: args.attention,
+            ..UNetConfig::default()
+        },
+        schedule: ScheduleSpec::default(),
+        reconstruction: ReconstructionSpec {
+            t0: args.t0,
+            steps: args.reverse_steps,
+            sampler: args.sampler.into(),
+            eta: 0.0,
+        },
+        anomaly: AnomalySpec { smoothing_sigma: args.smoothing_sigma, ..AnomalySpec::default() },
+        loss,
+        steps: args.steps,
+        batch_size: args.batch_size,
+        learning_rate: args.learning_rate,
+        warmup_steps: args.warmup_steps.unwrap_or((args.steps / 10).min(200)),
+        weight_decay: args.weight_decay,
+        grad_clip_norm: args.grad_clip,
+        ema_decay: args.ema_decay,
+        seed: args.seed,
+        flips: args.flips,
+        random_crop: args.random_crop,
+        calibration_fraction: args.calibration_fraction,
+        calibration: CalibrationRule { trim: args.calibration_trim, ..CalibrationRule::default() },
+    };
+    let interrupt = Arc::new(AtomicBool::new(false));
+    let flag = interrupt.clone();
+    ctrlc::set_handler(move || {
+        eprintln!("interrupt: writing a checkpoint at the next step");
+        flag.store(true, Ordering::SeqCst);
+    })
+    .context("cannot install the Ctrl-C handler")?;
+    let checkpoint_dir = args.checkpoint_dir.clone().unwrap_or_else(|| {
+        let parent = args.out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
+        parent.join(format!(".{name}.checkpoint"))
+    });
+    let report = args.report.clone().unwrap_or_else(|| args.out.with_extension("report.json"));
+    let options = RunOptions {
+        data: args.data.clone(),
+        layout: args.layout,
+        out: args.out.clone(),
+        force: args.force,
+        init: args.init.clone(),
+        checkpoint_dir,
+        checkpoint_every: args.checkpoint_every,
+        resume: args.resume,
+        stop_after: args.stop_after,
+        runtime: args.runtime.to_config(),
+        report: Some(report.clone()),
+        progress: !args.no_progress,
+        command: std::env::args().collect::<Vec<_>>().join(" "),
+        interrupt,
+    };
+    match train(config, &options)? {
+        Outcome::Finished { bundle, report: summary } => {
+            println!(
+                "trained {} in {:.0} s: loss {:.4} → {:.4}, {} training / {} calibration frames, {} skipped; pixel threshold {:.4}, image threshold {:.4}; report {}",
+                bundle.display(),
+                summary.wall_seconds,
+                summary.loss.first,
+                summary.loss.last,
+                summary.data.training_frames,
+                summary.data.calibration_frames,
+                summary.data.skipped.len(),
+                summary.thresholds.pixel.value,
+                summary.thresholds.image.value,
+                report.display()
+            );
+        }
+        Outcome::Paused { step, checkpoint } => {
+            println!("paused at step {step}; checkpoint {} (continue with --resume)", checkpoint.display());
+        }
+    }
+    Ok(())
+}

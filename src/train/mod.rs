@@ -1,0 +1,507 @@
+//! `retrain`: robust DDPM training on unlabelled, contaminated frames, ending in a
+//! verified, calibrated bundle that the daemon loads.
+//!
+//! Flow: `data` (frames, held-out calibration slice) → the explicit loop below (seeded
+//! per-step sampling, q-sample, UNet, `losses`, AdamW with warm-up + cosine learning rate
+//! and gradient clipping, EMA of the weights) → checkpoints → `model::export` of the EMA
+//! weights with `calibrate` run on the exported graph → JSON report.
+//!
+//! Determinism: every step draws its batch, timesteps and noise from a ChaCha8 stream
+//! seeded by `(seed, step)`, and parameter ids are fixed by construction order, so a run
+//! resumed from a checkpoint continues bit for bit where it stopped.
+
+pub mod calibrate;
+pub mod data;
+pub mod losses;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
+use burn::optim::{AdamWConfig, GradientsParams, ModuleOptimizer};
+use burn::optim::grad_clipping::GradientClippingConfig;
+use burn::tensor::{Device, Tensor, TensorData};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use rand_distr::{Distribution, StandardNormal};
+use serde::{Deserialize, Serialize};
+
+use self::calibrate::{CalibrationRule, calibrate};
+use self::data::{Augment, Dataset, Layout, Skipped};
+use self::losses::Loss;
+use crate::infer::reconstruct::{ReconstructionSpec, Reconstructor};
+use crate::infer::runtime::RuntimeConfig;
+use crate::model::architecture::UNetConfig;
+use crate::model::bundle::{BundleError, read_manifest};
+use crate::model::diffusion::{NoiseSchedule, ScheduleSpec};
+use crate::model::export::export_bundle;
+use crate::model::manifest::{Artifact, Calibration, GoldenCheck, Manifest, Provenance, SCHEMA_VERSION, Thresholds};
+use crate::model::onnx_export::import_weights;
+use crate::model::preprocess::InputSpec;
+use crate::model::unet::UNet;
+use crate::postprocess::anomaly::{AnomalySpec, Threshold};
+
+/// Everything a training run depends on; saved in the checkpoint and the report.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainConfig {
+    pub name: String,
+    pub version: String,
+    pub input: InputSpec,
+    pub unet: UNetConfig,
+    pub schedule: ScheduleSpec,
+    pub reconstruction: ReconstructionSpec,
+    pub anomaly: AnomalySpec,
+    pub loss: Loss,
+    pub steps: usize,
+    pub batch_size: usize,
+    pub learning_rate: f64,
+    pub warmup_steps: usize,
+    pub weight_decay: f64,
+    /// Per-parameter gradient norm cap (burn clips each tensor separately).
+    pub grad_clip_norm: f64,
+    pub ema_decay: f64,
+    pub seed: u64,
+    pub flips: bool,
+    pub random_crop: Option<u32>,
+    pub calibration_fraction: f64,
+    pub calibration: CalibrationRule,
+}
+
+/// Where and how to run.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    pub data: PathBuf,
+    pub layout: Option<Layout>,
+    pub out: PathBuf,
+    pub force: bool,
+    /// Start from this bundle's weights (fine-tuning).
+    pub init: Option<PathBuf>,
+    pub checkpoint_dir: PathBuf,
+    pub checkpoint_every: usize,
+    pub resume: bool,
+    /// Run at most this many steps in this invocation, then checkpoint and stop.
+    pub stop_after: Option<usize>,
+    pub runtime: RuntimeConfig,
+    pub report: Option<PathBuf>,
+    pub progress: bool,
+    /// The command line, recorded in the manifest's provenance.
+    pub command: String,
+    /// Set by Ctrl-C: checkpoint and stop at the next step boundary.
+    pub interrupt: Arc<AtomicBool>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    #[error(transparent)]
+    Data(#[from] data::DataError),
+    #[error(transparent)]
+    Bundle(#[from] BundleError),
+    #[error("invalid training configuration: {0}")]
+    Config(String),
+    #[error("{path}: {what}")]
+    Checkpoint { path: PathBuf, what: String },
+    #[error("loss: {0}")]
+    Loss(#[from] losses::LossError),
+    #[error("calibration: {0}")]
+    Calibration(String),
+    #[error("interrupted at step {step}; checkpoint written to {path} (continue with --resume)")]
+    Interrupted { step: usize, path: PathBuf },
+}
+
+/// How the run ended.
+#[derive(Debug)]
+pub enum Outcome {
+    /// All steps done; the bundle is in place.
+    Finished { bundle: PathBuf, report: Report },
+    /// `stop_after` reached; a checkpoint holds the state.
+    Paused { step: usize, checkpoint: PathBuf },
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct DataReport {
+    pub layout: Layout,
+    pub directory: String,
+    pub loaded: usize,
+    pub training_frames: usize,
+    pub calibration_frames: usize,
+    pub skipped: Vec<Skipped>,
+    pub sha256: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct LossSummary {
+    pub first: f64,
+    pub last: f64,
+    pub min: f64,
+    /// Mean loss of each tenth of the run.
+    pub deciles: Vec<f64>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub config: TrainConfig,
+    pub data: DataReport,
+    pub loss: LossSummary,
+    pub thresholds: Thresholds,
+    pub bundle: String,
+    pub sha256: String,
+    pub parity_max_abs_diff: f64,
+    pub wall_seconds: f64,
+    pub seconds_per_step: f64,
+    pub resumed_from_step: usize,
+}
+
+/// Learning rate at `step`: linear warm-up, then cosine decay to 0.
+/// Two lines of arithmetic; burn's schedulers are stateful objects that would also have to
+/// be checkpointed.
+pub fn learning_rate(config: &TrainConfig, step: usize) -> f64 {
+    if step < config.warmup_steps {
+        return config.learning_rate * (step + 1) as f64 / config.warmup_steps as f64;
+    }
+    let span = (config.steps - config.warmup_steps).max(1) as f64;
+    let progress = (step - config.warmup_steps) as f64 / span;
+    config.learning_rate * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos())
+}
+
+/// The ChaCha8 stream of one step (splitmix-style mixing of seed and step).
+fn step_rng(seed: u64, step: usize) -> ChaCha8Rng {
+    let mixed = seed ^ (step as u64).wrapping_add(1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    ChaCha8Rng::seed_from_u64(mixed)
+}
+
+impl TrainConfig {
+    pub fn validate(&self) -> Result<(), String> {
+        self.unet.validate().map_err(|e| e.to_string())?;
+        self.unet.check_input_size(self.input.height, self.input.width).map_err(|e| e.to_string())?;
+        if self.input.channels != self.unet.channels {
+            return Err(format!("input channels {} != unet channels {}", self.input.channels, self.unet.channels));
+        }
+        NoiseSchedule::new(&self.schedule).map_err(|e| e.to_string())?;
+        match self.loss {
+            Loss::Huber { delta } if !(delta > 0.0) => return Err(format!("--delta must be > 0, got {delta}")),
+            Loss::Lts { lambda } if !(lambda > 0.0 && lambda <= 1.0) => {
+                return Err(format!("--lambda must be in (0, 1], got {lambda}"));
+            }
+            _ => {}
+        }
+        if self.steps == 0 || self.batch_size == 0 {
+            return Err(format!("--steps ({}) and --batch-size ({}) must be at least 1", self.steps, self.batch_size));
+        }
+        if self.warmup_steps >= self.steps {
+            return Err(format!("--warmup-steps ({}) must be below --steps ({})", self.warmup_steps, self.steps));
+        }
+        if !(0.0..1.0).contains(&self.ema_decay) {
+            return Err(format!("--ema-decay must be in [0, 1), got {}", self.ema_decay));
+        }
+        if !(0.0..1.0).contains(&self.calibration_fraction) {
+            return Err(format!("--calibration-fraction must be in [0, 1), got {}", self.calibration_fraction));
+        }
+        Ok(())
+    }
+}
+
+/// Collects parameter tensors in visiting order (detached, on the plain device).
+struct Snapshot(Vec<Tensor<1>>);
+
+impl ModuleVisitor for Snapshot {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        let t = param.val().inner();
+        let n = t.shape().num_elements();
+        self.0.push(t.reshape([n]));
+    }
+}
+
+/// `ema ← decay·ema + (1 − decay)·model`, parameter by parameter in visiting order.
+struct EmaUpdate {
+    sources: std::vec::IntoIter<Tensor<1>>,
+    decay: f32,
+}
+
+impl ModuleMapper for EmaUpdate {
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+        let source = self.sources.next().expect("EMA and model have the same parameters");
+        let decay = self.decay;
+        param.map(|ema| {
+            let shape = ema.shape();
+            ema.mul_scalar(decay).add(source.reshape(shape).mul_scalar(1.0 - decay))
+        })
+    }
+}
+
+/// Progress persisted beside the weights.
+#[derive(Debug, Serialize, Deserialize)]
+struct CheckpointState {
+    step: usize,
+    config: TrainConfig,
+    losses: Vec<f64>,
+}
+
+const CKPT_MODEL: &str = "model.bpk";
+const CKPT_EMA: &str = "ema.bpk";
+const CKPT_OPTIMIZER: &str = "optimizer.bpk";
+const CKPT_STATE: &str = "state.json";
+
+fn checkpoint_error(path: &Path) -> impl Fn(String) -> TrainError + '_ {
+    move |what| TrainError::Checkpoint { path: path.to_path_buf(), what }
+}
+
+/// Writes a checkpoint into a fresh directory and swaps it in, so a crash mid-write leaves
+/// the previous checkpoint intact.
+fn save_checkpoint(
+    dir: &Path,
+    model: &UNet,
+    ema: &UNet,
+    optimizer: &ModuleOptimizer,
+    state: &CheckpointState,
+) -> Result<(), TrainError> {
+    let err = checkpoint_error(dir);
+    let staging = dir.with_extension("writing");
+    let _ = std::fs::remove_dir_all(&staging);
+    std::fs::create_dir_all(&staging).map_err(|e| err(e.to_string()))?;
+    model.clone().save_file(staging.join(CKPT_MODEL)).map_err(|e| err(e.to_string()))?;
+    ema.clone().save_file(staging.join(CKPT_EMA)).map_err(|e| err(e.to_string()))?;
+    optimizer.save(staging.join(CKPT_OPTIMIZER)).map_err(|e| err(e.to_string()))?;
+    let json = serde_json::to_vec_pretty(state).map_err(|e| err(e.to_string()))?;
+    std::fs::write(staging.join(CKPT_STATE), json).map_err(|e| err(e.to_string()))?;
+    let old = dir.with_extension("old");
+    let _ = std::fs::remove_dir_all(&old);
+    if dir.exists() {
+        std::fs::rename(dir, &old).map_err(|e| err(e.to_string()))?;
+    }
+    std::fs::rename(&staging, dir).map_err(|e| err(e.to_string()))?;
+    let _ = std::fs::remove_dir_all(&old);
+    Ok(())
+}
+
+fn loss_summary(losses: &[f64]) -> LossSummary {
+    let tenth = losses.len().div_ceil(10).max(1);
+    LossSummary {
+        first: losses.first().copied().unwrap_or(f64::NAN),
+        last: losses.last().copied().unwrap_or(f64::NAN),
+        min: losses.iter().copied().fold(f64::INFINITY, f64::min),
+        deciles: losses.chunks(tenth).map(|c| c.iter().sum::<f64>() / c.len() as f64).collect(),
+    }
+}
+
+/// Runs (or resumes) a training run.
+pub fn train(config: TrainConfig, options: &RunOptions) -> Result<Outcome, TrainError> {
+    config.validate().map_err(TrainError::Config)?;
+    if options.out.exists() && !options.force {
+        return Err(BundleError::Exists { path: options.out.clone() }.into());
+    }
+    let started = Instant::now();
+    let dataset = Dataset::load(&options.data, options.layout, config.input)?;
+    let data_sha256 = dataset.fingerprint().map_err(|e| TrainError::Config(format!("hashing the data: {e}")))?;
+
+    // Held-out calibration slice: a seeded shuffle, never trained on.
+    let mut order: Vec<usize> = (0..dataset.len()).collect();
+    let mut split_rng = ChaCha8Rng::seed_from_u64(config.seed);
+    for i in (1..order.len()).rev() {
+        order.swap(i, split_rng.random_range(0..=i));
+    }
+    let held_out = if dataset.len() >= 2 {
+        ((dataset.len() as f64 * config.calibration_fraction).round() as usize).clamp(1, dataset.len() - 1)
+    } else {
+        0
+    };
+    let (calibration_idx, train_idx) = order.split_at(held_out);
+    // With a single frame there is nothing to hold out: calibrate on the training frame.
+    let calibration_idx: Vec<usize> = if calibration_idx.is_empty() { train_idx.to_vec() } else { calibration_idx.to_vec() };
+    let train_idx = train_idx.to_vec();
+    tracing::info!(layout = ?dataset.layout, loaded = dataset.len(), skipped = dataset.skipped.len(), training = train_idx.len(), calibration = calibration_idx.len(), "Training data loaded.");
+
+    let device = Device::flex().autodiff();
+    let plain = Device::flex();
+    let schedule = NoiseSchedule::new(&config.schedule).map_err(|e| TrainError::Config(e.to_string()))?;
+    let mut model = UNet::init(&config.unet, config.seed, &device).map_err(|e| TrainError::Config(e.to_string()))?;
+    if let Some(init) = &options.init {
+        let manifest = read_manifest(init)?;
+        if manifest.unet != config.unet || manifest.input.channels != config.input.channels {
+            return Err(TrainError::Config(format!(
+                "{}: --init bundle has architecture {:?}, this run {:?}",
+                init.display(),
+                manifest.unet,
+                config.unet
+            )));
+        }
+        let onnx_path = init.join(&manifest.artifact.onnx);
+        let bytes = std::fs::read(&onnx_path).map_err(|e| TrainError::Config(format!("{}: {e}", onnx_path.display())))?;
+        model = import_weights(model, &bytes).map_err(|e| TrainError::Config(format!("{}: {e}", onnx_path.display())))?;
+        tracing::info!(from = %init.display(), "Fine-tuning from bundle weights.");
+    }
+    let mut ema = model.valid();
+    let mut optimizer = AdamWConfig::new()
+        .with_weight_decay(config.weight_decay as f32)
+        .with_grad_clipping(Some(GradientClippingConfig::Norm(config.grad_clip_norm as f32)))
+        .init();
+    let mut losses_seen: Vec<f64> = Vec::with_capacity(config.steps);
+    let mut start_step = 0;
+
+    let ckpt = options.checkpoint_dir.clone();
+    if options.resume {
+        let err = checkpoint_error(&ckpt);
+        let state: CheckpointState = serde_json::from_slice(
+            &std::fs::read(ckpt.join(CKPT_STATE)).map_err(|e| err(format!("cannot resume: {e}")))?,
+        )
+        .map_err(|e| err(e.to_string()))?;
+        if state.config != config {
+            return Err(err("the checkpoint was written with a different configuration; resume with the same flags".into()));
+        }
+        model = model.try_load_file(ckpt.join(CKPT_MODEL)).map_err(|e| err(e.to_string()))?;
+        ema = ema.try_load_file(ckpt.join(CKPT_EMA)).map_err(|e| err(e.to_string()))?;
+        optimizer = optimizer.load(ckpt.join(CKPT_OPTIMIZER)).map_err(|e| err(e.to_string()))?;
+        start_step = state.step;
+        losses_seen = state.losses;
+        tracing::info!(step = start_step, checkpoint = %ckpt.display(), "Resumed.");
+    }
+
+    let frame_len = config.input.frame_len();
+    let shape = [config.batch_size, config.input.channels, config.input.height, config.input.width];
+    let augment = Augment { flips: config.flips, random_crop: config.random_crop };
+    let bar = options.progress.then(|| {
+        let bar = indicatif::ProgressBar::new(config.steps as u64).with_position(start_step as u64);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} {msg} ETA {eta}")
+                .expect("static template"),
+        );
+        bar
+    });
+    let loop_started = Instant::now();
+    let end = options.stop_after.map_or(config.steps, |n| (start_step + n).min(config.steps));
+    for step in start_step..end {
+        if options.interrupt.load(Ordering::SeqCst) {
+            let state = CheckpointState { step, config: config.clone(), losses: losses_seen.clone() };
+            save_checkpoint(&ckpt, &model, &ema, &optimizer, &state)?;
+            return Err(TrainError::Interrupted { step, path: ckpt });
+        }
+        let mut rng = step_rng(config.seed, step);
+        let mut x_t = Vec::with_capacity(config.batch_size * frame_len);
+        let mut noise = Vec::with_capacity(config.batch_size * frame_len);
+        let mut timesteps = Vec::with_capacity(config.batch_size);
+        for _ in 0..config.batch_size {
+            let index = train_idx[rng.random_range(0..train_idx.len())];
+            let x0 = dataset.augmented(index, &augment, &mut rng);
+            let k = rng.random_range(0..schedule.len());
+            let eps: Vec<f32> = (0..frame_len).map(|_| StandardNormal.sample(&mut rng)).collect();
+            let mut noisy = vec![0.0; frame_len];
+            schedule.q_sample(&x0, &eps, k, &mut noisy);
+            x_t.extend_from_slice(&noisy);
+            noise.extend_from_slice(&eps);
+            timesteps.push(k as f32);
+        }
+        let x_t = Tensor::<4>::from_data(TensorData::new(x_t, shape), &device);
+        let eps = Tensor::<4>::from_data(TensorData::new(noise, shape), &device);
+        let t = Tensor::<1>::from_data(TensorData::new(timesteps, [config.batch_size]), &device);
+        let prediction = model.forward(x_t, t);
+        let loss = losses::loss(config.loss, prediction, eps)?;
+        let loss_value = loss.clone().into_data().as_slice::<f32>().expect("f32 loss")[0] as f64;
+        if !loss_value.is_finite() {
+            return Err(TrainError::Config(format!("loss became {loss_value} at step {step}; lower --learning-rate")));
+        }
+        let grads = GradientsParams::from_grads(loss.backward(), &model);
+        model = optimizer.step(learning_rate(&config, step), model, grads);
+
+        let decay = config.ema_decay.min((1 + step) as f64 / (10 + step) as f64) as f32;
+        let mut snapshot = Snapshot(Vec::new());
+        model.visit(&mut snapshot);
+        ema = ema.map(&mut EmaUpdate { sources: snapshot.0.into_iter(), decay });
+        losses_seen.push(loss_value);
+
+        let done = step + 1;
+        if let Some(bar) = &bar {
+            let per_second = (done - start_step) as f64 * config.batch_size as f64 / loop_started.elapsed().as_secs_f64();
+            bar.set_position(done as u64);
+            bar.set_message(format!("loss {loss_value:.4} · {per_second:.1} img/s"));
+        }
+        if done % config.steps.div_ceil(20).max(1) == 0 {
+            tracing::info!(step = done, loss = loss_value, lr = learning_rate(&config, step), "Training.");
+        }
+        if options.checkpoint_every > 0 && done % options.checkpoint_every == 0 && done < config.steps {
+            let state = CheckpointState { step: done, config: config.clone(), losses: losses_seen.clone() };
+            save_checkpoint(&ckpt, &model, &ema, &optimizer, &state)?;
+        }
+    }
+    if let Some(bar) = &bar {
+        bar.finish_and_clear();
+    }
+    if end < config.steps {
+        let state = CheckpointState { step: end, config: config.clone(), losses: losses_seen.clone() };
+        save_checkpoint(&ckpt, &model, &ema, &optimizer, &state)?;
+        return Ok(Outcome::Paused { step: end, checkpoint: ckpt });
+    }
+
+    // Finish: export the EMA weights, calibrate on the held-out frames through the graph.
+    let ema = ema.to_device(&plain);
+    let manifest = Manifest {
+        schema_version: SCHEMA_VERSION,
+        name: config.name.clone(),
+        version: config.version.clone(),
+        created: crate::commands::export::now_rfc3339(),
+        input: config.input,
+        unet: config.unet.clone(),
+        schedule: config.schedule,
+        reconstruction: config.reconstruction,
+        anomaly: config.anomaly,
+        thresholds: Thresholds {
+            pixel: Threshold { value: 0.0, min: 0.0, max: 1.0 },
+            image: Threshold { value: 0.0, min: 0.0, max: 1.0 },
+            calibration: Calibration { rule: String::new(), frames: 0, pixel_quantiles: vec![], image_quantiles: vec![] },
+        },
+        provenance: Provenance {
+            loss: config.loss.name().into(),
+            huber_delta: match config.loss {
+                Loss::Huber { delta } => Some(delta),
+                _ => None,
+            },
+            lts_lambda: match config.loss {
+                Loss::Lts { lambda } => Some(lambda),
+                _ => None,
+            },
+            data_sha256: data_sha256.clone(),
+            training_steps: config.steps,
+            seed: config.seed,
+            command: options.command.clone(),
+        },
+        artifact: Artifact { onnx: String::new(), sha256: String::new(), opset: 0, parity_max_abs_diff: f64::NAN },
+        golden: GoldenCheck::from_output(1, vec![0.0], &[0.0], 0.0),
+    };
+    let calibration_frames: Vec<Vec<f32>> =
+        calibration_idx.iter().flat_map(|&i| dataset.frames_for_calibration(i, &augment)).collect();
+    let (bundle, manifest) = export_bundle(&ema, manifest, &options.out, &options.runtime, options.force, |ort, manifest| {
+        let mut reconstructor = Reconstructor::new(NoiseSchedule::new(&manifest.schedule).expect("validated"), manifest.reconstruction)
+            .map_err(|e| BundleError::Inconsistent { path: options.out.clone(), what: e.to_string() })?;
+        calibrate(ort, &mut reconstructor, manifest, &calibration_frames, &config.calibration, config.seed)
+            .map(Some)
+            .map_err(BundleError::from)
+    })?;
+    let wall = started.elapsed().as_secs_f64();
+    let report = Report {
+        config: config.clone(),
+        data: DataReport {
+            layout: dataset.layout,
+            directory: options.data.display().to_string(),
+            loaded: dataset.len(),
+            training_frames: train_idx.len(),
+            calibration_frames: calibration_idx.len(),
+            skipped: dataset.skipped.clone(),
+            sha256: data_sha256,
+        },
+        loss: loss_summary(&losses_seen),
+        thresholds: manifest.thresholds.clone(),
+        bundle: bundle.display().to_string(),
+        sha256: manifest.artifact.sha256.clone(),
+        parity_max_abs_diff: manifest.artifact.parity_max_abs_diff,
+        wall_seconds: wall,
+        seconds_per_step: loop_started.elapsed().as_secs_f64() / (config.steps - start_step).max(1) as f64,
+        resumed_from_step: start_step,
+    };
+    if let Some(path) = &options.report {
+        let json = serde_json::to_vec_pretty(&report).map_err(|e| TrainError::Config(e.to_string()))?;
+        crate::model::bundle::write_atomic(path, &json)
+            .map_err(|e| TrainError::Config(format!("{}: cannot write report: {e}", path.display())))?;
+    }
+    let _ = std::fs::remove_dir_all(&ckpt);
+    Ok(Outcome::Finished { bundle, report })
+}

@@ -1,0 +1,208 @@
+//! `retrain` end to end on tiny real images: loss goes down, resume is bit-exact, the
+//! bundle passes the model core's checks and `infer`, bad files are skipped and reported.
+//!
+//! Needs `ORT_DYLIB_PATH` (set by `.ci/run`).
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+
+use edge_inspect::infer::reconstruct::{ReconstructionSpec, Sampler};
+use edge_inspect::infer::runtime::RuntimeConfig;
+use edge_inspect::model::architecture::UNetConfig;
+use edge_inspect::model::bundle::{Bundle, read_manifest};
+use edge_inspect::model::diffusion::ScheduleSpec;
+use edge_inspect::model::manifest::ONNX_FILE;
+use edge_inspect::model::preprocess::InputSpec;
+use edge_inspect::postprocess::anomaly::AnomalySpec;
+use edge_inspect::train::calibrate::CalibrationRule;
+use edge_inspect::train::losses::Loss;
+use edge_inspect::train::{Outcome, RunOptions, TrainConfig, TrainError, train};
+
+const BIN: &str = env!("CARGO_BIN_EXE_edge-inspect");
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
+}
+
+/// A folder of real frames: the committed brick crops, one with a pasted defect
+/// (contamination), plus flipped copies.
+fn tiny_dataset(dir: &Path) {
+    fs::create_dir_all(dir).unwrap();
+    for name in ["brick_clean.png", "brick_clean_2.png", "brick_stain.png"] {
+        let img = image::open(fixture(name)).unwrap();
+        img.save(dir.join(name)).unwrap();
+        img.fliph().save(dir.join(format!("flipped_{name}"))).unwrap();
+    }
+}
+
+fn config(loss: Loss, steps: usize) -> TrainConfig {
+    TrainConfig {
+        name: "tiny".into(),
+        version: "0.1.0".into(),
+        input: InputSpec { width: 16, height: 16, ..InputSpec::default() },
+        unet: UNetConfig { channels: 1, base_channels: 16, channel_mults: vec![1, 2], res_blocks: 1, attention: false, groups: 8 },
+        schedule: ScheduleSpec::default(),
+        reconstruction: ReconstructionSpec { t0: 20, steps: 2, sampler: Sampler::Ddim, eta: 0.0 },
+        anomaly: AnomalySpec::default(),
+        loss,
+        steps,
+        batch_size: 8,
+        learning_rate: 2e-3,
+        warmup_steps: 2,
+        weight_decay: 0.0,
+        grad_clip_norm: 1.0,
+        ema_decay: 0.9,
+        seed: 11,
+        flips: true,
+        random_crop: Some(48),
+        calibration_fraction: 0.2,
+        calibration: CalibrationRule::default(),
+    }
+}
+
+fn options(data: &Path, out: &Path) -> RunOptions {
+    assert!(std::env::var_os("ORT_DYLIB_PATH").is_some(), "set ORT_DYLIB_PATH (scripts/fetch-onnxruntime.sh)");
+    RunOptions {
+        data: data.to_path_buf(),
+        layout: None,
+        out: out.to_path_buf(),
+        force: false,
+        init: None,
+        checkpoint_dir: out.with_extension("ckpt"),
+        checkpoint_every: 0,
+        resume: false,
+        stop_after: None,
+        runtime: RuntimeConfig::default(),
+        report: Some(out.with_extension("report.json")),
+        progress: false,
+        command: "test".into(),
+        interrupt: Arc::new(AtomicBool::new(false)),
+    }
+}
+
+#[test]
+fn short_training_lowers_the_loss_and_exports_a_loadable_bundle() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    tiny_dataset(&data);
+    fs::write(data.join("corrupt.png"), b"\x89PNG\r\n\x1a\nnot really").unwrap();
+    fs::write(data.join("notes.txt"), b"ignored: not an image").unwrap();
+    let out = tmp.path().join("bundle");
+    let Outcome::Finished { bundle, report } = train(config(Loss::Huber { delta: 0.2 }, 40), &options(&data, &out)).unwrap() else {
+        panic!("expected a finished run");
+    };
+    let deciles = &report.loss.deciles;
+    assert!(deciles.last().unwrap() < &(deciles[0] * 0.7), "loss did not go down: {deciles:?}");
+    assert_eq!(report.data.loaded, 6);
+    assert_eq!(report.data.skipped.len(), 1, "{:?}", report.data.skipped);
+    assert!(report.data.skipped[0].path.ends_with("corrupt.png"));
+    assert_eq!(report.data.training_frames + report.data.calibration_frames, 6);
+    let written: serde_json::Value = serde_json::from_slice(&fs::read(out.with_extension("report.json")).unwrap()).unwrap();
+    assert_eq!(written["data"]["skipped"][0]["path"].as_str().unwrap(), report.data.skipped[0].path);
+
+    let manifest = read_manifest(&bundle).unwrap();
+    assert_eq!(manifest.provenance.loss, "huber");
+    assert_eq!(manifest.provenance.huber_delta, Some(0.2));
+    assert!(manifest.thresholds.calibration.frames >= 1);
+    assert!(manifest.thresholds.pixel.value > 0.0 && manifest.thresholds.image.value > 0.0);
+    Bundle::load(&bundle, &RuntimeConfig::default()).unwrap();
+
+    let o = Command::new(BIN)
+        .args(["infer", "--model", bundle.to_str().unwrap(), "--out", tmp.path().join("infer").to_str().unwrap()])
+        .arg(fixture("brick_scratch.png"))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let line: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(line["model"]["sha256"], manifest.artifact.sha256.as_str());
+
+    // Fine-tuning from the bundle starts from its weights: the first loss is already low.
+    let mut opts = options(&data, &tmp.path().join("tuned"));
+    opts.init = Some(bundle.clone());
+    let Outcome::Finished { report: tuned, .. } = train(config(Loss::Lts { lambda: 0.8 }, 4), &opts).unwrap() else { panic!() };
+    assert!(tuned.loss.first < report.loss.first * 0.7, "fine-tune first loss {} vs scratch {}", tuned.loss.first, report.loss.first);
+}
+
+#[test]
+fn resumed_run_equals_uninterrupted_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    tiny_dataset(&data);
+    let straight = tmp.path().join("straight");
+    train(config(Loss::Lts { lambda: 0.75 }, 12), &options(&data, &straight)).unwrap();
+
+    let resumed = tmp.path().join("resumed");
+    let mut first = options(&data, &resumed);
+    first.stop_after = Some(5);
+    match train(config(Loss::Lts { lambda: 0.75 }, 12), &first).unwrap() {
+        Outcome::Paused { step: 5, .. } => {}
+        other => panic!("expected a pause at step 5, got {other:?}"),
+    }
+    assert!(!resumed.exists(), "a paused run must not leave a bundle");
+    let mut second = options(&data, &resumed);
+    second.resume = true;
+    let Outcome::Finished { report, .. } = train(config(Loss::Lts { lambda: 0.75 }, 12), &second).unwrap() else { panic!() };
+    assert_eq!(report.resumed_from_step, 5);
+    let a = fs::read(straight.join(ONNX_FILE)).unwrap();
+    let b = fs::read(resumed.join(ONNX_FILE)).unwrap();
+    assert!(a == b, "resumed weights differ from the uninterrupted run");
+
+    // Resuming with other settings is refused, not silently mixed.
+    let mut third = options(&data, &tmp.path().join("other"));
+    third.checkpoint_dir = tmp.path().join("c");
+    third.stop_after = Some(1);
+    train(config(Loss::Mse, 12), &third).unwrap();
+    third.stop_after = None;
+    third.resume = true;
+    let e = train(config(Loss::Huber { delta: 0.2 }, 12), &third).unwrap_err();
+    assert!(matches!(e, TrainError::Checkpoint { .. }) && e.to_string().contains("different configuration"), "{e}");
+}
+
+#[test]
+fn bad_data_gives_clear_errors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let empty = tmp.path().join("empty");
+    fs::create_dir_all(&empty).unwrap();
+    fs::write(empty.join("broken.jpg"), b"nope").unwrap();
+    let e = train(config(Loss::Mse, 5), &options(&empty, &tmp.path().join("x"))).err().unwrap();
+    assert!(e.to_string().contains("no usable training images") && e.to_string().contains("1 unreadable"), "{e}");
+    let e = train(config(Loss::Mse, 5), &options(&tmp.path().join("missing"), &tmp.path().join("x"))).err().unwrap();
+    assert!(e.to_string().contains("data directory not found"), "{e}");
+    let mut bad = config(Loss::Huber { delta: 0.0 }, 5);
+    let e = train(bad.clone(), &options(&empty, &tmp.path().join("x"))).err().unwrap();
+    assert!(e.to_string().contains("--delta"), "{e}");
+    bad.loss = Loss::Mse;
+    bad.warmup_steps = 5;
+    assert!(train(bad, &options(&empty, &tmp.path().join("x"))).err().unwrap().to_string().contains("--warmup-steps"));
+}
+
+#[test]
+fn retrain_cli_reads_the_mvtec_layout_and_writes_a_report() {
+    let tmp = tempfile::tempdir().unwrap();
+    let category = tmp.path().join("brick");
+    tiny_dataset(&category.join("train/good"));
+    tiny_dataset(&category.join("test/good"));
+    let out = tmp.path().join("models/cli");
+    let o = Command::new(BIN)
+        .args(["retrain", "--data", category.to_str().unwrap(), "--loss", "huber", "--out", out.to_str().unwrap()])
+        .args(["--steps", "6", "--batch-size", "4", "--size", "16", "--base-channels", "16", "--channel-mults", "1,2"])
+        .args(["--t0", "10", "--reverse-steps", "2", "--no-progress"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{stderr}");
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(stdout.contains("trained") && stdout.contains("5 training / 1 calibration frames"), "{stdout}");
+    let report: serde_json::Value = serde_json::from_slice(&fs::read(out.with_extension("report.json")).unwrap()).unwrap();
+    assert_eq!(report["data"]["layout"], "mvtec");
+    assert!(read_manifest(&out).unwrap().provenance.command.contains("retrain --data"));
+    // Never overwrite without --force.
+    let o = Command::new(BIN)
+        .args(["retrain", "--data", category.to_str().unwrap(), "--out", out.to_str().unwrap(), "--steps", "6", "--no-progress"])
+        .output()
+        .unwrap();
+    assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("--force"));
+}
