@@ -18,6 +18,8 @@ pub struct Cli {
 pub enum Command {
     /// Run a model bundle on image files and write maps, masks, overlays and JSON lines.
     Infer(InferArgs),
+    /// Measure inference throughput of a bundle on this machine (UNet evals/s, frames/s).
+    Bench(BenchArgs),
     /// Export a UNet with seeded random weights as a verified bundle (tests, benchmarks).
     #[cfg(feature = "train")]
     Export(ExportArgs),
@@ -122,6 +124,27 @@ pub struct InferArgs {
     /// Image files (png, jpg, bmp, tiff).
     #[arg(required = true)]
     pub images: Vec<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// Model bundle directory.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Batch sizes to measure.
+    #[arg(long, default_value = "1,8", value_delimiter = ',')]
+    pub batches: Vec<usize>,
+    /// DDIM reverse step counts to measure.
+    #[arg(long, default_value = "5,10,50", value_delimiter = ',')]
+    pub ddim_steps: Vec<usize>,
+    /// Forward noising steps for the reconstructions.
+    #[arg(long, default_value_t = 100)]
+    pub t0: usize,
+    /// Timed UNet calls per batch size (after 3 warm-up calls).
+    #[arg(long, default_value_t = 15)]
+    pub repeats: usize,
+    #[command(flatten)]
+    pub runtime: RuntimeArgs,
 }
 
 #[cfg(feature = "train")]

@@ -19,6 +19,7 @@ fn main() -> ExitCode {
         .init();
     let result = match cli.command {
         Command::Infer(args) => commands::infer::run(args),
+        Command::Bench(args) => commands::bench::run(args),
         #[cfg(feature = "train")]
         Command::Export(args) => commands::export::run(args),
         #[cfg(feature = "train")]

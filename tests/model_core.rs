@@ -12,11 +12,11 @@ use edge_inspect::infer::reconstruct::{ReconstructionSpec, Sampler};
 use edge_inspect::infer::runtime::{OrtDenoiser, RuntimeConfig};
 use edge_inspect::model::architecture::UNetConfig;
 use edge_inspect::model::bundle::{Bundle, BundleError, read_manifest};
+use edge_inspect::model::diffusion::ScheduleSpec;
 use edge_inspect::model::export::{export_bundle, keep_thresholds, parity};
 use edge_inspect::model::manifest::{
     Artifact, Calibration, GoldenCheck, MANIFEST_FILE, Manifest, ONNX_FILE, Provenance, SCHEMA_VERSION, Thresholds,
 };
-use edge_inspect::model::diffusion::ScheduleSpec;
 use edge_inspect::model::preprocess::InputSpec;
 use edge_inspect::model::unet::UNet;
 use edge_inspect::postprocess::anomaly::{AnomalySpec, Threshold};
@@ -55,7 +55,12 @@ fn manifest_for(unet: &UNetConfig, size: usize) -> Manifest {
         thresholds: Thresholds {
             pixel: t,
             image: t,
-            calibration: Calibration { rule: "uncalibrated".into(), frames: 0, pixel_quantiles: vec![], image_quantiles: vec![] },
+            calibration: Calibration {
+                rule: "uncalibrated".into(),
+                frames: 0,
+                pixel_quantiles: vec![],
+                image_quantiles: vec![],
+            },
         },
         provenance: Provenance {
             loss: "random".into(),
@@ -74,7 +79,8 @@ fn manifest_for(unet: &UNetConfig, size: usize) -> Manifest {
 fn export_small(dir: &Path, channels: usize, attention: bool) -> (UNet, Manifest) {
     let config = small_config(channels, attention);
     let model = UNet::init(&config, 7, &Device::flex()).unwrap();
-    let (_, manifest) = export_bundle(&model, manifest_for(&config, 16), dir, &runtime(), false, keep_thresholds).unwrap();
+    let (_, manifest) =
+        export_bundle(&model, manifest_for(&config, 16), dir, &runtime(), false, keep_thresholds).unwrap();
     (model, manifest)
 }
 
@@ -89,7 +95,8 @@ fn exported_graph_matches_burn_at_batch_1_and_4() {
         assert!(manifest.artifact.parity_max_abs_diff <= 1e-4);
         let mut ort = OrtDenoiser::load(&dir.join(ONNX_FILE), channels, &runtime()).unwrap();
         for batch in [1usize, 4] {
-            let x: Vec<f32> = (0..batch * channels * 16 * 16).map(|i| ((i * 7919 % 1000) as f32 / 500.0) - 1.0).collect();
+            let x: Vec<f32> =
+                (0..batch * channels * 16 * 16).map(|i| ((i * 7919 % 1000) as f32 / 500.0) - 1.0).collect();
             let t: Vec<f32> = (0..batch).map(|i| (i * 311 % 1000) as f32).collect();
             let worst = parity(&model, &mut ort, &x, [batch, channels, 16, 16], &t).unwrap();
             assert!(worst <= 1e-4, "channels {channels}, batch {batch}: max |ORT − burn| = {worst}");
@@ -240,7 +247,23 @@ fn run_cli(args: &[&str], env_remove_ort: bool) -> std::process::Output {
 
 fn export_cli(dir: &Path) {
     let out = run_cli(
-        &["export", "--out", dir.to_str().unwrap(), "--size", "64", "--base-channels", "16", "--channel-mults", "1,2", "--seed", "3", "--t0", "30", "--steps", "3"],
+        &[
+            "export",
+            "--out",
+            dir.to_str().unwrap(),
+            "--size",
+            "64",
+            "--base-channels",
+            "16",
+            "--channel-mults",
+            "1,2",
+            "--seed",
+            "3",
+            "--t0",
+            "30",
+            "--steps",
+            "3",
+        ],
         false,
     );
     assert!(out.status.success(), "export failed: {}", String::from_utf8_lossy(&out.stderr));
@@ -252,17 +275,39 @@ fn missing_onnxruntime_is_a_clear_error_not_a_panic() {
     let bundle = tmp.path().join("m");
     export_cli(&bundle);
     let out = run_cli(
-        &["infer", "--model", bundle.to_str().unwrap(), "--out", tmp.path().join("o").to_str().unwrap(), "--ort-lib", "/nonexistent/libonnxruntime.so", fixture("brick_clean.png").to_str().unwrap()],
+        &[
+            "infer",
+            "--model",
+            bundle.to_str().unwrap(),
+            "--out",
+            tmp.path().join("o").to_str().unwrap(),
+            "--ort-lib",
+            "/nonexistent/libonnxruntime.so",
+            fixture("brick_clean.png").to_str().unwrap(),
+        ],
         true,
     );
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
-    assert!(stderr.contains("ONNX Runtime library not found") && stderr.contains("/nonexistent/libonnxruntime.so"), "{stderr}");
+    assert!(
+        stderr.contains("ONNX Runtime library not found") && stderr.contains("/nonexistent/libonnxruntime.so"),
+        "{stderr}"
+    );
     assert!(!stderr.contains("panicked"), "{stderr}");
 
     // A bad bundle through the CLI: non-zero, message names the file, no panic.
     fs::remove_file(bundle.join(ONNX_FILE)).unwrap();
-    let out = run_cli(&["infer", "--model", bundle.to_str().unwrap(), "--out", tmp.path().join("o").to_str().unwrap(), fixture("brick_clean.png").to_str().unwrap()], false);
+    let out = run_cli(
+        &[
+            "infer",
+            "--model",
+            bundle.to_str().unwrap(),
+            "--out",
+            tmp.path().join("o").to_str().unwrap(),
+            fixture("brick_clean.png").to_str().unwrap(),
+        ],
+        false,
+    );
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("model.onnx: missing from the bundle") && !stderr.contains("panicked"), "{stderr}");
@@ -286,7 +331,17 @@ fn infer_writes_outputs_deterministically() {
     export_cli(&bundle);
     let images = [fixture("brick_clean.png"), fixture("brick_scratch.png"), fixture("brick_stain.png")];
     let infer = |out: &Path, seed: &str| {
-        let mut args = vec!["infer", "--model", bundle.to_str().unwrap(), "--out", out.to_str().unwrap(), "--seed", seed, "--batch", "2"];
+        let mut args = vec![
+            "infer",
+            "--model",
+            bundle.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--seed",
+            seed,
+            "--batch",
+            "2",
+        ];
         args.extend(images.iter().map(|p| p.to_str().unwrap()));
         let o = run_cli(&args, false);
         assert!(o.status.success(), "infer failed: {}", String::from_utf8_lossy(&o.stderr));
@@ -319,11 +374,48 @@ fn infer_writes_outputs_deterministically() {
     fs::write(&corrupt, b"\x89PNG\r\n\x1a\nbroken").unwrap();
     let d = tmp.path().join("d");
     let o = run_cli(
-        &["infer", "--model", bundle.to_str().unwrap(), "--out", d.to_str().unwrap(), corrupt.to_str().unwrap(), images[0].to_str().unwrap()],
+        &[
+            "infer",
+            "--model",
+            bundle.to_str().unwrap(),
+            "--out",
+            d.to_str().unwrap(),
+            corrupt.to_str().unwrap(),
+            images[0].to_str().unwrap(),
+        ],
         false,
     );
     let stderr = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("corrupt.png") && stderr.contains("1 of 2 images"), "{stderr}");
     assert!(d.join("brick_clean_mask.png").is_file());
+}
+
+/// The benchmark subcommand runs and prints one table row per batch size and step count.
+#[test]
+fn bench_prints_a_row_per_configuration() {
+    let tmp = tempfile::tempdir().unwrap();
+    let bundle = tmp.path().join("m");
+    export_cli(&bundle);
+    let out = run_cli(
+        &[
+            "bench",
+            "--model",
+            bundle.to_str().unwrap(),
+            "--batches",
+            "1,2",
+            "--ddim-steps",
+            "1,3",
+            "--t0",
+            "6",
+            "--repeats",
+            "2",
+        ],
+        false,
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("provider cpu"), "{stdout}");
+    let rows: Vec<&str> = stdout.lines().filter(|l| l.starts_with("| 1 |") || l.starts_with("| 2 |")).collect();
+    assert_eq!(rows.len(), 4, "{stdout}");
 }

@@ -43,7 +43,14 @@ fn config(loss: Loss, steps: usize) -> TrainConfig {
         name: "tiny".into(),
         version: "0.1.0".into(),
         input: InputSpec { width: 16, height: 16, ..InputSpec::default() },
-        unet: UNetConfig { channels: 1, base_channels: 16, channel_mults: vec![1, 2], res_blocks: 1, attention: false, groups: 8 },
+        unet: UNetConfig {
+            channels: 1,
+            base_channels: 16,
+            channel_mults: vec![1, 2],
+            res_blocks: 1,
+            attention: false,
+            groups: 8,
+        },
         schedule: ScheduleSpec::default(),
         reconstruction: ReconstructionSpec { t0: 20, steps: 2, sampler: Sampler::Ddim, eta: 0.0 },
         anomaly: AnomalySpec::default(),
@@ -91,7 +98,9 @@ fn short_training_lowers_the_loss_and_exports_a_loadable_bundle() {
     fs::write(data.join("corrupt.png"), b"\x89PNG\r\n\x1a\nnot really").unwrap();
     fs::write(data.join("notes.txt"), b"ignored: not an image").unwrap();
     let out = tmp.path().join("bundle");
-    let Outcome::Finished { bundle, report } = train(config(Loss::Huber { delta: 0.2 }, 40), &options(&data, &out)).unwrap() else {
+    let Outcome::Finished { bundle, report } =
+        train(config(Loss::Huber { delta: 0.2 }, 40), &options(&data, &out)).unwrap()
+    else {
         panic!("expected a finished run");
     };
     let deciles = &report.loss.deciles;
@@ -100,7 +109,8 @@ fn short_training_lowers_the_loss_and_exports_a_loadable_bundle() {
     assert_eq!(report.data.skipped.len(), 1, "{:?}", report.data.skipped);
     assert!(report.data.skipped[0].path.ends_with("corrupt.png"));
     assert_eq!(report.data.training_frames + report.data.calibration_frames, 6);
-    let written: serde_json::Value = serde_json::from_slice(&fs::read(out.with_extension("report.json")).unwrap()).unwrap();
+    let written: serde_json::Value =
+        serde_json::from_slice(&fs::read(out.with_extension("report.json")).unwrap()).unwrap();
     assert_eq!(written["data"]["skipped"][0]["path"].as_str().unwrap(), report.data.skipped[0].path);
 
     let manifest = read_manifest(&bundle).unwrap();
@@ -122,8 +132,15 @@ fn short_training_lowers_the_loss_and_exports_a_loadable_bundle() {
     // Fine-tuning from the bundle starts from its weights: the first loss is already low.
     let mut opts = options(&data, &tmp.path().join("tuned"));
     opts.init = Some(bundle.clone());
-    let Outcome::Finished { report: tuned, .. } = train(config(Loss::Lts { lambda: 0.8 }, 4), &opts).unwrap() else { panic!() };
-    assert!(tuned.loss.first < report.loss.first * 0.7, "fine-tune first loss {} vs scratch {}", tuned.loss.first, report.loss.first);
+    let Outcome::Finished { report: tuned, .. } = train(config(Loss::Lts { lambda: 0.8 }, 4), &opts).unwrap() else {
+        panic!()
+    };
+    assert!(
+        tuned.loss.first < report.loss.first * 0.7,
+        "fine-tune first loss {} vs scratch {}",
+        tuned.loss.first,
+        report.loss.first
+    );
 }
 
 #[test]
@@ -144,7 +161,9 @@ fn resumed_run_equals_uninterrupted_run() {
     assert!(!resumed.exists(), "a paused run must not leave a bundle");
     let mut second = options(&data, &resumed);
     second.resume = true;
-    let Outcome::Finished { report, .. } = train(config(Loss::Lts { lambda: 0.75 }, 12), &second).unwrap() else { panic!() };
+    let Outcome::Finished { report, .. } = train(config(Loss::Lts { lambda: 0.75 }, 12), &second).unwrap() else {
+        panic!()
+    };
     assert_eq!(report.resumed_from_step, 5);
     let a = fs::read(straight.join(ONNX_FILE)).unwrap();
     let b = fs::read(resumed.join(ONNX_FILE)).unwrap();
@@ -196,12 +215,22 @@ fn retrain_cli_reads_the_mvtec_layout_and_writes_a_report() {
     assert!(o.status.success(), "{stderr}");
     let stdout = String::from_utf8_lossy(&o.stdout);
     assert!(stdout.contains("trained") && stdout.contains("5 training / 1 calibration frames"), "{stdout}");
-    let report: serde_json::Value = serde_json::from_slice(&fs::read(out.with_extension("report.json")).unwrap()).unwrap();
+    let report: serde_json::Value =
+        serde_json::from_slice(&fs::read(out.with_extension("report.json")).unwrap()).unwrap();
     assert_eq!(report["data"]["layout"], "mvtec");
     assert!(read_manifest(&out).unwrap().provenance.command.contains("retrain --data"));
     // Never overwrite without --force.
     let o = Command::new(BIN)
-        .args(["retrain", "--data", category.to_str().unwrap(), "--out", out.to_str().unwrap(), "--steps", "6", "--no-progress"])
+        .args([
+            "retrain",
+            "--data",
+            category.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--steps",
+            "6",
+            "--no-progress",
+        ])
         .output()
         .unwrap();
     assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("--force"));

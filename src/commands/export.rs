@@ -62,7 +62,8 @@ pub fn run(args: ExportArgs) -> anyhow::Result<()> {
         artifact: Artifact { onnx: String::new(), sha256: String::new(), opset: 0, parity_max_abs_diff: f64::NAN },
         golden: GoldenCheck::from_output(1, vec![0.0], &[0.0], 0.0),
     };
-    let (path, manifest) = export_bundle(&model, manifest, &args.out, &args.runtime.to_config(), args.force, keep_thresholds)?;
+    let (path, manifest) =
+        export_bundle(&model, manifest, &args.out, &args.runtime.to_config(), args.force, keep_thresholds)?;
     println!(
         "exported {} (sha256 {}, parity {:.2e})",
         path.display(),

@@ -154,7 +154,8 @@ pub fn run(args: InferArgs) -> anyhow::Result<()> {
             );
             let stem = &stems[*i];
             let outputs = [format!("{stem}_map.png"), format!("{stem}_mask.png"), format!("{stem}_overlay.png")];
-            let encoded = [map_png(&analysis), mask_png(&analysis), overlay(&prepared.display, &analysis, OverlayFormat::Png)];
+            let encoded =
+                [map_png(&analysis), mask_png(&analysis), overlay(&prepared.display, &analysis, OverlayFormat::Png)];
             for (name, bytes) in outputs.iter().zip(&encoded) {
                 let path = args.out.join(name);
                 write_atomic(&path, bytes).with_context(|| format!("{}: cannot write", path.display()))?;
@@ -176,7 +177,11 @@ pub fn run(args: InferArgs) -> anyhow::Result<()> {
                 t0: reconstructor.spec().t0,
                 model: ModelRef { name: &manifest.name, version: &manifest.version, sha256: &manifest.artifact.sha256 },
                 outputs,
-                timings: Timings { preprocess_ms, reconstruct_ms, postprocess_ms: started.elapsed().as_secs_f64() * 1e3 },
+                timings: Timings {
+                    preprocess_ms,
+                    reconstruct_ms,
+                    postprocess_ms: started.elapsed().as_secs_f64() * 1e3,
+                },
             };
             let json = serde_json::to_string(&line)?;
             println!("{json}");

@@ -148,7 +148,8 @@ impl Reconstructor {
             denoiser.predict_eps(current, shape, &self.times, &mut |eps| {
                 for (i, rng) in rngs.iter_mut().enumerate() {
                     let range = i * per_frame..(i + 1) * per_frame;
-                    for ((x_next, x), e) in next[range.clone()].iter_mut().zip(&current[range.clone()]).zip(&eps[range]) {
+                    for ((x_next, x), e) in next[range.clone()].iter_mut().zip(&current[range.clone()]).zip(&eps[range])
+                    {
                         *x_next = coefficients.apply(*x, *e, rng);
                     }
                 }
@@ -234,7 +235,10 @@ mod tests {
         assert!(spec(0, 0, Sampler::Ddim).plan(1000).unwrap().is_empty());
         assert_eq!(spec(10, 3, Sampler::Ddpm).plan(1000), Err(ReconstructionError::DdpmSteps { t0: 10, steps: 3 }));
         assert_eq!(spec(10, 11, Sampler::Ddim).plan(1000), Err(ReconstructionError::DdimSteps { t0: 10, steps: 11 }));
-        assert_eq!(spec(1001, 1, Sampler::Ddim).plan(1000), Err(ReconstructionError::T0TooLarge { t0: 1001, schedule_steps: 1000 }));
+        assert_eq!(
+            spec(1001, 1, Sampler::Ddim).plan(1000),
+            Err(ReconstructionError::T0TooLarge { t0: 1001, schedule_steps: 1000 })
+        );
     }
 
     /// A denoiser that knows the true clean image predicts ε exactly; every sampler must
@@ -248,10 +252,19 @@ mod tests {
         fn channels(&self) -> usize {
             1
         }
-        fn predict_eps(&mut self, x: &[f32], _: [usize; 4], t: &[f32], consume: &mut dyn FnMut(&[f32])) -> Result<(), RuntimeError> {
+        fn predict_eps(
+            &mut self,
+            x: &[f32],
+            _: [usize; 4],
+            t: &[f32],
+            consume: &mut dyn FnMut(&[f32]),
+        ) -> Result<(), RuntimeError> {
             let ab = self.schedule.alpha_bars[t[0] as usize];
-            let eps: Vec<f32> =
-                x.iter().zip(&self.clean).map(|(x, c)| ((*x as f64 - ab.sqrt() * *c as f64) / (1.0 - ab).sqrt()) as f32).collect();
+            let eps: Vec<f32> = x
+                .iter()
+                .zip(&self.clean)
+                .map(|(x, c)| ((*x as f64 - ab.sqrt() * *c as f64) / (1.0 - ab).sqrt()) as f32)
+                .collect();
             consume(&eps);
             Ok(())
         }
@@ -261,7 +274,11 @@ mod tests {
     fn oracle_denoiser_recovers_the_clean_image() {
         let schedule = NoiseSchedule::new(&ScheduleSpec::default()).unwrap();
         let clean: Vec<f32> = (0..32).map(|i| ((i as f32) * 0.37).sin() * 0.9).collect();
-        for s in [spec(50, 50, Sampler::Ddpm), spec(250, 10, Sampler::Ddim), ReconstructionSpec { eta: 1.0, ..spec(100, 7, Sampler::Ddim) }] {
+        for s in [
+            spec(50, 50, Sampler::Ddpm),
+            spec(250, 10, Sampler::Ddim),
+            ReconstructionSpec { eta: 1.0, ..spec(100, 7, Sampler::Ddim) },
+        ] {
             let mut r = Reconstructor::new(schedule.clone(), s).unwrap();
             let mut oracle = Oracle { clean: clean.clone(), schedule: schedule.clone() };
             let mut out = vec![0.0; 32];

@@ -12,8 +12,8 @@
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
-use ort::ep;
 use ort::environment::Environment;
+use ort::ep;
 use ort::session::Session;
 use ort::value::{TensorRef, ValueType};
 use serde::{Deserialize, Serialize};
@@ -288,7 +288,9 @@ impl Denoiser for OrtDenoiser {
         let outputs = self.session.run(ort::inputs![INPUT_IMAGE => image, INPUT_TIME => time]).map_err(run)?;
         let (out_shape, eps) = outputs[OUTPUT_EPS].try_extract_tensor::<f32>().map_err(run)?;
         if eps.len() != x.len() {
-            return Err(RuntimeError::Run(format!("output '{OUTPUT_EPS}' has shape {out_shape:?}, input was {shape:?}")));
+            return Err(RuntimeError::Run(format!(
+                "output '{OUTPUT_EPS}' has shape {out_shape:?}, input was {shape:?}"
+            )));
         }
         consume(eps);
         Ok(())

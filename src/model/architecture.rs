@@ -25,7 +25,14 @@ pub struct UNetConfig {
 
 impl Default for UNetConfig {
     fn default() -> Self {
-        Self { channels: 1, base_channels: 32, channel_mults: vec![1, 2, 2], res_blocks: 1, attention: false, groups: 8 }
+        Self {
+            channels: 1,
+            base_channels: 32,
+            channel_mults: vec![1, 2, 2],
+            res_blocks: 1,
+            attention: false,
+            groups: 8,
+        }
     }
 }
 

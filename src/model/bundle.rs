@@ -118,7 +118,11 @@ impl Bundle {
         let bytes = fs::read(&onnx_path).map_err(io_error(&onnx_path))?;
         let actual = sha256_hex(&bytes);
         if actual != manifest.artifact.sha256 {
-            return Err(BundleError::ShaMismatch { path: onnx_path, expected: manifest.artifact.sha256.clone(), actual });
+            return Err(BundleError::ShaMismatch {
+                path: onnx_path,
+                expected: manifest.artifact.sha256.clone(),
+                actual,
+            });
         }
         let mut denoiser = OrtDenoiser::load(&onnx_path, manifest.unet.channels, runtime)?;
         run_golden(&mut denoiser, &manifest).map_err(|what| BundleError::Golden { path: onnx_path, what })?;

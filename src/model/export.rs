@@ -31,7 +31,13 @@ pub fn burn_forward(model: &UNet, x: &[f32], shape: [usize; 4], t: &[f32]) -> Ve
 }
 
 /// Largest element-wise difference between ORT and burn on `x`, `t`.
-pub fn parity(model: &UNet, ort: &mut dyn Denoiser, x: &[f32], shape: [usize; 4], t: &[f32]) -> Result<f64, BundleError> {
+pub fn parity(
+    model: &UNet,
+    ort: &mut dyn Denoiser,
+    x: &[f32],
+    shape: [usize; 4],
+    t: &[f32],
+) -> Result<f64, BundleError> {
     let reference = burn_forward(model, x, shape, t);
     let mut worst = f64::NAN;
     ort.predict_eps(x, shape, t, &mut |eps| {
@@ -86,7 +92,8 @@ pub fn export_bundle(
     if let Some(thresholds) = calibrate(&mut ort, &manifest)? {
         manifest.thresholds = thresholds;
     }
-    super::bundle::validate(&manifest).map_err(|what| BundleError::Inconsistent { path: target.to_path_buf(), what })?;
+    super::bundle::validate(&manifest)
+        .map_err(|what| BundleError::Inconsistent { path: target.to_path_buf(), what })?;
     run_golden(&mut ort, &manifest).map_err(|what| BundleError::Golden { path: onnx_path.clone(), what })?;
 
     let text = toml::to_string_pretty(&manifest)

@@ -134,12 +134,18 @@ impl GoldenCheck {
         ];
         for (what, want, have) in pairs {
             if (want - have).abs() > self.tolerance {
-                return Err(format!("output {what} is {have:.6}, manifest expects {want:.6} (tolerance {})", self.tolerance));
+                return Err(format!(
+                    "output {what} is {have:.6}, manifest expects {want:.6} (tolerance {})",
+                    self.tolerance
+                ));
             }
         }
         for (i, (want, have)) in self.output_head.iter().zip(&got.output_head).enumerate() {
             if (want - have).abs() as f64 > self.tolerance {
-                return Err(format!("output[{i}] is {have:.6}, manifest expects {want:.6} (tolerance {})", self.tolerance));
+                return Err(format!(
+                    "output[{i}] is {have:.6}, manifest expects {want:.6} (tolerance {})",
+                    self.tolerance
+                ));
             }
         }
         Ok(())

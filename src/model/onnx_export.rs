@@ -11,10 +11,10 @@
 use std::collections::HashMap;
 
 use burn::module::Module;
-use burn::nn::conv::Conv2d;
 use burn::nn::Linear;
+use burn::nn::conv::Conv2d;
 use burn::tensor::Tensor;
-use onnx_ir::{AttributeProto, Message, ModelProto, NodeProto, TensorProto, ValueInfoProto, AttributeType};
+use onnx_ir::{AttributeProto, AttributeType, Message, ModelProto, NodeProto, TensorProto, ValueInfoProto};
 
 use super::architecture::UNetConfig;
 use super::unet::{GROUP_NORM_EPS, GroupNorm, UNet, UNetOps, embedding_frequencies};

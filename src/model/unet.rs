@@ -189,8 +189,12 @@ impl UNet {
     /// fan-in bounds), identical for a given seed on every machine and backend.
     pub fn init(config: &UNetConfig, seed: u64, device: &Device) -> Result<Self, ArchitectureError> {
         config.validate()?;
-        let mut init =
-            SeededInit { rng: ChaCha8Rng::seed_from_u64(seed), device: device.clone(), groups: config.groups, next_id: 1 };
+        let mut init = SeededInit {
+            rng: ChaCha8Rng::seed_from_u64(seed),
+            device: device.clone(),
+            groups: config.groups,
+            next_id: 1,
+        };
         let base = config.base_channels;
         let time_dim = config.time_dim();
         let widths = config.level_widths();

@@ -29,7 +29,9 @@ pub enum ChannelReduction {
 pub enum ImageScore {
     Max,
     /// Mean of the highest `fraction` of pixels (at least one).
-    TopKMean { fraction: f64 },
+    TopKMean {
+        fraction: f64,
+    },
 }
 
 /// Anomaly-map settings; stored in the manifest.
@@ -246,7 +248,8 @@ pub fn analyse(
     let score = image_score(&map, spec.image_score);
     let normalised_score = image.normalise(score);
     let regions = regions(&mask, &normalised_map, height, width, spec.min_region_area);
-    let reconstruction_mse = clean.iter().zip(recon).map(|(a, b)| ((a - b) as f64 / 2.0).powi(2)).sum::<f64>() / clean.len() as f64;
+    let reconstruction_mse =
+        clean.iter().zip(recon).map(|(a, b)| ((a - b) as f64 / 2.0).powi(2)).sum::<f64>() / clean.len() as f64;
     Analysis {
         height,
         width,

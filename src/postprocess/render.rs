@@ -23,10 +23,11 @@ pub fn mask_png(analysis: &Analysis) -> Vec<u8> {
 
 /// Normalised pixel scores as a 16-bit greyscale PNG (0.5 = threshold = 32768).
 pub fn map_png(analysis: &Analysis) -> Vec<u8> {
-    let img = image::ImageBuffer::<Luma<u16>, Vec<u16>>::from_fn(analysis.width as u32, analysis.height as u32, |x, y| {
-        let v = analysis.normalised_map[y as usize * analysis.width + x as usize];
-        Luma([(v.clamp(0.0, 1.0) * 65535.0).round() as u16])
-    });
+    let img =
+        image::ImageBuffer::<Luma<u16>, Vec<u16>>::from_fn(analysis.width as u32, analysis.height as u32, |x, y| {
+            let v = analysis.normalised_map[y as usize * analysis.width + x as usize];
+            Luma([(v.clamp(0.0, 1.0) * 65535.0).round() as u16])
+        });
     encode_png(img)
 }
 
@@ -57,7 +58,8 @@ pub fn overlay(frame: &RgbImage, analysis: &Analysis, format: OverlayFormat) -> 
     };
     for y in 0..h as isize {
         for x in 0..w as isize {
-            let edge = inside(x, y) && [(-1, 0), (1, 0), (0, -1), (0, 1)].iter().any(|(dx, dy)| !inside(x + dx, y + dy));
+            let edge =
+                inside(x, y) && [(-1, 0), (1, 0), (0, -1), (0, 1)].iter().any(|(dx, dy)| !inside(x + dx, y + dy));
             if edge {
                 img.put_pixel(x as u32, y as u32, Rgb([255, 0, 0]));
             }

@@ -78,7 +78,14 @@ pub fn calibrate(
         reconstructor.reconstruct(denoiser, &clean, shape, &seeds, &mut recon)?;
         for (i, frame) in chunk.iter().enumerate() {
             let range = i * frame.len()..(i + 1) * frame.len();
-            let a = analyse(frame, &recon[range], [input.channels, input.height, input.width], &manifest.anomaly, &neutral, &neutral);
+            let a = analyse(
+                frame,
+                &recon[range],
+                [input.channels, input.height, input.width],
+                &manifest.anomaly,
+                &neutral,
+                &neutral,
+            );
             per_frame.push((a.score, a.map));
         }
     }

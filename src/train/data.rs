@@ -118,7 +118,8 @@ pub fn list(dir: &Path, layout: Layout) -> Result<Vec<PathBuf>, DataError> {
             collect(&normal, true, &mut files)?;
         }
         Layout::Captures => {
-            let cameras = std::fs::read_dir(dir).map_err(|source| DataError::List { path: dir.to_path_buf(), source })?;
+            let cameras =
+                std::fs::read_dir(dir).map_err(|source| DataError::List { path: dir.to_path_buf(), source })?;
             for camera in cameras.flatten().map(|e| e.path()).filter(|p| p.is_dir()) {
                 for class in ["normal", "flagged"] {
                     if camera.join(class).is_dir() {
@@ -142,9 +143,10 @@ impl Dataset {
         let mut images = Vec::new();
         let mut skipped = Vec::new();
         for path in candidates {
-            match image::ImageReader::open(&path).map_err(image::ImageError::IoError).and_then(|r| {
-                r.with_guessed_format().map_err(image::ImageError::IoError)?.decode()
-            }) {
+            match image::ImageReader::open(&path)
+                .map_err(image::ImageError::IoError)
+                .and_then(|r| r.with_guessed_format().map_err(image::ImageError::IoError)?.decode())
+            {
                 Ok(img) if img.width() > 0 && img.height() > 0 => {
                     files.push(path);
                     images.push(img);

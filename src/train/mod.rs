@@ -20,8 +20,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
-use burn::optim::{AdamWConfig, GradientsParams, ModuleOptimizer};
 use burn::optim::grad_clipping::GradientClippingConfig;
+use burn::optim::{AdamWConfig, GradientsParams, ModuleOptimizer};
 use burn::tensor::{Device, Tensor, TensorData};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -308,7 +308,8 @@ pub fn train(config: TrainConfig, options: &RunOptions) -> Result<Outcome, Train
     };
     let (calibration_idx, train_idx) = order.split_at(held_out);
     // With a single frame there is nothing to hold out: calibrate on the training frame.
-    let calibration_idx: Vec<usize> = if calibration_idx.is_empty() { train_idx.to_vec() } else { calibration_idx.to_vec() };
+    let calibration_idx: Vec<usize> =
+        if calibration_idx.is_empty() { train_idx.to_vec() } else { calibration_idx.to_vec() };
     let train_idx = train_idx.to_vec();
     tracing::info!(layout = ?dataset.layout, loaded = dataset.len(), skipped = dataset.skipped.len(), training = train_idx.len(), calibration = calibration_idx.len(), "Training data loaded.");
 
@@ -327,8 +328,10 @@ pub fn train(config: TrainConfig, options: &RunOptions) -> Result<Outcome, Train
             )));
         }
         let onnx_path = init.join(&manifest.artifact.onnx);
-        let bytes = std::fs::read(&onnx_path).map_err(|e| TrainError::Config(format!("{}: {e}", onnx_path.display())))?;
-        model = import_weights(model, &bytes).map_err(|e| TrainError::Config(format!("{}: {e}", onnx_path.display())))?;
+        let bytes =
+            std::fs::read(&onnx_path).map_err(|e| TrainError::Config(format!("{}: {e}", onnx_path.display())))?;
+        model =
+            import_weights(model, &bytes).map_err(|e| TrainError::Config(format!("{}: {e}", onnx_path.display())))?;
         tracing::info!(from = %init.display(), "Fine-tuning from bundle weights.");
     }
     let mut ema = model.valid();
@@ -347,7 +350,9 @@ pub fn train(config: TrainConfig, options: &RunOptions) -> Result<Outcome, Train
         )
         .map_err(|e| err(e.to_string()))?;
         if state.config != config {
-            return Err(err("the checkpoint was written with a different configuration; resume with the same flags".into()));
+            return Err(err(
+                "the checkpoint was written with a different configuration; resume with the same flags".into()
+            ));
         }
         model = model.try_load_file(ckpt.join(CKPT_MODEL)).map_err(|e| err(e.to_string()))?;
         ema = ema.try_load_file(ckpt.join(CKPT_EMA)).map_err(|e| err(e.to_string()))?;
@@ -363,8 +368,10 @@ pub fn train(config: TrainConfig, options: &RunOptions) -> Result<Outcome, Train
     let bar = options.progress.then(|| {
         let bar = indicatif::ProgressBar::new(config.steps as u64).with_position(start_step as u64);
         bar.set_style(
-            indicatif::ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} {msg} ETA {eta}")
-                .expect("static template"),
+            indicatif::ProgressStyle::with_template(
+                "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} {msg} ETA {eta}",
+            )
+            .expect("static template"),
         );
         bar
     });
@@ -411,7 +418,8 @@ pub fn train(config: TrainConfig, options: &RunOptions) -> Result<Outcome, Train
 
         let done = step + 1;
         if let Some(bar) = &bar {
-            let per_second = (done - start_step) as f64 * config.batch_size as f64 / loop_started.elapsed().as_secs_f64();
+            let per_second =
+                (done - start_step) as f64 * config.batch_size as f64 / loop_started.elapsed().as_secs_f64();
             bar.set_position(done as u64);
             bar.set_message(format!("loss {loss_value:.4} · {per_second:.1} img/s"));
         }
@@ -447,7 +455,12 @@ pub fn train(config: TrainConfig, options: &RunOptions) -> Result<Outcome, Train
         thresholds: Thresholds {
             pixel: Threshold { value: 0.0, min: 0.0, max: 1.0 },
             image: Threshold { value: 0.0, min: 0.0, max: 1.0 },
-            calibration: Calibration { rule: String::new(), frames: 0, pixel_quantiles: vec![], image_quantiles: vec![] },
+            calibration: Calibration {
+                rule: String::new(),
+                frames: 0,
+                pixel_quantiles: vec![],
+                image_quantiles: vec![],
+            },
         },
         provenance: Provenance {
             loss: config.loss.name().into(),
@@ -469,13 +482,15 @@ pub fn train(config: TrainConfig, options: &RunOptions) -> Result<Outcome, Train
     };
     let calibration_frames: Vec<Vec<f32>> =
         calibration_idx.iter().flat_map(|&i| dataset.frames_for_calibration(i, &augment)).collect();
-    let (bundle, manifest) = export_bundle(&ema, manifest, &options.out, &options.runtime, options.force, |ort, manifest| {
-        let mut reconstructor = Reconstructor::new(NoiseSchedule::new(&manifest.schedule).expect("validated"), manifest.reconstruction)
-            .map_err(|e| BundleError::Inconsistent { path: options.out.clone(), what: e.to_string() })?;
-        calibrate(ort, &mut reconstructor, manifest, &calibration_frames, &config.calibration, config.seed)
-            .map(Some)
-            .map_err(BundleError::from)
-    })?;
+    let (bundle, manifest) =
+        export_bundle(&ema, manifest, &options.out, &options.runtime, options.force, |ort, manifest| {
+            let mut reconstructor =
+                Reconstructor::new(NoiseSchedule::new(&manifest.schedule).expect("validated"), manifest.reconstruction)
+                    .map_err(|e| BundleError::Inconsistent { path: options.out.clone(), what: e.to_string() })?;
+            calibrate(ort, &mut reconstructor, manifest, &calibration_frames, &config.calibration, config.seed)
+                .map(Some)
+                .map_err(BundleError::from)
+        })?;
     let wall = started.elapsed().as_secs_f64();
     let report = Report {
         config: config.clone(),
