@@ -79,14 +79,26 @@ pub fn reconstruction_spec(base: ReconstructionSpec, args: &ReconstructionArgs) 
     spec
 }
 
-/// Output stems, unique even when two inputs share a file name.
+/// Output stems, unique even when two inputs share a file name: a shared stem gets its
+/// folder's name in front (`scratch_000`), and an index if that still collides.
 fn output_stems(images: &[PathBuf]) -> Vec<String> {
+    let stem_of = |p: &PathBuf| p.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+    let mut counts = std::collections::HashMap::new();
+    for p in images {
+        *counts.entry(stem_of(p)).or_insert(0usize) += 1;
+    }
     let mut seen = HashSet::new();
     images
         .iter()
         .enumerate()
         .map(|(i, p)| {
-            let stem = p.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| format!("image{i}"));
+            let stem = stem_of(p);
+            let stem = if counts[&stem] > 1 {
+                let parent = p.parent().and_then(|d| d.file_name()).map(|d| d.to_string_lossy().into_owned());
+                parent.map_or(stem.clone(), |d| format!("{d}_{stem}"))
+            } else {
+                stem
+            };
             if seen.insert(stem.clone()) { stem } else { format!("{stem}-{i}") }
         })
         .collect()
@@ -202,4 +214,20 @@ fn write_results(out: &Path, lines: &[String]) -> anyhow::Result<()> {
     }
     let path = out.join("results.jsonl");
     write_atomic(&path, &text).with_context(|| format!("{}: cannot write", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stems_stay_unique() {
+        let images: Vec<PathBuf> = ["a/good/000.png", "a/scratch/000.png", "b/x.png", "c/x.jpg", "d/y.png"]
+            .iter()
+            .map(PathBuf::from)
+            .collect();
+        assert_eq!(output_stems(&images), ["good_000", "scratch_000", "b_x", "c_x", "y"]);
+        let same: Vec<PathBuf> = ["a/1.png", "a/1.jpg"].iter().map(PathBuf::from).collect();
+        assert_eq!(output_stems(&same), ["a_1", "a_1-1"]);
+    }
 }
