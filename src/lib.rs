@@ -17,10 +17,12 @@
 //! - [`postprocess`]: from reconstruction to verdict: maps, scores, masks, regions, images.
 //! - `train` (feature `train`): `retrain`: data layouts, robust losses, the training loop,
 //!   calibration.
+//! - [`eval`]: exact detection and segmentation metrics (AUROC, AP, best F1, AUPRO).
 //! - [`commands`]: the subcommands, thin over the above.
 
 pub mod cli;
 pub mod commands;
+pub mod eval;
 pub mod infer;
 pub mod model;
 pub mod postprocess;

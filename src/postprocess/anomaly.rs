@@ -191,26 +191,23 @@ pub fn image_score(map: &[f32], rule: ImageScore) -> f64 {
     }
 }
 
-/// 8-connected components of `mask`, with bounding boxes, areas and peak scores.
-/// Hand-written flood fill: the one image crate that has it (imageproc) brings a large
-/// dependency tree for these thirty lines.
-pub fn regions(mask: &[u8], scores: &[f32], height: usize, width: usize, min_area: usize) -> Vec<Region> {
-    let mut seen = vec![false; mask.len()];
-    let mut out = Vec::new();
+/// Labels the 8-connected components of `mask`: `labels[p]` is 0 for background and
+/// 1..=count for the component of pixel `p`. Hand-written flood fill: the one image crate
+/// that has it (imageproc) brings a large dependency tree for these thirty lines.
+pub fn connected_components(mask: &[u8], height: usize, width: usize) -> (Vec<u32>, usize) {
+    assert_eq!(mask.len(), height * width, "connected_components: mask is not {height}x{width}");
+    let mut labels = vec![0u32; mask.len()];
+    let mut count = 0u32;
     let mut stack = Vec::new();
     for start in 0..mask.len() {
-        if mask[start] == 0 || seen[start] {
+        if mask[start] == 0 || labels[start] != 0 {
             continue;
         }
-        let (mut x0, mut y0, mut x1, mut y1) = (width, height, 0, 0);
-        let (mut area, mut peak) = (0usize, 0.0f32);
-        seen[start] = true;
+        count += 1;
+        labels[start] = count;
         stack.push(start);
         while let Some(p) = stack.pop() {
             let (x, y) = (p % width, p / width);
-            (x0, y0, x1, y1) = (x0.min(x), y0.min(y), x1.max(x), y1.max(y));
-            area += 1;
-            peak = peak.max(scores[p]);
             for dy in -1isize..=1 {
                 for dx in -1isize..=1 {
                     let (nx, ny) = (x as isize + dx, y as isize + dy);
@@ -218,18 +215,39 @@ pub fn regions(mask: &[u8], scores: &[f32], height: usize, width: usize, min_are
                         continue;
                     }
                     let q = ny as usize * width + nx as usize;
-                    if mask[q] != 0 && !seen[q] {
-                        seen[q] = true;
+                    if mask[q] != 0 && labels[q] == 0 {
+                        labels[q] = count;
                         stack.push(q);
                     }
                 }
             }
         }
-        if area >= min_area.max(1) {
-            out.push(Region { bbox: [x0, y0, x1 - x0 + 1, y1 - y0 + 1], area, max_score: peak as f64 });
-        }
     }
-    out
+    (labels, count as usize)
+}
+
+/// Connected mask regions with bounding boxes, areas and peak scores, in label order.
+pub fn regions(mask: &[u8], scores: &[f32], height: usize, width: usize, min_area: usize) -> Vec<Region> {
+    let (labels, count) = connected_components(mask, height, width);
+    // Per component: x0, y0, x1, y1, area, peak.
+    let mut stats = vec![(usize::MAX, usize::MAX, 0usize, 0usize, 0usize, 0.0f32); count];
+    for (p, &label) in labels.iter().enumerate() {
+        if label == 0 {
+            continue;
+        }
+        let (x, y) = (p % width, p / width);
+        let s = &mut stats[label as usize - 1];
+        *s = (s.0.min(x), s.1.min(y), s.2.max(x), s.3.max(y), s.4 + 1, s.5.max(scores[p]));
+    }
+    stats
+        .into_iter()
+        .filter(|s| s.4 >= min_area.max(1))
+        .map(|(x0, y0, x1, y1, area, peak)| Region {
+            bbox: [x0, y0, x1 - x0 + 1, y1 - y0 + 1],
+            area,
+            max_score: peak as f64,
+        })
+        .collect()
 }
 
 /// Full post-processing of one frame (`[C, H, W]`, model space).

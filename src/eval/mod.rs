@@ -1,0 +1,3 @@
+//! Evaluation of a bundle against labelled data (`eval`): threshold-free metrics first.
+
+pub mod metrics;
