@@ -147,18 +147,14 @@ pub struct BenchArgs {
     pub runtime: RuntimeArgs,
 }
 
+/// Input size and UNet shape of a new model (`export`, `retrain`).
 #[cfg(feature = "train")]
-#[derive(Debug, Args)]
-pub struct ExportArgs {
-    /// Bundle directory to create.
-    #[arg(long)]
-    pub out: PathBuf,
-    /// Model name recorded in the manifest (default: the directory name).
-    #[arg(long)]
-    pub name: Option<String>,
-    /// Input height and width.
+#[derive(Debug, Clone, Args)]
+pub struct ArchitectureArgs {
+    /// Model input height and width.
     #[arg(long, default_value_t = 64)]
     pub size: usize,
+    /// 1 (grey) or 3 (RGB).
     #[arg(long, default_value_t = 1)]
     pub channels: usize,
     #[arg(long, default_value_t = 32)]
@@ -171,6 +167,49 @@ pub struct ExportArgs {
     /// Self-attention at the lowest resolution.
     #[arg(long)]
     pub attention: bool,
+}
+
+#[cfg(feature = "train")]
+impl ArchitectureArgs {
+    pub fn unet(&self) -> crate::model::architecture::UNetConfig {
+        crate::model::architecture::UNetConfig {
+            channels: self.channels,
+            base_channels: self.base_channels,
+            channel_mults: self.channel_mults.clone(),
+            res_blocks: self.res_blocks,
+            attention: self.attention,
+            ..Default::default()
+        }
+    }
+
+    pub fn input(&self) -> crate::model::preprocess::InputSpec {
+        crate::model::preprocess::InputSpec {
+            width: self.size,
+            height: self.size,
+            channels: self.channels,
+            ..Default::default()
+        }
+    }
+}
+
+/// The model name for a bundle: `--name`, else the output directory's name.
+pub fn bundle_name(out: &std::path::Path, name: Option<&str>) -> String {
+    name.map(str::to_string)
+        .or_else(|| out.file_name().map(|n| n.to_string_lossy().into_owned()))
+        .unwrap_or_else(|| "model".into())
+}
+
+#[cfg(feature = "train")]
+#[derive(Debug, Args)]
+pub struct ExportArgs {
+    /// Bundle directory to create.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Model name recorded in the manifest (default: the directory name).
+    #[arg(long)]
+    pub name: Option<String>,
+    #[command(flatten)]
+    pub architecture: ArchitectureArgs,
     /// Seed of the random weights.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -245,19 +284,8 @@ pub struct RetrainArgs {
     pub ema_decay: f64,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Model input height and width.
-    #[arg(long, default_value_t = 64)]
-    pub size: usize,
-    #[arg(long, default_value_t = 1)]
-    pub channels: usize,
-    #[arg(long, default_value_t = 32)]
-    pub base_channels: usize,
-    #[arg(long, default_value = "1,2,2", value_delimiter = ',')]
-    pub channel_mults: Vec<usize>,
-    #[arg(long, default_value_t = 1)]
-    pub res_blocks: usize,
-    #[arg(long)]
-    pub attention: bool,
+    #[command(flatten)]
+    pub architecture: ArchitectureArgs,
     /// Inference: forward noising steps recorded in the manifest.
     #[arg(long, default_value_t = 100)]
     pub t0: usize,

@@ -6,36 +6,25 @@
 use anyhow::Context;
 use burn::tensor::Device;
 
-use crate::cli::ExportArgs;
+use crate::cli::{ExportArgs, bundle_name};
 use crate::infer::reconstruct::ReconstructionSpec;
-use crate::model::architecture::UNetConfig;
 use crate::model::diffusion::ScheduleSpec;
 use crate::model::export::{export_bundle, keep_thresholds};
 use crate::model::manifest::{Artifact, Calibration, GoldenCheck, Manifest, Provenance, SCHEMA_VERSION, Thresholds};
-use crate::model::preprocess::InputSpec;
 use crate::model::unet::UNet;
 use crate::postprocess::anomaly::{AnomalySpec, Threshold};
 
 pub fn run(args: ExportArgs) -> anyhow::Result<()> {
-    let unet = UNetConfig {
-        channels: args.channels,
-        base_channels: args.base_channels,
-        channel_mults: args.channel_mults.clone(),
-        res_blocks: args.res_blocks,
-        attention: args.attention,
-        ..UNetConfig::default()
-    };
+    let unet = args.architecture.unet();
     let model = UNet::init(&unet, args.seed, &Device::flex()).context("invalid UNet settings")?;
-    let name = args.name.clone().unwrap_or_else(|| {
-        args.out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into())
-    });
+    let name = bundle_name(&args.out, args.name.as_deref());
     let uncalibrated = Threshold { value: 0.1, min: 0.0, max: 0.2 };
     let manifest = Manifest {
         schema_version: SCHEMA_VERSION,
         name,
         version: "0.0.0-random".into(),
         created: now_rfc3339(),
-        input: InputSpec { width: args.size, height: args.size, channels: args.channels, ..InputSpec::default() },
+        input: args.architecture.input(),
         unet,
         schedule: ScheduleSpec::default(),
         reconstruction: ReconstructionSpec { t0: args.t0, steps: args.steps, sampler: args.sampler.into(), eta: 0.0 },

@@ -5,20 +5,16 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::Context;
 
-use crate::cli::{LossArg, RetrainArgs};
+use crate::cli::{LossArg, RetrainArgs, bundle_name};
 use crate::infer::reconstruct::ReconstructionSpec;
-use crate::model::architecture::UNetConfig;
 use crate::model::diffusion::ScheduleSpec;
-use crate::model::preprocess::InputSpec;
 use crate::postprocess::anomaly::AnomalySpec;
 use crate::train::calibrate::CalibrationRule;
 use crate::train::losses::Loss;
 use crate::train::{Outcome, RunOptions, TrainConfig, train};
 
 pub fn run(args: RetrainArgs) -> anyhow::Result<()> {
-    let name = args.name.clone().unwrap_or_else(|| {
-        args.out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into())
-    });
+    let name = bundle_name(&args.out, args.name.as_deref());
     let loss = match args.loss {
         LossArg::Mse => Loss::Mse,
         LossArg::L1 => Loss::L1,
@@ -28,15 +24,8 @@ pub fn run(args: RetrainArgs) -> anyhow::Result<()> {
     let config = TrainConfig {
         name: name.clone(),
         version: args.version.clone(),
-        input: InputSpec { width: args.size, height: args.size, channels: args.channels, ..InputSpec::default() },
-        unet: UNetConfig {
-            channels: args.channels,
-            base_channels: args.base_channels,
-            channel_mults: args.channel_mults.clone(),
-            res_blocks: args.res_blocks,
-            attention: args.attention,
-            ..UNetConfig::default()
-        },
+        input: args.architecture.input(),
+        unet: args.architecture.unet(),
         schedule: ScheduleSpec::default(),
         reconstruction: ReconstructionSpec {
             t0: args.t0,
