@@ -57,25 +57,18 @@ struct ResultLine<'a> {
     timings: Timings,
 }
 
-/// Applies flag overrides to the manifest's reconstruction settings.
+/// Applies flag overrides to the manifest's reconstruction settings. DDPM runs every
+/// step, so with `--sampler ddpm` or a new `--t0` and no `--steps`, steps follow t0.
 pub fn reconstruction_spec(base: ReconstructionSpec, args: &ReconstructionArgs) -> ReconstructionSpec {
     let mut spec = base;
-    if let Some(t0) = args.t0 {
-        spec.t0 = t0;
-        // A DDPM override of t0 alone keeps "every step".
-        if args.steps.is_none() && spec.sampler == crate::infer::reconstruct::Sampler::Ddpm {
-            spec.steps = t0;
-        }
-    }
-    if let Some(steps) = args.steps {
-        spec.steps = steps;
-    }
-    if let Some(sampler) = args.sampler {
-        spec.sampler = sampler.into();
-    }
-    if let Some(eta) = args.eta {
-        spec.eta = eta;
-    }
+    spec.t0 = args.t0.unwrap_or(spec.t0);
+    spec.sampler = args.sampler.map_or(spec.sampler, Into::into);
+    spec.eta = args.eta.unwrap_or(spec.eta);
+    spec.steps = match (args.steps, spec.sampler) {
+        (Some(steps), _) => steps,
+        (None, crate::infer::reconstruct::Sampler::Ddpm) => spec.t0,
+        (None, crate::infer::reconstruct::Sampler::Ddim) => spec.steps,
+    };
     spec
 }
 
@@ -219,6 +212,25 @@ fn write_results(out: &Path, lines: &[String]) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cli::SamplerArg;
+    use crate::infer::reconstruct::Sampler;
+
+    #[test]
+    fn overrides_keep_ddpm_on_every_step() {
+        let base = ReconstructionSpec { t0: 100, steps: 10, sampler: Sampler::Ddim, eta: 0.0 };
+        let none = ReconstructionArgs { t0: None, steps: None, sampler: None, eta: None };
+        assert_eq!(reconstruction_spec(base, &none), base);
+        let ddpm = ReconstructionArgs { sampler: Some(SamplerArg::Ddpm), t0: Some(50), ..none.clone() };
+        assert_eq!(
+            reconstruction_spec(base, &ddpm),
+            ReconstructionSpec { t0: 50, steps: 50, sampler: Sampler::Ddpm, eta: 0.0 }
+        );
+        let ddim = ReconstructionArgs { steps: Some(5), eta: Some(0.5), ..none };
+        assert_eq!(
+            reconstruction_spec(base, &ddim),
+            ReconstructionSpec { t0: 100, steps: 5, sampler: Sampler::Ddim, eta: 0.5 }
+        );
+    }
 
     #[test]
     fn stems_stay_unique() {
