@@ -6,9 +6,9 @@
 set -euo pipefail
 repo_root=$(cd "$(dirname "$0")/.." && pwd)
 
-# Debian packages: curl + unzip fetch ONNX Runtime; mosquitto is the test broker;
-# libclang1-14 is needed by nokhwa's bindgen (camera feature).
-packages=(curl unzip ca-certificates)
+# Debian packages: curl + unzip fetch ONNX Runtime; libclang1-14 is needed by nokhwa's
+# bindgen when building the camera feature.
+packages=(curl unzip ca-certificates libclang1-14)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -11,6 +11,7 @@
 //!              infer::{runtime, reconstruct}, postprocess::{anomaly, render}
 //! ```
 //!
+//! - [`capture`]: frame sources behind one trait; V4L2 cameras (feature `camera`).
 //! - [`model`]: what a model *is*: architecture, schedule, preprocessing, the bundle format
 //!   and (feature `train`) the burn UNet and its ONNX exporter.
 //! - [`infer`]: running a model: ONNX Runtime sessions and the reconstruction samplers.
@@ -20,6 +21,7 @@
 //! - [`eval`]: exact detection and segmentation metrics (AUROC, AP, best F1, AUPRO).
 //! - [`commands`]: the subcommands, thin over the above.
 
+pub mod capture;
 pub mod cli;
 pub mod commands;
 pub mod eval;
