@@ -477,8 +477,8 @@ pub fn train(config: TrainConfig, options: &RunOptions) -> Result<Outcome, Train
             seed: config.seed,
             command: options.command.clone(),
         },
-        artifact: Artifact { onnx: String::new(), sha256: String::new(), opset: 0, parity_max_abs_diff: f64::NAN },
-        golden: GoldenCheck::from_output(1, vec![0.0], &[0.0], 0.0),
+        artifact: Artifact::pending(),
+        golden: GoldenCheck::pending(),
     };
     let calibration_frames: Vec<Vec<f32>> =
         calibration_idx.iter().flat_map(|&i| dataset.frames_for_calibration(i, &augment)).collect();
