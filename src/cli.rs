@@ -18,6 +18,16 @@ pub struct Cli {
 pub enum Command {
     /// Run a model bundle on image files and write maps, masks, overlays and JSON lines.
     Infer(InferArgs),
+    /// Run the inspection daemon: cameras → model → MQTT alerts, masks, snapshots, stats.
+    Run(RunArgs),
+    /// Validate a daemon config file (and its environment overrides); exit 78 if invalid.
+    CheckConfig(RunArgs),
+    /// Score a bundle on labelled test data (MVTec or anomalib Folder layout): pixel and image
+    /// metrics, per defect type, with a JSON report, a Markdown summary and overlays.
+    Eval(EvalArgs),
+    /// Build a seeded benchmark in the MVTec layout from a texture photograph, with
+    /// synthetic defects, exact masks and optional contamination of the training set.
+    Synth(SynthArgs),
     /// Measure inference throughput of a bundle on this machine (UNet evals/s, frames/s).
     Bench(BenchArgs),
     /// Export a UNet with seeded random weights as a verified bundle (tests, benchmarks).
@@ -124,6 +134,80 @@ pub struct InferArgs {
     /// Image files (png, jpg, bmp, tiff).
     #[arg(required = true)]
     pub images: Vec<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Daemon config (TOML); EDGE_INSPECT__SECTION__KEY environment variables override it.
+    #[arg(long, default_value = crate::daemon::config::DEFAULT_CONFIG_PATH)]
+    pub config: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct EvalArgs {
+    /// Model bundle directory.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Test data: an MVTec category or an anomalib Folder dataset.
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Report directory (default: results/<model name>/<data directory name>).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Overlays to write, spread over the dataset.
+    #[arg(long, default_value_t = 8)]
+    pub overlays: usize,
+    /// Resize images and masks to the model's input size instead of requiring it.
+    #[arg(long)]
+    pub resize: bool,
+    /// Seed of the reconstruction noise; image i uses seed + i.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Frames per UNet batch.
+    #[arg(long, default_value_t = 8)]
+    pub batch: usize,
+    #[command(flatten)]
+    pub reconstruction: ReconstructionArgs,
+    #[command(flatten)]
+    pub runtime: RuntimeArgs,
+    #[arg(long)]
+    pub no_progress: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct SynthArgs {
+    /// Texture photograph (any size larger than --crop).
+    #[arg(long)]
+    pub texture: PathBuf,
+    /// Second texture for foreign-texture patches (default: a rotated patch of --texture).
+    #[arg(long)]
+    pub foreign: Option<PathBuf>,
+    /// Dataset directory to create (MVTec layout).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Output image side in pixels.
+    #[arg(long, default_value_t = 64)]
+    pub size: u32,
+    /// Side of the square texture crop, resized to --size.
+    #[arg(long, default_value_t = 128)]
+    pub crop: u32,
+    /// Images in train/good (normal plus contaminated).
+    #[arg(long, default_value_t = 200)]
+    pub train: usize,
+    /// Normal test images.
+    #[arg(long, default_value_t = 40)]
+    pub test_good: usize,
+    /// Test images per defect type.
+    #[arg(long, default_value_t = 12)]
+    pub test_per_type: usize,
+    /// Fraction of train/good that shows defects: defective / (normal + defective).
+    #[arg(long, default_value_t = 0.0)]
+    pub contamination: f64,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Replace an existing dataset directory.
+    #[arg(long)]
+    pub force: bool,
 }
 
 #[derive(Debug, Args)]

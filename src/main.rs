@@ -1,10 +1,12 @@
-//! CLI entry: parses arguments, sets up logging, dispatches, maps errors to exit codes.
+//! CLI entry: parses arguments, sets up logging, dispatches, maps errors to exit codes
+//! (78 for an invalid daemon config, 1 for any other error).
 
 use std::process::ExitCode;
 
 use clap::Parser;
 use edge_inspect::cli::{Cli, Command};
 use edge_inspect::commands;
+use edge_inspect::daemon::config::{ConfigErrors, EXIT_CONFIG};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -19,6 +21,10 @@ fn main() -> ExitCode {
         .init();
     let result = match cli.command {
         Command::Infer(args) => commands::infer::run(args),
+        Command::Run(args) => commands::run::run(args),
+        Command::CheckConfig(args) => commands::run::check_config(args),
+        Command::Eval(args) => commands::eval::run(args),
+        Command::Synth(args) => commands::synth::run(args),
         Command::Bench(args) => commands::bench::run(args),
         #[cfg(feature = "train")]
         Command::Export(args) => commands::export::run(args),
@@ -27,6 +33,11 @@ fn main() -> ExitCode {
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        // A bad config is EX_CONFIG, so systemd's RestartPreventExitStatus=78 stops retrying.
+        Err(e) if e.downcast_ref::<ConfigErrors>().is_some() => {
+            eprintln!("error: {e}");
+            ExitCode::from(EXIT_CONFIG)
+        }
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE

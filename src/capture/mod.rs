@@ -1,4 +1,4 @@
-//! Frame sources: where frames come from, behind one trait.
+//! Frame sources: where frames come from, behind one trait: cameras and file replay.
 //!
 //! The daemon drives every source the same way (one thread per camera, reopen with
 //! backoff on error); tests and `eval` use sources that need no hardware. Cameras
@@ -6,6 +6,7 @@
 
 #[cfg(feature = "camera")]
 pub mod camera;
+pub mod replay;
 
 use image::DynamicImage;
 
@@ -16,6 +17,10 @@ pub enum CaptureError {
     Open { camera: String, device: String, reason: String },
     #[error("camera '{camera}': read failed: {reason}")]
     Read { camera: String, reason: String },
+    #[error("camera '{camera}': corrupt frame {what}: {reason}")]
+    Corrupt { camera: String, what: String, reason: String },
+    #[error("camera '{camera}': no more frames")]
+    Ended { camera: String },
     #[error("camera '{camera}': cannot decode a {format} frame of {width}x{height} from {bytes} bytes: {reason}")]
     Decode { camera: String, format: String, width: u32, height: u32, bytes: usize, reason: String },
 }
@@ -24,7 +29,12 @@ pub enum CaptureError {
 pub trait FrameSource {
     /// The camera id frames are attributed to.
     fn camera(&self) -> &str;
-    /// The next frame; an `Err` asks the caller to count it and, for persistent errors,
-    /// reopen the source.
+    /// The next frame. `Corrupt`/`Decode` errors are one bad frame (count and skip);
+    /// `Open`/`Read` mean the source is gone (reopen with backoff); `Ended` means a finite
+    /// source has no more frames.
     fn next_frame(&mut self) -> Result<DynamicImage, CaptureError>;
+    /// The file the last frame came from, for sources that read files.
+    fn current_file(&self) -> Option<&std::path::PathBuf> {
+        None
+    }
 }

@@ -14,10 +14,11 @@ use anyhow::{Context, bail};
 use serde::Serialize;
 
 use crate::cli::{InferArgs, ReconstructionArgs};
+use crate::infer::inspect::Inspector;
 use crate::infer::reconstruct::ReconstructionSpec;
 use crate::model::bundle::{Bundle, write_atomic};
 use crate::model::preprocess::Prepared;
-use crate::postprocess::anomaly::{Region, analyse};
+use crate::postprocess::anomaly::Region;
 use crate::postprocess::render::{OverlayFormat, map_png, mask_png, overlay};
 
 /// Payload schema of one result line.
@@ -33,8 +34,10 @@ struct ModelRef<'a> {
 #[derive(Debug, Serialize)]
 struct Timings {
     preprocess_ms: f64,
-    reconstruct_ms: f64,
-    postprocess_ms: f64,
+    /// Reconstruction and post-processing, per frame.
+    inspect_ms: f64,
+    /// Encoding and writing the output images.
+    render_ms: f64,
 }
 
 #[derive(Debug, Serialize)]
@@ -57,19 +60,9 @@ struct ResultLine<'a> {
     timings: Timings,
 }
 
-/// Applies flag overrides to the manifest's reconstruction settings. DDPM runs every
-/// step, so with `--sampler ddpm` or a new `--t0` and no `--steps`, steps follow t0.
+/// Applies flag overrides to the manifest's reconstruction settings.
 pub fn reconstruction_spec(base: ReconstructionSpec, args: &ReconstructionArgs) -> ReconstructionSpec {
-    let mut spec = base;
-    spec.t0 = args.t0.unwrap_or(spec.t0);
-    spec.sampler = args.sampler.map_or(spec.sampler, Into::into);
-    spec.eta = args.eta.unwrap_or(spec.eta);
-    spec.steps = match (args.steps, spec.sampler) {
-        (Some(steps), _) => steps,
-        (None, crate::infer::reconstruct::Sampler::Ddpm) => spec.t0,
-        (None, crate::infer::reconstruct::Sampler::Ddim) => spec.steps,
-    };
-    spec
+    base.with_overrides(args.t0, args.steps, args.sampler.map(Into::into), args.eta)
 }
 
 /// Output stems, unique even when two inputs share a file name: a shared stem gets its
@@ -102,11 +95,11 @@ pub fn run(args: InferArgs) -> anyhow::Result<()> {
         bail!("--batch must be at least 1");
     }
     let runtime = args.runtime.to_config();
-    let mut bundle = Bundle::load(&args.model, &runtime)?;
+    let bundle = Bundle::load(&args.model, &runtime)?;
     let spec = reconstruction_spec(bundle.manifest.reconstruction, &args.reconstruction);
-    let mut reconstructor = bundle.reconstructor(Some(spec))?;
+    let mut inspector = Inspector::new(bundle, Some(spec))?;
     fs::create_dir_all(&args.out).with_context(|| format!("{}: cannot create output directory", args.out.display()))?;
-    let manifest = bundle.manifest.clone();
+    let manifest = inspector.manifest().clone();
     let input = manifest.input;
     let stems = output_stems(&args.images);
     let mut lines = Vec::new();
@@ -130,37 +123,18 @@ pub fn run(args: InferArgs) -> anyhow::Result<()> {
         }
         let preprocess_ms = started.elapsed().as_secs_f64() * 1e3 / frames.len() as f64;
         let n = frames.len();
-        let mut clean = Vec::with_capacity(n * input.frame_len());
-        for (_, p) in &frames {
-            clean.extend_from_slice(&p.tensor);
-        }
+        let tensors: Vec<&[f32]> = frames.iter().map(|(_, p)| p.tensor.as_slice()).collect();
         let seeds: Vec<u64> = frames.iter().map(|(i, _)| args.seed.wrapping_add(*i as u64)).collect();
-        let mut recon = vec![0.0f32; clean.len()];
         let started = Instant::now();
-        reconstructor.reconstruct(
-            &mut bundle.denoiser,
-            &clean,
-            [n, input.channels, input.height, input.width],
-            &seeds,
-            &mut recon,
-        )?;
-        let reconstruct_ms = started.elapsed().as_secs_f64() * 1e3 / n as f64;
+        let analyses = inspector.inspect(&tensors, &seeds)?;
+        let inspect_ms = started.elapsed().as_secs_f64() * 1e3 / n as f64;
 
-        for (slot, (i, prepared)) in frames.iter().enumerate() {
+        for (slot, ((i, prepared), analysis)) in frames.iter().zip(&analyses).enumerate() {
             let started = Instant::now();
-            let range = slot * input.frame_len()..(slot + 1) * input.frame_len();
-            let analysis = analyse(
-                &clean[range.clone()],
-                &recon[range],
-                [input.channels, input.height, input.width],
-                &manifest.anomaly,
-                &manifest.thresholds.pixel,
-                &manifest.thresholds.image,
-            );
             let stem = &stems[*i];
             let outputs = [format!("{stem}_map.png"), format!("{stem}_mask.png"), format!("{stem}_overlay.png")];
             let encoded =
-                [map_png(&analysis), mask_png(&analysis), overlay(&prepared.display, &analysis, OverlayFormat::Png)];
+                [map_png(analysis), mask_png(analysis), overlay(&prepared.display, analysis, None, OverlayFormat::Png)];
             for (name, bytes) in outputs.iter().zip(&encoded) {
                 let path = args.out.join(name);
                 write_atomic(&path, bytes).with_context(|| format!("{}: cannot write", path.display()))?;
@@ -178,15 +152,11 @@ pub fn run(args: InferArgs) -> anyhow::Result<()> {
                 regions: analysis.regions.clone(),
                 reconstruction_mse: analysis.reconstruction_mse,
                 seed: seeds[slot],
-                unet_calls: reconstructor.unet_calls(),
-                t0: reconstructor.spec().t0,
+                unet_calls: inspector.unet_calls(),
+                t0: inspector.spec().t0,
                 model: ModelRef { name: &manifest.name, version: &manifest.version, sha256: &manifest.artifact.sha256 },
                 outputs,
-                timings: Timings {
-                    preprocess_ms,
-                    reconstruct_ms,
-                    postprocess_ms: started.elapsed().as_secs_f64() * 1e3,
-                },
+                timings: Timings { preprocess_ms, inspect_ms, render_ms: started.elapsed().as_secs_f64() * 1e3 },
             };
             let json = serde_json::to_string(&line)?;
             println!("{json}");

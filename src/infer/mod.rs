@@ -1,4 +1,6 @@
-//! Running a model bundle: the ONNX Runtime session and the reconstruction samplers.
+//! Running a model bundle: the ONNX Runtime session, the reconstruction samplers and the
+//! shared inspection path (reconstruct + post-process).
 
+pub mod inspect;
 pub mod reconstruct;
 pub mod runtime;

@@ -50,6 +50,30 @@ pub enum ReconstructionError {
 }
 
 impl ReconstructionSpec {
+    /// Applies overrides (flags, daemon config) to these settings. DDPM runs every step, so
+    /// with the DDPM sampler and no explicit `steps`, steps follow t0.
+    pub fn with_overrides(
+        self,
+        t0: Option<usize>,
+        steps: Option<usize>,
+        sampler: Option<Sampler>,
+        eta: Option<f64>,
+    ) -> Self {
+        let t0 = t0.unwrap_or(self.t0);
+        let sampler = sampler.unwrap_or(self.sampler);
+        let steps = match (steps, sampler) {
+            (Some(steps), _) => steps,
+            (None, Sampler::Ddpm) => t0,
+            (None, Sampler::Ddim) => self.steps,
+        };
+        Self { t0, steps, sampler, eta: eta.unwrap_or(self.eta) }
+    }
+
+    /// Checks these settings against a schedule of `schedule_steps` steps.
+    pub fn check(&self, schedule_steps: usize) -> Result<(), ReconstructionError> {
+        self.plan(schedule_steps).map(|_| ())
+    }
+
     /// Descending timestep indices the sampler visits.
     fn plan(&self, schedule_steps: usize) -> Result<Vec<usize>, ReconstructionError> {
         let (t0, steps) = (self.t0, self.steps);

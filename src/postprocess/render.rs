@@ -44,8 +44,9 @@ fn jet(v: f32) -> [u8; 3] {
     [channel(3.0), channel(2.0), channel(1.0)]
 }
 
-/// Frame with the colour-mapped normalised scores blended in and the mask outline in red.
-pub fn overlay(frame: &RgbImage, analysis: &Analysis, format: OverlayFormat) -> Vec<u8> {
+/// Frame with the colour-mapped normalised scores blended in, the predicted mask's outline
+/// in red and, when given (`eval`), the ground-truth mask's outline in white.
+pub fn overlay(frame: &RgbImage, analysis: &Analysis, truth: Option<&[u8]>, format: OverlayFormat) -> Vec<u8> {
     const ALPHA: f32 = 0.4;
     let (w, h) = (analysis.width, analysis.height);
     let mut img = RgbImage::from_fn(w as u32, h as u32, |x, y| {
@@ -53,18 +54,24 @@ pub fn overlay(frame: &RgbImage, analysis: &Analysis, format: OverlayFormat) -> 
         let c = jet(analysis.normalised_map[y as usize * w + x as usize]);
         Rgb(std::array::from_fn(|i| ((1.0 - ALPHA) * p[i] as f32 + ALPHA * c[i] as f32).round() as u8))
     });
-    let inside = |x: isize, y: isize| {
-        x >= 0 && y >= 0 && (x as usize) < w && (y as usize) < h && analysis.mask[y as usize * w + x as usize] != 0
-    };
-    for y in 0..h as isize {
-        for x in 0..w as isize {
-            let edge =
-                inside(x, y) && [(-1, 0), (1, 0), (0, -1), (0, 1)].iter().any(|(dx, dy)| !inside(x + dx, y + dy));
-            if edge {
-                img.put_pixel(x as u32, y as u32, Rgb([255, 0, 0]));
+    let mut outline = |mask: &[u8], colour: Rgb<u8>| {
+        let inside = |x: isize, y: isize| {
+            x >= 0 && y >= 0 && (x as usize) < w && (y as usize) < h && mask[y as usize * w + x as usize] != 0
+        };
+        for y in 0..h as isize {
+            for x in 0..w as isize {
+                let edge =
+                    inside(x, y) && [(-1, 0), (1, 0), (0, -1), (0, 1)].iter().any(|(dx, dy)| !inside(x + dx, y + dy));
+                if edge {
+                    img.put_pixel(x as u32, y as u32, colour);
+                }
             }
         }
+    };
+    if let Some(truth) = truth {
+        outline(truth, Rgb([255, 255, 255]));
     }
+    outline(&analysis.mask, Rgb([255, 0, 0]));
     let mut out = Cursor::new(Vec::new());
     match format {
         OverlayFormat::Png => img.write_to(&mut out, ImageFormat::Png).expect("PNG encoding into memory cannot fail"),

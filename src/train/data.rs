@@ -19,11 +19,11 @@ use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 
+use crate::image_files::list_images;
 use crate::model::preprocess::InputSpec;
 
 /// File the daemon's recorder writes at the root of its capture store.
-pub const CAPTURE_STORE_MARKER: &str = "edge-inspect-captures.toml";
-const EXTENSIONS: [&str; 6] = ["png", "jpg", "jpeg", "bmp", "tif", "tiff"];
+pub use crate::daemon::recorder::MARKER as CAPTURE_STORE_MARKER;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -71,24 +71,9 @@ pub struct Dataset {
     input: InputSpec,
 }
 
-fn is_image(path: &Path) -> bool {
-    let ext = path.extension().map(|e| e.to_string_lossy().to_lowercase()).unwrap_or_default();
-    let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
-    EXTENSIONS.contains(&ext.as_str()) && !stem.ends_with("_mask")
-}
-
 fn collect(dir: &Path, recursive: bool, out: &mut Vec<PathBuf>) -> Result<(), DataError> {
-    let entries = std::fs::read_dir(dir).map_err(|source| DataError::List { path: dir.to_path_buf(), source })?;
-    for entry in entries {
-        let path = entry.map_err(|source| DataError::List { path: dir.to_path_buf(), source })?.path();
-        if path.is_dir() {
-            if recursive {
-                collect(&path, true, out)?;
-            }
-        } else if is_image(&path) {
-            out.push(path);
-        }
-    }
+    let found = list_images(dir, recursive).map_err(|(path, source)| DataError::List { path, source })?;
+    out.extend(found);
     Ok(())
 }
 

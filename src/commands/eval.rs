@@ -1,0 +1,45 @@
+//! `edge-inspect eval`: scores a bundle on labelled test data and writes `report.json`,
+//! `summary.md` and overlays into the report directory; prints the summary.
+
+use std::fs;
+use std::path::PathBuf;
+
+use anyhow::{Context, bail};
+
+use crate::cli::EvalArgs;
+use crate::commands::infer::reconstruction_spec;
+use crate::eval::{EvalOptions, evaluate, markdown};
+use crate::infer::inspect::Inspector;
+use crate::model::bundle::{Bundle, write_atomic};
+
+pub fn run(args: EvalArgs) -> anyhow::Result<()> {
+    if args.batch == 0 {
+        bail!("--batch must be at least 1");
+    }
+    // Data problems are cheaper to find than a model load.
+    crate::eval::data::discover(&args.data)?;
+    let bundle = Bundle::load(&args.model, &args.runtime.to_config())?;
+    let spec = reconstruction_spec(bundle.manifest.reconstruction, &args.reconstruction);
+    let mut inspector = Inspector::new(bundle, Some(spec))?;
+    let out = args.out.clone().unwrap_or_else(|| {
+        let data_name = args.data.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        PathBuf::from("results").join(&inspector.manifest().name).join(data_name)
+    });
+    fs::create_dir_all(&out).with_context(|| format!("{}: cannot create report directory", out.display()))?;
+    let options = EvalOptions {
+        resize: args.resize,
+        batch: args.batch,
+        seed: args.seed,
+        overlays: args.overlays,
+        progress: !args.no_progress,
+    };
+    let report = evaluate(&mut inspector, &args.model, &args.data, &out, &options)?;
+    let summary = markdown(&report);
+    write_atomic(&out.join("report.json"), &serde_json::to_vec_pretty(&report)?)
+        .with_context(|| format!("{}: cannot write report.json", out.display()))?;
+    write_atomic(&out.join("summary.md"), summary.as_bytes())
+        .with_context(|| format!("{}: cannot write summary.md", out.display()))?;
+    print!("{summary}");
+    tracing::info!(report = %out.join("report.json").display(), "Evaluation written.");
+    Ok(())
+}

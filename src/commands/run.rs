@@ -1,0 +1,24 @@
+//! `edge-inspect run` and `edge-inspect check-config`.
+
+use crate::cli::RunArgs;
+use crate::daemon;
+
+pub fn run(args: RunArgs) -> anyhow::Result<()> {
+    let config = daemon::load_config(&args.config)?;
+    daemon::run(config)
+}
+
+pub fn check_config(args: RunArgs) -> anyhow::Result<()> {
+    let config = daemon::load_config(&args.config)?;
+    println!(
+        "{}: valid; node '{}', {} camera(s), model {}, MQTT {}:{} (topics {}/…)",
+        args.config.display(),
+        config.node_id,
+        config.cameras.len(),
+        config.model.path.display(),
+        config.mqtt.host,
+        config.mqtt.port,
+        config.mqtt.base_topic
+    );
+    Ok(())
+}

@@ -1,0 +1,324 @@
+//! `edge-inspect run`: the streaming inspection daemon.
+//!
+//! This module owns the lifecycle: validate the config (exit 78 on error), start the demo
+//! broker if asked, load and warm the model, connect MQTT, start the threads, tell systemd
+//! READY, supervise (camera status, stall watchdog, stats, systemd WATCHDOG), and on
+//! SIGTERM/SIGINT stop capture, drain under a deadline, publish `offline`, disconnect.
+//!
+//! ```text
+//! capture (1 thread/camera) → queue (cap 2, newest wins) ┐
+//!                                                          ├→ batcher → inference worker
+//! capture …                 → queue                      ┘        → publisher → MQTT
+//!                                                                 → recorder  → capture store
+//! main thread: signals, status, stall watchdog, stats, sd_notify
+//! ```
+
+#[cfg(feature = "embedded-broker")]
+pub mod broker;
+pub mod config;
+pub mod mqtt;
+pub mod pipeline;
+pub mod publish;
+pub mod recorder;
+pub mod stats;
+
+use std::sync::atomic::AtomicBool;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use crossbeam_channel::{bounded, select, tick};
+use rumqttc::QoS;
+use sd_notify::NotifyState;
+
+use crate::infer::inspect::Inspector;
+use crate::model::bundle::Bundle;
+use config::{ConfigIssue, DaemonConfig};
+use mqtt::Mqtt;
+use pipeline::{CaptureContext, WorkerContext};
+use publish::{ModelRef, PublisherContext};
+use stats::{CameraStats, CameraStatus, PipelineStats, RateTracker, StatsReport};
+
+/// Checks what validation cannot see without reading the bundle: the manifest and the
+/// reconstruction overrides against its schedule. Cheap: no ONNX Runtime involved.
+pub fn check_model(config: &DaemonConfig) -> Vec<ConfigIssue> {
+    let issue = |message: String| ConfigIssue { key: "model.path".into(), message };
+    let manifest = match crate::model::bundle::read_manifest(&config.model.path) {
+        Ok(m) => m,
+        Err(e) => return vec![issue(e.to_string())],
+    };
+    let m = &config.model;
+    let spec = manifest.reconstruction.with_overrides(m.t0, m.steps, m.sampler, m.eta);
+    match crate::model::diffusion::NoiseSchedule::new(&manifest.schedule) {
+        Ok(schedule) => match spec.check(schedule.len()) {
+            Ok(()) => Vec::new(),
+            Err(e) => vec![ConfigIssue { key: "model.t0/steps/sampler".into(), message: e.to_string() }],
+        },
+        Err(e) => vec![issue(e.to_string())],
+    }
+}
+
+/// Loads and fully checks a config file: what `check-config` and `run` do first.
+pub fn load_config(path: &std::path::Path) -> Result<DaemonConfig, config::ConfigErrors> {
+    let config = config::load(path)?;
+    let issues = check_model(&config);
+    if issues.is_empty() {
+        Ok(config)
+    } else {
+        Err(config::ConfigErrors { source_name: path.display().to_string(), issues })
+    }
+}
+
+fn notify(states: &[NotifyState]) {
+    if let Err(e) = sd_notify::notify(states) {
+        tracing::warn!(error = %e, "sd_notify failed.");
+    }
+}
+
+/// Waits for `handles` until `deadline`; a thread still running then is reported and left
+/// behind (it can only be stuck in a blocking device or file read).
+fn join_until(handles: Vec<(String, JoinHandle<()>)>, deadline: Instant) {
+    for (name, handle) in handles {
+        while !handle.is_finished() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        if handle.is_finished() {
+            if handle.join().is_err() {
+                tracing::error!(thread = %name, "Thread panicked.");
+            }
+        } else {
+            tracing::warn!(thread = %name, "Thread did not stop before the deadline; leaving it.");
+        }
+    }
+}
+
+fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> anyhow::Result<(String, JoinHandle<()>)> {
+    let handle = std::thread::Builder::new()
+        .name(name.into())
+        .spawn(f)
+        .with_context(|| format!("cannot start thread {name}"))?;
+    Ok((name.to_string(), handle))
+}
+
+/// Runs the daemon until SIGTERM/SIGINT.
+pub fn run(config: DaemonConfig) -> anyhow::Result<()> {
+    let (signal_tx, signal_rx) = bounded::<()>(4);
+    ctrlc::set_handler(move || {
+        let _ = signal_tx.try_send(());
+    })
+    .context("cannot install the SIGTERM/SIGINT handler")?;
+
+    #[cfg(feature = "embedded-broker")]
+    if config.mqtt.enabled && config.mqtt.embedded_broker {
+        broker::start(&config.mqtt)?;
+    }
+    notify(&[NotifyState::Status("loading model")]);
+    let bundle = Bundle::load(&config.model.path, &config.runtime)?;
+    let m = &config.model;
+    let spec = bundle.manifest.reconstruction.with_overrides(m.t0, m.steps, m.sampler, m.eta);
+    let inspector = Inspector::new(bundle, Some(spec))?;
+    let manifest = inspector.manifest().clone();
+    let provider = inspector.bundle.denoiser.provider().to_string();
+    let fell_back = inspector.bundle.denoiser.fell_back_to_cpu();
+    let unet_calls = inspector.unet_calls();
+    let model_ref = ModelRef {
+        name: manifest.name.clone(),
+        version: manifest.version.clone(),
+        sha256: manifest.artifact.sha256.clone(),
+    };
+    tracing::info!(model = %manifest.name, provider = %provider, fell_back_to_cpu = fell_back, t0 = spec.t0, steps = spec.steps, "Model ready.");
+
+    let pipeline_stats = Arc::new(PipelineStats::default());
+    let camera_ids: Vec<String> = config.cameras.iter().map(|c| c.id.clone()).collect();
+    let camera_stats: Vec<Arc<CameraStats>> = camera_ids.iter().map(|id| Arc::new(CameraStats::new(id))).collect();
+
+    let (mqtt_stop_tx, mqtt_stop_rx) = bounded::<()>(0);
+    let (mqtt, mqtt_thread) = if config.mqtt.enabled {
+        let (client, thread) = Mqtt::start(&config.mqtt, pipeline_stats.clone(), mqtt_stop_rx)?;
+        (Some(Arc::new(client)), Some(thread))
+    } else {
+        drop(mqtt_stop_rx);
+        (None, None)
+    };
+    for (id, camera) in camera_ids.iter().zip(&config.cameras) {
+        let status = if camera.enabled { CameraStatus::Offline } else { CameraStatus::Disabled };
+        if let Some(mqtt) = &mqtt {
+            mqtt.publish(&format!("{id}/status"), QoS::AtLeastOnce, true, status.as_str().into());
+        }
+    }
+
+    // The pipe, from the end: recorder ← publisher ← worker ← batcher ← captures.
+    let mut downstream = Vec::new();
+    let recorder_tx = if config.recorder.enabled {
+        let (tx, rx) = bounded(config.pipeline.output_capacity);
+        let recorder = recorder::Recorder::open(
+            config.recorder.clone(),
+            camera_ids.clone(),
+            model_ref.clone(),
+            pipeline_stats.clone(),
+        )
+        .with_context(|| format!("{}: cannot create the capture store", config.recorder.dir.display()))?;
+        downstream.push(spawn("recorder", move || recorder.run(rx))?);
+        Some((tx, config.recorder.normal_sample_rate))
+    } else {
+        None
+    };
+    let (output_tx, output_rx) = bounded(config.pipeline.output_capacity);
+    let publisher_ctx = PublisherContext {
+        mqtt: mqtt.clone(),
+        cameras: camera_stats.clone(),
+        model: model_ref.clone(),
+        image_threshold: manifest.thresholds.image.value,
+        publish_images: config.mqtt.publish_images,
+        snapshot_quality: config.mqtt.snapshot_quality,
+        node: config.node_id.clone(),
+        recorder: recorder_tx,
+    };
+    downstream.push(spawn("publisher", move || publish::publisher(publisher_ctx, output_rx))?);
+    let (batch_tx, batch_rx) = bounded(1);
+    let drain_deadline = Arc::new(Mutex::new(None));
+    let heartbeat = Arc::new(Mutex::new(Instant::now()));
+    let worker_ctx = WorkerContext {
+        inspector,
+        seed: config.model.seed,
+        batches: batch_rx,
+        output: output_tx,
+        cameras: camera_stats.clone(),
+        pipeline: pipeline_stats.clone(),
+        drain_deadline: drain_deadline.clone(),
+        heartbeat: heartbeat.clone(),
+    };
+    downstream.insert(0, spawn("inference", move || pipeline::inference_worker(worker_ctx))?);
+    let mut queues = Vec::new();
+    let mut captures = Vec::new();
+    let (capture_stop_tx, capture_stop_rx) = bounded::<()>(0);
+    let (status_tx, status_rx) = bounded(64);
+    let mut reopen_flags = Vec::new();
+    for (index, camera) in config.cameras.iter().enumerate() {
+        let (tx, rx) = bounded(config.pipeline.queue_capacity);
+        queues.push(rx.clone());
+        let reopen = Arc::new(AtomicBool::new(false));
+        reopen_flags.push(reopen.clone());
+        let ctx = CaptureContext {
+            index,
+            config: camera.clone(),
+            input: manifest.input,
+            stats: camera_stats[index].clone(),
+            queue_tx: tx,
+            queue_rx: rx,
+            stop: capture_stop_rx.clone(),
+            reopen,
+            status_tx: status_tx.clone(),
+        };
+        captures.push(spawn(&format!("capture-{}", camera.id), move || ctx.run())?);
+    }
+    drop(status_tx);
+    let queue_gauges = queues.clone();
+    let pipeline_config = config.pipeline.clone();
+    let batcher_stop = capture_stop_rx.clone();
+    downstream.insert(0, spawn("batcher", move || pipeline::batcher(queues, pipeline_config, batch_tx, batcher_stop))?);
+
+    let status_line = format!("inspecting {} camera(s) with {} on {}", config.cameras.len(), manifest.name, provider);
+    notify(&[NotifyState::Ready, NotifyState::Status(&status_line)]);
+    tracing::info!(node = %config.node_id, cameras = config.cameras.len(), "Running.");
+
+    // Supervise until a signal.
+    let watchdog = sd_notify::watchdog_enabled();
+    let second = tick(Duration::from_secs(1));
+    let mut last_stats = Instant::now();
+    let mut rates = RateTracker::default();
+    let started = Instant::now();
+    let publish_stats = |rates: &mut RateTracker| {
+        let report = StatsReport {
+            schema: stats::STATS_SCHEMA,
+            node: config.node_id.clone(),
+            timestamp: publish::rfc3339(std::time::SystemTime::now()),
+            uptime_s: started.elapsed().as_secs_f64(),
+            model: stats::ModelReport {
+                name: model_ref.name.clone(),
+                version: model_ref.version.clone(),
+                sha256: model_ref.sha256.clone(),
+            },
+            inference: stats::inference_report(
+                &pipeline_stats,
+                provider.clone(),
+                fell_back,
+                config.pipeline.max_batch,
+                unet_calls,
+            ),
+            cameras: camera_stats
+                .iter()
+                .zip(&queue_gauges)
+                .map(|(c, q)| (c.id.clone(), stats::camera_report(c, q.len(), rates.rates(c))))
+                .collect(),
+            mqtt_connects: pipeline_stats.mqtt_connects.load(Relaxed),
+            recorded_flagged: pipeline_stats.recorded_flagged.load(Relaxed),
+            recorded_normal: pipeline_stats.recorded_normal.load(Relaxed),
+            recorder_pruned: pipeline_stats.recorder_pruned.load(Relaxed),
+            recorder_errors: pipeline_stats.recorder_errors.load(Relaxed),
+        };
+        let payload = serde_json::to_vec(&report).expect("stats serialise");
+        tracing::debug!(stats = %String::from_utf8_lossy(&payload), "Stats.");
+        if let Some(mqtt) = &mqtt {
+            mqtt.publish("stats", QoS::AtMostOnce, false, payload);
+        }
+    };
+    loop {
+        select! {
+            recv(signal_rx) -> _ => break,
+            recv(status_rx) -> change => {
+                if let Ok((index, status)) = change {
+                    tracing::info!(camera = %camera_ids[index], status = status.as_str(), "Camera status.");
+                    if let Some(mqtt) = &mqtt {
+                        mqtt.publish(&format!("{}/status", camera_ids[index]), QoS::AtLeastOnce, true, status.as_str().into());
+                    }
+                }
+            }
+            recv(second) -> _ => {
+                for (i, camera) in config.cameras.iter().enumerate() {
+                    let s = &camera_stats[i];
+                    if s.status() == CameraStatus::Online && s.since_progress() > camera.stall_timeout {
+                        tracing::warn!(camera = %camera.id, stalled_ms = s.since_progress().as_millis() as u64, "Camera stalled.");
+                        s.stalls.fetch_add(1, Relaxed);
+                        *s.status.lock().expect("stats lock") = CameraStatus::Offline;
+                        reopen_flags[i].store(true, Relaxed);
+                        if let Some(mqtt) = &mqtt {
+                            mqtt.publish(&format!("{}/status", camera.id), QoS::AtLeastOnce, true, b"offline".to_vec());
+                        }
+                    }
+                }
+                // WATCHDOG only while the inference loop turns (busy or idle-waiting).
+                if let Some(period) = watchdog
+                    && heartbeat.lock().expect("heartbeat lock").elapsed() < period / 2
+                {
+                    notify(&[NotifyState::Watchdog]);
+                }
+                if last_stats.elapsed() >= config.mqtt.stats_interval {
+                    last_stats = Instant::now();
+                    publish_stats(&mut rates);
+                }
+            }
+        }
+    }
+
+    // Shutdown: capture stops, the pipe drains under the deadline, then `offline`.
+    tracing::info!(drain_ms = config.drain_timeout.as_millis() as u64, "Stopping.");
+    notify(&[NotifyState::Stopping, NotifyState::Status("draining")]);
+    let deadline = Instant::now() + config.drain_timeout;
+    *drain_deadline.lock().expect("deadline lock") = Some(deadline);
+    drop(capture_stop_tx);
+    join_until(captures, deadline);
+    join_until(downstream, deadline + Duration::from_secs(1));
+    publish_stats(&mut rates);
+    if let Some(mqtt) = &mqtt {
+        mqtt.go_offline(&camera_ids);
+    }
+    drop(mqtt_stop_tx);
+    if let Some(thread) = mqtt_thread {
+        join_until(vec![("mqtt".into(), thread)], Instant::now() + Duration::from_secs(4));
+    }
+    tracing::info!("Stopped.");
+    Ok(())
+}

@@ -1,0 +1,160 @@
+//! What the daemon says about each inspected frame: alert, mask and snapshot for anomalous
+//! frames, the retained per-camera `state`, and hand-off to the recorder.
+//!
+//! Payload layouts are versioned by [`PAYLOAD_SCHEMA`] and documented in `docs/mqtt.md`.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::SystemTime;
+
+use crossbeam_channel::{Receiver, Sender};
+use rumqttc::QoS;
+use serde::Serialize;
+
+use super::mqtt::Mqtt;
+use super::pipeline::Inspected;
+use super::stats::{CameraStats, DropReason};
+use crate::postprocess::anomaly::Region;
+use crate::postprocess::render::{OverlayFormat, mask_png, overlay};
+
+/// Version of the alert and state payloads.
+pub const PAYLOAD_SCHEMA: u32 = 1;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ModelRef {
+    pub name: String,
+    pub version: String,
+    pub sha256: String,
+}
+
+/// One alert per anomalous frame on `<camera>/anomaly`.
+#[derive(Debug, Serialize)]
+pub struct Alert<'a> {
+    pub schema: u32,
+    pub id: String,
+    #[serde(rename = "@timestamp")]
+    pub timestamp: String,
+    pub captured_at: String,
+    pub seq: u64,
+    pub camera: &'a str,
+    pub score: f64,
+    pub normalised_score: f64,
+    pub threshold: f64,
+    pub defect_area_px: usize,
+    pub defect_ratio: f64,
+    pub regions: &'a [Region],
+    pub mask_size: [usize; 2],
+    pub model: &'a ModelRef,
+    pub latency_ms: f64,
+    /// The replayed file, for replay sources.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub source_file: Option<&'a str>,
+    pub mask_topic: String,
+    pub snapshot_topic: String,
+}
+
+/// The retained latest verdict on `<camera>/state`.
+#[derive(Debug, Serialize)]
+pub struct State<'a> {
+    pub schema: u32,
+    #[serde(rename = "@timestamp")]
+    pub timestamp: String,
+    pub seq: u64,
+    pub label: &'static str,
+    pub score: f64,
+    pub normalised_score: f64,
+    pub defect_area_px: usize,
+    pub model: &'a ModelRef,
+}
+
+pub fn rfc3339(t: SystemTime) -> String {
+    time::OffsetDateTime::from(t).format(&time::format_description::well_known::Rfc3339).unwrap_or_default()
+}
+
+pub struct PublisherContext {
+    pub mqtt: Option<Arc<Mqtt>>,
+    pub cameras: Vec<Arc<CameraStats>>,
+    pub model: ModelRef,
+    pub image_threshold: f64,
+    pub publish_images: bool,
+    pub snapshot_quality: u8,
+    pub node: String,
+    /// The recorder's queue and the fraction of normal frames it keeps.
+    pub recorder: Option<(Sender<Inspected>, f64)>,
+}
+
+/// Publishes every inspected frame; ends when the inference worker is gone.
+pub fn publisher(ctx: PublisherContext, input: Receiver<Inspected>) {
+    let mut sampler = super::pipeline::clock_seeded_rng();
+    for inspected in input {
+        let camera = &ctx.cameras[inspected.frame.camera];
+        let a = &inspected.analysis;
+        let f = &inspected.frame;
+        let defect_area = a.mask.iter().filter(|m| **m != 0).count();
+        let now = SystemTime::now();
+        if a.anomalous {
+            camera.anomalies.fetch_add(1, Relaxed);
+            let id = format!(
+                "{}-{}-{}-{}",
+                ctx.node,
+                camera.id,
+                f.captured.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0),
+                f.seq
+            );
+            tracing::info!(camera = %camera.id, seq = f.seq, score = a.normalised_score, regions = a.regions.len(), source = ?f.source_file, "Anomaly.");
+            if let Some(mqtt) = &ctx.mqtt {
+                let alert = Alert {
+                    schema: PAYLOAD_SCHEMA,
+                    id,
+                    timestamp: rfc3339(now),
+                    captured_at: rfc3339(f.captured),
+                    seq: f.seq,
+                    camera: &camera.id,
+                    score: a.score,
+                    normalised_score: a.normalised_score,
+                    threshold: ctx.image_threshold,
+                    defect_area_px: defect_area,
+                    defect_ratio: defect_area as f64 / a.mask.len().max(1) as f64,
+                    regions: &a.regions,
+                    mask_size: [a.width, a.height],
+                    model: &ctx.model,
+                    latency_ms: f.captured_at.elapsed().as_secs_f64() * 1e3,
+                    source_file: f.source_file.as_deref(),
+                    mask_topic: mqtt.topic(&format!("{}/mask", camera.id)),
+                    snapshot_topic: mqtt.topic(&format!("{}/snapshot", camera.id)),
+                };
+                let payload = serde_json::to_vec(&alert).expect("alert serialises");
+                let mut sent = mqtt.publish(&format!("{}/anomaly", camera.id), QoS::AtLeastOnce, false, payload);
+                if ctx.publish_images {
+                    sent &= mqtt.publish(&format!("{}/mask", camera.id), QoS::AtLeastOnce, false, mask_png(a));
+                    let snapshot = overlay(&f.display, a, None, OverlayFormat::Jpeg { quality: ctx.snapshot_quality });
+                    sent &= mqtt.publish(&format!("{}/snapshot", camera.id), QoS::AtMostOnce, true, snapshot);
+                }
+                if !sent {
+                    camera.drop_frame(DropReason::MqttBacklog);
+                }
+            }
+        }
+        if let Some(mqtt) = &ctx.mqtt {
+            let state = State {
+                schema: PAYLOAD_SCHEMA,
+                timestamp: rfc3339(now),
+                seq: f.seq,
+                label: if a.anomalous { "anomalous" } else { "normal" },
+                score: a.score,
+                normalised_score: a.normalised_score,
+                defect_area_px: defect_area,
+                model: &ctx.model,
+            };
+            let payload = serde_json::to_vec(&state).expect("state serialises");
+            mqtt.publish(&format!("{}/state", camera.id), QoS::AtMostOnce, true, payload);
+        }
+        if let Some((recorder, normal_rate)) = &ctx.recorder {
+            let keep = a.anomalous || rand::Rng::random_bool(&mut sampler, *normal_rate);
+            if keep && recorder.try_send(inspected).is_err() {
+                camera.drop_frame(DropReason::RecorderFull);
+            }
+        }
+    }
+    tracing::debug!("Publisher stopped.");
+}

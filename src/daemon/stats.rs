@@ -1,0 +1,243 @@
+//! Counters shared by the pipeline's threads, and the `stats` payload built from them.
+//!
+//! Every drop has a reason and a per-camera counter; gauges (queue depth, status) are read
+//! when the payload is built. Counters are relaxed atomics: they are figures for people
+//! and dashboards, not synchronisation.
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+/// Why a frame did not make it through the pipeline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DropReason {
+    /// The camera's queue was full; the oldest queued frame gave way to the newest.
+    QueueFull,
+    /// The frame could not be decoded.
+    DecodeError,
+    /// The region of interest lies outside the frame.
+    RoiOutside,
+    /// The publisher was behind; the inspected frame was not published.
+    OutputFull,
+    /// The MQTT client's queue was full (broker unreachable or slow).
+    MqttBacklog,
+    /// The recorder was behind; the frame was not recorded.
+    RecorderFull,
+    /// Still queued when the shutdown deadline passed.
+    Shutdown,
+    /// Inference failed for the batch.
+    InferenceError,
+}
+
+impl DropReason {
+    pub const ALL: [DropReason; 8] = [
+        Self::QueueFull,
+        Self::DecodeError,
+        Self::RoiOutside,
+        Self::OutputFull,
+        Self::MqttBacklog,
+        Self::RecorderFull,
+        Self::Shutdown,
+        Self::InferenceError,
+    ];
+}
+
+/// A camera's availability as published on `<camera>/status`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CameraStatus {
+    Online,
+    Offline,
+    Disabled,
+}
+
+impl CameraStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Online => "online",
+            Self::Offline => "offline",
+            Self::Disabled => "disabled",
+        }
+    }
+}
+
+pub struct CameraStats {
+    pub id: String,
+    pub frames_in: AtomicU64,
+    pub processed: AtomicU64,
+    pub anomalies: AtomicU64,
+    pub reopens: AtomicU64,
+    pub stalls: AtomicU64,
+    drops: [AtomicU64; DropReason::ALL.len()],
+    pub status: Mutex<CameraStatus>,
+    /// When the capture thread last got a frame (or opened the source).
+    pub last_progress: Mutex<Instant>,
+}
+
+impl CameraStats {
+    pub fn new(id: &str) -> Self {
+        Self {
+            id: id.into(),
+            frames_in: AtomicU64::new(0),
+            processed: AtomicU64::new(0),
+            anomalies: AtomicU64::new(0),
+            reopens: AtomicU64::new(0),
+            stalls: AtomicU64::new(0),
+            drops: Default::default(),
+            status: Mutex::new(CameraStatus::Offline),
+            last_progress: Mutex::new(Instant::now()),
+        }
+    }
+
+    pub fn drop_frame(&self, reason: DropReason) {
+        self.drops[reason as usize].fetch_add(1, Relaxed);
+    }
+
+    pub fn drops(&self, reason: DropReason) -> u64 {
+        self.drops[reason as usize].load(Relaxed)
+    }
+
+    pub fn touch(&self) {
+        *self.last_progress.lock().expect("stats lock") = Instant::now();
+    }
+
+    pub fn since_progress(&self) -> Duration {
+        self.last_progress.lock().expect("stats lock").elapsed()
+    }
+
+    pub fn status(&self) -> CameraStatus {
+        *self.status.lock().expect("stats lock")
+    }
+}
+
+/// Pipeline-wide figures.
+#[derive(Default)]
+pub struct PipelineStats {
+    pub batches: AtomicU64,
+    pub batched_frames: AtomicU64,
+    /// Total inference time in microseconds.
+    pub inference_us: AtomicU64,
+    pub last_inference_us: AtomicU64,
+    pub mqtt_connects: AtomicU64,
+    pub mqtt_connected: std::sync::atomic::AtomicBool,
+    pub recorded_flagged: AtomicU64,
+    pub recorded_normal: AtomicU64,
+    pub recorder_pruned: AtomicU64,
+    pub recorder_errors: AtomicU64,
+}
+
+/// Version of the `stats` payload.
+pub const STATS_SCHEMA: u32 = 1;
+
+#[derive(Debug, Serialize)]
+pub struct CameraReport {
+    pub status: CameraStatus,
+    pub fps_in: f64,
+    pub fps_processed: f64,
+    pub frames_in: u64,
+    pub processed: u64,
+    pub anomalies: u64,
+    pub drops: BTreeMap<DropReason, u64>,
+    pub queue_depth: usize,
+    pub reopens: u64,
+    pub stalls: u64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ModelReport {
+    pub name: String,
+    pub version: String,
+    pub sha256: String,
+}
+
+#[derive(Debug, Serialize)]
+pub struct InferenceReport {
+    pub provider: String,
+    pub fell_back_to_cpu: bool,
+    pub batches: u64,
+    pub mean_batch_fill: f64,
+    pub max_batch: usize,
+    pub mean_ms: f64,
+    pub last_ms: f64,
+    pub unet_calls_per_frame: usize,
+}
+
+#[derive(Debug, Serialize)]
+pub struct StatsReport {
+    pub schema: u32,
+    pub node: String,
+    #[serde(rename = "@timestamp")]
+    pub timestamp: String,
+    pub uptime_s: f64,
+    pub model: ModelReport,
+    pub inference: InferenceReport,
+    pub cameras: BTreeMap<String, CameraReport>,
+    pub mqtt_connects: u64,
+    pub recorded_flagged: u64,
+    pub recorded_normal: u64,
+    pub recorder_pruned: u64,
+    pub recorder_errors: u64,
+}
+
+/// Remembers the previous counts to turn totals into rates.
+#[derive(Default)]
+pub struct RateTracker {
+    previous: BTreeMap<String, (u64, u64, Option<Instant>)>,
+}
+
+impl RateTracker {
+    /// `(fps in, fps processed)` since the last call for this camera.
+    pub fn rates(&mut self, camera: &CameraStats) -> (f64, f64) {
+        let now = Instant::now();
+        let (frames_in, processed) = (camera.frames_in.load(Relaxed), camera.processed.load(Relaxed));
+        let entry = self.previous.entry(camera.id.clone()).or_insert((0, 0, None));
+        let rates = match entry.2 {
+            Some(at) => {
+                let dt = now.duration_since(at).as_secs_f64().max(1e-3);
+                ((frames_in - entry.0) as f64 / dt, (processed - entry.1) as f64 / dt)
+            }
+            None => (0.0, 0.0),
+        };
+        *entry = (frames_in, processed, Some(now));
+        rates
+    }
+}
+
+pub fn camera_report(camera: &CameraStats, queue_depth: usize, rates: (f64, f64)) -> CameraReport {
+    CameraReport {
+        status: camera.status(),
+        fps_in: rates.0,
+        fps_processed: rates.1,
+        frames_in: camera.frames_in.load(Relaxed),
+        processed: camera.processed.load(Relaxed),
+        anomalies: camera.anomalies.load(Relaxed),
+        drops: DropReason::ALL.iter().map(|r| (*r, camera.drops(*r))).filter(|(_, n)| *n > 0).collect(),
+        queue_depth,
+        reopens: camera.reopens.load(Relaxed),
+        stalls: camera.stalls.load(Relaxed),
+    }
+}
+
+pub fn inference_report(
+    p: &PipelineStats,
+    provider: String,
+    fell_back: bool,
+    max_batch: usize,
+    calls: usize,
+) -> InferenceReport {
+    let batches = p.batches.load(Relaxed);
+    InferenceReport {
+        provider,
+        fell_back_to_cpu: fell_back,
+        batches,
+        mean_batch_fill: if batches == 0 { 0.0 } else { p.batched_frames.load(Relaxed) as f64 / batches as f64 },
+        max_batch,
+        mean_ms: if batches == 0 { 0.0 } else { p.inference_us.load(Relaxed) as f64 / 1e3 / batches as f64 },
+        last_ms: p.last_inference_us.load(Relaxed) as f64 / 1e3,
+        unet_calls_per_frame: calls,
+    }
+}

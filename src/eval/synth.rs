@@ -1,0 +1,463 @@
+//! The project's benchmark: seeded datasets in the MVTec layout cut from a real texture
+//! photograph, with synthetic defects painted at model resolution and exact masks.
+//!
+//! Normal crops for `train/` come from the left part of the photograph and crops for `test/`
+//! from a held-out strip on the right, so no test image repeats a training crop. Defects
+//! are painted with hard edges: the mask is exactly the set of pixels the defect touched.
+//! Contamination mixes freshly generated defective images (never reused in `test/`) into
+//! `train/good`; `synth.json` lists them, for analysis only — training never reads it.
+
+use std::path::{Path, PathBuf};
+
+use image::{GrayImage, Luma, imageops};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::Serialize;
+
+/// How the contamination ratio is defined, stated in every dataset it shapes.
+pub const CONTAMINATION_DEFINITION: &str =
+    "contamination p = defective / (normal + defective) images in train/good; round(p * train) images are defective";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DefectKind {
+    Scratch,
+    Hole,
+    Stain,
+    Crack,
+    Foreign,
+}
+
+impl DefectKind {
+    pub const ALL: [DefectKind; 5] = [Self::Scratch, Self::Hole, Self::Stain, Self::Crack, Self::Foreign];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Scratch => "scratch",
+            Self::Hole => "hole",
+            Self::Stain => "stain",
+            Self::Crack => "crack",
+            Self::Foreign => "foreign",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct SynthConfig {
+    pub size: u32,
+    pub crop: u32,
+    pub train: usize,
+    pub test_good: usize,
+    pub test_per_type: usize,
+    pub contamination: f64,
+    pub seed: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SynthError {
+    #[error("{path}: cannot read texture: {reason}")]
+    Texture { path: PathBuf, reason: String },
+    #[error(
+        "{path}: texture is {width}x{height}; it must be at least {need} wide (--crop plus a held-out test \
+         strip), at least --crop high, and --size must not exceed --crop"
+    )]
+    TextureTooSmall { path: PathBuf, width: u32, height: u32, need: u32 },
+    #[error("--contamination must be in [0, 1), got {0}")]
+    Contamination(f64),
+    #[error("--{name} must be at least {min}, got {value}")]
+    TooFew { name: &'static str, min: usize, value: usize },
+    #[error("{path}: already exists (use --force to replace it)")]
+    Exists { path: PathBuf },
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+}
+
+/// One generated defective image, as recorded in `synth.json`.
+#[derive(Debug, Clone, Serialize)]
+pub struct DefectRecord {
+    pub file: String,
+    pub kind: DefectKind,
+    /// Scale factor of the defect: 0.6 small, 1.0 medium, 1.6 large.
+    pub scale: f64,
+    /// Intensity change relative to the texture: "low" or "high".
+    pub contrast: &'static str,
+    pub area: usize,
+}
+
+#[derive(Debug, Serialize)]
+pub struct SynthSummary {
+    pub texture: String,
+    pub texture_sha256: String,
+    pub foreign_texture: Option<String>,
+    pub seed: u64,
+    pub size: u32,
+    pub crop: u32,
+    pub contamination: f64,
+    pub contamination_definition: &'static str,
+    pub train_normal: usize,
+    pub train_defective: usize,
+    pub test_good: usize,
+    pub test_per_type: usize,
+    /// The defective images hidden in train/good (for analysis; never given to training).
+    pub contaminated_train: Vec<DefectRecord>,
+    pub test_defects: Vec<DefectRecord>,
+}
+
+fn read_texture(path: &Path) -> Result<(GrayImage, String), SynthError> {
+    let bytes = std::fs::read(path).map_err(|e| SynthError::Texture { path: path.into(), reason: e.to_string() })?;
+    let image = image::load_from_memory(&bytes)
+        .map_err(|e| SynthError::Texture { path: path.into(), reason: e.to_string() })?
+        .to_luma8();
+    Ok((image, crate::model::bundle::sha256_hex(&bytes)))
+}
+
+/// Where crops may start: train crops from the left, test crops from the right strip.
+struct CropArea {
+    x: std::ops::RangeInclusive<u32>,
+    y: std::ops::RangeInclusive<u32>,
+}
+
+fn crop(texture: &GrayImage, area: &CropArea, config: &SynthConfig, rng: &mut ChaCha8Rng) -> GrayImage {
+    let (x0, y0) = (rng.random_range(area.x.clone()), rng.random_range(area.y.clone()));
+    let mut img = imageops::crop_imm(texture, x0, y0, config.crop, config.crop).to_image();
+    if rng.random_bool(0.5) {
+        img = imageops::flip_vertical(&img);
+    }
+    imageops::resize(&img, config.size, config.size, imageops::FilterType::Triangle)
+}
+
+fn shift(v: u8, delta: f64) -> u8 {
+    (v as f64 + delta).round().clamp(0.0, 255.0) as u8
+}
+
+/// Distance from `p` to the segment `a`–`b`.
+fn segment_distance(p: (f64, f64), a: (f64, f64), b: (f64, f64)) -> f64 {
+    let (dx, dy) = (b.0 - a.0, b.1 - a.1);
+    let len2 = (dx * dx + dy * dy).max(1e-12);
+    let t = (((p.0 - a.0) * dx + (p.1 - a.1) * dy) / len2).clamp(0.0, 1.0);
+    ((p.0 - a.0 - t * dx).powi(2) + (p.1 - a.1 - t * dy).powi(2)).sqrt()
+}
+
+/// Paints one defect of `kind` onto `img`; returns the exact mask (0/255).
+fn paint(
+    img: &mut GrayImage,
+    kind: DefectKind,
+    scale: f64,
+    high_contrast: bool,
+    foreign: &GrayImage,
+    rng: &mut ChaCha8Rng,
+) -> GrayImage {
+    let size = img.width() as f64;
+    let mut mask = GrayImage::new(img.width(), img.height());
+    let strength = if high_contrast { 0.45 } else { 0.22 } * 255.0;
+    let sign = if rng.random_bool(0.5) { 1.0 } else { -1.0 };
+    let centre = (rng.random_range(0.25..0.75) * size, rng.random_range(0.25..0.75) * size);
+    let surface_mean = img.pixels().map(|p| p.0[0] as f64).sum::<f64>() / (size * size);
+    // `inside(x, y)` decides the support; `value(x, y, v)` the new pixel there.
+    let mut apply = |inside: &dyn Fn(f64, f64) -> bool, value: &mut dyn FnMut(u32, u32, u8) -> u8| {
+        for y in 0..img.height() {
+            for x in 0..img.width() {
+                if inside(x as f64 + 0.5, y as f64 + 0.5) {
+                    let v = img.get_pixel(x, y).0[0];
+                    img.put_pixel(x, y, Luma([value(x, y, v)]));
+                    mask.put_pixel(x, y, Luma([255]));
+                }
+            }
+        }
+    };
+    match kind {
+        DefectKind::Scratch => {
+            let angle = rng.random_range(0.0..std::f64::consts::PI);
+            let half = rng.random_range(0.15..0.3) * size * scale;
+            let (dx, dy) = (angle.cos() * half, angle.sin() * half);
+            let (a, b) = ((centre.0 - dx, centre.1 - dy), (centre.0 + dx, centre.1 + dy));
+            let width = if scale > 1.2 { 1.6 } else { 1.0 };
+            apply(&|x, y| segment_distance((x, y), a, b) <= width / 2.0 + 0.25, &mut |_, _, v| {
+                shift(v, sign * strength)
+            });
+        }
+        DefectKind::Hole => {
+            let (rx, ry) = (rng.random_range(0.04..0.08) * size * scale, rng.random_range(0.04..0.08) * size * scale);
+            let (rx, ry) = (rx.max(1.5), ry.max(1.5));
+            let depth = if high_contrast { 0.2 } else { 0.55 };
+            apply(&|x, y| ((x - centre.0) / rx).powi(2) + ((y - centre.1) / ry).powi(2) <= 1.0, &mut |_, _, v| {
+                (v as f64 * depth).round() as u8
+            });
+        }
+        DefectKind::Stain => {
+            let blobs: Vec<((f64, f64), f64)> = (0..rng.random_range(3..6))
+                .map(|_| {
+                    let r = rng.random_range(0.04..0.08) * size * scale;
+                    let offset = (rng.random_range(-1.0..1.0) * r, rng.random_range(-1.0..1.0) * r);
+                    ((centre.0 + offset.0, centre.1 + offset.1), r.max(1.5))
+                })
+                .collect();
+            let inside = |x: f64, y: f64| blobs.iter().any(|(c, r)| (x - c.0).powi(2) + (y - c.1).powi(2) <= r * r);
+            // A soft profile inside a hard support: strongest at the centre, never zero.
+            let reach = blobs.iter().map(|(c, r)| ((c.0 - centre.0).hypot(c.1 - centre.1)) + r).fold(1.0, f64::max);
+            apply(&inside, &mut |x, y, v| {
+                let d = (x as f64 + 0.5 - centre.0).hypot(y as f64 + 0.5 - centre.1) / reach;
+                shift(v, sign * strength * (1.0 - 0.5 * d.min(1.0)))
+            });
+        }
+        DefectKind::Crack => {
+            let mut points = vec![centre];
+            let mut angle = rng.random_range(0.0..std::f64::consts::TAU);
+            for _ in 0..(rng.random_range(6..12) as f64 * scale).round() as usize {
+                angle += rng.random_range(-0.7..0.7);
+                let step = rng.random_range(2.0..4.0);
+                let last = *points.last().expect("starts with the centre");
+                let next = (
+                    (last.0 + angle.cos() * step).clamp(1.0, size - 1.0),
+                    (last.1 + angle.sin() * step).clamp(1.0, size - 1.0),
+                );
+                points.push(next);
+            }
+            apply(&|x, y| points.windows(2).any(|s| segment_distance((x, y), s[0], s[1]) <= 0.75), &mut |_, _, v| {
+                shift(v, -strength * 1.2)
+            });
+        }
+        DefectKind::Foreign => {
+            let (rx, ry) = (rng.random_range(0.08..0.15) * size * scale, rng.random_range(0.08..0.15) * size * scale);
+            let (fx, fy) = (
+                rng.random_range(0..foreign.width() - size as u32),
+                rng.random_range(0..foreign.height() - size as u32),
+            );
+            // Low contrast: the patch is matched to the surface's mean brightness.
+            let patch_mean = (0..size as u32)
+                .flat_map(|y| (0..size as u32).map(move |x| (x, y)))
+                .map(|(x, y)| foreign.get_pixel(fx + x, fy + y).0[0] as f64)
+                .sum::<f64>()
+                / (size * size);
+            let offset = if high_contrast { 0.0 } else { surface_mean - patch_mean };
+            apply(&|x, y| ((x - centre.0) / rx).powi(2) + ((y - centre.1) / ry).powi(2) <= 1.0, &mut |x, y, _| {
+                shift(foreign.get_pixel(fx + x, fy + y).0[0], offset)
+            });
+        }
+    }
+    mask
+}
+
+fn save(path: &Path, img: &GrayImage) -> Result<(), SynthError> {
+    img.save(path).map_err(|e| SynthError::Io { path: path.into(), source: std::io::Error::other(e) })
+}
+
+fn defect_image(
+    texture: &GrayImage,
+    area: &CropArea,
+    foreign: &GrayImage,
+    config: &SynthConfig,
+    kind: DefectKind,
+    rng: &mut ChaCha8Rng,
+) -> (GrayImage, GrayImage, f64, bool) {
+    let scale = [0.6, 1.0, 1.6][rng.random_range(0..3)];
+    let high_contrast = rng.random_bool(0.5);
+    let mut img = crop(texture, area, config, rng);
+    let mask = paint(&mut img, kind, scale, high_contrast, foreign, rng);
+    (img, mask, scale, high_contrast)
+}
+
+/// Writes the benchmark into `out` (through a temporary directory renamed at the end).
+pub fn synthesise(
+    texture_path: &Path,
+    foreign_path: Option<&Path>,
+    out: &Path,
+    config: &SynthConfig,
+    force: bool,
+) -> Result<SynthSummary, SynthError> {
+    if !(0.0..1.0).contains(&config.contamination) {
+        return Err(SynthError::Contamination(config.contamination));
+    }
+    for (name, value) in
+        [("train", config.train), ("test-good", config.test_good), ("test-per-type", config.test_per_type)]
+    {
+        if value == 0 {
+            return Err(SynthError::TooFew { name, min: 1, value });
+        }
+    }
+    if out.exists() && !force {
+        return Err(SynthError::Exists { path: out.into() });
+    }
+    let (texture, texture_sha256) = read_texture(texture_path)?;
+    let held_out = config.crop / 4;
+    let need = config.crop + held_out + 1;
+    if texture.width() < need || texture.height() < config.crop || config.size > config.crop {
+        return Err(SynthError::TextureTooSmall {
+            path: texture_path.into(),
+            width: texture.width(),
+            height: texture.height(),
+            need,
+        });
+    }
+    let foreign = match foreign_path {
+        Some(p) => read_texture(p)?.0,
+        None => imageops::rotate90(&texture),
+    };
+    let foreign = imageops::resize(
+        &foreign,
+        foreign.width() * config.size / config.crop,
+        foreign.height() * config.size / config.crop,
+        imageops::FilterType::Triangle,
+    );
+    let train_area =
+        CropArea { x: 0..=texture.width() - config.crop - held_out - 1, y: 0..=texture.height() - config.crop };
+    let test_area = CropArea {
+        x: texture.width() - config.crop - held_out..=texture.width() - config.crop,
+        y: train_area.y.clone(),
+    };
+
+    let staging = out.with_file_name(format!(
+        ".{}.tmp-{}",
+        out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+        std::process::id()
+    ));
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| SynthError::Io { path, source }
+    };
+    let _ = std::fs::remove_dir_all(&staging);
+    let mut dirs = vec![staging.join("train/good"), staging.join("test/good")];
+    for kind in DefectKind::ALL {
+        dirs.push(staging.join("test").join(kind.name()));
+        dirs.push(staging.join("ground_truth").join(kind.name()));
+    }
+    for d in &dirs {
+        std::fs::create_dir_all(d).map_err(io(d))?;
+    }
+    let mut rng = ChaCha8Rng::seed_from_u64(config.seed);
+    let defective = (config.contamination * config.train as f64).round() as usize;
+    // Defective positions are drawn so they are not all at the end of the listing.
+    let mut positions: Vec<usize> = (0..config.train).collect();
+    for i in (1..positions.len()).rev() {
+        positions.swap(i, rng.random_range(0..=i));
+    }
+    let contaminated: std::collections::BTreeSet<usize> = positions[..defective].iter().copied().collect();
+    let mut contaminated_train = Vec::new();
+    for i in 0..config.train {
+        let file = format!("train/good/{i:03}.png");
+        let img = if contaminated.contains(&i) {
+            let kind = DefectKind::ALL[rng.random_range(0..DefectKind::ALL.len())];
+            let (img, mask, scale, high) = defect_image(&texture, &train_area, &foreign, config, kind, &mut rng);
+            let area = mask.pixels().filter(|p| p.0[0] != 0).count();
+            contaminated_train.push(DefectRecord { file: file.clone(), kind, scale, contrast: contrast(high), area });
+            img
+        } else {
+            crop(&texture, &train_area, config, &mut rng)
+        };
+        save(&staging.join(&file), &img)?;
+    }
+    for i in 0..config.test_good {
+        save(&staging.join(format!("test/good/{i:03}.png")), &crop(&texture, &test_area, config, &mut rng))?;
+    }
+    let mut test_defects = Vec::new();
+    for kind in DefectKind::ALL {
+        for i in 0..config.test_per_type {
+            let (img, mask, scale, high) = defect_image(&texture, &test_area, &foreign, config, kind, &mut rng);
+            let file = format!("test/{}/{i:03}.png", kind.name());
+            save(&staging.join(&file), &img)?;
+            save(&staging.join(format!("ground_truth/{}/{i:03}_mask.png", kind.name())), &mask)?;
+            let area = mask.pixels().filter(|p| p.0[0] != 0).count();
+            test_defects.push(DefectRecord { file, kind, scale, contrast: contrast(high), area });
+        }
+    }
+    let summary = SynthSummary {
+        texture: texture_path.display().to_string(),
+        texture_sha256,
+        foreign_texture: foreign_path.map(|p| p.display().to_string()),
+        seed: config.seed,
+        size: config.size,
+        crop: config.crop,
+        contamination: config.contamination,
+        contamination_definition: CONTAMINATION_DEFINITION,
+        train_normal: config.train - defective,
+        train_defective: defective,
+        test_good: config.test_good,
+        test_per_type: config.test_per_type,
+        contaminated_train,
+        test_defects,
+    };
+    let json = serde_json::to_vec_pretty(&summary).expect("summary serialises");
+    std::fs::write(staging.join("synth.json"), json).map_err(io(&staging.join("synth.json")))?;
+    if out.exists() {
+        std::fs::remove_dir_all(out).map_err(io(out))?;
+    }
+    std::fs::rename(&staging, out).map_err(io(out))?;
+    Ok(summary)
+}
+
+fn contrast(high: bool) -> &'static str {
+    if high { "high" } else { "low" }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn texture() -> GrayImage {
+        GrayImage::from_fn(96, 96, |x, y| Luma([(60 + (x * 7 + y * 13) % 120) as u8]))
+    }
+
+    #[test]
+    fn masks_cover_exactly_the_painted_pixels() {
+        let surface = texture();
+        let foreign = GrayImage::from_fn(200, 200, |x, y| Luma([((x * y) % 256) as u8]));
+        let mut rng = ChaCha8Rng::seed_from_u64(3);
+        for kind in DefectKind::ALL {
+            for (scale, high) in [(0.6, false), (1.6, true)] {
+                let mut painted = imageops::crop_imm(&surface, 0, 0, 64, 64).to_image();
+                let before = painted.clone();
+                let mask = paint(&mut painted, kind, scale, high, &foreign, &mut rng);
+                let (mut inside, mut changed_inside) = (0, 0);
+                for (x, y, m) in mask.enumerate_pixels() {
+                    let changed = painted.get_pixel(x, y) != before.get_pixel(x, y);
+                    if m.0[0] == 0 {
+                        assert!(!changed, "{kind:?}: pixel ({x},{y}) changed outside the mask");
+                    } else {
+                        inside += 1;
+                        changed_inside += usize::from(changed);
+                    }
+                }
+                assert!(inside >= 3, "{kind:?} scale {scale}: mask of {inside} px");
+                assert!(changed_inside * 2 > inside, "{kind:?}: only {changed_inside}/{inside} mask pixels changed");
+            }
+        }
+    }
+
+    #[test]
+    fn datasets_are_seeded_and_contamination_is_as_defined() {
+        let dir = tempfile::tempdir().unwrap();
+        let texture_path = dir.path().join("t.png");
+        GrayImage::from_fn(200, 160, |x, y| Luma([((x * 31 + y * 17) % 251) as u8])).save(&texture_path).unwrap();
+        let config =
+            SynthConfig { size: 32, crop: 64, train: 10, test_good: 2, test_per_type: 1, contamination: 0.3, seed: 9 };
+        let a = synthesise(&texture_path, None, &dir.path().join("a"), &config, false).unwrap();
+        let b = synthesise(&texture_path, None, &dir.path().join("b"), &config, false).unwrap();
+        assert_eq!((a.train_normal, a.train_defective), (7, 3));
+        assert_eq!(a.contaminated_train.len(), 3);
+        for file in ["train/good/004.png", "test/hole/000.png", "ground_truth/crack/000_mask.png"] {
+            assert_eq!(
+                std::fs::read(dir.path().join("a").join(file)).unwrap(),
+                std::fs::read(dir.path().join("b").join(file)).unwrap()
+            );
+        }
+        assert_eq!(
+            a.contaminated_train.iter().map(|d| &d.file).collect::<Vec<_>>(),
+            b.contaminated_train.iter().map(|d| &d.file).collect::<Vec<_>>()
+        );
+        let img = image::open(dir.path().join("a/test/good/000.png")).unwrap();
+        assert_eq!((img.width(), img.height()), (32, 32));
+        // Never silently replaced; bad ratios and tiny textures are errors.
+        assert!(matches!(
+            synthesise(&texture_path, None, &dir.path().join("a"), &config, false),
+            Err(SynthError::Exists { .. })
+        ));
+        let bad = SynthConfig { contamination: 1.0, ..config.clone() };
+        assert!(matches!(
+            synthesise(&texture_path, None, &dir.path().join("c"), &bad, false),
+            Err(SynthError::Contamination(_))
+        ));
+        let big = SynthConfig { crop: 190, ..config };
+        let e = synthesise(&texture_path, None, &dir.path().join("d"), &big, false).unwrap_err().to_string();
+        assert!(e.contains("200x160"), "{e}");
+    }
+}

@@ -1,0 +1,521 @@
+//! The daemon against real parts: a Mosquitto broker started on a free port and killed by
+//! PID, the real binary (`edge-inspect run`) with a real ONNX Runtime session on the demo
+//! model, and the committed sample frames (some with pasted defects).
+
+use std::io::Write;
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rumqttc::{Client, Event, MqttOptions, Packet, QoS};
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A Mosquitto broker on a free port; killed (SIGKILL to its PID) when dropped.
+struct Broker {
+    child: Child,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Broker {
+    fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let conf = dir.path().join("mosquitto.conf");
+        std::fs::write(&conf, format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n")).unwrap();
+        let child = Command::new("mosquitto")
+            .arg("-c")
+            .arg(&conf)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("mosquitto must be installed (scripts/setup.sh installs it)");
+        let broker = Self { child, port, _dir: dir };
+        wait_for(Duration::from_secs(10), "mosquitto to listen", || TcpStream::connect(("127.0.0.1", port)).is_ok());
+        broker
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn wait_for(timeout: Duration, what: &str, mut ready: impl FnMut() -> bool) {
+    let started = Instant::now();
+    while !ready() {
+        assert!(started.elapsed() < timeout, "timed out after {timeout:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Message {
+    topic: String,
+    payload: Vec<u8>,
+    retain: bool,
+}
+
+/// Subscribes to `edge-inspect/#` and keeps everything it receives.
+struct Subscriber {
+    messages: Arc<Mutex<Vec<Message>>>,
+    subscribed: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Subscriber {
+    fn start(port: u16) -> Self {
+        let mut options = MqttOptions::new(format!("test-{}", free_port()), "127.0.0.1", port);
+        options.set_max_packet_size(16 << 20, 16 << 20);
+        let (client, mut connection) = Client::new(options, 16);
+        let messages = Arc::new(Mutex::new(Vec::new()));
+        let subscribed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (store, flag) = (messages.clone(), subscribed.clone());
+        std::thread::spawn(move || {
+            for event in connection.iter() {
+                match event {
+                    Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                        client.subscribe("edge-inspect/#", QoS::AtLeastOnce).unwrap();
+                    }
+                    Ok(Event::Incoming(Packet::SubAck(_))) => flag.store(true, std::sync::atomic::Ordering::SeqCst),
+                    Ok(Event::Incoming(Packet::Publish(p))) => store.lock().unwrap().push(Message {
+                        topic: p.topic.clone(),
+                        payload: p.payload.to_vec(),
+                        retain: p.retain,
+                    }),
+                    Ok(_) => {}
+                    Err(_) => std::thread::sleep(Duration::from_millis(100)),
+                }
+            }
+        });
+        let sub = Self { messages, subscribed };
+        wait_for(Duration::from_secs(10), "the test subscription", || {
+            sub.subscribed.load(std::sync::atomic::Ordering::SeqCst)
+        });
+        sub
+    }
+
+    fn on(&self, topic_suffix: &str) -> Vec<Message> {
+        self.messages.lock().unwrap().iter().filter(|m| m.topic.ends_with(topic_suffix)).cloned().collect()
+    }
+
+    fn texts(&self, topic_suffix: &str) -> Vec<String> {
+        self.on(topic_suffix).iter().map(|m| String::from_utf8_lossy(&m.payload).into_owned()).collect()
+    }
+
+    fn last_stats(&self) -> Option<serde_json::Value> {
+        self.on("/stats").last().map(|m| serde_json::from_slice(&m.payload).unwrap())
+    }
+}
+
+/// The daemon as a child process; its log goes to a file shown when a test fails.
+struct Daemon {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Daemon {
+    fn start(config: &Path) -> Self {
+        let log = config.with_extension("log");
+        let child = Command::new(env!("CARGO_BIN_EXE_edge-inspect"))
+            .args(["run", "--config"])
+            .arg(config)
+            .env("RUST_LOG", "info,ort=warn")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        Self { child, log }
+    }
+
+    fn signal(&self, signal: &str) {
+        let status = Command::new("kill").arg(format!("-{signal}")).arg(self.child.id().to_string()).status().unwrap();
+        assert!(status.success());
+    }
+
+    fn wait_exit(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        let started = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(started.elapsed() < timeout, "daemon did not exit in {timeout:?}; log:\n{}", self.log_text());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+        line.split_whitespace().nth(1).unwrap().parse().unwrap()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A config for `port` with the demo model and the given `[[cameras]]` tables.
+fn write_config(dir: &Path, port: u16, pipeline: &str, cameras: &str) -> PathBuf {
+    let path = dir.join("edge-inspect.toml");
+    let text = format!(
+        r#"
+[node]
+id = "test"
+state_dir = "{state}"
+drain_timeout_ms = 2000
+
+[model]
+path = "{model}"
+
+[runtime]
+providers = ["cpu"]
+intra_threads = 1
+
+[pipeline]
+{pipeline}
+
+[mqtt]
+host = "127.0.0.1"
+port = {port}
+stats_interval_s = 1
+
+[recorder]
+enabled = true
+normal_sample_rate = 1.0
+
+{cameras}
+"#,
+        state = dir.join("state").display(),
+        model = repo().join("models/brick-huber").display(),
+    );
+    std::fs::File::create(&path).unwrap().write_all(text.as_bytes()).unwrap();
+    path
+}
+
+fn camera(id: &str, path: &str, fps: f64, repeat: bool, extra: &str) -> String {
+    format!(
+        "[[cameras]]\nid = \"{id}\"\nsource = \"replay\"\npath = \"{path}\"\nfps = {fps}\nloop = {repeat}\n{extra}\n"
+    )
+}
+
+fn stat(stats: &serde_json::Value, camera: &str, field: &str) -> u64 {
+    stats["cameras"][camera][field].as_u64().unwrap_or(0)
+}
+
+#[test]
+fn replay_publishes_alerts_with_masks_and_goes_offline_on_sigterm() {
+    let broker = Broker::start();
+    let sub = Subscriber::start(broker.port);
+    let dir = tempfile::tempdir().unwrap();
+    let frames = repo().join("data/brick/test/*/*.png");
+    let config = write_config(
+        dir.path(),
+        broker.port,
+        "max_batch = 4\nmax_wait_ms = 50\nqueue_capacity = 16",
+        &camera("cam0", &frames.display().to_string(), 20.0, false, ""),
+    );
+    let mut daemon = Daemon::start(&config);
+    // 10 frames: 4 good, 3 scratch, 3 stain; each gets a retained state update.
+    wait_for(Duration::from_secs(120), "10 inspected frames", || {
+        sub.last_stats().is_some_and(|s| stat(&s, "cam0", "processed") == 10)
+    });
+    wait_for(Duration::from_secs(5), "the last alerts", || sub.on("cam0/state").len() >= 10);
+    assert_eq!(sub.texts("/available").first().map(String::as_str), Some("online"), "{}", daemon.log_text());
+
+    let alerts: Vec<serde_json::Value> =
+        sub.on("cam0/anomaly").iter().map(|m| serde_json::from_slice(&m.payload).unwrap()).collect();
+    let flagged = |kind: &str| {
+        alerts.iter().filter(|a| a["source_file"].as_str().unwrap().contains(&format!("/{kind}/"))).count()
+    };
+    // `infer` with the demo model flags 4 of the 6 (all scratches, the strongest stain).
+    assert!(flagged("scratch") + flagged("stain") >= 4, "defective frames flagged: {alerts:#?}");
+    assert!(flagged("good") <= 1, "clean frames flagged: {alerts:#?}");
+    let alert = &alerts[0];
+    for key in [
+        "id",
+        "@timestamp",
+        "seq",
+        "camera",
+        "score",
+        "normalised_score",
+        "threshold",
+        "defect_area_px",
+        "defect_ratio",
+        "regions",
+        "model",
+        "latency_ms",
+    ] {
+        assert!(!alert[key].is_null(), "alert lacks {key}: {alert}");
+    }
+    assert_eq!(alert["model"]["name"], "brick-huber");
+    assert!(alert["normalised_score"].as_f64().unwrap() >= 0.5);
+    let masks = sub.on("cam0/mask");
+    assert_eq!(masks.len(), alerts.len());
+    for m in &masks {
+        let mask = image::load_from_memory(&m.payload).unwrap();
+        assert_eq!((mask.width(), mask.height()), (64, 64));
+        assert!(!m.retain);
+    }
+    let snapshot = sub.on("cam0/snapshot").pop().unwrap();
+    assert_eq!(image::guess_format(&snapshot.payload).unwrap(), image::ImageFormat::Jpeg);
+    let stats = sub.last_stats().unwrap();
+    assert_eq!(stats["inference"]["provider"], "cpu");
+    assert_eq!(stats["inference"]["fell_back_to_cpu"], false);
+    assert_eq!(stat(&stats, "cam0", "frames_in"), 10);
+
+    // Recorded for retraining in the layout `retrain` reads.
+    let store = dir.path().join("state/captures");
+    assert!(store.join(edge_inspect::daemon::recorder::MARKER).is_file());
+    let flagged_files = std::fs::read_dir(store.join("cam0/flagged")).unwrap().count();
+    assert_eq!(flagged_files, alerts.len() * 3, "png + mask + json per alert");
+    assert_eq!(std::fs::read_dir(store.join("cam0/normal")).unwrap().count(), 10 - alerts.len());
+
+    daemon.signal("TERM");
+    let status = daemon.wait_exit(Duration::from_secs(15));
+    assert!(status.success(), "exit {status:?}; log:\n{}", daemon.log_text());
+    wait_for(Duration::from_secs(5), "available = offline", || {
+        sub.texts("/available").last().map(String::as_str) == Some("offline")
+    });
+    assert_eq!(sub.texts("cam0/status").last().map(String::as_str), Some("offline"));
+}
+
+#[test]
+fn sigkill_makes_the_broker_deliver_the_last_will() {
+    let broker = Broker::start();
+    let sub = Subscriber::start(broker.port);
+    let dir = tempfile::tempdir().unwrap();
+    let frames = repo().join("data/brick/test/good");
+    let config =
+        write_config(dir.path(), broker.port, "", &camera("cam0", &frames.display().to_string(), 2.0, true, ""));
+    let daemon = Daemon::start(&config);
+    wait_for(Duration::from_secs(60), "online", || {
+        sub.texts("/available").last().map(String::as_str) == Some("online")
+    });
+    daemon.signal("KILL");
+    wait_for(Duration::from_secs(10), "the Last Will", || {
+        sub.texts("/available").last().map(String::as_str) == Some("offline")
+    });
+}
+
+#[test]
+fn overload_drops_frames_with_a_reason_and_memory_stays_bounded() {
+    let broker = Broker::start();
+    let sub = Subscriber::start(broker.port);
+    let dir = tempfile::tempdir().unwrap();
+    let frames = repo().join("data/brick/test/*/*.png").display().to_string();
+    // Two cameras at 200 fps each against a model that manages a few frames per second.
+    let cameras = camera("fast0", &frames, 200.0, true, "") + &camera("fast1", &frames, 200.0, true, "");
+    let config = write_config(dir.path(), broker.port, "max_batch = 2\nmax_wait_ms = 5\nqueue_capacity = 2", &cameras);
+    let mut daemon = Daemon::start(&config);
+    wait_for(Duration::from_secs(60), "stats", || sub.last_stats().is_some_and(|s| stat(&s, "fast0", "processed") > 0));
+    let early = daemon.rss_kib();
+    std::thread::sleep(Duration::from_secs(4));
+    let late = daemon.rss_kib();
+    let stats = sub.last_stats().unwrap();
+    for cam in ["fast0", "fast1"] {
+        let frames_in = stat(&stats, cam, "frames_in");
+        let processed = stat(&stats, cam, "processed");
+        let dropped = stats["cameras"][cam]["drops"]["queue_full"].as_u64().unwrap_or(0);
+        assert!(frames_in > 4 * processed.max(1), "{cam}: in {frames_in}, processed {processed}");
+        assert!(dropped > 0, "{cam}: {stats}");
+        // Capture kept its pace (not blocked by inference): hundreds of frames per second.
+        assert!(stats["cameras"][cam]["fps_in"].as_f64().unwrap() > 50.0, "{cam}: {stats}");
+        assert!(stats["cameras"][cam]["queue_depth"].as_u64().unwrap() <= 2);
+    }
+    assert!(late < early + 50 * 1024, "RSS grew from {early} KiB to {late} KiB");
+    daemon.signal("TERM");
+    assert!(daemon.wait_exit(Duration::from_secs(15)).success(), "{}", daemon.log_text());
+}
+
+#[test]
+fn a_failing_and_a_stalling_source_are_reopened_while_another_camera_flows() {
+    let broker = Broker::start();
+    let sub = Subscriber::start(broker.port);
+    let dir = tempfile::tempdir().unwrap();
+    let good = repo().join("data/brick/test/good");
+    // "flaky" replays a folder that will vanish; "stuck" hits a FIFO that blocks its read.
+    let flaky = dir.path().join("flaky");
+    std::fs::create_dir(&flaky).unwrap();
+    std::fs::copy(good.join("000.png"), flaky.join("000.png")).unwrap();
+    let stuck = dir.path().join("stuck");
+    std::fs::create_dir(&stuck).unwrap();
+    std::fs::copy(good.join("001.png"), stuck.join("000.png")).unwrap();
+    let fifo = stuck.join("001.png");
+    assert!(Command::new("mkfifo").arg(&fifo).status().unwrap().success());
+    let backoff = "backoff_initial_ms = 200\nbackoff_max_ms = 400\nstall_timeout_ms = 1500";
+    let cameras = camera("steady", &good.display().to_string(), 4.0, true, "")
+        + &camera("flaky", &flaky.display().to_string(), 4.0, true, backoff)
+        + &camera("stuck", &stuck.display().to_string(), 4.0, true, backoff);
+    let config = write_config(dir.path(), broker.port, "", &cameras);
+    let mut daemon = Daemon::start(&config);
+    let status_of = |cam: &str| sub.texts(&format!("{cam}/status")).last().cloned().unwrap_or_default();
+    wait_for(Duration::from_secs(60), "all cameras online", || {
+        status_of("steady") == "online"
+            && status_of("flaky") == "online"
+            && sub.texts("stuck/status").contains(&"online".to_string())
+    });
+
+    // The stuck camera stalls on the FIFO: published offline, counted.
+    wait_for(Duration::from_secs(10), "the stall", || {
+        sub.last_stats().is_some_and(|s| stat(&s, "stuck", "stalls") >= 1)
+    });
+    assert!(sub.texts("stuck/status").contains(&"offline".to_string()));
+    // The flaky camera's folder disappears: offline, reopened with backoff.
+    let moved = dir.path().join("flaky-away");
+    std::fs::rename(&flaky, &moved).unwrap();
+    wait_for(Duration::from_secs(10), "flaky offline", || status_of("flaky") == "offline");
+    let before = sub.last_stats().unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    let during = sub.last_stats().unwrap();
+    assert!(stat(&during, "flaky", "reopens") > stat(&before, "flaky", "reopens"), "{during}");
+    assert!(
+        stat(&during, "steady", "processed") > stat(&before, "steady", "processed"),
+        "steady camera stopped: {during}"
+    );
+
+    // Both recover: the folder comes back, the FIFO delivers a frame.
+    std::fs::rename(&moved, &flaky).unwrap();
+    let frame = std::fs::read(good.join("002.png")).unwrap();
+    let writer = std::thread::spawn(move || std::fs::write(&fifo, frame));
+    wait_for(Duration::from_secs(15), "flaky back online", || status_of("flaky") == "online");
+    writer.join().unwrap().unwrap();
+    let stuck_before = stat(&sub.last_stats().unwrap(), "stuck", "processed");
+    wait_for(Duration::from_secs(15), "stuck reopened and flowing", || {
+        let s = sub.last_stats().unwrap();
+        stat(&s, "stuck", "reopens") >= 1 && stat(&s, "stuck", "processed") > stuck_before
+    });
+    // online → offline (stall) → online again (it stalls anew on the FIFO at the next loop).
+    let history = sub.texts("stuck/status");
+    let first_online = history.iter().position(|s| s == "online").unwrap();
+    let stalled = first_online + history[first_online..].iter().position(|s| s == "offline").unwrap();
+    assert!(history[stalled..].contains(&"online".to_string()), "{history:?}");
+
+    daemon.signal("TERM");
+    let status = daemon.wait_exit(Duration::from_secs(15));
+    assert!(status.success(), "{status:?}\n{}", daemon.log_text());
+}
+
+fn check_config(config: &Path, env: &[(&str, &str)]) -> (i32, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_edge-inspect"))
+        .args(["check-config", "--config"])
+        .arg(config)
+        .envs(env.iter().copied())
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+    )
+}
+
+#[test]
+fn check_config_reports_every_error_with_its_key_and_exits_78() {
+    let dir = tempfile::tempdir().unwrap();
+    let broken = dir.path().join("broken.toml");
+    std::fs::write(
+        &broken,
+        r#"
+[node]
+id = "a/b"
+[model]
+path = "/nonexistent/model"
+[pipeline]
+max_batch = "four"
+[mqtt]
+port = 70000
+hots = "typo"
+[telemetry]
+on = true
+[[cameras]]
+id = "cam0"
+source = "replay"
+path = "/nonexistent/frames"
+fps = 0
+"#,
+    )
+    .unwrap();
+    let (code, text) = check_config(&broken, &[]);
+    assert_eq!(code, 78, "{text}");
+    for expected in [
+        "node.id",
+        "model.path",
+        "pipeline",
+        "mqtt.port",
+        "mqtt.hots",
+        "telemetry",
+        "cameras[0].path",
+        "cameras[0].fps",
+    ] {
+        assert!(text.contains(expected), "no error for {expected}:\n{text}");
+    }
+    assert!(!text.contains("panicked"), "{text}");
+
+    // `run` refuses the same config with the same code, before starting anything.
+    let out = Command::new(env!("CARGO_BIN_EXE_edge-inspect")).args(["run", "--config"]).arg(&broken).output().unwrap();
+    assert_eq!(out.status.code(), Some(78));
+
+    // The shipped demo config is valid; an environment override can break it.
+    let demo = repo().join("config/edge-inspect.toml");
+    let (code, text) = check_config(&demo, &[]);
+    assert_eq!(code, 0, "{text}");
+    let (code, text) =
+        check_config(&demo, &[("EDGE_INSPECT__MQTT__PORT", "0"), ("EDGE_INSPECT__PIPELINE__MAX_BATCH", "x")]);
+    assert_eq!(code, 78, "{text}");
+    assert!(text.contains("mqtt.port") && text.contains("pipeline"), "{text}");
+    let (code, _) = check_config(&dir.path().join("missing.toml"), &[]);
+    assert_eq!(code, 78);
+}
+
+#[test]
+fn the_shipped_demo_config_shows_alerts_through_its_embedded_broker() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let log = dir.path().join("demo.log");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_edge-inspect"))
+        .args(["run", "--config"])
+        .arg(repo().join("config/edge-inspect.toml"))
+        .env("EDGE_INSPECT__MQTT__PORT", port.to_string())
+        .env("EDGE_INSPECT__NODE__STATE_DIR", dir.path().join("state"))
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let guard = scopeguard(&mut child);
+    wait_for(Duration::from_secs(60), "the embedded broker", || TcpStream::connect(("127.0.0.1", port)).is_ok());
+    let sub = Subscriber::start(port);
+    wait_for(Duration::from_secs(90), "an alert", || !sub.on("/anomaly").is_empty());
+    let alert: serde_json::Value = serde_json::from_slice(&sub.on("/anomaly")[0].payload).unwrap();
+    assert_eq!(alert["model"]["name"], "brick-huber");
+    drop(guard);
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("Anomaly."), "alerts are logged:\n{text}");
+}
+
+/// Kills the child when the test ends, however it ends.
+fn scopeguard(child: &mut Child) -> impl Drop + '_ {
+    struct Guard<'a>(&'a mut Child);
+    impl Drop for Guard<'_> {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    Guard(child)
+}

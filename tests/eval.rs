@@ -1,0 +1,127 @@
+//! `synth` + `eval` through the binary: a generated benchmark scored by the demo model with
+//! a real ONNX Runtime session, and the dataset errors `eval` must report clearly.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn edge_inspect(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_edge-inspect")).args(args).output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn synth(out: &Path, size: u32, contamination: &str) {
+    let texture = repo().join("tests/fixtures/brick_texture.png");
+    let (ok, stdout, stderr) = edge_inspect(&[
+        "synth",
+        "--texture",
+        texture.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--size",
+        &size.to_string(),
+        "--train",
+        "10",
+        "--test-good",
+        "6",
+        "--test-per-type",
+        "2",
+        "--contamination",
+        contamination,
+        "--seed",
+        "4",
+    ]);
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("defective / (normal + defective)"), "the ratio definition is stated: {stdout}");
+}
+
+fn eval(data: &Path, out: &Path) -> (bool, String, String) {
+    let model = repo().join("models/brick-huber");
+    edge_inspect(&[
+        "eval",
+        "--model",
+        model.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--overlays",
+        "3",
+        "--no-progress",
+        "--steps",
+        "3",
+    ])
+}
+
+#[test]
+fn eval_scores_a_generated_benchmark() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("bench");
+    synth(&data, 64, "0.2");
+    let out = dir.path().join("report");
+    let (ok, stdout, stderr) = eval(&data, &out);
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("| all |") && stdout.contains("| scratch |"), "{stdout}");
+    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("report.json")).unwrap()).unwrap();
+    let overall = &report["overall"];
+    assert_eq!(overall["images"], 16);
+    assert_eq!(overall["anomalous"], 10);
+    for key in ["image_auroc", "image_ap", "pixel_auroc", "pixel_ap", "pixel_aupro", "image_best_f1", "pixel_best_f1"] {
+        let v = overall[key].as_f64().unwrap_or_else(|| panic!("{key} missing: {overall}"));
+        assert!((0.0..=1.0).contains(&v), "{key} = {v}");
+    }
+    // The demo model sees pasted defects on its own texture far better than chance.
+    assert!(overall["pixel_auroc"].as_f64().unwrap() > 0.7, "{overall}");
+    assert_eq!(report["unet_calls_per_image"], 3);
+    assert!(report["ms_per_image"].as_f64().unwrap() > 0.0);
+    let types: Vec<&String> = report["per_type"].as_object().unwrap().keys().collect();
+    assert_eq!(types, ["crack", "foreign", "hole", "scratch", "stain"]);
+    assert_eq!(report["per_type"]["hole"]["images"], 8, "6 good + 2 hole");
+    assert_eq!(report["overlays"].as_array().unwrap().len(), 3);
+    assert!(out.join("summary.md").is_file());
+    for overlay in report["overlays"].as_array().unwrap() {
+        let img = image::open(out.join(overlay.as_str().unwrap())).unwrap();
+        assert_eq!((img.width(), img.height()), (64, 64));
+    }
+}
+
+#[test]
+fn eval_rejects_mismatched_and_malformed_datasets() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("report");
+    // Images of another size than the model's input.
+    let small = dir.path().join("small");
+    synth(&small, 32, "0");
+    let (ok, _, stderr) = eval(&small, &out);
+    assert!(!ok && stderr.contains("32x32") && stderr.contains("64x64") && stderr.contains("--resize"), "{stderr}");
+    // An empty directory and a directory of the wrong shape.
+    let empty = dir.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    let (ok, _, stderr) = eval(&empty, &out);
+    assert!(!ok && stderr.contains("not an evaluation dataset"), "{stderr}");
+    let (ok, _, stderr) = eval(&dir.path().join("missing"), &out);
+    assert!(!ok && stderr.contains("not found"), "{stderr}");
+    // A mask that does not match its image, then a missing mask.
+    let data = dir.path().join("bench");
+    synth(&data, 64, "0");
+    let mask = data.join("ground_truth/stain/001_mask.png");
+    image::GrayImage::new(40, 64).save(&mask).unwrap();
+    let (ok, _, stderr) = eval(&data, &out);
+    assert!(!ok && stderr.contains("001_mask.png") && stderr.contains("40x64"), "{stderr}");
+    std::fs::remove_file(&mask).unwrap();
+    let (ok, _, stderr) = eval(&data, &out);
+    assert!(!ok && stderr.contains("no ground-truth mask") && stderr.contains("stain/001.png"), "{stderr}");
+    // Only normal test images: AUROC is undefined, said so.
+    for t in ["scratch", "hole", "stain", "crack", "foreign"] {
+        std::fs::remove_dir_all(data.join("test").join(t)).unwrap();
+    }
+    let (ok, _, stderr) = eval(&data, &out);
+    assert!(!ok && stderr.contains("no anomalous test images"), "{stderr}");
+}
