@@ -4,7 +4,7 @@
 # `edge-inspect retrain`, and score them with `edge-inspect eval`; then the quality-vs-
 # compute curve (t0, DDIM steps, DDPM 250) of one model. Everything lands in bench-out/.
 #
-#   scripts/benchmark.sh                    # full run (hours on 2 cores; see docs/results.md)
+#   scripts/benchmark.sh                    # full run (~1.5 h on 2 cores; see docs/results.md)
 #   STEPS=40 TEXTURES=brick LEVELS=0.2 scripts/benchmark.sh   # a quick smoke run
 #
 # Re-running skips datasets, models and reports that already exist.
@@ -17,8 +17,9 @@ OUT=${OUT:-bench-out}
 TEXTURES=${TEXTURES:-"brick grass"}
 LEVELS=${LEVELS:-"0 0.1 0.2 0.3"}
 LOSSES=${LOSSES:-"mse huber lts"}
-STEPS=${STEPS:-600}
+STEPS=${STEPS:-200}
 BATCH=${BATCH:-8}
+LR=${LR:-5e-4}
 THREADS=${THREADS:-2}
 SEED=${SEED:-0}
 TEXTURE_DIR=${TEXTURE_DIR:-../shared/data/textures}
@@ -44,7 +45,7 @@ for texture in $TEXTURES; do
         log "retrain $model"
         start=$(date +%s)
         RAYON_NUM_THREADS=$THREADS "$BIN" retrain --data "$data" --loss "$loss" --out "$model" --force \
-          "${ARCH[@]}" --steps "$STEPS" --batch-size "$BATCH" --seed "$SEED" --no-progress \
+          "${ARCH[@]}" --steps "$STEPS" --batch-size "$BATCH" --learning-rate "$LR" --seed "$SEED" --no-progress \
           --threads "$THREADS" 2>>"$OUT/benchmark.log"
         log "retrain $model took $(( $(date +%s) - start )) s"
       fi

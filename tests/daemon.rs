@@ -28,10 +28,15 @@ struct Broker {
 
 impl Broker {
     fn start() -> Self {
+        Self::start_with(|port, _| format!("listener {port} 127.0.0.1\nallow_anonymous true\n"))
+    }
+
+    /// `listeners(port, dir)` gives the listener section; `port` is the anonymous plain one.
+    fn start_with(listeners: impl FnOnce(u16, &Path) -> String) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
         let conf = dir.path().join("mosquitto.conf");
-        std::fs::write(&conf, format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n")).unwrap();
+        std::fs::write(&conf, format!("persistence false\n{}", listeners(port, dir.path()))).unwrap();
         let child = Command::new("mosquitto")
             .arg("-c")
             .arg(&conf)
@@ -126,10 +131,15 @@ struct Daemon {
 
 impl Daemon {
     fn start(config: &Path) -> Self {
+        Self::start_with_env(config, &[])
+    }
+
+    fn start_with_env(config: &Path, env: &[(&str, &str)]) -> Self {
         let log = config.with_extension("log");
         let child = Command::new(env!("CARGO_BIN_EXE_edge-inspect"))
             .args(["run", "--config"])
             .arg(config)
+            .envs(env.iter().copied())
             .env("RUST_LOG", "info,ort=warn")
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
@@ -298,14 +308,31 @@ fn replay_publishes_alerts_with_masks_and_goes_offline_on_sigterm() {
 }
 
 #[test]
-fn sigkill_makes_the_broker_deliver_the_last_will() {
+fn systemd_notifications_and_the_last_will_on_sigkill() {
     let broker = Broker::start();
     let sub = Subscriber::start(broker.port);
     let dir = tempfile::tempdir().unwrap();
     let frames = repo().join("data/brick/test/good");
     let config =
         write_config(dir.path(), broker.port, "", &camera("cam0", &frames.display().to_string(), 2.0, true, ""));
-    let daemon = Daemon::start(&config);
+    // systemd's notification socket, played by the test.
+    let socket_path = dir.path().join("notify.sock");
+    let socket = std::os::unix::net::UnixDatagram::bind(&socket_path).unwrap();
+    socket.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+    let daemon = Daemon::start_with_env(
+        &config,
+        &[("NOTIFY_SOCKET", socket_path.to_str().unwrap()), ("WATCHDOG_USEC", "2000000")],
+    );
+    let mut notes = String::new();
+    wait_for(Duration::from_secs(60), "READY=1 then WATCHDOG=1", || {
+        let mut buf = [0u8; 512];
+        if let Ok(n) = socket.recv(&mut buf) {
+            notes += &String::from_utf8_lossy(&buf[..n]);
+            notes.push('\n');
+        }
+        notes.find("READY=1").is_some_and(|ready| notes[ready..].contains("WATCHDOG=1"))
+    });
+    assert!(notes.contains("STATUS=loading model") && notes.contains("STATUS=inspecting 1 camera(s)"), "{notes}");
     wait_for(Duration::from_secs(60), "online", || {
         sub.texts("/available").last().map(String::as_str) == Some("online")
     });
@@ -411,6 +438,114 @@ fn a_failing_and_a_stalling_source_are_reopened_while_another_camera_flows() {
     daemon.signal("TERM");
     let status = daemon.wait_exit(Duration::from_secs(15));
     assert!(status.success(), "{status:?}\n{}", daemon.log_text());
+}
+
+fn openssl(dir: &Path, args: &str) {
+    let status = Command::new("sh")
+        .arg("-c")
+        .arg(format!("openssl {args}"))
+        .current_dir(dir)
+        .stderr(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success(), "openssl {args}");
+}
+
+/// A CA, a server certificate for localhost and a client certificate, made with openssl.
+fn make_certificates(dir: &Path) {
+    let ec = "-newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes";
+    openssl(dir, &format!("req -x509 {ec} -keyout ca.key -out ca.pem -days 2 -subj /CN=test-ca"));
+    for (name, san) in [("server", "DNS:localhost,IP:127.0.0.1"), ("client", "DNS:edge-inspect")] {
+        openssl(dir, &format!("req {ec} -keyout {name}.key -out {name}.csr -subj /CN={name}"));
+        std::fs::write(dir.join(format!("{name}.ext")), format!("subjectAltName={san}\n")).unwrap();
+        openssl(
+            dir,
+            &format!(
+                "x509 -req -in {name}.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out {name}.pem -days 2 -extfile {name}.ext"
+            ),
+        );
+    }
+    // Mosquitto started as root drops to its own user before reading certificates.
+    readable_by_all(dir);
+}
+
+fn readable_by_all(dir: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        std::fs::set_permissions(entry.unwrap().path(), std::fs::Permissions::from_mode(0o644)).unwrap();
+    }
+}
+
+#[test]
+fn connects_with_mutual_tls_and_a_password_from_a_file() {
+    let certs = tempfile::tempdir().unwrap();
+    make_certificates(certs.path());
+    let tls_port = free_port();
+    let c = certs.path().to_path_buf();
+    let broker = Broker::start_with(|port, dir| {
+        let passwd = dir.join("passwd");
+        assert!(
+            Command::new("mosquitto_passwd")
+                .args(["-c", "-b"])
+                .arg(&passwd)
+                .args(["line3", "s3cret"])
+                .status()
+                .unwrap()
+                .success()
+        );
+        readable_by_all(dir);
+        format!(
+            "per_listener_settings true\nlistener {port} 127.0.0.1\nallow_anonymous true\n\
+             listener {tls_port} 127.0.0.1\ncafile {ca}\ncertfile {cert}\nkeyfile {key}\nrequire_certificate true\n\
+             password_file {passwd}\nallow_anonymous false\n",
+            ca = c.join("ca.pem").display(),
+            cert = c.join("server.pem").display(),
+            key = c.join("server.key").display(),
+            passwd = passwd.display(),
+        )
+    });
+    wait_for(Duration::from_secs(10), "the TLS listener", || TcpStream::connect(("127.0.0.1", tls_port)).is_ok());
+    let sub = Subscriber::start(broker.port);
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("password"), "s3cret\n").unwrap();
+    let frames = repo().join("data/brick/test/good").display().to_string();
+    let config = write_config(dir.path(), tls_port, "", &camera("cam0", &frames, 2.0, true, ""));
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace(
+            "[mqtt]\n",
+            &format!("[mqtt]\nusername = \"line3\"\npassword_file = \"{}\"\n", dir.path().join("password").display()),
+        )
+        .replace(
+            "[recorder]",
+            &format!(
+                "[mqtt.tls]\nca_file = \"{ca}\"\nclient_cert_file = \"{cert}\"\nclient_key_file = \"{key}\"\n\n[recorder]",
+                ca = c.join("ca.pem").display(),
+                cert = c.join("client.pem").display(),
+                key = c.join("client.key").display(),
+            ),
+        );
+    std::fs::write(&config, text.replace("host = \"127.0.0.1\"", "host = \"localhost\"")).unwrap();
+    let mut daemon = Daemon::start(&config);
+    wait_for(Duration::from_secs(60), "online over TLS", || {
+        sub.texts("/available").last().map(String::as_str) == Some("online")
+    });
+    wait_for(Duration::from_secs(30), "a state update", || !sub.on("cam0/state").is_empty());
+    daemon.signal("TERM");
+    assert!(daemon.wait_exit(Duration::from_secs(15)).success(), "{}", daemon.log_text());
+
+    // A wrong password is refused by the broker: logged, retried, never online.
+    std::fs::write(dir.path().join("password"), "wrong\n").unwrap();
+    let onlines = sub.texts("/available").iter().filter(|t| *t == "online").count();
+    let mut daemon = Daemon::start(&config);
+    wait_for(Duration::from_secs(30), "the refusal in the log", || {
+        daemon.log_text().contains("MQTT connection failed")
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(sub.texts("/available").iter().filter(|t| *t == "online").count(), onlines);
+    daemon.signal("TERM");
+    assert!(daemon.wait_exit(Duration::from_secs(15)).success(), "{}", daemon.log_text());
 }
 
 fn check_config(config: &Path, env: &[(&str, &str)]) -> (i32, String) {
