@@ -2,7 +2,7 @@
 """Scores `edge-inspect infer` outputs on the demo test set against its ground truth.
 
 For checking the demo model until the `eval` subcommand exists; needs numpy, pillow and
-scikit-learn. Usage (after `./scripts/demo`, or any infer run over data/brick/test/*/*.png):
+scikit-learn. Usage (after `./scripts/demo-infer`, or any infer run over data/brick/test/*/*.png):
 
     python3 scripts/score-demo.py out/demo [data/brick]
 """

@@ -11,10 +11,13 @@ use edge_inspect::daemon::config::{ConfigErrors, EXIT_CONFIG};
 fn main() -> ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,ort=warn")),
-        )
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+            tracing_subscriber::EnvFilter::new(
+                // The embedded demo broker logs every connection, and an ERROR on each clean
+                // disconnect; RUST_LOG=info,rumqttd=info shows it when needed.
+                "info,ort=warn,rumqttd=off",
+            )
+        }))
         .with_writer(std::io::stderr)
         // journald and log files get plain text; colours only on a terminal.
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
