@@ -297,6 +297,9 @@ fn replay_publishes_alerts_with_masks_and_goes_offline_on_sigterm() {
     let flagged_files = std::fs::read_dir(store.join("cam0/flagged")).unwrap().count();
     assert_eq!(flagged_files, alerts.len() * 3, "png + mask + json per alert");
     assert_eq!(std::fs::read_dir(store.join("cam0/normal")).unwrap().count(), 10 - alerts.len());
+    use edge_inspect::train::data::{Layout, detect, list};
+    assert_eq!(detect(&store), Layout::Captures);
+    assert_eq!(list(&store, Layout::Captures).unwrap().len(), 10, "retrain sees every recorded frame, no masks");
 
     daemon.signal("TERM");
     let status = daemon.wait_exit(Duration::from_secs(15));

@@ -212,7 +212,9 @@ impl CaptureContext {
                     if !pause(&self.stop, wait) {
                         break 'reopen;
                     }
-                    next_due = next_due.max(Instant::now() - interval) + interval;
+                    // A late frame does not make the next ones come in a burst.
+                    let floor = Instant::now().checked_sub(interval).unwrap_or(next_due);
+                    next_due = next_due.max(floor) + interval;
                 } else if !pause(&self.stop, Duration::ZERO) {
                     break 'reopen;
                 }

@@ -249,3 +249,44 @@ pub fn load(sample: &Sample, input: &InputSpec) -> Result<Result<Loaded, String>
     let prepared = input.prepare(&image);
     Ok(Ok(Loaded { tensor: prepared.tensor, display: prepared.display, truth }))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn image(path: &Path) {
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        GrayImage::new(8, 8).save(path).unwrap();
+    }
+
+    #[test]
+    fn anomalib_folder_layout_with_types_and_masks() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        image(&root.join("good/a.png"));
+        image(&root.join("bad/b.png"));
+        image(&root.join("bad/crack/c.png"));
+        image(&root.join("mask/b.png")); // same file name
+        image(&root.join("mask/crack/c_mask.png")); // MVTec-style suffix
+        let set = discover(root).unwrap();
+        assert_eq!(set.layout, EvalLayout::Folder);
+        assert!(set.has_masks);
+        let found: Vec<(String, bool)> = set
+            .samples
+            .iter()
+            .map(|s| {
+                (format!("{}:{}", s.defect_type, s.image.file_name().unwrap().to_string_lossy()), s.mask.is_some())
+            })
+            .collect();
+        assert_eq!(
+            found,
+            [("good:a.png".to_string(), false), ("bad:b.png".to_string(), true), ("crack:c.png".to_string(), true)]
+        );
+        std::fs::remove_file(root.join("mask/crack/c_mask.png")).unwrap();
+        let e = discover(root).unwrap_err().to_string();
+        assert!(e.contains("crack/c.png") && e.contains("no ground-truth mask"), "{e}");
+        // Without a mask directory the pixel metrics are simply not defined.
+        std::fs::remove_dir_all(root.join("mask")).unwrap();
+        assert!(!discover(root).unwrap().has_masks);
+    }
+}
