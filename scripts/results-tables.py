@@ -14,8 +14,8 @@ def load(path):
         return json.load(f)
 
 
-def fmt(v):
-    return "n/a" if v is None else f"{v:.3f}"
+def fmt(v, digits=3):
+    return "n/a" if v is None else f"{v:.{digits}f}"
 
 
 def main(out):
@@ -29,7 +29,9 @@ def main(out):
         level, loss = rest.rsplit("-", 1)
         rows[(texture, float(level), loss)] = load(path)
     metrics = [("image_auroc", "image AUROC"), ("pixel_auroc", "pixel AUROC"),
-               ("pixel_ap", "pixel AUPRC"), ("pixel_aupro", "AUPRO@0.3")]
+               ("pixel_ap", "pixel AUPRC"), ("pixel_aupro", "AUPRO@0.3"),
+               ("reconstruction_mse", "reconstruction MSE (test images, [0, 1] units)")]
+    digits = {"reconstruction_mse": 5}
     textures = sorted({k[0] for k in rows})
     levels = sorted({k[1] for k in rows})
     losses = [l for l in ["mse", "huber", "lts"] if any(k[2] == l for k in rows)]
@@ -39,17 +41,18 @@ def main(out):
         print("|---|---:|" + "---:|" * len(losses))
         for t in textures:
             for p in levels:
-                cells = [fmt(rows[(t, p, l)]["overall"][key]) if (t, p, l) in rows else "–" for l in losses]
+                cells = [fmt(rows[(t, p, l)]["overall"][key], digits.get(key, 3)) if (t, p, l) in rows else "–"
+                         for l in losses]
                 print(f"| {t} | {p:.0%} | " + " | ".join(cells) + " |")
     if rows:
         print("\nMean over textures and contamination levels:\n")
-        print("| loss | " + " | ".join(t for _, t in metrics) + " |")
+        print("| loss | " + " | ".join(t.split(" (")[0] for _, t in metrics) + " |")
         print("|---|" + "---:|" * len(metrics))
         for l in losses:
             vals = []
             for key, _ in metrics:
                 xs = [r["overall"][key] for k, r in rows.items() if k[2] == l and r["overall"][key] is not None]
-                vals.append(fmt(sum(xs) / len(xs)) if xs else "n/a")
+                vals.append(fmt(sum(xs) / len(xs), digits.get(key, 3)) if xs else "n/a")
             print(f"| {l} | " + " | ".join(vals) + " |")
     curve_dir = os.path.join(out, "curve")
     if os.path.isdir(curve_dir):

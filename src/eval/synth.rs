@@ -346,13 +346,17 @@ pub fn synthesise(
         };
         save(&staging.join(&file), &img)?;
     }
+    // The test set has its own stream: the same seed gives the same test set at every
+    // contamination level, so levels are compared on identical images.
+    let mut test_rng = ChaCha8Rng::seed_from_u64(config.seed);
+    test_rng.set_stream(1);
     for i in 0..config.test_good {
-        save(&staging.join(format!("test/good/{i:03}.png")), &crop(&texture, &test_area, config, &mut rng))?;
+        save(&staging.join(format!("test/good/{i:03}.png")), &crop(&texture, &test_area, config, &mut test_rng))?;
     }
     let mut test_defects = Vec::new();
     for kind in DefectKind::ALL {
         for i in 0..config.test_per_type {
-            let (img, mask, scale, high) = defect_image(&texture, &test_area, &foreign, config, kind, &mut rng);
+            let (img, mask, scale, high) = defect_image(&texture, &test_area, &foreign, config, kind, &mut test_rng);
             let file = format!("test/{}/{i:03}.png", kind.name());
             save(&staging.join(&file), &img)?;
             save(&staging.join(format!("ground_truth/{}/{i:03}_mask.png", kind.name())), &mask)?;
@@ -444,6 +448,15 @@ mod tests {
             a.contaminated_train.iter().map(|d| &d.file).collect::<Vec<_>>(),
             b.contaminated_train.iter().map(|d| &d.file).collect::<Vec<_>>()
         );
+        // Another contamination level, same seed: the identical test set.
+        let clean = SynthConfig { contamination: 0.0, ..config.clone() };
+        synthesise(&texture_path, None, &dir.path().join("clean"), &clean, false).unwrap();
+        for file in ["test/good/001.png", "test/foreign/000.png", "ground_truth/scratch/000_mask.png"] {
+            assert_eq!(
+                std::fs::read(dir.path().join("a").join(file)).unwrap(),
+                std::fs::read(dir.path().join("clean").join(file)).unwrap()
+            );
+        }
         let img = image::open(dir.path().join("a/test/good/000.png")).unwrap();
         assert_eq!((img.width(), img.height()), (32, 32));
         // Never silently replaced; bad ratios and tiny textures are errors.

@@ -75,7 +75,7 @@ impl Default for RuntimeConfig {
 
 #[derive(Debug, thiserror::Error)]
 pub enum RuntimeError {
-    #[error("ONNX Runtime library not found; tried {}. Run scripts/fetch-onnxruntime.sh and set ORT_DYLIB_PATH or runtime.library_path", tried.iter().map(|p| format!("{p}")).collect::<Vec<_>>().join(", "))]
+    #[error("ONNX Runtime library not found; tried {}. Run scripts/fetch-onnxruntime.sh and set ORT_DYLIB_PATH or runtime.library_path", tried.join(", "))]
     LibraryMissing { tried: Vec<String> },
     #[error("could not load ONNX Runtime from {path}: {reason}")]
     LibraryLoad { path: PathBuf, reason: String },

@@ -88,7 +88,7 @@ impl UNetConfig {
     /// Input sides must survive `levels − 1` halvings exactly.
     pub fn check_input_size(&self, height: usize, width: usize) -> Result<(), ArchitectureError> {
         let multiple = 1 << (self.channel_mults.len() - 1);
-        if height == 0 || width == 0 || height % multiple != 0 || width % multiple != 0 {
+        if height == 0 || width == 0 || !height.is_multiple_of(multiple) || !width.is_multiple_of(multiple) {
             return Err(ArchitectureError::InputSize { height, width, multiple, levels: self.channel_mults.len() });
         }
         Ok(())
