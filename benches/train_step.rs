@@ -30,12 +30,7 @@ fn main() {
         "lts" => Loss::Lts { lambda: 0.8 },
         _ => Loss::Huber { delta: 0.2 },
     };
-    let device = match env_or("BENCH_BACKEND", "flex").as_str() {
-        #[cfg(feature = "train-cuda")]
-        "cuda" => Device::cuda(0).autodiff(),
-        "flex" => Device::flex().autodiff(),
-        other => panic!("BENCH_BACKEND={other}: flex, or cuda with --features train-cuda"),
-    };
+    let device = Device::flex().autodiff();
     let config = UNetConfig { channels, attention, ..UNetConfig::default() };
     let mut model = UNet::init(&config, 0, &device).expect("UNet");
     let mut optimizer = AdamWConfig::new().with_weight_decay(0.01).init();

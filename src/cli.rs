@@ -322,26 +322,9 @@ pub enum LossArg {
     Lts,
 }
 
-/// Training backend on the command line; `cuda` exists in every build so that asking for it
-/// in a build without it is a clear error rather than an unknown value.
-#[cfg(feature = "train")]
-#[derive(Debug, Clone, Copy, clap::ValueEnum)]
-pub enum BackendArg {
-    /// burn Flex: pure-Rust CPU (threads: RAYON_NUM_THREADS).
-    Flex,
-    /// burn CUDA (cargo feature `train-cuda`).
-    Cuda,
-}
-
 #[cfg(feature = "train")]
 #[derive(Debug, Args)]
 pub struct RetrainArgs {
-    /// Where to train.
-    #[arg(long, value_enum, default_value = "flex")]
-    pub backend: BackendArg,
-    /// CUDA device index for --backend cuda.
-    #[arg(long, default_value_t = 0)]
-    pub cuda_device: usize,
     /// Training frames: MVTec category, capture store, anomalib Folder, or any image folder.
     #[arg(long)]
     pub data: PathBuf,

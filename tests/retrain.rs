@@ -19,7 +19,7 @@ use edge_inspect::model::preprocess::InputSpec;
 use edge_inspect::postprocess::anomaly::AnomalySpec;
 use edge_inspect::train::calibrate::CalibrationRule;
 use edge_inspect::train::losses::Loss;
-use edge_inspect::train::{Outcome, RunOptions, TrainBackend, TrainConfig, TrainError, train};
+use edge_inspect::train::{Outcome, RunOptions, TrainConfig, TrainError, train};
 
 const BIN: &str = env!("CARGO_BIN_EXE_edge-inspect");
 
@@ -73,7 +73,6 @@ fn config(loss: Loss, steps: usize) -> TrainConfig {
 fn options(data: &Path, out: &Path) -> RunOptions {
     assert!(std::env::var_os("ORT_DYLIB_PATH").is_some(), "set ORT_DYLIB_PATH (scripts/fetch-onnxruntime.sh)");
     RunOptions {
-        backend: TrainBackend::Flex,
         data: data.to_path_buf(),
         layout: None,
         out: out.to_path_buf(),

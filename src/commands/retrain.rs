@@ -5,13 +5,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::Context;
 
-use crate::cli::{BackendArg, LossArg, RetrainArgs, bundle_name};
+use crate::cli::{LossArg, RetrainArgs, bundle_name};
 use crate::infer::reconstruct::ReconstructionSpec;
 use crate::model::diffusion::ScheduleSpec;
 use crate::postprocess::anomaly::AnomalySpec;
 use crate::train::calibrate::CalibrationRule;
 use crate::train::losses::Loss;
-use crate::train::{Outcome, RunOptions, TrainBackend, TrainConfig, train};
+use crate::train::{Outcome, RunOptions, TrainConfig, train};
 
 pub fn run(args: RetrainArgs) -> anyhow::Result<()> {
     let name = bundle_name(&args.out, args.name.as_deref());
@@ -60,17 +60,7 @@ pub fn run(args: RetrainArgs) -> anyhow::Result<()> {
         parent.join(format!(".{name}.checkpoint"))
     });
     let report = args.report.clone().unwrap_or_else(|| args.out.with_extension("report.json"));
-    let backend = match args.backend {
-        BackendArg::Flex => TrainBackend::Flex,
-        #[cfg(feature = "train-cuda")]
-        BackendArg::Cuda => TrainBackend::Cuda { device: args.cuda_device },
-        #[cfg(not(feature = "train-cuda"))]
-        BackendArg::Cuda => {
-            anyhow::bail!("--backend cuda: this build has no CUDA training backend (cargo feature `train-cuda`)")
-        }
-    };
     let options = RunOptions {
-        backend,
         data: args.data.clone(),
         layout: args.layout,
         out: args.out.clone(),

@@ -72,7 +72,6 @@ pub struct TrainConfig {
 /// Where and how to run.
 #[derive(Debug, Clone)]
 pub struct RunOptions {
-    pub backend: TrainBackend,
     pub data: PathBuf,
     pub layout: Option<Layout>,
     pub out: PathBuf,
@@ -91,29 +90,6 @@ pub struct RunOptions {
     pub command: String,
     /// Set by Ctrl-C: checkpoint and stop at the next step boundary.
     pub interrupt: Arc<AtomicBool>,
-}
-
-/// Where training runs. Flex (burn's pure-Rust CPU backend) is always there; CUDA needs the
-/// `train-cuda` feature (cubecl + cudarc, which load the driver and NVRTC at run time).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum TrainBackend {
-    Flex,
-    #[cfg(feature = "train-cuda")]
-    Cuda {
-        device: usize,
-    },
-}
-
-impl TrainBackend {
-    /// The device gradients are taken on, and the same device without autodiff.
-    pub fn devices(self) -> (Device, Device) {
-        match self {
-            Self::Flex => (Device::flex().autodiff(), Device::flex()),
-            #[cfg(feature = "train-cuda")]
-            Self::Cuda { device } => (Device::cuda(device).autodiff(), Device::cuda(device)),
-        }
-    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -337,8 +313,8 @@ pub fn train(config: TrainConfig, options: &RunOptions) -> Result<Outcome, Train
     let train_idx = train_idx.to_vec();
     tracing::info!(layout = ?dataset.layout, loaded = dataset.len(), skipped = dataset.skipped.len(), training = train_idx.len(), calibration = calibration_idx.len(), "Training data loaded.");
 
-    let (device, plain) = options.backend.devices();
-    tracing::info!(backend = ?options.backend, "Training backend.");
+    let device = Device::flex().autodiff();
+    let plain = Device::flex();
     let schedule = NoiseSchedule::new(&config.schedule).map_err(|e| TrainError::Config(e.to_string()))?;
     let mut model = UNet::init(&config.unet, config.seed, &device).map_err(|e| TrainError::Config(e.to_string()))?;
     if let Some(init) = &options.init {
