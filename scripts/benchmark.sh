@@ -55,6 +55,13 @@ for texture in $TEXTURES; do
         "$BIN" eval --model "$model" --data "$data" --out "$report" --overlays 6 --no-progress \
           --threads "$THREADS" >/dev/null 2>>"$OUT/benchmark.log"
       fi
+      # Again at the best operating point of the curve below (t0 25, one DDIM step).
+      report="$OUT/eval-t25/$texture-p$p-$loss"
+      if [ ! -f "$report/report.json" ]; then
+        log "eval $report"
+        "$BIN" eval --model "$model" --data "$data" --out "$report" --overlays 0 --no-progress \
+          --sampler ddim --t0 25 --steps 1 --threads "$THREADS" >/dev/null 2>>"$OUT/benchmark.log"
+      fi
     done
   done
 done
@@ -63,7 +70,7 @@ done
 CURVE_MODEL=${CURVE_MODEL:-$OUT/models/brick-p0.1-huber}
 CURVE_DATA=${CURVE_DATA:-$OUT/data/brick-p0.1}
 if [ -f "$CURVE_MODEL/manifest.toml" ]; then
-  for setting in "ddim 50 1" "ddim 50 5" "ddim 100 5" "ddim 100 10" "ddim 250 10" "ddim 250 25" "ddim 250 50" "ddpm 250 250"; do
+  for setting in "ddim 10 1" "ddim 25 1" "ddim 25 5" "ddim 50 1" "ddim 50 5" "ddim 100 5" "ddim 100 10" "ddim 250 10" "ddim 250 25" "ddim 250 50" "ddpm 250 250"; do
     set -- $setting
     report="$OUT/curve/$1-t$2-s$3"
     if [ ! -f "$report/report.json" ]; then
@@ -74,3 +81,4 @@ if [ -f "$CURVE_MODEL/manifest.toml" ]; then
   done
 fi
 python3 scripts/results-tables.py "$OUT"
+python3 scripts/results-tables.py "$OUT" eval-t25

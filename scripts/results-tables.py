@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """Markdown tables for docs/results.md from the eval reports of scripts/benchmark.sh.
 
-Usage: scripts/results-tables.py bench-out
-Reads <out>/eval/<texture>-p<level>-<loss>/report.json and <out>/curve/*/report.json.
+Usage: scripts/results-tables.py bench-out [eval-dir-name]
+Reads <out>/<eval-dir-name>/<texture>-p<level>-<loss>/report.json (default `eval`) and
+<out>/curve/*/report.json.
 """
 import json
 import os
@@ -18,9 +19,9 @@ def fmt(v, digits=3):
     return "n/a" if v is None else f"{v:.{digits}f}"
 
 
-def main(out):
+def main(out, eval_name="eval"):
     rows = {}
-    eval_dir = os.path.join(out, "eval")
+    eval_dir = os.path.join(out, eval_name)
     for name in sorted(os.listdir(eval_dir)) if os.path.isdir(eval_dir) else []:
         path = os.path.join(eval_dir, name, "report.json")
         if not os.path.isfile(path):
@@ -55,7 +56,7 @@ def main(out):
                 vals.append(fmt(sum(xs) / len(xs), digits.get(key, 3)) if xs else "n/a")
             print(f"| {l} | " + " | ".join(vals) + " |")
     curve_dir = os.path.join(out, "curve")
-    if os.path.isdir(curve_dir):
+    if eval_name == "eval" and os.path.isdir(curve_dir):
         points = []
         for name in os.listdir(curve_dir):
             path = os.path.join(curve_dir, name, "report.json")
@@ -71,4 +72,4 @@ def main(out):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "bench-out")
+    main(sys.argv[1] if len(sys.argv) > 1 else "bench-out", sys.argv[2] if len(sys.argv) > 2 else "eval")
