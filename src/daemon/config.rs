@@ -7,7 +7,8 @@
 //! each [`ConfigIssue`] names its key path. `check-config` prints them and `run` refuses to
 //! start (exit 78, `EX_CONFIG`) before touching a camera, a broker or a model.
 //! Secrets (MQTT password, TLS client key) come from a file or from systemd's
-//! `$CREDENTIALS_DIRECTORY`; an inline password is accepted only for tests and demos.
+//! `$CREDENTIALS_DIRECTORY`, so that no secret has to sit in the file; an inline password is
+//! accepted as well (tests, demos).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
