@@ -184,6 +184,8 @@ impl CaptureContext {
         let mut backoff = Backoff::new(self.config.backoff_initial, self.config.backoff_max);
         let mut seq = 0u64;
         let mut first_open = true;
+        // Kept across reopens, so a looping replay keeps its pace at the wrap-around.
+        let mut next_due = Instant::now();
         'reopen: loop {
             if !first_open {
                 self.stats.reopens.fetch_add(1, Relaxed);
@@ -205,7 +207,6 @@ impl CaptureContext {
             };
             self.stats.touch();
             let mut corrupt_run = 0u32;
-            let mut next_due = Instant::now();
             loop {
                 if let Some(interval) = pacing {
                     let wait = next_due.saturating_duration_since(Instant::now());
