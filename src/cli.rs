@@ -6,6 +6,7 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::infer::reconstruct::Sampler;
 use crate::infer::runtime::{Provider, RuntimeConfig};
+use crate::postprocess::anomaly::Residual;
 
 #[derive(Debug, Parser)]
 #[command(name = "edge-inspect", version, about = "Visual inspection with robust diffusion (RDDPM) anomaly maps")]
@@ -82,6 +83,26 @@ impl RuntimeArgs {
     }
 }
 
+/// Anomaly-map rules (see `postprocess::anomaly::Residual`).
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum AnomalyMapArg {
+    L1,
+    L2,
+    Ssim,
+    Msgms,
+}
+
+impl From<AnomalyMapArg> for Residual {
+    fn from(a: AnomalyMapArg) -> Self {
+        match a {
+            AnomalyMapArg::L1 => Residual::L1,
+            AnomalyMapArg::L2 => Residual::L2,
+            AnomalyMapArg::Ssim => Residual::Ssim,
+            AnomalyMapArg::Msgms => Residual::Msgms,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
 pub enum SamplerArg {
     Ddpm,
@@ -111,6 +132,10 @@ pub struct ReconstructionArgs {
     /// DDIM stochasticity in [0, 1].
     #[arg(long)]
     pub eta: Option<f64>,
+    /// DDAD conditioning weight (0 = none): each reverse step pulls the reconstruction
+    /// toward the input.
+    #[arg(long)]
+    pub condition: Option<f64>,
 }
 
 #[derive(Debug, Args)]
@@ -168,6 +193,14 @@ pub struct EvalArgs {
     pub batch: usize,
     #[command(flatten)]
     pub reconstruction: ReconstructionArgs,
+    /// Score with this anomaly-map rule instead of the manifest's (the thresholds are not
+    /// recalibrated: best-F1 and the threshold-free metrics stay meaningful, the verdicts
+    /// in overlays do not).
+    #[arg(long, value_enum)]
+    pub anomaly_map: Option<AnomalyMapArg>,
+    /// Run only the primary reconstruction, not the manifest's ensemble members.
+    #[arg(long)]
+    pub no_ensemble: bool,
     #[command(flatten)]
     pub runtime: RuntimeArgs,
     #[arg(long)]
@@ -378,9 +411,31 @@ pub struct RetrainArgs {
     pub reverse_steps: usize,
     #[arg(long, value_enum, default_value = "ddim")]
     pub sampler: SamplerArg,
+    /// Inference: DDAD conditioning weight recorded in the manifest (with --fixed-operating-point).
+    #[arg(long, default_value_t = 0.0)]
+    pub condition: f64,
+    /// Anomaly-map rule recorded in the manifest (with --fixed-operating-point).
+    #[arg(long, value_enum, default_value = "l1")]
+    pub anomaly_map: AnomalyMapArg,
+    /// After training, choose t0, steps, conditioning and map rule on synthetic defects
+    /// pasted on the calibration frames, using at most this many UNet calls per tile.
+    #[arg(long, default_value_t = 10)]
+    pub unet_budget: usize,
+    /// Ship --t0, --reverse-steps, --sampler, --condition and --anomaly-map as given
+    /// instead of searching.
+    #[arg(long)]
+    pub fixed_operating_point: bool,
     /// Anomaly-map Gaussian σ in pixels.
     #[arg(long, default_value_t = 2.0)]
     pub smoothing_sigma: f64,
+    /// Inspect line frames in model-size tiles starting this many model pixels apart
+    /// (e.g. 48 for 64-pixel tiles), instead of resizing whole frames to the model input.
+    /// Training then uses random crops at --scale (unless --random-crop says otherwise).
+    #[arg(long)]
+    pub tile_stride: Option<usize>,
+    /// With --tile-stride: model pixels per camera pixel (1 = native resolution).
+    #[arg(long, default_value_t = 1.0)]
+    pub scale: f64,
     /// Random horizontal/vertical flips.
     #[arg(long)]
     pub flips: bool,

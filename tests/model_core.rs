@@ -17,7 +17,7 @@ use edge_inspect::model::export::{export_bundle, keep_thresholds, parity};
 use edge_inspect::model::manifest::{
     Artifact, Calibration, GoldenCheck, MANIFEST_FILE, Manifest, ONNX_FILE, Provenance, SCHEMA_VERSION, Thresholds,
 };
-use edge_inspect::model::preprocess::InputSpec;
+use edge_inspect::model::preprocess::{InputSpec, Inspection};
 use edge_inspect::model::unet::UNet;
 use edge_inspect::postprocess::anomaly::{AnomalySpec, Threshold};
 
@@ -48,9 +48,10 @@ fn manifest_for(unet: &UNetConfig, size: usize) -> Manifest {
         version: "0.0.0".into(),
         created: "2026-11-28T00:00:00Z".into(),
         input: InputSpec { width: size, height: size, channels: unet.channels, ..InputSpec::default() },
+        inspection: Inspection::default(),
         unet: unet.clone(),
         schedule: ScheduleSpec::default(),
-        reconstruction: ReconstructionSpec { t0: 20, steps: 4, sampler: Sampler::Ddim, eta: 0.0 },
+        reconstruction: ReconstructionSpec { t0: 20, steps: 4, sampler: Sampler::Ddim, eta: 0.0, condition: 0.0 },
         anomaly: AnomalySpec::default(),
         thresholds: Thresholds {
             pixel: t,
@@ -73,6 +74,8 @@ fn manifest_for(unet: &UNetConfig, size: usize) -> Manifest {
         },
         artifact: Artifact::pending(),
         golden: GoldenCheck::pending(),
+        operating_point: None,
+        ensemble: None,
     }
 }
 
@@ -111,7 +114,7 @@ fn t0_zero_reconstruction_returns_the_input_exactly() {
     let dir = tmp.path().join("b");
     export_small(&dir, 1, false);
     let mut bundle = Bundle::load(&dir, &runtime()).unwrap();
-    let spec = ReconstructionSpec { t0: 0, steps: 0, sampler: Sampler::Ddim, eta: 0.0 };
+    let spec = ReconstructionSpec { t0: 0, steps: 0, sampler: Sampler::Ddim, eta: 0.0, condition: 0.0 };
     let mut r = bundle.reconstructor(Some(spec)).unwrap();
     let clean: Vec<f32> = (0..2 * 256).map(|i| (i as f32 * 0.01).sin()).collect();
     let mut out = vec![9.0; clean.len()];

@@ -15,10 +15,11 @@ use edge_inspect::model::architecture::UNetConfig;
 use edge_inspect::model::bundle::{Bundle, read_manifest};
 use edge_inspect::model::diffusion::ScheduleSpec;
 use edge_inspect::model::manifest::ONNX_FILE;
-use edge_inspect::model::preprocess::InputSpec;
-use edge_inspect::postprocess::anomaly::AnomalySpec;
+use edge_inspect::model::preprocess::{InputSpec, Inspection};
+use edge_inspect::postprocess::anomaly::{AnomalySpec, Residual};
 use edge_inspect::train::calibrate::CalibrationRule;
 use edge_inspect::train::losses::Loss;
+use edge_inspect::train::operating_point::SearchSpace;
 use edge_inspect::train::{Outcome, RunOptions, TrainConfig, TrainError, train};
 
 const BIN: &str = env!("CARGO_BIN_EXE_edge-inspect");
@@ -43,6 +44,7 @@ fn config(loss: Loss, steps: usize) -> TrainConfig {
         name: "tiny".into(),
         version: "0.1.0".into(),
         input: InputSpec { width: 16, height: 16, ..InputSpec::default() },
+        inspection: Inspection::default(),
         unet: UNetConfig {
             channels: 1,
             base_channels: 16,
@@ -52,7 +54,7 @@ fn config(loss: Loss, steps: usize) -> TrainConfig {
             groups: 8,
         },
         schedule: ScheduleSpec::default(),
-        reconstruction: ReconstructionSpec { t0: 20, steps: 2, sampler: Sampler::Ddim, eta: 0.0 },
+        reconstruction: ReconstructionSpec { t0: 20, steps: 2, sampler: Sampler::Ddim, eta: 0.0, condition: 0.0 },
         anomaly: AnomalySpec::default(),
         loss,
         steps,
@@ -67,6 +69,7 @@ fn config(loss: Loss, steps: usize) -> TrainConfig {
         random_crop: Some(48),
         calibration_fraction: 0.2,
         calibration: CalibrationRule::default(),
+        operating_point: None,
     }
 }
 
@@ -144,6 +147,45 @@ fn short_training_lowers_the_loss_and_exports_a_loadable_bundle() {
 }
 
 #[test]
+fn retrain_chooses_the_operating_point_within_the_budget() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    tiny_dataset(&data);
+    let out = tmp.path().join("searched");
+    let mut with_search = config(Loss::Huber { delta: 0.2 }, 10);
+    with_search.operating_point = Some(SearchSpace {
+        t0: vec![5, 20],
+        steps: vec![1, 2, 4],
+        condition: vec![0.0, 2.0],
+        residual: vec![Residual::L1, Residual::Ssim, Residual::Msgms],
+        max_frames: 8,
+        ..SearchSpace::with_budget(2)
+    });
+    let Outcome::Finished { bundle, report } = train(with_search, &options(&data, &out)).unwrap() else { panic!() };
+    let manifest = read_manifest(&bundle).unwrap();
+    let point = manifest.operating_point.clone().expect("the search is recorded in the manifest");
+    // Singles: 2 t0 × 2 step counts within budget (1, 2; 4 is over) × 2 conditions × 3 rules;
+    // ensembles: t0 5 + 20 at one step each (2 calls) × 2 conditions × 3 rules.
+    assert_eq!(point.candidates.len(), 24 + 6, "{:#?}", point.candidates);
+    assert!(point.candidates.iter().all(|c| c.unet_calls <= 2 && c.unet_calls == c.steps * (1 + c.extra_t0.len())));
+    let best = point.candidates.iter().map(|c| c.pixel_auprc).fold(f64::MIN, f64::max);
+    assert_eq!(point.chosen, point.candidates[0]);
+    assert_eq!(point.chosen.pixel_auprc, best);
+    assert!(point.candidates.iter().all(|c| (0.0..=1.0).contains(&c.pixel_auprc)));
+    assert_eq!(point.defect_kinds, ["scratch", "hole", "stain"]);
+    assert_eq!(
+        (manifest.reconstruction.t0, manifest.reconstruction.steps, manifest.reconstruction.condition),
+        (point.chosen.t0, point.chosen.steps, point.chosen.condition)
+    );
+    assert_eq!(manifest.anomaly.residual, point.chosen.residual);
+    assert_eq!(manifest.extra_t0(), point.chosen.extra_t0.as_slice());
+    assert_eq!(report.operating_point, Some(point.chosen.clone()));
+    // Thresholds are calibrated under the chosen rule, and the bundle verifies.
+    assert!(manifest.thresholds.pixel.value > 0.0);
+    Bundle::load(&bundle, &RuntimeConfig::default()).unwrap();
+}
+
+#[test]
 fn resumed_run_equals_uninterrupted_run() {
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("data");
@@ -215,6 +257,7 @@ fn retrain_cli_reads_the_mvtec_layout_and_writes_a_report() {
     assert!(o.status.success(), "{stderr}");
     let stdout = String::from_utf8_lossy(&o.stdout);
     assert!(stdout.contains("trained") && stdout.contains("5 training / 1 calibration frames"), "{stdout}");
+    assert!(stdout.contains("operating point: t0 "), "retrain searches by default: {stdout}");
     let report: serde_json::Value =
         serde_json::from_slice(&fs::read(out.with_extension("report.json")).unwrap()).unwrap();
     assert_eq!(report["data"]["layout"], "mvtec");

@@ -52,7 +52,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         times.sort_by(f64::total_cmp);
         let call_ms = times[times.len() / 2];
         for &steps in &args.ddim_steps {
-            let spec = ReconstructionSpec { t0: args.t0, steps, sampler: Sampler::Ddim, eta: 0.0 };
+            let spec = ReconstructionSpec { t0: args.t0, steps, sampler: Sampler::Ddim, eta: 0.0, condition: 0.0 };
             let mut reconstructor = bundle.reconstructor(Some(spec))?;
             let seeds: Vec<u64> = (0..batch as u64).collect();
             let mut out = vec![0.0f32; x.len()];

@@ -18,9 +18,15 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
     }
     // Data problems are cheaper to find than a model load.
     crate::eval::data::discover(&args.data)?;
-    let bundle = Bundle::load(&args.model, &args.runtime.to_config())?;
+    let mut bundle = Bundle::load(&args.model, &args.runtime.to_config())?;
+    if let Some(rule) = args.anomaly_map {
+        bundle.manifest.anomaly.residual = rule.into();
+    }
     let spec = reconstruction_spec(bundle.manifest.reconstruction, &args.reconstruction);
-    let mut inspector = Inspector::new(bundle, Some(spec))?;
+    let mut inspector = Inspector::new(bundle, Some(spec))?.with_tile_batch(args.batch);
+    if args.no_ensemble {
+        inspector = inspector.without_ensemble()?;
+    }
     let out = args.out.clone().unwrap_or_else(|| {
         let data_name = args.data.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
         PathBuf::from("results").join(&inspector.manifest().name).join(data_name)

@@ -11,6 +11,7 @@ use crate::infer::reconstruct::ReconstructionSpec;
 use crate::model::diffusion::ScheduleSpec;
 use crate::model::export::{export_bundle, keep_thresholds};
 use crate::model::manifest::{Artifact, Calibration, GoldenCheck, Manifest, Provenance, SCHEMA_VERSION, Thresholds};
+use crate::model::preprocess::Inspection;
 use crate::model::unet::UNet;
 use crate::postprocess::anomaly::{AnomalySpec, Threshold};
 
@@ -25,9 +26,16 @@ pub fn run(args: ExportArgs) -> anyhow::Result<()> {
         version: "0.0.0-random".into(),
         created: now_rfc3339(),
         input: args.architecture.input(),
+        inspection: Inspection::default(),
         unet,
         schedule: ScheduleSpec::default(),
-        reconstruction: ReconstructionSpec { t0: args.t0, steps: args.steps, sampler: args.sampler.into(), eta: 0.0 },
+        reconstruction: ReconstructionSpec {
+            t0: args.t0,
+            steps: args.steps,
+            sampler: args.sampler.into(),
+            eta: 0.0,
+            condition: 0.0,
+        },
         anomaly: AnomalySpec::default(),
         thresholds: Thresholds {
             pixel: uncalibrated,
@@ -50,6 +58,8 @@ pub fn run(args: ExportArgs) -> anyhow::Result<()> {
         },
         artifact: Artifact::pending(),
         golden: GoldenCheck::pending(),
+        operating_point: None,
+        ensemble: None,
     };
     let (path, manifest) =
         export_bundle(&model, manifest, &args.out, &args.runtime.to_config(), args.force, keep_thresholds)?;

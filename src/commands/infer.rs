@@ -14,7 +14,7 @@ use anyhow::{Context, bail};
 use serde::Serialize;
 
 use crate::cli::{InferArgs, ReconstructionArgs};
-use crate::infer::inspect::Inspector;
+use crate::infer::inspect::{FrameView, Inspector};
 use crate::infer::reconstruct::ReconstructionSpec;
 use crate::model::bundle::{Bundle, write_atomic};
 use crate::model::preprocess::Prepared;
@@ -62,7 +62,7 @@ struct ResultLine<'a> {
 
 /// Applies flag overrides to the manifest's reconstruction settings.
 pub fn reconstruction_spec(base: ReconstructionSpec, args: &ReconstructionArgs) -> ReconstructionSpec {
-    base.with_overrides(args.t0, args.steps, args.sampler.map(Into::into), args.eta)
+    base.with_overrides(args.t0, args.steps, args.sampler.map(Into::into), args.eta, args.condition)
 }
 
 /// Output stems, unique even when two inputs share a file name: a shared stem gets its
@@ -97,7 +97,7 @@ pub fn run(args: InferArgs) -> anyhow::Result<()> {
     let runtime = args.runtime.to_config();
     let bundle = Bundle::load(&args.model, &runtime)?;
     let spec = reconstruction_spec(bundle.manifest.reconstruction, &args.reconstruction);
-    let mut inspector = Inspector::new(bundle, Some(spec))?;
+    let mut inspector = Inspector::new(bundle, Some(spec))?.with_tile_batch(args.batch);
     fs::create_dir_all(&args.out).with_context(|| format!("{}: cannot create output directory", args.out.display()))?;
     let manifest = inspector.manifest().clone();
     let input = manifest.input;
@@ -110,7 +110,7 @@ pub fn run(args: InferArgs) -> anyhow::Result<()> {
         let started = Instant::now();
         let mut frames: Vec<(usize, Prepared)> = Vec::with_capacity(chunk.len());
         for &i in chunk {
-            match input.prepare_file(&args.images[i]) {
+            match input.prepare_file(manifest.inspection, &args.images[i]) {
                 Ok(p) => frames.push((i, p)),
                 Err(e) => {
                     failures += 1;
@@ -123,10 +123,11 @@ pub fn run(args: InferArgs) -> anyhow::Result<()> {
         }
         let preprocess_ms = started.elapsed().as_secs_f64() * 1e3 / frames.len() as f64;
         let n = frames.len();
-        let tensors: Vec<&[f32]> = frames.iter().map(|(_, p)| p.tensor.as_slice()).collect();
+        let views: Vec<FrameView<'_>> =
+            frames.iter().map(|(_, p)| FrameView { tensor: &p.tensor, size: p.size() }).collect();
         let seeds: Vec<u64> = frames.iter().map(|(i, _)| args.seed.wrapping_add(*i as u64)).collect();
         let started = Instant::now();
-        let analyses = inspector.inspect(&tensors, &seeds)?;
+        let analyses = inspector.inspect(&views, &seeds)?;
         let inspect_ms = started.elapsed().as_secs_f64() * 1e3 / n as f64;
 
         for (slot, ((i, prepared), analysis)) in frames.iter().zip(&analyses).enumerate() {
@@ -187,18 +188,18 @@ mod tests {
 
     #[test]
     fn overrides_keep_ddpm_on_every_step() {
-        let base = ReconstructionSpec { t0: 100, steps: 10, sampler: Sampler::Ddim, eta: 0.0 };
-        let none = ReconstructionArgs { t0: None, steps: None, sampler: None, eta: None };
+        let base = ReconstructionSpec { t0: 100, steps: 10, sampler: Sampler::Ddim, eta: 0.0, condition: 0.0 };
+        let none = ReconstructionArgs { t0: None, steps: None, sampler: None, eta: None, condition: None };
         assert_eq!(reconstruction_spec(base, &none), base);
         let ddpm = ReconstructionArgs { sampler: Some(SamplerArg::Ddpm), t0: Some(50), ..none.clone() };
         assert_eq!(
             reconstruction_spec(base, &ddpm),
-            ReconstructionSpec { t0: 50, steps: 50, sampler: Sampler::Ddpm, eta: 0.0 }
+            ReconstructionSpec { t0: 50, steps: 50, sampler: Sampler::Ddpm, eta: 0.0, condition: 0.0 }
         );
         let ddim = ReconstructionArgs { steps: Some(5), eta: Some(0.5), ..none };
         assert_eq!(
             reconstruction_spec(base, &ddim),
-            ReconstructionSpec { t0: 100, steps: 5, sampler: Sampler::Ddim, eta: 0.5 }
+            ReconstructionSpec { t0: 100, steps: 5, sampler: Sampler::Ddim, eta: 0.5, condition: 0.0 }
         );
     }
 

@@ -8,9 +8,11 @@ use anyhow::Context;
 use crate::cli::{LossArg, RetrainArgs, bundle_name};
 use crate::infer::reconstruct::ReconstructionSpec;
 use crate::model::diffusion::ScheduleSpec;
+use crate::model::preprocess::Inspection;
 use crate::postprocess::anomaly::AnomalySpec;
 use crate::train::calibrate::CalibrationRule;
 use crate::train::losses::Loss;
+use crate::train::operating_point::SearchSpace;
 use crate::train::{Outcome, RunOptions, TrainConfig, train};
 
 pub fn run(args: RetrainArgs) -> anyhow::Result<()> {
@@ -21,10 +23,23 @@ pub fn run(args: RetrainArgs) -> anyhow::Result<()> {
         LossArg::Huber => Loss::Huber { delta: args.delta },
         LossArg::Lts => Loss::Lts { lambda: args.lambda },
     };
+    let input = args.architecture.input();
+    let inspection = match args.tile_stride {
+        Some(stride) => Inspection::Tiled { scale: args.scale, stride },
+        None => Inspection::Resize,
+    };
+    // Tiled models learn from crops that cover one tile at the tiling scale.
+    let random_crop = match inspection {
+        Inspection::Tiled { scale, .. } if args.random_crop.is_none() => {
+            Some((input.width.max(input.height) as f64 / scale).round() as u32)
+        }
+        _ => args.random_crop,
+    };
     let config = TrainConfig {
         name: name.clone(),
         version: args.version.clone(),
-        input: args.architecture.input(),
+        input,
+        inspection,
         unet: args.architecture.unet(),
         schedule: ScheduleSpec::default(),
         reconstruction: ReconstructionSpec {
@@ -32,8 +47,13 @@ pub fn run(args: RetrainArgs) -> anyhow::Result<()> {
             steps: args.reverse_steps,
             sampler: args.sampler.into(),
             eta: 0.0,
+            condition: args.condition,
         },
-        anomaly: AnomalySpec { smoothing_sigma: args.smoothing_sigma, ..AnomalySpec::default() },
+        anomaly: AnomalySpec {
+            residual: args.anomaly_map.into(),
+            smoothing_sigma: args.smoothing_sigma,
+            ..AnomalySpec::default()
+        },
         loss,
         steps: args.steps,
         batch_size: args.batch_size,
@@ -44,9 +64,10 @@ pub fn run(args: RetrainArgs) -> anyhow::Result<()> {
         ema_decay: args.ema_decay,
         seed: args.seed,
         flips: args.flips,
-        random_crop: args.random_crop,
+        random_crop,
         calibration_fraction: args.calibration_fraction,
         calibration: CalibrationRule { trim: args.calibration_trim, ..CalibrationRule::default() },
+        operating_point: (!args.fixed_operating_point).then(|| SearchSpace::with_budget(args.unet_budget)),
     };
     let interrupt = Arc::new(AtomicBool::new(false));
     let flag = interrupt.clone();
@@ -78,6 +99,18 @@ pub fn run(args: RetrainArgs) -> anyhow::Result<()> {
     };
     match train(config, &options)? {
         Outcome::Finished { bundle, report: summary } => {
+            if let Some(p) = &summary.operating_point {
+                println!(
+                    "operating point: t0 {}{}, {} DDIM step(s), condition {}, map {} (validation pixel AUPRC {:.3}, pixel AUROC {:.3})",
+                    p.t0,
+                    p.extra_t0.iter().map(|t| format!(" + {t}")).collect::<String>(),
+                    p.steps,
+                    p.condition,
+                    p.residual.name(),
+                    p.pixel_auprc,
+                    p.pixel_auroc
+                );
+            }
             println!(
                 "trained {} in {:.0} s: loss {:.4} → {:.4}, {} training / {} calibration frames, {} skipped; pixel threshold {:.4}, image threshold {:.4}; report {}",
                 bundle.display(),

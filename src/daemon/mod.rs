@@ -50,10 +50,10 @@ pub fn check_model(config: &DaemonConfig) -> Vec<ConfigIssue> {
         Err(e) => return vec![issue(e.to_string())],
     };
     let m = &config.model;
-    let spec = manifest.reconstruction.with_overrides(m.t0, m.steps, m.sampler, m.eta);
+    let spec = manifest.reconstruction.with_overrides(m.t0, m.steps, m.sampler, m.eta, None);
     match crate::model::diffusion::NoiseSchedule::new(&manifest.schedule) {
-        Ok(schedule) => match spec.check(schedule.len()) {
-            Ok(()) => Vec::new(),
+        Ok(schedule) => match crate::infer::inspect::Ensemble::new(&schedule, spec, manifest.extra_t0()) {
+            Ok(_) => Vec::new(),
             Err(e) => vec![ConfigIssue { key: "model.t0/steps/sampler".into(), message: e.to_string() }],
         },
         Err(e) => vec![issue(e.to_string())],
@@ -117,8 +117,8 @@ pub fn run(config: DaemonConfig) -> anyhow::Result<()> {
     notify(&[NotifyState::Status("loading model")]);
     let bundle = Bundle::load(&config.model.path, &config.runtime)?;
     let m = &config.model;
-    let spec = bundle.manifest.reconstruction.with_overrides(m.t0, m.steps, m.sampler, m.eta);
-    let inspector = Inspector::new(bundle, Some(spec))?;
+    let spec = bundle.manifest.reconstruction.with_overrides(m.t0, m.steps, m.sampler, m.eta, None);
+    let inspector = Inspector::new(bundle, Some(spec))?.with_tile_batch(config.pipeline.max_batch);
     let manifest = inspector.manifest().clone();
     let provider = inspector.bundle.denoiser.provider().to_string();
     let fell_back = inspector.bundle.denoiser.fell_back_to_cpu();
@@ -205,6 +205,7 @@ pub fn run(config: DaemonConfig) -> anyhow::Result<()> {
             index,
             config: camera.clone(),
             input: manifest.input,
+            inspection: manifest.inspection,
             stats: camera_stats[index].clone(),
             queue_tx: tx,
             queue_rx: rx,

@@ -19,8 +19,8 @@ use rand_chacha::ChaCha8Rng;
 use super::config::{CameraConfig, PipelineConfig, SourceConfig};
 use super::stats::{CameraStats, CameraStatus, DropReason, PipelineStats};
 use crate::capture::{CaptureError, FrameSource};
-use crate::infer::inspect::Inspector;
-use crate::model::preprocess::InputSpec;
+use crate::infer::inspect::{FrameView, Inspector};
+use crate::model::preprocess::{InputSpec, Inspection};
 use crate::postprocess::anomaly::Analysis;
 
 /// A captured frame on its way through the pipeline.
@@ -89,6 +89,8 @@ pub struct CaptureContext {
     pub index: usize,
     pub config: CameraConfig,
     pub input: InputSpec,
+    /// Whole-frame resize or tiles at the model's scale (from the manifest).
+    pub inspection: Inspection,
     pub stats: Arc<CameraStats>,
     pub queue_tx: Sender<Frame>,
     /// A clone of the queue's receiver, to drop the oldest frame when full.
@@ -155,7 +157,7 @@ impl CaptureContext {
                 image.crop_imm(x, y, w, h)
             }
         };
-        let prepared = self.input.prepare(&original);
+        let prepared = self.input.prepare_for(self.inspection, &original);
         Some(Frame {
             camera: self.index,
             seq,
@@ -389,12 +391,16 @@ pub fn inference_worker(mut ctx: WorkerContext) {
             }
             continue;
         }
-        let tensors: Vec<&[f32]> = batch.iter().map(|f| f.tensor.as_slice()).collect();
+        let frames: Vec<FrameView<'_>> = batch
+            .iter()
+            .map(|f| FrameView { tensor: &f.tensor, size: [f.display.height() as usize, f.display.width() as usize] })
+            .collect();
         // Per-frame seeds from camera and sequence: reproducible for a replay.
         let seeds: Vec<u64> =
             batch.iter().map(|f| ctx.seed.wrapping_add((f.camera as u64) << 40).wrapping_add(f.seq)).collect();
         let started = Instant::now();
-        let result = ctx.inspector.inspect(&tensors, &seeds);
+        let result = ctx.inspector.inspect(&frames, &seeds);
+        drop(frames);
         let elapsed = started.elapsed().as_micros() as u64;
         ctx.pipeline.batches.fetch_add(1, Relaxed);
         ctx.pipeline.batched_frames.fetch_add(batch.len() as u64, Relaxed);

@@ -18,7 +18,7 @@ use image::{DynamicImage, GrayImage, imageops::FilterType};
 use serde::Serialize;
 
 use crate::image_files::list_images;
-use crate::model::preprocess::InputSpec;
+use crate::model::preprocess::{InputSpec, Inspection};
 
 /// The defect type of normal images.
 pub const NORMAL: &str = "good";
@@ -85,8 +85,10 @@ pub struct EvalSet {
 pub struct Loaded {
     pub tensor: Vec<f32>,
     pub display: image::RgbImage,
-    /// 0/1 per model pixel.
+    /// 0/1 per inspected pixel.
     pub truth: Vec<u8>,
+    /// `[height, width]` of the inspected frame.
+    pub size: [usize; 2],
 }
 
 fn list(dir: &Path) -> Result<Vec<PathBuf>, EvalDataError> {
@@ -192,12 +194,19 @@ fn read_mask(path: &Path) -> Result<GrayImage, EvalDataError> {
 }
 
 /// Checks an image's (and its mask's) size from the file headers, before any inference.
-/// An unreadable image passes here; it is skipped and reported when loaded.
-pub fn check_sizes(sample: &Sample, input: &InputSpec, resize: bool) -> Result<(), EvalDataError> {
+/// An unreadable image passes here; it is skipped and reported when loaded. A tiled model
+/// takes any size; a resize model its input size (or anything with `resize`).
+pub fn check_sizes(
+    sample: &Sample,
+    input: &InputSpec,
+    inspection: Inspection,
+    resize: bool,
+) -> Result<(), EvalDataError> {
     let Ok((width, height)) = image::image_dimensions(&sample.image) else {
         return Ok(());
     };
-    if !resize && (width as usize != input.width || height as usize != input.height) {
+    let any_size = resize || matches!(inspection, Inspection::Tiled { .. });
+    if !any_size && (width as usize != input.width || height as usize != input.height) {
         return Err(EvalDataError::ImageSize {
             image: sample.image.clone(),
             width,
@@ -223,10 +232,15 @@ pub fn check_sizes(sample: &Sample, input: &InputSpec, resize: bool) -> Result<(
     Ok(())
 }
 
-/// Decodes `sample` and its mask at model resolution (sizes were checked by
-/// [`check_sizes`]). `Ok(Err(reason))` is an unreadable image, which the caller skips;
-/// `Err` is a dataset error that stops the evaluation.
-pub fn load(sample: &Sample, input: &InputSpec) -> Result<Result<Loaded, String>, EvalDataError> {
+/// Decodes `sample` and its mask at inspection resolution (the model's input size, or the
+/// scaled frame for a tiled model; sizes were checked by [`check_sizes`]).
+/// `Ok(Err(reason))` is an unreadable image, which the caller skips; `Err` is a dataset
+/// error that stops the evaluation.
+pub fn load(
+    sample: &Sample,
+    input: &InputSpec,
+    inspection: Inspection,
+) -> Result<Result<Loaded, String>, EvalDataError> {
     let image = match image::ImageReader::open(&sample.image)
         .map_err(|e| e.to_string())
         .and_then(|r| r.with_guessed_format().map_err(|e| e.to_string()))
@@ -235,19 +249,20 @@ pub fn load(sample: &Sample, input: &InputSpec) -> Result<Result<Loaded, String>
         Ok(image) => image,
         Err(reason) => return Ok(Err(reason)),
     };
+    let prepared = input.prepare_for(inspection, &image);
+    let [height, width] = prepared.size();
     let truth = match &sample.mask {
-        None => vec![0u8; input.width * input.height],
-        // Nearest neighbour keeps the mask binary.
+        None => vec![0u8; width * height],
+        // Nearest neighbour keeps the mask binary (and a same-size mask unchanged).
         Some(path) => DynamicImage::ImageLuma8(read_mask(path)?)
-            .resize_exact(input.width as u32, input.height as u32, FilterType::Nearest)
+            .resize_exact(width as u32, height as u32, FilterType::Nearest)
             .to_luma8()
             .as_raw()
             .iter()
             .map(|v| u8::from(*v > 127))
             .collect(),
     };
-    let prepared = input.prepare(&image);
-    Ok(Ok(Loaded { tensor: prepared.tensor, display: prepared.display, truth }))
+    Ok(Ok(Loaded { size: [height, width], tensor: prepared.tensor, display: prepared.display, truth }))
 }
 
 #[cfg(test)]

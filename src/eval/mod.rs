@@ -16,9 +16,9 @@ use std::time::Instant;
 
 use serde::Serialize;
 
-use crate::infer::inspect::Inspector;
+use crate::infer::inspect::{FrameView, Inspector};
 use crate::infer::reconstruct::ReconstructionSpec;
-use crate::postprocess::anomaly::connected_components;
+use crate::postprocess::anomaly::{AnomalySpec, connected_components};
 use crate::postprocess::render::{OverlayFormat, overlay};
 use data::{EvalDataError, EvalLayout, EvalSet, NORMAL};
 
@@ -88,6 +88,8 @@ pub struct Report {
     pub model: ModelInfo,
     pub data: DataInfo,
     pub reconstruction: ReconstructionSpec,
+    /// The anomaly-map settings scored (the manifest's, or `--anomaly-map`'s rule).
+    pub anomaly: AnomalySpec,
     pub seed: u64,
     pub unet_calls_per_image: usize,
     /// Reconstruction + post-processing wall time per image (decoding excluded).
@@ -106,6 +108,8 @@ struct Record {
     reconstruction_mse: f64,
     map: Vec<f32>,
     truth: Vec<u8>,
+    /// `[height, width]` of `map` and `truth`.
+    size: [usize; 2],
 }
 
 /// Indices of `count` samples spread evenly over `0..total`.
@@ -124,10 +128,10 @@ pub fn evaluate(
 ) -> anyhow::Result<Report> {
     let started = Instant::now();
     let set: EvalSet = data::discover(data_dir)?;
-    let input = inspector.manifest().input;
+    let (input, inspection) = (inspector.manifest().input, inspector.manifest().inspection);
     // Fail on size/mask mismatches before spending minutes on inference.
     for sample in &set.samples {
-        data::check_sizes(sample, &input, options.resize)?;
+        data::check_sizes(sample, &input, inspection, options.resize)?;
     }
     let overlay_picks = spread(set.samples.len(), options.overlays);
     let overlay_dir = out.join("overlays");
@@ -143,7 +147,7 @@ pub fn evaluate(
     for chunk in indices.chunks(options.batch.max(1)) {
         let mut loaded = Vec::with_capacity(chunk.len());
         for &i in chunk {
-            match data::load(&set.samples[i], &input)? {
+            match data::load(&set.samples[i], &input, inspection)? {
                 Ok(l) => loaded.push((i, l)),
                 Err(reason) => {
                     tracing::warn!(image = %set.samples[i].image.display(), %reason, "Unreadable test image skipped.");
@@ -155,10 +159,12 @@ pub fn evaluate(
             bar.inc(chunk.len() as u64);
             continue;
         }
-        let tensors: Vec<&[f32]> = loaded.iter().map(|(_, l)| l.tensor.as_slice()).collect();
+        let views: Vec<FrameView<'_>> =
+            loaded.iter().map(|(_, l)| FrameView { tensor: &l.tensor, size: l.size }).collect();
         let seeds: Vec<u64> = loaded.iter().map(|(i, _)| options.seed.wrapping_add(*i as u64)).collect();
         let t = Instant::now();
-        let analyses = inspector.inspect(&tensors, &seeds)?;
+        let analyses = inspector.inspect(&views, &seeds)?;
+        drop(views);
         inspect_time += t.elapsed().as_secs_f64();
         for ((i, l), analysis) in loaded.into_iter().zip(analyses) {
             let sample = &set.samples[i];
@@ -178,6 +184,7 @@ pub fn evaluate(
                 reconstruction_mse: analysis.reconstruction_mse,
                 map: analysis.map,
                 truth: l.truth,
+                size: l.size,
             });
         }
         bar.inc(chunk.len() as u64);
@@ -186,16 +193,15 @@ pub fn evaluate(
     if records.is_empty() {
         return Err(EvalDataError::Empty { path: data_dir.to_path_buf(), what: "readable test" }.into());
     }
-    let [height, width] = [input.height, input.width];
     let all: Vec<&Record> = records.iter().collect();
-    let overall = scores(&all, set.has_masks, height, width);
+    let overall = scores(&all, set.has_masks);
     let mut per_type = BTreeMap::new();
     let types: std::collections::BTreeSet<&str> =
         records.iter().map(|r| r.defect_type.as_str()).filter(|t| *t != NORMAL).collect();
     for defect_type in types {
         let subset: Vec<&Record> =
             records.iter().filter(|r| r.defect_type == NORMAL || r.defect_type == defect_type).collect();
-        per_type.insert(defect_type.to_string(), scores(&subset, set.has_masks, height, width));
+        per_type.insert(defect_type.to_string(), scores(&subset, set.has_masks));
     }
     let mut images_per_type = BTreeMap::new();
     for s in &set.samples {
@@ -219,6 +225,7 @@ pub fn evaluate(
             resized: options.resize,
         },
         reconstruction: *inspector.spec(),
+        anomaly: inspector.manifest().anomaly,
         seed: options.seed,
         unet_calls_per_image: inspector.unet_calls(),
         ms_per_image: inspect_time * 1e3 / records.len() as f64,
@@ -243,7 +250,7 @@ fn progress_bar(len: usize, enabled: bool) -> indicatif::ProgressBar {
 }
 
 /// All metrics of one subset of records.
-fn scores(records: &[&Record], has_masks: bool, height: usize, width: usize) -> Scores {
+fn scores(records: &[&Record], has_masks: bool) -> Scores {
     let mut notes = Vec::new();
     let mut note = |what: &str, e: metrics::MetricError| notes.push(format!("{what}: {e}"));
     let image_scores: Vec<f32> = records.iter().map(|r| r.score).collect();
@@ -253,7 +260,7 @@ fn scores(records: &[&Record], has_masks: bool, height: usize, width: usize) -> 
     let image_f1 = metrics::best_f1(&image_scores, &image_labels).map_err(|e| note("image best F1", e)).ok();
     let (mut pixel_auroc, mut pixel_ap, mut pixel_aupro, mut pixel_f1) = (None, None, None, None);
     if has_masks {
-        let pixels = records.len() * height * width;
+        let pixels = records.iter().map(|r| r.truth.len()).sum();
         let mut pixel_scores = Vec::with_capacity(pixels);
         let mut pixel_labels = Vec::with_capacity(pixels);
         let mut region_labels = Vec::with_capacity(pixels);
@@ -261,7 +268,7 @@ fn scores(records: &[&Record], has_masks: bool, height: usize, width: usize) -> 
         for r in records {
             pixel_scores.extend_from_slice(&r.map);
             pixel_labels.extend(r.truth.iter().map(|t| *t != 0));
-            let (labels, count) = connected_components(&r.truth, height, width);
+            let (labels, count) = connected_components(&r.truth, r.size[0], r.size[1]);
             region_labels.extend(labels.iter().map(|l| if *l == 0 { 0 } else { l + next_region }));
             next_region += count as u32;
         }
@@ -297,7 +304,7 @@ pub fn markdown(report: &Report) -> String {
     let mut md = format!(
         "# Evaluation of {} {} on {}\n\n\
          - model: `{}` (sha256 {}…), provider {}\n\
-         - reconstruction: {:?} t0 = {}, {} UNet calls per image, seed {}\n\
+         - reconstruction: {:?} t0 = {}, condition {}, {} UNet calls per image, seed {}; map {}\n\
          - {:.1} ms per image, {:.1} s in total; images per type: {}\n\n\
          | subset | images | anomalous | image AUROC | image AP | best F1 | pixel AUROC | pixel AUPRC | AUPRO@{} | recon MSE |\n\
          |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
@@ -309,8 +316,10 @@ pub fn markdown(report: &Report) -> String {
         report.model.provider,
         r.sampler,
         r.t0,
+        r.condition,
         report.unet_calls_per_image,
         report.seed,
+        report.anomaly.residual.name(),
         report.ms_per_image,
         report.wall_s,
         report.data.images_per_type.iter().map(|(k, v)| format!("{k} {v}")).collect::<Vec<_>>().join(", "),

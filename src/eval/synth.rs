@@ -30,6 +30,9 @@ pub enum DefectKind {
 
 impl DefectKind {
     pub const ALL: [DefectKind; 5] = [Self::Scratch, Self::Hole, Self::Stain, Self::Crack, Self::Foreign];
+    /// The shapes `retrain` pastes to choose its operating point. Cracks and foreign
+    /// patches are kept out, so benchmark scores on them measure shapes the choice never saw.
+    pub const SELECTION: [DefectKind; 3] = [Self::Scratch, Self::Hole, Self::Stain];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -136,6 +139,15 @@ fn segment_distance(p: (f64, f64), a: (f64, f64), b: (f64, f64)) -> f64 {
     let len2 = (dx * dx + dy * dy).max(1e-12);
     let t = (((p.0 - a.0) * dx + (p.1 - a.1) * dy) / len2).clamp(0.0, 1.0);
     ((p.0 - a.0 - t * dx).powi(2) + (p.1 - a.1 - t * dy).powi(2)).sqrt()
+}
+
+/// Paints one defect of `kind` (one of [`DefectKind::SELECTION`]: no foreign texture) at a
+/// random scale and contrast onto `img`; returns the exact mask (0/255).
+pub fn paste_defect(img: &mut GrayImage, kind: DefectKind, rng: &mut ChaCha8Rng) -> GrayImage {
+    assert!(kind != DefectKind::Foreign, "paste_defect: foreign patches need a texture");
+    let scale = [0.6, 1.0, 1.6][rng.random_range(0..3)];
+    let high_contrast = rng.random_bool(0.5);
+    paint(img, kind, scale, high_contrast, &GrayImage::new(1, 1), rng)
 }
 
 /// Paints one defect of `kind` onto `img`; returns the exact mask (0/255).

@@ -1,73 +1,264 @@
 //! A batch of prepared frames through the model: reconstruction, then post-processing.
 //!
 //! This is the one inspection path: `infer`, `eval` and the daemon's inference worker
-//! all call [`Inspector::inspect`], so a verdict means the same everywhere.
+//! all call [`Inspector::inspect`], and `retrain`'s calibration scores through the same
+//! [`Ensemble`], so a verdict means the same everywhere. Frames larger than the model's
+//! input are inspected in overlapping tiles (`infer::tiling`) and their maps stitched.
+//!
+//! An operating point may reconstruct each frame at several t0 (the manifest's
+//! `ensemble.extra_t0`, AnoDDPM-style): each member's dissimilarity map is computed, the
+//! maps are averaged, and smoothing, scores and mask run on the average. Every member uses
+//! the frame's own seed, so a one-member ensemble is exactly a plain reconstruction.
 
-use crate::infer::reconstruct::{ReconstructionSpec, Reconstructor};
-use crate::infer::runtime::RuntimeError;
+use crate::infer::reconstruct::{ReconstructionError, ReconstructionSpec, Reconstructor};
+use crate::infer::runtime::{Denoiser, RuntimeError};
+use crate::infer::tiling::{Tile, TileGrid, tile_seed};
 use crate::model::bundle::{Bundle, BundleError};
+use crate::model::diffusion::NoiseSchedule;
 use crate::model::manifest::Manifest;
-use crate::postprocess::anomaly::{Analysis, analyse};
+use crate::model::preprocess::Inspection;
+use crate::postprocess::anomaly::{Analysis, AnomalySpec, reconstruction_mse, residual_map, verdict};
 
-/// A loaded bundle with its reconstructor and reusable batch buffers.
-pub struct Inspector {
-    pub bundle: Bundle,
-    reconstructor: Reconstructor,
-    batch: Vec<f32>,
+/// The reconstructions of one operating point: the primary setting and one member per
+/// extra t0 (same sampler, steps and conditioning).
+pub struct Ensemble {
+    members: Vec<Reconstructor>,
     recon: Vec<f32>,
 }
 
+impl Ensemble {
+    pub fn new(
+        schedule: &NoiseSchedule,
+        primary: ReconstructionSpec,
+        extra_t0: &[usize],
+    ) -> Result<Self, ReconstructionError> {
+        let specs = std::iter::once(primary).chain(extra_t0.iter().map(|&t0| ReconstructionSpec { t0, ..primary }));
+        let members = specs.map(|spec| Reconstructor::new(schedule.clone(), spec)).collect::<Result<_, _>>()?;
+        Ok(Self { members, recon: Vec::new() })
+    }
+
+    /// The primary member's settings.
+    pub fn spec(&self) -> &ReconstructionSpec {
+        self.members[0].spec()
+    }
+
+    /// UNet evaluations per frame, all members together.
+    pub fn unet_calls(&self) -> usize {
+        self.members.iter().map(Reconstructor::unet_calls).sum()
+    }
+
+    /// Per frame of `clean [n, C, H, W]`: the members' averaged raw dissimilarity map under
+    /// `anomaly`, and their mean reconstruction MSE.
+    pub fn raw_maps(
+        &mut self,
+        denoiser: &mut dyn Denoiser,
+        clean: &[f32],
+        shape: [usize; 4],
+        seeds: &[u64],
+        anomaly: &AnomalySpec,
+    ) -> Result<Vec<(Vec<f32>, f64)>, RuntimeError> {
+        let [n, c, h, w] = shape;
+        let frame_len = c * h * w;
+        let mut out = vec![(vec![0.0f32; h * w], 0.0f64); n];
+        let share = 1.0 / self.members.len() as f32;
+        self.recon.resize(clean.len(), 0.0);
+        for member in &mut self.members {
+            member.reconstruct(denoiser, clean, shape, seeds, &mut self.recon)?;
+            for (i, (map, mse)) in out.iter_mut().enumerate() {
+                let range = i * frame_len..(i + 1) * frame_len;
+                let member_map = residual_map(&clean[range.clone()], &self.recon[range.clone()], [c, h, w], anomaly);
+                map.iter_mut().zip(member_map).for_each(|(m, v)| *m += share * v);
+                *mse += reconstruction_mse(&clean[range.clone()], &self.recon[range]) * share as f64;
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// A prepared frame: `[C, H, W]` model-space values and its `[H, W]`.
+#[derive(Debug, Clone, Copy)]
+pub struct FrameView<'a> {
+    pub tensor: &'a [f32],
+    pub size: [usize; 2],
+}
+
+/// A loaded bundle with its reconstruction ensemble and reusable batch buffers.
+pub struct Inspector {
+    pub bundle: Bundle,
+    ensemble: Ensemble,
+    /// Tiles per UNet batch.
+    tile_batch: usize,
+    batch: Vec<f32>,
+    tile: Vec<f32>,
+}
+
 impl Inspector {
-    /// `spec` overrides the manifest's reconstruction settings.
+    /// `spec` overrides the manifest's primary reconstruction settings; the manifest's
+    /// ensemble members follow it (same sampler, steps, conditioning). Tiles are
+    /// reconstructed 8 at a time unless [`Inspector::with_tile_batch`] says otherwise.
     pub fn new(bundle: Bundle, spec: Option<ReconstructionSpec>) -> Result<Self, BundleError> {
-        let reconstructor = bundle.reconstructor(spec)?;
-        Ok(Self { bundle, reconstructor, batch: Vec::new(), recon: Vec::new() })
+        let schedule = NoiseSchedule::new(&bundle.manifest.schedule)
+            .map_err(|e| BundleError::Inconsistent { path: bundle.dir.clone(), what: e.to_string() })?;
+        let primary = spec.unwrap_or(bundle.manifest.reconstruction);
+        let ensemble = Ensemble::new(&schedule, primary, bundle.manifest.extra_t0()).map_err(|e| {
+            BundleError::Inconsistent { path: bundle.dir.clone(), what: format!("reconstruction: {e}") }
+        })?;
+        Ok(Self { bundle, ensemble, tile_batch: 8, batch: Vec::new(), tile: Vec::new() })
+    }
+
+    /// Sets how many tiles (across frames) share one UNet batch.
+    pub fn with_tile_batch(mut self, tiles: usize) -> Self {
+        self.tile_batch = tiles.max(1);
+        self
+    }
+
+    /// Drops the manifest's ensemble members: only the primary reconstruction runs.
+    pub fn without_ensemble(self) -> Result<Self, BundleError> {
+        let (spec, tile_batch) = (*self.spec(), self.tile_batch);
+        let mut bundle = self.bundle;
+        bundle.manifest.ensemble = None;
+        Ok(Self::new(bundle, Some(spec))?.with_tile_batch(tile_batch))
     }
 
     pub fn manifest(&self) -> &Manifest {
         &self.bundle.manifest
     }
 
+    /// The primary reconstruction's settings.
     pub fn spec(&self) -> &ReconstructionSpec {
-        self.reconstructor.spec()
+        self.ensemble.spec()
     }
 
-    /// UNet evaluations per frame.
+    /// UNet evaluations per tile.
     pub fn unet_calls(&self) -> usize {
-        self.reconstructor.unet_calls()
+        self.ensemble.unet_calls()
     }
 
-    /// Inspects frames given as `[C, H, W]` model-space tensors of the bundle's input size;
-    /// `seeds[i]` seeds frame `i`'s reconstruction noise.
-    pub fn inspect(&mut self, frames: &[&[f32]], seeds: &[u64]) -> Result<Vec<Analysis>, RuntimeError> {
+    /// The tiles of a prepared frame of `size`: one for a model-size frame; overlapping
+    /// tiles `stride` apart for a tiled model.
+    pub fn tile_grid(&self, size: [usize; 2]) -> TileGrid {
         let input = self.bundle.manifest.input;
-        let frame_len = input.frame_len();
-        assert!(frames.iter().all(|f| f.len() == frame_len) && frames.len() == seeds.len(), "inspect: shapes");
-        self.batch.clear();
-        for frame in frames {
-            self.batch.extend_from_slice(frame);
+        let tile = [input.height, input.width];
+        assert!(
+            size[0] >= tile[0] && size[1] >= tile[1],
+            "inspect: a {size:?} frame is smaller than one {tile:?} tile"
+        );
+        let stride = match self.bundle.manifest.inspection {
+            Inspection::Tiled { stride, .. } => [stride, stride],
+            Inspection::Resize => {
+                assert_eq!(size, tile, "inspect: a resize model takes frames of its input size");
+                tile
+            }
+        };
+        TileGrid::new(size, tile, stride)
+    }
+
+    /// Inspects prepared frames (`InputSpec::prepare_for` the manifest's inspection);
+    /// `seeds[i]` seeds frame `i`, tile `k` of it uses `tile_seed(seeds[i], k)`. Tiles of
+    /// all frames share batches; maps are stitched per frame before post-processing, so
+    /// each verdict is at the prepared frame's resolution.
+    pub fn inspect(&mut self, frames: &[FrameView<'_>], seeds: &[u64]) -> Result<Vec<Analysis>, RuntimeError> {
+        assert_eq!(frames.len(), seeds.len(), "inspect: one seed per frame");
+        let input = self.bundle.manifest.input;
+        let channels = input.channels;
+        for f in frames {
+            assert_eq!(
+                f.tensor.len(),
+                channels * f.size[0] * f.size[1],
+                "inspect: tensor is not {channels}x{:?}",
+                f.size
+            );
         }
-        self.recon.resize(self.batch.len(), 0.0);
-        self.reconstructor.reconstruct(
-            &mut self.bundle.denoiser,
-            &self.batch,
-            [frames.len(), input.channels, input.height, input.width],
-            seeds,
-            &mut self.recon,
-        )?;
+        let grids: Vec<TileGrid> = frames.iter().map(|f| self.tile_grid(f.size)).collect();
+        let mut stitchers: Vec<_> = grids.iter().map(TileGrid::stitcher).collect();
+        let mut mse = vec![0.0f64; frames.len()];
+        let jobs: Vec<(usize, Tile)> =
+            grids.iter().enumerate().flat_map(|(f, g)| g.tiles.iter().map(move |t| (f, *t))).collect();
+        for chunk in jobs.chunks(self.tile_batch) {
+            self.batch.clear();
+            let mut tile_seeds = Vec::with_capacity(chunk.len());
+            for &(f, t) in chunk {
+                grids[f].cut(frames[f].tensor, channels, t, &mut self.tile);
+                self.batch.extend_from_slice(&self.tile);
+                tile_seeds.push(tile_seed(seeds[f], t.index));
+            }
+            let maps = self.ensemble.raw_maps(
+                &mut self.bundle.denoiser,
+                &self.batch,
+                [chunk.len(), channels, input.height, input.width],
+                &tile_seeds,
+                &self.bundle.manifest.anomaly,
+            )?;
+            for (&(f, t), (map, tile_mse)) in chunk.iter().zip(maps) {
+                stitchers[f].add(t, &map);
+                mse[f] += tile_mse / grids[f].tiles.len() as f64;
+            }
+        }
         let manifest = &self.bundle.manifest;
-        Ok((0..frames.len())
-            .map(|i| {
-                let range = i * frame_len..(i + 1) * frame_len;
-                analyse(
-                    &self.batch[range.clone()],
-                    &self.recon[range],
-                    [input.channels, input.height, input.width],
+        Ok(stitchers
+            .into_iter()
+            .zip(frames.iter().zip(mse))
+            .map(|(stitcher, (frame, mse))| {
+                verdict(
+                    stitcher.finish(),
+                    mse,
+                    frame.size,
                     &manifest.anomaly,
                     &manifest.thresholds.pixel,
                     &manifest.thresholds.image,
                 )
             })
             .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::infer::reconstruct::Sampler;
+    use crate::model::diffusion::ScheduleSpec;
+
+    /// Predicts half the noisy input as noise: deterministic, input-dependent, cheap.
+    struct Half;
+
+    impl Denoiser for Half {
+        fn channels(&self) -> usize {
+            1
+        }
+        fn predict_eps(
+            &mut self,
+            x: &[f32],
+            _: [usize; 4],
+            _: &[f32],
+            consume: &mut dyn FnMut(&[f32]),
+        ) -> Result<(), RuntimeError> {
+            consume(&x.iter().map(|v| 0.5 * v).collect::<Vec<f32>>());
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn an_ensemble_averages_its_members_maps() {
+        let schedule = NoiseSchedule::new(&ScheduleSpec::default()).unwrap();
+        let primary = ReconstructionSpec { t0: 10, steps: 2, sampler: Sampler::Ddim, eta: 0.0, condition: 0.0 };
+        let clean: Vec<f32> = (0..2 * 8 * 8).map(|i| ((i as f32) * 0.3).sin() * 0.7).collect();
+        let (shape, seeds, spec) = ([2, 1, 8, 8], [4, 9], AnomalySpec::default());
+        let single = |t0: usize| {
+            let mut e = Ensemble::new(&schedule, ReconstructionSpec { t0, ..primary }, &[]).unwrap();
+            e.raw_maps(&mut Half, &clean, shape, &seeds, &spec).unwrap()
+        };
+        let (a, b) = (single(10), single(60));
+        let mut both = Ensemble::new(&schedule, primary, &[60]).unwrap();
+        assert_eq!(both.unet_calls(), 4);
+        let averaged = both.raw_maps(&mut Half, &clean, shape, &seeds, &spec).unwrap();
+        for frame in 0..2 {
+            assert!(a[frame].0 != b[frame].0, "members should differ");
+            for p in 0..64 {
+                let want = (a[frame].0[p] + b[frame].0[p]) / 2.0;
+                assert!((averaged[frame].0[p] - want).abs() < 1e-6);
+            }
+            assert!((averaged[frame].1 - (a[frame].1 + b[frame].1) / 2.0).abs() < 1e-9);
+        }
+        assert!(Ensemble::new(&schedule, primary, &[5000]).is_err(), "a member t0 beyond the schedule");
     }
 }

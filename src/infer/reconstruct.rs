@@ -4,6 +4,11 @@
 //! steps with stochasticity `eta`) and the buffers they reuse across batches. The noise of
 //! each frame comes from its own seeded stream, so a frame's reconstruction does not depend
 //! on which other frames share its batch.
+//!
+//! Optionally each reverse step is *conditioned* on the input (DDAD, Mousakhan et al. 2023):
+//! the predicted clean image is pulled toward the frame by `condition · (1 − ᾱ_t)`, so
+//! normal texture is reproduced as it is, not as some other plausible texture, while a
+//! defect — far from anything the model can draw — is still replaced.
 
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -35,6 +40,10 @@ pub struct ReconstructionSpec {
     /// DDIM stochasticity (0 = deterministic given the start noise, 1 ≈ DDPM).
     #[serde(default)]
     pub eta: f64,
+    /// DDAD conditioning weight w ≥ 0: each step's x̂₀ moves toward the input by
+    /// `w·(1 − ᾱ_t)` of the gap (0 = plain reconstruction, as before this field existed).
+    #[serde(default)]
+    pub condition: f64,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -47,6 +56,8 @@ pub enum ReconstructionError {
     DdimSteps { t0: usize, steps: usize },
     #[error("eta must be in [0, 1], got {0}")]
     Eta(f64),
+    #[error("condition (DDAD weight) must be finite and in [0, 100], got {0}")]
+    Condition(f64),
 }
 
 impl ReconstructionSpec {
@@ -58,6 +69,7 @@ impl ReconstructionSpec {
         steps: Option<usize>,
         sampler: Option<Sampler>,
         eta: Option<f64>,
+        condition: Option<f64>,
     ) -> Self {
         let t0 = t0.unwrap_or(self.t0);
         let sampler = sampler.unwrap_or(self.sampler);
@@ -66,7 +78,7 @@ impl ReconstructionSpec {
             (None, Sampler::Ddpm) => t0,
             (None, Sampler::Ddim) => self.steps,
         };
-        Self { t0, steps, sampler, eta: eta.unwrap_or(self.eta) }
+        Self { t0, steps, sampler, eta: eta.unwrap_or(self.eta), condition: condition.unwrap_or(self.condition) }
     }
 
     /// Checks these settings against a schedule of `schedule_steps` steps.
@@ -82,6 +94,9 @@ impl ReconstructionSpec {
         }
         if !(0.0..=1.0).contains(&self.eta) {
             return Err(ReconstructionError::Eta(self.eta));
+        }
+        if !(0.0..=100.0).contains(&self.condition) {
+            return Err(ReconstructionError::Condition(self.condition));
         }
         if t0 == 0 {
             return Ok(Vec::new());
@@ -172,9 +187,13 @@ impl Reconstructor {
             denoiser.predict_eps(current, shape, &self.times, &mut |eps| {
                 for (i, rng) in rngs.iter_mut().enumerate() {
                     let range = i * per_frame..(i + 1) * per_frame;
-                    for ((x_next, x), e) in next[range.clone()].iter_mut().zip(&current[range.clone()]).zip(&eps[range])
-                    {
-                        *x_next = coefficients.apply(*x, *e, rng);
+                    let pixels = next[range.clone()]
+                        .iter_mut()
+                        .zip(&current[range.clone()])
+                        .zip(&eps[range.clone()])
+                        .zip(&clean[range]);
+                    for (((x_next, x), e), y) in pixels {
+                        *x_next = coefficients.apply(*x, *e, *y, rng);
                     }
                 }
             })?;
@@ -197,6 +216,8 @@ struct StepCoefficients {
     c_eps: f32,
     /// Standard deviation of the fresh noise added this step.
     sigma: f32,
+    /// DDAD pull of x̂₀ toward the input: `w·(1 − ᾱ_t)`, at most 1.
+    pull: f32,
 }
 
 impl StepCoefficients {
@@ -224,13 +245,17 @@ impl StepCoefficients {
             c_xt: c_xt as f32,
             c_eps: c_eps as f32,
             sigma: sigma as f32,
+            pull: (spec.condition * (1.0 - ab)).min(1.0) as f32,
         }
     }
 
     #[inline]
-    fn apply(&self, x: f32, eps: f32, rng: &mut ChaCha8Rng) -> f32 {
-        // x̂₀ is clipped to the data range; ε is re-derived from the clipped x̂₀ (DDIM).
+    fn apply(&self, x: f32, eps: f32, input: f32, rng: &mut ChaCha8Rng) -> f32 {
+        // x̂₀ is clipped to the data range and pulled toward the input (DDAD's
+        // ε̂ = ε − w·√(1−ᾱ)·(y_t − x_t) is exactly this move of x̂₀); ε is re-derived from
+        // the final x̂₀ (DDIM).
         let x0 = ((x - self.sqrt_one_minus_ab * eps) / self.sqrt_ab).clamp(-1.0, 1.0);
+        let x0 = x0 + self.pull * (input - x0);
         let eps_hat = (x - self.sqrt_ab * x0) / self.sqrt_one_minus_ab;
         let mean = self.c_x0 * x0 + self.c_xt * x + self.c_eps * eps_hat;
         if self.sigma > 0.0 {
@@ -248,7 +273,7 @@ mod tests {
     use crate::model::diffusion::ScheduleSpec;
 
     fn spec(t0: usize, steps: usize, sampler: Sampler) -> ReconstructionSpec {
-        ReconstructionSpec { t0, steps, sampler, eta: 0.0 }
+        ReconstructionSpec { t0, steps, sampler, eta: 0.0, condition: 0.0 }
     }
 
     #[test]
@@ -310,5 +335,48 @@ mod tests {
             let worst = out.iter().zip(&clean).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
             assert!(worst < 1e-3, "{s:?}: worst {worst}");
         }
+    }
+
+    /// A blurry model: it predicts x̂₀ as half of the noisy image's signal, so anything it
+    /// does not know fades away over the reverse steps (plain reconstruction tends to grey)
+    /// unless conditioning keeps pulling the state toward the input.
+    struct Fading {
+        schedule: NoiseSchedule,
+    }
+
+    impl Denoiser for Fading {
+        fn channels(&self) -> usize {
+            1
+        }
+        fn predict_eps(
+            &mut self,
+            x: &[f32],
+            _: [usize; 4],
+            t: &[f32],
+            consume: &mut dyn FnMut(&[f32]),
+        ) -> Result<(), RuntimeError> {
+            let ab = self.schedule.alpha_bars[t[0] as usize];
+            let eps: Vec<f32> = x.iter().map(|x| (0.5 * *x as f64 / (1.0 - ab).sqrt()) as f32).collect();
+            consume(&eps);
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn conditioning_pulls_the_reconstruction_toward_the_input() {
+        let schedule = NoiseSchedule::new(&ScheduleSpec::default()).unwrap();
+        let input: Vec<f32> = (0..64).map(|i| ((i as f32) * 0.61).sin() * 0.8).collect();
+        let distance = |condition: f64| {
+            let s = ReconstructionSpec { condition, ..spec(100, 5, Sampler::Ddim) };
+            let mut r = Reconstructor::new(schedule.clone(), s).unwrap();
+            let mut out = vec![0.0; 64];
+            r.reconstruct(&mut Fading { schedule: schedule.clone() }, &input, [1, 1, 8, 8], &[3], &mut out).unwrap();
+            out.iter().zip(&input).map(|(a, b)| (a - b).abs()).sum::<f32>() / 64.0
+        };
+        let (plain, some, strong) = (distance(0.0), distance(5.0), distance(100.0));
+        assert!(some < plain && strong < some, "{plain} > {some} > {strong} expected");
+        assert!(strong < 0.7 * plain, "a strong pull keeps the input: {strong} vs {plain}");
+        let bad = ReconstructionSpec { condition: -1.0, ..spec(10, 1, Sampler::Ddim) };
+        assert_eq!(bad.check(1000), Err(ReconstructionError::Condition(-1.0)));
     }
 }

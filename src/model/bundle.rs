@@ -88,8 +88,10 @@ pub fn validate(m: &Manifest) -> Result<(), String> {
     }
     m.unet.validate().map_err(|e| e.to_string())?;
     m.unet.check_input_size(m.input.height, m.input.width).map_err(|e| e.to_string())?;
+    m.inspection.validate([m.input.height, m.input.width])?;
     let schedule = NoiseSchedule::new(&m.schedule).map_err(|e| format!("schedule: {e}"))?;
-    Reconstructor::new(schedule, m.reconstruction).map_err(|e| format!("reconstruction: {e}"))?;
+    crate::infer::inspect::Ensemble::new(&schedule, m.reconstruction, m.extra_t0())
+        .map_err(|e| format!("reconstruction: {e}"))?;
     for (name, t) in [("pixel", &m.thresholds.pixel), ("image", &m.thresholds.image)] {
         if !(t.max >= t.min) || !t.value.is_finite() {
             return Err(format!("thresholds.{name}: need finite value and max >= min, got {t:?}"));

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use burn::tensor::{Tensor, TensorData};
 
 use super::bundle::{BundleError, Staged, run_golden, sha256_hex};
-use super::manifest::{GoldenCheck, MANIFEST_FILE, Manifest, ONNX_FILE, Thresholds};
+use super::manifest::{GoldenCheck, MANIFEST_FILE, Manifest, ONNX_FILE};
 use super::onnx_export::{OPSET, export_onnx};
 use super::unet::UNet;
 use crate::infer::runtime::{Denoiser, OrtDenoiser, RuntimeConfig};
@@ -46,21 +46,22 @@ pub fn parity(
     Ok(worst)
 }
 
-/// For [`export_bundle`]: keep the manifest's thresholds as given.
-pub fn keep_thresholds(_: &mut OrtDenoiser, _: &Manifest) -> Result<Option<Thresholds>, BundleError> {
-    Ok(None)
+/// For [`export_bundle`]: keep the manifest's operating point and thresholds as given.
+pub fn keep_thresholds(_: &mut OrtDenoiser, _: &mut Manifest) -> Result<(), BundleError> {
+    Ok(())
 }
 
 /// Exports `model` as the bundle described by `manifest` (its `artifact` and `golden`
 /// sections are filled in here) into `target`. `calibrate` runs on the verified graph,
-/// before the manifest is written, and may replace the thresholds.
+/// before the manifest is written, and may choose the operating point (reconstruction,
+/// anomaly map) and replace the thresholds; the result is validated like any manifest.
 pub fn export_bundle(
     model: &UNet,
     mut manifest: Manifest,
     target: &Path,
     runtime: &RuntimeConfig,
     force: bool,
-    calibrate: impl FnOnce(&mut OrtDenoiser, &Manifest) -> Result<Option<Thresholds>, BundleError>,
+    calibrate: impl FnOnce(&mut OrtDenoiser, &mut Manifest) -> Result<(), BundleError>,
 ) -> Result<(PathBuf, Manifest), BundleError> {
     let staged = Staged::new(target, force)?;
     let onnx = export_onnx(model, &manifest.unet, env!("CARGO_PKG_VERSION"));
@@ -89,9 +90,7 @@ pub fn export_bundle(
     manifest.artifact.sha256 = sha256_hex(&onnx);
     manifest.artifact.opset = OPSET;
     manifest.artifact.parity_max_abs_diff = worst;
-    if let Some(thresholds) = calibrate(&mut ort, &manifest)? {
-        manifest.thresholds = thresholds;
-    }
+    calibrate(&mut ort, &mut manifest)?;
     super::bundle::validate(&manifest)
         .map_err(|what| BundleError::Inconsistent { path: target.to_path_buf(), what })?;
     run_golden(&mut ort, &manifest).map_err(|what| BundleError::Golden { path: onnx_path.clone(), what })?;

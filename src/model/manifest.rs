@@ -10,9 +10,9 @@ use serde::{Deserialize, Serialize};
 
 use super::architecture::UNetConfig;
 use super::diffusion::ScheduleSpec;
-use super::preprocess::InputSpec;
+use super::preprocess::{InputSpec, Inspection};
 use crate::infer::reconstruct::ReconstructionSpec;
-use crate::postprocess::anomaly::{AnomalySpec, Threshold};
+use crate::postprocess::anomaly::{AnomalySpec, Residual, Threshold};
 
 /// Bumped on any incompatible change of this file's layout.
 pub const SCHEMA_VERSION: u32 = 1;
@@ -28,14 +28,75 @@ pub struct Manifest {
     /// RFC 3339 creation time.
     pub created: String,
     pub input: InputSpec,
+    /// Whole-frame resize or tiles at a pixel scale (absent in older bundles: resize).
+    #[serde(default)]
+    pub inspection: Inspection,
     pub unet: UNetConfig,
     pub schedule: ScheduleSpec,
     pub reconstruction: ReconstructionSpec,
+    /// Further reconstructions whose maps are averaged with the primary one's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ensemble: Option<EnsembleSpec>,
     pub anomaly: AnomalySpec,
     pub thresholds: Thresholds,
     pub provenance: Provenance,
     pub artifact: Artifact,
     pub golden: GoldenCheck,
+    /// How `reconstruction` and `anomaly.residual` were chosen, when `retrain` searched
+    /// for them (absent in bundles from before the search, or trained with fixed settings).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub operating_point: Option<OperatingPoint>,
+}
+
+/// Ensemble members beyond `reconstruction`: the same sampler, steps and conditioning at
+/// other t0 (each costs its own UNet calls).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EnsembleSpec {
+    pub extra_t0: Vec<usize>,
+}
+
+impl Manifest {
+    /// The ensemble's extra t0 values (empty for a single reconstruction).
+    pub fn extra_t0(&self) -> &[usize] {
+        self.ensemble.as_ref().map_or(&[], |e| &e.extra_t0)
+    }
+}
+
+/// The outcome of `retrain`'s operating-point search: synthetic defects pasted on the
+/// held-out calibration frames, every candidate within the UNet-call budget scored, the
+/// best by pixel AUPRC kept (ties: fewer UNet calls).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OperatingPoint {
+    /// The rule in words.
+    pub rule: String,
+    /// Most UNet calls per tile a candidate could use.
+    pub budget_unet_calls: usize,
+    /// Clean frames the defects were pasted on (each scored clean and defective).
+    pub validation_frames: usize,
+    /// Defect shapes pasted for the search (held-out scoring should use others too).
+    pub defect_kinds: Vec<String>,
+    pub chosen: CandidateScore,
+    /// Every candidate, best first.
+    pub candidates: Vec<CandidateScore>,
+}
+
+/// One candidate setting and its validation figures.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CandidateScore {
+    pub t0: usize,
+    /// Ensemble members at other t0 (maps averaged); empty for one reconstruction.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub extra_t0: Vec<usize>,
+    pub steps: usize,
+    pub condition: f64,
+    pub residual: Residual,
+    pub unet_calls: usize,
+    pub pixel_auprc: f64,
+    pub pixel_auroc: f64,
+    pub image_auroc: f64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -2,7 +2,8 @@
 //!
 //! Mismatched preprocessing between training and deployment is the most common way an
 //! anomaly model "works in the notebook" and fails on the line; so the manifest's
-//! [`InputSpec`] is the only input to this module and every subcommand goes through it.
+//! [`InputSpec`] (with the [`Inspection`] mode: whole-frame resize or tiles at a scale)
+//! is the only input to this module and every subcommand goes through it.
 
 use std::path::Path;
 
@@ -25,6 +26,39 @@ impl From<ResizeFilter> for FilterType {
             ResizeFilter::Nearest => FilterType::Nearest,
             ResizeFilter::Triangle => FilterType::Triangle,
             ResizeFilter::CatmullRom => FilterType::CatmullRom,
+        }
+    }
+}
+
+/// How a model sees a camera frame; stored in the manifest.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "mode")]
+pub enum Inspection {
+    /// The whole frame (or ROI) is resized to the model's input: models trained on
+    /// whole-frame thumbnails (every bundle from before tiling).
+    #[default]
+    Resize,
+    /// The frame is scaled by `scale` (model pixels per camera pixel; 1 = native) and cut
+    /// into model-size tiles whose starts are `stride` model pixels apart.
+    Tiled { scale: f64, stride: usize },
+}
+
+impl Inspection {
+    pub fn validate(&self, tile: [usize; 2]) -> Result<(), String> {
+        match *self {
+            Self::Resize => Ok(()),
+            Self::Tiled { scale, stride } => {
+                if !(scale.is_finite() && scale > 0.0 && scale <= 16.0) {
+                    return Err(format!("inspection.scale must be in (0, 16], got {scale}"));
+                }
+                if stride == 0 || stride > tile[0].min(tile[1]) {
+                    return Err(format!(
+                        "inspection.stride must be in 1..={} (the tile size), got {stride}",
+                        tile[0].min(tile[1])
+                    ));
+                }
+                Ok(())
+            }
         }
     }
 }
@@ -62,8 +96,15 @@ pub enum PreprocessError {
 pub struct Prepared {
     /// `[C, H, W]` in model space.
     pub tensor: Vec<f32>,
-    /// The frame at model resolution, as RGB for drawing.
+    /// The frame at inspection resolution, as RGB for drawing.
     pub display: RgbImage,
+}
+
+impl Prepared {
+    /// `[height, width]` of the prepared frame.
+    pub fn size(&self) -> [usize; 2] {
+        [self.display.height() as usize, self.display.width() as usize]
+    }
 }
 
 impl InputSpec {
@@ -72,10 +113,33 @@ impl InputSpec {
         self.channels * self.height * self.width
     }
 
-    /// Resizes and normalises a decoded image.
+    /// Resizes and normalises a decoded image to the model's input size.
     pub fn prepare(&self, image: &DynamicImage) -> Prepared {
-        let resized = image.resize_exact(self.width as u32, self.height as u32, self.resize_filter.into());
-        let mut tensor = Vec::with_capacity(self.frame_len());
+        self.normalise(&image.resize_exact(self.width as u32, self.height as u32, self.resize_filter.into()))
+    }
+
+    /// Prepares a decoded image as `inspection` says: resized to the input size, or scaled
+    /// by the model's pixel scale for tiling (unchanged at scale 1). A frame that would be
+    /// smaller than one tile in either direction is resized to exactly one tile, as an
+    /// untiled model would see it.
+    pub fn prepare_for(&self, inspection: Inspection, image: &DynamicImage) -> Prepared {
+        let Inspection::Tiled { scale, .. } = inspection else {
+            return self.prepare(image);
+        };
+        let (width, height) =
+            ((image.width() as f64 * scale).round() as usize, (image.height() as f64 * scale).round() as usize);
+        if width < self.width || height < self.height {
+            return self.prepare(image);
+        }
+        if (width, height) == (image.width() as usize, image.height() as usize) {
+            return self.normalise(image);
+        }
+        self.normalise(&image.resize_exact(width as u32, height as u32, self.resize_filter.into()))
+    }
+
+    /// Normalises an image of any size into a `[C, H, W]` model-space tensor.
+    fn normalise(&self, resized: &DynamicImage) -> Prepared {
+        let mut tensor = Vec::with_capacity(self.channels * resized.width() as usize * resized.height() as usize);
         let scale = |v: u8| (v as f32 / 255.0 - self.mean) / self.std;
         let display = if self.channels == 1 {
             let luma = resized.to_luma8();
@@ -91,8 +155,8 @@ impl InputSpec {
         Prepared { tensor, display }
     }
 
-    /// Reads, decodes and prepares an image file.
-    pub fn prepare_file(&self, path: &Path) -> Result<Prepared, PreprocessError> {
+    /// Reads, decodes and prepares an image file as `inspection` says.
+    pub fn prepare_file(&self, inspection: Inspection, path: &Path) -> Result<Prepared, PreprocessError> {
         let shown = path.display().to_string();
         let image = image::ImageReader::open(path)
             .map_err(|e| PreprocessError::Read { path: shown.clone(), source: image::ImageError::IoError(e) })?
@@ -103,7 +167,7 @@ impl InputSpec {
         if image.width() == 0 || image.height() == 0 {
             return Err(PreprocessError::Empty { path: shown });
         }
-        Ok(self.prepare(&image))
+        Ok(self.prepare_for(inspection, &image))
     }
 
     /// Model-space value back to an 8-bit pixel.
@@ -124,6 +188,31 @@ mod tests {
         let p = spec.prepare(&img);
         assert_eq!(p.tensor, vec![-1.0, 1.0]);
         assert_eq!(spec.to_pixel(p.tensor[1]), 255);
+    }
+
+    #[test]
+    fn tiled_inspection_keeps_native_size_and_resizes_frames_below_one_tile() {
+        let spec = InputSpec { width: 4, height: 4, ..InputSpec::default() };
+        let tiled = Inspection::Tiled { scale: 1.0, stride: 3 };
+        let big = DynamicImage::ImageLuma8(GrayImage::from_fn(10, 6, |x, y| Luma([(x * 20 + y) as u8])));
+        let p = spec.prepare_for(tiled, &big);
+        assert_eq!(p.size(), [6, 10]);
+        assert_eq!(p.tensor.len(), 60);
+        assert_eq!(spec.to_pixel(p.tensor[10 + 3]), 61, "native pixels are kept");
+        let half = spec.prepare_for(Inspection::Tiled { scale: 0.5, stride: 3 }, &big);
+        assert_eq!(half.size(), [4, 4], "6×10 at scale ½ is 3×5: below one tile, resized to it");
+        let twice = spec.prepare_for(Inspection::Tiled { scale: 2.0, stride: 3 }, &big);
+        assert_eq!(twice.size(), [12, 20]);
+        assert_eq!(spec.prepare_for(Inspection::Resize, &big).size(), [4, 4]);
+    }
+
+    #[test]
+    fn inspection_settings_are_checked() {
+        assert!(Inspection::Tiled { scale: 1.0, stride: 48 }.validate([64, 64]).is_ok());
+        assert!(Inspection::Tiled { scale: 0.0, stride: 48 }.validate([64, 64]).is_err());
+        assert!(Inspection::Tiled { scale: f64::NAN, stride: 48 }.validate([64, 64]).is_err());
+        assert!(Inspection::Tiled { scale: 1.0, stride: 65 }.validate([64, 64]).is_err());
+        assert!(Inspection::Tiled { scale: 1.0, stride: 0 }.validate([64, 64]).is_err());
     }
 
     #[test]

@@ -1,7 +1,14 @@
 //! From a frame and its reconstruction to a verdict: anomaly map, score, mask, regions.
 //!
-//! Pure functions, shared by `infer`, `run` and `eval`. Maps are in image-intensity units
-//! (the residual of [0, 1] images), so thresholds mean the same for any normalisation.
+//! Pure functions, shared by `infer`, `run` and `eval`. Maps are dissimilarities of [0, 1]
+//! images: intensity units for the pixel residuals (`l1`, `l2`), and 1 − similarity for the
+//! structural rules (`ssim`, `msgms`), so thresholds mean the same for any normalisation.
+//!
+//! The structural rules exist because the pixel residual is a weak map on irregular
+//! textures: a reconstruction that draws *a* plausible grass blade where the frame has
+//! another one differs pixel by pixel, but not in local structure. SSIM (Bergmann et al.,
+//! VISAPP 2019) compares local means, variances and covariance; MSGMS (Zavrtanik et al.,
+//! RIAD 2021) compares gradient magnitudes at four scales.
 //! Scores are normalised as anomalib does: `clamp((x − threshold)/(max − min) + 0.5, 0, 1)`,
 //! putting the calibrated threshold at exactly 0.5.
 
@@ -14,6 +21,23 @@ pub enum Residual {
     L1,
     /// (x − x̂)²
     L2,
+    /// (1 − SSIM)/2 over a Gaussian window (σ = 1.5 px, the SSIM paper's window).
+    Ssim,
+    /// 1 − gradient-magnitude similarity, averaged over scales 1, ½, ¼, ⅛ (RIAD's MSGMS).
+    Msgms,
+}
+
+impl Residual {
+    pub const ALL: [Residual; 4] = [Self::L1, Self::L2, Self::Ssim, Self::Msgms];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::L1 => "l1",
+            Self::L2 => "l2",
+            Self::Ssim => "ssim",
+            Self::Msgms => "msgms",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -105,20 +129,30 @@ pub struct Analysis {
     pub reconstruction_mse: f64,
 }
 
-/// Per-pixel residual map of one frame, in [0, 1] intensity units.
-/// `clean` and `recon` are `[C, H, W]` in model space [−1, 1].
-pub fn residual_map(clean: &[f32], recon: &[f32], channels: usize, spec: &AnomalySpec) -> Vec<f32> {
+/// Per-pixel dissimilarity map of one frame under `spec.residual`.
+/// `clean` and `recon` are `[C, H, W]` in model space [−1, 1]; channels are reduced by
+/// `spec.channel_reduction`.
+pub fn residual_map(
+    clean: &[f32],
+    recon: &[f32],
+    [channels, height, width]: [usize; 3],
+    spec: &AnomalySpec,
+) -> Vec<f32> {
     assert_eq!(clean.len(), recon.len(), "residual_map: length mismatch");
-    let plane = clean.len() / channels;
+    let plane = height * width;
+    assert_eq!(clean.len(), channels * plane, "residual_map: not {channels}x{height}x{width}");
     let mut map = vec![0.0f32; plane];
     for c in 0..channels {
-        for (p, m) in map.iter_mut().enumerate() {
-            // Model space spans 2 units per intensity unit.
-            let d = (clean[c * plane + p] - recon[c * plane + p]).abs() / 2.0;
-            let r = match spec.residual {
-                Residual::L1 => d,
-                Residual::L2 => d * d,
-            };
+        // Model space spans 2 units per intensity unit.
+        let x: Vec<f32> = clean[c * plane..(c + 1) * plane].iter().map(|v| (v + 1.0) / 2.0).collect();
+        let y: Vec<f32> = recon[c * plane..(c + 1) * plane].iter().map(|v| (v + 1.0) / 2.0).collect();
+        let channel_map = match spec.residual {
+            Residual::L1 => x.iter().zip(&y).map(|(a, b)| (a - b).abs()).collect(),
+            Residual::L2 => x.iter().zip(&y).map(|(a, b)| (a - b) * (a - b)).collect(),
+            Residual::Ssim => ssim_dissimilarity(&x, &y, height, width),
+            Residual::Msgms => msgms_dissimilarity(&x, &y, height, width),
+        };
+        for (m, r) in map.iter_mut().zip(channel_map) {
             *m = match spec.channel_reduction {
                 ChannelReduction::Mean => *m + r / channels as f32,
                 ChannelReduction::Max => m.max(r),
@@ -126,6 +160,99 @@ pub fn residual_map(clean: &[f32], recon: &[f32], channels: usize, spec: &Anomal
         }
     }
     map
+}
+
+/// `(1 − SSIM)/2` per pixel of two [0, 1] planes, with the SSIM paper's constants
+/// (K1 = 0.01, K2 = 0.03, L = 1) and Gaussian window (σ = 1.5).
+fn ssim_dissimilarity(x: &[f32], y: &[f32], height: usize, width: usize) -> Vec<f32> {
+    const SIGMA: f64 = 1.5;
+    const C1: f32 = 0.01 * 0.01;
+    const C2: f32 = 0.03 * 0.03;
+    let local_mean = |v: &[f32]| gaussian_blur(v, height, width, SIGMA);
+    let product = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(p, q)| p * q).collect::<Vec<f32>>();
+    let (mean_x, mean_y) = (local_mean(x), local_mean(y));
+    let (mean_xx, mean_yy, mean_xy) =
+        (local_mean(&product(x, x)), local_mean(&product(y, y)), local_mean(&product(x, y)));
+    (0..x.len())
+        .map(|p| {
+            let (mx, my) = (mean_x[p], mean_y[p]);
+            let var_x = (mean_xx[p] - mx * mx).max(0.0);
+            let var_y = (mean_yy[p] - my * my).max(0.0);
+            let cov = mean_xy[p] - mx * my;
+            let ssim = ((2.0 * mx * my + C1) * (2.0 * cov + C2)) / ((mx * mx + my * my + C1) * (var_x + var_y + C2));
+            ((1.0 - ssim) / 2.0).clamp(0.0, 1.0)
+        })
+        .collect()
+}
+
+/// RIAD's multi-scale gradient-magnitude dissimilarity of two [0, 1] planes: at scales 1,
+/// ½, ¼ and ⅛ (2×2 average pooling), `1 − (2·g_x·g_y + c)/(g_x² + g_y² + c)` with Prewitt
+/// gradient magnitudes and c = 0.0026, brought back to full size (nearest neighbour) and
+/// averaged. Scales whose plane would be smaller than 4×4 are skipped.
+fn msgms_dissimilarity(x: &[f32], y: &[f32], height: usize, width: usize) -> Vec<f32> {
+    const C: f32 = 0.0026;
+    let mut out = vec![0.0f32; x.len()];
+    let (mut x, mut y, mut h, mut w) = (x.to_vec(), y.to_vec(), height, width);
+    let mut scales = 0usize;
+    for level in 0..4 {
+        if level > 0 {
+            if h / 2 < 4 || w / 2 < 4 {
+                break;
+            }
+            (x, y) = (average_pool(&x, h, w), average_pool(&y, h, w));
+            (h, w) = (h / 2, w / 2);
+        }
+        let (gx, gy) = (gradient_magnitude(&x, h, w), gradient_magnitude(&y, h, w));
+        let factor = 1usize << level;
+        for row in 0..height {
+            let source_row = (row / factor).min(h - 1);
+            for col in 0..width {
+                let q = source_row * w + (col / factor).min(w - 1);
+                let similarity = (2.0 * gx[q] * gy[q] + C) / (gx[q] * gx[q] + gy[q] * gy[q] + C);
+                out[row * width + col] += 1.0 - similarity;
+            }
+        }
+        scales += 1;
+    }
+    out.iter_mut().for_each(|v| *v /= scales as f32);
+    out
+}
+
+/// 2×2 average pooling (odd trailing rows/columns dropped).
+fn average_pool(plane: &[f32], height: usize, width: usize) -> Vec<f32> {
+    let (h, w) = (height / 2, width / 2);
+    let mut out = Vec::with_capacity(h * w);
+    for row in 0..h {
+        for col in 0..w {
+            let at = |r: usize, c: usize| plane[(2 * row + r) * width + 2 * col + c];
+            out.push((at(0, 0) + at(0, 1) + at(1, 0) + at(1, 1)) / 4.0);
+        }
+    }
+    out
+}
+
+/// Prewitt gradient magnitude with replicated borders.
+fn gradient_magnitude(plane: &[f32], height: usize, width: usize) -> Vec<f32> {
+    let at = |r: isize, c: isize| {
+        plane[r.clamp(0, height as isize - 1) as usize * width + c.clamp(0, width as isize - 1) as usize]
+    };
+    let mut out = Vec::with_capacity(plane.len());
+    for r in 0..height as isize {
+        for c in 0..width as isize {
+            let gx = (at(r - 1, c + 1) + at(r, c + 1) + at(r + 1, c + 1)
+                - at(r - 1, c - 1)
+                - at(r, c - 1)
+                - at(r + 1, c - 1))
+                / 3.0;
+            let gy = (at(r + 1, c - 1) + at(r + 1, c) + at(r + 1, c + 1)
+                - at(r - 1, c - 1)
+                - at(r - 1, c)
+                - at(r - 1, c + 1))
+                / 3.0;
+            out.push((gx * gx + gy * gy).sqrt());
+        }
+    }
+    out
 }
 
 /// Separable Gaussian blur with anomalib's kernel size `2·⌊4σ + 0.5⌋ + 1` and reflected
@@ -259,15 +386,31 @@ pub fn analyse(
     pixel: &Threshold,
     image: &Threshold,
 ) -> Analysis {
-    let raw = residual_map(clean, recon, channels, spec);
+    let raw = residual_map(clean, recon, [channels, height, width], spec);
+    verdict(raw, reconstruction_mse(clean, recon), [height, width], spec, pixel, image)
+}
+
+/// Mean squared difference of two model-space tensors, in [0, 1] intensity units.
+pub fn reconstruction_mse(clean: &[f32], recon: &[f32]) -> f64 {
+    clean.iter().zip(recon).map(|(a, b)| ((a - b) as f64 / 2.0).powi(2)).sum::<f64>() / clean.len() as f64
+}
+
+/// From a raw (unsmoothed) dissimilarity map — one reconstruction's, or an ensemble's
+/// average — to the verdict: smoothing, normalisation, mask, image score, regions.
+pub fn verdict(
+    raw: Vec<f32>,
+    reconstruction_mse: f64,
+    [height, width]: [usize; 2],
+    spec: &AnomalySpec,
+    pixel: &Threshold,
+    image: &Threshold,
+) -> Analysis {
     let map = gaussian_blur(&raw, height, width, spec.smoothing_sigma);
     let normalised_map: Vec<f32> = map.iter().map(|v| pixel.normalise(*v as f64) as f32).collect();
     let mask: Vec<u8> = normalised_map.iter().map(|v| u8::from(*v >= 0.5)).collect();
     let score = image_score(&map, spec.image_score);
     let normalised_score = image.normalise(score);
     let regions = regions(&mask, &normalised_map, height, width, spec.min_region_area);
-    let reconstruction_mse =
-        clean.iter().zip(recon).map(|(a, b)| ((a - b) as f64 / 2.0).powi(2)).sum::<f64>() / clean.len() as f64;
     Analysis {
         height,
         width,
@@ -303,7 +446,55 @@ mod tests {
     fn residual_is_in_intensity_units() {
         // Model-space −1 vs 1 is black vs white: residual 1.
         let spec = AnomalySpec { smoothing_sigma: 0.0, ..AnomalySpec::default() };
-        assert_eq!(residual_map(&[-1.0, 0.0], &[1.0, 0.5], 1, &spec), vec![1.0, 0.25]);
+        assert_eq!(residual_map(&[-1.0, 0.0], &[1.0, 0.5], [1, 1, 2], &spec), vec![1.0, 0.25]);
+    }
+
+    fn textured(height: usize, width: usize) -> Vec<f32> {
+        (0..height * width).map(|i| 0.6 * ((i % width) as f32 * 0.9).sin() * ((i / width) as f32 * 0.7).cos()).collect()
+    }
+
+    #[test]
+    fn structural_rules_are_zero_on_identity_and_peak_on_a_structural_change() {
+        let (h, w) = (32, 32);
+        let clean = textured(h, w);
+        let mut recon = clean.clone();
+        // A flat 6×6 patch wipes out the texture's structure there.
+        for r in 12..18 {
+            for c in 20..26 {
+                recon[r * w + c] = 0.0;
+            }
+        }
+        for residual in [Residual::Ssim, Residual::Msgms] {
+            let spec = AnomalySpec { residual, smoothing_sigma: 0.0, ..AnomalySpec::default() };
+            let same = residual_map(&clean, &clean, [1, h, w], &spec);
+            assert!(same.iter().all(|v| v.abs() < 1e-4), "{residual:?} of identical planes");
+            let map = residual_map(&clean, &recon, [1, h, w], &spec);
+            assert!(map.iter().all(|v| (0.0..=1.0).contains(v)), "{residual:?} out of range");
+            let peak = (0..map.len()).max_by(|a, b| map[*a].total_cmp(&map[*b])).unwrap();
+            let (row, col) = (peak / w, peak % w);
+            assert!((10..20).contains(&row) && (18..28).contains(&col), "{residual:?} peaks at ({row}, {col})");
+            let far = map[2 * w + 2];
+            assert!(map[peak] > 10.0 * far.max(1e-4), "{residual:?}: peak {} vs far {far}", map[peak]);
+        }
+    }
+
+    #[test]
+    fn ssim_ignores_a_brightness_preserving_structure_copy_less_than_l1() {
+        // A reconstruction shifted by a constant: L1 flags every pixel, SSIM's structure
+        // term does not (only its luminance term reacts, weakly).
+        let (h, w) = (16, 16);
+        let clean = textured(h, w);
+        let recon: Vec<f32> = clean.iter().map(|v| v + 0.1).collect();
+        let l1 =
+            residual_map(&clean, &recon, [1, h, w], &AnomalySpec { residual: Residual::L1, ..AnomalySpec::default() });
+        let ssim = residual_map(
+            &clean,
+            &recon,
+            [1, h, w],
+            &AnomalySpec { residual: Residual::Ssim, ..AnomalySpec::default() },
+        );
+        let mean = |m: &[f32]| m.iter().sum::<f32>() / m.len() as f32;
+        assert!(mean(&ssim) < 0.2 * mean(&l1), "ssim {} vs l1 {}", mean(&ssim), mean(&l1));
     }
 
     #[test]

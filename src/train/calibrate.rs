@@ -1,7 +1,8 @@
 //! Label-free threshold calibration on held-out training frames.
 //!
 //! The frames are as contaminated as the training set, so the rule is robust by
-//! construction: reconstruct every held-out frame exactly as the daemon would, rank the
+//! construction: reconstruct every held-out frame exactly as the daemon would (the same
+//! [`Ensemble`] as `Inspector`), rank the
 //! frames by image score, drop the top `trim` fraction (the likely defects), then take the
 //! pixel threshold as a high quantile of the remaining pixels' scores and the image
 //! threshold as a quantile (default: the maximum) of the remaining image scores. The
@@ -9,10 +10,10 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::infer::reconstruct::Reconstructor;
+use crate::infer::inspect::Ensemble;
 use crate::infer::runtime::{Denoiser, RuntimeError};
 use crate::model::manifest::{Calibration, Manifest, Thresholds};
-use crate::postprocess::anomaly::{Threshold, analyse};
+use crate::postprocess::anomaly::{Threshold, verdict};
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct CalibrationRule {
@@ -59,7 +60,7 @@ const REPORTED_QUANTILES: [f64; 6] = [0.5, 0.9, 0.99, 0.999, 0.9999, 1.0];
 /// Computes thresholds for `manifest` from `frames` (`[C, H, W]` each, model space).
 pub fn calibrate(
     denoiser: &mut dyn Denoiser,
-    reconstructor: &mut Reconstructor,
+    ensemble: &mut Ensemble,
     manifest: &Manifest,
     frames: &[Vec<f32>],
     rule: &CalibrationRule,
@@ -73,19 +74,9 @@ pub fn calibrate(
     for (chunk_index, chunk) in frames.chunks(batch).enumerate() {
         let clean: Vec<f32> = chunk.concat();
         let seeds: Vec<u64> = (0..chunk.len()).map(|i| seed.wrapping_add((chunk_index * batch + i) as u64)).collect();
-        let mut recon = vec![0.0; clean.len()];
         let shape = [chunk.len(), input.channels, input.height, input.width];
-        reconstructor.reconstruct(denoiser, &clean, shape, &seeds, &mut recon)?;
-        for (i, frame) in chunk.iter().enumerate() {
-            let range = i * frame.len()..(i + 1) * frame.len();
-            let a = analyse(
-                frame,
-                &recon[range],
-                [input.channels, input.height, input.width],
-                &manifest.anomaly,
-                &neutral,
-                &neutral,
-            );
+        for (raw, mse) in ensemble.raw_maps(denoiser, &clean, shape, &seeds, &manifest.anomaly)? {
+            let a = verdict(raw, mse, [input.height, input.width], &manifest.anomaly, &neutral, &neutral);
             per_frame.push((a.score, a.map));
         }
     }

@@ -4,7 +4,8 @@
 //! Flow: `data` (frames, held-out calibration slice) → the explicit loop below (seeded
 //! per-step sampling, q-sample, UNet, `losses`, AdamW with warm-up + cosine learning rate
 //! and gradient clipping, EMA of the weights) → checkpoints → `model::export` of the EMA
-//! weights with `calibrate` run on the exported graph → JSON report.
+//! weights with `operating_point` (the search for t0, steps, conditioning and map rule on
+//! synthetic defects) and `calibrate` run on the exported graph → JSON report.
 //!
 //! Determinism: every step draws its batch, timesteps and noise from a ChaCha8 stream
 //! seeded by `(seed, step)`, and parameter ids are fixed by construction order, so a run
@@ -13,6 +14,7 @@
 pub mod calibrate;
 pub mod data;
 pub mod losses;
+pub mod operating_point;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -31,15 +33,19 @@ use serde::{Deserialize, Serialize};
 use self::calibrate::{CalibrationRule, calibrate};
 use self::data::{Augment, Dataset, Layout, Skipped};
 use self::losses::Loss;
-use crate::infer::reconstruct::{ReconstructionSpec, Reconstructor};
+use self::operating_point::SearchSpace;
+use crate::infer::inspect::Ensemble;
+use crate::infer::reconstruct::{ReconstructionSpec, Sampler};
 use crate::infer::runtime::RuntimeConfig;
 use crate::model::architecture::UNetConfig;
 use crate::model::bundle::{BundleError, read_manifest};
 use crate::model::diffusion::{NoiseSchedule, ScheduleSpec};
 use crate::model::export::export_bundle;
-use crate::model::manifest::{Artifact, Calibration, GoldenCheck, Manifest, Provenance, SCHEMA_VERSION, Thresholds};
+use crate::model::manifest::{
+    Artifact, Calibration, EnsembleSpec, GoldenCheck, Manifest, Provenance, SCHEMA_VERSION, Thresholds,
+};
 use crate::model::onnx_export::import_weights;
-use crate::model::preprocess::InputSpec;
+use crate::model::preprocess::{InputSpec, Inspection};
 use crate::model::unet::UNet;
 use crate::postprocess::anomaly::{AnomalySpec, Threshold};
 
@@ -49,6 +55,9 @@ pub struct TrainConfig {
     pub name: String,
     pub version: String,
     pub input: InputSpec,
+    /// How the model will see frames; tiled models train on crops at the tiling scale.
+    #[serde(default)]
+    pub inspection: Inspection,
     pub unet: UNetConfig,
     pub schedule: ScheduleSpec,
     pub reconstruction: ReconstructionSpec,
@@ -67,6 +76,10 @@ pub struct TrainConfig {
     pub random_crop: Option<u32>,
     pub calibration_fraction: f64,
     pub calibration: CalibrationRule,
+    /// Search the operating point on synthetic defects after training (`None`: ship
+    /// `reconstruction` and `anomaly` as given).
+    #[serde(default)]
+    pub operating_point: Option<SearchSpace>,
 }
 
 /// Where and how to run.
@@ -145,6 +158,8 @@ pub struct Report {
     pub data: DataReport,
     pub loss: LossSummary,
     pub thresholds: Thresholds,
+    /// The searched operating point, when there was a search.
+    pub operating_point: Option<crate::model::manifest::CandidateScore>,
     pub bundle: String,
     pub sha256: String,
     pub parity_max_abs_diff: f64,
@@ -195,6 +210,10 @@ impl TrainConfig {
         if !(0.0..1.0).contains(&self.ema_decay) {
             return Err(format!("--ema-decay must be in [0, 1), got {}", self.ema_decay));
         }
+        if let Some(space) = &self.operating_point {
+            space.validate()?;
+        }
+        self.inspection.validate([self.input.height, self.input.width])?;
         if !(0.0..1.0).contains(&self.calibration_fraction) {
             return Err(format!("--calibration-fraction must be in [0, 1), got {}", self.calibration_fraction));
         }
@@ -448,6 +467,7 @@ pub fn train(config: TrainConfig, options: &RunOptions) -> Result<Outcome, Train
         version: config.version.clone(),
         created: crate::commands::export::now_rfc3339(),
         input: config.input,
+        inspection: config.inspection,
         unet: config.unet.clone(),
         schedule: config.schedule,
         reconstruction: config.reconstruction,
@@ -479,18 +499,52 @@ pub fn train(config: TrainConfig, options: &RunOptions) -> Result<Outcome, Train
         },
         artifact: Artifact::pending(),
         golden: GoldenCheck::pending(),
+        operating_point: None,
+        ensemble: None,
     };
     let calibration_frames: Vec<Vec<f32>> =
         calibration_idx.iter().flat_map(|&i| dataset.frames_for_calibration(i, &augment)).collect();
-    let (bundle, manifest) =
-        export_bundle(&ema, manifest, &options.out, &options.runtime, options.force, |ort, manifest| {
-            let mut reconstructor =
-                Reconstructor::new(NoiseSchedule::new(&manifest.schedule).expect("validated"), manifest.reconstruction)
-                    .map_err(|e| BundleError::Inconsistent { path: options.out.clone(), what: e.to_string() })?;
-            calibrate(ort, &mut reconstructor, manifest, &calibration_frames, &config.calibration, config.seed)
-                .map(Some)
-                .map_err(BundleError::from)
-        })?;
+    let (bundle, manifest) = export_bundle(
+        &ema,
+        manifest,
+        &options.out,
+        &options.runtime,
+        options.force,
+        |ort, manifest| {
+            let schedule = NoiseSchedule::new(&manifest.schedule).expect("validated");
+            let input = manifest.input;
+            if let Some(space) = &config.operating_point {
+                let shape = [input.channels, input.height, input.width];
+                let point = operating_point::search(
+                    ort,
+                    &schedule,
+                    shape,
+                    &manifest.anomaly,
+                    &calibration_frames,
+                    space,
+                    config.seed,
+                )?;
+                let chosen = &point.chosen;
+                tracing::info!(t0 = chosen.t0, extra_t0 = ?chosen.extra_t0, steps = chosen.steps, condition = chosen.condition, residual = chosen.residual.name(), pixel_auprc = chosen.pixel_auprc, candidates = point.candidates.len(), "Operating point chosen.");
+                manifest.reconstruction = ReconstructionSpec {
+                    t0: chosen.t0,
+                    steps: chosen.steps,
+                    sampler: Sampler::Ddim,
+                    eta: 0.0,
+                    condition: chosen.condition,
+                };
+                manifest.ensemble =
+                    (!chosen.extra_t0.is_empty()).then(|| EnsembleSpec { extra_t0: chosen.extra_t0.clone() });
+                manifest.anomaly.residual = chosen.residual;
+                manifest.operating_point = Some(point);
+            }
+            let mut ensemble = Ensemble::new(&schedule, manifest.reconstruction, manifest.extra_t0())
+                .map_err(|e| BundleError::Inconsistent { path: options.out.clone(), what: e.to_string() })?;
+            manifest.thresholds =
+                calibrate(ort, &mut ensemble, manifest, &calibration_frames, &config.calibration, config.seed)?;
+            Ok(())
+        },
+    )?;
     let wall = started.elapsed().as_secs_f64();
     let report = Report {
         config: config.clone(),
@@ -505,6 +559,7 @@ pub fn train(config: TrainConfig, options: &RunOptions) -> Result<Outcome, Train
         },
         loss: loss_summary(&losses_seen),
         thresholds: manifest.thresholds.clone(),
+        operating_point: manifest.operating_point.as_ref().map(|p| p.chosen.clone()),
         bundle: bundle.display().to_string(),
         sha256: manifest.artifact.sha256.clone(),
         parity_max_abs_diff: manifest.artifact.parity_max_abs_diff,
