@@ -34,7 +34,7 @@ def fmt(v):
 def main(out):
     auto, old = load_reports(out, "eval-auto"), load_reports(out, "eval-old")
     keys = sorted(set(auto) | set(old), key=lambda k: (k[0] in TUNING, k[0], k[1], ["mse", "huber", "lts"].index(k[2])))
-    print("| texture | role | contamination | loss | operating point (t0 / steps / condition / map) | "
+    print("| texture | role | contamination | loss | operating point (t0[+ensemble t0] / steps / condition / map) | "
           "pixel AUROC old → new | pixel AUPRC old → new | image AUROC old → new | "
           "new pixel AUROC: crack / foreign (shapes never searched on) |")
     print("|---|---|---:|---|---|---:|---:|---:|---:|")
@@ -46,7 +46,8 @@ def main(out):
             with open(manifest_path, "rb") as f:
                 m = tomllib.load(f)
             r = m["reconstruction"]
-            point = f"{r['t0']} / {r['steps']} / {r.get('condition', 0):g} / {m['anomaly']['residual']}"
+            t0 = "+".join(str(t) for t in [r["t0"]] + m.get("ensemble", {}).get("extra_t0", []))
+            point = f"{t0} / {r['steps']} / {r.get('condition', 0):g} / {m['anomaly']['residual']}"
         a, o = auto.get(k), old.get(k)
         cell = lambda rep, key: fmt(rep["overall"][key]) if rep else "–"
         unseen = "–"

@@ -203,6 +203,7 @@ impl Inspector {
                     stitcher.finish(),
                     mse,
                     frame.size,
+                    input.height * input.width,
                     &manifest.anomaly,
                     &manifest.thresholds.pixel,
                     &manifest.thresholds.image,

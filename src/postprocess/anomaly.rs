@@ -52,7 +52,9 @@ pub enum ChannelReduction {
 #[serde(rename_all = "snake_case", tag = "rule")]
 pub enum ImageScore {
     Max,
-    /// Mean of the highest `fraction` of pixels (at least one).
+    /// Mean of the highest `fraction` × (model input area) pixels (at least one): on a
+    /// tiled frame the count stays that of one tile, so a defect scores the same in a
+    /// 64×64 frame and in a megapixel one, and the calibrated threshold keeps its meaning.
     TopKMean {
         fraction: f64,
     },
@@ -305,12 +307,12 @@ pub fn gaussian_blur(map: &[f32], height: usize, width: usize, sigma: f64) -> Ve
     out
 }
 
-/// The image score of a map under `rule`.
-pub fn image_score(map: &[f32], rule: ImageScore) -> f64 {
+/// The image score of a map under `rule`; `tile_area` is the model input's pixel count.
+pub fn image_score(map: &[f32], rule: ImageScore, tile_area: usize) -> f64 {
     match rule {
         ImageScore::Max => map.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64,
         ImageScore::TopKMean { fraction } => {
-            let k = ((map.len() as f64 * fraction).ceil() as usize).clamp(1, map.len());
+            let k = ((tile_area as f64 * fraction).ceil() as usize).clamp(1, map.len());
             let mut sorted = map.to_vec();
             let (_, _, _) = sorted.select_nth_unstable_by(map.len() - k, |a, b| a.total_cmp(b));
             sorted[map.len() - k..].iter().map(|v| *v as f64).sum::<f64>() / k as f64
@@ -387,7 +389,7 @@ pub fn analyse(
     image: &Threshold,
 ) -> Analysis {
     let raw = residual_map(clean, recon, [channels, height, width], spec);
-    verdict(raw, reconstruction_mse(clean, recon), [height, width], spec, pixel, image)
+    verdict(raw, reconstruction_mse(clean, recon), [height, width], height * width, spec, pixel, image)
 }
 
 /// Mean squared difference of two model-space tensors, in [0, 1] intensity units.
@@ -396,11 +398,14 @@ pub fn reconstruction_mse(clean: &[f32], recon: &[f32]) -> f64 {
 }
 
 /// From a raw (unsmoothed) dissimilarity map — one reconstruction's, or an ensemble's
-/// average — to the verdict: smoothing, normalisation, mask, image score, regions.
+/// average, or tiles stitched — to the verdict: smoothing, normalisation, mask, image
+/// score, regions. `tile_area` is the model input's pixel count (see [`ImageScore`]).
+#[allow(clippy::too_many_arguments)]
 pub fn verdict(
     raw: Vec<f32>,
     reconstruction_mse: f64,
     [height, width]: [usize; 2],
+    tile_area: usize,
     spec: &AnomalySpec,
     pixel: &Threshold,
     image: &Threshold,
@@ -408,7 +413,7 @@ pub fn verdict(
     let map = gaussian_blur(&raw, height, width, spec.smoothing_sigma);
     let normalised_map: Vec<f32> = map.iter().map(|v| pixel.normalise(*v as f64) as f32).collect();
     let mask: Vec<u8> = normalised_map.iter().map(|v| u8::from(*v >= 0.5)).collect();
-    let score = image_score(&map, spec.image_score);
+    let score = image_score(&map, spec.image_score, tile_area);
     let normalised_score = image.normalise(score);
     let regions = regions(&mask, &normalised_map, height, width, spec.min_region_area);
     Analysis {
@@ -510,8 +515,11 @@ mod tests {
     #[test]
     fn top_k_mean_and_normalisation() {
         let map: Vec<f32> = (0..100).map(|i| i as f32 / 100.0).collect();
-        assert!((image_score(&map, ImageScore::Max) - 0.99).abs() < 1e-6);
-        assert!((image_score(&map, ImageScore::TopKMean { fraction: 0.05 }) - 0.97).abs() < 1e-6);
+        assert!((image_score(&map, ImageScore::Max, 100) - 0.99).abs() < 1e-6);
+        assert!((image_score(&map, ImageScore::TopKMean { fraction: 0.05 }, 100) - 0.97).abs() < 1e-6);
+        // On a frame of four tiles the top-k count is still one tile's.
+        let frame: Vec<f32> = (0..400).map(|i| if i < 5 { 1.0 } else { 0.0 }).collect();
+        assert_eq!(image_score(&frame, ImageScore::TopKMean { fraction: 0.05 }, 100), 1.0);
         let t = Threshold { value: 0.3, min: 0.1, max: 0.5 };
         assert_eq!(t.normalise(0.3), 0.5);
         assert_eq!(t.normalise(0.4), 0.75);

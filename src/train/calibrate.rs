@@ -76,7 +76,8 @@ pub fn calibrate(
         let seeds: Vec<u64> = (0..chunk.len()).map(|i| seed.wrapping_add((chunk_index * batch + i) as u64)).collect();
         let shape = [chunk.len(), input.channels, input.height, input.width];
         for (raw, mse) in ensemble.raw_maps(denoiser, &clean, shape, &seeds, &manifest.anomaly)? {
-            let a = verdict(raw, mse, [input.height, input.width], &manifest.anomaly, &neutral, &neutral);
+            let size = [input.height, input.width];
+            let a = verdict(raw, mse, size, size[0] * size[1], &manifest.anomaly, &neutral, &neutral);
             per_frame.push((a.score, a.map));
         }
     }

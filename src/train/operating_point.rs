@@ -208,7 +208,7 @@ fn score(
         for member in members {
             map.iter_mut().zip(&member[i]).for_each(|(m, v)| *m += share * v);
         }
-        let analysis = verdict(map, 0.0, [height, width], rule, &neutral, &neutral);
+        let analysis = verdict(map, 0.0, [height, width], height * width, rule, &neutral, &neutral);
         image_scores.push(analysis.score as f32);
         pixel_scores.extend(analysis.map);
     }
