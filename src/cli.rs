@@ -90,6 +90,8 @@ pub enum AnomalyMapArg {
     L2,
     Ssim,
     Msgms,
+    /// The bundle's learned head (bundles trained with --head-steps > 0).
+    Head,
 }
 
 impl From<AnomalyMapArg> for Residual {
@@ -99,6 +101,7 @@ impl From<AnomalyMapArg> for Residual {
             AnomalyMapArg::L2 => Residual::L2,
             AnomalyMapArg::Ssim => Residual::Ssim,
             AnomalyMapArg::Msgms => Residual::Msgms,
+            AnomalyMapArg::Head => Residual::Head,
         }
     }
 }
@@ -425,6 +428,11 @@ pub struct RetrainArgs {
     /// instead of searching.
     #[arg(long)]
     pub fixed_operating_point: bool,
+    /// After the search, train a learned defect head (DRAEM-style, on synthetic
+    /// scratches, holes and stains pasted on training frames) for this many steps and
+    /// ship it if it beats the searched map on the validation defects; 0 = no head.
+    #[arg(long, default_value_t = 0)]
+    pub head_steps: usize,
     /// Anomaly-map Gaussian σ in pixels.
     #[arg(long, default_value_t = 2.0)]
     pub smoothing_sigma: f64,

@@ -184,6 +184,11 @@ impl Drop for Daemon {
 
 /// A config for `port` with the demo model and the given `[[cameras]]` tables.
 fn write_config(dir: &Path, port: u16, pipeline: &str, cameras: &str) -> PathBuf {
+    write_config_for(&repo().join("models/brick-huber"), "", dir, port, pipeline, cameras)
+}
+
+/// A config for `model` with extra `[model]` keys.
+fn write_config_for(model: &Path, model_keys: &str, dir: &Path, port: u16, pipeline: &str, cameras: &str) -> PathBuf {
     let path = dir.join("edge-inspect.toml");
     let text = format!(
         r#"
@@ -194,6 +199,7 @@ drain_timeout_ms = 2000
 
 [model]
 path = "{model}"
+{model_keys}
 
 [runtime]
 providers = ["cpu"]
@@ -214,7 +220,7 @@ normal_sample_rate = 1.0
 {cameras}
 "#,
         state = dir.join("state").display(),
-        model = repo().join("models/brick-huber").display(),
+        model = model.display(),
     );
     std::fs::File::create(&path).unwrap().write_all(text.as_bytes()).unwrap();
     path
@@ -308,6 +314,86 @@ fn replay_publishes_alerts_with_masks_and_goes_offline_on_sigterm() {
         sub.texts("/available").last().map(String::as_str) == Some("offline")
     });
     assert_eq!(sub.texts("cam0/status").last().map(String::as_str), Some("offline"));
+}
+
+/// A 1280×1024 camera frame of mirrored brick crops with a white 6×6 patch at camera
+/// pixel (500, 300).
+fn line_frame(path: &Path) {
+    let crop = image::open(repo().join("data/brick/train/good/000.png")).unwrap().to_luma8();
+    let mut frame = image::GrayImage::new(1280, 1024);
+    for y in 0..1024u32 {
+        for x in 0..1280u32 {
+            // Mirror at every crop border so the frame has no hard seams.
+            let fold = |v: u32| if (v / 128) % 2 == 0 { v % 128 } else { 127 - v % 128 };
+            frame.put_pixel(x, y, *crop.get_pixel(fold(x), fold(y)));
+        }
+    }
+    for y in 300..306 {
+        for x in 500..506 {
+            frame.put_pixel(x, y, image::Luma([255]));
+        }
+    }
+    frame.save(path).unwrap();
+}
+
+#[test]
+fn a_tiled_model_reports_a_line_frame_defect_in_camera_pixels() {
+    let broker = Broker::start();
+    let sub = Subscriber::start(broker.port);
+    let dir = tempfile::tempdir().unwrap();
+    // The demo model was trained on native-scale 64-pixel crops: tiled at scale 1.
+    let model = dir.path().join("brick-tiled");
+    std::fs::create_dir_all(&model).unwrap();
+    std::fs::copy(repo().join("models/brick-huber/model.onnx"), model.join("model.onnx")).unwrap();
+    let manifest = std::fs::read_to_string(repo().join("models/brick-huber/manifest.toml")).unwrap();
+    std::fs::write(
+        model.join("manifest.toml"),
+        manifest + "\n[inspection]\nmode = \"tiled\"\nscale = 1.0\nstride = 64\n",
+    )
+    .unwrap();
+    let frames = dir.path().join("line");
+    std::fs::create_dir_all(&frames).unwrap();
+    line_frame(&frames.join("line.png"));
+    let config = write_config_for(
+        &model,
+        "",
+        dir.path(),
+        broker.port,
+        "max_batch = 8\nmax_wait_ms = 50\nqueue_capacity = 2",
+        &camera("line", &frames.display().to_string(), 1.0, false, "roi = [200, 100, 640, 480]"),
+    );
+    let mut daemon = Daemon::start(&config);
+    let started = Instant::now();
+    while sub.on("line/state").is_empty() {
+        assert!(started.elapsed() < Duration::from_secs(120), "no verdict on the line frame; log:\n{}", daemon.log_text());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let alerts: Vec<serde_json::Value> =
+        sub.on("line/anomaly").iter().map(|m| serde_json::from_slice(&m.payload).unwrap()).collect();
+    assert_eq!(alerts.len(), 1, "one frame, one alert: {alerts:#?}\n{}", daemon.log_text());
+    let alert = &alerts[0];
+    assert_eq!(alert["schema"], 2);
+    assert_eq!(alert["inspected"], serde_json::json!([200, 100, 640, 480]));
+    assert_eq!(alert["mask_size"], serde_json::json!([640, 480]));
+    assert_eq!(alert["mask_scale"], serde_json::json!([1.0, 1.0]));
+    let regions = alert["regions"].as_array().unwrap();
+    let inside = |r: &serde_json::Value, x: u64, y: u64| {
+        let b: Vec<u64> = r["bbox"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect();
+        b[0] <= x && x < b[0] + b[2] && b[1] <= y && y < b[1] + b[3]
+    };
+    for r in regions {
+        let b: Vec<u64> = r["bbox"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect();
+        assert!(
+            b[0] >= 200 && b[1] >= 100 && b[0] + b[2] <= 840 && b[1] + b[3] <= 580,
+            "region outside the ROI: {b:?}"
+        );
+    }
+    assert!(regions.iter().any(|r| inside(r, 503, 303)), "no region at the patch (503, 303): {regions:#?}");
+    let mask = image::load_from_memory(&sub.on("line/mask")[0].payload).unwrap();
+    assert_eq!((mask.width(), mask.height()), (640, 480));
+    assert_eq!(mask.to_luma8().get_pixel(303, 203).0[0], 255, "the mask marks the patch (ROI pixel 303, 203)");
+    daemon.signal("TERM");
+    assert!(daemon.wait_exit(Duration::from_secs(15)).success(), "{}", daemon.log_text());
 }
 
 #[test]

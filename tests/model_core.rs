@@ -76,6 +76,7 @@ fn manifest_for(unet: &UNetConfig, size: usize) -> Manifest {
         golden: GoldenCheck::pending(),
         operating_point: None,
         ensemble: None,
+        head: None,
     }
 }
 

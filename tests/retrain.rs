@@ -18,6 +18,7 @@ use edge_inspect::model::manifest::ONNX_FILE;
 use edge_inspect::model::preprocess::{InputSpec, Inspection};
 use edge_inspect::postprocess::anomaly::{AnomalySpec, Residual};
 use edge_inspect::train::calibrate::CalibrationRule;
+use edge_inspect::train::head::HeadConfig;
 use edge_inspect::train::losses::Loss;
 use edge_inspect::train::operating_point::SearchSpace;
 use edge_inspect::train::{Outcome, RunOptions, TrainConfig, TrainError, train};
@@ -70,6 +71,7 @@ fn config(loss: Loss, steps: usize) -> TrainConfig {
         calibration_fraction: 0.2,
         calibration: CalibrationRule::default(),
         operating_point: None,
+        head: None,
     }
 }
 
@@ -183,6 +185,51 @@ fn retrain_chooses_the_operating_point_within_the_budget() {
     // Thresholds are calibrated under the chosen rule, and the bundle verifies.
     assert!(manifest.thresholds.pixel.value > 0.0);
     Bundle::load(&bundle, &RuntimeConfig::default()).unwrap();
+}
+
+#[test]
+fn retrain_trains_a_head_and_ships_it_only_where_it_wins() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    tiny_dataset(&data);
+    let out = tmp.path().join("with-head");
+    let mut with_head = config(Loss::Huber { delta: 0.2 }, 10);
+    with_head.operating_point = Some(SearchSpace {
+        t0: vec![5, 20],
+        steps: vec![1],
+        condition: vec![0.0],
+        residual: vec![Residual::L1],
+        max_frames: 8,
+        ..SearchSpace::with_budget(1)
+    });
+    with_head.head = Some(HeadConfig { frames: 16, ..HeadConfig::with_steps(60) });
+    let Outcome::Finished { bundle, .. } = train(with_head, &options(&data, &out)).unwrap() else { panic!() };
+    let manifest = read_manifest(&bundle).unwrap();
+    let point = manifest.operating_point.clone().unwrap();
+    let head_score = point.candidates.iter().find(|c| c.residual == Residual::Head).expect("the head is scored");
+    let best_pixel_rule = point.candidates.iter().find(|c| c.residual != Residual::Head).unwrap();
+    assert_eq!(
+        (head_score.t0, head_score.steps),
+        (best_pixel_rule.t0, best_pixel_rule.steps),
+        "scored at the searched point"
+    );
+    let shipped = manifest.head.is_some();
+    assert_eq!(shipped, point.chosen.residual == Residual::Head);
+    assert_eq!(shipped, bundle.join("head.onnx").is_file(), "head.onnx ships exactly when chosen");
+    eprintln!("head AUPRC {} vs L1 {}", head_score.pixel_auprc, best_pixel_rule.pixel_auprc);
+    let loaded = Bundle::load(&bundle, &RuntimeConfig::default()).unwrap();
+    assert_eq!(loaded.head.is_some(), shipped);
+    if shipped {
+        // The head is verified like the denoiser: a flipped byte is refused.
+        let path = bundle.join("head.onnx");
+        let mut bytes = fs::read(&path).unwrap();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 0x55;
+        fs::write(&path, bytes).unwrap();
+        let e =
+            Bundle::load(&bundle, &RuntimeConfig::default()).err().expect("a corrupt head must not load").to_string();
+        assert!(e.contains("head.onnx") && e.contains("sha256"), "{e}");
+    }
 }
 
 #[test]

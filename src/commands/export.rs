@@ -60,6 +60,7 @@ pub fn run(args: ExportArgs) -> anyhow::Result<()> {
         golden: GoldenCheck::pending(),
         operating_point: None,
         ensemble: None,
+        head: None,
     };
     let (path, manifest) =
         export_bundle(&model, manifest, &args.out, &args.runtime.to_config(), args.force, keep_thresholds)?;

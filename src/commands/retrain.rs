@@ -11,6 +11,7 @@ use crate::model::diffusion::ScheduleSpec;
 use crate::model::preprocess::Inspection;
 use crate::postprocess::anomaly::AnomalySpec;
 use crate::train::calibrate::CalibrationRule;
+use crate::train::head::HeadConfig;
 use crate::train::losses::Loss;
 use crate::train::operating_point::SearchSpace;
 use crate::train::{Outcome, RunOptions, TrainConfig, train};
@@ -68,6 +69,7 @@ pub fn run(args: RetrainArgs) -> anyhow::Result<()> {
         calibration_fraction: args.calibration_fraction,
         calibration: CalibrationRule { trim: args.calibration_trim, ..CalibrationRule::default() },
         operating_point: (!args.fixed_operating_point).then(|| SearchSpace::with_budget(args.unet_budget)),
+        head: (args.head_steps > 0).then(|| HeadConfig::with_steps(args.head_steps)),
     };
     let interrupt = Arc::new(AtomicBool::new(false));
     let flag = interrupt.clone();

@@ -32,12 +32,15 @@ pub struct Frame {
     pub captured_at: Instant,
     /// Where a replayed frame came from.
     pub source_file: Option<String>,
-    /// `[C, H, W]` model-space tensor.
+    /// `[C, H, W]` model-space tensor at inspection resolution (the model's input for a
+    /// resize model; the ROI at the model's scale for a tiled one).
     pub tensor: Vec<f32>,
-    /// Model-resolution picture for overlays.
+    /// Inspection-resolution picture for overlays.
     pub display: RgbImage,
     /// The frame as captured (after the region of interest), for recording.
     pub original: DynamicImage,
+    /// Camera-frame pixel of `original`'s top-left corner (the ROI's origin, else 0, 0).
+    pub origin: [u32; 2],
 }
 
 /// A frame and the model's verdict on it.
@@ -146,6 +149,7 @@ impl CaptureContext {
     fn prepare(&self, image: DynamicImage, seq: u64, source_file: Option<String>) -> Option<Frame> {
         let captured = SystemTime::now();
         let captured_at = Instant::now();
+        let origin = self.config.roi.map_or([0, 0], |[x, y, _, _]| [x, y]);
         let original = match self.config.roi {
             None => image,
             Some([x, y, w, h]) => {
@@ -167,6 +171,7 @@ impl CaptureContext {
             tensor: prepared.tensor,
             display: prepared.display,
             original,
+            origin,
         })
     }
 
@@ -441,6 +446,7 @@ mod tests {
             tensor: Vec::new(),
             display: RgbImage::new(1, 1),
             original: DynamicImage::new_luma8(1, 1),
+            origin: [0, 0],
         }
     }
 

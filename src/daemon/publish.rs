@@ -17,8 +17,9 @@ use super::stats::{CameraStats, DropReason};
 use crate::postprocess::anomaly::Region;
 use crate::postprocess::render::{OverlayFormat, mask_png, overlay};
 
-/// Version of the alert and state payloads.
-pub const PAYLOAD_SCHEMA: u32 = 1;
+/// Version of the alert and state payloads (2: regions in camera pixels, inspected area
+/// and mask scale stated; see `docs/mqtt.md`).
+pub const PAYLOAD_SCHEMA: u32 = 2;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct ModelRef {
@@ -40,10 +41,17 @@ pub struct Alert<'a> {
     pub score: f64,
     pub normalised_score: f64,
     pub threshold: f64,
+    /// Defect pixels of the mask, in camera pixels.
     pub defect_area_px: usize,
     pub defect_ratio: f64,
+    /// Connected defect regions, bounding boxes and areas in camera-frame pixels.
     pub regions: &'a [Region],
+    /// The inspected area `[x, y, width, height]` in camera pixels (the ROI, or the frame).
+    pub inspected: [u32; 4],
+    /// `[width, height]` of the mask PNG; it covers `inspected`.
     pub mask_size: [usize; 2],
+    /// Camera pixels per mask pixel `[x, y]` (1 for a native-scale tiled model).
+    pub mask_scale: [f64; 2],
     pub model: &'a ModelRef,
     pub latency_ms: f64,
     /// The replayed file, for replay sources.
@@ -65,6 +73,52 @@ pub struct State<'a> {
     pub normalised_score: f64,
     pub defect_area_px: usize,
     pub model: &'a ModelRef,
+}
+
+/// From inspection pixels (the analysis) to camera-frame pixels: the ROI's origin plus
+/// the scale between the captured ROI and the inspected picture.
+struct CameraMapping {
+    origin: [u32; 2],
+    size: [u32; 2],
+    /// Camera pixels per inspection pixel, `[x, y]`.
+    scale: [f64; 2],
+}
+
+impl CameraMapping {
+    fn of(frame: &super::pipeline::Frame, analysis: &crate::postprocess::anomaly::Analysis) -> Self {
+        Self::new(frame.origin, [frame.original.width(), frame.original.height()], [analysis.width, analysis.height])
+    }
+
+    /// `origin` and `size` of the captured area in camera pixels; `inspected` `[w, h]`.
+    fn new(origin: [u32; 2], size: [u32; 2], inspected: [usize; 2]) -> Self {
+        let scale = [size[0] as f64 / inspected[0] as f64, size[1] as f64 / inspected[1] as f64];
+        Self { origin, size, scale }
+    }
+
+    fn inspected(&self) -> [u32; 4] {
+        [self.origin[0], self.origin[1], self.size[0], self.size[1]]
+    }
+
+    fn area(&self, pixels: usize) -> usize {
+        (pixels as f64 * self.scale[0] * self.scale[1]).round() as usize
+    }
+
+    /// The camera-pixel box covering the region's inspection pixels.
+    fn region(&self, r: &Region) -> Region {
+        let [x, y, w, h] = r.bbox;
+        let (x0, y0) = ((x as f64 * self.scale[0]).floor(), (y as f64 * self.scale[1]).floor());
+        let (x1, y1) = (((x + w) as f64 * self.scale[0]).ceil(), ((y + h) as f64 * self.scale[1]).ceil());
+        Region {
+            bbox: [
+                self.origin[0] as usize + x0 as usize,
+                self.origin[1] as usize + y0 as usize,
+                (x1 - x0) as usize,
+                (y1 - y0) as usize,
+            ],
+            area: self.area(r.area),
+            max_score: r.max_score,
+        }
+    }
 }
 
 pub fn rfc3339(t: SystemTime) -> String {
@@ -90,7 +144,8 @@ pub fn publisher(ctx: PublisherContext, input: Receiver<Inspected>) {
         let camera = &ctx.cameras[inspected.frame.camera];
         let a = &inspected.analysis;
         let f = &inspected.frame;
-        let defect_area = a.mask.iter().filter(|m| **m != 0).count();
+        let to_camera = CameraMapping::of(f, a);
+        let defect_area = to_camera.area(a.mask.iter().filter(|m| **m != 0).count());
         let now = SystemTime::now();
         if a.anomalous {
             camera.anomalies.fetch_add(1, Relaxed);
@@ -103,6 +158,7 @@ pub fn publisher(ctx: PublisherContext, input: Receiver<Inspected>) {
             );
             tracing::info!(camera = %camera.id, seq = f.seq, score = a.normalised_score, regions = a.regions.len(), source = ?f.source_file, "Anomaly.");
             if let Some(mqtt) = &ctx.mqtt {
+                let regions: Vec<Region> = a.regions.iter().map(|r| to_camera.region(r)).collect();
                 let alert = Alert {
                     schema: PAYLOAD_SCHEMA,
                     id,
@@ -115,8 +171,10 @@ pub fn publisher(ctx: PublisherContext, input: Receiver<Inspected>) {
                     threshold: ctx.image_threshold,
                     defect_area_px: defect_area,
                     defect_ratio: defect_area as f64 / a.mask.len().max(1) as f64,
-                    regions: &a.regions,
+                    regions: &regions,
+                    inspected: to_camera.inspected(),
                     mask_size: [a.width, a.height],
+                    mask_scale: to_camera.scale,
                     model: &ctx.model,
                     latency_ms: f.captured_at.elapsed().as_secs_f64() * 1e3,
                     source_file: f.source_file.as_deref(),
@@ -157,4 +215,24 @@ pub fn publisher(ctx: PublisherContext, input: Receiver<Inspected>) {
         }
     }
     tracing::debug!("Publisher stopped.");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn regions_move_to_camera_pixels() {
+        // Native tiled model, ROI at (200, 100): only the offset applies.
+        let native = CameraMapping::new([200, 100], [640, 480], [640, 480]);
+        let r = Region { bbox: [300, 200, 6, 6], area: 36, max_score: 0.9 };
+        assert_eq!(native.region(&r), Region { bbox: [500, 300, 6, 6], area: 36, max_score: 0.9 });
+        assert_eq!(native.inspected(), [200, 100, 640, 480]);
+        // A resize model saw a 200×100 ROI at (30, 40) as 64×64.
+        let resized = CameraMapping::new([30, 40], [200, 100], [64, 64]);
+        let r = Region { bbox: [32, 16, 2, 4], area: 5, max_score: 0.7 };
+        // x: 32·3.125 = 100 … 34·3.125 = 106.25 → 107; y: 16·1.5625 = 25 … 20·1.5625 = 31.25 → 32.
+        assert_eq!(resized.region(&r).bbox, [130, 65, 7, 7]);
+        assert_eq!(resized.area(64 * 64), 200 * 100);
+    }
 }

@@ -17,7 +17,38 @@ use crate::model::bundle::{Bundle, BundleError};
 use crate::model::diffusion::NoiseSchedule;
 use crate::model::manifest::Manifest;
 use crate::model::preprocess::Inspection;
-use crate::postprocess::anomaly::{Analysis, AnomalySpec, reconstruction_mse, residual_map, verdict};
+use crate::postprocess::anomaly::{Analysis, AnomalySpec, Residual, reconstruction_mse, residual_map, verdict};
+
+/// Stacks frames and reconstructions channel-wise: `[n, 2C, H, W]`, the head's input.
+pub fn head_input(clean: &[f32], recon: &[f32], n: usize) -> Vec<f32> {
+    let frame_len = clean.len() / n;
+    let mut out = Vec::with_capacity(2 * clean.len());
+    for i in 0..n {
+        out.extend_from_slice(&clean[i * frame_len..(i + 1) * frame_len]);
+        out.extend_from_slice(&recon[i * frame_len..(i + 1) * frame_len]);
+    }
+    out
+}
+
+/// Per frame of `clean`/`recon` (`[n, C, H, W]`), the head's defect probability: the
+/// sigmoid of its output channel 0 (timestep input 0).
+pub fn head_maps(
+    head: &mut dyn Denoiser,
+    clean: &[f32],
+    recon: &[f32],
+    [n, c, h, w]: [usize; 4],
+) -> Result<Vec<Vec<f32>>, RuntimeError> {
+    let input = head_input(clean, recon, n);
+    let mut maps = Vec::with_capacity(n);
+    head.predict_eps(&input, [n, 2 * c, h, w], &vec![0.0; n], &mut |out| {
+        let frame_out = 2 * c * h * w;
+        for i in 0..n {
+            let logits = &out[i * frame_out..i * frame_out + h * w];
+            maps.push(logits.iter().map(|z| 1.0 / (1.0 + (-z).exp())).collect());
+        }
+    })?;
+    Ok(maps)
+}
 
 /// The reconstructions of one operating point: the primary setting and one member per
 /// extra t0 (same sampler, steps and conditioning).
@@ -48,10 +79,12 @@ impl Ensemble {
     }
 
     /// Per frame of `clean [n, C, H, W]`: the members' averaged raw dissimilarity map under
-    /// `anomaly`, and their mean reconstruction MSE.
+    /// `anomaly` (the `head` graph computes it for [`Residual::Head`]), and their mean
+    /// reconstruction MSE.
     pub fn raw_maps(
         &mut self,
         denoiser: &mut dyn Denoiser,
+        mut head: Option<&mut dyn Denoiser>,
         clean: &[f32],
         shape: [usize; 4],
         seeds: &[u64],
@@ -64,9 +97,17 @@ impl Ensemble {
         self.recon.resize(clean.len(), 0.0);
         for member in &mut self.members {
             member.reconstruct(denoiser, clean, shape, seeds, &mut self.recon)?;
+            let learned = match (anomaly.residual, head.as_mut()) {
+                (Residual::Head, Some(head)) => Some(head_maps(&mut **head, clean, &self.recon, shape)?),
+                (Residual::Head, None) => panic!("the head map rule needs the bundle's head graph"),
+                _ => None,
+            };
             for (i, (map, mse)) in out.iter_mut().enumerate() {
                 let range = i * frame_len..(i + 1) * frame_len;
-                let member_map = residual_map(&clean[range.clone()], &self.recon[range.clone()], [c, h, w], anomaly);
+                let member_map = match &learned {
+                    Some(maps) => maps[i].clone(),
+                    None => residual_map(&clean[range.clone()], &self.recon[range.clone()], [c, h, w], anomaly),
+                };
                 map.iter_mut().zip(member_map).for_each(|(m, v)| *m += share * v);
                 *mse += reconstruction_mse(&clean[range.clone()], &self.recon[range]) * share as f64;
             }
@@ -99,6 +140,10 @@ impl Inspector {
     pub fn new(bundle: Bundle, spec: Option<ReconstructionSpec>) -> Result<Self, BundleError> {
         let schedule = NoiseSchedule::new(&bundle.manifest.schedule)
             .map_err(|e| BundleError::Inconsistent { path: bundle.dir.clone(), what: e.to_string() })?;
+        if bundle.manifest.anomaly.residual == Residual::Head && bundle.head.is_none() {
+            let what = "the head map rule needs a bundle with a learned head (retrain --head-steps)".to_string();
+            return Err(BundleError::Inconsistent { path: bundle.dir.clone(), what });
+        }
         let primary = spec.unwrap_or(bundle.manifest.reconstruction);
         let ensemble = Ensemble::new(&schedule, primary, bundle.manifest.extra_t0()).map_err(|e| {
             BundleError::Inconsistent { path: bundle.dir.clone(), what: format!("reconstruction: {e}") }
@@ -184,6 +229,7 @@ impl Inspector {
             }
             let maps = self.ensemble.raw_maps(
                 &mut self.bundle.denoiser,
+                self.bundle.head.as_mut().map(|h| h as &mut dyn Denoiser),
                 &self.batch,
                 [chunk.len(), channels, input.height, input.width],
                 &tile_seeds,
@@ -246,12 +292,12 @@ mod tests {
         let (shape, seeds, spec) = ([2, 1, 8, 8], [4, 9], AnomalySpec::default());
         let single = |t0: usize| {
             let mut e = Ensemble::new(&schedule, ReconstructionSpec { t0, ..primary }, &[]).unwrap();
-            e.raw_maps(&mut Half, &clean, shape, &seeds, &spec).unwrap()
+            e.raw_maps(&mut Half, None, &clean, shape, &seeds, &spec).unwrap()
         };
         let (a, b) = (single(10), single(60));
         let mut both = Ensemble::new(&schedule, primary, &[60]).unwrap();
         assert_eq!(both.unet_calls(), 4);
-        let averaged = both.raw_maps(&mut Half, &clean, shape, &seeds, &spec).unwrap();
+        let averaged = both.raw_maps(&mut Half, None, &clean, shape, &seeds, &spec).unwrap();
         for frame in 0..2 {
             assert!(a[frame].0 != b[frame].0, "members should differ");
             for p in 0..64 {

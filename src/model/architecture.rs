@@ -39,7 +39,7 @@ impl Default for UNetConfig {
 /// A configuration the UNet cannot be built from.
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum ArchitectureError {
-    #[error("unet.channels must be 1 or 3, got {0}")]
+    #[error("unet.channels must be 1 or 3 (a denoiser) or 2 or 6 (a head), got {0}")]
     Channels(usize),
     #[error("unet.channel_mults must not be empty")]
     NoLevels,
@@ -55,7 +55,8 @@ pub enum ArchitectureError {
 
 impl UNetConfig {
     pub fn validate(&self) -> Result<(), ArchitectureError> {
-        if self.channels != 1 && self.channels != 3 {
+        // 1 or 3: frames (the denoiser); 2 or 6: a frame and its reconstruction (the head).
+        if ![1, 2, 3, 6].contains(&self.channels) {
             return Err(ArchitectureError::Channels(self.channels));
         }
         if self.channel_mults.is_empty() {

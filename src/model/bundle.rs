@@ -16,8 +16,10 @@ use sha2::{Digest, Sha256};
 
 use super::diffusion::NoiseSchedule;
 use super::manifest::{GoldenCheck, MANIFEST_FILE, Manifest, SCHEMA_VERSION};
+use super::preprocess::InputSpec;
 use crate::infer::reconstruct::{ReconstructionSpec, Reconstructor};
 use crate::infer::runtime::{Denoiser, OrtDenoiser, RuntimeConfig, RuntimeError};
+use crate::postprocess::anomaly::Residual;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BundleError {
@@ -80,6 +82,9 @@ pub fn read_manifest(dir: &Path) -> Result<Manifest, BundleError> {
 
 /// Cross-field rules a parsed manifest must satisfy.
 pub fn validate(m: &Manifest) -> Result<(), String> {
+    if m.input.channels != 1 && m.input.channels != 3 {
+        return Err(format!("input.channels must be 1 or 3, got {}", m.input.channels));
+    }
     if m.input.channels != m.unet.channels {
         return Err(format!("input.channels = {} but unet.channels = {}", m.input.channels, m.unet.channels));
     }
@@ -97,39 +102,51 @@ pub fn validate(m: &Manifest) -> Result<(), String> {
             return Err(format!("thresholds.{name}: need finite value and max >= min, got {t:?}"));
         }
     }
+    match (&m.head, m.anomaly.residual) {
+        (None, Residual::Head) => return Err("anomaly.residual = \"head\" but the bundle has no [head]".into()),
+        (Some(h), _) if h.unet.channels != 2 * m.input.channels => {
+            return Err(format!(
+                "head.unet.channels = {}, need 2 × input.channels = {}",
+                h.unet.channels,
+                2 * m.input.channels
+            ));
+        }
+        _ => {}
+    }
     if m.golden.batch == 0 || m.golden.timesteps.len() != m.golden.batch {
         return Err(format!("golden: {} timesteps for batch {}", m.golden.timesteps.len(), m.golden.batch));
     }
     Ok(())
 }
 
-/// A verified bundle with a warm ONNX Runtime session.
+/// A verified bundle with a warm ONNX Runtime session (and one for its head, if any).
 pub struct Bundle {
     pub dir: PathBuf,
     pub manifest: Manifest,
     pub denoiser: OrtDenoiser,
+    pub head: Option<OrtDenoiser>,
 }
 
 impl Bundle {
     pub fn load(dir: &Path, runtime: &RuntimeConfig) -> Result<Self, BundleError> {
         let manifest = read_manifest(dir)?;
         let onnx_path = dir.join(&manifest.artifact.onnx);
-        if !onnx_path.is_file() {
-            return Err(BundleError::MissingFile { path: onnx_path });
-        }
-        let bytes = fs::read(&onnx_path).map_err(io_error(&onnx_path))?;
-        let actual = sha256_hex(&bytes);
-        if actual != manifest.artifact.sha256 {
-            return Err(BundleError::ShaMismatch {
-                path: onnx_path,
-                expected: manifest.artifact.sha256.clone(),
-                actual,
-            });
-        }
+        verify_sha(&onnx_path, &manifest.artifact.sha256)?;
         let mut denoiser = OrtDenoiser::load(&onnx_path, manifest.unet.channels, runtime)?;
         run_golden(&mut denoiser, &manifest).map_err(|what| BundleError::Golden { path: onnx_path, what })?;
+        let head = match &manifest.head {
+            None => None,
+            Some(artifact) => {
+                let path = dir.join(&artifact.onnx);
+                verify_sha(&path, &artifact.sha256)?;
+                let mut head = OrtDenoiser::load(&path, artifact.unet.channels, runtime)?;
+                check_golden(&mut head, &artifact.golden, &head_input_spec(&manifest))
+                    .map_err(|what| BundleError::Golden { path, what })?;
+                Some(head)
+            }
+        };
         tracing::info!(bundle = %dir.display(), name = %manifest.name, version = %manifest.version, sha256 = %manifest.artifact.sha256, "Model bundle verified.");
-        Ok(Self { dir: dir.to_path_buf(), manifest, denoiser })
+        Ok(Self { dir: dir.to_path_buf(), manifest, denoiser, head })
     }
 
     /// A reconstructor for this model; `spec` overrides the manifest's t0/steps/sampler.
@@ -141,10 +158,30 @@ impl Bundle {
     }
 }
 
+/// Checks that `path` exists and hashes to `expected`.
+fn verify_sha(path: &Path, expected: &str) -> Result<(), BundleError> {
+    if !path.is_file() {
+        return Err(BundleError::MissingFile { path: path.to_path_buf() });
+    }
+    let actual = sha256_hex(&fs::read(path).map_err(io_error(path))?);
+    if actual != expected {
+        return Err(BundleError::ShaMismatch { path: path.to_path_buf(), expected: expected.to_string(), actual });
+    }
+    Ok(())
+}
+
 /// Runs the golden probe through `denoiser` and compares with the manifest.
 pub fn run_golden(denoiser: &mut dyn Denoiser, manifest: &Manifest) -> Result<(), String> {
-    let golden = &manifest.golden;
-    let input = &manifest.input;
+    check_golden(denoiser, &manifest.golden, &manifest.input)
+}
+
+/// The head's input: frame and reconstruction stacked, `2·C` channels.
+pub fn head_input_spec(manifest: &Manifest) -> InputSpec {
+    InputSpec { channels: 2 * manifest.input.channels, ..manifest.input }
+}
+
+/// Runs the golden probe for frames of `input` through `denoiser` and compares.
+pub fn check_golden(denoiser: &mut dyn Denoiser, golden: &GoldenCheck, input: &InputSpec) -> Result<(), String> {
     let probe = GoldenCheck::probe(golden.batch, input);
     let shape = [golden.batch, input.channels, input.height, input.width];
     let mut verdict = Err("the model produced no output".to_string());
@@ -188,6 +225,12 @@ impl Staged {
         let path = self.path(file);
         let mut f = fs::File::create(&path).map_err(io_error(&path))?;
         f.write_all(bytes).and_then(|_| f.sync_all()).map_err(io_error(&path))
+    }
+
+    /// Removes a staged file that is not to be shipped.
+    pub fn remove(&self, file: &str) -> Result<(), BundleError> {
+        let path = self.path(file);
+        fs::remove_file(&path).map_err(io_error(&path))
     }
 
     /// Moves the staged bundle into place, replacing an old one only with `force`.

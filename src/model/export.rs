@@ -10,8 +10,9 @@ use std::path::{Path, PathBuf};
 
 use burn::tensor::{Tensor, TensorData};
 
-use super::bundle::{BundleError, Staged, run_golden, sha256_hex};
-use super::manifest::{GoldenCheck, MANIFEST_FILE, Manifest, ONNX_FILE};
+use super::architecture::UNetConfig;
+use super::bundle::{BundleError, Staged, head_input_spec, run_golden, sha256_hex};
+use super::manifest::{GoldenCheck, HEAD_FILE, HeadArtifact, MANIFEST_FILE, Manifest, ONNX_FILE};
 use super::onnx_export::{OPSET, export_onnx};
 use super::unet::UNet;
 use crate::infer::runtime::{Denoiser, OrtDenoiser, RuntimeConfig};
@@ -47,21 +48,63 @@ pub fn parity(
 }
 
 /// For [`export_bundle`]: keep the manifest's operating point and thresholds as given.
-pub fn keep_thresholds(_: &mut OrtDenoiser, _: &mut Manifest) -> Result<(), BundleError> {
+pub fn keep_thresholds(_: &mut OrtDenoiser, _: &mut Manifest, _: &Staged) -> Result<(), BundleError> {
     Ok(())
+}
+
+/// Writes the learned head into the staged bundle: ONNX export, ORT parity with burn on
+/// the probe (as for the denoiser), golden statistics. Returns its session and artifact.
+pub fn export_head(
+    head: &UNet,
+    unet: &UNetConfig,
+    manifest: &Manifest,
+    staged: &Staged,
+    runtime: &RuntimeConfig,
+    final_loss: f64,
+    training_steps: usize,
+) -> Result<(OrtDenoiser, HeadArtifact), BundleError> {
+    let onnx = export_onnx(head, unet, env!("CARGO_PKG_VERSION"));
+    staged.write(HEAD_FILE, &onnx)?;
+    let path = staged.path(HEAD_FILE);
+    let mut ort = OrtDenoiser::load(&path, unet.channels, runtime)?;
+    let input = head_input_spec(manifest);
+    let (batch, timesteps) = (2, vec![0.0, 0.0]);
+    let probe = GoldenCheck::probe(batch, &input);
+    let shape = [batch, input.channels, input.height, input.width];
+    let worst = parity(head, &mut ort, &probe, shape, &timesteps)?;
+    if !(worst <= PARITY_TOLERANCE) {
+        return Err(BundleError::Inconsistent {
+            path,
+            what: format!("head export parity failed: max |ORT − burn| = {worst:e} > {PARITY_TOLERANCE:e}"),
+        });
+    }
+    let mut golden = None;
+    ort.predict_eps(&probe, shape, &timesteps, &mut |out| {
+        golden = Some(GoldenCheck::from_output(batch, timesteps.clone(), out, GOLDEN_TOLERANCE));
+    })?;
+    let artifact = HeadArtifact {
+        onnx: HEAD_FILE.to_string(),
+        sha256: sha256_hex(&onnx),
+        unet: unet.clone(),
+        training_steps,
+        final_loss,
+        golden: golden.expect("predict_eps hands over its output"),
+    };
+    Ok((ort, artifact))
 }
 
 /// Exports `model` as the bundle described by `manifest` (its `artifact` and `golden`
 /// sections are filled in here) into `target`. `calibrate` runs on the verified graph,
 /// before the manifest is written, and may choose the operating point (reconstruction,
-/// anomaly map) and replace the thresholds; the result is validated like any manifest.
+/// anomaly map), add files (the head) to the staged bundle and replace the thresholds; the
+/// result is validated like any manifest.
 pub fn export_bundle(
     model: &UNet,
     mut manifest: Manifest,
     target: &Path,
     runtime: &RuntimeConfig,
     force: bool,
-    calibrate: impl FnOnce(&mut OrtDenoiser, &mut Manifest) -> Result<(), BundleError>,
+    calibrate: impl FnOnce(&mut OrtDenoiser, &mut Manifest, &Staged) -> Result<(), BundleError>,
 ) -> Result<(PathBuf, Manifest), BundleError> {
     let staged = Staged::new(target, force)?;
     let onnx = export_onnx(model, &manifest.unet, env!("CARGO_PKG_VERSION"));
@@ -90,7 +133,7 @@ pub fn export_bundle(
     manifest.artifact.sha256 = sha256_hex(&onnx);
     manifest.artifact.opset = OPSET;
     manifest.artifact.parity_max_abs_diff = worst;
-    calibrate(&mut ort, &mut manifest)?;
+    calibrate(&mut ort, &mut manifest, &staged)?;
     super::bundle::validate(&manifest)
         .map_err(|what| BundleError::Inconsistent { path: target.to_path_buf(), what })?;
     run_golden(&mut ort, &manifest).map_err(|what| BundleError::Golden { path: onnx_path.clone(), what })?;

@@ -18,6 +18,7 @@ use crate::postprocess::anomaly::{AnomalySpec, Residual, Threshold};
 pub const SCHEMA_VERSION: u32 = 1;
 pub const MANIFEST_FILE: &str = "manifest.toml";
 pub const ONNX_FILE: &str = "model.onnx";
+pub const HEAD_FILE: &str = "head.onnx";
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -42,10 +43,27 @@ pub struct Manifest {
     pub provenance: Provenance,
     pub artifact: Artifact,
     pub golden: GoldenCheck,
+    /// The learned defect head, when `anomaly.residual` is `head`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub head: Option<HeadArtifact>,
     /// How `reconstruction` and `anomaly.residual` were chosen, when `retrain` searched
     /// for them (absent in bundles from before the search, or trained with fixed settings).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub operating_point: Option<OperatingPoint>,
+}
+
+/// The discriminative head's graph: a UNet over the frame and its reconstruction stacked
+/// channel-wise (`2·C` channels in and out, timestep 0), output channel 0 the defect logit.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HeadArtifact {
+    pub onnx: String,
+    pub sha256: String,
+    pub unet: UNetConfig,
+    pub training_steps: usize,
+    /// Mean loss over the last tenth of the head's training steps.
+    pub final_loss: f64,
+    pub golden: GoldenCheck,
 }
 
 /// Ensemble members beyond `reconstruction`: the same sampler, steps and conditioning at

@@ -25,17 +25,19 @@ pub enum Residual {
     Ssim,
     /// 1 − gradient-magnitude similarity, averaged over scales 1, ½, ¼, ⅛ (RIAD's MSGMS).
     Msgms,
+    /// The defect probability of the bundle's learned head (DRAEM-style) on the frame and
+    /// its reconstruction; computed by `infer::inspect`, which runs the head graph.
+    Head,
 }
 
 impl Residual {
-    pub const ALL: [Residual; 4] = [Self::L1, Self::L2, Self::Ssim, Self::Msgms];
-
     pub fn name(self) -> &'static str {
         match self {
             Self::L1 => "l1",
             Self::L2 => "l2",
             Self::Ssim => "ssim",
             Self::Msgms => "msgms",
+            Self::Head => "head",
         }
     }
 }
@@ -153,6 +155,7 @@ pub fn residual_map(
             Residual::L2 => x.iter().zip(&y).map(|(a, b)| (a - b) * (a - b)).collect(),
             Residual::Ssim => ssim_dissimilarity(&x, &y, height, width),
             Residual::Msgms => msgms_dissimilarity(&x, &y, height, width),
+            Residual::Head => panic!("residual_map: the head map comes from the head graph (infer::inspect)"),
         };
         for (m, r) in map.iter_mut().zip(channel_map) {
             *m = match spec.channel_reduction {

@@ -60,6 +60,7 @@ const REPORTED_QUANTILES: [f64; 6] = [0.5, 0.9, 0.99, 0.999, 0.9999, 1.0];
 /// Computes thresholds for `manifest` from `frames` (`[C, H, W]` each, model space).
 pub fn calibrate(
     denoiser: &mut dyn Denoiser,
+    mut head: Option<&mut dyn Denoiser>,
     ensemble: &mut Ensemble,
     manifest: &Manifest,
     frames: &[Vec<f32>],
@@ -75,7 +76,14 @@ pub fn calibrate(
         let clean: Vec<f32> = chunk.concat();
         let seeds: Vec<u64> = (0..chunk.len()).map(|i| seed.wrapping_add((chunk_index * batch + i) as u64)).collect();
         let shape = [chunk.len(), input.channels, input.height, input.width];
-        for (raw, mse) in ensemble.raw_maps(denoiser, &clean, shape, &seeds, &manifest.anomaly)? {
+        for (raw, mse) in ensemble.raw_maps(
+            denoiser,
+            head.as_mut().map(|h| &mut **h as &mut dyn Denoiser),
+            &clean,
+            shape,
+            &seeds,
+            &manifest.anomaly,
+        )? {
             let size = [input.height, input.width];
             let a = verdict(raw, mse, size, size[0] * size[1], &manifest.anomaly, &neutral, &neutral);
             per_frame.push((a.score, a.map));

@@ -13,6 +13,7 @@
 
 pub mod calibrate;
 pub mod data;
+pub mod head;
 pub mod losses;
 pub mod operating_point;
 
@@ -32,22 +33,24 @@ use serde::{Deserialize, Serialize};
 
 use self::calibrate::{CalibrationRule, calibrate};
 use self::data::{Augment, Dataset, Layout, Skipped};
+use self::head::HeadConfig;
 use self::losses::Loss;
 use self::operating_point::SearchSpace;
 use crate::infer::inspect::Ensemble;
-use crate::infer::reconstruct::{ReconstructionSpec, Sampler};
+use crate::infer::reconstruct::{ReconstructionSpec, Reconstructor, Sampler};
 use crate::infer::runtime::RuntimeConfig;
+use crate::infer::runtime::{Denoiser, OrtDenoiser};
 use crate::model::architecture::UNetConfig;
-use crate::model::bundle::{BundleError, read_manifest};
+use crate::model::bundle::{BundleError, Staged, read_manifest};
 use crate::model::diffusion::{NoiseSchedule, ScheduleSpec};
-use crate::model::export::export_bundle;
+use crate::model::export::{export_bundle, export_head};
 use crate::model::manifest::{
-    Artifact, Calibration, EnsembleSpec, GoldenCheck, Manifest, Provenance, SCHEMA_VERSION, Thresholds,
+    Artifact, Calibration, EnsembleSpec, GoldenCheck, HEAD_FILE, Manifest, Provenance, SCHEMA_VERSION, Thresholds,
 };
 use crate::model::onnx_export::import_weights;
 use crate::model::preprocess::{InputSpec, Inspection};
 use crate::model::unet::UNet;
-use crate::postprocess::anomaly::{AnomalySpec, Threshold};
+use crate::postprocess::anomaly::{AnomalySpec, Residual, Threshold};
 
 /// Everything a training run depends on; saved in the checkpoint and the report.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -80,6 +83,9 @@ pub struct TrainConfig {
     /// `reconstruction` and `anomaly` as given).
     #[serde(default)]
     pub operating_point: Option<SearchSpace>,
+    /// Train a learned defect head after the search and keep it if it wins there.
+    #[serde(default)]
+    pub head: Option<HeadConfig>,
 }
 
 /// Where and how to run.
@@ -213,6 +219,12 @@ impl TrainConfig {
         if let Some(space) = &self.operating_point {
             space.validate()?;
         }
+        if let Some(head) = &self.head {
+            head.validate()?;
+            if self.operating_point.is_none() {
+                return Err("the learned head is chosen by the operating-point search; it needs the search".into());
+            }
+        }
         self.inspection.validate([self.input.height, self.input.width])?;
         if !(0.0..1.0).contains(&self.calibration_fraction) {
             return Err(format!("--calibration-fraction must be in [0, 1), got {}", self.calibration_fraction));
@@ -301,6 +313,95 @@ fn loss_summary(losses: &[f64]) -> LossSummary {
         last: losses.last().copied().unwrap_or(f64::NAN),
         min: losses.iter().copied().fold(f64::INFINITY, f64::min),
         deciles: losses.chunks(tenth).map(|c| c.iter().sum::<f64>() / c.len() as f64).collect(),
+    }
+}
+
+/// What happens on the exported graph before the manifest is written: the operating-point
+/// search, the head (trained, exported, scored against the searched point), calibration.
+struct Finish<'a> {
+    config: &'a TrainConfig,
+    options: &'a RunOptions,
+    calibration_frames: &'a [Vec<f32>],
+    head_frames: &'a [Vec<f32>],
+}
+
+impl Finish<'_> {
+    fn run(&self, ort: &mut OrtDenoiser, manifest: &mut Manifest, staged: &Staged) -> Result<(), BundleError> {
+        let schedule = NoiseSchedule::new(&manifest.schedule).expect("validated");
+        let input = manifest.input;
+        let shape = [input.channels, input.height, input.width];
+        let mut head_session = None;
+        if let Some(space) = &self.config.operating_point {
+            let frames = self.calibration_frames;
+            let seed = self.config.seed;
+            let mut point = operating_point::search(ort, &schedule, shape, &manifest.anomaly, frames, space, seed)?;
+            if let Some(head_config) = &self.config.head {
+                let base = &point.chosen;
+                let spec = ReconstructionSpec {
+                    t0: base.t0,
+                    steps: base.steps,
+                    sampler: Sampler::Ddim,
+                    eta: 0.0,
+                    condition: base.condition,
+                };
+                let mut reconstructor =
+                    Reconstructor::new(schedule.clone(), spec).expect("a searched candidate is valid");
+                let (model, final_loss) =
+                    head::train_head(ort, &mut reconstructor, self.head_frames, shape, head_config, seed)?;
+                let unet = head_config.unet(input.channels);
+                let runtime = &self.options.runtime;
+                let (mut session, artifact) =
+                    export_head(&model, &unet, manifest, staged, runtime, final_loss, head_config.steps)?;
+                let scored = operating_point::add_head_candidate(
+                    &mut point,
+                    ort,
+                    &mut session,
+                    &schedule,
+                    shape,
+                    &manifest.anomaly,
+                    frames,
+                    space,
+                    seed,
+                )?;
+                tracing::info!(
+                    pixel_auprc = scored.pixel_auprc,
+                    chosen = point.chosen.residual == Residual::Head,
+                    "Head scored on the validation defects."
+                );
+                if point.chosen.residual == Residual::Head {
+                    manifest.head = Some(artifact);
+                    head_session = Some(session);
+                } else {
+                    staged.remove(HEAD_FILE)?;
+                }
+            }
+            let chosen = &point.chosen;
+            tracing::info!(t0 = chosen.t0, extra_t0 = ?chosen.extra_t0, steps = chosen.steps, condition = chosen.condition, residual = chosen.residual.name(), pixel_auprc = chosen.pixel_auprc, candidates = point.candidates.len(), "Operating point chosen.");
+            manifest.reconstruction = ReconstructionSpec {
+                t0: chosen.t0,
+                steps: chosen.steps,
+                sampler: Sampler::Ddim,
+                eta: 0.0,
+                condition: chosen.condition,
+            };
+            manifest.ensemble =
+                (!chosen.extra_t0.is_empty()).then(|| EnsembleSpec { extra_t0: chosen.extra_t0.clone() });
+            manifest.anomaly.residual = chosen.residual;
+            manifest.operating_point = Some(point);
+        }
+        let mut ensemble = Ensemble::new(&schedule, manifest.reconstruction, manifest.extra_t0())
+            .map_err(|e| BundleError::Inconsistent { path: self.options.out.clone(), what: e.to_string() })?;
+        let head = head_session.as_mut().map(|h| h as &mut dyn Denoiser);
+        manifest.thresholds = calibrate(
+            ort,
+            head,
+            &mut ensemble,
+            manifest,
+            self.calibration_frames,
+            &self.config.calibration,
+            self.config.seed,
+        )?;
+        Ok(())
     }
 }
 
@@ -501,50 +602,24 @@ pub fn train(config: TrainConfig, options: &RunOptions) -> Result<Outcome, Train
         golden: GoldenCheck::pending(),
         operating_point: None,
         ensemble: None,
+        head: None,
     };
     let calibration_frames: Vec<Vec<f32>> =
         calibration_idx.iter().flat_map(|&i| dataset.frames_for_calibration(i, &augment)).collect();
-    let (bundle, manifest) = export_bundle(
-        &ema,
-        manifest,
-        &options.out,
-        &options.runtime,
-        options.force,
-        |ort, manifest| {
-            let schedule = NoiseSchedule::new(&manifest.schedule).expect("validated");
-            let input = manifest.input;
-            if let Some(space) = &config.operating_point {
-                let shape = [input.channels, input.height, input.width];
-                let point = operating_point::search(
-                    ort,
-                    &schedule,
-                    shape,
-                    &manifest.anomaly,
-                    &calibration_frames,
-                    space,
-                    config.seed,
-                )?;
-                let chosen = &point.chosen;
-                tracing::info!(t0 = chosen.t0, extra_t0 = ?chosen.extra_t0, steps = chosen.steps, condition = chosen.condition, residual = chosen.residual.name(), pixel_auprc = chosen.pixel_auprc, candidates = point.candidates.len(), "Operating point chosen.");
-                manifest.reconstruction = ReconstructionSpec {
-                    t0: chosen.t0,
-                    steps: chosen.steps,
-                    sampler: Sampler::Ddim,
-                    eta: 0.0,
-                    condition: chosen.condition,
-                };
-                manifest.ensemble =
-                    (!chosen.extra_t0.is_empty()).then(|| EnsembleSpec { extra_t0: chosen.extra_t0.clone() });
-                manifest.anomaly.residual = chosen.residual;
-                manifest.operating_point = Some(point);
-            }
-            let mut ensemble = Ensemble::new(&schedule, manifest.reconstruction, manifest.extra_t0())
-                .map_err(|e| BundleError::Inconsistent { path: options.out.clone(), what: e.to_string() })?;
-            manifest.thresholds =
-                calibrate(ort, &mut ensemble, manifest, &calibration_frames, &config.calibration, config.seed)?;
-            Ok(())
-        },
-    )?;
+    // The head learns from training frames (random crops at the model's scale), never
+    // from the calibration frames it is then scored on.
+    let head_frames: Vec<Vec<f32>> = config.head.as_ref().map_or_else(Vec::new, |head| {
+        let mut rng = ChaCha8Rng::seed_from_u64(config.seed ^ 0x4845_4144);
+        (0..head.frames)
+            .map(|_| dataset.augmented(train_idx[rng.random_range(0..train_idx.len())], &augment, &mut rng))
+            .collect()
+    });
+    let finish =
+        Finish { config: &config, options, calibration_frames: &calibration_frames, head_frames: &head_frames };
+    let (bundle, manifest) =
+        export_bundle(&ema, manifest, &options.out, &options.runtime, options.force, |ort, m, staged| {
+            finish.run(ort, m, staged)
+        })?;
     let wall = started.elapsed().as_secs_f64();
     let report = Report {
         config: config.clone(),

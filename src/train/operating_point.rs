@@ -19,6 +19,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::eval::metrics::{auroc, average_precision};
 use crate::eval::synth::{DefectKind, paste_defect};
+use crate::infer::inspect::Ensemble;
 use crate::infer::reconstruct::{ReconstructionSpec, Reconstructor, Sampler};
 use crate::infer::runtime::{Denoiser, RuntimeError};
 use crate::model::diffusion::NoiseSchedule;
@@ -83,16 +84,16 @@ impl SearchSpace {
 }
 
 /// Clean frames and their defective copies with masks, all `[C, H, W]` in model space.
-struct ValidationSet {
-    frames: Vec<Vec<f32>>,
+pub(crate) struct ValidationSet {
+    pub frames: Vec<Vec<f32>>,
     /// Per frame, 1 where a defect was pasted (all zero for the clean copies).
-    truth: Vec<Vec<u8>>,
-    clean_count: usize,
+    pub truth: Vec<Vec<u8>>,
+    pub clean_count: usize,
 }
 
 /// Pastes one selection-shape defect on a copy of each frame. The defect is painted on the
 /// frame's grey level (channel mean) and its change added to every channel.
-fn validation_set(frames: &[Vec<f32>], [channels, height, width]: [usize; 3], seed: u64) -> ValidationSet {
+pub(crate) fn validation_set(frames: &[Vec<f32>], [channels, height, width]: [usize; 3], seed: u64) -> ValidationSet {
     let plane = height * width;
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     rng.set_stream(2);
@@ -159,18 +160,21 @@ pub fn search(
     for (r, &residual) in space.residual.iter().enumerate() {
         let rule = AnomalySpec { residual, ..*anomaly };
         for (a, spec) in specs.iter().enumerate() {
-            let calls = |s: &ReconstructionSpec| s.steps;
-            candidates.push(score(&set, &[&raw[a][r]], shape, &rule, spec, &[], calls(spec)));
+            candidates.push(score(&set, raw[a][r].clone(), shape, &rule, spec, &[], spec.steps));
             for (b, other) in specs.iter().enumerate().skip(a + 1) {
                 let pairable = other.steps == spec.steps && other.condition == spec.condition && other.t0 != spec.t0;
-                if pairable && calls(spec) + calls(other) <= space.budget_unet_calls {
-                    let members = [&raw[a][r], &raw[b][r]];
-                    candidates.push(score(&set, &members, shape, &rule, spec, &[other.t0], calls(spec) + calls(other)));
+                if pairable && spec.steps + other.steps <= space.budget_unet_calls {
+                    let averaged = raw[a][r]
+                        .iter()
+                        .zip(&raw[b][r])
+                        .map(|(x, y)| x.iter().zip(y).map(|(p, q)| (p + q) / 2.0).collect())
+                        .collect();
+                    candidates.push(score(&set, averaged, shape, &rule, spec, &[other.t0], spec.steps + other.steps));
                 }
             }
         }
     }
-    candidates.sort_by(|a, b| b.pixel_auprc.total_cmp(&a.pixel_auprc).then(a.unet_calls.cmp(&b.unet_calls)));
+    rank(&mut candidates);
     let chosen = candidates.first().expect("the search space is validated non-empty").clone();
     Ok(OperatingPoint {
         rule: format!(
@@ -188,11 +192,57 @@ pub fn search(
     })
 }
 
-/// One candidate's figures: the members' raw maps averaged per frame, then smoothed and
-/// scored as `Inspector` would.
+/// Best pixel AUPRC first; ties to fewer UNet calls.
+fn rank(candidates: &mut [CandidateScore]) {
+    candidates.sort_by(|a, b| b.pixel_auprc.total_cmp(&a.pixel_auprc).then(a.unet_calls.cmp(&b.unet_calls)));
+}
+
+/// Scores the learned `head` at the chosen reconstruction (t0, ensemble, steps,
+/// conditioning) on the same validation frames and defects as [`search`], adds it to
+/// `point`'s candidates and re-ranks them: the head becomes the choice only if it wins.
+#[allow(clippy::too_many_arguments)]
+pub fn add_head_candidate(
+    point: &mut OperatingPoint,
+    denoiser: &mut dyn Denoiser,
+    head: &mut dyn Denoiser,
+    schedule: &NoiseSchedule,
+    shape: [usize; 3],
+    anomaly: &AnomalySpec,
+    frames: &[Vec<f32>],
+    space: &SearchSpace,
+    seed: u64,
+) -> Result<CandidateScore, RuntimeError> {
+    const BATCH: usize = 8;
+    let set = validation_set(&frames[..frames.len().min(space.max_frames)], shape, seed);
+    let base = point.chosen.clone();
+    let spec = ReconstructionSpec {
+        t0: base.t0,
+        steps: base.steps,
+        sampler: Sampler::Ddim,
+        eta: 0.0,
+        condition: base.condition,
+    };
+    let mut ensemble = Ensemble::new(schedule, spec, &base.extra_t0).expect("a searched candidate is valid");
+    let rule = AnomalySpec { residual: Residual::Head, ..*anomaly };
+    let mut maps = Vec::with_capacity(set.frames.len());
+    for (chunk_index, chunk) in set.frames.chunks(BATCH).enumerate() {
+        let seeds: Vec<u64> = (0..chunk.len()).map(|i| seed.wrapping_add((chunk_index * BATCH + i) as u64)).collect();
+        let batch_shape = [chunk.len(), shape[0], shape[1], shape[2]];
+        let raw = ensemble.raw_maps(denoiser, Some(&mut *head), &chunk.concat(), batch_shape, &seeds, &rule)?;
+        maps.extend(raw.into_iter().map(|(map, _)| map));
+    }
+    let candidate = score(&set, maps, shape, &rule, &spec, &base.extra_t0, base.unet_calls);
+    point.candidates.push(candidate.clone());
+    rank(&mut point.candidates);
+    point.chosen = point.candidates[0].clone();
+    Ok(candidate)
+}
+
+/// One candidate's figures: its raw map per validation frame (members already averaged),
+/// smoothed and scored as `Inspector` would.
 fn score(
     set: &ValidationSet,
-    members: &[&Vec<Vec<f32>>],
+    maps: Vec<Vec<f32>>,
     [_, height, width]: [usize; 3],
     rule: &AnomalySpec,
     primary: &ReconstructionSpec,
@@ -200,14 +250,9 @@ fn score(
     unet_calls: usize,
 ) -> CandidateScore {
     let neutral = Threshold { value: 0.0, min: 0.0, max: 1.0 };
-    let share = 1.0 / members.len() as f32;
     let mut pixel_scores = Vec::with_capacity(set.frames.len() * height * width);
     let mut image_scores = Vec::with_capacity(set.frames.len());
-    for i in 0..set.frames.len() {
-        let mut map = vec![0.0f32; height * width];
-        for member in members {
-            map.iter_mut().zip(&member[i]).for_each(|(m, v)| *m += share * v);
-        }
+    for map in maps {
         let analysis = verdict(map, 0.0, [height, width], height * width, rule, &neutral, &neutral);
         image_scores.push(analysis.score as f32);
         pixel_scores.extend(analysis.map);
@@ -229,7 +274,7 @@ fn score(
 
 /// Reconstructs `frames` in batches of 8; frame `i` is seeded with `seed + i`, as in
 /// calibration, so a frame's result does not depend on the batch it shared.
-fn reconstruct_all(
+pub(crate) fn reconstruct_all(
     denoiser: &mut dyn Denoiser,
     reconstructor: &mut Reconstructor,
     frames: &[Vec<f32>],

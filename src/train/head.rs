@@ -1,0 +1,152 @@
+//! The discriminative head (DRAEM, Zavrtanik et al. ICCV 2021; DiffusionAD): a small UNet
+//! that looks at a frame and its diffusion reconstruction side by side and predicts, per
+//! pixel, the probability that the frame shows a defect there.
+//!
+//! The pixel residual of a reconstruction is a weak map on irregular textures: the model
+//! redraws *a* plausible texture, not *this* one. The head learns which differences matter
+//! from synthetic defects — scratches, holes and stains ([`DefectKind::SELECTION`]) pasted on
+//! training frames — and the bundle's own reconstructions of them. Cracks and foreign
+//! patches are never pasted here, so benchmark scores on them measure shapes the head never
+//! saw. Training frames are contaminated; their own defects count as normal pixels here,
+//! which only makes the head more conservative.
+//!
+//! The head reuses the project's UNet (input and output channels `2·C`, timestep fixed at
+//! 0, output channel 0 is the logit), so the exporter, the ONNX contract and the runtime
+//! are the denoiser's own.
+
+use burn::module::Module;
+use burn::optim::grad_clipping::GradientClippingConfig;
+use burn::optim::{AdamWConfig, GradientsParams};
+use burn::tensor::{Device, Tensor, TensorData};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+use super::operating_point::{reconstruct_all, validation_set};
+use crate::eval::synth::DefectKind;
+use crate::infer::inspect::head_input;
+use crate::infer::reconstruct::Reconstructor;
+use crate::infer::runtime::{Denoiser, RuntimeError};
+use crate::model::architecture::UNetConfig;
+use crate::model::unet::UNet;
+
+/// How the head is trained; stored in the training configuration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HeadConfig {
+    pub steps: usize,
+    pub batch_size: usize,
+    pub learning_rate: f64,
+    pub base_channels: usize,
+    /// Training frames each given a pasted defect (each is also used clean).
+    pub frames: usize,
+    /// Weight of defect pixels in the binary cross-entropy (they are a few % of pixels).
+    pub positive_weight: f64,
+}
+
+impl HeadConfig {
+    pub fn with_steps(steps: usize) -> Self {
+        Self { steps, batch_size: 8, learning_rate: 1e-3, base_channels: 16, frames: 128, positive_weight: 4.0 }
+    }
+
+    pub fn validate(&self) -> Result<(), String> {
+        if self.steps == 0 || self.batch_size == 0 || self.frames == 0 {
+            return Err(format!(
+                "the head needs steps, batch size and frames of at least 1, got {} / {} / {}",
+                self.steps, self.batch_size, self.frames
+            ));
+        }
+        if !(self.learning_rate > 0.0 && self.positive_weight > 0.0) {
+            return Err("the head's learning rate and positive weight must be > 0".into());
+        }
+        Ok(())
+    }
+
+    /// The head's architecture for frames of `channels` channels.
+    pub fn unet(&self, channels: usize) -> UNetConfig {
+        UNetConfig {
+            channels: 2 * channels,
+            base_channels: self.base_channels,
+            channel_mults: vec![1, 2],
+            res_blocks: 1,
+            attention: false,
+            groups: 8,
+        }
+    }
+}
+
+/// Trains the head on `frames` (`[C, H, W]` each, model space; training frames, never the
+/// calibration ones the head is then scored on), each used clean and with a pasted defect,
+/// reconstructed by `denoiser` with `reconstructor` (the operating point's primary setting).
+/// Returns the trained head and its mean loss over the last tenth of the steps.
+pub fn train_head(
+    denoiser: &mut dyn Denoiser,
+    reconstructor: &mut Reconstructor,
+    frames: &[Vec<f32>],
+    [channels, height, width]: [usize; 3],
+    config: &HeadConfig,
+    seed: u64,
+) -> Result<(UNet, f64), RuntimeError> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    rng.set_stream(3);
+    let set = validation_set(frames, [channels, height, width], seed.wrapping_add(1));
+    let recon = reconstruct_all(denoiser, reconstructor, &set.frames, [channels, height, width], seed)?;
+    tracing::info!(pairs = set.frames.len(), kinds = ?DefectKind::SELECTION.map(DefectKind::name), "Head training pairs reconstructed.");
+
+    let device = Device::flex().autodiff();
+    let architecture = config.unet(channels);
+    let mut model = UNet::init(&architecture, seed ^ 0x4845_4144, &device).expect("the head architecture is valid");
+    let mut optimizer =
+        AdamWConfig::new().with_weight_decay(0.0).with_grad_clipping(Some(GradientClippingConfig::Norm(1.0))).init();
+    let plane = height * width;
+    let mut losses = Vec::with_capacity(config.steps);
+    for _ in 0..config.steps {
+        let mut input = Vec::with_capacity(config.batch_size * 2 * channels * plane);
+        let mut target = Vec::with_capacity(config.batch_size * plane);
+        for _ in 0..config.batch_size {
+            let i = rng.random_range(0..set.frames.len());
+            input.extend(head_input(&set.frames[i], &recon[i], 1));
+            target.extend(set.truth[i].iter().map(|t| *t as f32));
+        }
+        let n = config.batch_size;
+        let x = Tensor::<4>::from_data(TensorData::new(input, [n, 2 * channels, height, width]), &device);
+        let y = Tensor::<4>::from_data(TensorData::new(target, [n, 1, height, width]), &device);
+        let t = Tensor::<1>::from_data(TensorData::new(vec![0.0f32; n], [n]), &device);
+        let logits = model.forward(x, t).narrow(1, 0, 1);
+        let loss = weighted_bce_with_logits(logits, y, config.positive_weight);
+        losses.push(loss.clone().into_data().as_slice::<f32>().expect("f32 loss")[0] as f64);
+        let grads = GradientsParams::from_grads(loss.backward(), &model);
+        model = optimizer.step(config.learning_rate, model, grads);
+    }
+    let tail = &losses[losses.len() - (losses.len() / 10).max(1)..];
+    let final_loss = tail.iter().sum::<f64>() / tail.len() as f64;
+    tracing::info!(steps = config.steps, first = losses[0], last = final_loss, "Head trained.");
+    Ok((model.valid(), final_loss))
+}
+
+/// Mean binary cross-entropy of `logits` against 0/1 `target`, defect pixels weighted by
+/// `positive_weight`: `w·(softplus(z) − y·z)` with the stable
+/// `softplus(z) = max(z, 0) + ln(1 + e^{−|z|})`.
+fn weighted_bce_with_logits(logits: Tensor<4>, target: Tensor<4>, positive_weight: f64) -> Tensor<1> {
+    let softplus = logits.clone().clamp_min(0.0).add(logits.clone().abs().neg().exp().add_scalar(1.0).log());
+    let per_pixel = softplus.sub(target.clone().mul(logits));
+    let weight = target.mul_scalar((positive_weight - 1.0) as f32).add_scalar(1.0);
+    per_pixel.mul(weight).mean()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn weighted_bce_matches_the_closed_form() {
+        let device = Device::flex();
+        let z = Tensor::<4>::from_data(TensorData::new(vec![-2.0f32, 0.0, 3.0, 40.0], [1, 1, 2, 2]), &device);
+        let y = Tensor::<4>::from_data(TensorData::new(vec![0.0f32, 1.0, 1.0, 0.0], [1, 1, 2, 2]), &device);
+        let got = weighted_bce_with_logits(z, y, 3.0).into_data().as_slice::<f32>().unwrap()[0] as f64;
+        let bce =
+            |z: f64, y: f64| -(y * (1.0 / (1.0 + (-z).exp())).ln() + (1.0 - y) * (1.0 - 1.0 / (1.0 + (-z).exp())).ln());
+        // z = 40, y = 0: softplus(40) = 40 (the naive formula overflows to inf).
+        let want = (bce(-2.0, 0.0) + 3.0 * bce(0.0, 1.0) + 3.0 * bce(3.0, 1.0) + 40.0) / 4.0;
+        assert!((got - want).abs() < 1e-4, "{got} vs {want}");
+    }
+}
