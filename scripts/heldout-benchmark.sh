@@ -3,8 +3,10 @@
 # held-out textures grass and gravel (never used to choose any parameter). For each texture
 # and contamination level: `synth` the dataset, `retrain` MSE / Huber / LTS with the
 # operating-point search (budget: UNET_BUDGET calls per tile, on synthetic scratches, holes
-# and stains pasted on the calibration frames), then `eval` twice on the test set (all five
-# defect shapes; cracks and foreign patches were never used by the search):
+# and stains pasted on the calibration frames) and the learned head (HEAD_STEPS steps, on
+# the same shapes pasted on training frames; shipped only if it wins the search), then
+# `eval` twice on the test set (all five defect shapes; cracks and foreign patches were
+# never used by the search or the head):
 #   eval-auto/  the manifest's own operating point (what the daemon would run)
 #   eval-old/   the previous shipped default: L1 pixel residual, t0 100, 10 DDIM steps
 #
@@ -23,6 +25,8 @@ LEVELS=${LEVELS:-"0 0.1 0.2 0.3"}
 LOSSES=${LOSSES:-"mse huber lts"}
 STEPS=${STEPS:-200}
 UNET_BUDGET=${UNET_BUDGET:-10}
+# Steps of the learned defect head (0: no head, the searched pixel map only).
+HEAD_STEPS=${HEAD_STEPS:-400}
 THREADS=${THREADS:-2}
 SEED=${SEED:-0}
 # The benchmark UNet of docs/results.md: small enough for dozens of trainings on 2 cores.
@@ -62,7 +66,7 @@ for texture in $TEXTURES; do
         start=$(date +%s)
         RAYON_NUM_THREADS=$THREADS "$BIN" retrain --data "$data" --loss "$loss" --out "$model" --force \
           "${ARCH[@]}" --steps "$STEPS" --batch-size 8 --learning-rate 5e-4 --seed "$SEED" --no-progress \
-          --unet-budget "$UNET_BUDGET" --threads "$THREADS" >>"$OUT/benchmark.log" 2>&1
+          --unet-budget "$UNET_BUDGET" --head-steps "$HEAD_STEPS" --threads "$THREADS" >>"$OUT/benchmark.log" 2>&1
         log "retrain $model took $(( $(date +%s) - start )) s"
       fi
       report="$OUT/eval-auto/$texture-p$p-$loss"

@@ -239,6 +239,10 @@ pub struct SynthArgs {
     /// Fraction of train/good that shows defects: defective / (normal + defective).
     #[arg(long, default_value_t = 0.0)]
     pub contamination: f64,
+    /// Draw defects as for an image of this side: with --crop = --size (native scale,
+    /// e.g. 256) and --defect-extent 64, defects are 3–20 px, as on a line camera.
+    #[arg(long)]
+    pub defect_extent: Option<u32>,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Replace an existing dataset directory.
@@ -263,6 +267,11 @@ pub struct BenchArgs {
     /// Timed UNet calls per batch size (after 3 warm-up calls).
     #[arg(long, default_value_t = 15)]
     pub repeats: usize,
+    /// Whole camera frames to time through the inspection path (tiles for a tiled
+    /// model), as WIDTHxHEIGHT, e.g. 640x480,1280x1024; at the manifest's setting and at
+    /// one UNet call per tile.
+    #[arg(long, value_delimiter = ',')]
+    pub frames: Vec<String>,
     #[command(flatten)]
     pub runtime: RuntimeArgs,
 }
@@ -325,6 +334,9 @@ pub struct ExportArgs {
     /// Bundle directory to create.
     #[arg(long)]
     pub out: PathBuf,
+    /// Record tiled inspection at native scale with tiles this many pixels apart.
+    #[arg(long)]
+    pub tile_stride: Option<usize>,
     /// Model name recorded in the manifest (default: the directory name).
     #[arg(long)]
     pub name: Option<String>,

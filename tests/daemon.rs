@@ -365,7 +365,11 @@ fn a_tiled_model_reports_a_line_frame_defect_in_camera_pixels() {
     let mut daemon = Daemon::start(&config);
     let started = Instant::now();
     while sub.on("line/state").is_empty() {
-        assert!(started.elapsed() < Duration::from_secs(120), "no verdict on the line frame; log:\n{}", daemon.log_text());
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "no verdict on the line frame; log:\n{}",
+            daemon.log_text()
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     let alerts: Vec<serde_json::Value> =

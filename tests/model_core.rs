@@ -422,4 +422,54 @@ fn bench_prints_a_row_per_configuration() {
     assert!(stdout.contains("provider cpu"), "{stdout}");
     let rows: Vec<&str> = stdout.lines().filter(|l| l.starts_with("| 1 |") || l.starts_with("| 2 |")).collect();
     assert_eq!(rows.len(), 4, "{stdout}");
+
+    // Whole frames through a tiled bundle: 160×100 in 64-pixel tiles 48 apart is 3 × 2 tiles.
+    let tiled = tmp.path().join("tiled");
+    let out = run_cli(
+        &[
+            "export",
+            "--out",
+            tiled.to_str().unwrap(),
+            "--size",
+            "64",
+            "--base-channels",
+            "16",
+            "--channel-mults",
+            "1,2",
+            "--tile-stride",
+            "48",
+            "--t0",
+            "6",
+            "--steps",
+            "2",
+        ],
+        false,
+    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let args = [
+        "bench",
+        "--model",
+        tiled.to_str().unwrap(),
+        "--batches",
+        "4",
+        "--ddim-steps",
+        "1",
+        "--t0",
+        "6",
+        "--repeats",
+        "1",
+    ];
+    let out = run_cli(&[&args[..], &["--frames", "160x100,64x64"]].concat(), false);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let frame_rows: Vec<Vec<&str>> = stdout
+        .lines()
+        .filter(|l| l.starts_with("| 160×100 |") || l.starts_with("| 64×64 |"))
+        .map(|l| l.split(" | ").collect())
+        .collect();
+    assert_eq!(frame_rows.len(), 4, "two frames × (manifest setting, one call): {stdout}");
+    assert_eq!((frame_rows[0][1], frame_rows[0][2]), ("6", "2"), "{stdout}");
+    assert_eq!((frame_rows[1][1], frame_rows[3][2]), ("1", "1"), "{stdout}");
+    let bad = run_cli(&[&args[..], &["--frames", "160by100"]].concat(), false);
+    assert!(!bad.status.success() && String::from_utf8_lossy(&bad.stderr).contains("WIDTHxHEIGHT"));
 }

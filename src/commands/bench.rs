@@ -2,14 +2,18 @@
 //!
 //! For each batch size: the median UNet call (ONNX Runtime, after warm-up), UNet
 //! evaluations per second, then whole DDIM reconstructions at each step count (frames/s,
-//! ms per frame). Printed as a Markdown table, with the provider that really ran. This is
-//! the benchmark behind `docs/performance.md`; speed is not checked by timed tests.
+//! ms per frame). Printed as a Markdown table, with the provider that really ran. With
+//! `--frames`, whole camera frames go through the inspection path (`Inspector`: tiles,
+//! stitching, post-processing) at the manifest's setting and at one UNet call per tile:
+//! tiles/s, frames/s, megapixels/s and the process's peak RSS. This is the benchmark
+//! behind `docs/performance.md`; speed is not checked by timed tests.
 
 use std::time::Instant;
 
 use anyhow::bail;
 
 use crate::cli::BenchArgs;
+use crate::infer::inspect::{FrameView, Inspector};
 use crate::infer::reconstruct::{ReconstructionSpec, Sampler};
 use crate::infer::runtime::Denoiser;
 use crate::model::bundle::Bundle;
@@ -19,6 +23,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     if args.batches.contains(&0) || args.ddim_steps.iter().any(|s| *s == 0 || *s > args.t0) || args.repeats == 0 {
         bail!("batch sizes and --repeats must be >= 1, DDIM steps in 1..=t0 ({})", args.t0);
     }
+    let frames = args.frames.iter().map(|f| parse_frame(f)).collect::<anyhow::Result<Vec<_>>>()?;
     let mut bundle = Bundle::load(&args.model, &args.runtime.to_config())?;
     let input = bundle.manifest.input;
     println!(
@@ -70,5 +75,61 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             );
         }
     }
+    if !frames.is_empty() {
+        bench_frames(bundle, &frames, *args.batches.iter().max().expect("default batches"))?;
+    }
     Ok(())
+}
+
+fn parse_frame(text: &str) -> anyhow::Result<[usize; 2]> {
+    let parsed = text.split_once('x').and_then(|(w, h)| Some([h.parse().ok()?, w.parse().ok()?]));
+    match parsed {
+        Some([h, w]) if h > 0 && w > 0 => Ok([h, w]),
+        _ => bail!("--frames: {text:?} is not WIDTHxHEIGHT"),
+    }
+}
+
+/// Whole frames through `Inspector` at the manifest's setting and at one UNet call per
+/// tile, `tile_batch` tiles per UNet batch.
+fn bench_frames(bundle: Bundle, frames: &[[usize; 2]], tile_batch: usize) -> anyhow::Result<()> {
+    let manifest = bundle.manifest.clone();
+    let one_call = ReconstructionSpec { steps: 1, sampler: Sampler::Ddim, ..manifest.reconstruction };
+    let mut inspector = Inspector::new(bundle, None)?.with_tile_batch(tile_batch);
+    println!();
+    println!("inspection: {:?}, {tile_batch} tiles per UNet batch", manifest.inspection);
+    println!();
+    println!("| frame | tiles | UNet calls per tile | s/frame | frames/s | tiles/s | MP/s | peak RSS MiB |");
+    println!("|---|---|---|---|---|---|---|---|");
+    for spec in [manifest.reconstruction, one_call] {
+        inspector = Inspector::new(inspector.bundle, Some(spec))?.with_tile_batch(tile_batch);
+        for &[height, width] in frames {
+            let image =
+                image::DynamicImage::ImageLuma8(image::GrayImage::from_fn(width as u32, height as u32, |x, y| {
+                    image::Luma([(128.0 + 60.0 * ((x as f32) * 0.31).sin() * ((y as f32) * 0.17).cos()) as u8])
+                }));
+            let prepared = manifest.input.prepare_for(manifest.inspection, &image);
+            let view = FrameView { tensor: &prepared.tensor, size: prepared.size() };
+            let tiles = inspector.tile_grid(view.size).tiles.len();
+            inspector.inspect(&[view], &[0])?; // warm-up
+            let start = Instant::now();
+            inspector.inspect(&[view], &[1])?;
+            let seconds = start.elapsed().as_secs_f64();
+            println!(
+                "| {width}×{height} | {tiles} | {} | {seconds:.2} | {:.2} | {:.1} | {:.3} | {} |",
+                inspector.unet_calls(),
+                1.0 / seconds,
+                tiles as f64 / seconds,
+                (width * height) as f64 / 1e6 / seconds,
+                peak_rss_mib().map_or("n/a".into(), |m| format!("{m:.0}")),
+            );
+        }
+    }
+    Ok(())
+}
+
+/// The process's peak resident set (VmHWM) in MiB, where /proc says.
+fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    Some(line.split_whitespace().nth(1)?.parse::<f64>().ok()? / 1024.0)
 }

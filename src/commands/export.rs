@@ -26,7 +26,7 @@ pub fn run(args: ExportArgs) -> anyhow::Result<()> {
         version: "0.0.0-random".into(),
         created: now_rfc3339(),
         input: args.architecture.input(),
-        inspection: Inspection::default(),
+        inspection: args.tile_stride.map_or(Inspection::Resize, |stride| Inspection::Tiled { scale: 1.0, stride }),
         unet,
         schedule: ScheduleSpec::default(),
         reconstruction: ReconstructionSpec {

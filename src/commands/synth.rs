@@ -12,6 +12,7 @@ pub fn run(args: SynthArgs) -> anyhow::Result<()> {
         test_per_type: args.test_per_type,
         contamination: args.contamination,
         seed: args.seed,
+        defect_extent: args.defect_extent,
     };
     let summary = synthesise(&args.texture, args.foreign.as_deref(), &args.out, &config, args.force)?;
     println!(

@@ -54,6 +54,9 @@ pub struct SynthConfig {
     pub test_per_type: usize,
     pub contamination: f64,
     pub seed: u64,
+    /// Draw defects as for an image of this side (e.g. 64 in 256-pixel native crops:
+    /// defects of 3–20 px); `None`: as for the image itself.
+    pub defect_extent: Option<u32>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -147,12 +150,14 @@ pub fn paste_defect(img: &mut GrayImage, kind: DefectKind, rng: &mut ChaCha8Rng)
     assert!(kind != DefectKind::Foreign, "paste_defect: foreign patches need a texture");
     let scale = [0.6, 1.0, 1.6][rng.random_range(0..3)];
     let high_contrast = rng.random_bool(0.5);
-    paint(img, kind, scale, high_contrast, &GrayImage::new(1, 1), rng)
+    let extent = img.width() as f64;
+    paint(img, extent, kind, scale, high_contrast, &GrayImage::new(1, 1), rng)
 }
 
 /// Paints one defect of `kind` onto `img`; returns the exact mask (0/255).
 fn paint(
     img: &mut GrayImage,
+    extent: f64,
     kind: DefectKind,
     scale: f64,
     high_contrast: bool,
@@ -160,6 +165,9 @@ fn paint(
     rng: &mut ChaCha8Rng,
 ) -> GrayImage {
     let size = img.width() as f64;
+    // Defect geometry is drawn for an image of side `extent`: the image itself for
+    // thumbnails, a fixed 64 for native-resolution frames (small defects, 3–20 px).
+    let extent = extent.min(size);
     let mut mask = GrayImage::new(img.width(), img.height());
     let strength = if high_contrast { 0.45 } else { 0.22 } * 255.0;
     let sign = if rng.random_bool(0.5) { 1.0 } else { -1.0 };
@@ -180,7 +188,7 @@ fn paint(
     match kind {
         DefectKind::Scratch => {
             let angle = rng.random_range(0.0..std::f64::consts::PI);
-            let half = rng.random_range(0.15..0.3) * size * scale;
+            let half = rng.random_range(0.15..0.3) * extent * scale;
             let (dx, dy) = (angle.cos() * half, angle.sin() * half);
             let (a, b) = ((centre.0 - dx, centre.1 - dy), (centre.0 + dx, centre.1 + dy));
             let width = if scale > 1.2 { 1.6 } else { 1.0 };
@@ -189,7 +197,8 @@ fn paint(
             });
         }
         DefectKind::Hole => {
-            let (rx, ry) = (rng.random_range(0.04..0.08) * size * scale, rng.random_range(0.04..0.08) * size * scale);
+            let (rx, ry) =
+                (rng.random_range(0.04..0.08) * extent * scale, rng.random_range(0.04..0.08) * extent * scale);
             let (rx, ry) = (rx.max(1.5), ry.max(1.5));
             let depth = if high_contrast { 0.2 } else { 0.55 };
             apply(&|x, y| ((x - centre.0) / rx).powi(2) + ((y - centre.1) / ry).powi(2) <= 1.0, &mut |_, _, v| {
@@ -199,7 +208,7 @@ fn paint(
         DefectKind::Stain => {
             let blobs: Vec<((f64, f64), f64)> = (0..rng.random_range(3..6))
                 .map(|_| {
-                    let r = rng.random_range(0.04..0.08) * size * scale;
+                    let r = rng.random_range(0.04..0.08) * extent * scale;
                     let offset = (rng.random_range(-1.0..1.0) * r, rng.random_range(-1.0..1.0) * r);
                     ((centre.0 + offset.0, centre.1 + offset.1), r.max(1.5))
                 })
@@ -230,7 +239,8 @@ fn paint(
             });
         }
         DefectKind::Foreign => {
-            let (rx, ry) = (rng.random_range(0.08..0.15) * size * scale, rng.random_range(0.08..0.15) * size * scale);
+            let (rx, ry) =
+                (rng.random_range(0.08..0.15) * extent * scale, rng.random_range(0.08..0.15) * extent * scale);
             let (fx, fy) = (
                 rng.random_range(0..foreign.width() - size as u32),
                 rng.random_range(0..foreign.height() - size as u32),
@@ -265,7 +275,8 @@ fn defect_image(
     let scale = [0.6, 1.0, 1.6][rng.random_range(0..3)];
     let high_contrast = rng.random_bool(0.5);
     let mut img = crop(texture, area, config, rng);
-    let mask = paint(&mut img, kind, scale, high_contrast, foreign, rng);
+    let extent = config.defect_extent.map_or(config.size, |e| e.min(config.size)) as f64;
+    let mask = paint(&mut img, extent, kind, scale, high_contrast, foreign, rng);
     (img, mask, scale, high_contrast)
 }
 
@@ -414,6 +425,26 @@ mod tests {
     }
 
     #[test]
+    fn native_frames_get_small_defects() {
+        let surface = GrayImage::from_fn(256, 256, |x, y| Luma([(100 + (x * 7 + y * 3) % 60) as u8]));
+        let foreign = GrayImage::from_fn(300, 300, |x, y| Luma([((x * y) % 256) as u8]));
+        let mut rng = ChaCha8Rng::seed_from_u64(5);
+        for kind in DefectKind::ALL {
+            for scale in [0.6, 1.6] {
+                let mut painted = surface.clone();
+                let mask = paint(&mut painted, 64.0, kind, scale, true, &foreign, &mut rng);
+                let marked: Vec<(u32, u32)> =
+                    mask.enumerate_pixels().filter(|(_, _, m)| m.0[0] != 0).map(|(x, y, _)| (x, y)).collect();
+                let span = |f: fn(&(u32, u32)) -> u32| {
+                    marked.iter().map(f).max().unwrap() - marked.iter().map(f).min().unwrap() + 1
+                };
+                let (w, h) = (span(|p| p.0), span(|p| p.1));
+                assert!(marked.len() >= 3 && w.max(h) <= 64, "{kind:?} ×{scale}: {w}×{h} px, {} px", marked.len());
+            }
+        }
+    }
+
+    #[test]
     fn masks_cover_exactly_the_painted_pixels() {
         let surface = texture();
         let foreign = GrayImage::from_fn(200, 200, |x, y| Luma([((x * y) % 256) as u8]));
@@ -422,7 +453,7 @@ mod tests {
             for (scale, high) in [(0.6, false), (1.6, true)] {
                 let mut painted = imageops::crop_imm(&surface, 0, 0, 64, 64).to_image();
                 let before = painted.clone();
-                let mask = paint(&mut painted, kind, scale, high, &foreign, &mut rng);
+                let mask = paint(&mut painted, 64.0, kind, scale, high, &foreign, &mut rng);
                 let (mut inside, mut changed_inside) = (0, 0);
                 for (x, y, m) in mask.enumerate_pixels() {
                     let changed = painted.get_pixel(x, y) != before.get_pixel(x, y);
@@ -444,8 +475,16 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let texture_path = dir.path().join("t.png");
         GrayImage::from_fn(200, 160, |x, y| Luma([((x * 31 + y * 17) % 251) as u8])).save(&texture_path).unwrap();
-        let config =
-            SynthConfig { size: 32, crop: 64, train: 10, test_good: 2, test_per_type: 1, contamination: 0.3, seed: 9 };
+        let config = SynthConfig {
+            size: 32,
+            crop: 64,
+            train: 10,
+            test_good: 2,
+            test_per_type: 1,
+            contamination: 0.3,
+            seed: 9,
+            defect_extent: None,
+        };
         let a = synthesise(&texture_path, None, &dir.path().join("a"), &config, false).unwrap();
         let b = synthesise(&texture_path, None, &dir.path().join("b"), &config, false).unwrap();
         assert_eq!((a.train_normal, a.train_defective), (7, 3));
