@@ -8,7 +8,10 @@ greyscale brick.png from ../shared/data/textures/ and writes:
 - data/brick/: the demo dataset in the MVTec layout. train/good holds 16 crops of 128x128
   from the left three quarters of the photograph, 2 of them with pasted defects (the
   contamination retrain must be robust to, 12.5 %); test/{good,scratch,stain} hold 64x64
-  crops from the right quarter, never seen in training, with ground_truth masks.
+  crops from the right quarter, never seen in training, with ground_truth masks;
+- data/brick/line/: full-resolution "line camera" frames, 128x256 from the right quarter
+  (larger than one 64-pixel tile: the demo model inspects them in tiles at native scale),
+  one clean, one with a small scratch, one with a small stain; masks in data/brick/line-masks/.
 
 Usage: scripts/make-sample-frames.py [textures-dir] [repo-root]
 """
@@ -122,6 +125,21 @@ def demo_dataset(brick, root):
         write_grey_png(os.path.join(dirs["ground_truth/stain"], f"{i:03d}_mask.png"), mask)
 
 
+def line_frames(brick, root):
+    base = os.path.join(root, "data", "brick")
+    frames, masks = os.path.join(base, "line"), os.path.join(base, "line-masks")
+    os.makedirs(frames, exist_ok=True)
+    os.makedirs(masks, exist_ok=True)
+    tall = lambda x0, y0: [bytearray(r[x0:x0 + 128]) for r in brick[y0:y0 + 256]]
+    write_grey_png(os.path.join(frames, "000_good.png"), tall(384, 0))
+    frame, mask = scratch(tall(384, 256), 70, 150, 24)
+    write_grey_png(os.path.join(frames, "001_scratch.png"), frame)
+    write_grey_png(os.path.join(masks, "001_scratch.png"), mask)
+    frame, mask = stain(tall(384, 128), 30, 200, 4)
+    write_grey_png(os.path.join(frames, "002_stain.png"), frame)
+    write_grey_png(os.path.join(masks, "002_stain.png"), mask)
+
+
 def main():
     here = os.path.dirname(os.path.abspath(__file__))
     textures = sys.argv[1] if len(sys.argv) > 1 else os.path.join(here, "..", "..", "shared", "data", "textures")
@@ -130,6 +148,7 @@ def main():
     os.makedirs(out, exist_ok=True)
     brick = read_grey_png(os.path.join(textures, "brick.png"))
     demo_dataset(brick, root)
+    line_frames(brick, root)
     write_grey_png(os.path.join(out, "brick_clean.png"), crop(brick, 0, 0))
     write_grey_png(os.path.join(out, "brick_clean_2.png"), crop(brick, 200, 300))
     frame, mask = scratch(crop(brick, 64, 128))

@@ -341,16 +341,13 @@ fn a_tiled_model_reports_a_line_frame_defect_in_camera_pixels() {
     let broker = Broker::start();
     let sub = Subscriber::start(broker.port);
     let dir = tempfile::tempdir().unwrap();
-    // The demo model was trained on native-scale 64-pixel crops: tiled at scale 1.
     let model = dir.path().join("brick-tiled");
     std::fs::create_dir_all(&model).unwrap();
     std::fs::copy(repo().join("models/brick-huber/model.onnx"), model.join("model.onnx")).unwrap();
+    // The demo ships tiled at stride 48; stride 64 keeps this test's 80 tiles quick.
     let manifest = std::fs::read_to_string(repo().join("models/brick-huber/manifest.toml")).unwrap();
-    std::fs::write(
-        model.join("manifest.toml"),
-        manifest + "\n[inspection]\nmode = \"tiled\"\nscale = 1.0\nstride = 64\n",
-    )
-    .unwrap();
+    assert!(manifest.contains("stride = 48"), "the demo manifest changed: adapt this test");
+    std::fs::write(model.join("manifest.toml"), manifest.replace("stride = 48", "stride = 64")).unwrap();
     let frames = dir.path().join("line");
     std::fs::create_dir_all(&frames).unwrap();
     line_frame(&frames.join("line.png"));

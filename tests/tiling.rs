@@ -17,17 +17,23 @@ fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-/// A copy of the demo bundle whose manifest says: tiles of 64 at native scale, 48 apart.
-fn tiled_demo(dir: &Path) -> PathBuf {
-    let bundle = dir.join("brick-tiled");
+/// A copy of the demo bundle with `inspection` (a TOML table body) instead of its own.
+fn demo_copy(dir: &Path, name: &str, inspection: &str) -> PathBuf {
+    let bundle = dir.join(name);
     fs::create_dir_all(&bundle).unwrap();
     let source = repo().join("models/brick-huber");
     fs::copy(source.join("model.onnx"), bundle.join("model.onnx")).unwrap();
-    let mut manifest = fs::read_to_string(source.join("manifest.toml")).unwrap();
-    assert!(!manifest.contains("[inspection]"), "the demo bundle is a resize model");
-    manifest.push_str("\n[inspection]\nmode = \"tiled\"\nscale = 1.0\nstride = 48\n");
-    fs::write(bundle.join("manifest.toml"), manifest).unwrap();
+    let manifest = fs::read_to_string(source.join("manifest.toml")).unwrap();
+    let own = manifest.find("\n[inspection]").expect("the demo bundle states its inspection");
+    let rest = manifest[own + 1..].find("\n[").map_or(String::new(), |end| manifest[own + 1 + end..].to_string());
+    let text = format!("{}{rest}\n[inspection]\n{inspection}\n", &manifest[..own]);
+    fs::write(bundle.join("manifest.toml"), text).unwrap();
     bundle
+}
+
+/// The demo bundle as shipped: tiles of 64 at native scale, 48 apart.
+fn tiled_demo(dir: &Path) -> PathBuf {
+    demo_copy(dir, "brick-tiled", "mode = \"tiled\"\nscale = 1.0\nstride = 48")
 }
 
 /// A 128×128 brick frame from the project's own data with a white 6×6 patch whose
@@ -117,8 +123,9 @@ fn tiled_results_do_not_depend_on_the_batch_and_one_tile_frames_are_unchanged() 
         assert!(worst < 1e-5, "batch composition changed a map by {worst}");
     }
 
-    // A frame of exactly one tile is what the untiled demo model sees.
-    let mut resize = load(&repo().join("models/brick-huber"));
+    // A frame of exactly one tile is what the same model sees with whole-frame resizing.
+    let mut resize = load(&demo_copy(tmp.path(), "brick-resize", "mode = \"resize\""));
+    assert_eq!(resize.manifest().inspection, Inspection::Resize);
     let old = resize.inspect(&[view(&small)], &[seeds[1]]).unwrap();
     assert_eq!(old[0].map, alone[1].map);
     assert_eq!(old[0].regions, alone[1].regions);
