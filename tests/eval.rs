@@ -125,3 +125,31 @@ fn eval_rejects_mismatched_and_malformed_datasets() {
     let (ok, _, stderr) = eval(&data, &out);
     assert!(!ok && stderr.contains("no anomalous test images"), "{stderr}");
 }
+
+#[test]
+fn eval_scores_full_resolution_frames_at_native_resolution() {
+    // The demo's line frames as an anomalib Folder dataset: 128×256 images, native masks.
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("line");
+    for sub in ["good", "bad", "mask"] {
+        std::fs::create_dir_all(data.join(sub)).unwrap();
+    }
+    let line = repo().join("data/brick/line");
+    std::fs::copy(line.join("000_good.png"), data.join("good/000_good.png")).unwrap();
+    for name in ["001_scratch.png", "002_stain.png"] {
+        std::fs::copy(line.join(name), data.join("bad").join(name)).unwrap();
+        std::fs::copy(repo().join("data/brick/line-masks").join(name), data.join("mask").join(name)).unwrap();
+    }
+    let out = dir.path().join("report");
+    let (ok, stdout, stderr) = eval(&data, &out);
+    assert!(ok, "{stderr}");
+    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("report.json")).unwrap()).unwrap();
+    let pixel_auroc = report["overall"]["pixel_auroc"].as_f64().unwrap_or_else(|| panic!("{stdout}"));
+    // Both small defects are found by the tiled demo model at native resolution.
+    assert!(pixel_auroc > 0.9, "pixel AUROC {pixel_auroc}: {stdout}");
+    assert_eq!(report["overall"]["image_auroc"].as_f64(), Some(1.0), "{stdout}");
+    for overlay in report["overlays"].as_array().unwrap() {
+        let img = image::open(out.join(overlay.as_str().unwrap())).unwrap();
+        assert_eq!((img.width(), img.height()), (128, 256), "overlays at native resolution");
+    }
+}

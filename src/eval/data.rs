@@ -14,7 +14,7 @@
 
 use std::path::{Path, PathBuf};
 
-use image::{DynamicImage, GrayImage, imageops::FilterType};
+use image::GrayImage;
 use serde::Serialize;
 
 use crate::image_files::list_images;
@@ -52,6 +52,11 @@ pub enum EvalDataError {
          (pass --resize to resize images and masks to the model's input)"
     )]
     ImageSize { image: PathBuf, width: u32, height: u32, model_width: usize, model_height: usize },
+    #[error(
+        "{image}: image is {width}x{height}, smaller than one {model_width}x{model_height} tile at the model's \
+         scale {scale} (pass --resize to scale such images up to one tile)"
+    )]
+    SmallerThanTile { image: PathBuf, width: u32, height: u32, model_width: usize, model_height: usize, scale: f64 },
     #[error("{path}: cannot read mask: {reason}")]
     Mask { path: PathBuf, reason: String },
 }
@@ -85,10 +90,12 @@ pub struct EvalSet {
 pub struct Loaded {
     pub tensor: Vec<f32>,
     pub display: image::RgbImage,
-    /// 0/1 per inspected pixel.
+    /// 0/1 per image pixel (native resolution).
     pub truth: Vec<u8>,
-    /// `[height, width]` of the inspected frame.
+    /// `[height, width]` of the image (and `truth`).
     pub size: [usize; 2],
+    /// `[height, width]` of the inspected frame (`tensor`, `display`).
+    pub inspected: [usize; 2],
 }
 
 fn list(dir: &Path) -> Result<Vec<PathBuf>, EvalDataError> {
@@ -195,7 +202,8 @@ fn read_mask(path: &Path) -> Result<GrayImage, EvalDataError> {
 
 /// Checks an image's (and its mask's) size from the file headers, before any inference.
 /// An unreadable image passes here; it is skipped and reported when loaded. A tiled model
-/// takes any size; a resize model its input size (or anything with `resize`).
+/// takes any size of at least one tile at its scale; a resize model its input size (with
+/// `resize`, anything).
 pub fn check_sizes(
     sample: &Sample,
     input: &InputSpec,
@@ -205,15 +213,32 @@ pub fn check_sizes(
     let Ok((width, height)) = image::image_dimensions(&sample.image) else {
         return Ok(());
     };
-    let any_size = resize || matches!(inspection, Inspection::Tiled { .. });
-    if !any_size && (width as usize != input.width || height as usize != input.height) {
-        return Err(EvalDataError::ImageSize {
-            image: sample.image.clone(),
-            width,
-            height,
-            model_width: input.width,
-            model_height: input.height,
-        });
+    let (model_width, model_height) = (input.width, input.height);
+    match inspection {
+        _ if resize => {}
+        Inspection::Resize if width as usize != model_width || height as usize != model_height => {
+            return Err(EvalDataError::ImageSize {
+                image: sample.image.clone(),
+                width,
+                height,
+                model_width,
+                model_height,
+            });
+        }
+        Inspection::Tiled { scale, .. }
+            if (width as f64 * scale).round() < model_width as f64
+                || (height as f64 * scale).round() < model_height as f64 =>
+        {
+            return Err(EvalDataError::SmallerThanTile {
+                image: sample.image.clone(),
+                width,
+                height,
+                model_width,
+                model_height,
+                scale,
+            });
+        }
+        _ => {}
     }
     if let Some(mask) = &sample.mask {
         let (mask_width, mask_height) = image::image_dimensions(mask)
@@ -232,8 +257,9 @@ pub fn check_sizes(
     Ok(())
 }
 
-/// Decodes `sample` and its mask at inspection resolution (the model's input size, or the
-/// scaled frame for a tiled model; sizes were checked by [`check_sizes`]).
+/// Decodes `sample` for inspection (the model's input size, or the scaled frame for a tiled
+/// model) and its mask at the image's own size (sizes were checked by [`check_sizes`]), so
+/// pixel metrics are at native resolution whatever the model does.
 /// `Ok(Err(reason))` is an unreadable image, which the caller skips; `Err` is a dataset
 /// error that stops the evaluation.
 pub fn load(
@@ -250,19 +276,18 @@ pub fn load(
         Err(reason) => return Ok(Err(reason)),
     };
     let prepared = input.prepare_for(inspection, &image);
-    let [height, width] = prepared.size();
+    let [height, width] = [image.height() as usize, image.width() as usize];
     let truth = match &sample.mask {
         None => vec![0u8; width * height],
-        // Nearest neighbour keeps the mask binary (and a same-size mask unchanged).
-        Some(path) => DynamicImage::ImageLuma8(read_mask(path)?)
-            .resize_exact(width as u32, height as u32, FilterType::Nearest)
-            .to_luma8()
-            .as_raw()
-            .iter()
-            .map(|v| u8::from(*v > 127))
-            .collect(),
+        Some(path) => read_mask(path)?.as_raw().iter().map(|v| u8::from(*v > 127)).collect(),
     };
-    Ok(Ok(Loaded { size: [height, width], tensor: prepared.tensor, display: prepared.display, truth }))
+    Ok(Ok(Loaded {
+        size: [height, width],
+        inspected: prepared.size(),
+        tensor: prepared.tensor,
+        display: prepared.display,
+        truth,
+    }))
 }
 
 #[cfg(test)]

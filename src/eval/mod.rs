@@ -112,6 +112,18 @@ struct Record {
     size: [usize; 2],
 }
 
+/// A map at the image's own `[height, width]`: unchanged when inspected at native size,
+/// else resampled (bilinear) from the inspected `[height, width]`, so pixel metrics are
+/// computed against the native-resolution mask for every model.
+fn at_native_size(map: Vec<f32>, [h, w]: [usize; 2], [native_h, native_w]: [usize; 2]) -> Vec<f32> {
+    if [h, w] == [native_h, native_w] {
+        return map;
+    }
+    let buffer = image::ImageBuffer::<image::Luma<f32>, Vec<f32>>::from_raw(w as u32, h as u32, map)
+        .expect("the map has the inspected size");
+    image::imageops::resize(&buffer, native_w as u32, native_h as u32, image::imageops::FilterType::Triangle).into_raw()
+}
+
 /// Indices of `count` samples spread evenly over `0..total`.
 fn spread(total: usize, count: usize) -> Vec<usize> {
     let count = count.min(total);
@@ -160,7 +172,7 @@ pub fn evaluate(
             continue;
         }
         let views: Vec<FrameView<'_>> =
-            loaded.iter().map(|(_, l)| FrameView { tensor: &l.tensor, size: l.size }).collect();
+            loaded.iter().map(|(_, l)| FrameView { tensor: &l.tensor, size: l.inspected }).collect();
         let seeds: Vec<u64> = loaded.iter().map(|(i, _)| options.seed.wrapping_add(*i as u64)).collect();
         let t = Instant::now();
         let analyses = inspector.inspect(&views, &seeds)?;
@@ -174,7 +186,8 @@ pub fn evaluate(
                     sample.defect_type,
                     sample.image.file_stem().unwrap_or_default().to_string_lossy()
                 );
-                let bytes = overlay(&l.display, &analysis, Some(&l.truth), OverlayFormat::Png);
+                let truth = (l.inspected == l.size).then_some(l.truth.as_slice());
+                let bytes = overlay(&l.display, &analysis, truth, OverlayFormat::Png);
                 crate::model::bundle::write_atomic(&overlay_dir.join(&name), &bytes)?;
                 overlays.push(format!("overlays/{name}"));
             }
@@ -182,7 +195,7 @@ pub fn evaluate(
                 defect_type: sample.defect_type.clone(),
                 score: analysis.score as f32,
                 reconstruction_mse: analysis.reconstruction_mse,
-                map: analysis.map,
+                map: at_native_size(analysis.map, l.inspected, l.size),
                 truth: l.truth,
                 size: l.size,
             });
