@@ -8,18 +8,20 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use burn::tensor::Device;
+use edge_inspect::infer::inspect::{FrameView, Inspector};
 use edge_inspect::infer::reconstruct::{ReconstructionSpec, Sampler};
 use edge_inspect::infer::runtime::{OrtDenoiser, RuntimeConfig};
 use edge_inspect::model::architecture::UNetConfig;
 use edge_inspect::model::bundle::{Bundle, BundleError, read_manifest};
 use edge_inspect::model::diffusion::ScheduleSpec;
-use edge_inspect::model::export::{export_bundle, keep_thresholds, parity};
+use edge_inspect::model::export::{export_bundle, export_head, keep_thresholds, parity};
 use edge_inspect::model::manifest::{
-    Artifact, Calibration, GoldenCheck, MANIFEST_FILE, Manifest, ONNX_FILE, Provenance, SCHEMA_VERSION, Thresholds,
+    Artifact, Calibration, GoldenCheck, HEAD_FILE, MANIFEST_FILE, Manifest, ONNX_FILE, Provenance, SCHEMA_VERSION,
+    Thresholds,
 };
 use edge_inspect::model::preprocess::{InputSpec, Inspection};
 use edge_inspect::model::unet::UNet;
-use edge_inspect::postprocess::anomaly::{AnomalySpec, Threshold};
+use edge_inspect::postprocess::anomaly::{AnomalySpec, Residual, Threshold};
 
 const BIN: &str = env!("CARGO_BIN_EXE_edge-inspect");
 
@@ -472,4 +474,53 @@ fn bench_prints_a_row_per_configuration() {
     assert_eq!((frame_rows[1][1], frame_rows[3][2]), ("1", "1"), "{stdout}");
     let bad = run_cli(&[&args[..], &["--frames", "160by100"]].concat(), false);
     assert!(!bad.status.success() && String::from_utf8_lossy(&bad.stderr).contains("WIDTHxHEIGHT"));
+}
+
+/// A bundle with a learned head (random weights here): exported beside the denoiser with
+/// parity and golden statistics, verified at load, run by `Inspector` as the map rule, and
+/// refused when its file is corrupt or missing.
+#[test]
+fn a_bundle_with_a_head_is_verified_and_inspects_through_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("with-head");
+    let config = small_config(1, false);
+    let model = UNet::init(&config, 7, &Device::flex()).unwrap();
+    let head_config = UNetConfig { channels: 2, ..small_config(1, false) };
+    let head = UNet::init(&head_config, 8, &Device::flex()).unwrap();
+    let mut manifest = manifest_for(&config, 16);
+    manifest.anomaly.residual = Residual::Head;
+    export_bundle(&model, manifest, &dir, &runtime(), false, |_, manifest, staged| {
+        let (_, artifact) = export_head(&head, &head_config, manifest, staged, &runtime(), 0.5, 3)?;
+        manifest.head = Some(artifact);
+        Ok(())
+    })
+    .unwrap();
+    assert!(dir.join(HEAD_FILE).is_file());
+    let bundle = Bundle::load(&dir, &runtime()).unwrap();
+    assert!(bundle.head.is_some());
+    let mut inspector = Inspector::new(bundle, None).unwrap();
+    let frame: Vec<f32> = (0..16 * 16).map(|i| ((i as f32) * 0.37).sin() * 0.8).collect();
+    let analysis = inspector.inspect(&[FrameView { tensor: &frame, size: [16, 16] }], &[1]).unwrap();
+    // Smoothed sigmoid probabilities: strictly inside (0, 1), not all equal.
+    let map = &analysis[0].map;
+    assert!(map.iter().all(|v| *v > 0.0 && *v < 1.0), "{map:?}");
+    assert!(map.iter().any(|v| (v - map[0]).abs() > 1e-6));
+
+    // A flipped byte in head.onnx, then a missing head.onnx: both refused, naming the file.
+    let path = dir.join(HEAD_FILE);
+    let good = fs::read(&path).unwrap();
+    let mut bad = good.clone();
+    bad[good.len() / 2] ^= 0x10;
+    fs::write(&path, &bad).unwrap();
+    let e = Bundle::load(&dir, &runtime()).err().unwrap();
+    assert!(matches!(e, BundleError::ShaMismatch { .. }) && e.to_string().contains("head.onnx"), "{e}");
+    fs::remove_file(&path).unwrap();
+    let e = Bundle::load(&dir, &runtime()).err().unwrap();
+    assert!(matches!(e, BundleError::MissingFile { .. }) && e.to_string().contains("head.onnx"), "{e}");
+    // A manifest that asks for the head rule without a head is inconsistent.
+    let mut table: toml::Table = fs::read_to_string(dir.join(MANIFEST_FILE)).unwrap().parse().unwrap();
+    assert!(table.remove("head").is_some());
+    fs::write(dir.join(MANIFEST_FILE), toml::to_string(&table).unwrap()).unwrap();
+    let e = read_manifest(&dir).err().unwrap().to_string();
+    assert!(e.contains("has no [head]"), "{e}");
 }

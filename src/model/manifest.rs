@@ -100,6 +100,19 @@ pub struct OperatingPoint {
     pub candidates: Vec<CandidateScore>,
 }
 
+impl CandidateScore {
+    /// The candidate's primary reconstruction (DDIM, deterministic).
+    pub fn reconstruction(&self) -> ReconstructionSpec {
+        ReconstructionSpec {
+            t0: self.t0,
+            steps: self.steps,
+            sampler: crate::infer::reconstruct::Sampler::Ddim,
+            eta: 0.0,
+            condition: self.condition,
+        }
+    }
+}
+
 /// One candidate setting and its validation figures.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -35,9 +35,9 @@ use self::calibrate::{CalibrationRule, calibrate};
 use self::data::{Augment, Dataset, Layout, Skipped};
 use self::head::HeadConfig;
 use self::losses::Loss;
-use self::operating_point::SearchSpace;
+use self::operating_point::{SearchSpace, Validation};
 use crate::infer::inspect::Ensemble;
-use crate::infer::reconstruct::{ReconstructionSpec, Reconstructor, Sampler};
+use crate::infer::reconstruct::{ReconstructionSpec, Reconstructor};
 use crate::infer::runtime::RuntimeConfig;
 use crate::infer::runtime::{Denoiser, OrtDenoiser};
 use crate::model::architecture::UNetConfig;
@@ -45,7 +45,8 @@ use crate::model::bundle::{BundleError, Staged, read_manifest};
 use crate::model::diffusion::{NoiseSchedule, ScheduleSpec};
 use crate::model::export::{export_bundle, export_head};
 use crate::model::manifest::{
-    Artifact, Calibration, EnsembleSpec, GoldenCheck, HEAD_FILE, Manifest, Provenance, SCHEMA_VERSION, Thresholds,
+    Artifact, Calibration, EnsembleSpec, GoldenCheck, HEAD_FILE, Manifest, OperatingPoint, Provenance, SCHEMA_VERSION,
+    Thresholds,
 };
 use crate::model::onnx_export::import_weights;
 use crate::model::preprocess::{InputSpec, Inspection};
@@ -332,58 +333,22 @@ impl Finish<'_> {
         let shape = [input.channels, input.height, input.width];
         let mut head_session = None;
         if let Some(space) = &self.config.operating_point {
-            let frames = self.calibration_frames;
-            let seed = self.config.seed;
-            let mut point = operating_point::search(ort, &schedule, shape, &manifest.anomaly, frames, space, seed)?;
+            let anomaly = manifest.anomaly;
+            let validation = Validation {
+                schedule: &schedule,
+                shape,
+                anomaly: &anomaly,
+                frames: self.calibration_frames,
+                space,
+                seed: self.config.seed,
+            };
+            let mut point = validation.search(ort)?;
             if let Some(head_config) = &self.config.head {
-                let base = &point.chosen;
-                let spec = ReconstructionSpec {
-                    t0: base.t0,
-                    steps: base.steps,
-                    sampler: Sampler::Ddim,
-                    eta: 0.0,
-                    condition: base.condition,
-                };
-                let mut reconstructor =
-                    Reconstructor::new(schedule.clone(), spec).expect("a searched candidate is valid");
-                let (model, final_loss) =
-                    head::train_head(ort, &mut reconstructor, self.head_frames, shape, head_config, seed)?;
-                let unet = head_config.unet(input.channels);
-                let runtime = &self.options.runtime;
-                let (mut session, artifact) =
-                    export_head(&model, &unet, manifest, staged, runtime, final_loss, head_config.steps)?;
-                let scored = operating_point::add_head_candidate(
-                    &mut point,
-                    ort,
-                    &mut session,
-                    &schedule,
-                    shape,
-                    &manifest.anomaly,
-                    frames,
-                    space,
-                    seed,
-                )?;
-                tracing::info!(
-                    pixel_auprc = scored.pixel_auprc,
-                    chosen = point.chosen.residual == Residual::Head,
-                    "Head scored on the validation defects."
-                );
-                if point.chosen.residual == Residual::Head {
-                    manifest.head = Some(artifact);
-                    head_session = Some(session);
-                } else {
-                    staged.remove(HEAD_FILE)?;
-                }
+                head_session = self.try_head(head_config, &validation, &mut point, ort, manifest, staged)?;
             }
             let chosen = &point.chosen;
             tracing::info!(t0 = chosen.t0, extra_t0 = ?chosen.extra_t0, steps = chosen.steps, condition = chosen.condition, residual = chosen.residual.name(), pixel_auprc = chosen.pixel_auprc, candidates = point.candidates.len(), "Operating point chosen.");
-            manifest.reconstruction = ReconstructionSpec {
-                t0: chosen.t0,
-                steps: chosen.steps,
-                sampler: Sampler::Ddim,
-                eta: 0.0,
-                condition: chosen.condition,
-            };
+            manifest.reconstruction = chosen.reconstruction();
             manifest.ensemble =
                 (!chosen.extra_t0.is_empty()).then(|| EnsembleSpec { extra_t0: chosen.extra_t0.clone() });
             manifest.anomaly.residual = chosen.residual;
@@ -402,6 +367,38 @@ impl Finish<'_> {
             self.config.seed,
         )?;
         Ok(())
+    }
+
+    /// Trains the head at the searched point, exports it into the staged bundle and scores
+    /// it on the search's validation defects; keeps it (session returned, `[head]` in the
+    /// manifest) only if it becomes the choice, else removes its file again.
+    fn try_head(
+        &self,
+        config: &HeadConfig,
+        validation: &Validation<'_>,
+        point: &mut OperatingPoint,
+        ort: &mut OrtDenoiser,
+        manifest: &mut Manifest,
+        staged: &Staged,
+    ) -> Result<Option<OrtDenoiser>, BundleError> {
+        let spec = point.chosen.reconstruction();
+        let mut reconstructor =
+            Reconstructor::new(validation.schedule.clone(), spec).expect("a searched candidate is valid");
+        let seed = self.config.seed;
+        let (model, final_loss) =
+            head::train_head(ort, &mut reconstructor, self.head_frames, validation.shape, config, seed)?;
+        let unet = config.unet(manifest.input.channels);
+        let (mut session, artifact) =
+            export_head(&model, &unet, manifest, staged, &self.options.runtime, final_loss, config.steps)?;
+        let scored = validation.add_head_candidate(point, ort, &mut session)?;
+        let chosen = point.chosen.residual == Residual::Head;
+        tracing::info!(pixel_auprc = scored.pixel_auprc, chosen, "Head scored on the validation defects.");
+        if !chosen {
+            staged.remove(HEAD_FILE)?;
+            return Ok(None);
+        }
+        manifest.head = Some(artifact);
+        Ok(Some(session))
     }
 }
 

@@ -122,120 +122,126 @@ pub(crate) fn validation_set(frames: &[Vec<f32>], [channels, height, width]: [us
     set
 }
 
-/// Scores every candidate on synthetic defects pasted on `frames` and returns them, best
-/// first, with the search's description. `anomaly` supplies smoothing and the image rule.
-/// Candidates are single reconstructions and, within the budget, two-member ensembles of
-/// the same steps and conditioning at two t0 (maps averaged, as [`Ensemble`] does).
-///
-/// [`Ensemble`]: crate::infer::inspect::Ensemble
-pub fn search(
-    denoiser: &mut dyn Denoiser,
-    schedule: &NoiseSchedule,
-    shape: [usize; 3],
-    anomaly: &AnomalySpec,
-    frames: &[Vec<f32>],
-    space: &SearchSpace,
-    seed: u64,
-) -> Result<OperatingPoint, RuntimeError> {
-    let used = &frames[..frames.len().min(space.max_frames)];
-    let set = validation_set(used, shape, seed);
-    let specs = space.reconstructions(schedule.len());
-    // raw[spec][residual][frame]: unsmoothed dissimilarity maps.
-    let mut raw: Vec<Vec<Vec<Vec<f32>>>> = Vec::with_capacity(specs.len());
-    for spec in &specs {
-        let mut reconstructor = Reconstructor::new(schedule.clone(), *spec).expect("checked when listed");
-        let recon = reconstruct_all(denoiser, &mut reconstructor, &set.frames, shape, seed)?;
-        raw.push(
-            space
-                .residual
-                .iter()
-                .map(|&residual| {
-                    let rule = AnomalySpec { residual, ..*anomaly };
-                    set.frames.iter().zip(&recon).map(|(f, r)| residual_map(f, r, shape, &rule)).collect()
-                })
-                .collect(),
-        );
-    }
-    let mut candidates = Vec::new();
-    for (r, &residual) in space.residual.iter().enumerate() {
-        let rule = AnomalySpec { residual, ..*anomaly };
-        for (a, spec) in specs.iter().enumerate() {
-            candidates.push(score(&set, raw[a][r].clone(), shape, &rule, spec, &[], spec.steps));
-            for (b, other) in specs.iter().enumerate().skip(a + 1) {
-                let pairable = other.steps == spec.steps && other.condition == spec.condition && other.t0 != spec.t0;
-                if pairable && spec.steps + other.steps <= space.budget_unet_calls {
-                    let averaged = raw[a][r]
-                        .iter()
-                        .zip(&raw[b][r])
-                        .map(|(x, y)| x.iter().zip(y).map(|(p, q)| (p + q) / 2.0).collect())
-                        .collect();
-                    candidates.push(score(&set, averaged, shape, &rule, spec, &[other.t0], spec.steps + other.steps));
+/// What the search scores candidates on: the model's calibration frames (`[C, H, W]`, model
+/// space) with synthetic defects pasted, under `anomaly`'s smoothing and image rule.
+#[derive(Clone, Copy)]
+pub struct Validation<'a> {
+    pub schedule: &'a NoiseSchedule,
+    pub shape: [usize; 3],
+    pub anomaly: &'a AnomalySpec,
+    pub frames: &'a [Vec<f32>],
+    pub space: &'a SearchSpace,
+    pub seed: u64,
+}
+
+impl Validation<'_> {
+    /// Scores every candidate on synthetic defects pasted on `frames` and returns them, best
+    /// first, with the search's description. `anomaly` supplies smoothing and the image rule.
+    /// Candidates are single reconstructions and, within the budget, two-member ensembles of
+    /// the same steps and conditioning at two t0 (maps averaged, as [`Ensemble`] does).
+    ///
+    /// [`Ensemble`]: crate::infer::inspect::Ensemble
+    pub fn search(&self, denoiser: &mut dyn Denoiser) -> Result<OperatingPoint, RuntimeError> {
+        let Validation { schedule, shape, anomaly, frames, space, seed } = *self;
+        let used = &frames[..frames.len().min(space.max_frames)];
+        let set = validation_set(used, shape, seed);
+        let specs = space.reconstructions(schedule.len());
+        // raw[spec][residual][frame]: unsmoothed dissimilarity maps.
+        let mut raw: Vec<Vec<Vec<Vec<f32>>>> = Vec::with_capacity(specs.len());
+        for spec in &specs {
+            let mut reconstructor = Reconstructor::new(schedule.clone(), *spec).expect("checked when listed");
+            let recon = reconstruct_all(denoiser, &mut reconstructor, &set.frames, shape, seed)?;
+            raw.push(
+                space
+                    .residual
+                    .iter()
+                    .map(|&residual| {
+                        let rule = AnomalySpec { residual, ..*anomaly };
+                        set.frames.iter().zip(&recon).map(|(f, r)| residual_map(f, r, shape, &rule)).collect()
+                    })
+                    .collect(),
+            );
+        }
+        let mut candidates = Vec::new();
+        for (r, &residual) in space.residual.iter().enumerate() {
+            let rule = AnomalySpec { residual, ..*anomaly };
+            for (a, spec) in specs.iter().enumerate() {
+                candidates.push(score(&set, raw[a][r].clone(), shape, &rule, spec, &[], spec.steps));
+                for (b, other) in specs.iter().enumerate().skip(a + 1) {
+                    let pairable =
+                        other.steps == spec.steps && other.condition == spec.condition && other.t0 != spec.t0;
+                    if pairable && spec.steps + other.steps <= space.budget_unet_calls {
+                        let averaged = raw[a][r]
+                            .iter()
+                            .zip(&raw[b][r])
+                            .map(|(x, y)| x.iter().zip(y).map(|(p, q)| (p + q) / 2.0).collect())
+                            .collect();
+                        candidates.push(score(
+                            &set,
+                            averaged,
+                            shape,
+                            &rule,
+                            spec,
+                            &[other.t0],
+                            spec.steps + other.steps,
+                        ));
+                    }
                 }
             }
         }
-    }
-    rank(&mut candidates);
-    let chosen = candidates.first().expect("the search space is validated non-empty").clone();
-    Ok(OperatingPoint {
-        rule: format!(
-            "one synthetic {} pasted on each of {} held-out calibration frames (synth generator, seed {seed}); \
+        rank(&mut candidates);
+        let chosen = candidates.first().expect("the search space is validated non-empty").clone();
+        Ok(OperatingPoint {
+            rule: format!(
+                "one synthetic {} pasted on each of {} held-out calibration frames (synth generator, seed {seed}); \
              DDIM candidates and two-t0 ensembles within {} UNet calls per tile; best pixel AUPRC, ties to fewer calls",
-            DefectKind::SELECTION.map(DefectKind::name).join("/"),
-            used.len(),
-            space.budget_unet_calls
-        ),
-        budget_unet_calls: space.budget_unet_calls,
-        validation_frames: used.len(),
-        defect_kinds: DefectKind::SELECTION.iter().map(|k| k.name().to_string()).collect(),
-        chosen,
-        candidates,
-    })
+                DefectKind::SELECTION.map(DefectKind::name).join("/"),
+                used.len(),
+                space.budget_unet_calls
+            ),
+            budget_unet_calls: space.budget_unet_calls,
+            validation_frames: used.len(),
+            defect_kinds: DefectKind::SELECTION.iter().map(|k| k.name().to_string()).collect(),
+            chosen,
+            candidates,
+        })
+    }
+
+    /// Scores the learned `head` at the chosen reconstruction (t0, ensemble, steps,
+    /// conditioning) on the same validation frames and defects as [`search`], adds it to
+    /// `point`'s candidates and re-ranks them: the head becomes the choice only if it wins.
+    pub fn add_head_candidate(
+        &self,
+        point: &mut OperatingPoint,
+        denoiser: &mut dyn Denoiser,
+        head: &mut dyn Denoiser,
+    ) -> Result<CandidateScore, RuntimeError> {
+        const BATCH: usize = 8;
+        let Validation { schedule, shape, anomaly, frames, space, seed } = *self;
+        let set = validation_set(&frames[..frames.len().min(space.max_frames)], shape, seed);
+        let base = point.chosen.clone();
+        let spec = base.reconstruction();
+        let mut ensemble = Ensemble::new(schedule, spec, &base.extra_t0).expect("a searched candidate is valid");
+        let rule = AnomalySpec { residual: Residual::Head, ..*anomaly };
+        let mut maps = Vec::with_capacity(set.frames.len());
+        for (chunk_index, chunk) in set.frames.chunks(BATCH).enumerate() {
+            let seeds: Vec<u64> =
+                (0..chunk.len()).map(|i| seed.wrapping_add((chunk_index * BATCH + i) as u64)).collect();
+            let batch_shape = [chunk.len(), shape[0], shape[1], shape[2]];
+            let raw = ensemble.raw_maps(denoiser, Some(&mut *head), &chunk.concat(), batch_shape, &seeds, &rule)?;
+            maps.extend(raw.into_iter().map(|(map, _)| map));
+        }
+        let candidate = score(&set, maps, shape, &rule, &spec, &base.extra_t0, base.unet_calls);
+        point.candidates.push(candidate.clone());
+        rank(&mut point.candidates);
+        point.chosen = point.candidates[0].clone();
+        Ok(candidate)
+    }
 }
 
 /// Best pixel AUPRC first; ties to fewer UNet calls.
 fn rank(candidates: &mut [CandidateScore]) {
     candidates.sort_by(|a, b| b.pixel_auprc.total_cmp(&a.pixel_auprc).then(a.unet_calls.cmp(&b.unet_calls)));
-}
-
-/// Scores the learned `head` at the chosen reconstruction (t0, ensemble, steps,
-/// conditioning) on the same validation frames and defects as [`search`], adds it to
-/// `point`'s candidates and re-ranks them: the head becomes the choice only if it wins.
-#[allow(clippy::too_many_arguments)]
-pub fn add_head_candidate(
-    point: &mut OperatingPoint,
-    denoiser: &mut dyn Denoiser,
-    head: &mut dyn Denoiser,
-    schedule: &NoiseSchedule,
-    shape: [usize; 3],
-    anomaly: &AnomalySpec,
-    frames: &[Vec<f32>],
-    space: &SearchSpace,
-    seed: u64,
-) -> Result<CandidateScore, RuntimeError> {
-    const BATCH: usize = 8;
-    let set = validation_set(&frames[..frames.len().min(space.max_frames)], shape, seed);
-    let base = point.chosen.clone();
-    let spec = ReconstructionSpec {
-        t0: base.t0,
-        steps: base.steps,
-        sampler: Sampler::Ddim,
-        eta: 0.0,
-        condition: base.condition,
-    };
-    let mut ensemble = Ensemble::new(schedule, spec, &base.extra_t0).expect("a searched candidate is valid");
-    let rule = AnomalySpec { residual: Residual::Head, ..*anomaly };
-    let mut maps = Vec::with_capacity(set.frames.len());
-    for (chunk_index, chunk) in set.frames.chunks(BATCH).enumerate() {
-        let seeds: Vec<u64> = (0..chunk.len()).map(|i| seed.wrapping_add((chunk_index * BATCH + i) as u64)).collect();
-        let batch_shape = [chunk.len(), shape[0], shape[1], shape[2]];
-        let raw = ensemble.raw_maps(denoiser, Some(&mut *head), &chunk.concat(), batch_shape, &seeds, &rule)?;
-        maps.extend(raw.into_iter().map(|(map, _)| map));
-    }
-    let candidate = score(&set, maps, shape, &rule, &spec, &base.extra_t0, base.unet_calls);
-    point.candidates.push(candidate.clone());
-    rank(&mut point.candidates);
-    point.chosen = point.candidates[0].clone();
-    Ok(candidate)
 }
 
 /// One candidate's figures: its raw map per validation frame (members already averaged),
