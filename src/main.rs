@@ -1,5 +1,5 @@
 //! CLI entry: parses arguments, sets up logging, dispatches, maps errors to exit codes
-//! (78 for an invalid daemon config, 1 for any other error).
+//! (78 for an invalid daemon config, 70 when a daemon stage panicked, 1 for any other error).
 
 use std::process::ExitCode;
 
@@ -7,6 +7,7 @@ use clap::Parser;
 use edge_inspect::cli::{Cli, Command};
 use edge_inspect::commands;
 use edge_inspect::daemon::config::{ConfigErrors, EXIT_CONFIG};
+use edge_inspect::daemon::{EXIT_SOFTWARE, StagePanicked};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -40,6 +41,11 @@ fn main() -> ExitCode {
         Err(e) if e.downcast_ref::<ConfigErrors>().is_some() => {
             eprintln!("error: {e}");
             ExitCode::from(EXIT_CONFIG)
+        }
+        // A stage panicked: EX_SOFTWARE, which systemd's Restart=on-failure restarts.
+        Err(e) if e.downcast_ref::<StagePanicked>().is_some() => {
+            eprintln!("error: {e}");
+            ExitCode::from(EXIT_SOFTWARE)
         }
         Err(e) => {
             eprintln!("error: {e:#}");

@@ -398,6 +398,33 @@ fn a_tiled_model_reports_a_line_frame_defect_in_camera_pixels() {
 }
 
 #[test]
+fn a_finite_replay_is_inspected_to_the_last_frame_then_the_daemon_exits_zero() {
+    let broker = Broker::start();
+    let sub = Subscriber::start(broker.port);
+    let dir = tempfile::tempdir().unwrap();
+    let frames = repo().join("data/brick/test/good");
+    // A drain deadline far below the inspection time of the queued frames: ended sources
+    // are drained to the last frame regardless (the deadline is for signals).
+    let config = write_config(
+        dir.path(),
+        broker.port,
+        "max_batch = 1\nmax_wait_ms = 10\nqueue_capacity = 8",
+        &camera("cam0", &frames.display().to_string(), 50.0, false, ""),
+    );
+    let text = std::fs::read_to_string(&config).unwrap().replace("drain_timeout_ms = 2000", "drain_timeout_ms = 1");
+    std::fs::write(&config, text).unwrap();
+    let mut daemon = Daemon::start(&config);
+    let status = daemon.wait_exit(Duration::from_secs(120));
+    assert!(status.success(), "exit {status:?}; log:\n{}", daemon.log_text());
+    assert!(daemon.log_text().contains("Every source has ended"), "{}", daemon.log_text());
+    wait_for(Duration::from_secs(5), "the last verdicts and `offline`", || {
+        sub.on("cam0/state").len() == 4 && sub.texts("/available").last().map(String::as_str) == Some("offline")
+    });
+    let stats = sub.last_stats().unwrap();
+    assert_eq!((stat(&stats, "cam0", "frames_in"), stat(&stats, "cam0", "processed")), (4, 4), "{stats}");
+}
+
+#[test]
 fn systemd_notifications_and_the_last_will_on_sigkill() {
     let broker = Broker::start();
     let sub = Subscriber::start(broker.port);

@@ -79,7 +79,10 @@ fn notify(states: &[NotifyState]) {
 
 /// Waits for `handles` until `deadline`; a thread still running then is reported and left
 /// behind (it can only be stuck in a blocking device or file read).
-fn join_until(handles: Vec<(String, JoinHandle<()>)>, deadline: Instant) {
+/// Joins the threads that finish before `deadline`; returns the names of those that
+/// panicked.
+fn join_until(handles: Vec<(String, JoinHandle<()>)>, deadline: Instant) -> Vec<String> {
+    let mut panicked = Vec::new();
     for (name, handle) in handles {
         while !handle.is_finished() && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(20));
@@ -87,12 +90,23 @@ fn join_until(handles: Vec<(String, JoinHandle<()>)>, deadline: Instant) {
         if handle.is_finished() {
             if handle.join().is_err() {
                 tracing::error!(thread = %name, "Thread panicked.");
+                panicked.push(name);
             }
         } else {
             tracing::warn!(thread = %name, "Thread did not stop before the deadline; leaving it.");
         }
     }
+    panicked
 }
+
+/// The daemon stopped because a stage panicked; `main` exits with [`EXIT_SOFTWARE`] so
+/// systemd restarts the service.
+#[derive(Debug, thiserror::Error)]
+#[error("stage(s) {0:?} panicked; the daemon stopped")]
+pub struct StagePanicked(pub Vec<String>);
+
+/// EX_SOFTWARE: an internal error (a stage panicked).
+pub const EXIT_SOFTWARE: u8 = 70;
 
 fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> anyhow::Result<(String, JoinHandle<()>)> {
     let handle = std::thread::Builder::new()
@@ -102,7 +116,9 @@ fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> anyhow::Result<(Strin
     Ok((name.to_string(), handle))
 }
 
-/// Runs the daemon until SIGTERM/SIGINT.
+/// Runs the daemon until SIGTERM/SIGINT, or until every source has ended (finite replays,
+/// disabled cameras, a capture thread that died): then it drains and stops — with
+/// [`StagePanicked`] if a capture thread panicked.
 pub fn run(config: DaemonConfig) -> anyhow::Result<()> {
     let (signal_tx, signal_rx) = bounded::<()>(4);
     ctrlc::set_handler(move || {
@@ -266,17 +282,22 @@ pub fn run(config: DaemonConfig) -> anyhow::Result<()> {
             mqtt.publish("stats", QoS::AtMostOnce, false, payload);
         }
     };
-    loop {
+    let signalled = loop {
         select! {
-            recv(signal_rx) -> _ => break,
-            recv(status_rx) -> change => {
-                if let Ok((index, status)) = change {
+            recv(signal_rx) -> _ => break true,
+            recv(status_rx) -> change => match change {
+                Ok((index, status)) => {
                     tracing::info!(camera = %camera_ids[index], status = status.as_str(), "Camera status.");
                     if let Some(mqtt) = &mqtt {
                         mqtt.publish(&format!("{}/status", camera_ids[index]), QoS::AtLeastOnce, true, status.as_str().into());
                     }
                 }
-            }
+                // Every capture thread has returned: nothing more will come in.
+                Err(_) => {
+                    tracing::info!("Every source has ended; finishing the frames in the pipeline.");
+                    break false;
+                }
+            },
             recv(second) -> _ => {
                 for (i, camera) in config.cameras.iter().enumerate() {
                     let s = &camera_stats[i];
@@ -302,16 +323,24 @@ pub fn run(config: DaemonConfig) -> anyhow::Result<()> {
                 }
             }
         }
-    }
+    };
 
-    // Shutdown: capture stops, the pipe drains under the deadline, then `offline`.
+    // Shutdown: capture stops, the pipe drains (under the deadline after a signal), then
+    // `offline`.
     tracing::info!(drain_ms = config.drain_timeout.as_millis() as u64, "Stopping.");
     notify(&[NotifyState::Stopping, NotifyState::Status("draining")]);
-    let deadline = Instant::now() + config.drain_timeout;
-    *drain_deadline.lock().expect("deadline lock") = Some(deadline);
+    // A signal drains under the deadline; ended sources leave only the bounded queues' frames,
+    // all of which are inspected (the stages end as their inputs close).
+    let deadline = if signalled {
+        let deadline = Instant::now() + config.drain_timeout;
+        *drain_deadline.lock().expect("deadline lock") = Some(deadline);
+        deadline
+    } else {
+        Instant::now() + Duration::from_secs(24 * 3600)
+    };
     drop(capture_stop_tx);
-    join_until(captures, deadline);
-    join_until(downstream, deadline + Duration::from_secs(1));
+    let mut panicked = join_until(captures, deadline);
+    panicked.extend(join_until(downstream, deadline + Duration::from_secs(1)));
     publish_stats(&mut rates);
     if let Some(mqtt) = &mqtt {
         mqtt.go_offline(&camera_ids);
@@ -321,5 +350,5 @@ pub fn run(config: DaemonConfig) -> anyhow::Result<()> {
         join_until(vec![("mqtt".into(), thread)], Instant::now() + Duration::from_secs(4));
     }
     tracing::info!("Stopped.");
-    Ok(())
+    if panicked.is_empty() { Ok(()) } else { Err(StagePanicked(panicked).into()) }
 }
