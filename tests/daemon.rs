@@ -735,6 +735,51 @@ fps = 0
     assert!(text.contains("mqtt.port") && text.contains("pipeline"), "{text}");
     let (code, _) = check_config(&dir.path().join("missing.toml"), &[]);
     assert_eq!(code, 78);
+
+    // Hostile values found in the field: each refused by check-config and run with its key.
+    let model = dir.path().join("sigma");
+    std::fs::create_dir_all(&model).unwrap();
+    std::fs::copy(repo().join("models/brick-huber/model.onnx"), model.join("model.onnx")).unwrap();
+    let manifest = std::fs::read_to_string(repo().join("models/brick-huber/manifest.toml")).unwrap();
+    let huge_sigma = manifest.replace("smoothing_sigma = 2.0", "smoothing_sigma = 1e9");
+    assert_ne!(huge_sigma, manifest);
+    std::fs::write(model.join("manifest.toml"), huge_sigma).unwrap();
+    let hostile = dir.path().join("hostile.toml");
+    std::fs::write(
+        &hostile,
+        format!(
+            r#"
+[node]
+id = "plant-7"
+drain_timeout_ms = 100000000000
+[model]
+path = "{model}"
+[runtime]
+providers = []
+[[cameras]]
+id = ".."
+source = "replay"
+path = "{frames}"
+fps = 1e-20
+"#,
+            model = model.display(),
+            frames = repo().join("data/brick/test/good").display()
+        ),
+    )
+    .unwrap();
+    let (code, text) = check_config(&hostile, &[]);
+    assert_eq!(code, 78, "{text}");
+    for expected in ["node.drain_timeout_ms", "runtime.providers", "cameras[0].id", "cameras[0].fps"] {
+        assert!(text.contains(expected), "no error for {expected}:\n{text}");
+    }
+    let out =
+        Command::new(env!("CARGO_BIN_EXE_edge-inspect")).args(["run", "--config"]).arg(&hostile).output().unwrap();
+    assert_eq!(out.status.code(), Some(78), "{}", String::from_utf8_lossy(&out.stderr));
+    // A bundle whose smoothing σ would ask for a 64 GB kernel at the first frame.
+    let frames = repo().join("data/brick/test/good").display().to_string();
+    let sigma = write_config_for(&model, "", dir.path(), 1883, "", &camera("cam0", &frames, 1.0, false, ""));
+    let (code, text) = check_config(&sigma, &[]);
+    assert!(code == 78 && text.contains("model.path") && text.contains("anomaly.smoothing_sigma"), "{text}");
 }
 
 #[test]

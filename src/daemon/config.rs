@@ -357,6 +357,19 @@ fn from_table(
     if v.issues.is_empty() { Ok(config) } else { Err(v.issues) }
 }
 
+/// The host name as a node id: `/proc/sys/kernel/hostname`, characters outside the id set
+/// replaced by `-`; "default" where there is none.
+fn host_name_id() -> String {
+    let name = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    let id: String = name
+        .trim()
+        .chars()
+        .take(64)
+        .map(|c| if c.is_ascii_alphanumeric() || c == '_' || c == '-' { c } else { '-' })
+        .collect();
+    if id.is_empty() { "default".into() } else { id }
+}
+
 struct Validator {
     issues: Vec<ConfigIssue>,
     /// systemd's `$CREDENTIALS_DIRECTORY` (LoadCredential=).
@@ -375,14 +388,28 @@ impl Validator {
         value
     }
 
-    /// An MQTT topic level: no wildcards, separators or control characters.
-    fn topic_level(&mut self, key: &str, value: &str) {
-        if value.is_empty() || value.chars().any(|c| matches!(c, '/' | '+' | '#') || c.is_control()) {
-            self.fail(
-                key,
-                format!("'{value}' is not usable in an MQTT topic (empty, or contains / + # or control characters)"),
-            );
+    /// A node or camera id: it becomes an MQTT topic level and a directory name, so only
+    /// `A–Z a–z 0–9 _ -`, 1 to 64 characters (no `.`/`..`, separators or wildcards).
+    fn identifier(&mut self, key: &str, value: &str) {
+        let safe = !value.is_empty()
+            && value.len() <= 64
+            && value.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+        if !safe {
+            self.fail(key, format!("'{value}' is not an id: use 1–64 characters of A–Z a–z 0–9 _ -"));
         }
+    }
+
+    /// A number within `range`, else an issue naming it.
+    fn within<T: PartialOrd + std::fmt::Display + Copy>(
+        &mut self,
+        key: &str,
+        value: T,
+        range: std::ops::RangeInclusive<T>,
+    ) -> T {
+        if !range.contains(&value) {
+            self.fail(key, format!("must be in {}..={}, got {value}", range.start(), range.end()));
+        }
+        value
     }
 
     /// A secret from inline text, a file, or `$CREDENTIALS_DIRECTORY/<name>`.
@@ -436,10 +463,13 @@ impl Validator {
         cameras: Vec<RawCamera>,
         resolve: &dyn Fn(PathBuf) -> PathBuf,
     ) -> DaemonConfig {
-        let node_id = node.id.unwrap_or_else(|| "default".into());
-        self.topic_level("node.id", &node_id);
+        // Two nodes with the same id take each other's MQTT session over: without an id, the
+        // host name is the id.
+        let node_id = node.id.unwrap_or_else(host_name_id);
+        self.identifier("node.id", &node_id);
         let state_dir = resolve(node.state_dir.unwrap_or_else(|| "/var/lib/edge-inspect".into()));
-        let drain_timeout = Duration::from_millis(node.drain_timeout_ms.unwrap_or(5000));
+        let drain_ms = self.within("node.drain_timeout_ms", node.drain_timeout_ms.unwrap_or(5000), 1..=600_000);
+        let drain_timeout = Duration::from_millis(drain_ms);
 
         let model_path = match model.path {
             None => {
@@ -470,6 +500,9 @@ impl Validator {
             eta: model.eta,
             seed: model.seed.unwrap_or(0),
         };
+        if runtime.providers.is_empty() {
+            self.fail("runtime.providers", "empty: list at least one of \"cuda\", \"tensorrt\", \"cpu\"");
+        }
         if runtime.intra_threads == 0 {
             self.fail("runtime.intra_threads", "must be at least 1");
         }
@@ -620,7 +653,7 @@ impl Validator {
                 return None;
             }
         };
-        self.topic_level(&key("id"), &id);
+        self.identifier(&key("id"), &id);
         if !ids.insert(id.clone()) {
             self.fail(key("id"), format!("'{id}' is used by another camera"));
         }
@@ -641,10 +674,8 @@ impl Validator {
                 if !path.contains(['*', '?', '[']) && !Path::new(&path).is_dir() {
                     self.fail(key("path"), format!("{path}: folder not found"));
                 }
-                let fps = c.fps.unwrap_or(5.0);
-                if !(fps > 0.0 && fps.is_finite()) {
-                    self.fail(key("fps"), format!("must be greater than 0, got {fps}"));
-                }
+                // Bounded both ways: 1e-20 fps is a pacing interval no clock can hold.
+                let fps = self.within(&key("fps"), c.fps.unwrap_or(5.0), 0.001..=1000.0);
                 SourceConfig::Replay { path, fps, repeat: c.repeat.unwrap_or(true) }
             }
             Some("camera") => self.camera_source(&key, &c)?,
@@ -739,7 +770,9 @@ mod tests {
         let path = write(dir.path(), MINIMAL);
         let c = load_with_env(&path, &[]).unwrap();
         assert_eq!(c.model.path, dir.path().join("model"));
-        assert_eq!((c.mqtt.port, c.mqtt.base_topic.as_str()), (1883, "edge-inspect/default"));
+        // Without node.id the host name is the id.
+        assert_eq!((c.mqtt.port, c.mqtt.base_topic), (1883, format!("edge-inspect/{}", host_name_id())));
+        assert_ne!(host_name_id(), "");
         assert_eq!(c.pipeline.queue_capacity, 2);
         assert_eq!(c.recorder.dir, PathBuf::from("/var/lib/edge-inspect/captures"));
         let c = load_with_env(

@@ -94,6 +94,7 @@ pub fn validate(m: &Manifest) -> Result<(), String> {
     m.unet.validate().map_err(|e| e.to_string())?;
     m.unet.check_input_size(m.input.height, m.input.width).map_err(|e| e.to_string())?;
     m.inspection.validate([m.input.height, m.input.width])?;
+    check_anomaly(&m.anomaly)?;
     let schedule = NoiseSchedule::new(&m.schedule).map_err(|e| format!("schedule: {e}"))?;
     crate::infer::inspect::Ensemble::new(&schedule, m.reconstruction, m.extra_t0())
         .map_err(|e| format!("reconstruction: {e}"))?;
@@ -115,6 +116,23 @@ pub fn validate(m: &Manifest) -> Result<(), String> {
     }
     if m.golden.batch == 0 || m.golden.timesteps.len() != m.golden.batch {
         return Err(format!("golden: {} timesteps for batch {}", m.golden.timesteps.len(), m.golden.batch));
+    }
+    Ok(())
+}
+
+/// Anomaly-map settings within bounds the post-processing can run with (a σ of 1e9 would
+/// ask for a 64 GB kernel at the first frame).
+fn check_anomaly(a: &crate::postprocess::anomaly::AnomalySpec) -> Result<(), String> {
+    if !(a.smoothing_sigma.is_finite() && (0.0..=64.0).contains(&a.smoothing_sigma)) {
+        return Err(format!("anomaly.smoothing_sigma must be in 0..=64 pixels, got {}", a.smoothing_sigma));
+    }
+    if let crate::postprocess::anomaly::ImageScore::TopKMean { fraction } = a.image_score
+        && !(fraction > 0.0 && fraction <= 1.0)
+    {
+        return Err(format!("anomaly.image_score.fraction must be in (0, 1], got {fraction}"));
+    }
+    if a.min_region_area > 1 << 24 {
+        return Err(format!("anomaly.min_region_area must be at most 16777216, got {}", a.min_region_area));
     }
     Ok(())
 }
