@@ -817,3 +817,22 @@ fn scopeguard(child: &mut Child) -> impl Drop + '_ {
     }
     Guard(child)
 }
+
+/// The shipped unit: hardened (systemd's own exposure score ≤ 2.5) and without the
+/// `ExecStartPre=check-config` that made a bad config restart forever.
+#[test]
+fn the_systemd_unit_is_hardened_and_has_no_restart_loop() {
+    let unit = repo().join("systemd/edge-inspect.service");
+    let out = Command::new("systemd-analyze")
+        .args(["security", "--offline=true", "--threshold=25", "--no-pager"])
+        .arg(&unit)
+        .output()
+        .expect("systemd-analyze (Debian's systemd package) runs");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "exposure above 2.5:\n{}", text.lines().last().unwrap_or_default());
+    let unit_text = std::fs::read_to_string(&unit).unwrap();
+    assert!(!unit_text.lines().any(|l| l.starts_with("ExecStartPre=")), "no control-process config check");
+    for needed in ["RestartPreventExitStatus=78", "StartLimitBurst=", "CapabilityBoundingSet=", "SystemCallFilter="] {
+        assert!(unit_text.contains(needed), "the unit lacks {needed}");
+    }
+}
