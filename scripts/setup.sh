@@ -9,8 +9,9 @@ repo_root=$(cd "$(dirname "$0")/.." && pwd)
 # Debian packages: curl + unzip fetch ONNX Runtime; libclang1-14 is needed by nokhwa's
 # bindgen when building the camera feature; mosquitto (broker) and mosquitto-clients are
 # what the daemon's tests publish to and what the README's demo shows traffic with; the tests
-# also make TLS certificates with openssl and signal the daemon with procps' kill.
-packages=(curl unzip ca-certificates libclang1-14 mosquitto mosquitto-clients openssl procps)
+# also make TLS certificates with openssl and signal the daemon with procps' kill; the unit's
+# hardening is scored with systemd's systemd-analyze.
+packages=(curl unzip ca-certificates libclang1-14 mosquitto mosquitto-clients openssl procps systemd)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
