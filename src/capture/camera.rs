@@ -87,6 +87,17 @@ pub fn decode(
     }
 }
 
+/// nokhwa's V4L2 backend opens devices by index: `"/dev/video2"` and `"2"` are index 2;
+/// anything else (a `/dev/v4l/by-id/…` link, say) is resolved to its `/dev/videoN` target.
+fn camera_index(device: &str) -> CameraIndex {
+    let resolved = std::fs::canonicalize(device).map(|p| p.display().to_string()).unwrap_or_else(|_| device.into());
+    let number = resolved.strip_prefix("/dev/video").unwrap_or(&resolved);
+    match number.parse::<u32>() {
+        Ok(n) => CameraIndex::Index(n),
+        Err(_) => CameraIndex::String(device.to_string()),
+    }
+}
+
 /// An open, streaming camera.
 pub struct CameraSource {
     id: String,
@@ -95,10 +106,7 @@ pub struct CameraSource {
 
 impl CameraSource {
     pub fn open(id: &str, settings: &CameraSettings) -> Result<Self, CaptureError> {
-        let index = match settings.device.parse::<u32>() {
-            Ok(n) => CameraIndex::Index(n),
-            Err(_) => CameraIndex::String(settings.device.clone()),
-        };
+        let index = camera_index(&settings.device);
         let wanted = CameraFormat::new(
             Resolution::new(settings.width, settings.height),
             settings.pixel_format.into(),
@@ -166,6 +174,25 @@ mod tests {
         let e = decode("line-2", FrameFormat::YUYV, 64, 48, &[0u8; 100]).unwrap_err();
         assert!(e.to_string().contains("line-2") && e.to_string().contains("expected 6144 bytes"), "{e}");
         assert!(decode("line-2", FrameFormat::MJPEG, 64, 48, b"not a jpeg").is_err());
+    }
+
+    #[test]
+    fn device_paths_and_indices_name_the_same_camera() {
+        assert_eq!(camera_index("0"), CameraIndex::Index(0));
+        assert_eq!(camera_index("/dev/video0"), CameraIndex::Index(0));
+        assert_eq!(camera_index("/dev/video12"), CameraIndex::Index(12));
+        // A link is followed to the device it names.
+        let dir = tempfile::tempdir().unwrap();
+        let link = dir.path().join("by-id-cam");
+        std::os::unix::fs::symlink("/dev/video3", &link).unwrap();
+        let resolved = camera_index(link.to_str().unwrap());
+        // canonicalize needs the target to exist; without /dev/video3 the path is kept as is.
+        if std::path::Path::new("/dev/video3").exists() {
+            assert_eq!(resolved, CameraIndex::Index(3));
+        } else {
+            assert_eq!(resolved, CameraIndex::String(link.display().to_string()));
+        }
+        assert_eq!(camera_index("/dev/video-x"), CameraIndex::String("/dev/video-x".into()));
     }
 
     #[test]
