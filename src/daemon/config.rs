@@ -120,6 +120,7 @@ struct RawRecorder {
     normal_sample_rate: Option<f64>,
     max_bytes: Option<u64>,
     max_age_days: Option<f64>,
+    max_side: Option<u32>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -226,6 +227,8 @@ pub struct RecorderConfig {
     pub normal_sample_rate: f64,
     pub max_bytes: u64,
     pub max_age: Duration,
+    /// Recorded frames larger than this (width or height) are scaled down to it.
+    pub max_side: u32,
 }
 
 #[derive(Debug, Clone)]
@@ -616,9 +619,10 @@ impl Validator {
             self.fail("recorder.normal_sample_rate", format!("must be in [0, 1], got {sample_rate}"));
         }
         let max_age_days = recorder.max_age_days.unwrap_or(30.0);
-        if !(max_age_days > 0.0 && max_age_days.is_finite()) {
-            self.fail("recorder.max_age_days", format!("must be greater than 0, got {max_age_days}"));
+        if !(max_age_days > 0.0 && max_age_days <= 36_500.0) {
+            self.fail("recorder.max_age_days", format!("must be in (0, 36500], got {max_age_days}"));
         }
+        let max_side = self.within("recorder.max_side", recorder.max_side.unwrap_or(4096), 64..=16_384);
         let recorder = RecorderConfig {
             enabled: recorder.enabled.unwrap_or(true),
             dir: recorder
@@ -626,7 +630,8 @@ impl Validator {
                 .map_or_else(|| state_dir.join("captures"), |d| if d.is_absolute() { d } else { state_dir.join(d) }),
             normal_sample_rate: sample_rate,
             max_bytes: self.positive("recorder.max_bytes", recorder.max_bytes.unwrap_or(1 << 30)),
-            max_age: Duration::from_secs_f64(max_age_days.max(0.0) * 86_400.0),
+            max_age: Duration::from_secs_f64(max_age_days.clamp(0.0, 36_500.0) * 86_400.0),
+            max_side,
         };
 
         if cameras.is_empty() {

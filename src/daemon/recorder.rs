@@ -4,8 +4,13 @@
 //! `<dir>/edge-inspect-captures.toml`, `<dir>/<camera>/flagged/<id>.png` (the clean frame
 //! as captured, after the region of interest) with `<id>_mask.png` and `<id>.json`, and
 //! `<dir>/<camera>/normal/<id>.png` for a sample of normal frames. Every file is written
-//! atomically. The store is pruned by age, then oldest-first down to its size limit.
+//! atomically. Before every write the oldest recordings (a frame, its mask and sidecar
+//! together) are deleted until the new one fits under `max_bytes`, so the store never
+//! exceeds it; every 30 s recordings older than `max_age` go. A file that cannot be deleted
+//! is logged, counted (`recorder_errors`) and skipped, and pruning goes on with the next.
+//! Frames larger than `max_side` are recorded scaled down.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
@@ -44,14 +49,99 @@ pub struct Recorder {
     cameras: Vec<String>,
     model: ModelRef,
     stats: Arc<PipelineStats>,
-    last_prune: Option<Instant>,
+    store: Store,
+    last_age_prune: Option<Instant>,
 }
 
-/// How often the store is checked against its limits.
-const PRUNE_EVERY: Duration = Duration::from_secs(30);
+/// How often the store is checked against its age limit (size is kept on every write).
+const AGE_PRUNE_EVERY: Duration = Duration::from_secs(30);
+
+/// The recorded groups (a frame with its mask and sidecar) oldest first, and their bytes.
+/// Kept in memory so every write makes room first: the store never exceeds `max_bytes`.
+#[derive(Default)]
+struct Store {
+    /// Keyed by (modification time, the group's path without extension).
+    groups: BTreeMap<(SystemTime, PathBuf), Vec<(PathBuf, u64)>>,
+    total: u64,
+}
+
+impl Store {
+    /// Reads what is on disk: files grouped by directory and id (`<id>.png`,
+    /// `<id>_mask.png`, `<id>.json`), dated by their newest file.
+    fn scan(dir: &Path) -> std::io::Result<Self> {
+        let mut files = Vec::new();
+        collect_files(dir, &mut files)?;
+        let mut by_key: BTreeMap<PathBuf, (SystemTime, Vec<(PathBuf, u64)>)> = BTreeMap::new();
+        for (modified, size, path) in files {
+            let entry = by_key.entry(group_key(&path)).or_insert((modified, Vec::new()));
+            entry.0 = entry.0.max(modified);
+            entry.1.push((path, size));
+        }
+        let mut store = Self::default();
+        for (key, (modified, files)) in by_key {
+            store.add(modified, key, files);
+        }
+        Ok(store)
+    }
+
+    fn add(&mut self, modified: SystemTime, key: PathBuf, files: Vec<(PathBuf, u64)>) {
+        self.total += files.iter().map(|f| f.1).sum::<u64>();
+        self.groups.entry((modified, key)).or_default().extend(files);
+    }
+
+    /// Deletes the oldest group's files; a file that cannot be deleted is logged with its
+    /// path, counted and skipped (its bytes stay counted). Returns the files deleted.
+    fn drop_oldest(&mut self, stats: &PipelineStats) -> usize {
+        let Some((_, files)) = self.groups.pop_first() else { return 0 };
+        let mut deleted = 0;
+        for (path, size) in files {
+            match std::fs::remove_file(&path) {
+                Ok(()) => {
+                    self.total -= size;
+                    deleted += 1;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => self.total -= size,
+                Err(e) => {
+                    stats.recorder_errors.fetch_add(1, Relaxed);
+                    tracing::warn!(path = %path.display(), error = %e, "Cannot delete a recorded file; skipped.");
+                }
+            }
+        }
+        deleted
+    }
+
+    /// Deletes oldest groups until `incoming` more bytes fit under `max_bytes`; false if
+    /// they cannot fit even in an empty store.
+    fn make_room(&mut self, incoming: u64, max_bytes: u64, stats: &PipelineStats) -> bool {
+        while self.total + incoming > max_bytes && !self.groups.is_empty() {
+            let deleted = self.drop_oldest(stats);
+            stats.recorder_pruned.fetch_add(deleted as u64, Relaxed);
+        }
+        self.total + incoming <= max_bytes
+    }
+
+    /// Deletes groups older than `max_age`.
+    fn prune_age(&mut self, max_age: Duration, stats: &PipelineStats) {
+        let now = SystemTime::now();
+        while self
+            .groups
+            .first_key_value()
+            .is_some_and(|((t, _), _)| now.duration_since(*t).unwrap_or_default() > max_age)
+        {
+            let deleted = self.drop_oldest(stats);
+            stats.recorder_pruned.fetch_add(deleted as u64, Relaxed);
+        }
+    }
+}
+
+/// `<dir>/<id>` for `<dir>/<id>.png`, `<dir>/<id>_mask.png` and `<dir>/<id>.json`.
+fn group_key(path: &Path) -> PathBuf {
+    let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+    path.with_file_name(stem.strip_suffix("_mask").unwrap_or(&stem))
+}
 
 impl Recorder {
-    /// Creates the store (and its marker) if needed.
+    /// Creates the store (and its marker) if needed and indexes what is already in it.
     pub fn open(
         config: RecorderConfig,
         cameras: Vec<String>,
@@ -63,23 +153,35 @@ impl Recorder {
         if !marker.is_file() {
             write_atomic(&marker, b"# edge-inspect capture store: <camera>/{normal,flagged}/; read by `edge-inspect retrain`\nversion = 1\n")?;
         }
-        Ok(Self { config, cameras, model, stats, last_prune: None })
+        let store = Store::scan(&config.dir)?;
+        Ok(Self { config, cameras, model, stats, store, last_age_prune: None })
     }
 
-    fn record(&self, item: &Inspected) -> std::io::Result<()> {
+    /// The frame as recorded: as captured, scaled down to `max_side` if larger.
+    fn frame_png(&self, original: &image::DynamicImage) -> std::io::Result<Vec<u8>> {
+        let side = self.config.max_side;
+        let scaled;
+        let frame = if original.width() > side || original.height() > side {
+            scaled = original.resize(side, side, image::imageops::FilterType::Triangle);
+            &scaled
+        } else {
+            original
+        };
+        let mut png = std::io::Cursor::new(Vec::new());
+        frame.write_to(&mut png, image::ImageFormat::Png).map_err(std::io::Error::other)?;
+        Ok(png.into_inner())
+    }
+
+    fn record(&mut self, item: &Inspected) -> std::io::Result<()> {
         let f = &item.frame;
         let a = &item.analysis;
         let camera = &self.cameras[f.camera];
         let class = if a.anomalous { "flagged" } else { "normal" };
         let dir = self.config.dir.join(camera).join(class);
-        std::fs::create_dir_all(&dir)?;
         let millis = f.captured.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0);
         let id = format!("{millis}-{:06}", f.seq);
-        let mut png = std::io::Cursor::new(Vec::new());
-        f.original.write_to(&mut png, image::ImageFormat::Png).map_err(std::io::Error::other)?;
-        write_atomic(&dir.join(format!("{id}.png")), png.get_ref())?;
+        let mut files = vec![(dir.join(format!("{id}.png")), self.frame_png(&f.original)?)];
         if a.anomalous {
-            write_atomic(&dir.join(format!("{id}_mask.png")), &mask_png(a))?;
             let sidecar = Sidecar {
                 schema: 1,
                 camera,
@@ -91,34 +193,29 @@ impl Recorder {
                 model: &self.model,
                 source_file: f.source_file.as_deref(),
             };
-            write_atomic(
-                &dir.join(format!("{id}.json")),
-                &serde_json::to_vec_pretty(&sidecar).expect("sidecar serialises"),
-            )?;
-            self.stats.recorded_flagged.fetch_add(1, Relaxed);
-        } else {
-            self.stats.recorded_normal.fetch_add(1, Relaxed);
+            files.push((dir.join(format!("{id}_mask.png")), mask_png(a)));
+            files.push((
+                dir.join(format!("{id}.json")),
+                serde_json::to_vec_pretty(&sidecar).expect("sidecar serialises"),
+            ));
         }
+        let bytes: u64 = files.iter().map(|(_, b)| b.len() as u64).sum();
+        if !self.store.make_room(bytes, self.config.max_bytes, &self.stats) {
+            return Err(std::io::Error::other(format!(
+                "a {bytes}-byte recording does not fit in recorder.max_bytes = {}",
+                self.config.max_bytes
+            )));
+        }
+        std::fs::create_dir_all(&dir)?;
+        let mut written = Vec::with_capacity(files.len());
+        for (path, content) in &files {
+            write_atomic(path, content)?;
+            written.push((path.clone(), content.len() as u64));
+        }
+        self.store.add(SystemTime::now(), dir.join(&id), written);
+        let counter = if a.anomalous { &self.stats.recorded_flagged } else { &self.stats.recorded_normal };
+        counter.fetch_add(1, Relaxed);
         Ok(())
-    }
-
-    /// Deletes files older than the age limit, then the oldest until under the size limit.
-    pub fn prune(&self) -> std::io::Result<usize> {
-        let mut files: Vec<(SystemTime, u64, PathBuf)> = Vec::new();
-        collect_files(&self.config.dir, &mut files)?;
-        let now = SystemTime::now();
-        files.sort();
-        let mut total: u64 = files.iter().map(|f| f.1).sum();
-        let mut removed = 0;
-        for (modified, size, path) in files {
-            let too_old = now.duration_since(modified).unwrap_or_default() > self.config.max_age;
-            if too_old || total > self.config.max_bytes {
-                std::fs::remove_file(&path)?;
-                total -= size;
-                removed += 1;
-            }
-        }
-        Ok(removed)
     }
 
     /// Records until the publisher is gone.
@@ -128,14 +225,9 @@ impl Recorder {
                 self.stats.recorder_errors.fetch_add(1, Relaxed);
                 tracing::error!(dir = %self.config.dir.display(), error = %e, "Cannot record frame.");
             }
-            if self.last_prune.is_none_or(|t| t.elapsed() > PRUNE_EVERY) {
-                self.last_prune = Some(Instant::now());
-                match self.prune() {
-                    Ok(n) => {
-                        self.stats.recorder_pruned.fetch_add(n as u64, Relaxed);
-                    }
-                    Err(e) => tracing::error!(error = %e, "Cannot prune the capture store."),
-                }
+            if self.last_age_prune.is_none_or(|t| t.elapsed() > AGE_PRUNE_EVERY) {
+                self.last_age_prune = Some(Instant::now());
+                self.store.prune_age(self.config.max_age, &self.stats);
             }
         }
         tracing::debug!("Recorder stopped.");
@@ -161,33 +253,99 @@ fn collect_files(dir: &Path, out: &mut Vec<(SystemTime, u64, PathBuf)>) -> std::
 mod tests {
     use super::*;
 
-    #[test]
-    fn prune_removes_old_files_then_oldest_until_under_the_size_limit() {
-        let dir = tempfile::tempdir().unwrap();
-        let config = RecorderConfig {
+    fn config(dir: &Path, max_bytes: u64) -> RecorderConfig {
+        RecorderConfig {
             enabled: true,
-            dir: dir.path().to_path_buf(),
+            dir: dir.to_path_buf(),
             normal_sample_rate: 1.0,
-            max_bytes: 250,
+            max_bytes,
             max_age: Duration::from_secs(3600),
+            max_side: 4096,
+        }
+    }
+
+    fn model() -> ModelRef {
+        ModelRef { name: "m".into(), version: "1".into(), sha256: "x".into() }
+    }
+
+    fn put(store: &Path, name: &str, bytes: usize, age: Duration) {
+        let path = store.join(name);
+        std::fs::write(&path, vec![0u8; bytes]).unwrap();
+        std::fs::File::options().write(true).open(&path).unwrap().set_modified(SystemTime::now() - age).unwrap();
+    }
+
+    fn left(store: &Path) -> Vec<String> {
+        let mut names: Vec<String> =
+            std::fs::read_dir(store).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+        names.sort();
+        names
+    }
+
+    #[test]
+    fn recordings_are_pruned_by_age_and_to_make_room_a_frame_with_its_mask_and_sidecar() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = dir.path().join("cam/flagged");
+        std::fs::create_dir_all(&store).unwrap();
+        put(&store, "a.png", 100, Duration::from_secs(7200));
+        put(&store, "b.png", 100, Duration::from_secs(90));
+        put(&store, "b_mask.png", 20, Duration::from_secs(90));
+        put(&store, "b.json", 30, Duration::from_secs(90));
+        put(&store, "c.png", 100, Duration::from_secs(80));
+        let stats = Arc::new(PipelineStats::default());
+        let mut recorder = Recorder::open(config(dir.path(), 400), vec!["cam".into()], model(), stats.clone()).unwrap();
+        assert_eq!(recorder.store.total, 350);
+        recorder.store.prune_age(Duration::from_secs(3600), &stats);
+        assert_eq!(left(&store), ["b.json", "b.png", "b_mask.png", "c.png"]);
+        // 250 bytes stored; 200 more only fit once b and its mask and sidecar are gone.
+        assert!(recorder.store.make_room(200, 400, &stats));
+        assert_eq!(left(&store), ["c.png"]);
+        assert_eq!(recorder.store.total, 100);
+        assert_eq!(stats.recorder_pruned.load(Relaxed), 4);
+        assert!(!recorder.store.make_room(500, 400, &stats), "larger than the whole store");
+        assert!(dir.path().join(MARKER).is_file(), "the marker is never pruned");
+    }
+
+    #[test]
+    fn large_frames_are_recorded_scaled_down_to_max_side() {
+        let dir = tempfile::tempdir().unwrap();
+        let recorder = Recorder::open(
+            RecorderConfig { max_side: 64, ..config(dir.path(), 1 << 20) },
+            vec!["cam".into()],
+            model(),
+            Arc::default(),
+        )
+        .unwrap();
+        let decoded = |png: Vec<u8>| {
+            let img = image::load_from_memory(&png).unwrap();
+            (img.width(), img.height())
         };
-        let model = ModelRef { name: "m".into(), version: "1".into(), sha256: "x".into() };
-        let recorder = Recorder::open(config, vec!["cam".into()], model, Arc::default()).unwrap();
+        let big = image::DynamicImage::new_luma8(200, 100);
+        assert_eq!(decoded(recorder.frame_png(&big).unwrap()), (64, 32));
+        let small = image::DynamicImage::new_luma8(40, 30);
+        assert_eq!(decoded(recorder.frame_png(&small).unwrap()), (40, 30));
+    }
+
+    /// The field drill: one file that cannot be deleted (`chattr +i`) must not stop pruning.
+    #[test]
+    fn an_undeletable_file_is_counted_and_skipped() {
+        let dir = tempfile::tempdir().unwrap();
         let store = dir.path().join("cam/normal");
         std::fs::create_dir_all(&store).unwrap();
-        let old = SystemTime::now() - Duration::from_secs(7200);
-        for (i, name) in ["a.png", "b.png", "c.png", "d.png"].iter().enumerate() {
-            let path = store.join(name);
-            std::fs::write(&path, vec![0u8; 100]).unwrap();
-            let when = if i == 0 { old } else { SystemTime::now() - Duration::from_secs(100 - i as u64 * 10) };
-            std::fs::File::options().write(true).open(&path).unwrap().set_modified(when).unwrap();
-        }
-        // a is too old; then b goes to get from 300 bytes to 200 <= 250.
-        assert_eq!(recorder.prune().unwrap(), 2);
-        let mut left: Vec<String> =
-            std::fs::read_dir(&store).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
-        left.sort();
-        assert_eq!(left, ["c.png", "d.png"]);
-        assert!(dir.path().join(MARKER).is_file(), "the marker is never pruned");
+        put(&store, "a.png", 100, Duration::from_secs(300));
+        put(&store, "b.png", 100, Duration::from_secs(200));
+        put(&store, "c.png", 100, Duration::from_secs(100));
+        let immutable = store.join("a.png");
+        let chattr = |flag: &str| {
+            let status = std::process::Command::new("chattr").arg(flag).arg(&immutable).status().unwrap();
+            assert!(status.success(), "chattr {flag} (the tests run as root on ext4)");
+        };
+        chattr("+i");
+        let stats = Arc::new(PipelineStats::default());
+        let mut recorder = Recorder::open(config(dir.path(), 300), vec!["cam".into()], model(), stats.clone()).unwrap();
+        let fits = recorder.store.make_room(100, 300, &stats);
+        chattr("-i");
+        assert!(fits, "b went instead of a");
+        assert_eq!(left(&store), ["a.png", "c.png"]);
+        assert_eq!(stats.recorder_errors.load(Relaxed), 1, "the failed delete is counted");
     }
 }
