@@ -836,3 +836,65 @@ fn the_systemd_unit_is_hardened_and_has_no_restart_loop() {
         assert!(unit_text.contains(needed), "the unit lacks {needed}");
     }
 }
+
+/// A TCP proxy that holds every chunk `delay` before passing it on, in both directions: a
+/// broker across a site network.
+fn latency_proxy(upstream: u16, delay: Duration) -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let pipe = move |mut from: TcpStream, mut to: TcpStream| {
+        let (tx, rx) = crossbeam_channel::unbounded::<(Instant, Vec<u8>)>();
+        std::thread::spawn(move || {
+            let mut buffer = [0u8; 16 << 10];
+            while let Ok(n @ 1..) = std::io::Read::read(&mut from, &mut buffer) {
+                if tx.send((Instant::now() + delay, buffer[..n].to_vec())).is_err() {
+                    break;
+                }
+            }
+        });
+        std::thread::spawn(move || {
+            for (due, chunk) in rx {
+                std::thread::sleep(due.saturating_duration_since(Instant::now()));
+                if to.write_all(&chunk).is_err() {
+                    break;
+                }
+            }
+            let _ = to.shutdown(std::net::Shutdown::Write);
+        });
+    };
+    std::thread::spawn(move || {
+        for client in listener.incoming().flatten() {
+            let Ok(server) = TcpStream::connect(("127.0.0.1", upstream)) else { continue };
+            pipe(client.try_clone().unwrap(), server.try_clone().unwrap());
+            pipe(server, client);
+        }
+    });
+    port
+}
+
+#[test]
+fn a_broker_300_ms_away_is_connected_to_and_gets_every_alert() {
+    let broker = Broker::start();
+    let sub = Subscriber::start(broker.port);
+    let proxy = latency_proxy(broker.port, Duration::from_millis(300));
+    let dir = tempfile::tempdir().unwrap();
+    let frames = repo().join("data/brick/test/scratch");
+    let config = write_config(
+        dir.path(),
+        proxy,
+        "max_batch = 4\nmax_wait_ms = 50\nqueue_capacity = 8",
+        &camera("cam0", &frames.display().to_string(), 5.0, false, ""),
+    );
+    let mut daemon = Daemon::start(&config);
+    // Three scratched frames (the demo model flags them all), then the replay ends, the
+    // daemon drains, says `offline` and exits: everything crossed the slow link.
+    let status = daemon.wait_exit(Duration::from_secs(120));
+    assert!(status.success(), "exit {status:?}; log:\n{}", daemon.log_text());
+    wait_for(Duration::from_secs(10), "`offline` through the proxy", || {
+        sub.texts("/available").last().map(String::as_str) == Some("offline")
+    });
+    assert!(sub.texts("/available").iter().any(|t| t == "online"), "{}", daemon.log_text());
+    assert_eq!(sub.on("cam0/anomaly").len(), 3, "every alert arrives; log:\n{}", daemon.log_text());
+    let connects = daemon.log_text().matches("MQTT connected.").count();
+    assert_eq!(connects, 1, "one connection, not a new one every 200 ms:\n{}", daemon.log_text());
+}

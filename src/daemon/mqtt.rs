@@ -157,9 +157,12 @@ fn connection_loop(
             tracing::warn!("MQTT disconnect did not complete in time.");
             break;
         }
-        match connection.recv_timeout(Duration::from_millis(200)) {
-            Err(rumqttc::RecvTimeoutError::Timeout) => {}
-            Err(rumqttc::RecvTimeoutError::Disconnected) => break,
+        // A blocking poll: a timeout around it would cancel a connect still in progress (a
+        // broker 150 ms away never got connected, and every cancelled attempt left a Last
+        // Will on it). Shutdown still gets through: `go_offline` queues requests that wake
+        // the poll, and a failing connect returns within rumqttc's connection timeout.
+        match connection.recv() {
+            Err(rumqttc::RecvError) => break,
             Ok(Ok(Event::Incoming(Packet::ConnAck(ack)))) => {
                 backoff.reset();
                 stats.mqtt_connects.fetch_add(1, Relaxed);
