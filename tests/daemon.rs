@@ -37,16 +37,35 @@ impl Broker {
         let port = free_port();
         let conf = dir.path().join("mosquitto.conf");
         std::fs::write(&conf, format!("persistence false\n{}", listeners(port, dir.path()))).unwrap();
-        let child = Command::new("mosquitto")
-            .arg("-c")
-            .arg(&conf)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("mosquitto must be installed (scripts/setup.sh installs it)");
+        let child = Self::spawn(&conf);
         let broker = Self { child, port, _dir: dir };
         wait_for(Duration::from_secs(10), "mosquitto to listen", || TcpStream::connect(("127.0.0.1", port)).is_ok());
         broker
+    }
+
+    fn spawn(conf: &Path) -> Child {
+        Command::new("mosquitto")
+            .arg("-c")
+            .arg(conf)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("mosquitto must be installed (scripts/setup.sh installs it)")
+    }
+
+    /// SIGKILL, as a crashing broker or a power cut would end it.
+    fn kill(&mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+
+    /// A fresh broker on the same port and config (persistence off: it remembers nothing).
+    fn restart(&mut self) {
+        self.child = Self::spawn(&self._dir.path().join("mosquitto.conf"));
+        let port = self.port;
+        wait_for(Duration::from_secs(10), "mosquitto to listen again", || {
+            TcpStream::connect(("127.0.0.1", port)).is_ok()
+        });
     }
 }
 
@@ -840,6 +859,11 @@ fn the_systemd_unit_is_hardened_and_has_no_restart_loop() {
 /// A TCP proxy that holds every chunk `delay` before passing it on, in both directions: a
 /// broker across a site network.
 fn latency_proxy(upstream: u16, delay: Duration) -> u16 {
+    gated_proxy(upstream, delay, Arc::new(std::sync::atomic::AtomicBool::new(true)))
+}
+
+/// [`latency_proxy`] that refuses new connections while `open` is false: a link that is cut.
+fn gated_proxy(upstream: u16, delay: Duration, open: Arc<std::sync::atomic::AtomicBool>) -> u16 {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
     let pipe = move |mut from: TcpStream, mut to: TcpStream| {
@@ -864,6 +888,9 @@ fn latency_proxy(upstream: u16, delay: Duration) -> u16 {
     };
     std::thread::spawn(move || {
         for client in listener.incoming().flatten() {
+            if !open.load(std::sync::atomic::Ordering::SeqCst) {
+                continue; // dropped: the connection is reset
+            }
             let Ok(server) = TcpStream::connect(("127.0.0.1", upstream)) else { continue };
             pipe(client.try_clone().unwrap(), server.try_clone().unwrap());
             pipe(server, client);
@@ -897,4 +924,92 @@ fn a_broker_300_ms_away_is_connected_to_and_gets_every_alert() {
     assert_eq!(sub.on("cam0/anomaly").len(), 3, "every alert arrives; log:\n{}", daemon.log_text());
     let connects = daemon.log_text().matches("MQTT connected.").count();
     assert_eq!(connects, 1, "one connection, not a new one every 200 ms:\n{}", daemon.log_text());
+}
+
+#[test]
+fn alerts_produced_while_the_broker_is_down_arrive_after_it_returns() {
+    let mut broker = Broker::start();
+    let open = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let proxy = gated_proxy(broker.port, Duration::ZERO, open.clone());
+    let early = Subscriber::start(broker.port);
+    let dir = tempfile::tempdir().unwrap();
+    let frames = repo().join("data/brick/test/scratch");
+    let config = write_config(
+        dir.path(),
+        proxy,
+        "max_batch = 1\nmax_wait_ms = 10\nqueue_capacity = 2",
+        &camera("cam0", &frames.display().to_string(), 2.0, true, ""),
+    );
+    let mut daemon = Daemon::start(&config);
+    wait_for(Duration::from_secs(60), "alerts before the outage", || early.on("cam0/anomaly").len() >= 2);
+
+    // The broker dies (SIGKILL) and stays away for 10 s while defect frames keep coming.
+    broker.kill();
+    open.store(false, std::sync::atomic::Ordering::SeqCst);
+    std::thread::sleep(Duration::from_secs(10));
+    broker.restart();
+    let fresh = Subscriber::start(broker.port);
+    open.store(true, std::sync::atomic::Ordering::SeqCst);
+    let back = Instant::now();
+    wait_for(Duration::from_secs(8), "`online` and the camera status after the reconnect", || {
+        fresh.texts("/available").last().map(String::as_str) == Some("online")
+            && fresh.texts("cam0/status").last().is_some()
+    });
+    let reconnect = back.elapsed();
+    wait_for(Duration::from_secs(30), "the outbox to empty", || {
+        fresh.last_stats().is_some_and(|s| s["outbox_queued"] == 0 && s["mqtt_connected"] == true)
+    });
+    daemon.signal("TERM");
+    assert!(daemon.wait_exit(Duration::from_secs(15)).success(), "{}", daemon.log_text());
+
+    // Every alert the daemon raised reached a subscriber (duplicates allowed, by id).
+    let produced = daemon.log_text().matches("Anomaly.").count();
+    let ids: std::collections::BTreeSet<String> = early
+        .on("cam0/anomaly")
+        .iter()
+        .chain(fresh.on("cam0/anomaly").iter())
+        .map(|m| serde_json::from_slice::<serde_json::Value>(&m.payload).unwrap()["id"].as_str().unwrap().to_string())
+        .collect();
+    let delayed = fresh
+        .on("cam0/anomaly")
+        .iter()
+        .filter(|m| serde_json::from_slice::<serde_json::Value>(&m.payload).unwrap()["delayed"] == true)
+        .count();
+    assert!(delayed >= 5, "about 20 alerts were raised during the outage, {delayed} came delayed");
+    assert_eq!(ids.len(), produced, "alerts lost; reconnect took {reconnect:?}; log:\n{}", daemon.log_text());
+}
+
+#[test]
+fn the_outbox_survives_a_daemon_restart() {
+    let broker = Broker::start();
+    let open = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let proxy = gated_proxy(broker.port, Duration::ZERO, open.clone());
+    let sub = Subscriber::start(broker.port);
+    let dir = tempfile::tempdir().unwrap();
+    let frames = repo().join("data/brick/test/scratch");
+    let config = write_config(
+        dir.path(),
+        proxy,
+        "max_batch = 1\nmax_wait_ms = 10\nqueue_capacity = 4",
+        &camera("cam0", &frames.display().to_string(), 5.0, false, ""),
+    );
+    // No broker reachable: the three alerts go to the outbox, and the daemon stops.
+    let mut daemon = Daemon::start(&config);
+    assert!(daemon.wait_exit(Duration::from_secs(60)).success(), "{}", daemon.log_text());
+    assert_eq!(daemon.log_text().matches("Anomaly.").count(), 3, "{}", daemon.log_text());
+    let outbox = dir.path().join("state/outbox");
+    assert_eq!(std::fs::read_dir(&outbox).unwrap().count(), 6, "three alerts and three masks wait on disk");
+    assert!(sub.on("cam0/anomaly").is_empty());
+    // The next run, with the link back, delivers them first, marked as delayed.
+    open.store(true, std::sync::atomic::Ordering::SeqCst);
+    let mut again = Daemon::start(&config);
+    assert!(again.wait_exit(Duration::from_secs(60)).success(), "{}", again.log_text());
+    wait_for(Duration::from_secs(10), "the delayed alerts", || sub.on("cam0/anomaly").len() >= 6);
+    let delayed = sub
+        .on("cam0/anomaly")
+        .iter()
+        .filter(|m| serde_json::from_slice::<serde_json::Value>(&m.payload).unwrap()["delayed"] == true)
+        .count();
+    assert_eq!(delayed, 3, "the first run's alerts, delivered by the second");
+    assert_eq!(std::fs::read_dir(&outbox).unwrap().count(), 0, "delivered entries are deleted");
 }

@@ -110,6 +110,8 @@ struct RawMqtt {
     publish_images: Option<bool>,
     snapshot_quality: Option<u8>,
     reconnect_max_s: Option<u64>,
+    outbox_max_bytes: Option<u64>,
+    outbox_max_age_s: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -204,6 +206,10 @@ pub struct MqttConfig {
     pub publish_images: bool,
     pub snapshot_quality: u8,
     pub reconnect_max: Duration,
+    /// Undelivered alerts and masks: `<state_dir>/outbox`, bounded in bytes and age.
+    pub outbox_dir: PathBuf,
+    pub outbox_max_bytes: u64,
+    pub outbox_max_age: Duration,
 }
 
 impl std::fmt::Debug for MqttConfig {
@@ -609,9 +615,23 @@ impl Validator {
             embedded_broker,
             publish_images: mqtt.publish_images.unwrap_or(true),
             snapshot_quality,
-            reconnect_max: Duration::from_secs(
-                self.positive("mqtt.reconnect_max_s", mqtt.reconnect_max_s.unwrap_or(60)),
+            // A broker back after an outage is found within this: keep it short.
+            reconnect_max: Duration::from_secs(self.within(
+                "mqtt.reconnect_max_s",
+                mqtt.reconnect_max_s.unwrap_or(2),
+                1..=300,
+            )),
+            outbox_dir: state_dir.join("outbox"),
+            outbox_max_bytes: self.within(
+                "mqtt.outbox_max_bytes",
+                mqtt.outbox_max_bytes.unwrap_or(256 << 20),
+                1 << 16..=1 << 40,
             ),
+            outbox_max_age: Duration::from_secs(self.within(
+                "mqtt.outbox_max_age_s",
+                mqtt.outbox_max_age_s.unwrap_or(7 * 86_400),
+                1..=365 * 86_400,
+            )),
         };
 
         let sample_rate = recorder.normal_sample_rate.unwrap_or(0.01);

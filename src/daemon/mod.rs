@@ -17,6 +17,7 @@
 pub mod broker;
 pub mod config;
 pub mod mqtt;
+pub mod outbox;
 pub mod pipeline;
 pub mod publish;
 pub mod recorder;
@@ -271,6 +272,10 @@ pub fn run(config: DaemonConfig) -> anyhow::Result<()> {
                 .map(|(c, q)| (c.id.clone(), stats::camera_report(c, q.len(), rates.rates(c))))
                 .collect(),
             mqtt_connects: pipeline_stats.mqtt_connects.load(Relaxed),
+            mqtt_connected: pipeline_stats.mqtt_connected.load(Relaxed),
+            mqtt_failures: pipeline_stats.mqtt_failures.load(Relaxed),
+            outbox_queued: pipeline_stats.outbox_queued.load(Relaxed),
+            outbox_dropped: pipeline_stats.outbox_dropped.load(Relaxed),
             recorded_flagged: pipeline_stats.recorded_flagged.load(Relaxed),
             recorded_normal: pipeline_stats.recorded_normal.load(Relaxed),
             recorder_pruned: pipeline_stats.recorder_pruned.load(Relaxed),

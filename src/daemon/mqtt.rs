@@ -5,8 +5,11 @@
 //! Retained topics are remembered in a [`RetainedState`] so that a reconnect — or a
 //! broker that lost its store — gets the latest `status`, `state` and `snapshot` of every
 //! camera and then `available = online`, in that order (dashboards see state before the
-//! node claims to be up). Publishing never blocks the pipeline: a full client queue is a
-//! counted `mqtt_backlog` drop.
+//! node claims to be up). Publishing never blocks the pipeline. Alerts and masks are
+//! durable: while disconnected, behind an outbox that is not empty, or when the client
+//! queue is full they go to the on-disk [`Outbox`], which the connection thread empties
+//! after `online` and the retained state, in order. Other messages are not queued while
+//! disconnected (retained ones are re-sent on connect; `stats` is superseded).
 
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering::Relaxed;
@@ -17,6 +20,7 @@ use crossbeam_channel::Receiver;
 use rumqttc::{Client, Connection, Event, LastWill, MqttOptions, Packet, QoS, Transport};
 
 use super::config::{MqttConfig, TlsConfig};
+use super::outbox::Outbox;
 use super::pipeline::{Backoff, pause};
 use super::stats::PipelineStats;
 
@@ -33,12 +37,16 @@ pub struct Mqtt {
     client: Client,
     pub base: String,
     retained: Arc<RetainedState>,
+    outbox: Arc<Mutex<Outbox>>,
+    stats: Arc<PipelineStats>,
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum MqttSetupError {
     #[error("{path}: {what}")]
     Tls { path: String, what: String },
+    #[error("{path}: cannot open the MQTT outbox: {source}")]
+    Outbox { path: String, source: std::io::Error },
 }
 
 fn tls_transport(tls: &TlsConfig) -> Result<Transport, MqttSetupError> {
@@ -104,12 +112,21 @@ impl Mqtt {
     ) -> Result<(Self, std::thread::JoinHandle<()>), MqttSetupError> {
         let (client, connection) = Client::new(options(config)?, CLIENT_QUEUE);
         let retained = Arc::new(RetainedState::default());
-        let mqtt = Self { client: client.clone(), base: config.base_topic.clone(), retained: retained.clone() };
-        let base = config.base_topic.clone();
+        let outbox = Outbox::open(&config.outbox_dir, config.outbox_max_bytes, config.outbox_max_age, stats.clone())
+            .map_err(|source| MqttSetupError::Outbox { path: config.outbox_dir.display().to_string(), source })?;
+        let outbox = Arc::new(Mutex::new(outbox));
+        let mqtt = Self {
+            client: client.clone(),
+            base: config.base_topic.clone(),
+            retained: retained.clone(),
+            outbox: outbox.clone(),
+            stats: stats.clone(),
+        };
+        let link = Link { client, base: config.base_topic.clone(), retained, outbox, stats };
         let reconnect_max = config.reconnect_max;
         let handle = std::thread::Builder::new()
             .name("mqtt".into())
-            .spawn(move || connection_loop(connection, client, base, retained, stats, stop, reconnect_max))
+            .spawn(move || link.run(connection, stop, reconnect_max))
             .expect("spawn mqtt thread");
         Ok((mqtt, handle))
     }
@@ -118,13 +135,38 @@ impl Mqtt {
         format!("{}/{suffix}", self.base)
     }
 
-    /// Publishes without blocking; `false` when the client queue is full (a backlog drop).
+    /// Publishes without blocking; `false` when the message was not handed to the client
+    /// (disconnected, or its queue full). A retained message is remembered either way and
+    /// re-sent on every connect.
     pub fn publish(&self, suffix: &str, qos: QoS, retain: bool, payload: Vec<u8>) -> bool {
         let topic = self.topic(suffix);
         if retain {
             self.retained.topics.lock().expect("retained lock").insert(topic.clone(), payload.clone());
         }
+        if !self.stats.mqtt_connected.load(Relaxed) {
+            return retain;
+        }
         self.client.try_publish(topic, qos, retain, payload).is_ok()
+    }
+
+    /// Publishes at QoS 1 or, where that cannot happen now, appends to the outbox (JSON
+    /// payloads then carry `"delayed": true`). `false` only if the outbox cannot be written.
+    pub fn publish_durable(&self, suffix: &str, payload: Vec<u8>) -> bool {
+        let topic = self.topic(suffix);
+        let mut outbox = self.outbox.lock().expect("outbox lock");
+        if self.stats.mqtt_connected.load(Relaxed)
+            && outbox.is_empty()
+            && self.client.try_publish(topic.clone(), QoS::AtLeastOnce, false, payload.clone()).is_ok()
+        {
+            return true;
+        }
+        match outbox.push(&topic, false, &mark_delayed(payload)) {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::error!(topic = %topic, error = %e, "Cannot write to the MQTT outbox; message lost.");
+                false
+            }
+        }
     }
 
     /// Publishes the final retained `offline` states and disconnects cleanly.
@@ -137,71 +179,107 @@ impl Mqtt {
     }
 }
 
-fn connection_loop(
-    mut connection: Connection,
+/// A JSON object payload gains `"delayed": true`; anything else (a PNG) is kept as is.
+fn mark_delayed(payload: Vec<u8>) -> Vec<u8> {
+    match serde_json::from_slice::<serde_json::Value>(&payload) {
+        Ok(serde_json::Value::Object(mut object)) => {
+            object.insert("delayed".into(), true.into());
+            serde_json::to_vec(&object).expect("a JSON object serialises")
+        }
+        _ => payload,
+    }
+}
+
+/// The connection thread's side: the client, what is re-sent on connect, the outbox.
+struct Link {
     client: Client,
     base: String,
     retained: Arc<RetainedState>,
+    outbox: Arc<Mutex<Outbox>>,
     stats: Arc<PipelineStats>,
-    stop: Receiver<()>,
-    reconnect_max: Duration,
-) {
-    let mut backoff = Backoff::new(Duration::from_millis(500), reconnect_max);
-    let mut stopping_since: Option<Instant> = None;
-    loop {
-        if stopping_since.is_none() && !pause(&stop, Duration::ZERO) {
-            stopping_since = Some(Instant::now());
+}
+
+/// Outbox messages handed to the client per event-loop turn.
+const OUTBOX_BATCH: usize = 16;
+
+impl Link {
+    /// After a connect: the retained state, then `online` (unless stopping).
+    fn announce(&self, stopping: bool) {
+        let snapshot: Vec<(String, Vec<u8>)> =
+            self.retained.topics.lock().expect("retained lock").iter().map(|(t, p)| (t.clone(), p.clone())).collect();
+        let available = format!("{}/available", self.base);
+        for (topic, payload) in snapshot.into_iter().filter(|(t, _)| *t != available) {
+            let _ = self.client.try_publish(topic, QoS::AtLeastOnce, true, payload);
         }
-        // After shutdown the owner publishes `offline` and disconnects; give that 3 s.
-        if stopping_since.is_some_and(|t| t.elapsed() > Duration::from_secs(3)) {
-            tracing::warn!("MQTT disconnect did not complete in time.");
-            break;
-        }
-        // A blocking poll: a timeout around it would cancel a connect still in progress (a
-        // broker 150 ms away never got connected, and every cancelled attempt left a Last
-        // Will on it). Shutdown still gets through: `go_offline` queues requests that wake
-        // the poll, and a failing connect returns within rumqttc's connection timeout.
-        match connection.recv() {
-            Err(rumqttc::RecvError) => break,
-            Ok(Ok(Event::Incoming(Packet::ConnAck(ack)))) => {
-                backoff.reset();
-                stats.mqtt_connects.fetch_add(1, Relaxed);
-                stats.mqtt_connected.store(true, Relaxed);
-                tracing::info!(code = ?ack.code, "MQTT connected.");
-                let snapshot: Vec<(String, Vec<u8>)> = retained
-                    .topics
-                    .lock()
-                    .expect("retained lock")
-                    .iter()
-                    .map(|(t, p)| (t.clone(), p.clone()))
-                    .collect();
-                let available = format!("{base}/available");
-                for (topic, payload) in snapshot.into_iter().filter(|(t, _)| *t != available) {
-                    let _ = client.try_publish(topic, QoS::AtLeastOnce, true, payload);
-                }
-                if stopping_since.is_none() {
-                    let _ = client.try_publish(available, QoS::AtLeastOnce, true, "online");
-                }
-            }
-            Ok(Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect))) => {
-                tracing::info!("MQTT disconnected cleanly.");
-                // Let the DISCONNECT reach the socket before the event loop is dropped.
-                let _ = connection.recv_timeout(Duration::from_millis(100));
-                break;
-            }
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => {
-                stats.mqtt_connected.store(false, Relaxed);
-                if stopping_since.is_some() {
-                    break;
-                }
-                let delay = backoff.next_delay();
-                tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "MQTT connection failed.");
-                if !pause(&stop, delay) {
-                    stopping_since = Some(Instant::now());
-                }
-            }
+        if !stopping {
+            let _ = self.client.try_publish(available, QoS::AtLeastOnce, true, "online");
         }
     }
-    stats.mqtt_connected.store(false, Relaxed);
+
+    /// Hands the oldest outbox messages to the client while it takes them.
+    fn drain_outbox(&self) {
+        let mut outbox = self.outbox.lock().expect("outbox lock");
+        for _ in 0..OUTBOX_BATCH {
+            let Some(message) = outbox.front() else { break };
+            if self.client.try_publish(message.topic, QoS::AtLeastOnce, message.retain, message.payload).is_err() {
+                break;
+            }
+            outbox.pop_front();
+        }
+    }
+
+    fn run(self, mut connection: Connection, stop: Receiver<()>, reconnect_max: Duration) {
+        let stats = self.stats.clone();
+        let mut backoff = Backoff::new(Duration::from_millis(250), reconnect_max);
+        let mut stopping_since: Option<Instant> = None;
+        loop {
+            if stopping_since.is_none() && !pause(&stop, Duration::ZERO) {
+                stopping_since = Some(Instant::now());
+            }
+            // After shutdown the owner publishes `offline` and disconnects; give that 3 s.
+            if stopping_since.is_some_and(|t| t.elapsed() > Duration::from_secs(3)) {
+                tracing::warn!("MQTT disconnect did not complete in time.");
+                break;
+            }
+            // A blocking poll: a timeout around it would cancel a connect still in progress (a
+            // broker 150 ms away never got connected, and every cancelled attempt left a Last
+            // Will on it). Shutdown still gets through: `go_offline` queues requests that wake
+            // the poll, and a failing connect returns within rumqttc's connection timeout.
+            match connection.recv() {
+                Err(rumqttc::RecvError) => break,
+                Ok(Ok(Event::Incoming(Packet::ConnAck(ack)))) => {
+                    backoff.reset();
+                    stats.mqtt_connects.fetch_add(1, Relaxed);
+                    stats.mqtt_connected.store(true, Relaxed);
+                    tracing::info!(code = ?ack.code, "MQTT connected.");
+                    self.announce(stopping_since.is_some());
+                    self.drain_outbox();
+                }
+                Ok(Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect))) => {
+                    tracing::info!("MQTT disconnected cleanly.");
+                    // Let the DISCONNECT reach the socket before the event loop is dropped.
+                    let _ = connection.recv_timeout(Duration::from_millis(100));
+                    break;
+                }
+                Ok(Ok(_)) => {
+                    if stats.mqtt_connected.load(Relaxed) {
+                        self.drain_outbox();
+                    }
+                }
+                Ok(Err(e)) => {
+                    stats.mqtt_connected.store(false, Relaxed);
+                    stats.mqtt_failures.fetch_add(1, Relaxed);
+                    if stopping_since.is_some() {
+                        break;
+                    }
+                    let delay = backoff.next_delay();
+                    tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "MQTT connection failed.");
+                    if !pause(&stop, delay) {
+                        stopping_since = Some(Instant::now());
+                    }
+                }
+            }
+        }
+        stats.mqtt_connected.store(false, Relaxed);
+    }
 }

@@ -182,9 +182,10 @@ pub fn publisher(ctx: PublisherContext, input: Receiver<Inspected>) {
                     snapshot_topic: mqtt.topic(&format!("{}/snapshot", camera.id)),
                 };
                 let payload = serde_json::to_vec(&alert).expect("alert serialises");
-                let mut sent = mqtt.publish(&format!("{}/anomaly", camera.id), QoS::AtLeastOnce, false, payload);
+                // Alerts and masks are durable: what cannot go now waits in the outbox.
+                let mut sent = mqtt.publish_durable(&format!("{}/anomaly", camera.id), payload);
                 if ctx.publish_images {
-                    sent &= mqtt.publish(&format!("{}/mask", camera.id), QoS::AtLeastOnce, false, mask_png(a));
+                    sent &= mqtt.publish_durable(&format!("{}/mask", camera.id), mask_png(a));
                     let snapshot = overlay(&f.display, a, None, OverlayFormat::Jpeg { quality: ctx.snapshot_quality });
                     sent &= mqtt.publish(&format!("{}/snapshot", camera.id), QoS::AtMostOnce, true, snapshot);
                 }

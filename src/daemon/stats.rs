@@ -128,6 +128,12 @@ pub struct PipelineStats {
     pub recorded_normal: AtomicU64,
     pub recorder_pruned: AtomicU64,
     pub recorder_errors: AtomicU64,
+    /// Messages waiting in the outbox for the broker.
+    pub outbox_queued: AtomicU64,
+    /// Outbox entries given up (cap, age, unreadable).
+    pub outbox_dropped: AtomicU64,
+    /// Connection attempts that failed.
+    pub mqtt_failures: AtomicU64,
 }
 
 /// Version of the `stats` payload.
@@ -177,6 +183,10 @@ pub struct StatsReport {
     pub inference: InferenceReport,
     pub cameras: BTreeMap<String, CameraReport>,
     pub mqtt_connects: u64,
+    pub mqtt_connected: bool,
+    pub mqtt_failures: u64,
+    pub outbox_queued: u64,
+    pub outbox_dropped: u64,
     pub recorded_flagged: u64,
     pub recorded_normal: u64,
     pub recorder_pruned: u64,
