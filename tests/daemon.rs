@@ -799,6 +799,56 @@ fps = 1e-20
     let sigma = write_config_for(&model, "", dir.path(), 1883, "", &camera("cam0", &frames, 1.0, false, ""));
     let (code, text) = check_config(&sigma, &[]);
     assert!(code == 78 && text.contains("model.path") && text.contains("anomaly.smoothing_sigma"), "{text}");
+    // Bundles that only ONNX Runtime can tell are broken, and a provider this runtime lacks:
+    // check-config and run find them before starting anything.
+    let broken = |name: &str, edit: &dyn Fn(&mut Vec<u8>, &mut String)| {
+        let model = dir.path().join(name);
+        std::fs::create_dir_all(&model).unwrap();
+        let mut onnx = std::fs::read(repo().join("models/brick-huber/model.onnx")).unwrap();
+        let mut manifest = std::fs::read_to_string(repo().join("models/brick-huber/manifest.toml")).unwrap();
+        edit(&mut onnx, &mut manifest);
+        std::fs::write(model.join("model.onnx"), onnx).unwrap();
+        std::fs::write(model.join("manifest.toml"), manifest).unwrap();
+        write_config_for(&model, "", &dir.path().join(name), 1883, "", &camera("cam0", &frames, 1.0, false, ""))
+    };
+    let flipped = broken("flipped", &|onnx, _| {
+        let i = onnx.len() / 2;
+        onnx[i] ^= 0x40;
+    });
+    let reweighed = broken("reweighed", &|onnx, manifest| {
+        // Change a weight (the middle of the file is weights) and fix up the sha256: only
+        // the golden check sees it.
+        let middle = onnx.len() / 2;
+        onnx[middle..middle + 65536].iter_mut().for_each(|b| *b ^= 0x40);
+        let old = manifest.lines().find(|l| l.starts_with("sha256 = ")).unwrap().to_string();
+        let new = format!("sha256 = \"{}\"", edge_inspect::model::bundle::sha256_hex(onnx));
+        *manifest = manifest.replace(&old, &new);
+    });
+    let header = broken("header", &|onnx, manifest| {
+        onnx[..16].fill(0xff);
+        let old = manifest.lines().find(|l| l.starts_with("sha256 = ")).unwrap().to_string();
+        *manifest = manifest.replace(&old, &format!("sha256 = \"{}\"", edge_inspect::model::bundle::sha256_hex(onnx)));
+    });
+    for (config, says) in [(&flipped, "sha256"), (&reweighed, "golden"), (&header, "model.onnx")] {
+        let (code, text) = check_config(config, &[]);
+        assert!(code == 78 && text.contains("model.path") && text.contains(says), "{says}: {text}");
+        let out =
+            Command::new(env!("CARGO_BIN_EXE_edge-inspect")).args(["run", "--config"]).arg(config).output().unwrap();
+        assert_eq!(out.status.code(), Some(78), "run: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    std::fs::create_dir_all(dir.path().join("cuda")).unwrap();
+    let cuda = write_config_for(
+        &repo().join("models/brick-huber"),
+        "",
+        &dir.path().join("cuda"),
+        1883,
+        "",
+        &camera("cam0", &frames, 1.0, false, ""),
+    );
+    let text = std::fs::read_to_string(&cuda).unwrap().replace("providers = [\"cpu\"]", "providers = [\"cuda\"]");
+    std::fs::write(&cuda, text).unwrap();
+    let (code, text) = check_config(&cuda, &[]);
+    assert!(code == 78 && text.contains("runtime.providers"), "{text}");
 }
 
 #[test]

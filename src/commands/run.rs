@@ -5,11 +5,14 @@ use crate::daemon;
 
 pub fn run(args: RunArgs) -> anyhow::Result<()> {
     let config = daemon::load_config(&args.config)?;
-    daemon::run(config)
+    daemon::run(config, &args.config.display().to_string())
 }
 
+/// Everything `run` checks before it starts: the config, then the bundle through ONNX
+/// Runtime with the configured providers.
 pub fn check_config(args: RunArgs) -> anyhow::Result<()> {
     let config = daemon::load_config(&args.config)?;
+    daemon::load_bundle(&config, &args.config.display().to_string())?;
     println!(
         "{}: valid; node '{}', {} camera(s), model {}, MQTT {}:{} (topics {}/…)",
         args.config.display(),

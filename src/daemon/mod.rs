@@ -35,7 +35,8 @@ use rumqttc::QoS;
 use sd_notify::NotifyState;
 
 use crate::infer::inspect::Inspector;
-use crate::model::bundle::Bundle;
+use crate::infer::runtime::RuntimeError;
+use crate::model::bundle::{Bundle, BundleError};
 use config::{ConfigIssue, DaemonConfig};
 use mqtt::Mqtt;
 use pipeline::{CaptureContext, WorkerContext};
@@ -117,10 +118,32 @@ fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> anyhow::Result<(Strin
     Ok((name.to_string(), handle))
 }
 
+/// Loads and verifies the configured bundle through ONNX Runtime (sha256, graph contract,
+/// golden check, providers): the part of `check-config` that needs the runtime. A failure
+/// is a configuration error (exit 78), keyed by what to fix.
+pub fn load_bundle(config: &DaemonConfig, source_name: &str) -> Result<Bundle, config::ConfigErrors> {
+    Bundle::load(&config.model.path, &config.runtime).map_err(|e| {
+        let key = match &e {
+            BundleError::Runtime(RuntimeError::NoProvider { .. } | RuntimeError::EmptyProviders) => "runtime.providers",
+            BundleError::Runtime(RuntimeError::LibraryMissing { .. } | RuntimeError::LibraryLoad { .. }) => {
+                "runtime.library_path"
+            }
+            _ => "model.path",
+        };
+        config::ConfigErrors {
+            source_name: source_name.to_string(),
+            issues: vec![ConfigIssue { key: key.into(), message: e.to_string() }],
+        }
+    })
+}
+
 /// Runs the daemon until SIGTERM/SIGINT, or until every source has ended (finite replays,
 /// disabled cameras, a capture thread that died): then it drains and stops — with
 /// [`StagePanicked`] if a capture thread panicked.
-pub fn run(config: DaemonConfig) -> anyhow::Result<()> {
+pub fn run(config: DaemonConfig, source_name: &str) -> anyhow::Result<()> {
+    // The bundle is verified before anything starts: a bad one is a configuration error.
+    notify(&[NotifyState::Status("loading model")]);
+    let bundle = load_bundle(&config, source_name)?;
     let (signal_tx, signal_rx) = bounded::<()>(4);
     ctrlc::set_handler(move || {
         let _ = signal_tx.try_send(());
@@ -131,8 +154,7 @@ pub fn run(config: DaemonConfig) -> anyhow::Result<()> {
     if config.mqtt.enabled && config.mqtt.embedded_broker {
         broker::start(&config.mqtt)?;
     }
-    notify(&[NotifyState::Status("loading model")]);
-    let bundle = Bundle::load(&config.model.path, &config.runtime)?;
+
     let m = &config.model;
     let spec = bundle.manifest.reconstruction.with_overrides(m.t0, m.steps, m.sampler, m.eta, None);
     let inspector = Inspector::new(bundle, Some(spec))?.with_tile_batch(config.pipeline.max_batch);

@@ -42,7 +42,12 @@ pub fn parity(
     let reference = burn_forward(model, x, shape, t);
     let mut worst = f64::NAN;
     ort.predict_eps(x, shape, t, &mut |eps| {
-        worst = eps.iter().zip(&reference).map(|(a, b)| (a - b).abs() as f64).fold(0.0, f64::max);
+        // NaN-propagating maximum (`f64::max` would skip a NaN and pass a broken graph).
+        worst = eps
+            .iter()
+            .zip(&reference)
+            .map(|(a, b)| (a - b).abs() as f64)
+            .fold(0.0, |w, d| if w.is_nan() || d.is_nan() { f64::NAN } else { w.max(d) });
     })?;
     Ok(worst)
 }

@@ -236,8 +236,9 @@ impl GoldenCheck {
             ("mean |x|", self.output_mean_abs, got.output_mean_abs),
             ("rms", self.output_rms, got.output_rms),
         ];
+        // Written so that NaN fails: a NaN difference is not within any tolerance.
         for (what, want, have) in pairs {
-            if (want - have).abs() > self.tolerance {
+            if !((want - have).abs() <= self.tolerance) {
                 return Err(format!(
                     "output {what} is {have:.6}, manifest expects {want:.6} (tolerance {})",
                     self.tolerance
@@ -245,7 +246,7 @@ impl GoldenCheck {
             }
         }
         for (i, (want, have)) in self.output_head.iter().zip(&got.output_head).enumerate() {
-            if (want - have).abs() as f64 > self.tolerance {
+            if !((want - have).abs() as f64 <= self.tolerance) {
                 return Err(format!(
                     "output[{i}] is {have:.6}, manifest expects {want:.6} (tolerance {})",
                     self.tolerance
@@ -253,5 +254,23 @@ impl GoldenCheck {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_nan_output_fails_the_golden_check() {
+        let output: Vec<f32> = (0..32).map(|i| (i as f32 * 0.3).sin()).collect();
+        let golden = GoldenCheck::from_output(1, vec![0.0], &output, 1e-3);
+        assert!(golden.verify(&output).is_ok());
+        let mut broken = output.clone();
+        broken[20] = f32::NAN;
+        assert!(golden.verify(&broken).is_err(), "NaN in the statistics");
+        let mut head = output.clone();
+        head[0] = f32::NAN;
+        assert!(golden.verify(&head).is_err(), "NaN in the first values");
     }
 }
