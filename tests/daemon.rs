@@ -1063,3 +1063,24 @@ fn the_outbox_survives_a_daemon_restart() {
     assert_eq!(delayed, 3, "the first run's alerts, delivered by the second");
     assert_eq!(std::fs::read_dir(&outbox).unwrap().count(), 0, "delivered entries are deleted");
 }
+
+#[test]
+fn a_pipeline_stage_that_dies_stops_the_daemon_with_exit_70() {
+    let broker = Broker::start();
+    let sub = Subscriber::start(broker.port);
+    let dir = tempfile::tempdir().unwrap();
+    let frames = repo().join("data/brick/test/good");
+    let config = write_config(
+        dir.path(),
+        broker.port,
+        "max_batch = 1\nmax_wait_ms = 10\nqueue_capacity = 2",
+        &camera("cam0", &frames.display().to_string(), 5.0, true, ""),
+    );
+    let mut daemon = Daemon::start_with_env(&config, &[("EDGE_INSPECT_FAULT", "publisher-panic")]);
+    let status = daemon.wait_exit(Duration::from_secs(60));
+    assert_eq!(status.code(), Some(70), "a dead publisher is not a zombie; log:\n{}", daemon.log_text());
+    assert!(daemon.log_text().contains("stopped unexpectedly"), "{}", daemon.log_text());
+    wait_for(Duration::from_secs(5), "`offline`", || {
+        sub.texts("/available").last().map(String::as_str) == Some("offline")
+    });
+}

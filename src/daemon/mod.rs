@@ -309,6 +309,7 @@ pub fn run(config: DaemonConfig, source_name: &str) -> anyhow::Result<()> {
             mqtt.publish("stats", QoS::AtMostOnce, false, payload);
         }
     };
+    let mut stage_died: Option<String> = None;
     let signalled = loop {
         select! {
             recv(signal_rx) -> _ => break true,
@@ -326,6 +327,15 @@ pub fn run(config: DaemonConfig, source_name: &str) -> anyhow::Result<()> {
                 }
             },
             recv(second) -> _ => {
+                // Supervision: a pipeline stage only ends when its input closes (every source
+                // ended, or shutdown); one that ends while a source still runs died (a panic,
+                // or its neighbour did): stop, exit 70.
+                let sources_running = captures.iter().any(|(_, h)| !h.is_finished());
+                if let Some((name, _)) = downstream.iter().find(|(_, h)| sources_running && h.is_finished()) {
+                    tracing::error!(stage = %name, "A pipeline stage stopped unexpectedly; shutting down.");
+                    stage_died = Some(name.clone());
+                    break true;
+                }
                 for (i, camera) in config.cameras.iter().enumerate() {
                     let s = &camera_stats[i];
                     if s.status() == CameraStatus::Online && s.since_progress() > camera.stall_timeout {
@@ -377,5 +387,6 @@ pub fn run(config: DaemonConfig, source_name: &str) -> anyhow::Result<()> {
         join_until(vec![("mqtt".into(), thread)], Instant::now() + Duration::from_secs(4));
     }
     tracing::info!("Stopped.");
+    panicked.extend(stage_died.filter(|name| !panicked.contains(name)));
     if panicked.is_empty() { Ok(()) } else { Err(StagePanicked(panicked).into()) }
 }

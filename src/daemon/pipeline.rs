@@ -416,8 +416,15 @@ pub fn inference_worker(mut ctx: WorkerContext) {
                 for (frame, analysis) in batch.into_iter().zip(analyses) {
                     let camera = &ctx.cameras[frame.camera];
                     camera.processed.fetch_add(1, Relaxed);
-                    if ctx.output.try_send(Inspected { frame, analysis }).is_err() {
-                        camera.drop_frame(DropReason::OutputFull);
+                    match ctx.output.try_send(Inspected { frame, analysis }) {
+                        Ok(()) => {}
+                        Err(TrySendError::Full(_)) => camera.drop_frame(DropReason::OutputFull),
+                        // The publisher is gone: stop too, so the supervisor sees the
+                        // pipeline end instead of a worker that inspects for nobody.
+                        Err(TrySendError::Disconnected(_)) => {
+                            tracing::error!("The publisher has stopped; the inference worker stops.");
+                            return;
+                        }
                     }
                 }
             }

@@ -140,7 +140,10 @@ pub struct PublisherContext {
 /// Publishes every inspected frame; ends when the inference worker is gone.
 pub fn publisher(ctx: PublisherContext, input: Receiver<Inspected>) {
     let mut sampler = super::pipeline::clock_seeded_rng();
+    // Fault drill (docs/deploy.md): the publisher dies at its first frame.
+    let injected_panic = std::env::var("EDGE_INSPECT_FAULT").is_ok_and(|f| f == "publisher-panic");
     for inspected in input {
+        assert!(!injected_panic, "injected fault: EDGE_INSPECT_FAULT=publisher-panic");
         let camera = &ctx.cameras[inspected.frame.camera];
         let a = &inspected.analysis;
         let f = &inspected.frame;
