@@ -517,10 +517,15 @@ impl Validator {
         }
 
         let pipeline = PipelineConfig {
-            max_batch: self.positive("pipeline.max_batch", pipeline.max_batch.unwrap_or(4)),
-            max_wait: Duration::from_millis(pipeline.max_wait_ms.unwrap_or(50)),
-            queue_capacity: self.positive("pipeline.queue_capacity", pipeline.queue_capacity.unwrap_or(2)),
-            output_capacity: self.positive("pipeline.output_capacity", pipeline.output_capacity.unwrap_or(8)),
+            // Bounded: batches and queues are allocated; a queue of 10^12 frames is no bound.
+            max_batch: self.within("pipeline.max_batch", pipeline.max_batch.unwrap_or(4), 1..=1024),
+            max_wait: Duration::from_millis(self.within(
+                "pipeline.max_wait_ms",
+                pipeline.max_wait_ms.unwrap_or(50),
+                0..=60_000,
+            )),
+            queue_capacity: self.within("pipeline.queue_capacity", pipeline.queue_capacity.unwrap_or(2), 1..=1024),
+            output_capacity: self.within("pipeline.output_capacity", pipeline.output_capacity.unwrap_or(8), 1..=4096),
         };
 
         let port = mqtt.port.unwrap_or(1883);
@@ -605,10 +610,17 @@ impl Validator {
             port: port.clamp(1, 65535) as u16,
             client_id: mqtt.client_id.unwrap_or_else(|| format!("edge-inspect-{node_id}")),
             base_topic: format!("{topic_prefix}/{node_id}"),
-            keep_alive: Duration::from_secs(self.positive("mqtt.keep_alive_s", mqtt.keep_alive_s.unwrap_or(30))),
-            stats_interval: Duration::from_secs(
-                self.positive("mqtt.stats_interval_s", mqtt.stats_interval_s.unwrap_or(15)),
-            ),
+            // MQTT carries the keep-alive in 16 bits.
+            keep_alive: Duration::from_secs(self.within(
+                "mqtt.keep_alive_s",
+                mqtt.keep_alive_s.unwrap_or(30),
+                1..=65_535,
+            )),
+            stats_interval: Duration::from_secs(self.within(
+                "mqtt.stats_interval_s",
+                mqtt.stats_interval_s.unwrap_or(15),
+                1..=86_400,
+            )),
             max_packet_bytes: self.positive("mqtt.max_packet_bytes", mqtt.max_packet_bytes.unwrap_or(8 << 20)),
             credentials,
             tls,
@@ -650,7 +662,10 @@ impl Validator {
                 .map_or_else(|| state_dir.join("captures"), |d| if d.is_absolute() { d } else { state_dir.join(d) }),
             normal_sample_rate: sample_rate,
             max_bytes: self.positive("recorder.max_bytes", recorder.max_bytes.unwrap_or(1 << 30)),
-            max_age: Duration::from_secs_f64(max_age_days.clamp(0.0, 36_500.0) * 86_400.0),
+            // An invalid value was reported above; any in-range stand-in keeps this from panicking.
+            max_age: Duration::from_secs_f64(
+                if max_age_days.is_finite() { max_age_days.clamp(0.0, 36_500.0) } else { 30.0 } * 86_400.0,
+            ),
             max_side,
         };
 
@@ -713,10 +728,14 @@ impl Validator {
                 return None;
             }
         };
-        let backoff_initial =
-            Duration::from_millis(self.positive(&key("backoff_initial_ms"), c.backoff_initial_ms.unwrap_or(500)));
+        let hour_ms = 3_600_000;
+        let backoff_initial = Duration::from_millis(self.within(
+            &key("backoff_initial_ms"),
+            c.backoff_initial_ms.unwrap_or(500),
+            1..=hour_ms,
+        ));
         let backoff_max =
-            Duration::from_millis(self.positive(&key("backoff_max_ms"), c.backoff_max_ms.unwrap_or(30_000)));
+            Duration::from_millis(self.within(&key("backoff_max_ms"), c.backoff_max_ms.unwrap_or(30_000), 1..=hour_ms));
         if backoff_max < backoff_initial {
             self.fail(key("backoff_max_ms"), "must not be below backoff_initial_ms");
         }
@@ -725,9 +744,11 @@ impl Validator {
             enabled: c.enabled.unwrap_or(true),
             source,
             roi,
-            stall_timeout: Duration::from_millis(
-                self.positive(&key("stall_timeout_ms"), c.stall_timeout_ms.unwrap_or(10_000)),
-            ),
+            stall_timeout: Duration::from_millis(self.within(
+                &key("stall_timeout_ms"),
+                c.stall_timeout_ms.unwrap_or(10_000),
+                1..=hour_ms,
+            )),
             backoff_initial,
             backoff_max,
         })
