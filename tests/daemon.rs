@@ -378,7 +378,8 @@ fn a_tiled_model_reports_a_line_frame_defect_in_camera_pixels() {
         "max_batch = 8\nmax_wait_ms = 50\nqueue_capacity = 2",
         &camera("line", &frames.display().to_string(), 1.0, false, "roi = [200, 100, 640, 480]"),
     );
-    let mut daemon = Daemon::start(&config);
+    // Masks and snapshots capped at 320 px wide: half the ROI, stated in the payload.
+    let mut daemon = Daemon::start_with_env(&config, &[("EDGE_INSPECT__MQTT__IMAGE_MAX_WIDTH", "320")]);
     let started = Instant::now();
     while sub.on("line/state").is_empty() {
         assert!(
@@ -394,8 +395,8 @@ fn a_tiled_model_reports_a_line_frame_defect_in_camera_pixels() {
     let alert = &alerts[0];
     assert_eq!(alert["schema"], 2);
     assert_eq!(alert["inspected"], serde_json::json!([200, 100, 640, 480]));
-    assert_eq!(alert["mask_size"], serde_json::json!([640, 480]));
-    assert_eq!(alert["mask_scale"], serde_json::json!([1.0, 1.0]));
+    assert_eq!(alert["mask_size"], serde_json::json!([320, 240]));
+    assert_eq!(alert["mask_scale"], serde_json::json!([2.0, 2.0]));
     let regions = alert["regions"].as_array().unwrap();
     let inside = |r: &serde_json::Value, x: u64, y: u64| {
         let b: Vec<u64> = r["bbox"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect();
@@ -410,8 +411,10 @@ fn a_tiled_model_reports_a_line_frame_defect_in_camera_pixels() {
     }
     assert!(regions.iter().any(|r| inside(r, 503, 303)), "no region at the patch (503, 303): {regions:#?}");
     let mask = image::load_from_memory(&sub.on("line/mask")[0].payload).unwrap();
-    assert_eq!((mask.width(), mask.height()), (640, 480));
-    assert_eq!(mask.to_luma8().get_pixel(303, 203).0[0], 255, "the mask marks the patch (ROI pixel 303, 203)");
+    assert_eq!((mask.width(), mask.height()), (320, 240));
+    assert_eq!(mask.to_luma8().get_pixel(151, 101).0[0], 255, "the mask marks the patch (ROI pixel 303, 203)");
+    let snapshot = image::load_from_memory(&sub.on("line/snapshot")[0].payload).unwrap();
+    assert_eq!((snapshot.width(), snapshot.height()), (320, 240));
     daemon.signal("TERM");
     assert!(daemon.wait_exit(Duration::from_secs(15)).success(), "{}", daemon.log_text());
 }

@@ -109,6 +109,7 @@ struct RawMqtt {
     embedded_broker: Option<bool>,
     publish_images: Option<bool>,
     snapshot_quality: Option<u8>,
+    image_max_width: Option<u32>,
     reconnect_max_s: Option<u64>,
     outbox_max_bytes: Option<u64>,
     outbox_max_age_s: Option<u64>,
@@ -205,6 +206,8 @@ pub struct MqttConfig {
     pub embedded_broker: bool,
     pub publish_images: bool,
     pub snapshot_quality: u8,
+    /// Masks and snapshots wider than this are scaled down (the payload states the scale).
+    pub image_max_width: u32,
     pub reconnect_max: Duration,
     /// Undelivered alerts and masks: `<state_dir>/outbox`, bounded in bytes and age.
     pub outbox_dir: PathBuf,
@@ -626,6 +629,7 @@ impl Validator {
             tls,
             embedded_broker,
             publish_images: mqtt.publish_images.unwrap_or(true),
+            image_max_width: self.within("mqtt.image_max_width", mqtt.image_max_width.unwrap_or(1920), 64..=16_384),
             snapshot_quality,
             // A broker back after an outage is found within this: keep it short.
             reconnect_max: Duration::from_secs(self.within(

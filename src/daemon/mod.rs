@@ -212,6 +212,7 @@ pub fn run(config: DaemonConfig, source_name: &str) -> anyhow::Result<()> {
         image_threshold: manifest.thresholds.image.value,
         publish_images: config.mqtt.publish_images,
         snapshot_quality: config.mqtt.snapshot_quality,
+        image_max_width: config.mqtt.image_max_width,
         node: config.node_id.clone(),
         recorder: recorder_tx,
     };

@@ -15,7 +15,7 @@ use super::mqtt::Mqtt;
 use super::pipeline::Inspected;
 use super::stats::{CameraStats, DropReason};
 use crate::postprocess::anomaly::Region;
-use crate::postprocess::render::{OverlayFormat, mask_png, overlay};
+use crate::postprocess::render::{OverlayFormat, mask_png_within, overlay_within};
 
 /// Version of the alert and state payloads (2: regions in camera pixels, inspected area
 /// and mask scale stated; see `docs/mqtt.md`).
@@ -132,6 +132,7 @@ pub struct PublisherContext {
     pub image_threshold: f64,
     pub publish_images: bool,
     pub snapshot_quality: u8,
+    pub image_max_width: u32,
     pub node: String,
     /// The recorder's queue and the fraction of normal frames it keeps.
     pub recorder: Option<(Sender<Inspected>, f64)>,
@@ -162,6 +163,8 @@ pub fn publisher(ctx: PublisherContext, input: Receiver<Inspected>) {
             tracing::info!(camera = %camera.id, seq = f.seq, score = a.normalised_score, regions = a.regions.len(), source = ?f.source_file, "Anomaly.");
             if let Some(mqtt) = &ctx.mqtt {
                 let regions: Vec<Region> = a.regions.iter().map(|r| to_camera.region(r)).collect();
+                let (mask, mask_size) = mask_png_within(a, ctx.image_max_width);
+                let [inspected_w, inspected_h] = [to_camera.size[0] as f64, to_camera.size[1] as f64];
                 let alert = Alert {
                     schema: PAYLOAD_SCHEMA,
                     id,
@@ -176,8 +179,8 @@ pub fn publisher(ctx: PublisherContext, input: Receiver<Inspected>) {
                     defect_ratio: defect_area as f64 / a.mask.len().max(1) as f64,
                     regions: &regions,
                     inspected: to_camera.inspected(),
-                    mask_size: [a.width, a.height],
-                    mask_scale: to_camera.scale,
+                    mask_size,
+                    mask_scale: [inspected_w / mask_size[0] as f64, inspected_h / mask_size[1] as f64],
                     model: &ctx.model,
                     latency_ms: f.captured_at.elapsed().as_secs_f64() * 1e3,
                     source_file: f.source_file.as_deref(),
@@ -188,8 +191,9 @@ pub fn publisher(ctx: PublisherContext, input: Receiver<Inspected>) {
                 // Alerts and masks are durable: what cannot go now waits in the outbox.
                 let mut sent = mqtt.publish_durable(&format!("{}/anomaly", camera.id), payload);
                 if ctx.publish_images {
-                    sent &= mqtt.publish_durable(&format!("{}/mask", camera.id), mask_png(a));
-                    let snapshot = overlay(&f.display, a, None, OverlayFormat::Jpeg { quality: ctx.snapshot_quality });
+                    sent &= mqtt.publish_durable(&format!("{}/mask", camera.id), mask);
+                    let format = OverlayFormat::Jpeg { quality: ctx.snapshot_quality };
+                    let snapshot = overlay_within(&f.display, a, format, ctx.image_max_width);
                     sent &= mqtt.publish(&format!("{}/snapshot", camera.id), QoS::AtMostOnce, true, snapshot);
                 }
                 if !sent {

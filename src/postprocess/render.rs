@@ -13,12 +13,36 @@ pub enum OverlayFormat {
     Jpeg { quality: u8 },
 }
 
-/// Binary mask as an 8-bit PNG (0 / 255) at model resolution.
+/// Binary mask as an 8-bit PNG (0 / 255) at the analysis' resolution.
 pub fn mask_png(analysis: &Analysis) -> Vec<u8> {
-    let img = image::GrayImage::from_fn(analysis.width as u32, analysis.height as u32, |x, y| {
+    encode_png(mask_image(analysis))
+}
+
+/// [`mask_png`] no wider than `max_width` (scaled down, nearest neighbour keeps it binary);
+/// returns the PNG and its `[width, height]`.
+pub fn mask_png_within(analysis: &Analysis, max_width: u32) -> (Vec<u8>, [usize; 2]) {
+    let img = fit_width(mask_image(analysis), max_width, image::imageops::FilterType::Nearest);
+    let size = [img.width() as usize, img.height() as usize];
+    (encode_png(img), size)
+}
+
+fn mask_image(analysis: &Analysis) -> image::GrayImage {
+    image::GrayImage::from_fn(analysis.width as u32, analysis.height as u32, |x, y| {
         Luma([analysis.mask[y as usize * analysis.width + x as usize] * 255])
-    });
-    encode_png(img)
+    })
+}
+
+/// `img` scaled down to `max_width` (aspect kept) if it is wider.
+fn fit_width<P: image::Pixel<Subpixel = u8> + 'static>(
+    img: image::ImageBuffer<P, Vec<u8>>,
+    max_width: u32,
+    filter: image::imageops::FilterType,
+) -> image::ImageBuffer<P, Vec<u8>> {
+    if img.width() <= max_width {
+        return img;
+    }
+    let height = ((img.height() as u64 * max_width as u64) / img.width() as u64).max(1) as u32;
+    image::imageops::resize(&img, max_width, height, filter)
 }
 
 /// Normalised pixel scores as a 16-bit greyscale PNG (0.5 = threshold = 32768).
@@ -47,6 +71,16 @@ fn jet(v: f32) -> [u8; 3] {
 /// Frame with the colour-mapped normalised scores blended in, the predicted mask's outline
 /// in red and, when given (`eval`), the ground-truth mask's outline in white.
 pub fn overlay(frame: &RgbImage, analysis: &Analysis, truth: Option<&[u8]>, format: OverlayFormat) -> Vec<u8> {
+    encode_overlay(&overlay_image(frame, analysis, truth), format)
+}
+
+/// [`overlay`] without ground truth, no wider than `max_width` (for MQTT snapshots).
+pub fn overlay_within(frame: &RgbImage, analysis: &Analysis, format: OverlayFormat, max_width: u32) -> Vec<u8> {
+    let img = fit_width(overlay_image(frame, analysis, None), max_width, image::imageops::FilterType::Triangle);
+    encode_overlay(&img, format)
+}
+
+fn overlay_image(frame: &RgbImage, analysis: &Analysis, truth: Option<&[u8]>) -> RgbImage {
     const ALPHA: f32 = 0.4;
     let (w, h) = (analysis.width, analysis.height);
     let mut img = RgbImage::from_fn(w as u32, h as u32, |x, y| {
@@ -72,12 +106,16 @@ pub fn overlay(frame: &RgbImage, analysis: &Analysis, truth: Option<&[u8]>, form
         outline(truth, Rgb([255, 255, 255]));
     }
     outline(&analysis.mask, Rgb([255, 0, 0]));
+    img
+}
+
+fn encode_overlay(img: &RgbImage, format: OverlayFormat) -> Vec<u8> {
     let mut out = Cursor::new(Vec::new());
     match format {
         OverlayFormat::Png => img.write_to(&mut out, ImageFormat::Png).expect("PNG encoding into memory cannot fail"),
         OverlayFormat::Jpeg { quality } => {
             image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, quality)
-                .encode_image(&img)
+                .encode_image(img)
                 .expect("JPEG encoding into memory cannot fail");
         }
     }
