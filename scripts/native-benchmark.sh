@@ -50,6 +50,16 @@ for mode in resize tiled; do
       --threads "$THREADS" >/dev/null 2>>"$OUT/benchmark.log"
   fi
 done
+# Detection vs defect size: `infer` on every test image (the manifest's own threshold), joined
+# with synth.json's record of each defect's size.
+for mode in resize tiled; do
+  out="$OUT/infer/$TEXTURE-$mode"
+  if [ ! -f "$out/results.jsonl" ]; then
+    log "infer $out"
+    "$BIN" infer --model "$OUT/models/$TEXTURE-$mode" --out "$out" --threads "$THREADS" \
+      "$data"/test/*/*.png >/dev/null 2>>"$OUT/benchmark.log"
+  fi
+done
 log "done"
 python3 - "$OUT" "$TEXTURE" <<'EOF'
 import json, sys
@@ -63,4 +73,21 @@ for mode in ["resize", "tiled"]:
     types = " / ".join(f(r["per_type"][t]["pixel_auroc"]) for t in ["scratch", "hole", "stain", "crack", "foreign"])
     print(f"| {mode} | {r['unet_calls_per_image']} | {r['ms_per_image']:.0f} | {f(o['pixel_auroc'])} | {f(o['pixel_ap'])} | "
           f"{f(o['pixel_aupro'])} | {f(o['image_auroc'])} | {types} |")
+
+# Detection vs defect size (image verdicts at the calibrated threshold).
+synth = json.load(open(f"{out}/data/{texture}-native/synth.json"))
+area = {d["file"]: d["area"] for d in synth["test_defects"]}
+buckets = [(0, 30, "< 30 px"), (30, 100, "30–99 px"), (100, 300, "100–299 px"), (300, 10**9, "≥ 300 px")]
+print()
+print("| inspection | clean frames flagged | " + " | ".join(f"defects {b[2]} found" for b in buckets) + " |")
+print("|---|---:|" + "---:|" * len(buckets))
+for mode in ["resize", "tiled"]:
+    lines = [json.loads(l) for l in open(f"{out}/infer/{texture}-{mode}/results.jsonl")]
+    verdict = {l["image"].split(f"{texture}-native/")[1]: l["label"] == "anomalous" for l in lines}
+    good = [v for k, v in verdict.items() if k.startswith("test/good/")]
+    cells = []
+    for lo, hi, _ in buckets:
+        hits = [verdict[f] for f, a in area.items() if lo <= a < hi and f in verdict]
+        cells.append(f"{sum(hits)}/{len(hits)}" if hits else "–")
+    print(f"| {mode} | {sum(good)}/{len(good)} | " + " | ".join(cells) + " |")
 EOF
