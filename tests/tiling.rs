@@ -115,8 +115,14 @@ fn tiled_results_do_not_depend_on_the_batch_and_one_tile_frames_are_unchanged() 
 
     let seeds = [11, 12];
     let alone = tiled.inspect(&[view(&big), view(&small)], &seeds).unwrap();
-    let mut mixed = load(&tiled_demo(&tmp.path().join("again"))).with_tile_batch(4);
+    let calls = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = calls.clone();
+    let mut mixed = load(&tiled_demo(&tmp.path().join("again")))
+        .with_tile_batch(4)
+        .with_progress(move || _ = counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst));
     let shared = mixed.inspect(&[view(&small), view(&big)], &[seeds[1], seeds[0]]).unwrap();
+    // 1 + 9 tiles in UNet batches of 4: progress after each of the 3 batches (the watchdog).
+    assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 3);
     for (a, b) in [(&alone[0], &shared[1]), (&alone[1], &shared[0])] {
         assert_eq!((a.height, a.width), (b.height, b.width));
         let worst = a.map.iter().zip(&b.map).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);

@@ -220,8 +220,11 @@ pub fn run(config: DaemonConfig, source_name: &str) -> anyhow::Result<()> {
     let (batch_tx, batch_rx) = bounded(1);
     let drain_deadline = Arc::new(Mutex::new(None));
     let heartbeat = Arc::new(Mutex::new(Instant::now()));
+    // Every UNet batch of tiles is progress: a frame of many tiles keeps the watchdog fed
+    // while it is inspected; a UNet call that hangs does not.
+    let beat = heartbeat.clone();
     let worker_ctx = WorkerContext {
-        inspector,
+        inspector: inspector.with_progress(move || *beat.lock().expect("heartbeat lock") = Instant::now()),
         seed: config.model.seed,
         batches: batch_rx,
         output: output_tx,

@@ -131,6 +131,9 @@ pub struct Inspector {
     tile_batch: usize,
     batch: Vec<f32>,
     tile: Vec<f32>,
+    /// Called after every UNet batch of tiles: a long frame shows progress (the daemon's
+    /// watchdog) while it is still being inspected.
+    progress: Option<Box<dyn FnMut() + Send>>,
 }
 
 impl Inspector {
@@ -148,7 +151,13 @@ impl Inspector {
         let ensemble = Ensemble::new(&schedule, primary, bundle.manifest.extra_t0()).map_err(|e| {
             BundleError::Inconsistent { path: bundle.dir.clone(), what: format!("reconstruction: {e}") }
         })?;
-        Ok(Self { bundle, ensemble, tile_batch: 8, batch: Vec::new(), tile: Vec::new() })
+        Ok(Self { bundle, ensemble, tile_batch: 8, batch: Vec::new(), tile: Vec::new(), progress: None })
+    }
+
+    /// Calls `progress` after every UNet batch of tiles.
+    pub fn with_progress(mut self, progress: impl FnMut() + Send + 'static) -> Self {
+        self.progress = Some(Box::new(progress));
+        self
     }
 
     /// Sets how many tiles (across frames) share one UNet batch.
@@ -238,6 +247,9 @@ impl Inspector {
             for (&(f, t), (map, tile_mse)) in chunk.iter().zip(maps) {
                 stitchers[f].add(t, &map);
                 mse[f] += tile_mse / grids[f].tiles.len() as f64;
+            }
+            if let Some(progress) = &mut self.progress {
+                progress();
             }
         }
         let manifest = &self.bundle.manifest;
