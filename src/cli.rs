@@ -268,8 +268,8 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 15)]
     pub repeats: usize,
     /// Whole camera frames to time through the inspection path (tiles for a tiled
-    /// model), as WIDTHxHEIGHT, e.g. 640x480,1280x1024; at the manifest's setting and at
-    /// one UNet call per tile.
+    /// model), as WIDTHxHEIGHT, e.g. 640x480,1280x1024; at each --ddim-steps count (UNet
+    /// calls per tile) and --t0.
     #[arg(long, value_delimiter = ',')]
     pub frames: Vec<String>,
     #[command(flatten)]

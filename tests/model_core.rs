@@ -455,7 +455,7 @@ fn bench_prints_a_row_per_configuration() {
         "--batches",
         "4",
         "--ddim-steps",
-        "1",
+        "2,1",
         "--t0",
         "6",
         "--repeats",
@@ -469,7 +469,7 @@ fn bench_prints_a_row_per_configuration() {
         .filter(|l| l.starts_with("| 160×100 |") || l.starts_with("| 64×64 |"))
         .map(|l| l.split(" | ").collect())
         .collect();
-    assert_eq!(frame_rows.len(), 4, "two frames × (manifest setting, one call): {stdout}");
+    assert_eq!(frame_rows.len(), 4, "two frames × two step counts: {stdout}");
     assert_eq!((frame_rows[0][1], frame_rows[0][2]), ("6", "2"), "{stdout}");
     assert_eq!((frame_rows[1][1], frame_rows[3][2]), ("1", "1"), "{stdout}");
     let bad = run_cli(&[&args[..], &["--frames", "160by100"]].concat(), false);

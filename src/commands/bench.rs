@@ -4,8 +4,8 @@
 //! evaluations per second, then whole DDIM reconstructions at each step count (frames/s,
 //! ms per frame). Printed as a Markdown table, with the provider that really ran. With
 //! `--frames`, whole camera frames go through the inspection path (`Inspector`: tiles,
-//! stitching, post-processing) at the manifest's setting and at one UNet call per tile:
-//! tiles/s, frames/s, megapixels/s and the process's peak RSS. This is the benchmark
+//! stitching, post-processing) at each of the DDIM step counts (UNet calls per tile, at
+//! `--t0`): tiles/s, frames/s, megapixels/s and the process's peak RSS. This is the benchmark
 //! behind `docs/performance.md`; speed is not checked by timed tests.
 
 use std::time::Instant;
@@ -76,7 +76,12 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         }
     }
     if !frames.is_empty() {
-        bench_frames(bundle, &frames, *args.batches.iter().max().expect("default batches"))?;
+        let specs = args
+            .ddim_steps
+            .iter()
+            .map(|&steps| ReconstructionSpec { t0: args.t0, steps, sampler: Sampler::Ddim, eta: 0.0, condition: 0.0 })
+            .collect::<Vec<_>>();
+        bench_frames(bundle, &frames, &specs, *args.batches.iter().max().expect("default batches"))?;
     }
     Ok(())
 }
@@ -89,18 +94,21 @@ fn parse_frame(text: &str) -> anyhow::Result<[usize; 2]> {
     }
 }
 
-/// Whole frames through `Inspector` at the manifest's setting and at one UNet call per
-/// tile, `tile_batch` tiles per UNet batch.
-fn bench_frames(bundle: Bundle, frames: &[[usize; 2]], tile_batch: usize) -> anyhow::Result<()> {
+/// Whole frames through `Inspector` at each of `specs`, `tile_batch` tiles per UNet batch.
+fn bench_frames(
+    bundle: Bundle,
+    frames: &[[usize; 2]],
+    specs: &[ReconstructionSpec],
+    tile_batch: usize,
+) -> anyhow::Result<()> {
     let manifest = bundle.manifest.clone();
-    let one_call = ReconstructionSpec { steps: 1, sampler: Sampler::Ddim, ..manifest.reconstruction };
     let mut inspector = Inspector::new(bundle, None)?.with_tile_batch(tile_batch);
     println!();
     println!("inspection: {:?}, {tile_batch} tiles per UNet batch", manifest.inspection);
     println!();
     println!("| frame | tiles | UNet calls per tile | s/frame | frames/s | tiles/s | MP/s | peak RSS MiB |");
     println!("|---|---|---|---|---|---|---|---|");
-    for spec in [manifest.reconstruction, one_call] {
+    for &spec in specs {
         inspector = Inspector::new(inspector.bundle, Some(spec))?.with_tile_batch(tile_batch);
         for &[height, width] in frames {
             let image =
@@ -110,7 +118,6 @@ fn bench_frames(bundle: Bundle, frames: &[[usize; 2]], tile_batch: usize) -> any
             let prepared = manifest.input.prepare_for(manifest.inspection, &image);
             let view = FrameView { tensor: &prepared.tensor, size: prepared.size() };
             let tiles = inspector.tile_grid(view.size).tiles.len();
-            inspector.inspect(&[view], &[0])?; // warm-up
             let start = Instant::now();
             inspector.inspect(&[view], &[1])?;
             let seconds = start.elapsed().as_secs_f64();
