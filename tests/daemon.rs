@@ -343,7 +343,7 @@ fn line_frame(path: &Path) {
     for y in 0..1024u32 {
         for x in 0..1280u32 {
             // Mirror at every crop border so the frame has no hard seams.
-            let fold = |v: u32| if (v / 128) % 2 == 0 { v % 128 } else { 127 - v % 128 };
+            let fold = |v: u32| if (v / 128).is_multiple_of(2) { v % 128 } else { 127 - v % 128 };
             frame.put_pixel(x, y, *crop.get_pixel(fold(x), fold(y)));
         }
     }

@@ -321,7 +321,7 @@ mod tests {
         assert_eq!((set.frames.len(), set.clean_count), (8, 4));
         for (i, frame) in set.frames.iter().enumerate().skip(4) {
             let truth = &set.truth[i];
-            assert!(truth.iter().any(|t| *t == 1), "frame {i} got no defect");
+            assert!(truth.contains(&1), "frame {i} got no defect");
             for p in 0..h * w {
                 for c in 0..2 {
                     let changed = (frame[c * h * w + p] - frames[i - 4][c * h * w + p]).abs() > 1e-6;
