@@ -64,7 +64,7 @@ log "done"
 python3 - "$OUT" "$TEXTURE" <<'EOF'
 import json, sys
 out, texture = sys.argv[1], sys.argv[2]
-print("| inspection | UNet calls per frame | ms per frame | pixel AUROC | pixel AUPRC | AUPRO@0.3 | image AUROC | per type: pixel AUROC (scratch / hole / stain / crack / foreign) |")
+print("| inspection | UNet calls per tile | ms per frame | pixel AUROC | pixel AUPRC | AUPRO@0.3 | image AUROC | per type: pixel AUROC (scratch / hole / stain / crack / foreign) |")
 print("|---|---:|---:|---:|---:|---:|---:|---|")
 for mode in ["resize", "tiled"]:
     r = json.load(open(f"{out}/eval/{texture}-{mode}/report.json"))
