@@ -193,7 +193,7 @@ pub fn publisher(ctx: PublisherContext, input: Receiver<Inspected>) {
                 if ctx.publish_images {
                     sent &= mqtt.publish_durable(&format!("{}/mask", camera.id), mask);
                     let format = OverlayFormat::Jpeg { quality: ctx.snapshot_quality };
-                    let snapshot = overlay_within(&f.display, a, format, ctx.image_max_width);
+                    let snapshot = overlay_within(&f.display, a, None, format, ctx.image_max_width);
                     sent &= mqtt.publish(&format!("{}/snapshot", camera.id), QoS::AtMostOnce, true, snapshot);
                 }
                 if !sent {

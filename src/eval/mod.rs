@@ -19,8 +19,11 @@ use serde::Serialize;
 use crate::infer::inspect::{FrameView, Inspector};
 use crate::infer::reconstruct::ReconstructionSpec;
 use crate::postprocess::anomaly::{AnomalySpec, connected_components};
-use crate::postprocess::render::{OverlayFormat, overlay};
+use crate::postprocess::render::{OverlayFormat, overlay_within};
 use data::{EvalDataError, EvalLayout, EvalSet, NORMAL};
+
+/// Overlays of frames wider than this are scaled down (a 5 MP overlay helps nobody).
+const OVERLAY_MAX_WIDTH: u32 = 1600;
 
 /// Version of the report's JSON layout.
 pub const REPORT_SCHEMA: u32 = 1;
@@ -187,7 +190,7 @@ pub fn evaluate(
                     sample.image.file_stem().unwrap_or_default().to_string_lossy()
                 );
                 let truth = (l.inspected == l.size).then_some(l.truth.as_slice());
-                let bytes = overlay(&l.display, &analysis, truth, OverlayFormat::Png);
+                let bytes = overlay_within(&l.display, &analysis, truth, OverlayFormat::Png, OVERLAY_MAX_WIDTH);
                 crate::model::bundle::write_atomic(&overlay_dir.join(&name), &bytes)?;
                 overlays.push(format!("overlays/{name}"));
             }

@@ -74,9 +74,15 @@ pub fn overlay(frame: &RgbImage, analysis: &Analysis, truth: Option<&[u8]>, form
     encode_overlay(&overlay_image(frame, analysis, truth), format)
 }
 
-/// [`overlay`] without ground truth, no wider than `max_width` (for MQTT snapshots).
-pub fn overlay_within(frame: &RgbImage, analysis: &Analysis, format: OverlayFormat, max_width: u32) -> Vec<u8> {
-    let img = fit_width(overlay_image(frame, analysis, None), max_width, image::imageops::FilterType::Triangle);
+/// [`overlay`] no wider than `max_width` (MQTT snapshots, `eval` overlays of large frames).
+pub fn overlay_within(
+    frame: &RgbImage,
+    analysis: &Analysis,
+    truth: Option<&[u8]>,
+    format: OverlayFormat,
+    max_width: u32,
+) -> Vec<u8> {
+    let img = fit_width(overlay_image(frame, analysis, truth), max_width, image::imageops::FilterType::Triangle);
     encode_overlay(&img, format)
 }
 
