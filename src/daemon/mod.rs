@@ -101,6 +101,21 @@ fn join_until(handles: Vec<(String, JoinHandle<()>)>, deadline: Instant) -> Vec<
     panicked
 }
 
+/// Joins the capture threads that have finished; returns the name of one that panicked.
+fn join_panicked_captures(captures: &mut Vec<(String, JoinHandle<()>)>) -> Option<String> {
+    let mut panicked = None;
+    let mut running = Vec::with_capacity(captures.len());
+    for (name, handle) in captures.drain(..) {
+        if !handle.is_finished() {
+            running.push((name, handle));
+        } else if handle.join().is_err() {
+            panicked = Some(name);
+        }
+    }
+    *captures = running;
+    panicked
+}
+
 /// The daemon stopped because a stage panicked; `main` exits with [`EXIT_SOFTWARE`] so
 /// systemd restarts the service.
 #[derive(Debug, thiserror::Error)]
@@ -338,6 +353,13 @@ pub fn run(config: DaemonConfig, source_name: &str) -> anyhow::Result<()> {
                 if let Some((name, _)) = downstream.iter().find(|(_, h)| sources_running && h.is_finished()) {
                     tracing::error!(stage = %name, "A pipeline stage stopped unexpectedly; shutting down.");
                     stage_died = Some(name.clone());
+                    break true;
+                }
+                // A capture thread may end (a finite replay, a disabled camera); one that
+                // panicked is a dead stage too.
+                if let Some(name) = join_panicked_captures(&mut captures) {
+                    tracing::error!(stage = %name, "A capture thread panicked; shutting down.");
+                    stage_died = Some(name);
                     break true;
                 }
                 for (i, camera) in config.cameras.iter().enumerate() {

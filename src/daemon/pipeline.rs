@@ -178,6 +178,9 @@ impl CaptureContext {
     /// The capture loop: open, read, reopen with backoff, until shutdown.
     pub fn run(self) {
         let id = self.config.id.clone();
+        // Fault drill (docs/deploy.md): this camera's capture thread dies at start.
+        let fault = std::env::var("EDGE_INSPECT_FAULT").unwrap_or_default();
+        assert!(fault != format!("capture-panic:{id}"), "injected fault: EDGE_INSPECT_FAULT={fault}");
         if !self.config.enabled {
             self.set_status(CameraStatus::Disabled);
             return;
