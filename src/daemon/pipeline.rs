@@ -155,7 +155,9 @@ impl CaptureContext {
             Some([x, y, w, h]) => {
                 if x + w > image.width() || y + h > image.height() {
                     self.stats.drop_frame(DropReason::RoiOutside);
-                    tracing::warn!(camera = %self.config.id, roi = ?self.config.roi, width = image.width(), height = image.height(), "Region of interest lies outside the frame; frame dropped.");
+                    if let Some(suppressed) = self.stats.warnings.admit() {
+                        tracing::warn!(camera = %self.config.id, roi = ?self.config.roi, width = image.width(), height = image.height(), suppressed, "Region of interest lies outside the frame; frame dropped.");
+                    }
                     return None;
                 }
                 image.crop_imm(x, y, w, h)
@@ -251,7 +253,9 @@ impl CaptureContext {
                         self.stats.frames_in.fetch_add(1, Relaxed);
                         self.stats.drop_frame(DropReason::DecodeError);
                         self.stats.touch();
-                        tracing::warn!(camera = %id, error = %e, "Corrupt frame skipped.");
+                        if let Some(suppressed) = self.stats.warnings.admit() {
+                            tracing::warn!(camera = %id, error = %e, suppressed, "Corrupt frame skipped.");
+                        }
                         corrupt_run += 1;
                         if corrupt_run >= CORRUPT_REOPEN {
                             self.set_status(CameraStatus::Offline);
@@ -385,6 +389,7 @@ pub struct WorkerContext {
 
 /// The inference loop; ends when the batcher is gone.
 pub fn inference_worker(mut ctx: WorkerContext) {
+    let failures = super::stats::LogThrottle::new(Duration::from_secs(10));
     loop {
         *ctx.heartbeat.lock().expect("heartbeat lock") = Instant::now();
         let batch = match ctx.batches.recv_timeout(Duration::from_millis(500)) {
@@ -432,7 +437,9 @@ pub fn inference_worker(mut ctx: WorkerContext) {
                 }
             }
             Err(e) => {
-                tracing::error!(error = %e, frames = batch.len(), "Inference failed; batch dropped.");
+                if let Some(suppressed) = failures.admit() {
+                    tracing::error!(error = %e, frames = batch.len(), suppressed, "Inference failed; batch dropped.");
+                }
                 for f in &batch {
                     ctx.cameras[f.camera].drop_frame(DropReason::InferenceError);
                 }

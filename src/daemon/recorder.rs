@@ -220,10 +220,13 @@ impl Recorder {
 
     /// Records until the publisher is gone.
     pub fn run(mut self, input: Receiver<Inspected>) {
+        let failures = super::stats::LogThrottle::new(Duration::from_secs(10));
         for item in input {
             if let Err(e) = self.record(&item) {
                 self.stats.recorder_errors.fetch_add(1, Relaxed);
-                tracing::error!(dir = %self.config.dir.display(), error = %e, "Cannot record frame.");
+                if let Some(suppressed) = failures.admit() {
+                    tracing::error!(dir = %self.config.dir.display(), error = %e, suppressed, "Cannot record frame.");
+                }
             }
             if self.last_age_prune.is_none_or(|t| t.elapsed() > AGE_PRUNE_EVERY) {
                 self.last_age_prune = Some(Instant::now());

@@ -76,6 +76,37 @@ pub struct CameraStats {
     pub status: Mutex<CameraStatus>,
     /// When the capture thread last got a frame (or opened the source).
     pub last_progress: Mutex<Instant>,
+    /// Per-frame warnings of this camera (corrupt frames, ROI outside the frame).
+    pub warnings: LogThrottle,
+}
+
+/// At most one log line per `every` for a problem that repeats with every frame; the
+/// occurrences in between are counted and reported with the next line (the drop counters
+/// in `stats` have them all). Hand-written: `tracing` has no rate limiting of its own.
+pub struct LogThrottle {
+    every: Duration,
+    state: Mutex<(Option<Instant>, u64)>,
+}
+
+impl LogThrottle {
+    pub fn new(every: Duration) -> Self {
+        Self { every, state: Mutex::new((None, 0)) }
+    }
+
+    /// `Some(suppressed)` when a line may be logged now, with the number of occurrences
+    /// not logged since the last one; `None` while inside the interval.
+    pub fn admit(&self) -> Option<u64> {
+        let mut state = self.state.lock().expect("throttle lock");
+        let due = state.0.is_none_or(|last| last.elapsed() >= self.every);
+        if due {
+            let suppressed = std::mem::take(&mut state.1);
+            state.0 = Some(Instant::now());
+            Some(suppressed)
+        } else {
+            state.1 += 1;
+            None
+        }
+    }
 }
 
 impl CameraStats {
@@ -90,6 +121,7 @@ impl CameraStats {
             drops: Default::default(),
             status: Mutex::new(CameraStatus::Offline),
             last_progress: Mutex::new(Instant::now()),
+            warnings: LogThrottle::new(Duration::from_secs(10)),
         }
     }
 
@@ -249,5 +281,19 @@ pub fn inference_report(
         mean_ms: if batches == 0 { 0.0 } else { p.inference_us.load(Relaxed) as f64 / 1e3 / batches as f64 },
         last_ms: p.last_inference_us.load(Relaxed) as f64 / 1e3,
         unet_calls_per_frame: calls,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_throttle_admits_one_line_per_interval_and_counts_the_rest() {
+        let throttle = LogThrottle::new(Duration::from_millis(50));
+        assert_eq!(throttle.admit(), Some(0));
+        assert_eq!((throttle.admit(), throttle.admit()), (None, None));
+        std::thread::sleep(Duration::from_millis(60));
+        assert_eq!(throttle.admit(), Some(2), "two lines were held back");
     }
 }
