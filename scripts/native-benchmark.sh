@@ -32,8 +32,8 @@ if [ ! -d "$data" ]; then
 fi
 for mode in resize tiled; do
   model="$OUT/models/$TEXTURE-$mode"
-  extra=()
-  [ "$mode" = tiled ] && extra=(--tile-stride 48)
+  extra=(--inspection resize)
+  [ "$mode" = tiled ] && extra=(--inspection tiled --tile-stride 48)
   if [ ! -f "$model/manifest.toml" ]; then
     log "retrain $model"
     start=$(date +%s)

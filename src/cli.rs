@@ -83,6 +83,13 @@ impl RuntimeArgs {
     }
 }
 
+/// `retrain --inspection`.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum InspectionArg {
+    Tiled,
+    Resize,
+}
+
 /// Anomaly-map rules (see `postprocess::anomaly::Residual`).
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
 pub enum AnomalyMapArg {
@@ -448,12 +455,15 @@ pub struct RetrainArgs {
     /// Anomaly-map Gaussian σ in pixels.
     #[arg(long, default_value_t = 2.0)]
     pub smoothing_sigma: f64,
-    /// Inspect line frames in model-size tiles starting this many model pixels apart
-    /// (e.g. 48 for 64-pixel tiles), instead of resizing whole frames to the model input.
-    /// Training then uses random crops at --scale (unless --random-crop says otherwise).
+    /// How the model will see line frames: `tiled` (model-size tiles at --scale, the
+    /// default) or `resize` (each whole frame shrunk to the model input, as before tiling).
+    /// A tiled model trains on random input-size crops at --scale (unless --random-crop).
+    #[arg(long, value_enum, default_value = "tiled")]
+    pub inspection: InspectionArg,
+    /// Tiled: tile starts this many model pixels apart (default: ¾ of the input size).
     #[arg(long)]
     pub tile_stride: Option<usize>,
-    /// With --tile-stride: model pixels per camera pixel (1 = native resolution).
+    /// Tiled: model pixels per camera pixel (1 = native resolution).
     #[arg(long, default_value_t = 1.0)]
     pub scale: f64,
     /// Random horizontal/vertical flips.

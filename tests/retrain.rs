@@ -308,7 +308,10 @@ fn retrain_cli_reads_the_mvtec_layout_and_writes_a_report() {
     let report: serde_json::Value =
         serde_json::from_slice(&fs::read(out.with_extension("report.json")).unwrap()).unwrap();
     assert_eq!(report["data"]["layout"], "mvtec");
-    assert!(read_manifest(&out).unwrap().provenance.command.contains("retrain --data"));
+    let manifest = read_manifest(&out).unwrap();
+    assert!(manifest.provenance.command.contains("retrain --data"));
+    // Line-scale by default: tiles of the input size, ¾ of it apart, at native scale.
+    assert_eq!(manifest.inspection, Inspection::Tiled { scale: 1.0, stride: 12 });
     // Never overwrite without --force.
     let o = Command::new(BIN)
         .args([

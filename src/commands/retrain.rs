@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::Context;
 
-use crate::cli::{LossArg, RetrainArgs, bundle_name};
+use crate::cli::{InspectionArg, LossArg, RetrainArgs, bundle_name};
 use crate::infer::reconstruct::ReconstructionSpec;
 use crate::model::diffusion::ScheduleSpec;
 use crate::model::preprocess::Inspection;
@@ -25,9 +25,12 @@ pub fn run(args: RetrainArgs) -> anyhow::Result<()> {
         LossArg::Lts => Loss::Lts { lambda: args.lambda },
     };
     let input = args.architecture.input();
-    let inspection = match args.tile_stride {
-        Some(stride) => Inspection::Tiled { scale: args.scale, stride },
-        None => Inspection::Resize,
+    let inspection = match args.inspection {
+        InspectionArg::Tiled => Inspection::Tiled {
+            scale: args.scale,
+            stride: args.tile_stride.unwrap_or(input.width.min(input.height) * 3 / 4).max(1),
+        },
+        InspectionArg::Resize => Inspection::Resize,
     };
     // Tiled models learn from crops that cover one tile at the tiling scale.
     let random_crop = match inspection {
