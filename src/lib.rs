@@ -3,12 +3,15 @@
 //! # Layout
 //!
 //! ```text
-//! infer:  model::preprocess → infer::reconstruct (ORT UNet) → postprocess::anomaly → render + JSON
+//! infer:  model::preprocess → infer::tiling (tiles at the model's scale) → infer::reconstruct
+//!         (ORT UNet, ensembles, DDAD conditioning) → postprocess::anomaly (or the head graph)
+//!         → stitched map → render + JSON
 //! export: model::unet (burn) → model::onnx_export → model::export (ORT parity, golden) → bundle
 //! train:  train::data → model::preprocess → model::diffusion (q_sample) → model::unet
-//!         → train::losses → AdamW/EMA → model::export + train::calibrate → bundle
-//! run:    capture → daemon::pipeline (queues, batcher) → infer::inspect → daemon::publish (MQTT)
-//!         → daemon::recorder (capture store, read by retrain)
+//!         → train::losses → AdamW/EMA → model::export → train::operating_point (search on
+//!         synthetic defects) [→ train::head] → train::calibrate → bundle
+//! run:    capture → daemon::pipeline (queues, batcher) → infer::inspect → daemon::publish (MQTT,
+//!         daemon::outbox for what cannot go now) → daemon::recorder (capture store, read by retrain)
 //! eval:   eval::data → infer::inspect → eval::metrics → report; eval::synth builds benchmarks
 //! shared core: model::{manifest, bundle, preprocess, diffusion, architecture},
 //!              infer::{runtime, reconstruct, inspect}, postprocess::{anomaly, render}
