@@ -8,6 +8,10 @@
 pub mod camera;
 pub mod replay;
 
+/// The file at the root of a capture store (frames the daemon recorded for retraining):
+/// the daemon's recorder writes it, `retrain` recognises the layout by it.
+pub const STORE_MARKER: &str = "edge-inspect-captures.toml";
+
 use image::DynamicImage;
 
 /// A capture failure, naming the camera and what went wrong.

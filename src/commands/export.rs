@@ -24,7 +24,7 @@ pub fn run(args: ExportArgs) -> anyhow::Result<()> {
         schema_version: SCHEMA_VERSION,
         name,
         version: "0.0.0-random".into(),
-        created: now_rfc3339(),
+        created: crate::model::manifest::now_rfc3339(),
         input: args.architecture.input(),
         inspection: args.tile_stride.map_or(Inspection::Resize, |stride| Inspection::Tiled { scale: 1.0, stride }),
         unet,
@@ -71,11 +71,4 @@ pub fn run(args: ExportArgs) -> anyhow::Result<()> {
         manifest.artifact.parity_max_abs_diff
     );
     Ok(())
-}
-
-/// Current UTC time as RFC 3339.
-pub fn now_rfc3339() -> String {
-    time::OffsetDateTime::now_utc()
-        .format(&time::format_description::well_known::Rfc3339)
-        .expect("RFC 3339 formatting of the current time cannot fail")
 }

@@ -28,7 +28,7 @@ use crate::postprocess::anomaly::Region;
 use crate::postprocess::render::mask_png;
 
 /// The marker file's name (shared with `retrain`'s layout detection).
-pub const MARKER: &str = "edge-inspect-captures.toml";
+pub use crate::capture::STORE_MARKER as MARKER;
 
 #[derive(Serialize)]
 struct Sidecar<'a> {

@@ -23,7 +23,7 @@ use crate::image_files::list_images;
 use crate::model::preprocess::InputSpec;
 
 /// File the daemon's recorder writes at the root of its capture store.
-pub use crate::daemon::recorder::MARKER as CAPTURE_STORE_MARKER;
+pub use crate::capture::STORE_MARKER as CAPTURE_STORE_MARKER;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]

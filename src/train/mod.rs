@@ -563,7 +563,7 @@ pub fn train(config: TrainConfig, options: &RunOptions) -> Result<Outcome, Train
         schema_version: SCHEMA_VERSION,
         name: config.name.clone(),
         version: config.version.clone(),
-        created: crate::commands::export::now_rfc3339(),
+        created: crate::model::manifest::now_rfc3339(),
         input: config.input,
         inspection: config.inspection,
         unet: config.unet.clone(),
