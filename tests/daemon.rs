@@ -251,15 +251,20 @@ fn camera(id: &str, path: &str, fps: f64, repeat: bool, extra: &str) -> String {
     )
 }
 
+/// A test's broker, a subscriber to everything on it, and a scratch directory.
+fn rig() -> (Broker, Subscriber, tempfile::TempDir) {
+    let broker = Broker::start();
+    let sub = Subscriber::start(broker.port);
+    (broker, sub, tempfile::tempdir().unwrap())
+}
+
 fn stat(stats: &serde_json::Value, camera: &str, field: &str) -> u64 {
     stats["cameras"][camera][field].as_u64().unwrap_or(0)
 }
 
 #[test]
 fn replay_publishes_alerts_with_masks_and_goes_offline_on_sigterm() {
-    let broker = Broker::start();
-    let sub = Subscriber::start(broker.port);
-    let dir = tempfile::tempdir().unwrap();
+    let (broker, sub, dir) = rig();
     let frames = repo().join("data/brick/test/*/*.png");
     let config = write_config(
         dir.path(),
@@ -357,9 +362,7 @@ fn line_frame(path: &Path) {
 
 #[test]
 fn a_tiled_model_reports_a_line_frame_defect_in_camera_pixels() {
-    let broker = Broker::start();
-    let sub = Subscriber::start(broker.port);
-    let dir = tempfile::tempdir().unwrap();
+    let (broker, sub, dir) = rig();
     let model = dir.path().join("brick-tiled");
     std::fs::create_dir_all(&model).unwrap();
     std::fs::copy(repo().join("models/brick-huber/model.onnx"), model.join("model.onnx")).unwrap();
@@ -421,9 +424,7 @@ fn a_tiled_model_reports_a_line_frame_defect_in_camera_pixels() {
 
 #[test]
 fn a_finite_replay_is_inspected_to_the_last_frame_then_the_daemon_exits_zero() {
-    let broker = Broker::start();
-    let sub = Subscriber::start(broker.port);
-    let dir = tempfile::tempdir().unwrap();
+    let (broker, sub, dir) = rig();
     let frames = repo().join("data/brick/test/good");
     // A drain deadline far below the inspection time of the queued frames: ended sources
     // are drained to the last frame regardless (the deadline is for signals).
@@ -448,9 +449,7 @@ fn a_finite_replay_is_inspected_to_the_last_frame_then_the_daemon_exits_zero() {
 
 #[test]
 fn systemd_notifications_and_the_last_will_on_sigkill() {
-    let broker = Broker::start();
-    let sub = Subscriber::start(broker.port);
-    let dir = tempfile::tempdir().unwrap();
+    let (broker, sub, dir) = rig();
     let frames = repo().join("data/brick/test/good");
     let config =
         write_config(dir.path(), broker.port, "", &camera("cam0", &frames.display().to_string(), 2.0, true, ""));
@@ -483,9 +482,7 @@ fn systemd_notifications_and_the_last_will_on_sigkill() {
 
 #[test]
 fn overload_drops_frames_with_a_reason_and_memory_stays_bounded() {
-    let broker = Broker::start();
-    let sub = Subscriber::start(broker.port);
-    let dir = tempfile::tempdir().unwrap();
+    let (broker, sub, dir) = rig();
     let frames = repo().join("data/brick/test/*/*.png").display().to_string();
     // Two cameras at 200 fps each against a model that manages a few frames per second.
     let cameras = camera("fast0", &frames, 200.0, true, "") + &camera("fast1", &frames, 200.0, true, "");
@@ -514,9 +511,7 @@ fn overload_drops_frames_with_a_reason_and_memory_stays_bounded() {
 
 #[test]
 fn a_failing_and_a_stalling_source_are_reopened_while_another_camera_flows() {
-    let broker = Broker::start();
-    let sub = Subscriber::start(broker.port);
-    let dir = tempfile::tempdir().unwrap();
+    let (broker, sub, dir) = rig();
     let good = repo().join("data/brick/test/good");
     // "flaky" replays a folder that will vanish; "stuck" hits a FIFO that blocks its read.
     let flaky = dir.path().join("flaky");
@@ -1082,9 +1077,7 @@ fn the_outbox_survives_a_daemon_restart() {
 
 #[test]
 fn a_pipeline_stage_that_dies_stops_the_daemon_with_exit_70() {
-    let broker = Broker::start();
-    let sub = Subscriber::start(broker.port);
-    let dir = tempfile::tempdir().unwrap();
+    let (broker, sub, dir) = rig();
     let frames = repo().join("data/brick/test/good");
     let config = write_config(
         dir.path(),
