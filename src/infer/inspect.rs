@@ -275,25 +275,12 @@ impl Inspector {
 mod tests {
     use super::*;
     use crate::infer::reconstruct::Sampler;
+    use crate::infer::runtime::FnDenoiser;
     use crate::model::diffusion::ScheduleSpec;
 
     /// Predicts half the noisy input as noise: deterministic, input-dependent, cheap.
-    struct Half;
-
-    impl Denoiser for Half {
-        fn channels(&self) -> usize {
-            1
-        }
-        fn predict_eps(
-            &mut self,
-            x: &[f32],
-            _: [usize; 4],
-            _: &[f32],
-            consume: &mut dyn FnMut(&[f32]),
-        ) -> Result<(), RuntimeError> {
-            consume(&x.iter().map(|v| 0.5 * v).collect::<Vec<f32>>());
-            Ok(())
-        }
+    fn half() -> FnDenoiser<impl FnMut(usize, f32, usize) -> f32> {
+        FnDenoiser(|_, x, _| 0.5 * x)
     }
 
     #[test]
@@ -304,12 +291,12 @@ mod tests {
         let (shape, seeds, spec) = ([2, 1, 8, 8], [4, 9], AnomalySpec::default());
         let single = |t0: usize| {
             let mut e = Ensemble::new(&schedule, ReconstructionSpec { t0, ..primary }, &[]).unwrap();
-            e.raw_maps(&mut Half, None, &clean, shape, &seeds, &spec).unwrap()
+            e.raw_maps(&mut half(), None, &clean, shape, &seeds, &spec).unwrap()
         };
         let (a, b) = (single(10), single(60));
         let mut both = Ensemble::new(&schedule, primary, &[60]).unwrap();
         assert_eq!(both.unet_calls(), 4);
-        let averaged = both.raw_maps(&mut Half, None, &clean, shape, &seeds, &spec).unwrap();
+        let averaged = both.raw_maps(&mut half(), None, &clean, shape, &seeds, &spec).unwrap();
         for frame in 0..2 {
             assert!(a[frame].0 != b[frame].0, "members should differ");
             for p in 0..64 {

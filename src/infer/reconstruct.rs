@@ -270,6 +270,7 @@ impl StepCoefficients {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::infer::runtime::FnDenoiser;
     use crate::model::diffusion::ScheduleSpec;
 
     fn spec(t0: usize, steps: usize, sampler: Sampler) -> ReconstructionSpec {
@@ -292,33 +293,6 @@ mod tests {
 
     /// A denoiser that knows the true clean image predicts ε exactly; every sampler must
     /// then return that image (up to float error), which checks the update algebra.
-    struct Oracle {
-        clean: Vec<f32>,
-        schedule: NoiseSchedule,
-    }
-
-    impl Denoiser for Oracle {
-        fn channels(&self) -> usize {
-            1
-        }
-        fn predict_eps(
-            &mut self,
-            x: &[f32],
-            _: [usize; 4],
-            t: &[f32],
-            consume: &mut dyn FnMut(&[f32]),
-        ) -> Result<(), RuntimeError> {
-            let ab = self.schedule.alpha_bars[t[0] as usize];
-            let eps: Vec<f32> = x
-                .iter()
-                .zip(&self.clean)
-                .map(|(x, c)| ((*x as f64 - ab.sqrt() * *c as f64) / (1.0 - ab).sqrt()) as f32)
-                .collect();
-            consume(&eps);
-            Ok(())
-        }
-    }
-
     #[test]
     fn oracle_denoiser_recovers_the_clean_image() {
         let schedule = NoiseSchedule::new(&ScheduleSpec::default()).unwrap();
@@ -329,36 +303,15 @@ mod tests {
             ReconstructionSpec { eta: 1.0, ..spec(100, 7, Sampler::Ddim) },
         ] {
             let mut r = Reconstructor::new(schedule.clone(), s).unwrap();
-            let mut oracle = Oracle { clean: clean.clone(), schedule: schedule.clone() };
+            let alpha_bars = schedule.alpha_bars.clone();
+            let mut oracle = FnDenoiser(|i, x, k| {
+                let ab = alpha_bars[k];
+                ((x as f64 - ab.sqrt() * clean[i] as f64) / (1.0 - ab).sqrt()) as f32
+            });
             let mut out = vec![0.0; 32];
             r.reconstruct(&mut oracle, &clean, [2, 1, 4, 4], &[1, 2], &mut out).unwrap();
             let worst = out.iter().zip(&clean).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
             assert!(worst < 1e-3, "{s:?}: worst {worst}");
-        }
-    }
-
-    /// A blurry model: it predicts x̂₀ as half of the noisy image's signal, so anything it
-    /// does not know fades away over the reverse steps (plain reconstruction tends to grey)
-    /// unless conditioning keeps pulling the state toward the input.
-    struct Fading {
-        schedule: NoiseSchedule,
-    }
-
-    impl Denoiser for Fading {
-        fn channels(&self) -> usize {
-            1
-        }
-        fn predict_eps(
-            &mut self,
-            x: &[f32],
-            _: [usize; 4],
-            t: &[f32],
-            consume: &mut dyn FnMut(&[f32]),
-        ) -> Result<(), RuntimeError> {
-            let ab = self.schedule.alpha_bars[t[0] as usize];
-            let eps: Vec<f32> = x.iter().map(|x| (0.5 * *x as f64 / (1.0 - ab).sqrt()) as f32).collect();
-            consume(&eps);
-            Ok(())
         }
     }
 
@@ -370,7 +323,11 @@ mod tests {
             let s = ReconstructionSpec { condition, ..spec(100, 5, Sampler::Ddim) };
             let mut r = Reconstructor::new(schedule.clone(), s).unwrap();
             let mut out = vec![0.0; 64];
-            r.reconstruct(&mut Fading { schedule: schedule.clone() }, &input, [1, 1, 8, 8], &[3], &mut out).unwrap();
+            // A blurry model: x̂₀ is half of the noisy image's signal, so anything it does not
+            // know fades away over the reverse steps unless conditioning keeps pulling.
+            let alpha_bars = schedule.alpha_bars.clone();
+            let mut fading = FnDenoiser(|_, x, k| (0.5 * x as f64 / (1.0 - alpha_bars[k]).sqrt()) as f32);
+            r.reconstruct(&mut fading, &input, [1, 1, 8, 8], &[3], &mut out).unwrap();
             out.iter().zip(&input).map(|(a, b)| (a - b).abs()).sum::<f32>() / 64.0
         };
         let (plain, some, strong) = (distance(0.0), distance(5.0), distance(100.0));

@@ -173,6 +173,29 @@ pub trait Denoiser {
     ) -> Result<(), RuntimeError>;
 }
 
+/// A denoiser made of a function `(element index, x_t value, timestep index) → ε`, for unit
+/// tests of the samplers and the inspection path without a model.
+#[cfg(test)]
+pub(crate) struct FnDenoiser<F: FnMut(usize, f32, usize) -> f32>(pub F);
+
+#[cfg(test)]
+impl<F: FnMut(usize, f32, usize) -> f32> Denoiser for FnDenoiser<F> {
+    fn channels(&self) -> usize {
+        1
+    }
+    fn predict_eps(
+        &mut self,
+        x: &[f32],
+        _: [usize; 4],
+        t: &[f32],
+        consume: &mut dyn FnMut(&[f32]),
+    ) -> Result<(), RuntimeError> {
+        let k = t[0] as usize;
+        consume(&x.iter().enumerate().map(|(i, v)| (self.0)(i, *v, k)).collect::<Vec<f32>>());
+        Ok(())
+    }
+}
+
 /// A loaded UNet session and the provider it actually runs on.
 pub struct OrtDenoiser {
     session: Session,
