@@ -114,6 +114,28 @@ impl Ensemble {
         }
         Ok(out)
     }
+
+    /// [`Ensemble::raw_maps`] over a list of model-size frames (`[C, H, W]` each), in
+    /// batches of 8; frame `i` is seeded `seed + i`, so results do not depend on batching.
+    pub fn raw_maps_of(
+        &mut self,
+        denoiser: &mut dyn Denoiser,
+        mut head: Option<&mut dyn Denoiser>,
+        frames: &[Vec<f32>],
+        [c, h, w]: [usize; 3],
+        seed: u64,
+        anomaly: &AnomalySpec,
+    ) -> Result<Vec<(Vec<f32>, f64)>, RuntimeError> {
+        const BATCH: usize = 8;
+        let mut out = Vec::with_capacity(frames.len());
+        for (chunk_index, chunk) in frames.chunks(BATCH).enumerate() {
+            let seeds: Vec<u64> =
+                (0..chunk.len()).map(|i| seed.wrapping_add((chunk_index * BATCH + i) as u64)).collect();
+            let head = head.as_mut().map(|h| &mut **h as &mut dyn Denoiser);
+            out.extend(self.raw_maps(denoiser, head, &chunk.concat(), [chunk.len(), c, h, w], &seeds, anomaly)?);
+        }
+        Ok(out)
+    }
 }
 
 /// A prepared frame: `[C, H, W]` model-space values and its `[H, W]`.

@@ -60,7 +60,7 @@ const REPORTED_QUANTILES: [f64; 6] = [0.5, 0.9, 0.99, 0.999, 0.9999, 1.0];
 /// Computes thresholds for `manifest` from `frames` (`[C, H, W]` each, model space).
 pub fn calibrate(
     denoiser: &mut dyn Denoiser,
-    mut head: Option<&mut dyn Denoiser>,
+    head: Option<&mut dyn Denoiser>,
     ensemble: &mut Ensemble,
     manifest: &Manifest,
     frames: &[Vec<f32>],
@@ -70,25 +70,16 @@ pub fn calibrate(
     assert!(!frames.is_empty(), "calibration needs at least one frame");
     let input = manifest.input;
     let neutral = Threshold { value: 0.0, min: 0.0, max: 1.0 };
-    let mut per_frame: Vec<(f64, Vec<f32>)> = Vec::with_capacity(frames.len());
-    let batch = 4;
-    for (chunk_index, chunk) in frames.chunks(batch).enumerate() {
-        let clean: Vec<f32> = chunk.concat();
-        let seeds: Vec<u64> = (0..chunk.len()).map(|i| seed.wrapping_add((chunk_index * batch + i) as u64)).collect();
-        let shape = [chunk.len(), input.channels, input.height, input.width];
-        for (raw, mse) in ensemble.raw_maps(
-            denoiser,
-            head.as_mut().map(|h| &mut **h as &mut dyn Denoiser),
-            &clean,
-            shape,
-            &seeds,
-            &manifest.anomaly,
-        )? {
-            let size = [input.height, input.width];
+    let size = [input.height, input.width];
+    let shape = [input.channels, input.height, input.width];
+    let mut per_frame: Vec<(f64, Vec<f32>)> = ensemble
+        .raw_maps_of(denoiser, head, frames, shape, seed, &manifest.anomaly)?
+        .into_iter()
+        .map(|(raw, mse)| {
             let a = verdict(raw, mse, size, size[0] * size[1], &manifest.anomaly, &neutral, &neutral);
-            per_frame.push((a.score, a.map));
-        }
-    }
+            (a.score, a.map)
+        })
+        .collect();
     per_frame.sort_by(|a, b| a.0.total_cmp(&b.0));
     let dropped = (per_frame.len() as f64 * rule.trim).floor() as usize;
     let kept = &per_frame[..per_frame.len() - dropped.min(per_frame.len() - 1)];

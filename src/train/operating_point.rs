@@ -216,21 +216,14 @@ impl Validation<'_> {
         denoiser: &mut dyn Denoiser,
         head: &mut dyn Denoiser,
     ) -> Result<CandidateScore, RuntimeError> {
-        const BATCH: usize = 8;
         let Validation { schedule, shape, anomaly, frames, space, seed } = *self;
         let set = validation_set(&frames[..frames.len().min(space.max_frames)], shape, seed);
         let base = point.chosen.clone();
         let spec = base.reconstruction();
         let mut ensemble = Ensemble::new(schedule, spec, &base.extra_t0).expect("a searched candidate is valid");
         let rule = AnomalySpec { residual: Residual::Head, ..*anomaly };
-        let mut maps = Vec::with_capacity(set.frames.len());
-        for (chunk_index, chunk) in set.frames.chunks(BATCH).enumerate() {
-            let seeds: Vec<u64> =
-                (0..chunk.len()).map(|i| seed.wrapping_add((chunk_index * BATCH + i) as u64)).collect();
-            let batch_shape = [chunk.len(), shape[0], shape[1], shape[2]];
-            let raw = ensemble.raw_maps(denoiser, Some(&mut *head), &chunk.concat(), batch_shape, &seeds, &rule)?;
-            maps.extend(raw.into_iter().map(|(map, _)| map));
-        }
+        let raw = ensemble.raw_maps_of(denoiser, Some(head), &set.frames, shape, seed, &rule)?;
+        let maps = raw.into_iter().map(|(map, _)| map).collect();
         let candidate = score(&set, maps, shape, &rule, &spec, &base.extra_t0, base.unet_calls);
         point.candidates.push(candidate.clone());
         rank(&mut point.candidates);
