@@ -252,26 +252,29 @@ fn run_cli(args: &[&str], env_remove_ort: bool) -> std::process::Output {
 }
 
 fn export_cli(dir: &Path) {
-    let out = run_cli(
-        &[
-            "export",
-            "--out",
-            dir.to_str().unwrap(),
-            "--size",
-            "64",
-            "--base-channels",
-            "16",
-            "--channel-mults",
-            "1,2",
-            "--seed",
-            "3",
-            "--t0",
-            "30",
-            "--steps",
-            "3",
-        ],
-        false,
-    );
+    export_cli_with(dir, &[]);
+}
+
+/// `export` of a small random bundle, with `extra` flags after the defaults.
+fn export_cli_with(dir: &Path, extra: &[&str]) {
+    let args = [
+        "export",
+        "--out",
+        dir.to_str().unwrap(),
+        "--size",
+        "64",
+        "--base-channels",
+        "16",
+        "--channel-mults",
+        "1,2",
+        "--seed",
+        "3",
+        "--t0",
+        "30",
+        "--steps",
+        "3",
+    ];
+    let out = run_cli(&[&args[..], extra].concat(), false);
     assert!(out.status.success(), "export failed: {}", String::from_utf8_lossy(&out.stderr));
 }
 
@@ -427,27 +430,7 @@ fn bench_prints_a_row_per_configuration() {
 
     // Whole frames through a tiled bundle: 160×100 in 64-pixel tiles 48 apart is 3 × 2 tiles.
     let tiled = tmp.path().join("tiled");
-    let out = run_cli(
-        &[
-            "export",
-            "--out",
-            tiled.to_str().unwrap(),
-            "--size",
-            "64",
-            "--base-channels",
-            "16",
-            "--channel-mults",
-            "1,2",
-            "--tile-stride",
-            "48",
-            "--t0",
-            "6",
-            "--steps",
-            "2",
-        ],
-        false,
-    );
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    export_cli_with(&tiled, &["--tile-stride", "48"]);
     let args = [
         "bench",
         "--model",
