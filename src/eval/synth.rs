@@ -154,6 +154,64 @@ pub fn paste_defect(img: &mut GrayImage, kind: DefectKind, rng: &mut ChaCha8Rng)
     paint(img, extent, kind, scale, high_contrast, &GrayImage::new(1, 1), rng)
 }
 
+/// The synthetic defects `retrain` pastes on its own frames (to choose the operating point
+/// and to train the head): the painted [`DefectKind::SELECTION`] shapes and transplants
+/// ([`paste_transplant`]). Cracks and foreign-photograph patches are never among them.
+pub const TRAINING_DEFECTS: [&str; 4] = ["scratch", "hole", "stain", "transplant"];
+
+/// Replaces an irregular blob of `img` with texture from `donor` (another frame of the same
+/// surface) turned by a multiple of 90°, flipped or not, and resampled at half or twice its
+/// scale: texture that belongs to the surface but not at that place, size or orientation.
+/// This is DRAEM's anomaly source (any texture inside a random mask) drawn from the field's
+/// own frames, so no other photograph is involved and benchmark "foreign" patches (another
+/// texture photograph in an ellipse) stay a shape nothing was trained on. Low-contrast
+/// transplants are shifted to the surface's mean under the blob. Returns the mask (0/255).
+pub fn paste_transplant(img: &mut GrayImage, donor: &GrayImage, rng: &mut ChaCha8Rng) -> GrayImage {
+    let (width, height) = img.dimensions();
+    let extent = width.min(height) as f64;
+    let scale = [0.6, 1.0, 1.6][rng.random_range(0..3)];
+    let centre = (rng.random_range(0.25..0.75) * width as f64, rng.random_range(0.25..0.75) * height as f64);
+    let blobs: Vec<((f64, f64), f64)> = (0..rng.random_range(3..6))
+        .map(|_| {
+            let r = (rng.random_range(0.05..0.1) * extent * scale).max(1.5);
+            ((centre.0 + rng.random_range(-1.0..1.0) * r, centre.1 + rng.random_range(-1.0..1.0) * r), r)
+        })
+        .collect();
+    let mut mask = GrayImage::new(width, height);
+    for (x, y, m) in mask.enumerate_pixels_mut() {
+        let (px, py) = (x as f64 + 0.5, y as f64 + 0.5);
+        if blobs.iter().any(|(c, r)| (px - c.0).powi(2) + (py - c.1).powi(2) <= r * r) {
+            *m = Luma([255]);
+        }
+    }
+    let zoom = if rng.random_bool(0.5) { 0.5 } else { 2.0 };
+    let (turns, flip) = (rng.random_range(0..4u32), rng.random_bool(0.5));
+    let offset = (rng.random_range(0..donor.width()), rng.random_range(0..donor.height()));
+    let source = |x: u32, y: u32| {
+        let (u, v) = if flip { (width - 1 - x, y) } else { (x, y) };
+        let (u, v) = match turns {
+            0 => (u, v),
+            1 => (v, width - 1 - u),
+            2 => (width - 1 - u, height - 1 - v),
+            _ => (height - 1 - v, u),
+        };
+        let sx = ((u as f64 * zoom) as u32 + offset.0) % donor.width();
+        let sy = ((v as f64 * zoom) as u32 + offset.1) % donor.height();
+        donor.get_pixel(sx, sy).0[0] as f64
+    };
+    let inside: Vec<(u32, u32)> = mask.enumerate_pixels().filter(|(_, _, m)| m.0[0] != 0).map(|(x, y, _)| (x, y)).collect();
+    let mean = |f: &dyn Fn(u32, u32) -> f64| inside.iter().map(|&(x, y)| f(x, y)).sum::<f64>() / inside.len().max(1) as f64;
+    let offset_level = if rng.random_bool(0.5) {
+        0.0
+    } else {
+        mean(&|x, y| img.get_pixel(x, y).0[0] as f64) - mean(&source)
+    };
+    for &(x, y) in &inside {
+        img.put_pixel(x, y, Luma([shift(0, source(x, y) + offset_level)]));
+    }
+    mask
+}
+
 /// Paints one defect of `kind` onto `img`; returns the exact mask (0/255).
 fn paint(
     img: &mut GrayImage,
@@ -441,6 +499,26 @@ mod tests {
                 let (w, h) = (span(|p| p.0), span(|p| p.1));
                 assert!(marked.len() >= 3 && w.max(h) <= 64, "{kind:?} ×{scale}: {w}×{h} px, {} px", marked.len());
             }
+        }
+    }
+
+    #[test]
+    fn transplants_change_only_their_blob_and_bring_other_texture() {
+        let surface = GrayImage::from_fn(64, 48, |x, y| Luma([(100 + (x * 7 + y * 3) % 60) as u8]));
+        let donor = GrayImage::from_fn(64, 48, |x, y| Luma([(40 + (x * 11 + y * 5) % 170) as u8]));
+        let mut rng = ChaCha8Rng::seed_from_u64(9);
+        for _ in 0..20 {
+            let mut painted = surface.clone();
+            let mask = paste_transplant(&mut painted, &donor, &mut rng);
+            let marked = mask.pixels().filter(|m| m.0[0] != 0).count();
+            assert!(marked >= 3 && marked < 64 * 48 / 2, "{marked} px");
+            let mut changed = 0;
+            for (x, y, m) in mask.enumerate_pixels() {
+                let differs = painted.get_pixel(x, y) != surface.get_pixel(x, y);
+                assert!(m.0[0] != 0 || !differs, "({x}, {y}) changed outside the mask");
+                changed += usize::from(differs);
+            }
+            assert!(changed * 2 > marked, "only {changed} of {marked} blob pixels changed");
         }
     }
 

@@ -4,11 +4,12 @@
 //!
 //! The pixel residual of a reconstruction is a weak map on irregular textures: the model
 //! redraws *a* plausible texture, not *this* one. The head learns which differences matter
-//! from synthetic defects — scratches, holes and stains ([`DefectKind::SELECTION`]) pasted on
-//! training frames — and the bundle's own reconstructions of them. Cracks and foreign
-//! patches are never pasted here, so benchmark scores on them measure shapes the head never
-//! saw. Training frames are contaminated; their own defects count as normal pixels here,
-//! which only makes the head more conservative.
+//! from synthetic defects ([`TRAINING_DEFECTS`]: scratches, holes, stains, and transplants
+//! of other training frames' texture) pasted on training frames, and the bundle's own
+//! reconstructions of them. Cracks and foreign-photograph patches are never pasted here, so
+//! benchmark scores on them measure shapes the head never saw. Training frames are
+//! contaminated; their own defects count as normal pixels here, which only makes the head
+//! more conservative.
 //!
 //! The head reuses the project's UNet (input and output channels `2·C`, timestep fixed at
 //! 0, output channel 0 is the logit), so the exporter, the ONNX contract and the runtime
@@ -23,7 +24,7 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use super::operating_point::{reconstruct_all, validation_set};
-use crate::eval::synth::DefectKind;
+use crate::eval::synth::TRAINING_DEFECTS;
 use crate::infer::inspect::head_input;
 use crate::infer::reconstruct::Reconstructor;
 use crate::infer::runtime::{Denoiser, RuntimeError};
@@ -90,7 +91,7 @@ pub fn train_head(
     rng.set_stream(3);
     let set = validation_set(frames, [channels, height, width], seed.wrapping_add(1));
     let recon = reconstruct_all(denoiser, reconstructor, &set.frames, [channels, height, width], seed)?;
-    tracing::info!(pairs = set.frames.len(), kinds = ?DefectKind::SELECTION.map(DefectKind::name), "Head training pairs reconstructed.");
+    tracing::info!(pairs = set.frames.len(), kinds = ?TRAINING_DEFECTS, "Head training pairs reconstructed.");
 
     let device = Device::flex().autodiff();
     let architecture = config.unet(channels);

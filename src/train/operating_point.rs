@@ -2,8 +2,8 @@
 //! conditioning and the anomaly-map rule.
 //!
 //! Field frames carry no labels, so the choice is made on synthetic defects: the
-//! `synth` generator pastes scratches, holes and stains ([`DefectKind::SELECTION`]) on the
-//! held-out calibration frames, every candidate within the user's UNet-call budget
+//! `synth` generator pastes scratches, holes, stains and transplants ([`TRAINING_DEFECTS`])
+//! on the held-out calibration frames, every candidate within the user's UNet-call budget
 //! reconstructs the clean and the defective copies exactly as the daemon would, and the
 //! candidate with the best pixel AUPRC against the pasted masks wins (ties: fewer calls).
 //! The calibration frames are as contaminated as the training data; their own defects count
@@ -18,7 +18,7 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use crate::eval::metrics::{auroc, average_precision};
-use crate::eval::synth::{DefectKind, paste_defect};
+use crate::eval::synth::{DefectKind, TRAINING_DEFECTS, paste_defect, paste_transplant};
 use crate::infer::inspect::Ensemble;
 use crate::infer::reconstruct::{ReconstructionSpec, Reconstructor, Sampler};
 use crate::infer::runtime::{Denoiser, RuntimeError};
@@ -91,27 +91,29 @@ pub(crate) struct ValidationSet {
     pub clean_count: usize,
 }
 
-/// Pastes one selection-shape defect on a copy of each frame. The defect is painted on the
-/// frame's grey level (channel mean) and its change added to every channel.
+/// Pastes one training defect ([`TRAINING_DEFECTS`]: a painted scratch, hole or stain, or a
+/// transplant from another of `frames`) on a copy of each frame. The defect is painted on
+/// the frame's grey level (channel mean) and its change added to every channel.
 pub(crate) fn validation_set(frames: &[Vec<f32>], [channels, height, width]: [usize; 3], seed: u64) -> ValidationSet {
     let plane = height * width;
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     rng.set_stream(2);
     let mut set =
         ValidationSet { frames: frames.to_vec(), truth: vec![vec![0; plane]; frames.len()], clean_count: frames.len() };
-    for frame in frames {
-        let grey: Vec<u8> = (0..plane)
-            .map(|p| {
-                let mean = (0..channels).map(|c| frame[c * plane + p]).sum::<f32>() / channels as f32;
-                (((mean + 1.0) / 2.0) * 255.0).round().clamp(0.0, 255.0) as u8
-            })
-            .collect();
-        let mut painted = GrayImage::from_raw(width as u32, height as u32, grey.clone()).expect("plane size");
-        let kind = DefectKind::SELECTION[rng.random_range(0..DefectKind::SELECTION.len())];
-        let mask = paste_defect(&mut painted, kind, &mut rng);
+    let greys: Vec<GrayImage> = frames.iter().map(|frame| grey_level(frame, [channels, height, width])).collect();
+    for (i, frame) in frames.iter().enumerate() {
+        let mut painted = greys[i].clone();
+        let choice = rng.random_range(0..TRAINING_DEFECTS.len());
+        let mask = match DefectKind::SELECTION.get(choice) {
+            Some(&kind) => paste_defect(&mut painted, kind, &mut rng),
+            None => {
+                let donor = (i + rng.random_range(1..frames.len().max(2))) % frames.len();
+                paste_transplant(&mut painted, &greys[donor], &mut rng)
+            }
+        };
         let mut defective = frame.clone();
         for p in 0..plane {
-            let delta = (painted.as_raw()[p] as f32 - grey[p] as f32) / 255.0 * 2.0;
+            let delta = (painted.as_raw()[p] as f32 - greys[i].as_raw()[p] as f32) / 255.0 * 2.0;
             for c in 0..channels {
                 defective[c * plane + p] = (defective[c * plane + p] + delta).clamp(-1.0, 1.0);
             }
@@ -120,6 +122,18 @@ pub(crate) fn validation_set(frames: &[Vec<f32>], [channels, height, width]: [us
         set.truth.push(mask.as_raw().iter().map(|m| u8::from(*m != 0)).collect());
     }
     set
+}
+
+/// A model-space frame's grey level (channel mean) as an 8-bit image.
+fn grey_level(frame: &[f32], [channels, height, width]: [usize; 3]) -> GrayImage {
+    let plane = height * width;
+    let grey = (0..plane)
+        .map(|p| {
+            let mean = (0..channels).map(|c| frame[c * plane + p]).sum::<f32>() / channels as f32;
+            (((mean + 1.0) / 2.0) * 255.0).round().clamp(0.0, 255.0) as u8
+        })
+        .collect();
+    GrayImage::from_raw(width as u32, height as u32, grey).expect("plane size")
 }
 
 /// What the search scores candidates on: the model's calibration frames (`[C, H, W]`, model
@@ -195,13 +209,13 @@ impl Validation<'_> {
             rule: format!(
                 "one synthetic {} pasted on each of {} held-out calibration frames (synth generator, seed {seed}); \
              DDIM candidates and two-t0 ensembles within {} UNet calls per tile; best pixel AUPRC, ties to fewer calls",
-                DefectKind::SELECTION.map(DefectKind::name).join("/"),
+                TRAINING_DEFECTS.join("/"),
                 used.len(),
                 space.budget_unet_calls
             ),
             budget_unet_calls: space.budget_unet_calls,
             validation_frames: used.len(),
-            defect_kinds: DefectKind::SELECTION.iter().map(|k| k.name().to_string()).collect(),
+            defect_kinds: TRAINING_DEFECTS.iter().map(|k| k.to_string()).collect(),
             chosen,
             candidates,
         })
