@@ -4,8 +4,8 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::infer::reconstruct::Sampler;
 use crate::infer::runtime::{Provider, RuntimeConfig};
+use crate::model::sampling::Sampler;
 use crate::postprocess::anomaly::Residual;
 
 #[derive(Debug, Parser)]
@@ -174,7 +174,7 @@ pub struct InferArgs {
 #[derive(Debug, Args)]
 pub struct RunArgs {
     /// Daemon config (TOML); EDGE_INSPECT__SECTION__KEY environment variables override it.
-    #[arg(long, default_value = crate::daemon::config::DEFAULT_CONFIG_PATH)]
+    #[arg(long, default_value = crate::config::DEFAULT_CONFIG_PATH)]
     pub config: PathBuf,
 }
 

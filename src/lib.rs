@@ -6,39 +6,57 @@
 //! infer:  model::preprocess → infer::tiling (tiles at the model's scale) → infer::reconstruct
 //!         (ORT UNet, ensembles, DDAD conditioning) → postprocess::anomaly (or the head graph)
 //!         → stitched map → render + JSON
-//! export: model::unet (burn) → model::onnx_export → model::export (ORT parity, golden) → bundle
+//! export: model::unet (burn) → model::onnx_export → train::export (ORT parity, golden) → bundle
 //! train:  train::data → model::preprocess → model::diffusion (q_sample) → model::unet
-//!         → train::losses → AdamW/EMA → model::export → train::operating_point (search on
+//!         → train::losses → AdamW/EMA → train::export → train::operating_point (search on
 //!         synthetic defects) [→ train::head] → train::calibrate → bundle
-//! run:    capture → daemon::pipeline (queues, batcher) → infer::inspect → daemon::publish (MQTT,
-//!         daemon::outbox for what cannot go now) → daemon::recorder (capture store, read by retrain)
+//! run:    config → capture::thread ×N (frame::Frame, bounded queues) → batch → daemon::worker
+//!         (infer::inspect) → daemon::publish (MQTT, daemon::outbox for what cannot go now)
+//!         → daemon::recorder (capture store, read by retrain); daemon::supervisor owns the
+//!         threads, their progress bounds and the systemd watchdog
 //! eval:   eval::data → infer::inspect → eval::metrics → report; eval::synth builds benchmarks
-//! shared core: model::{manifest, bundle, preprocess, diffusion, architecture},
-//!              infer::{runtime, reconstruct, inspect}, postprocess::{anomaly, render}
+//! shared core: model::{manifest, sampling, preprocess, diffusion, architecture},
+//!              infer::{bundle, runtime, reconstruct, inspect}, postprocess::{anomaly, render}
 //! ```
 //!
-//! - [`capture`]: frame sources behind one trait; V4L2 cameras (feature `camera`).
-//! - [`model`]: what a model *is*: architecture, schedule, preprocessing, the bundle format
-//!   and (feature `train`) the burn UNet and its ONNX exporter.
-//! - [`infer`]: running a model: ONNX Runtime sessions and the reconstruction samplers.
+//! Dependencies point down: `model` and `postprocess` use nothing above them; `infer` uses
+//! `model`; `capture`, `batch` and `stats` know nothing of the daemon; `train`, `eval` and
+//! `daemon` sit on top; `commands` on everything.
+//!
+//! - [`config`]: the daemon's TOML + environment configuration, validated with key paths.
+//! - [`capture`]: frame sources behind one trait, V4L2 cameras (feature `camera`), and the
+//!   per-camera capture thread.
+//! - [`frame`]: the frames that cross threads. [`batch`]: the cross-camera batcher.
+//! - [`stats`]: counters, drop reasons and stage progress shared by the threads.
+//! - [`backoff`]: retry delays and stop-aware sleeps. [`durable`]: atomic, durable writes.
+//! - [`model`]: what a model *is*: architecture, schedule, sampling plan, preprocessing, the
+//!   manifest and (feature `train`) the burn UNet and its ONNX graph.
+//! - [`infer`]: running a model: loading and verifying bundles, ONNX Runtime sessions, the
+//!   reconstruction samplers and the one inspection path.
 //! - [`postprocess`]: from reconstruction to verdict: maps, scores, masks, regions, images.
 //! - `train` (feature `train`): `retrain`: data layouts, robust losses, the training loop,
-//!   calibration.
+//!   export, the operating-point search, the head, calibration.
 //! - [`eval`]: `eval` and `synth`: labelled datasets, exact metrics (AUROC, AP, best F1,
 //!   AUPRO), reports, and the synthetic contamination benchmark.
-//! - [`daemon`]: `run`: config, capture threads, batching, inference worker, MQTT,
-//!   recording, systemd integration.
+//! - [`daemon`]: `run`: wiring, the supervisor, the inference worker, MQTT, recording,
+//!   systemd integration.
 //! - [`image_files`]: which files are images, listed the same way everywhere.
 //! - [`commands`]: the subcommands, thin over the above.
 
+pub mod backoff;
+pub mod batch;
 pub mod capture;
 pub mod cli;
 pub mod commands;
+pub mod config;
 pub mod daemon;
+pub mod durable;
 pub mod eval;
+pub mod frame;
 pub mod image_files;
 pub mod infer;
 pub mod model;
 pub mod postprocess;
+pub mod stats;
 #[cfg(feature = "train")]
 pub mod train;

@@ -6,8 +6,8 @@ use std::process::ExitCode;
 use clap::Parser;
 use edge_inspect::cli::{Cli, Command};
 use edge_inspect::commands;
-use edge_inspect::daemon::config::{ConfigErrors, EXIT_CONFIG};
-use edge_inspect::daemon::{EXIT_SOFTWARE, StagePanicked};
+use edge_inspect::config::{ConfigErrors, EXIT_CONFIG};
+use edge_inspect::daemon::{EXIT_SOFTWARE, StageFailed};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -43,7 +43,7 @@ fn main() -> ExitCode {
             ExitCode::from(EXIT_CONFIG)
         }
         // A stage panicked: EX_SOFTWARE, which systemd's Restart=on-failure restarts.
-        Err(e) if e.downcast_ref::<StagePanicked>().is_some() => {
+        Err(e) if e.downcast_ref::<StageFailed>().is_some() => {
             eprintln!("error: {e}");
             ExitCode::from(EXIT_SOFTWARE)
         }

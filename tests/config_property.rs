@@ -6,7 +6,7 @@
 
 use std::path::PathBuf;
 
-use edge_inspect::daemon::config::load_with_env;
+use edge_inspect::config::load_with_env;
 use proptest::prelude::*;
 
 fn repo() -> PathBuf {

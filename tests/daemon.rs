@@ -819,13 +819,13 @@ fps = 1e-20
         let middle = onnx.len() / 2;
         onnx[middle..middle + 65536].iter_mut().for_each(|b| *b ^= 0x40);
         let old = manifest.lines().find(|l| l.starts_with("sha256 = ")).unwrap().to_string();
-        let new = format!("sha256 = \"{}\"", edge_inspect::model::bundle::sha256_hex(onnx));
+        let new = format!("sha256 = \"{}\"", edge_inspect::infer::bundle::sha256_hex(onnx));
         *manifest = manifest.replace(&old, &new);
     });
     let header = broken("header", &|onnx, manifest| {
         onnx[..16].fill(0xff);
         let old = manifest.lines().find(|l| l.starts_with("sha256 = ")).unwrap().to_string();
-        *manifest = manifest.replace(&old, &format!("sha256 = \"{}\"", edge_inspect::model::bundle::sha256_hex(onnx)));
+        *manifest = manifest.replace(&old, &format!("sha256 = \"{}\"", edge_inspect::infer::bundle::sha256_hex(onnx)));
     });
     for (config, says) in [(&flipped, "sha256"), (&reweighed, "golden"), (&header, "model.onnx")] {
         let (code, text) = check_config(config, &[]);
@@ -1088,8 +1088,135 @@ fn a_pipeline_stage_that_dies_stops_the_daemon_with_exit_70() {
     let mut daemon = Daemon::start_with_env(&config, &[("EDGE_INSPECT_FAULT", "publisher-panic")]);
     let status = daemon.wait_exit(Duration::from_secs(60));
     assert_eq!(status.code(), Some(70), "a dead publisher is not a zombie; log:\n{}", daemon.log_text());
-    assert!(daemon.log_text().contains("stopped unexpectedly"), "{}", daemon.log_text());
+    assert!(
+        daemon.log_text().contains("A stage failed") && daemon.log_text().contains("publisher"),
+        "{}",
+        daemon.log_text()
+    );
     wait_for(Duration::from_secs(5), "`offline`", || {
         sub.texts("/available").last().map(String::as_str) == Some("offline")
     });
+}
+
+/// systemd's notification socket, played by the test: every datagram with its arrival.
+fn notification_socket(dir: &Path) -> (PathBuf, std::sync::mpsc::Receiver<(Instant, String)>) {
+    let path = dir.join("notify.sock");
+    let socket = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 512];
+        while let Ok(n) = socket.recv(&mut buf) {
+            if tx.send((Instant::now(), String::from_utf8_lossy(&buf[..n]).into_owned())).is_err() {
+                break;
+            }
+        }
+    });
+    (path, rx)
+}
+
+/// The drill for a stage that hangs (a UNet call that never returns): the supervisor sees
+/// its progress stop, withholds the watchdog, stops the daemon, and the missed drain
+/// deadline makes the exit 70 — not a zombie that systemd keeps pinging for.
+#[test]
+fn a_hung_stage_stops_the_watchdog_and_the_daemon_exits_70() {
+    let (broker, sub, dir) = rig();
+    let frames = repo().join("data/brick/test/good");
+    let config = write_config(
+        dir.path(),
+        broker.port,
+        "max_batch = 1\nmax_wait_ms = 10\nstage_timeout_ms = 3000",
+        &camera("cam0", &frames.display().to_string(), 5.0, true, ""),
+    );
+    let (socket, notes) = notification_socket(dir.path());
+    let mut daemon = Daemon::start_with_env(
+        &config,
+        &[
+            ("NOTIFY_SOCKET", socket.to_str().unwrap()),
+            ("WATCHDOG_USEC", "2000000"),
+            ("EDGE_INSPECT_FAULT", "inference-hang"),
+        ],
+    );
+    let status = daemon.wait_exit(Duration::from_secs(60));
+    let log = daemon.log_text();
+    assert_eq!(status.code(), Some(70), "log:\n{log}");
+    assert!(log.contains("A stage is stuck") && log.contains("inference"), "{log}");
+    assert!(log.contains("missed the drain deadline"), "{log}");
+    let notes: Vec<(Instant, String)> = notes.try_iter().collect();
+    let at = |what: &str| notes.iter().find(|(_, n)| n.contains(what)).map(|(t, _)| *t);
+    let (ready, stopping) = (at("READY=1").expect("READY"), at("STOPPING=1").expect("STOPPING"));
+    let pings: Vec<Instant> = notes.iter().filter(|(_, n)| n.contains("WATCHDOG=1")).map(|(t, _)| *t).collect();
+    // Pings go on while the hung stage is within its 3 s bound, and never once it is past.
+    assert!(!pings.is_empty(), "{notes:?}");
+    assert!(stopping.duration_since(ready) >= Duration::from_secs(3), "stuck only after the bound");
+    assert!(pings.iter().all(|p| *p < stopping), "a ping after the daemon found the stage stuck: {notes:?}");
+    wait_for(Duration::from_secs(5), "`offline`", || {
+        sub.texts("/available").last().map(String::as_str) == Some("offline")
+    });
+}
+
+/// The recorder drill against the binary: a capture store holding a file that cannot be
+/// deleted (`chattr +i`) keeps being pruned around it — never above `max_bytes` — and the
+/// failed deletes are counted.
+#[test]
+fn an_undeletable_file_in_the_capture_store_does_not_stop_pruning() {
+    let (broker, sub, dir) = rig();
+    let frames = repo().join("data/brick/test/good");
+    let config = write_config(
+        dir.path(),
+        broker.port,
+        "max_batch = 1\nmax_wait_ms = 10",
+        &camera("cam0", &frames.display().to_string(), 10.0, true, ""),
+    );
+    let max_bytes = 60_000u64;
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("normal_sample_rate = 1.0", &format!("normal_sample_rate = 1.0\nmax_bytes = {max_bytes}"));
+    std::fs::write(&config, text).unwrap();
+    let store = dir.path().join("state/captures");
+    let old = store.join("cam0/normal");
+    std::fs::create_dir_all(&old).unwrap();
+    // The oldest file of the store, so pruning reaches it first.
+    let immutable = old.join("0000000000000-000001.png");
+    std::fs::write(&immutable, vec![0u8; 8_000]).unwrap();
+    let an_hour_ago = std::time::SystemTime::now() - Duration::from_secs(3600);
+    std::fs::File::options().write(true).open(&immutable).unwrap().set_modified(an_hour_ago).unwrap();
+    let chattr = |flag: &str, path: &Path| {
+        let ok = Command::new("chattr").arg(flag).arg(path).status().unwrap().success();
+        assert!(ok, "chattr {flag} (the tests run as root on ext4)");
+    };
+    chattr("+i", &immutable);
+    let locked = immutable.clone();
+    let _unlock = Unlock(Box::new(move || chattr("-i", &locked)));
+    let mut daemon = Daemon::start(&config);
+    wait_for(Duration::from_secs(90), "pruning past the undeletable file", || {
+        sub.last_stats()
+            .is_some_and(|s| s["recorder_pruned"].as_u64() >= Some(10) && s["recorder_errors"].as_u64() >= Some(1))
+    });
+    daemon.signal("TERM");
+    assert!(daemon.wait_exit(Duration::from_secs(30)).success(), "log:\n{}", daemon.log_text());
+    assert!(immutable.is_file());
+    let recorded = walk(&store).into_iter().filter(|p| !p.ends_with(edge_inspect::capture::STORE_MARKER));
+    let total: u64 = recorded.map(|p| std::fs::metadata(p).unwrap().len()).sum();
+    assert!(total <= max_bytes, "the store holds {total} bytes, max {max_bytes}");
+    assert!(daemon.log_text().contains(&immutable.display().to_string()), "the failed delete names the file");
+}
+
+/// Runs its closure when dropped (here: makes an immutable file deletable again, so the
+/// scratch directory can be removed even when the test fails).
+struct Unlock(Box<dyn Fn()>);
+
+impl Drop for Unlock {
+    fn drop(&mut self) {
+        (self.0)()
+    }
+}
+
+/// Every file under `dir`.
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap().flatten() {
+        let path = entry.path();
+        if path.is_dir() { out.extend(walk(&path)) } else { out.push(path) }
+    }
+    out
 }

@@ -8,20 +8,20 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use burn::tensor::Device;
+use edge_inspect::infer::bundle::{Bundle, BundleError, read_manifest};
 use edge_inspect::infer::inspect::{FrameView, Inspector};
-use edge_inspect::infer::reconstruct::{ReconstructionSpec, Sampler};
 use edge_inspect::infer::runtime::{OrtDenoiser, RuntimeConfig};
 use edge_inspect::model::architecture::UNetConfig;
-use edge_inspect::model::bundle::{Bundle, BundleError, read_manifest};
 use edge_inspect::model::diffusion::ScheduleSpec;
-use edge_inspect::model::export::{export_bundle, export_head, keep_thresholds, parity};
 use edge_inspect::model::manifest::{
     Artifact, Calibration, GoldenCheck, HEAD_FILE, MANIFEST_FILE, Manifest, ONNX_FILE, Provenance, SCHEMA_VERSION,
     Thresholds,
 };
 use edge_inspect::model::preprocess::{InputSpec, Inspection};
+use edge_inspect::model::sampling::{ReconstructionSpec, Sampler};
 use edge_inspect::model::unet::UNet;
 use edge_inspect::postprocess::anomaly::{AnomalySpec, Residual, Threshold};
+use edge_inspect::train::export::{export_bundle, export_head, keep_thresholds, parity};
 
 const BIN: &str = env!("CARGO_BIN_EXE_edge-inspect");
 
@@ -229,7 +229,7 @@ fn broken_bundles_give_clear_errors() {
     let corrupt = copy("corrupt");
     fs::write(corrupt.join(ONNX_FILE), b"not a model").unwrap();
     edit_manifest(&corrupt, |m| {
-        m["artifact"]["sha256"] = toml::Value::String(edge_inspect::model::bundle::sha256_hex(b"not a model"));
+        m["artifact"]["sha256"] = toml::Value::String(edge_inspect::infer::bundle::sha256_hex(b"not a model"));
     });
     let e = load_err(&corrupt);
     assert!(e.to_string().contains("model.onnx"), "{e}");

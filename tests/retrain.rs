@@ -9,13 +9,13 @@ use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 
-use edge_inspect::infer::reconstruct::{ReconstructionSpec, Sampler};
+use edge_inspect::infer::bundle::{Bundle, read_manifest};
 use edge_inspect::infer::runtime::RuntimeConfig;
 use edge_inspect::model::architecture::UNetConfig;
-use edge_inspect::model::bundle::{Bundle, read_manifest};
 use edge_inspect::model::diffusion::ScheduleSpec;
 use edge_inspect::model::manifest::ONNX_FILE;
 use edge_inspect::model::preprocess::{InputSpec, Inspection};
+use edge_inspect::model::sampling::{ReconstructionSpec, Sampler};
 use edge_inspect::postprocess::anomaly::{AnomalySpec, Residual};
 use edge_inspect::train::calibrate::CalibrationRule;
 use edge_inspect::train::head::HeadConfig;
@@ -174,7 +174,7 @@ fn retrain_chooses_the_operating_point_within_the_budget() {
     assert_eq!(point.chosen, point.candidates[0]);
     assert_eq!(point.chosen.pixel_auprc, best);
     assert!(point.candidates.iter().all(|c| (0.0..=1.0).contains(&c.pixel_auprc)));
-    assert_eq!(point.defect_kinds, ["scratch", "hole", "stain"]);
+    assert_eq!(point.defect_kinds, ["scratch", "hole", "stain", "transplant"], "never crack or foreign");
     assert_eq!(
         (manifest.reconstruction.t0, manifest.reconstruction.steps, manifest.reconstruction.condition),
         (point.chosen.t0, point.chosen.steps, point.chosen.condition)

@@ -7,9 +7,9 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use edge_inspect::infer::bundle::Bundle;
 use edge_inspect::infer::inspect::{FrameView, Inspector};
 use edge_inspect::infer::runtime::RuntimeConfig;
-use edge_inspect::model::bundle::Bundle;
 use edge_inspect::model::preprocess::{Inspection, Prepared};
 use image::{DynamicImage, GrayImage, Luma};
 

@@ -1,4 +1,5 @@
-//! Frame sources: where frames come from, behind one trait: cameras and file replay.
+//! Frame sources: where frames come from, behind one trait (cameras and file replay), and
+//! the capture thread that drives each of them (`thread`).
 //!
 //! The daemon drives every source the same way (one thread per camera, reopen with
 //! backoff on error); tests and `eval` use sources that need no hardware. Cameras
@@ -7,12 +8,41 @@
 #[cfg(feature = "camera")]
 pub mod camera;
 pub mod replay;
+pub mod thread;
 
 /// The file at the root of a capture store (frames the daemon recorded for retraining):
 /// the daemon's recorder writes it, `retrain` recognises the layout by it.
 pub const STORE_MARKER: &str = "edge-inspect-captures.toml";
 
+use std::time::Duration;
+
 use image::DynamicImage;
+
+/// Where a camera's frames come from (validated `[[cameras]]` keys).
+#[derive(Debug, Clone)]
+pub enum SourceConfig {
+    Replay {
+        path: String,
+        fps: f64,
+        repeat: bool,
+    },
+    #[cfg(feature = "camera")]
+    Camera(camera::CameraSettings),
+}
+
+/// One camera as the daemon runs it: the validated `[[cameras]]` table (`crate::config`
+/// builds it; the capture thread runs it).
+#[derive(Debug, Clone)]
+pub struct CameraConfig {
+    pub id: String,
+    pub enabled: bool,
+    pub source: SourceConfig,
+    /// `[x, y, width, height]` in source pixels.
+    pub roi: Option<[u32; 4]>,
+    pub stall_timeout: Duration,
+    pub backoff_initial: Duration,
+    pub backoff_max: Duration,
+}
 
 /// A capture failure, naming the camera and what went wrong.
 #[derive(Debug, thiserror::Error)]

@@ -13,11 +13,11 @@ use std::time::Instant;
 use anyhow::bail;
 
 use crate::cli::BenchArgs;
+use crate::infer::bundle::Bundle;
 use crate::infer::inspect::{FrameView, Inspector};
-use crate::infer::reconstruct::{ReconstructionSpec, Sampler};
 use crate::infer::runtime::Denoiser;
-use crate::model::bundle::Bundle;
 use crate::model::manifest::GoldenCheck;
+use crate::model::sampling::{ReconstructionSpec, Sampler};
 
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     if args.batches.contains(&0) || args.ddim_steps.iter().any(|s| *s == 0 || *s > args.t0) || args.repeats == 0 {
@@ -109,7 +109,7 @@ fn bench_frames(
     println!("| frame | tiles | UNet calls per tile | s/frame | frames/s | tiles/s | MP/s | peak RSS MiB |");
     println!("|---|---|---|---|---|---|---|---|");
     for &spec in specs {
-        inspector = Inspector::new(inspector.bundle, Some(spec))?.with_tile_batch(tile_batch);
+        inspector = inspector.with_spec(spec)?;
         for &[height, width] in frames {
             let image =
                 image::DynamicImage::ImageLuma8(image::GrayImage::from_fn(width as u32, height as u32, |x, y| {

@@ -8,9 +8,10 @@ use anyhow::{Context, bail};
 
 use crate::cli::EvalArgs;
 use crate::commands::infer::reconstruction_spec;
+use crate::durable::write_atomic;
 use crate::eval::{EvalOptions, evaluate, markdown};
+use crate::infer::bundle::Bundle;
 use crate::infer::inspect::Inspector;
-use crate::model::bundle::{Bundle, write_atomic};
 
 pub fn run(args: EvalArgs) -> anyhow::Result<()> {
     if args.batch == 0 {

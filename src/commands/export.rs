@@ -7,13 +7,13 @@ use anyhow::Context;
 use burn::tensor::Device;
 
 use crate::cli::{ExportArgs, bundle_name};
-use crate::infer::reconstruct::ReconstructionSpec;
 use crate::model::diffusion::ScheduleSpec;
-use crate::model::export::{export_bundle, keep_thresholds};
 use crate::model::manifest::{Artifact, Calibration, GoldenCheck, Manifest, Provenance, SCHEMA_VERSION, Thresholds};
 use crate::model::preprocess::Inspection;
+use crate::model::sampling::ReconstructionSpec;
 use crate::model::unet::UNet;
 use crate::postprocess::anomaly::{AnomalySpec, Threshold};
+use crate::train::export::{export_bundle, keep_thresholds};
 
 pub fn run(args: ExportArgs) -> anyhow::Result<()> {
     let unet = args.architecture.unet();

@@ -14,10 +14,11 @@ use anyhow::{Context, bail};
 use serde::Serialize;
 
 use crate::cli::{InferArgs, ReconstructionArgs};
+use crate::durable::write_atomic;
+use crate::infer::bundle::Bundle;
 use crate::infer::inspect::{FrameView, Inspector};
-use crate::infer::reconstruct::ReconstructionSpec;
-use crate::model::bundle::{Bundle, write_atomic};
 use crate::model::preprocess::Prepared;
+use crate::model::sampling::ReconstructionSpec;
 use crate::postprocess::anomaly::Region;
 use crate::postprocess::render::{OverlayFormat, map_png, mask_png, overlay};
 
@@ -184,7 +185,7 @@ fn write_results(out: &Path, lines: &[String]) -> anyhow::Result<()> {
 mod tests {
     use super::*;
     use crate::cli::SamplerArg;
-    use crate::infer::reconstruct::Sampler;
+    use crate::model::sampling::Sampler;
 
     #[test]
     fn overrides_keep_ddpm_on_every_step() {

@@ -6,9 +6,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use anyhow::Context;
 
 use crate::cli::{InspectionArg, LossArg, RetrainArgs, bundle_name};
-use crate::infer::reconstruct::ReconstructionSpec;
 use crate::model::diffusion::ScheduleSpec;
 use crate::model::preprocess::Inspection;
+use crate::model::sampling::ReconstructionSpec;
 use crate::postprocess::anomaly::AnomalySpec;
 use crate::train::calibrate::CalibrationRule;
 use crate::train::head::HeadConfig;

@@ -10,7 +10,7 @@ use std::net::{SocketAddr, ToSocketAddrs};
 
 use rumqttd::{Broker, Config, ConnectionSettings, RouterConfig, ServerSettings};
 
-use super::config::MqttConfig;
+use crate::config::MqttConfig;
 
 #[derive(Debug, thiserror::Error)]
 #[error("embedded broker: cannot listen on {address}: {reason}")]

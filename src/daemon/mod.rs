@@ -1,53 +1,56 @@
 //! `edge-inspect run`: the streaming inspection daemon.
 //!
 //! This module owns the lifecycle: validate the config (exit 78 on error), start the demo
-//! broker if asked, load and warm the model, connect MQTT, start the threads, tell systemd
-//! READY, supervise (camera status, stall watchdog, stats, systemd WATCHDOG), and on
-//! SIGTERM/SIGINT stop capture, drain under a deadline, publish `offline`, disconnect.
+//! broker if asked, load and warm the model, connect MQTT, wire the stages and hand their
+//! threads to the [`supervisor`], tell systemd READY, then watch (stage exits and progress,
+//! camera status and stalls, stats, the systemd watchdog), and on SIGTERM/SIGINT, a failed
+//! stage or the end of every source: stop capture, drain (under a deadline unless the
+//! sources ended by themselves), publish `offline`, disconnect.
 //!
 //! ```text
-//! capture (1 thread/camera) → queue (cap 2, newest wins) ┐
-//!                                                          ├→ batcher → inference worker
-//! capture …                 → queue                      ┘        → publisher → MQTT
-//!                                                                 → recorder  → capture store
-//! main thread: signals, status, stall watchdog, stats, sd_notify
+//! capture::thread (1/camera) → queue (cap 2, newest wins) ┐
+//!                                                          ├→ batch → worker → publish → MQTT (mqtt, outbox)
+//! capture::thread …          → queue                      ┘                           → recorder → capture store
+//! main thread: signals, supervisor (exits, progress bounds, watchdog), stalls, stats
 //! ```
 
 #[cfg(feature = "embedded-broker")]
 pub mod broker;
-pub mod config;
 pub mod mqtt;
 pub mod outbox;
-pub mod pipeline;
 pub mod publish;
 pub mod recorder;
-pub mod stats;
+pub mod supervisor;
+pub mod worker;
 
 use std::sync::atomic::AtomicBool;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use crossbeam_channel::{bounded, select, tick};
+use crossbeam_channel::{Receiver, Sender, bounded, select, tick};
 use rumqttc::QoS;
 use sd_notify::NotifyState;
 
+use crate::batch;
+use crate::capture::thread::CaptureLoop;
+use crate::config::{self, ConfigIssue, DaemonConfig};
+use crate::frame::Frame;
+use crate::infer::bundle::{Bundle, BundleError};
 use crate::infer::inspect::Inspector;
 use crate::infer::runtime::RuntimeError;
-use crate::model::bundle::{Bundle, BundleError};
-use config::{ConfigIssue, DaemonConfig};
+use crate::stats::{self, CameraStats, CameraStatus, PipelineStats, Progress, RateTracker, StatsReport};
 use mqtt::Mqtt;
-use pipeline::{CaptureContext, WorkerContext};
 use publish::{ModelRef, PublisherContext};
-use stats::{CameraStats, CameraStatus, PipelineStats, RateTracker, StatsReport};
+use supervisor::{Failure, Health, Role, Supervisor};
+use worker::Worker;
 
 /// Checks what validation cannot see without reading the bundle: the manifest and the
 /// reconstruction overrides against its schedule. Cheap: no ONNX Runtime involved.
 pub fn check_model(config: &DaemonConfig) -> Vec<ConfigIssue> {
     let issue = |message: String| ConfigIssue { key: "model.path".into(), message };
-    let manifest = match crate::model::bundle::read_manifest(&config.model.path) {
+    let manifest = match crate::infer::bundle::read_manifest(&config.model.path) {
         Ok(m) => m,
         Err(e) => return vec![issue(e.to_string())],
     };
@@ -79,59 +82,14 @@ fn notify(states: &[NotifyState]) {
     }
 }
 
-/// Waits for `handles` until `deadline`; a thread still running then is reported and left
-/// behind (it can only be stuck in a blocking device or file read).
-/// Joins the threads that finish before `deadline`; returns the names of those that
-/// panicked.
-fn join_until(handles: Vec<(String, JoinHandle<()>)>, deadline: Instant) -> Vec<String> {
-    let mut panicked = Vec::new();
-    for (name, handle) in handles {
-        while !handle.is_finished() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        if handle.is_finished() {
-            if handle.join().is_err() {
-                tracing::error!(thread = %name, "Thread panicked.");
-                panicked.push(name);
-            }
-        } else {
-            tracing::warn!(thread = %name, "Thread did not stop before the deadline; leaving it.");
-        }
-    }
-    panicked
-}
-
-/// Joins the capture threads that have finished; returns the name of one that panicked.
-fn join_panicked_captures(captures: &mut Vec<(String, JoinHandle<()>)>) -> Option<String> {
-    let mut panicked = None;
-    let mut running = Vec::with_capacity(captures.len());
-    for (name, handle) in captures.drain(..) {
-        if !handle.is_finished() {
-            running.push((name, handle));
-        } else if handle.join().is_err() {
-            panicked = Some(name);
-        }
-    }
-    *captures = running;
-    panicked
-}
-
-/// The daemon stopped because a stage panicked; `main` exits with [`EXIT_SOFTWARE`] so
-/// systemd restarts the service.
+/// The daemon stopped because a stage failed (panicked, ended early, got stuck) or missed
+/// the drain deadline; `main` exits with [`EXIT_SOFTWARE`] so systemd restarts the service.
 #[derive(Debug, thiserror::Error)]
-#[error("stage(s) {0:?} panicked; the daemon stopped")]
-pub struct StagePanicked(pub Vec<String>);
+#[error("the daemon stopped: {}", .0.join("; "))]
+pub struct StageFailed(pub Vec<String>);
 
-/// EX_SOFTWARE: an internal error (a stage panicked).
+/// EX_SOFTWARE: an internal error (a stage failed).
 pub const EXIT_SOFTWARE: u8 = 70;
-
-fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> anyhow::Result<(String, JoinHandle<()>)> {
-    let handle = std::thread::Builder::new()
-        .name(name.into())
-        .spawn(f)
-        .with_context(|| format!("cannot start thread {name}"))?;
-    Ok((name.to_string(), handle))
-}
 
 /// Loads and verifies the configured bundle through ONNX Runtime (sha256, graph contract,
 /// golden check, providers): the part of `check-config` that needs the runtime. A failure
@@ -152,14 +110,22 @@ pub fn load_bundle(config: &DaemonConfig, source_name: &str) -> Result<Bundle, c
     })
 }
 
-/// Runs the daemon until SIGTERM/SIGINT, or until every source has ended (finite replays,
-/// disabled cameras, a capture thread that died): then it drains and stops — with
-/// [`StagePanicked`] if a capture thread panicked.
+/// The model as the daemon reports it (stats, status line).
+struct ModelInfo {
+    reference: ModelRef,
+    provider: String,
+    fell_back: bool,
+    unet_calls: usize,
+}
+
+/// Runs the daemon until SIGTERM/SIGINT, until every source has ended (finite replays,
+/// disabled cameras), or until a stage fails; then it drains and stops — with
+/// [`StageFailed`] after a failure or a missed drain deadline.
 pub fn run(config: DaemonConfig, source_name: &str) -> anyhow::Result<()> {
     // The bundle is verified before anything starts: a bad one is a configuration error.
     notify(&[NotifyState::Status("loading model")]);
     let bundle = load_bundle(&config, source_name)?;
-    let (signal_tx, signal_rx) = bounded::<()>(4);
+    let (signal_tx, signals) = bounded::<()>(4);
     ctrlc::set_handler(move || {
         let _ = signal_tx.try_send(());
     })
@@ -173,246 +139,335 @@ pub fn run(config: DaemonConfig, source_name: &str) -> anyhow::Result<()> {
     let m = &config.model;
     let spec = bundle.manifest.reconstruction.with_overrides(m.t0, m.steps, m.sampler, m.eta, None);
     let inspector = Inspector::new(bundle, Some(spec))?.with_tile_batch(config.pipeline.max_batch);
-    let manifest = inspector.manifest().clone();
-    let provider = inspector.bundle.denoiser.provider().to_string();
-    let fell_back = inspector.bundle.denoiser.fell_back_to_cpu();
-    let unet_calls = inspector.unet_calls();
-    let model_ref = ModelRef {
-        name: manifest.name.clone(),
-        version: manifest.version.clone(),
-        sha256: manifest.artifact.sha256.clone(),
+    let manifest = inspector.manifest();
+    let model = ModelInfo {
+        reference: ModelRef {
+            name: manifest.name.clone(),
+            version: manifest.version.clone(),
+            sha256: manifest.artifact.sha256.clone(),
+        },
+        provider: inspector.denoiser().provider().to_string(),
+        fell_back: inspector.denoiser().fell_back_to_cpu(),
+        unet_calls: inspector.unet_calls(),
     };
-    tracing::info!(model = %manifest.name, provider = %provider, fell_back_to_cpu = fell_back, t0 = spec.t0, steps = spec.steps, "Model ready.");
+    tracing::info!(model = %model.reference.name, provider = %model.provider, fell_back_to_cpu = model.fell_back, t0 = spec.t0, steps = spec.steps, "Model ready.");
+    let status_line =
+        format!("inspecting {} camera(s) with {} on {}", config.cameras.len(), model.reference.name, model.provider);
 
-    let pipeline_stats = Arc::new(PipelineStats::default());
-    let camera_ids: Vec<String> = config.cameras.iter().map(|c| c.id.clone()).collect();
-    let camera_stats: Vec<Arc<CameraStats>> = camera_ids.iter().map(|id| Arc::new(CameraStats::new(id))).collect();
+    let mut running = Running::start(&config, inspector, model)?;
+    notify(&[NotifyState::Ready, NotifyState::Status(&status_line)]);
+    tracing::info!(node = %config.node_id, cameras = config.cameras.len(), "Running.");
+    let outcome = running.supervise(&signals);
+    running.stop(outcome)
+}
 
-    let (mqtt_stop_tx, mqtt_stop_rx) = bounded::<()>(0);
-    let (mqtt, mqtt_thread) = if config.mqtt.enabled {
-        let (client, thread) = Mqtt::start(&config.mqtt, pipeline_stats.clone(), mqtt_stop_rx)?;
-        (Some(Arc::new(client)), Some(thread))
-    } else {
-        drop(mqtt_stop_rx);
-        (None, None)
-    };
-    for (id, camera) in camera_ids.iter().zip(&config.cameras) {
-        let status = if camera.enabled { CameraStatus::Offline } else { CameraStatus::Disabled };
-        if let Some(mqtt) = &mqtt {
+/// Why supervision ended.
+enum Outcome {
+    Signalled,
+    SourcesEnded,
+    Failed(Failure),
+}
+
+/// A started daemon: its supervised threads and what the main thread needs to watch, report
+/// and stop them.
+struct Running<'a> {
+    config: &'a DaemonConfig,
+    supervisor: Supervisor,
+    mqtt: Option<Arc<Mqtt>>,
+    /// Dropped to stop the MQTT link, after `offline` went out.
+    mqtt_stop: Option<Sender<()>>,
+    /// Dropped to stop capture.
+    capture_stop: Option<Sender<()>>,
+    /// Camera status changes from the capture threads.
+    status: Receiver<(usize, CameraStatus)>,
+    cameras: Vec<Arc<CameraStats>>,
+    /// The camera queues' receivers, read as depth gauges.
+    queues: Vec<Receiver<Frame>>,
+    /// Per camera: set when the camera stalled, so its thread reopens the source.
+    reopen: Vec<Arc<AtomicBool>>,
+    /// Set at shutdown: batches reaching the worker after it are dropped.
+    drain_deadline: Arc<Mutex<Option<Instant>>>,
+    pipeline: Arc<PipelineStats>,
+    model: ModelInfo,
+    watchdog: Option<Duration>,
+    started: Instant,
+    last_stats: Instant,
+    rates: RateTracker,
+}
+
+impl<'a> Running<'a> {
+    /// Connects MQTT and starts the pipe from its end: recorder ← publisher ← worker ←
+    /// batcher ← captures.
+    fn start(config: &'a DaemonConfig, inspector: Inspector, model: ModelInfo) -> anyhow::Result<Self> {
+        let pipeline = Arc::new(PipelineStats::default());
+        let cameras: Vec<Arc<CameraStats>> = config.cameras.iter().map(|c| Arc::new(CameraStats::new(&c.id))).collect();
+        let mut supervisor = Supervisor::default();
+        let (mqtt, mqtt_stop) = if config.mqtt.enabled {
+            let (client, link) = Mqtt::start(&config.mqtt, pipeline.clone())?;
+            let (stop_tx, stop_rx) = bounded::<()>(0);
+            supervisor.spawn("mqtt", Role::Link, None, move || link.run(stop_rx))?;
+            (Some(Arc::new(client)), Some(stop_tx))
+        } else {
+            (None, None)
+        };
+        for camera in &config.cameras {
+            let status = if camera.enabled { CameraStatus::Offline } else { CameraStatus::Disabled };
+            if let Some(mqtt) = &mqtt {
+                mqtt.publish(&format!("{}/status", camera.id), QoS::AtLeastOnce, true, status.as_str().into());
+            }
+        }
+        let watch = |progress: &Progress| Some((progress.clone(), config.pipeline.stage_timeout));
+
+        let recorder = if config.recorder.enabled {
+            let (tx, rx) = bounded(config.pipeline.output_capacity);
+            let ids = config.cameras.iter().map(|c| c.id.clone()).collect();
+            let recorder =
+                recorder::Recorder::open(config.recorder.clone(), ids, model.reference.clone(), pipeline.clone())
+                    .with_context(|| format!("{}: cannot create the capture store", config.recorder.dir.display()))?;
+            let progress = Progress::new();
+            supervisor.spawn("recorder", Role::Pipe, watch(&progress), move || recorder.run(rx, progress))?;
+            Some((tx, config.recorder.normal_sample_rate))
+        } else {
+            None
+        };
+
+        let (output_tx, output_rx) = bounded(config.pipeline.output_capacity);
+        let publisher = PublisherContext {
+            mqtt: mqtt.clone(),
+            cameras: cameras.clone(),
+            model: model.reference.clone(),
+            image_threshold: inspector.manifest().thresholds.image.value,
+            publish_images: config.mqtt.publish_images,
+            snapshot_quality: config.mqtt.snapshot_quality,
+            image_max_width: config.mqtt.image_max_width,
+            node: config.node_id.clone(),
+            recorder,
+        };
+        let progress = Progress::new();
+        supervisor.spawn("publisher", Role::Pipe, watch(&progress), move || {
+            publish::publisher(publisher, output_rx, progress)
+        })?;
+
+        let (input, inspection) = (inspector.manifest().input, inspector.manifest().inspection);
+        let (batch_tx, batch_rx) = bounded(1);
+        let drain_deadline = Arc::new(Mutex::new(None));
+        let progress = Progress::new();
+        let seed = config.model.seed;
+        let worker =
+            Worker::new(inspector, seed, cameras.clone(), pipeline.clone(), drain_deadline.clone(), progress.clone());
+        supervisor.spawn("inference", Role::Pipe, watch(&progress), move || worker.run(batch_rx, output_tx))?;
+
+        let (capture_stop, capture_stop_rx) = bounded::<()>(0);
+        let (status_tx, status) = bounded(64);
+        let (mut queues, mut reopen) = (Vec::new(), Vec::new());
+        for (index, camera) in config.cameras.iter().enumerate() {
+            let (queue_tx, queue_rx) = bounded(config.pipeline.queue_capacity);
+            let flag = Arc::new(AtomicBool::new(false));
+            let capture = CaptureLoop {
+                index,
+                config: camera.clone(),
+                input,
+                inspection,
+                stats: cameras[index].clone(),
+                queue_tx,
+                queue_rx: queue_rx.clone(),
+                stop: capture_stop_rx.clone(),
+                reopen: flag.clone(),
+                status_tx: status_tx.clone(),
+            };
+            supervisor.spawn(&format!("capture-{}", camera.id), Role::Source, None, move || capture.run())?;
+            queues.push(queue_rx);
+            reopen.push(flag);
+        }
+
+        let progress = Progress::new();
+        let (batch_queues, max_batch, max_wait) = (queues.clone(), config.pipeline.max_batch, config.pipeline.max_wait);
+        supervisor.spawn("batcher", Role::Pipe, watch(&progress), move || {
+            batch::run(batch_queues, max_batch, max_wait, batch_tx, capture_stop_rx, progress)
+        })?;
+
+        Ok(Self {
+            config,
+            supervisor,
+            mqtt,
+            mqtt_stop,
+            capture_stop: Some(capture_stop),
+            status,
+            cameras,
+            queues,
+            reopen,
+            drain_deadline,
+            pipeline,
+            model,
+            watchdog: sd_notify::watchdog_enabled(),
+            started: Instant::now(),
+            last_stats: Instant::now(),
+            rates: RateTracker::default(),
+        })
+    }
+
+    /// Watches the threads until a signal, the end of every source, or a failure.
+    fn supervise(&mut self, signals: &Receiver<()>) -> Outcome {
+        let second = tick(Duration::from_secs(1));
+        let exits = self.supervisor.exits().clone();
+        let (statuses, closed) = (self.status.clone(), crossbeam_channel::never());
+        let mut statuses_open = true;
+        loop {
+            // A closed channel is always ready: once every capture thread is gone, stop
+            // listening to it.
+            let status = if statuses_open { &statuses } else { &closed };
+            select! {
+                recv(signals) -> _ => return Outcome::Signalled,
+                recv(status) -> change => match change {
+                    Ok((index, status)) => self.publish_status(index, status),
+                    Err(_) => statuses_open = false,
+                },
+                recv(exits) -> index => {
+                    match self.supervisor.exited(index.expect("the supervisor holds an exit sender")) {
+                        Health::Running => {}
+                        Health::SourcesEnded => {
+                            tracing::info!("Every source has ended; finishing the frames in the pipeline.");
+                            return Outcome::SourcesEnded;
+                        }
+                        Health::Failed(failure) => {
+                            tracing::error!(stage = %failure.stage, what = %failure.what, "A stage failed; shutting down.");
+                            return Outcome::Failed(failure);
+                        }
+                    }
+                }
+                recv(second) -> _ => {
+                    if let Some(failure) = self.supervisor.stuck() {
+                        tracing::error!(stage = %failure.stage, what = %failure.what, "A stage is stuck; shutting down.");
+                        return Outcome::Failed(failure);
+                    }
+                    // Fed only while every stage shows progress within its bound.
+                    if let Some(period) = self.watchdog {
+                        tracing::trace!(period_ms = period.as_millis() as u64, "Watchdog.");
+                        notify(&[NotifyState::Watchdog]);
+                    }
+                    self.check_stalls();
+                    if self.last_stats.elapsed() >= self.config.mqtt.stats_interval {
+                        self.publish_stats();
+                    }
+                }
+            }
+        }
+    }
+
+    /// A camera online without a frame for longer than its stall timeout is marked offline
+    /// and told to reopen.
+    fn check_stalls(&self) {
+        for (i, camera) in self.config.cameras.iter().enumerate() {
+            let s = &self.cameras[i];
+            if s.status() == CameraStatus::Online && s.since_progress() > camera.stall_timeout {
+                tracing::warn!(camera = %camera.id, stalled_ms = s.since_progress().as_millis() as u64, "Camera stalled.");
+                s.stalls.fetch_add(1, Relaxed);
+                *s.status.lock().expect("stats lock") = CameraStatus::Offline;
+                self.reopen[i].store(true, Relaxed);
+                self.publish_status(i, CameraStatus::Offline);
+            }
+        }
+    }
+
+    fn publish_status(&self, index: usize, status: CameraStatus) {
+        let id = &self.config.cameras[index].id;
+        tracing::info!(camera = %id, status = status.as_str(), "Camera status.");
+        if let Some(mqtt) = &self.mqtt {
             mqtt.publish(&format!("{id}/status"), QoS::AtLeastOnce, true, status.as_str().into());
         }
     }
 
-    // The pipe, from the end: recorder ← publisher ← worker ← batcher ← captures.
-    let mut downstream = Vec::new();
-    let recorder_tx = if config.recorder.enabled {
-        let (tx, rx) = bounded(config.pipeline.output_capacity);
-        let recorder = recorder::Recorder::open(
-            config.recorder.clone(),
-            camera_ids.clone(),
-            model_ref.clone(),
-            pipeline_stats.clone(),
-        )
-        .with_context(|| format!("{}: cannot create the capture store", config.recorder.dir.display()))?;
-        downstream.push(spawn("recorder", move || recorder.run(rx))?);
-        Some((tx, config.recorder.normal_sample_rate))
-    } else {
-        None
-    };
-    let (output_tx, output_rx) = bounded(config.pipeline.output_capacity);
-    let publisher_ctx = PublisherContext {
-        mqtt: mqtt.clone(),
-        cameras: camera_stats.clone(),
-        model: model_ref.clone(),
-        image_threshold: manifest.thresholds.image.value,
-        publish_images: config.mqtt.publish_images,
-        snapshot_quality: config.mqtt.snapshot_quality,
-        image_max_width: config.mqtt.image_max_width,
-        node: config.node_id.clone(),
-        recorder: recorder_tx,
-    };
-    downstream.push(spawn("publisher", move || publish::publisher(publisher_ctx, output_rx))?);
-    let (batch_tx, batch_rx) = bounded(1);
-    let drain_deadline = Arc::new(Mutex::new(None));
-    let heartbeat = Arc::new(Mutex::new(Instant::now()));
-    // Every UNet batch of tiles is progress: a frame of many tiles keeps the watchdog fed
-    // while it is inspected; a UNet call that hangs does not.
-    let beat = heartbeat.clone();
-    let worker_ctx = WorkerContext {
-        inspector: inspector.with_progress(move || *beat.lock().expect("heartbeat lock") = Instant::now()),
-        seed: config.model.seed,
-        batches: batch_rx,
-        output: output_tx,
-        cameras: camera_stats.clone(),
-        pipeline: pipeline_stats.clone(),
-        drain_deadline: drain_deadline.clone(),
-        heartbeat: heartbeat.clone(),
-    };
-    downstream.insert(0, spawn("inference", move || pipeline::inference_worker(worker_ctx))?);
-    let mut queues = Vec::new();
-    let mut captures = Vec::new();
-    let (capture_stop_tx, capture_stop_rx) = bounded::<()>(0);
-    let (status_tx, status_rx) = bounded(64);
-    let mut reopen_flags = Vec::new();
-    for (index, camera) in config.cameras.iter().enumerate() {
-        let (tx, rx) = bounded(config.pipeline.queue_capacity);
-        queues.push(rx.clone());
-        let reopen = Arc::new(AtomicBool::new(false));
-        reopen_flags.push(reopen.clone());
-        let ctx = CaptureContext {
-            index,
-            config: camera.clone(),
-            input: manifest.input,
-            inspection: manifest.inspection,
-            stats: camera_stats[index].clone(),
-            queue_tx: tx,
-            queue_rx: rx,
-            stop: capture_stop_rx.clone(),
-            reopen,
-            status_tx: status_tx.clone(),
-        };
-        captures.push(spawn(&format!("capture-{}", camera.id), move || ctx.run())?);
-    }
-    drop(status_tx);
-    let queue_gauges = queues.clone();
-    let pipeline_config = config.pipeline.clone();
-    let batcher_stop = capture_stop_rx.clone();
-    downstream.insert(0, spawn("batcher", move || pipeline::batcher(queues, pipeline_config, batch_tx, batcher_stop))?);
-
-    let status_line = format!("inspecting {} camera(s) with {} on {}", config.cameras.len(), manifest.name, provider);
-    notify(&[NotifyState::Ready, NotifyState::Status(&status_line)]);
-    tracing::info!(node = %config.node_id, cameras = config.cameras.len(), "Running.");
-
-    // Supervise until a signal.
-    let watchdog = sd_notify::watchdog_enabled();
-    let second = tick(Duration::from_secs(1));
-    let mut last_stats = Instant::now();
-    let mut rates = RateTracker::default();
-    let started = Instant::now();
-    let publish_stats = |rates: &mut RateTracker| {
+    fn publish_stats(&mut self) {
+        self.last_stats = Instant::now();
+        let p = &self.pipeline;
         let report = StatsReport {
             schema: stats::STATS_SCHEMA,
-            node: config.node_id.clone(),
+            node: self.config.node_id.clone(),
             timestamp: publish::rfc3339(std::time::SystemTime::now()),
-            uptime_s: started.elapsed().as_secs_f64(),
+            uptime_s: self.started.elapsed().as_secs_f64(),
             model: stats::ModelReport {
-                name: model_ref.name.clone(),
-                version: model_ref.version.clone(),
-                sha256: model_ref.sha256.clone(),
+                name: self.model.reference.name.clone(),
+                version: self.model.reference.version.clone(),
+                sha256: self.model.reference.sha256.clone(),
             },
             inference: stats::inference_report(
-                &pipeline_stats,
-                provider.clone(),
-                fell_back,
-                config.pipeline.max_batch,
-                unet_calls,
+                p,
+                self.model.provider.clone(),
+                self.model.fell_back,
+                self.config.pipeline.max_batch,
+                self.model.unet_calls,
             ),
-            cameras: camera_stats
+            cameras: self
+                .cameras
                 .iter()
-                .zip(&queue_gauges)
-                .map(|(c, q)| (c.id.clone(), stats::camera_report(c, q.len(), rates.rates(c))))
+                .zip(&self.queues)
+                .map(|(c, q)| (c.id.clone(), stats::camera_report(c, q.len(), self.rates.rates(c))))
                 .collect(),
-            mqtt_connects: pipeline_stats.mqtt_connects.load(Relaxed),
-            mqtt_connected: pipeline_stats.mqtt_connected.load(Relaxed),
-            mqtt_failures: pipeline_stats.mqtt_failures.load(Relaxed),
-            outbox_queued: pipeline_stats.outbox_queued.load(Relaxed),
-            outbox_dropped: pipeline_stats.outbox_dropped.load(Relaxed),
-            recorded_flagged: pipeline_stats.recorded_flagged.load(Relaxed),
-            recorded_normal: pipeline_stats.recorded_normal.load(Relaxed),
-            recorder_pruned: pipeline_stats.recorder_pruned.load(Relaxed),
-            recorder_errors: pipeline_stats.recorder_errors.load(Relaxed),
+            mqtt_connects: p.mqtt_connects.load(Relaxed),
+            mqtt_connected: p.mqtt_connected.load(Relaxed),
+            mqtt_failures: p.mqtt_failures.load(Relaxed),
+            outbox_queued: p.outbox_queued.load(Relaxed),
+            outbox_dropped: p.outbox_dropped.load(Relaxed),
+            recorded_flagged: p.recorded_flagged.load(Relaxed),
+            recorded_normal: p.recorded_normal.load(Relaxed),
+            recorder_pruned: p.recorder_pruned.load(Relaxed),
+            recorder_errors: p.recorder_errors.load(Relaxed),
         };
         let payload = serde_json::to_vec(&report).expect("stats serialise");
         tracing::debug!(stats = %String::from_utf8_lossy(&payload), "Stats.");
-        if let Some(mqtt) = &mqtt {
+        if let Some(mqtt) = &self.mqtt {
             mqtt.publish("stats", QoS::AtMostOnce, false, payload);
         }
-    };
-    let mut stage_died: Option<String> = None;
-    let signalled = loop {
-        select! {
-            recv(signal_rx) -> _ => break true,
-            recv(status_rx) -> change => match change {
-                Ok((index, status)) => {
-                    tracing::info!(camera = %camera_ids[index], status = status.as_str(), "Camera status.");
-                    if let Some(mqtt) = &mqtt {
-                        mqtt.publish(&format!("{}/status", camera_ids[index]), QoS::AtLeastOnce, true, status.as_str().into());
-                    }
-                }
-                // Every capture thread has returned: nothing more will come in.
-                Err(_) => {
-                    tracing::info!("Every source has ended; finishing the frames in the pipeline.");
-                    break false;
-                }
-            },
-            recv(second) -> _ => {
-                // Supervision: a pipeline stage only ends when its input closes (every source
-                // ended, or shutdown); one that ends while a source still runs died (a panic,
-                // or its neighbour did): stop, exit 70.
-                let sources_running = captures.iter().any(|(_, h)| !h.is_finished());
-                if let Some((name, _)) = downstream.iter().find(|(_, h)| sources_running && h.is_finished()) {
-                    tracing::error!(stage = %name, "A pipeline stage stopped unexpectedly; shutting down.");
-                    stage_died = Some(name.clone());
-                    break true;
-                }
-                // A capture thread may end (a finite replay, a disabled camera); one that
-                // panicked is a dead stage too.
-                if let Some(name) = join_panicked_captures(&mut captures) {
-                    tracing::error!(stage = %name, "A capture thread panicked; shutting down.");
-                    stage_died = Some(name);
-                    break true;
-                }
-                for (i, camera) in config.cameras.iter().enumerate() {
-                    let s = &camera_stats[i];
-                    if s.status() == CameraStatus::Online && s.since_progress() > camera.stall_timeout {
-                        tracing::warn!(camera = %camera.id, stalled_ms = s.since_progress().as_millis() as u64, "Camera stalled.");
-                        s.stalls.fetch_add(1, Relaxed);
-                        *s.status.lock().expect("stats lock") = CameraStatus::Offline;
-                        reopen_flags[i].store(true, Relaxed);
-                        if let Some(mqtt) = &mqtt {
-                            mqtt.publish(&format!("{}/status", camera.id), QoS::AtLeastOnce, true, b"offline".to_vec());
-                        }
-                    }
-                }
-                // WATCHDOG only while the inference loop turns (busy or idle-waiting).
-                if let Some(period) = watchdog
-                    && heartbeat.lock().expect("heartbeat lock").elapsed() < period / 2
-                {
-                    notify(&[NotifyState::Watchdog]);
-                }
-                if last_stats.elapsed() >= config.mqtt.stats_interval {
-                    last_stats = Instant::now();
-                    publish_stats(&mut rates);
-                }
-            }
-        }
-    };
+    }
 
-    // Shutdown: capture stops, the pipe drains (under the deadline after a signal), then
-    // `offline`.
-    tracing::info!(drain_ms = config.drain_timeout.as_millis() as u64, "Stopping.");
-    notify(&[NotifyState::Stopping, NotifyState::Status("draining")]);
-    // A signal drains under the deadline; ended sources leave only the bounded queues' frames,
-    // all of which are inspected (the stages end as their inputs close).
-    let deadline = if signalled {
-        let deadline = Instant::now() + config.drain_timeout;
-        *drain_deadline.lock().expect("deadline lock") = Some(deadline);
-        deadline
-    } else {
-        Instant::now() + Duration::from_secs(24 * 3600)
-    };
-    drop(capture_stop_tx);
-    let mut panicked = join_until(captures, deadline);
-    panicked.extend(join_until(downstream, deadline + Duration::from_secs(1)));
-    publish_stats(&mut rates);
-    if let Some(mqtt) = &mqtt {
-        mqtt.go_offline(&camera_ids);
+    /// Stops capture, lets the pipe drain (under the drain deadline unless every source
+    /// ended by itself: then every queued frame is inspected), publishes `offline` and
+    /// disconnects.
+    fn stop(mut self, outcome: Outcome) -> anyhow::Result<()> {
+        tracing::info!(drain_ms = self.config.drain_timeout.as_millis() as u64, "Stopping.");
+        notify(&[NotifyState::Stopping, NotifyState::Status("draining")]);
+        let deadline = match outcome {
+            Outcome::SourcesEnded => Instant::now() + Duration::from_secs(24 * 3600),
+            Outcome::Signalled | Outcome::Failed(_) => {
+                let deadline = Instant::now() + self.config.drain_timeout;
+                *self.drain_deadline.lock().expect("deadline lock") = Some(deadline);
+                deadline
+            }
+        };
+        let mut failures: Vec<String> = match &outcome {
+            Outcome::Failed(failure) => vec![failure.to_string()],
+            _ => Vec::new(),
+        };
+        let note_panics = |panicked: Vec<String>, failures: &mut Vec<String>| {
+            let known = |name: &String| matches!(&outcome, Outcome::Failed(f) if &f.stage == name);
+            failures.extend(panicked.into_iter().filter(|n| !known(n)).map(|n| format!("{n}: panicked")));
+        };
+        drop(self.capture_stop.take());
+        let (panicked, blocked) = self.supervisor.wait_for(Role::Source, deadline);
+        note_panics(panicked, &mut failures);
+        for name in blocked {
+            // Only a blocking device read keeps a capture thread; its queue is drained anyway.
+            tracing::warn!(thread = %name, "Capture thread did not stop before the deadline; leaving it.");
+        }
+        let (panicked, undrained) = self.supervisor.wait_for(Role::Pipe, deadline + Duration::from_secs(1));
+        note_panics(panicked, &mut failures);
+        for name in undrained {
+            tracing::error!(stage = %name, "Stage did not finish before the drain deadline.");
+            failures.push(format!("{name}: missed the drain deadline"));
+        }
+        let last: Vec<_> = self.status.try_iter().collect();
+        for (index, status) in last {
+            self.publish_status(index, status);
+        }
+        self.publish_stats();
+        if let Some(mqtt) = &self.mqtt {
+            let ids: Vec<String> = self.config.cameras.iter().map(|c| c.id.clone()).collect();
+            mqtt.go_offline(&ids);
+        }
+        drop(self.mqtt_stop.take());
+        let (panicked, _) = self.supervisor.wait_for(Role::Link, Instant::now() + Duration::from_secs(4));
+        note_panics(panicked, &mut failures);
+        tracing::info!("Stopped.");
+        if failures.is_empty() { Ok(()) } else { Err(StageFailed(failures).into()) }
     }
-    drop(mqtt_stop_tx);
-    if let Some(thread) = mqtt_thread {
-        join_until(vec![("mqtt".into(), thread)], Instant::now() + Duration::from_secs(4));
-    }
-    tracing::info!("Stopped.");
-    panicked.extend(stage_died.filter(|name| !panicked.contains(name)));
-    if panicked.is_empty() { Ok(()) } else { Err(StagePanicked(panicked).into()) }
 }

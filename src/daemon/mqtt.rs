@@ -19,10 +19,10 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::Receiver;
 use rumqttc::{Client, Connection, Event, LastWill, MqttOptions, Packet, QoS, Transport};
 
-use super::config::{MqttConfig, TlsConfig};
 use super::outbox::Outbox;
-use super::pipeline::{Backoff, pause};
-use super::stats::PipelineStats;
+use crate::backoff::{Backoff, pause};
+use crate::config::{MqttConfig, TlsConfig};
+use crate::stats::PipelineStats;
 
 /// Latest payload of each retained topic, re-published on every connect.
 #[derive(Default)]
@@ -103,13 +103,9 @@ pub fn options(config: &MqttConfig) -> Result<MqttOptions, MqttSetupError> {
 }
 
 impl Mqtt {
-    /// Creates the client and starts the connection thread, which runs until `stop` closes
-    /// and the final `offline` has been sent.
-    pub fn start(
-        config: &MqttConfig,
-        stats: Arc<PipelineStats>,
-        stop: Receiver<()>,
-    ) -> Result<(Self, std::thread::JoinHandle<()>), MqttSetupError> {
+    /// Creates the client and the link that drives its connection (run it on a thread of
+    /// its own: [`MqttLink::run`]).
+    pub fn start(config: &MqttConfig, stats: Arc<PipelineStats>) -> Result<(Self, MqttLink), MqttSetupError> {
         let (client, connection) = Client::new(options(config)?, CLIENT_QUEUE);
         let retained = Arc::new(RetainedState::default());
         let outbox = Outbox::open(&config.outbox_dir, config.outbox_max_bytes, config.outbox_max_age, stats.clone())
@@ -123,12 +119,7 @@ impl Mqtt {
             stats: stats.clone(),
         };
         let link = Link { client, base: config.base_topic.clone(), retained, outbox, stats };
-        let reconnect_max = config.reconnect_max;
-        let handle = std::thread::Builder::new()
-            .name("mqtt".into())
-            .spawn(move || link.run(connection, stop, reconnect_max))
-            .expect("spawn mqtt thread");
-        Ok((mqtt, handle))
+        Ok((mqtt, MqttLink { link, connection, reconnect_max: config.reconnect_max }))
     }
 
     pub fn topic(&self, suffix: &str) -> String {
@@ -197,6 +188,20 @@ struct Link {
     retained: Arc<RetainedState>,
     outbox: Arc<Mutex<Outbox>>,
     stats: Arc<PipelineStats>,
+}
+
+/// The connection's driver: reconnects, announces, drains the outbox.
+pub struct MqttLink {
+    link: Link,
+    connection: Connection,
+    reconnect_max: Duration,
+}
+
+impl MqttLink {
+    /// Runs until `stop` closes and the final `offline` has been sent (or 3 s have passed).
+    pub fn run(self, stop: Receiver<()>) {
+        self.link.run(self.connection, stop, self.reconnect_max)
+    }
 }
 
 /// Outbox messages handed to the client per event-loop turn.

@@ -19,8 +19,8 @@ use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
 
-use super::stats::PipelineStats;
-use crate::model::bundle::write_atomic;
+use crate::durable::write_atomic;
+use crate::stats::PipelineStats;
 
 #[derive(Serialize, Deserialize)]
 struct Header {

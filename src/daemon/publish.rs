@@ -12,10 +12,10 @@ use rumqttc::QoS;
 use serde::Serialize;
 
 use super::mqtt::Mqtt;
-use super::pipeline::Inspected;
-use super::stats::{CameraStats, DropReason};
+use crate::frame::Inspected;
 use crate::postprocess::anomaly::Region;
 use crate::postprocess::render::{OverlayFormat, mask_png_within, overlay_within};
+use crate::stats::{CameraStats, DropReason, Progress};
 
 /// Version of the alert and state payloads (2: regions in camera pixels, inspected area
 /// and mask scale stated; see `docs/mqtt.md`).
@@ -85,7 +85,7 @@ struct CameraMapping {
 }
 
 impl CameraMapping {
-    fn of(frame: &super::pipeline::Frame, analysis: &crate::postprocess::anomaly::Analysis) -> Self {
+    fn of(frame: &crate::frame::Frame, analysis: &crate::postprocess::anomaly::Analysis) -> Self {
         Self::new(frame.origin, [frame.original.width(), frame.original.height()], [analysis.width, analysis.height])
     }
 
@@ -139,11 +139,11 @@ pub struct PublisherContext {
 }
 
 /// Publishes every inspected frame; ends when the inference worker is gone.
-pub fn publisher(ctx: PublisherContext, input: Receiver<Inspected>) {
-    let mut sampler = super::pipeline::clock_seeded_rng();
+pub fn publisher(ctx: PublisherContext, input: Receiver<Inspected>, progress: Progress) {
+    let mut sampler = crate::backoff::clock_seeded_rng();
     // Fault drill (docs/deploy.md): the publisher dies at its first frame.
     let injected_panic = std::env::var("EDGE_INSPECT_FAULT").is_ok_and(|f| f == "publisher-panic");
-    for inspected in input {
+    while let Some(inspected) = progress.recv(&input) {
         assert!(!injected_panic, "injected fault: EDGE_INSPECT_FAULT=publisher-panic");
         let camera = &ctx.cameras[inspected.frame.camera];
         let a = &inspected.analysis;

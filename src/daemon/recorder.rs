@@ -19,13 +19,13 @@ use std::time::{Duration, Instant, SystemTime};
 use crossbeam_channel::Receiver;
 use serde::Serialize;
 
-use super::config::RecorderConfig;
-use super::pipeline::Inspected;
 use super::publish::{ModelRef, rfc3339};
-use super::stats::PipelineStats;
-use crate::model::bundle::write_atomic;
+use crate::config::RecorderConfig;
+use crate::durable::write_atomic;
+use crate::frame::Inspected;
 use crate::postprocess::anomaly::Region;
 use crate::postprocess::render::mask_png;
+use crate::stats::{PipelineStats, Progress};
 
 /// The marker file's name (shared with `retrain`'s layout detection).
 pub use crate::capture::STORE_MARKER as MARKER;
@@ -219,9 +219,9 @@ impl Recorder {
     }
 
     /// Records until the publisher is gone.
-    pub fn run(mut self, input: Receiver<Inspected>) {
-        let failures = super::stats::LogThrottle::new(Duration::from_secs(10));
-        for item in input {
+    pub fn run(mut self, input: Receiver<Inspected>, progress: Progress) {
+        let failures = crate::stats::LogThrottle::new(Duration::from_secs(10));
+        while let Some(item) = progress.recv(&input) {
             if let Err(e) = self.record(&item) {
                 self.stats.recorder_errors.fetch_add(1, Relaxed);
                 if let Some(suppressed) = failures.admit() {

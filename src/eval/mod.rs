@@ -17,7 +17,7 @@ use std::time::Instant;
 use serde::Serialize;
 
 use crate::infer::inspect::{FrameView, Inspector};
-use crate::infer::reconstruct::ReconstructionSpec;
+use crate::model::sampling::ReconstructionSpec;
 use crate::postprocess::anomaly::{AnomalySpec, connected_components};
 use crate::postprocess::render::{OverlayFormat, overlay_within};
 use data::{EvalDataError, EvalLayout, EvalSet, NORMAL};
@@ -191,7 +191,7 @@ pub fn evaluate(
                 );
                 let truth = (l.inspected == l.size).then_some(l.truth.as_slice());
                 let bytes = overlay_within(&l.display, &analysis, truth, OverlayFormat::Png, OVERLAY_MAX_WIDTH);
-                crate::model::bundle::write_atomic(&overlay_dir.join(&name), &bytes)?;
+                crate::durable::write_atomic(&overlay_dir.join(&name), &bytes)?;
                 overlays.push(format!("overlays/{name}"));
             }
             records.push(Record {
@@ -231,7 +231,7 @@ pub fn evaluate(
             name: manifest.name.clone(),
             version: manifest.version.clone(),
             sha256: manifest.artifact.sha256.clone(),
-            provider: inspector.bundle.denoiser.provider().to_string(),
+            provider: inspector.denoiser().provider().to_string(),
         },
         data: DataInfo {
             path: data_dir.display().to_string(),

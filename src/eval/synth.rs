@@ -114,7 +114,7 @@ fn read_texture(path: &Path) -> Result<(GrayImage, String), SynthError> {
     let image = image::load_from_memory(&bytes)
         .map_err(|e| SynthError::Texture { path: path.into(), reason: e.to_string() })?
         .to_luma8();
-    Ok((image, crate::model::bundle::sha256_hex(&bytes)))
+    Ok((image, crate::infer::bundle::sha256_hex(&bytes)))
 }
 
 /// Where crops may start: train crops from the left, test crops from the right strip.
@@ -199,13 +199,12 @@ pub fn paste_transplant(img: &mut GrayImage, donor: &GrayImage, rng: &mut ChaCha
         let sy = ((v as f64 * zoom) as u32 + offset.1) % donor.height();
         donor.get_pixel(sx, sy).0[0] as f64
     };
-    let inside: Vec<(u32, u32)> = mask.enumerate_pixels().filter(|(_, _, m)| m.0[0] != 0).map(|(x, y, _)| (x, y)).collect();
-    let mean = |f: &dyn Fn(u32, u32) -> f64| inside.iter().map(|&(x, y)| f(x, y)).sum::<f64>() / inside.len().max(1) as f64;
-    let offset_level = if rng.random_bool(0.5) {
-        0.0
-    } else {
-        mean(&|x, y| img.get_pixel(x, y).0[0] as f64) - mean(&source)
-    };
+    let inside: Vec<(u32, u32)> =
+        mask.enumerate_pixels().filter(|(_, _, m)| m.0[0] != 0).map(|(x, y, _)| (x, y)).collect();
+    let mean =
+        |f: &dyn Fn(u32, u32) -> f64| inside.iter().map(|&(x, y)| f(x, y)).sum::<f64>() / inside.len().max(1) as f64;
+    let offset_level =
+        if rng.random_bool(0.5) { 0.0 } else { mean(&|x, y| img.get_pixel(x, y).0[0] as f64) - mean(&source) };
     for &(x, y) in &inside {
         img.put_pixel(x, y, Luma([shift(0, source(x, y) + offset_level)]));
     }
@@ -511,7 +510,7 @@ mod tests {
             let mut painted = surface.clone();
             let mask = paste_transplant(&mut painted, &donor, &mut rng);
             let marked = mask.pixels().filter(|m| m.0[0] != 0).count();
-            assert!(marked >= 3 && marked < 64 * 48 / 2, "{marked} px");
+            assert!((3..64 * 48 / 2).contains(&marked), "{marked} px");
             let mut changed = 0;
             for (x, y, m) in mask.enumerate_pixels() {
                 let differs = painted.get_pixel(x, y) != surface.get_pixel(x, y);

@@ -10,13 +10,16 @@
 //! maps are averaged, and smoothing, scores and mask run on the average. Every member uses
 //! the frame's own seed, so a one-member ensemble is exactly a plain reconstruction.
 
-use crate::infer::reconstruct::{ReconstructionError, ReconstructionSpec, Reconstructor};
-use crate::infer::runtime::{Denoiser, RuntimeError};
+use std::path::PathBuf;
+
+use crate::infer::bundle::{Bundle, BundleError};
+use crate::infer::reconstruct::Reconstructor;
+use crate::infer::runtime::{Denoiser, OrtDenoiser, RuntimeError};
 use crate::infer::tiling::{Tile, TileGrid, tile_seed};
-use crate::model::bundle::{Bundle, BundleError};
 use crate::model::diffusion::NoiseSchedule;
 use crate::model::manifest::Manifest;
 use crate::model::preprocess::Inspection;
+use crate::model::sampling::{ReconstructionError, ReconstructionSpec};
 use crate::postprocess::anomaly::{Analysis, AnomalySpec, Residual, reconstruction_mse, residual_map, verdict};
 
 /// Stacks frames and reconstructions channel-wise: `[n, 2C, H, W]`, the head's input.
@@ -145,9 +148,15 @@ pub struct FrameView<'a> {
     pub size: [usize; 2],
 }
 
-/// A loaded bundle with its reconstruction ensemble and reusable batch buffers.
-pub struct Inspector {
-    pub bundle: Bundle,
+/// A model (denoiser, optional head, manifest) with its reconstruction ensemble and reusable
+/// batch buffers. Generic over the [`Denoiser`], so the stages around it are unit-tested
+/// with a fake; the daemon, `infer` and `eval` use [`OrtDenoiser`] sessions from a [`Bundle`].
+pub struct Inspector<D: Denoiser = OrtDenoiser> {
+    /// Where the model came from, for error messages.
+    dir: PathBuf,
+    manifest: Manifest,
+    denoiser: D,
+    head: Option<D>,
     ensemble: Ensemble,
     /// Tiles per UNet batch.
     tile_batch: usize,
@@ -158,22 +167,45 @@ pub struct Inspector {
     progress: Option<Box<dyn FnMut() + Send>>,
 }
 
-impl Inspector {
+impl Inspector<OrtDenoiser> {
     /// `spec` overrides the manifest's primary reconstruction settings; the manifest's
     /// ensemble members follow it (same sampler, steps, conditioning). Tiles are
     /// reconstructed 8 at a time unless [`Inspector::with_tile_batch`] says otherwise.
     pub fn new(bundle: Bundle, spec: Option<ReconstructionSpec>) -> Result<Self, BundleError> {
-        let schedule = NoiseSchedule::new(&bundle.manifest.schedule)
-            .map_err(|e| BundleError::Inconsistent { path: bundle.dir.clone(), what: e.to_string() })?;
-        if bundle.manifest.anomaly.residual == Residual::Head && bundle.head.is_none() {
-            let what = "the head map rule needs a bundle with a learned head (retrain --head-steps)".to_string();
-            return Err(BundleError::Inconsistent { path: bundle.dir.clone(), what });
+        Self::from_parts(bundle.dir, bundle.manifest, bundle.denoiser, bundle.head, spec)
+    }
+}
+
+impl<D: Denoiser> Inspector<D> {
+    /// An inspector over any denoiser (and head) for `manifest`; see [`Inspector::new`].
+    pub fn from_parts(
+        dir: PathBuf,
+        manifest: Manifest,
+        denoiser: D,
+        head: Option<D>,
+        spec: Option<ReconstructionSpec>,
+    ) -> Result<Self, BundleError> {
+        let inconsistent = |what: String| BundleError::Inconsistent { path: dir.clone(), what };
+        let schedule = NoiseSchedule::new(&manifest.schedule).map_err(|e| inconsistent(e.to_string()))?;
+        if manifest.anomaly.residual == Residual::Head && head.is_none() {
+            return Err(inconsistent(
+                "the head map rule needs a bundle with a learned head (retrain --head-steps)".into(),
+            ));
         }
-        let primary = spec.unwrap_or(bundle.manifest.reconstruction);
-        let ensemble = Ensemble::new(&schedule, primary, bundle.manifest.extra_t0()).map_err(|e| {
-            BundleError::Inconsistent { path: bundle.dir.clone(), what: format!("reconstruction: {e}") }
-        })?;
-        Ok(Self { bundle, ensemble, tile_batch: 8, batch: Vec::new(), tile: Vec::new(), progress: None })
+        let primary = spec.unwrap_or(manifest.reconstruction);
+        let ensemble = Ensemble::new(&schedule, primary, manifest.extra_t0())
+            .map_err(|e| inconsistent(format!("reconstruction: {e}")))?;
+        Ok(Self {
+            dir,
+            manifest,
+            denoiser,
+            head,
+            ensemble,
+            tile_batch: 8,
+            batch: Vec::new(),
+            tile: Vec::new(),
+            progress: None,
+        })
     }
 
     /// Calls `progress` after every UNet batch of tiles.
@@ -188,16 +220,30 @@ impl Inspector {
         self
     }
 
+    /// The same model at other primary reconstruction settings (the manifest's ensemble
+    /// members follow them).
+    pub fn with_spec(self, spec: ReconstructionSpec) -> Result<Self, BundleError> {
+        let (tile_batch, progress) = (self.tile_batch, self.progress);
+        let mut rebuilt = Self::from_parts(self.dir, self.manifest, self.denoiser, self.head, Some(spec))?;
+        rebuilt.tile_batch = tile_batch;
+        rebuilt.progress = progress;
+        Ok(rebuilt)
+    }
+
     /// Drops the manifest's ensemble members: only the primary reconstruction runs.
-    pub fn without_ensemble(self) -> Result<Self, BundleError> {
-        let (spec, tile_batch) = (*self.spec(), self.tile_batch);
-        let mut bundle = self.bundle;
-        bundle.manifest.ensemble = None;
-        Ok(Self::new(bundle, Some(spec))?.with_tile_batch(tile_batch))
+    pub fn without_ensemble(mut self) -> Result<Self, BundleError> {
+        let spec = *self.spec();
+        self.manifest.ensemble = None;
+        self.with_spec(spec)
+    }
+
+    /// The denoiser (e.g. to ask an ONNX Runtime session for its provider).
+    pub fn denoiser(&self) -> &D {
+        &self.denoiser
     }
 
     pub fn manifest(&self) -> &Manifest {
-        &self.bundle.manifest
+        &self.manifest
     }
 
     /// The primary reconstruction's settings.
@@ -213,13 +259,13 @@ impl Inspector {
     /// The tiles of a prepared frame of `size`: one for a model-size frame; overlapping
     /// tiles `stride` apart for a tiled model.
     pub fn tile_grid(&self, size: [usize; 2]) -> TileGrid {
-        let input = self.bundle.manifest.input;
+        let input = self.manifest.input;
         let tile = [input.height, input.width];
         assert!(
             size[0] >= tile[0] && size[1] >= tile[1],
             "inspect: a {size:?} frame is smaller than one {tile:?} tile"
         );
-        let stride = match self.bundle.manifest.inspection {
+        let stride = match self.manifest.inspection {
             Inspection::Tiled { stride, .. } => [stride, stride],
             Inspection::Resize => {
                 assert_eq!(size, tile, "inspect: a resize model takes frames of its input size");
@@ -235,7 +281,7 @@ impl Inspector {
     /// each verdict is at the prepared frame's resolution.
     pub fn inspect(&mut self, frames: &[FrameView<'_>], seeds: &[u64]) -> Result<Vec<Analysis>, RuntimeError> {
         assert_eq!(frames.len(), seeds.len(), "inspect: one seed per frame");
-        let input = self.bundle.manifest.input;
+        let input = self.manifest.input;
         let channels = input.channels;
         for f in frames {
             assert_eq!(
@@ -259,12 +305,12 @@ impl Inspector {
                 tile_seeds.push(tile_seed(seeds[f], t.index));
             }
             let maps = self.ensemble.raw_maps(
-                &mut self.bundle.denoiser,
-                self.bundle.head.as_mut().map(|h| h as &mut dyn Denoiser),
+                &mut self.denoiser,
+                self.head.as_mut().map(|h| h as &mut dyn Denoiser),
                 &self.batch,
                 [chunk.len(), channels, input.height, input.width],
                 &tile_seeds,
-                &self.bundle.manifest.anomaly,
+                &self.manifest.anomaly,
             )?;
             for (&(f, t), (map, tile_mse)) in chunk.iter().zip(maps) {
                 stitchers[f].add(t, &map);
@@ -274,7 +320,7 @@ impl Inspector {
                 progress();
             }
         }
-        let manifest = &self.bundle.manifest;
+        let manifest = &self.manifest;
         Ok(stitchers
             .into_iter()
             .zip(frames.iter().zip(mse))
@@ -296,9 +342,9 @@ impl Inspector {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::infer::reconstruct::Sampler;
     use crate::infer::runtime::FnDenoiser;
     use crate::model::diffusion::ScheduleSpec;
+    use crate::model::sampling::Sampler;
 
     /// Predicts half the noisy input as noise: deterministic, input-dependent, cheap.
     fn half() -> FnDenoiser<impl FnMut(usize, f32, usize) -> f32> {

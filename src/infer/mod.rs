@@ -1,6 +1,7 @@
-//! Running a model bundle: the ONNX Runtime session, the reconstruction samplers and the
+//! Running a model bundle: loading and verifying it (`bundle`), the ONNX Runtime session, the reconstruction samplers and the
 //! shared inspection path (reconstruct + post-process), and the tiling of large frames.
 
+pub mod bundle;
 pub mod inspect;
 pub mod reconstruct;
 pub mod runtime;

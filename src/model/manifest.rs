@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use super::architecture::UNetConfig;
 use super::diffusion::ScheduleSpec;
 use super::preprocess::{InputSpec, Inspection};
-use crate::infer::reconstruct::ReconstructionSpec;
+use crate::model::sampling::ReconstructionSpec;
 use crate::postprocess::anomaly::{AnomalySpec, Residual, Threshold};
 
 /// The current time as RFC 3339, as manifests record it (`created`).
@@ -113,7 +113,7 @@ impl CandidateScore {
         ReconstructionSpec {
             t0: self.t0,
             steps: self.steps,
-            sampler: crate::infer::reconstruct::Sampler::Ddim,
+            sampler: crate::model::sampling::Sampler::Ddim,
             eta: 0.0,
             condition: self.condition,
         }
@@ -189,7 +189,7 @@ pub struct Artifact {
 }
 
 impl Artifact {
-    /// Placeholder for a manifest not exported yet; `model::export::export_bundle` fills it in.
+    /// Placeholder for a manifest not exported yet; `train::export::export_bundle` fills it in.
     pub fn pending() -> Self {
         Self { onnx: String::new(), sha256: String::new(), opset: 0, parity_max_abs_diff: f64::NAN }
     }
@@ -211,7 +211,7 @@ pub struct GoldenCheck {
 }
 
 impl GoldenCheck {
-    /// Placeholder for a manifest not exported yet; `model::export::export_bundle` fills it in.
+    /// Placeholder for a manifest not exported yet; `train::export::export_bundle` fills it in.
     pub fn pending() -> Self {
         Self::from_output(1, vec![0.0], &[0.0], 0.0)
     }

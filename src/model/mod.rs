@@ -1,14 +1,14 @@
-//! What a model is: architecture, noise schedule, preprocessing and the bundle format,
-//! plus (feature `train`) the burn UNet and the ONNX exporter that turns it into a bundle.
+//! What a model is: architecture, noise schedule, sampling plan, preprocessing and the
+//! manifest, plus (feature `train`) the burn UNet and the ONNX graph it is written as.
+//! Nothing here runs a model: that is `infer`, which depends on this module, never the
+//! other way round.
 
 pub mod architecture;
-pub mod bundle;
 pub mod diffusion;
-#[cfg(feature = "train")]
-pub mod export;
 pub mod manifest;
 #[cfg(feature = "train")]
 pub mod onnx_export;
 pub mod preprocess;
+pub mod sampling;
 #[cfg(feature = "train")]
 pub mod unet;

@@ -213,9 +213,9 @@ impl Dataset {
     pub fn fingerprint(&self) -> std::io::Result<String> {
         let mut hashes = Vec::with_capacity(self.files.len());
         for f in &self.files {
-            hashes.push(crate::model::bundle::sha256_hex(&std::fs::read(f)?));
+            hashes.push(crate::infer::bundle::sha256_hex(&std::fs::read(f)?));
         }
         hashes.sort();
-        Ok(crate::model::bundle::sha256_hex(hashes.join("\n").as_bytes()))
+        Ok(crate::infer::bundle::sha256_hex(hashes.join("\n").as_bytes()))
     }
 }

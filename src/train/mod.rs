@@ -3,7 +3,7 @@
 //!
 //! Flow: `data` (frames, held-out calibration slice) → the explicit loop below (seeded
 //! per-step sampling, q-sample, UNet, `losses`, AdamW with warm-up + cosine learning rate
-//! and gradient clipping, EMA of the weights) → checkpoints → `model::export` of the EMA
+//! and gradient clipping, EMA of the weights) → checkpoints → `train::export` of the EMA
 //! weights with `operating_point` (the search for t0, steps, conditioning and map rule on
 //! synthetic defects) and `calibrate` run on the exported graph → JSON report.
 //!
@@ -13,6 +13,7 @@
 
 pub mod calibrate;
 pub mod data;
+pub mod export;
 pub mod head;
 pub mod losses;
 pub mod operating_point;
@@ -36,22 +37,23 @@ use self::data::{Augment, Dataset, Layout, Skipped};
 use self::head::HeadConfig;
 use self::losses::Loss;
 use self::operating_point::{SearchSpace, Validation};
+use crate::infer::bundle::{BundleError, Staged, read_manifest};
 use crate::infer::inspect::Ensemble;
-use crate::infer::reconstruct::{ReconstructionSpec, Reconstructor};
+use crate::infer::reconstruct::Reconstructor;
 use crate::infer::runtime::RuntimeConfig;
 use crate::infer::runtime::{Denoiser, OrtDenoiser};
 use crate::model::architecture::UNetConfig;
-use crate::model::bundle::{BundleError, Staged, read_manifest};
 use crate::model::diffusion::{NoiseSchedule, ScheduleSpec};
-use crate::model::export::{export_bundle, export_head};
 use crate::model::manifest::{
     Artifact, Calibration, EnsembleSpec, GoldenCheck, HEAD_FILE, Manifest, OperatingPoint, Provenance, SCHEMA_VERSION,
     Thresholds,
 };
 use crate::model::onnx_export::import_weights;
 use crate::model::preprocess::{InputSpec, Inspection};
+use crate::model::sampling::ReconstructionSpec;
 use crate::model::unet::UNet;
 use crate::postprocess::anomaly::{AnomalySpec, Residual, Threshold};
+use crate::train::export::{export_bundle, export_head};
 
 /// Everything a training run depends on; saved in the checkpoint and the report.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -641,7 +643,7 @@ pub fn train(config: TrainConfig, options: &RunOptions) -> Result<Outcome, Train
     };
     if let Some(path) = &options.report {
         let json = serde_json::to_vec_pretty(&report).map_err(|e| TrainError::Config(e.to_string()))?;
-        crate::model::bundle::write_atomic(path, &json)
+        crate::durable::write_atomic(path, &json)
             .map_err(|e| TrainError::Config(format!("{}: cannot write report: {e}", path.display())))?;
     }
     let _ = std::fs::remove_dir_all(&ckpt);

@@ -20,10 +20,11 @@ use serde::{Deserialize, Serialize};
 use crate::eval::metrics::{auroc, average_precision};
 use crate::eval::synth::{DefectKind, TRAINING_DEFECTS, paste_defect, paste_transplant};
 use crate::infer::inspect::Ensemble;
-use crate::infer::reconstruct::{ReconstructionSpec, Reconstructor, Sampler};
+use crate::infer::reconstruct::Reconstructor;
 use crate::infer::runtime::{Denoiser, RuntimeError};
 use crate::model::diffusion::NoiseSchedule;
 use crate::model::manifest::{CandidateScore, OperatingPoint};
+use crate::model::sampling::{ReconstructionSpec, Sampler};
 use crate::postprocess::anomaly::{AnomalySpec, Residual, Threshold, residual_map, verdict};
 
 /// The candidates and the budget; stored in the training configuration.

@@ -10,12 +10,12 @@ use std::path::{Path, PathBuf};
 
 use burn::tensor::{Tensor, TensorData};
 
-use super::architecture::UNetConfig;
-use super::bundle::{BundleError, Staged, head_input_spec, run_golden, sha256_hex};
-use super::manifest::{GoldenCheck, HEAD_FILE, HeadArtifact, MANIFEST_FILE, Manifest, ONNX_FILE};
-use super::onnx_export::{OPSET, export_onnx};
-use super::unet::UNet;
+use crate::infer::bundle::{BundleError, Staged, head_input_spec, run_golden, sha256_hex};
 use crate::infer::runtime::{Denoiser, OrtDenoiser, RuntimeConfig};
+use crate::model::architecture::UNetConfig;
+use crate::model::manifest::{GoldenCheck, HEAD_FILE, HeadArtifact, MANIFEST_FILE, Manifest, ONNX_FILE};
+use crate::model::onnx_export::{OPSET, export_onnx};
+use crate::model::unet::UNet;
 
 /// Largest accepted |ORT − burn| on the probe batch.
 pub const PARITY_TOLERANCE: f64 = 1e-4;
@@ -139,7 +139,7 @@ pub fn export_bundle(
     manifest.artifact.opset = OPSET;
     manifest.artifact.parity_max_abs_diff = worst;
     calibrate(&mut ort, &mut manifest, &staged)?;
-    super::bundle::validate(&manifest)
+    crate::infer::bundle::validate(&manifest)
         .map_err(|what| BundleError::Inconsistent { path: target.to_path_buf(), what })?;
     run_golden(&mut ort, &manifest).map_err(|what| BundleError::Golden { path: onnx_path.clone(), what })?;
 

@@ -5,11 +5,55 @@
 //! and dashboards, not synchronisation.
 
 use std::collections::BTreeMap;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crossbeam_channel::{Receiver, RecvTimeoutError};
 use serde::Serialize;
+
+/// A stage's last sign of life: the stage beats at every turn of its loop (and within
+/// long work, e.g. every UNet batch of tiles); the supervisor compares the time since with
+/// the stage's bound.
+#[derive(Debug, Clone)]
+pub struct Progress(Arc<Mutex<Instant>>);
+
+impl Progress {
+    pub fn new() -> Self {
+        Self(Arc::new(Mutex::new(Instant::now())))
+    }
+
+    pub fn beat(&self) {
+        *self.0.lock().expect("progress lock") = Instant::now();
+    }
+
+    /// Time since the last beat.
+    pub fn since(&self) -> Duration {
+        self.0.lock().expect("progress lock").elapsed()
+    }
+
+    /// The next item of `input`, beating at least every [`Progress::TURN`] while waiting for
+    /// it (an idle stage is alive); `None` once `input` is closed and empty.
+    pub fn recv<T>(&self, input: &Receiver<T>) -> Option<T> {
+        loop {
+            self.beat();
+            match input.recv_timeout(Self::TURN) {
+                Ok(item) => return Some(item),
+                Err(RecvTimeoutError::Timeout) => continue,
+                Err(RecvTimeoutError::Disconnected) => return None,
+            }
+        }
+    }
+
+    /// The longest an idle stage waits between beats.
+    pub const TURN: Duration = Duration::from_millis(500);
+}
+
+impl Default for Progress {
+    fn default() -> Self {
+        Self::new()
+    }
+}
 
 /// Why a frame did not make it through the pipeline.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]

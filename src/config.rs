@@ -17,8 +17,8 @@ use std::time::Duration;
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 
-use crate::infer::reconstruct::Sampler;
 use crate::infer::runtime::RuntimeConfig;
+use crate::model::sampling::Sampler;
 
 /// Default config file location (systemd's `ConfigurationDirectory=edge-inspect`).
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/edge-inspect/edge-inspect.toml";
@@ -79,6 +79,9 @@ struct RawPipeline {
     queue_capacity: Option<usize>,
     /// Frames waiting for the publisher / recorder before new ones are dropped.
     output_capacity: Option<usize>,
+    /// The longest a pipeline stage may go without progress before the daemon counts it
+    /// as stuck (watchdog pings stop, the daemon stops with exit 70).
+    stage_timeout_ms: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -181,6 +184,8 @@ pub struct PipelineConfig {
     pub max_wait: Duration,
     pub queue_capacity: usize,
     pub output_capacity: usize,
+    /// A pipeline stage without progress for this long is stuck.
+    pub stage_timeout: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -240,28 +245,7 @@ pub struct RecorderConfig {
     pub max_side: u32,
 }
 
-#[derive(Debug, Clone)]
-pub enum SourceConfig {
-    Replay {
-        path: String,
-        fps: f64,
-        repeat: bool,
-    },
-    #[cfg(feature = "camera")]
-    Camera(crate::capture::camera::CameraSettings),
-}
-
-#[derive(Debug, Clone)]
-pub struct CameraConfig {
-    pub id: String,
-    pub enabled: bool,
-    pub source: SourceConfig,
-    /// `[x, y, width, height]` in source pixels.
-    pub roi: Option<[u32; 4]>,
-    pub stall_timeout: Duration,
-    pub backoff_initial: Duration,
-    pub backoff_max: Duration,
-}
+use crate::capture::{CameraConfig, SourceConfig};
 
 // ---------------------------------------------------------------------------------------
 // Loading.
@@ -529,6 +513,12 @@ impl Validator {
             )),
             queue_capacity: self.within("pipeline.queue_capacity", pipeline.queue_capacity.unwrap_or(2), 1..=1024),
             output_capacity: self.within("pipeline.output_capacity", pipeline.output_capacity.unwrap_or(8), 1..=4096),
+            // At least a second: stages show progress every half second when idle.
+            stage_timeout: Duration::from_millis(self.within(
+                "pipeline.stage_timeout_ms",
+                pipeline.stage_timeout_ms.unwrap_or(60_000),
+                1000..=3_600_000,
+            )),
         };
 
         let port = mqtt.port.unwrap_or(1883);

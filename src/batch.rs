@@ -1,0 +1,294 @@
+//! The cross-camera batcher, after DeepStream's nvstreammux: a batch closes when it holds
+//! `max_batch` frames or when `max_wait` has passed since its *first* frame.
+//!
+//! [`Batcher`] is the decision alone — a state machine over "a frame came at time t" and
+//! "it is now t" — so its rules are unit-tested without threads or clocks. [`run`] is the
+//! thread around it: it takes queued frames round-robin (no camera starves the others),
+//! waits for the next frame or the deadline, hands batches on, and at shutdown batches
+//! whatever is still queued, so a capture thread stuck in a blocking read cannot hold the
+//! drain up.
+
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Select, SendTimeoutError, Sender, TryRecvError};
+
+use crate::frame::Frame;
+use crate::stats::Progress;
+
+/// The open batch and the rule that closes it.
+#[derive(Debug)]
+pub struct Batcher<T> {
+    max_batch: usize,
+    max_wait: Duration,
+    pending: Vec<T>,
+    /// When the open batch must close: its first item's arrival plus `max_wait`.
+    deadline: Option<Instant>,
+}
+
+impl<T> Batcher<T> {
+    pub fn new(max_batch: usize, max_wait: Duration) -> Self {
+        assert!(max_batch > 0, "a batch holds at least one frame");
+        Self { max_batch, max_wait, pending: Vec::with_capacity(max_batch), deadline: None }
+    }
+
+    /// Adds an item that arrived at `now`; returns the batch if that filled it.
+    pub fn push(&mut self, item: T, now: Instant) -> Option<Vec<T>> {
+        if self.pending.is_empty() {
+            self.deadline = Some(now + self.max_wait);
+        }
+        self.pending.push(item);
+        (self.pending.len() >= self.max_batch).then(|| self.take())
+    }
+
+    /// When the open batch closes; `None` while there is none.
+    pub fn deadline(&self) -> Option<Instant> {
+        self.deadline
+    }
+
+    /// The open batch, if its deadline has come by `now`.
+    pub fn due(&mut self, now: Instant) -> Option<Vec<T>> {
+        self.deadline.is_some_and(|d| now >= d).then(|| self.take())
+    }
+
+    /// The open batch, whatever its size (shutdown, or every source gone).
+    pub fn flush(&mut self) -> Option<Vec<T>> {
+        (!self.pending.is_empty()).then(|| self.take())
+    }
+
+    fn take(&mut self) -> Vec<T> {
+        self.deadline = None;
+        std::mem::replace(&mut self.pending, Vec::with_capacity(self.max_batch))
+    }
+}
+
+/// How long the batcher blocks at most before it shows progress again.
+const TURN: Duration = Progress::TURN;
+
+/// Why the batcher loop stopped handing batches on.
+enum Stop {
+    /// Shutdown, or every camera gone: what was queued has been batched.
+    Drained,
+    /// The inference worker is gone.
+    Downstream,
+}
+
+/// The batcher thread: `queues` (one per camera) → `batches`. Ends when every camera's
+/// queue is closed and empty, at shutdown (`stop`'s sender dropped) after batching what is
+/// queued, or when the worker is gone. `progress` turns at least every [`TURN`], also while
+/// it waits for a busy worker to take a batch (that wait is the worker's time, not ours).
+pub fn run(
+    queues: Vec<Receiver<Frame>>,
+    max_batch: usize,
+    max_wait: Duration,
+    batches: Sender<Vec<Frame>>,
+    stop: Receiver<()>,
+    progress: Progress,
+) {
+    let mut batcher = Batcher::new(max_batch, max_wait);
+    let mut open = vec![true; queues.len()];
+    let mut next_camera = 0;
+    let stopped = loop {
+        progress.beat();
+        if matches!(stop.try_recv(), Err(TryRecvError::Disconnected)) {
+            break drain(&queues, &mut batcher, &batches, &progress);
+        }
+        // Whatever is queued, one frame per camera per round, starting one camera later
+        // each time.
+        if let Err(stopped) = take_queued(&queues, &mut open, &mut next_camera, &mut batcher, &batches, &progress) {
+            break stopped;
+        }
+        if let Some(batch) = batcher.due(Instant::now())
+            && let Err(stopped) = hand_on(&batches, batch, &progress)
+        {
+            break stopped;
+        }
+        let live: Vec<usize> = (0..queues.len()).filter(|&i| open[i]).collect();
+        if live.is_empty() {
+            break drain(&queues, &mut batcher, &batches, &progress);
+        }
+        let mut select = Select::new();
+        for &i in &live {
+            select.recv(&queues[i]);
+        }
+        let stop_index = select.recv(&stop);
+        let wake = batcher.deadline().map_or(Instant::now() + TURN, |d| d.min(Instant::now() + TURN));
+        let Ok(ready) = select.select_deadline(wake) else { continue };
+        if ready.index() == stop_index {
+            let _ = ready.recv(&stop);
+            continue; // the check at the top drains
+        }
+        let camera = live[ready.index()];
+        match ready.recv(&queues[camera]) {
+            Ok(frame) => {
+                if let Some(batch) = batcher.push(frame, Instant::now())
+                    && let Err(stopped) = hand_on(&batches, batch, &progress)
+                {
+                    break stopped;
+                }
+            }
+            Err(_) => open[camera] = false,
+        }
+    };
+    match stopped {
+        Stop::Drained => tracing::debug!("Batcher stopped."),
+        Stop::Downstream => tracing::debug!("Batcher stopped: the inference worker is gone."),
+    }
+}
+
+/// Moves every queued frame into the batcher, round-robin; full batches are handed on.
+/// A queue found closed and empty is marked closed.
+fn take_queued(
+    queues: &[Receiver<Frame>],
+    open: &mut [bool],
+    next_camera: &mut usize,
+    batcher: &mut Batcher<Frame>,
+    batches: &Sender<Vec<Frame>>,
+    progress: &Progress,
+) -> Result<(), Stop> {
+    loop {
+        let mut took = false;
+        for k in 0..queues.len() {
+            let i = (*next_camera + k) % queues.len();
+            match queues[i].try_recv() {
+                Ok(frame) => {
+                    took = true;
+                    if let Some(batch) = batcher.push(frame, Instant::now()) {
+                        hand_on(batches, batch, progress)?;
+                    }
+                }
+                Err(TryRecvError::Disconnected) => open[i] = false,
+                Err(TryRecvError::Empty) => {}
+            }
+        }
+        *next_camera = (*next_camera + 1) % queues.len().max(1);
+        if !took {
+            return Ok(());
+        }
+    }
+}
+
+/// Batches everything still queued and hands it on: the last act of the batcher.
+fn drain(
+    queues: &[Receiver<Frame>],
+    batcher: &mut Batcher<Frame>,
+    batches: &Sender<Vec<Frame>>,
+    progress: &Progress,
+) -> Stop {
+    for frame in queues.iter().flat_map(|q| q.try_iter()) {
+        if let Some(batch) = batcher.push(frame, Instant::now())
+            && let Err(stopped) = hand_on(batches, batch, progress)
+        {
+            return stopped;
+        }
+    }
+    match batcher.flush().map(|batch| hand_on(batches, batch, progress)) {
+        Some(Err(stopped)) => stopped,
+        _ => Stop::Drained,
+    }
+}
+
+/// Sends `batch` to the worker, showing progress while the worker is busy.
+fn hand_on(batches: &Sender<Vec<Frame>>, mut batch: Vec<Frame>, progress: &Progress) -> Result<(), Stop> {
+    loop {
+        match batches.send_timeout(batch, TURN) {
+            Ok(()) => return Ok(()),
+            Err(SendTimeoutError::Timeout(back)) => {
+                progress.beat();
+                batch = back;
+            }
+            Err(SendTimeoutError::Disconnected(_)) => return Err(Stop::Downstream),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_batch_closes_when_full_or_at_the_wait_from_its_first_item() {
+        let t = Instant::now();
+        let ms = Duration::from_millis;
+        let mut b = Batcher::new(3, ms(100));
+        assert_eq!((b.deadline(), b.flush()), (None, None));
+        assert_eq!(b.push('a', t), None);
+        assert_eq!(b.deadline(), Some(t + ms(100)), "the wait runs from the first item");
+        assert_eq!(b.push('b', t + ms(90)), None);
+        assert_eq!(b.deadline(), Some(t + ms(100)), "later items do not extend it");
+        assert_eq!(b.due(t + ms(99)), None);
+        assert_eq!(b.due(t + ms(100)), Some(vec!['a', 'b']));
+        assert_eq!(b.deadline(), None);
+        for c in ['c', 'd'] {
+            assert_eq!(b.push(c, t + ms(200)), None);
+        }
+        assert_eq!(b.push('e', t + ms(500)), Some(vec!['c', 'd', 'e']), "full closes at once, late or not");
+        assert_eq!(b.push('f', t + ms(600)), None);
+        assert_eq!(b.deadline(), Some(t + ms(700)), "a new batch, a new wait");
+        assert_eq!(b.flush(), Some(vec!['f']));
+        assert_eq!(b.due(t + ms(10_000)), None);
+    }
+
+    #[test]
+    fn the_thread_fills_round_robin_then_waits_out_the_deadline() {
+        let (a_tx, a_rx) = crossbeam_channel::bounded(4);
+        let (b_tx, b_rx) = crossbeam_channel::bounded(4);
+        let (out_tx, out_rx) = crossbeam_channel::bounded(4);
+        for seq in 0..2 {
+            a_tx.send(Frame::uniform(0, seq, [1, 1], 0.0)).unwrap();
+        }
+        b_tx.send(Frame::uniform(1, 0, [1, 1], 0.0)).unwrap();
+        b_tx.send(Frame::uniform(1, 1, [1, 1], 0.0)).unwrap();
+        let (_stop_tx, stop_rx) = crossbeam_channel::bounded::<()>(0);
+        let progress = Progress::new();
+        let worker =
+            std::thread::spawn(move || run(vec![a_rx, b_rx], 3, Duration::from_millis(150), out_tx, stop_rx, progress));
+        // Four frames queued, max 3: a full batch at once, then one frame after the wait.
+        let first = out_rx.recv_timeout(Duration::from_secs(2)).unwrap();
+        assert_eq!(first.len(), 3);
+        let started = Instant::now();
+        let second = out_rx.recv_timeout(Duration::from_secs(2)).unwrap();
+        assert_eq!(second.len(), 1);
+        assert!(started.elapsed() >= Duration::from_millis(100), "partial batch waited {:?}", started.elapsed());
+        let cameras: std::collections::BTreeSet<usize> = first.iter().map(|f| f.camera).collect();
+        assert_eq!(cameras.len(), 2, "both cameras in the full batch");
+        drop((a_tx, b_tx));
+        worker.join().unwrap();
+        assert!(out_rx.recv().is_err(), "the batcher ends when every camera is gone");
+    }
+
+    #[test]
+    fn shutdown_batches_what_is_queued_even_if_a_camera_hangs() {
+        let (a_tx, a_rx) = crossbeam_channel::bounded(8);
+        let (out_tx, out_rx) = crossbeam_channel::bounded(8);
+        let (stop_tx, stop_rx) = crossbeam_channel::bounded::<()>(0);
+        // The camera still holds its sender (a capture thread stuck in a read) ...
+        for seq in 0..3 {
+            a_tx.send(Frame::uniform(0, seq, [1, 1], 0.0)).unwrap();
+        }
+        drop(stop_tx);
+        let worker =
+            std::thread::spawn(move || run(vec![a_rx], 2, Duration::from_secs(60), out_tx, stop_rx, Progress::new()));
+        worker.join().unwrap();
+        // ... yet every queued frame came out, in batches of at most 2.
+        let sizes: Vec<usize> = out_rx.try_iter().map(|b| b.len()).collect();
+        assert_eq!(sizes.iter().sum::<usize>(), 3, "{sizes:?}");
+        assert!(sizes.iter().all(|s| *s <= 2));
+        drop(a_tx);
+    }
+
+    #[test]
+    fn progress_turns_while_waiting_for_a_busy_worker() {
+        let (a_tx, a_rx) = crossbeam_channel::bounded(4);
+        let (out_tx, out_rx) = crossbeam_channel::bounded(0); // nobody takes a batch
+        let (_stop_tx, stop_rx) = crossbeam_channel::bounded::<()>(0);
+        let progress = Progress::new();
+        let watched = progress.clone();
+        a_tx.send(Frame::uniform(0, 0, [1, 1], 0.0)).unwrap();
+        let worker = std::thread::spawn(move || run(vec![a_rx], 1, Duration::ZERO, out_tx, stop_rx, progress));
+        std::thread::sleep(Duration::from_millis(1600));
+        assert!(watched.since() < Duration::from_millis(1000), "stale for {:?}", watched.since());
+        drop(out_rx);
+        worker.join().unwrap();
+        drop(a_tx);
+    }
+}

@@ -1,0 +1,217 @@
+//! One camera's capture thread: open the source, read frames, prepare them for the model,
+//! offer them to the camera's bounded queue, and reopen with backoff when the source fails,
+//! stalls or delivers corrupt frames — until shutdown or the end of a finite replay.
+//!
+//! Capture never blocks on the pipeline: the queue is bounded and the newest frame wins
+//! (the oldest queued frame is dropped and counted, as Frigate does). Status changes
+//! (online, offline, disabled) go to the supervisor, which publishes them.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::time::{Duration, Instant, SystemTime};
+
+use crossbeam_channel::{Receiver, Sender, TrySendError};
+use image::DynamicImage;
+
+use super::{CameraConfig, CaptureError, FrameSource, SourceConfig};
+use crate::backoff::{Backoff, pause};
+use crate::frame::Frame;
+use crate::model::preprocess::{InputSpec, Inspection};
+use crate::stats::{CameraStats, CameraStatus, DropReason};
+
+/// Everything a capture thread needs.
+pub struct CaptureLoop {
+    pub index: usize,
+    pub config: CameraConfig,
+    pub input: InputSpec,
+    /// Whole-frame resize or tiles at the model's scale (from the manifest).
+    pub inspection: Inspection,
+    pub stats: Arc<CameraStats>,
+    pub queue_tx: Sender<Frame>,
+    /// A clone of the queue's receiver, to drop the oldest frame when full.
+    pub queue_rx: Receiver<Frame>,
+    pub stop: Receiver<()>,
+    /// Set by the watchdog when the camera stalled; the thread reopens the source.
+    pub reopen: Arc<AtomicBool>,
+    /// Told about status changes (published on `<camera>/status`).
+    pub status_tx: Sender<(usize, CameraStatus)>,
+}
+
+/// Consecutive corrupt frames after which a source is reopened.
+const CORRUPT_REOPEN: u32 = 10;
+
+/// Opened inside the capture thread: camera handles are not `Send`.
+fn open_source(config: &CameraConfig) -> Result<Box<dyn FrameSource>, CaptureError> {
+    match &config.source {
+        SourceConfig::Replay { path, .. } => Ok(Box::new(super::replay::ReplaySource::open(&config.id, path)?)),
+        #[cfg(feature = "camera")]
+        SourceConfig::Camera(settings) => Ok(Box::new(super::camera::CameraSource::open(&config.id, settings)?)),
+    }
+}
+
+impl CaptureLoop {
+    fn set_status(&self, status: CameraStatus) {
+        let mut current = self.stats.status.lock().expect("stats lock");
+        if *current != status {
+            *current = status;
+            let _ = self.status_tx.try_send((self.index, status));
+        }
+    }
+
+    /// Offers a frame to the camera's queue; when full, the oldest queued frame is dropped.
+    fn enqueue(&self, mut frame: Frame) {
+        loop {
+            match self.queue_tx.try_send(frame) {
+                Ok(()) => return,
+                Err(TrySendError::Full(back)) => {
+                    if self.queue_rx.try_recv().is_ok() {
+                        self.stats.drop_frame(DropReason::QueueFull);
+                    }
+                    frame = back;
+                }
+                Err(TrySendError::Disconnected(_)) => return,
+            }
+        }
+    }
+
+    fn prepare(&self, image: DynamicImage, seq: u64, source_file: Option<String>) -> Option<Frame> {
+        let captured = SystemTime::now();
+        let captured_at = Instant::now();
+        let origin = self.config.roi.map_or([0, 0], |[x, y, _, _]| [x, y]);
+        let original = match self.config.roi {
+            None => image,
+            Some([x, y, w, h]) => {
+                if x + w > image.width() || y + h > image.height() {
+                    self.stats.drop_frame(DropReason::RoiOutside);
+                    if let Some(suppressed) = self.stats.warnings.admit() {
+                        tracing::warn!(camera = %self.config.id, roi = ?self.config.roi, width = image.width(), height = image.height(), suppressed, "Region of interest lies outside the frame; frame dropped.");
+                    }
+                    return None;
+                }
+                image.crop_imm(x, y, w, h)
+            }
+        };
+        let prepared = self.input.prepare_for(self.inspection, &original);
+        Some(Frame {
+            camera: self.index,
+            seq,
+            captured,
+            captured_at,
+            source_file,
+            tensor: prepared.tensor,
+            display: prepared.display,
+            original,
+            origin,
+        })
+    }
+
+    /// The capture loop: open, read, reopen with backoff, until shutdown.
+    pub fn run(self) {
+        let id = self.config.id.clone();
+        // Fault drill (docs/deploy.md): this camera's capture thread dies at start.
+        let fault = std::env::var("EDGE_INSPECT_FAULT").unwrap_or_default();
+        assert!(fault != format!("capture-panic:{id}"), "injected fault: EDGE_INSPECT_FAULT={fault}");
+        if !self.config.enabled {
+            self.set_status(CameraStatus::Disabled);
+            return;
+        }
+        let pacing = match &self.config.source {
+            SourceConfig::Replay { fps, .. } => Some(Duration::from_secs_f64(1.0 / fps)),
+            #[cfg(feature = "camera")]
+            SourceConfig::Camera(_) => None,
+        };
+        let repeat = matches!(self.config.source, SourceConfig::Replay { repeat: true, .. });
+        let mut backoff = Backoff::new(self.config.backoff_initial, self.config.backoff_max);
+        let mut seq = 0u64;
+        let mut first_open = true;
+        // Kept across reopens, so a looping replay keeps its pace at the wrap-around.
+        let mut next_due = Instant::now();
+        'reopen: loop {
+            if !first_open {
+                self.stats.reopens.fetch_add(1, Relaxed);
+                let delay = backoff.next_delay();
+                tracing::info!(camera = %id, delay_ms = delay.as_millis() as u64, "Reopening source after backoff.");
+                if !pause(&self.stop, delay) {
+                    break;
+                }
+            }
+            first_open = false;
+            self.reopen.store(false, Relaxed);
+            let mut source = match open_source(&self.config) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(camera = %id, error = %e, "Cannot open source.");
+                    self.set_status(CameraStatus::Offline);
+                    continue 'reopen;
+                }
+            };
+            self.stats.touch();
+            let mut corrupt_run = 0u32;
+            loop {
+                if let Some(interval) = pacing {
+                    let wait = next_due.saturating_duration_since(Instant::now());
+                    if !pause(&self.stop, wait) {
+                        break 'reopen;
+                    }
+                    // A late frame does not make the next ones come in a burst.
+                    let floor = Instant::now().checked_sub(interval).unwrap_or(next_due);
+                    next_due = next_due.max(floor) + interval;
+                } else if !pause(&self.stop, Duration::ZERO) {
+                    break 'reopen;
+                }
+                let result = source.next_frame();
+                if self.reopen.load(Relaxed) {
+                    tracing::warn!(camera = %id, "Source stalled; reopening.");
+                    continue 'reopen;
+                }
+                match result {
+                    Ok(image) => {
+                        corrupt_run = 0;
+                        backoff.reset();
+                        self.stats.touch();
+                        self.stats.frames_in.fetch_add(1, Relaxed);
+                        self.set_status(CameraStatus::Online);
+                        seq += 1;
+                        let file = source_file(&*source);
+                        if let Some(frame) = self.prepare(image, seq, file) {
+                            self.enqueue(frame);
+                        }
+                    }
+                    Err(e @ (CaptureError::Corrupt { .. } | CaptureError::Decode { .. })) => {
+                        self.stats.frames_in.fetch_add(1, Relaxed);
+                        self.stats.drop_frame(DropReason::DecodeError);
+                        self.stats.touch();
+                        if let Some(suppressed) = self.stats.warnings.admit() {
+                            tracing::warn!(camera = %id, error = %e, suppressed, "Corrupt frame skipped.");
+                        }
+                        corrupt_run += 1;
+                        if corrupt_run >= CORRUPT_REOPEN {
+                            self.set_status(CameraStatus::Offline);
+                            continue 'reopen;
+                        }
+                    }
+                    Err(CaptureError::Ended { .. }) if repeat => {
+                        first_open = true; // looping is not a failure: no backoff
+                        continue 'reopen;
+                    }
+                    Err(CaptureError::Ended { .. }) => {
+                        tracing::info!(camera = %id, frames = seq, "Replay finished.");
+                        self.set_status(CameraStatus::Offline);
+                        break 'reopen;
+                    }
+                    Err(e) => {
+                        tracing::warn!(camera = %id, error = %e, "Source failed.");
+                        self.set_status(CameraStatus::Offline);
+                        continue 'reopen;
+                    }
+                }
+            }
+        }
+        tracing::debug!(camera = %id, "Capture thread stopped.");
+    }
+}
+
+/// The replayed file a frame came from (replay sources only).
+fn source_file(source: &dyn FrameSource) -> Option<String> {
+    source.current_file().map(|p| p.display().to_string())
+}

@@ -1,0 +1,237 @@
+//! The inference worker: batches of frames through the [`Inspector`], verdicts on to the
+//! publisher.
+//!
+//! It owns what a batch costs and what becomes of it: per-frame seeds (camera and sequence,
+//! so a replay is reproducible), the timing counters, drops by reason (`inference_error`
+//! for a failed batch, `output_full` when the publisher lags, `shutdown` for batches that
+//! arrive after the drain deadline). It beats its [`Progress`] at every turn and after
+//! every UNet batch of tiles, so a long frame is visibly alive and a hung call is not.
+//! Generic over the denoiser: unit-tested with a fake.
+
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender, TrySendError};
+
+use crate::frame::{Frame, Inspected};
+use crate::infer::inspect::{FrameView, Inspector};
+use crate::infer::runtime::Denoiser;
+use crate::stats::{CameraStats, DropReason, LogThrottle, PipelineStats, Progress};
+
+/// Everything the inference worker needs.
+pub struct Worker<D: Denoiser> {
+    /// Its progress callback must beat `progress` (see [`Worker::new`]).
+    inspector: Inspector<D>,
+    seed: u64,
+    cameras: Vec<Arc<CameraStats>>,
+    pipeline: Arc<PipelineStats>,
+    /// Set at shutdown: batches still arriving after it are dropped.
+    drain_deadline: Arc<Mutex<Option<Instant>>>,
+    progress: Progress,
+    failures: LogThrottle,
+}
+
+impl<D: Denoiser> Worker<D> {
+    pub fn new(
+        inspector: Inspector<D>,
+        seed: u64,
+        cameras: Vec<Arc<CameraStats>>,
+        pipeline: Arc<PipelineStats>,
+        drain_deadline: Arc<Mutex<Option<Instant>>>,
+        progress: Progress,
+    ) -> Self {
+        let beat = progress.clone();
+        let inspector = inspector.with_progress(move || beat.beat());
+        let failures = LogThrottle::new(Duration::from_secs(10));
+        Self { inspector, seed, cameras, pipeline, drain_deadline, progress, failures }
+    }
+
+    /// The inference loop: ends when the batcher is gone, or when the publisher is (the
+    /// supervisor then sees the pipeline end instead of a worker inspecting for nobody).
+    pub fn run(mut self, batches: Receiver<Vec<Frame>>, output: Sender<Inspected>) {
+        let hang = std::env::var("EDGE_INSPECT_FAULT").is_ok_and(|f| f == "inference-hang");
+        while let Some(batch) = self.progress.recv(&batches) {
+            // Fault drill (docs/deploy.md): a UNet call that never returns.
+            if hang {
+                tracing::warn!("Injected fault: the inference worker hangs.");
+                loop {
+                    std::thread::park();
+                }
+            }
+            if !self.inspect(batch, &output) {
+                tracing::error!("The publisher has stopped; the inference worker stops.");
+                return;
+            }
+        }
+        tracing::debug!("Inference worker stopped.");
+    }
+
+    /// Inspects one batch and hands its verdicts on; `false` when the publisher is gone.
+    fn inspect(&mut self, batch: Vec<Frame>, output: &Sender<Inspected>) -> bool {
+        let past_deadline = self.drain_deadline.lock().expect("deadline lock").is_some_and(|d| Instant::now() > d);
+        if past_deadline {
+            self.drop_all(&batch, DropReason::Shutdown);
+            return true;
+        }
+        let frames: Vec<FrameView<'_>> = batch
+            .iter()
+            .map(|f| FrameView { tensor: &f.tensor, size: [f.display.height() as usize, f.display.width() as usize] })
+            .collect();
+        let seeds: Vec<u64> =
+            batch.iter().map(|f| self.seed.wrapping_add((f.camera as u64) << 40).wrapping_add(f.seq)).collect();
+        let started = Instant::now();
+        let result = self.inspector.inspect(&frames, &seeds);
+        drop(frames);
+        let elapsed = started.elapsed().as_micros() as u64;
+        self.pipeline.batches.fetch_add(1, Relaxed);
+        self.pipeline.batched_frames.fetch_add(batch.len() as u64, Relaxed);
+        self.pipeline.inference_us.fetch_add(elapsed, Relaxed);
+        self.pipeline.last_inference_us.store(elapsed, Relaxed);
+        let analyses = match result {
+            Ok(analyses) => analyses,
+            Err(e) => {
+                if let Some(suppressed) = self.failures.admit() {
+                    tracing::error!(error = %e, frames = batch.len(), suppressed, "Inference failed; batch dropped.");
+                }
+                self.drop_all(&batch, DropReason::InferenceError);
+                return true;
+            }
+        };
+        for (frame, analysis) in batch.into_iter().zip(analyses) {
+            let camera = &self.cameras[frame.camera];
+            camera.processed.fetch_add(1, Relaxed);
+            match output.try_send(Inspected { frame, analysis }) {
+                Ok(()) => {}
+                Err(TrySendError::Full(_)) => camera.drop_frame(DropReason::OutputFull),
+                Err(TrySendError::Disconnected(_)) => return false,
+            }
+        }
+        true
+    }
+
+    fn drop_all(&self, batch: &[Frame], reason: DropReason) {
+        for f in batch {
+            self.cameras[f.camera].drop_frame(reason);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::infer::bundle::read_manifest;
+    use crate::infer::runtime::{FnDenoiser, RuntimeError};
+    use crate::model::preprocess::Inspection;
+    use std::path::Path;
+
+    /// The demo bundle's manifest as a one-tile (64×64) model.
+    fn manifest() -> crate::model::manifest::Manifest {
+        let mut manifest = read_manifest(Path::new("models/brick-huber")).unwrap();
+        manifest.inspection = Inspection::Resize;
+        manifest.ensemble = None;
+        manifest
+    }
+
+    /// A worker over a fake denoiser, with what the tests watch it through.
+    struct Rig<D: Denoiser> {
+        worker: Worker<D>,
+        cameras: Vec<Arc<CameraStats>>,
+        deadline: Arc<Mutex<Option<Instant>>>,
+    }
+
+    fn rig<D: Denoiser>(denoiser: D) -> Rig<D> {
+        let inspector = Inspector::from_parts("fake".into(), manifest(), denoiser, None, None).unwrap();
+        let cameras = vec![Arc::new(CameraStats::new("a")), Arc::new(CameraStats::new("b"))];
+        let deadline = Arc::new(Mutex::new(None));
+        let worker = Worker::new(inspector, 7, cameras.clone(), Arc::default(), deadline.clone(), Progress::new());
+        Rig { worker, cameras, deadline }
+    }
+
+    #[test]
+    fn verdicts_go_on_in_order_and_every_frame_is_accounted_for() {
+        let Rig { worker: w, cameras, deadline } = rig(FnDenoiser(|_, x, _| 0.3 * x));
+        let (batch_tx, batch_rx) = crossbeam_channel::bounded(4);
+        let (out_tx, out_rx) = crossbeam_channel::bounded(2);
+        batch_tx.send(vec![Frame::uniform(0, 1, [64, 64], 0.1), Frame::uniform(1, 1, [64, 64], -0.2)]).unwrap();
+        // Three verdicts for a two-slot output: the third is an `output_full` drop.
+        batch_tx.send(vec![Frame::uniform(0, 2, [64, 64], 0.0)]).unwrap();
+        let thread = std::thread::spawn(move || w.run(batch_rx, out_tx));
+        std::thread::sleep(Duration::from_millis(300));
+        let seqs: Vec<(usize, u64)> = out_rx.try_iter().map(|i| (i.frame.camera, i.frame.seq)).collect();
+        assert_eq!(seqs, vec![(0, 1), (1, 1)]);
+        assert_eq!(cameras[0].drops(DropReason::OutputFull), 1);
+        assert_eq!(cameras[0].processed.load(Relaxed) + cameras[1].processed.load(Relaxed), 3);
+        // After the drain deadline a batch is dropped as `shutdown`, not inspected.
+        *deadline.lock().unwrap() = Some(Instant::now() - Duration::from_millis(1));
+        batch_tx.send(vec![Frame::uniform(1, 2, [64, 64], 0.0)]).unwrap();
+        drop(batch_tx);
+        thread.join().unwrap();
+        assert_eq!(cameras[1].drops(DropReason::Shutdown), 1);
+        assert_eq!(cameras[1].processed.load(Relaxed), 1);
+    }
+
+    /// Fails every call.
+    struct Broken;
+    impl Denoiser for Broken {
+        fn channels(&self) -> usize {
+            1
+        }
+        fn predict_eps(
+            &mut self,
+            _: &[f32],
+            _: [usize; 4],
+            _: &[f32],
+            _: &mut dyn FnMut(&[f32]),
+        ) -> Result<(), RuntimeError> {
+            Err(RuntimeError::Run("injected".into()))
+        }
+    }
+
+    #[test]
+    fn a_failed_batch_is_counted_and_the_worker_goes_on() {
+        let Rig { worker: w, cameras, .. } = rig(Broken);
+        let (batch_tx, batch_rx) = crossbeam_channel::bounded(4);
+        let (out_tx, out_rx) = crossbeam_channel::bounded(4);
+        batch_tx.send(vec![Frame::uniform(0, 1, [64, 64], 0.0), Frame::uniform(1, 1, [64, 64], 0.0)]).unwrap();
+        batch_tx.send(vec![Frame::uniform(0, 2, [64, 64], 0.0)]).unwrap();
+        drop(batch_tx);
+        w.run(batch_rx, out_tx);
+        assert_eq!(cameras[0].drops(DropReason::InferenceError), 2);
+        assert_eq!(cameras[1].drops(DropReason::InferenceError), 1);
+        assert!(out_rx.try_recv().is_err());
+    }
+
+    #[test]
+    fn every_unet_batch_of_tiles_is_progress() {
+        // A 64×256 frame in 64-px tiles 64 apart: 4 tiles, one per UNet batch, each 10 calls
+        // of 40 ms. The frame takes 1.6 s, yet the worker's progress is never older than
+        // about one tile's calls.
+        let slow = FnDenoiser(|i, x, _| {
+            if i == 0 {
+                std::thread::sleep(Duration::from_millis(40));
+            }
+            0.3 * x
+        });
+        let mut tiled = manifest();
+        tiled.inspection = Inspection::Tiled { scale: 1.0, stride: 64 };
+        let inspector = Inspector::from_parts("fake".into(), tiled, slow, None, None).unwrap().with_tile_batch(1);
+        let progress = Progress::new();
+        let cameras = vec![Arc::new(CameraStats::new("a"))];
+        let w = Worker::new(inspector, 7, cameras, Arc::default(), Arc::default(), progress.clone());
+        let (batch_tx, batch_rx) = crossbeam_channel::bounded(1);
+        let (out_tx, out_rx) = crossbeam_channel::bounded(1);
+        batch_tx.send(vec![Frame::uniform(0, 1, [64, 256], 0.1)]).unwrap();
+        let thread = std::thread::spawn(move || w.run(batch_rx, out_tx));
+        let started = Instant::now();
+        let mut oldest = Duration::ZERO;
+        while out_rx.try_recv().is_err() {
+            oldest = oldest.max(progress.since());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(started.elapsed() > Duration::from_millis(1200), "the frame took {:?}", started.elapsed());
+        assert!(oldest < Duration::from_millis(800), "progress was {oldest:?} old during one frame");
+        drop(batch_tx);
+        thread.join().unwrap();
+    }
+}

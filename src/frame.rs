@@ -1,0 +1,54 @@
+//! The plain data that crosses threads in the daemon: a captured frame, prepared for the
+//! model, and the same frame with the model's verdict. Capture produces [`Frame`]s, the
+//! batcher groups them, the inference worker turns them into [`Inspected`], which the
+//! publisher and the recorder consume.
+
+use std::time::{Instant, SystemTime};
+
+use image::{DynamicImage, RgbImage};
+
+use crate::postprocess::anomaly::Analysis;
+
+/// A captured frame on its way through the pipeline.
+pub struct Frame {
+    /// Index of the camera in the config.
+    pub camera: usize,
+    pub seq: u64,
+    pub captured: SystemTime,
+    pub captured_at: Instant,
+    /// Where a replayed frame came from.
+    pub source_file: Option<String>,
+    /// `[C, H, W]` model-space tensor at inspection resolution (the model's input for a
+    /// resize model; the ROI at the model's scale for a tiled one).
+    pub tensor: Vec<f32>,
+    /// Inspection-resolution picture for overlays.
+    pub display: RgbImage,
+    /// The frame as captured (after the region of interest), for recording.
+    pub original: DynamicImage,
+    /// Camera-frame pixel of `original`'s top-left corner (the ROI's origin, else 0, 0).
+    pub origin: [u32; 2],
+}
+
+/// A frame and the model's verdict on it.
+pub struct Inspected {
+    pub frame: Frame,
+    pub analysis: Analysis,
+}
+
+#[cfg(test)]
+impl Frame {
+    /// A grey frame of camera `camera`, `[h, w]` pixels, every model value `fill`.
+    pub(crate) fn uniform(camera: usize, seq: u64, [h, w]: [u32; 2], fill: f32) -> Self {
+        Self {
+            camera,
+            seq,
+            captured: SystemTime::now(),
+            captured_at: Instant::now(),
+            source_file: None,
+            tensor: vec![fill; (h * w) as usize],
+            display: RgbImage::new(w, h),
+            original: DynamicImage::new_luma8(w, h),
+            origin: [0, 0],
+        }
+    }
+}
