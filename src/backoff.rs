@@ -33,10 +33,11 @@ impl Backoff {
         Self { initial, max, current: initial, jitter: clock_seeded_rng() }
     }
 
-    /// The next wait: the current delay with jitter; the delay then doubles up to `max`.
+    /// The next wait: the current delay with jitter, never above `max` (so a peer that
+    /// comes back is retried within `max`); the delay then doubles up to `max`.
     pub fn next_delay(&mut self) -> Duration {
         let jitter = self.jitter.random_range(0.75..1.25);
-        let delay = self.current.mul_f64(jitter);
+        let delay = self.current.mul_f64(jitter).min(self.max);
         self.current = (self.current * 2).min(self.max);
         delay
     }
@@ -55,7 +56,7 @@ mod tests {
         let mut b = Backoff::new(Duration::from_millis(100), Duration::from_millis(350));
         let waits: Vec<u128> = (0..5).map(|_| b.next_delay().as_millis()).collect();
         for (w, nominal) in waits.iter().zip([100u128, 200, 350, 350, 350]) {
-            assert!(*w >= nominal * 3 / 4 && *w <= nominal * 5 / 4, "{waits:?}");
+            assert!(*w >= nominal * 3 / 4 && *w <= (nominal * 5 / 4).min(350), "{waits:?}");
         }
         b.reset();
         assert!(b.next_delay().as_millis() <= 125);
