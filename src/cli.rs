@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 
 use crate::infer::runtime::{Provider, RuntimeConfig};
+use crate::logging::LogFormat;
 use crate::model::sampling::Sampler;
 use crate::postprocess::anomaly::Residual;
 
@@ -13,6 +14,10 @@ use crate::postprocess::anomaly::Residual;
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
+    /// Log format: `auto` is journald-native when stderr is the journal (a systemd
+    /// service), else text; `json` writes one JSON object per line for log shippers.
+    #[arg(long, global = true, value_enum, default_value = "auto", env = "EDGE_INSPECT_LOG_FORMAT")]
+    pub log_format: LogFormat,
 }
 
 #[derive(Debug, Subcommand)]

@@ -131,6 +131,27 @@ struct RawRecorder {
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(default)]
+struct RawHttp {
+    /// Serve `/metrics` and `/healthz` (default true).
+    enabled: Option<bool>,
+    /// `host:port`; default `127.0.0.1:9610` (loopback: expose it deliberately).
+    listen: Option<String>,
+}
+
+/// Every section as read, before validation.
+struct RawConfig {
+    node: RawNode,
+    model: RawModel,
+    runtime: RuntimeConfig,
+    pipeline: RawPipeline,
+    mqtt: RawMqtt,
+    recorder: RawRecorder,
+    http: RawHttp,
+    cameras: Vec<RawCamera>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
 struct RawCamera {
     id: Option<String>,
     enabled: Option<bool>,
@@ -165,7 +186,15 @@ pub struct DaemonConfig {
     pub pipeline: PipelineConfig,
     pub mqtt: MqttConfig,
     pub recorder: RecorderConfig,
+    pub http: HttpConfig,
     pub cameras: Vec<CameraConfig>,
+}
+
+/// The monitoring endpoint (`/metrics`, `/healthz`).
+#[derive(Debug, Clone)]
+pub struct HttpConfig {
+    pub enabled: bool,
+    pub listen: std::net::SocketAddr,
 }
 
 #[derive(Debug, Clone)]
@@ -324,7 +353,7 @@ fn config_error_issue(prefix: &str, error: config::ConfigError) -> ConfigIssue {
     }
 }
 
-const SECTIONS: [&str; 7] = ["node", "model", "runtime", "pipeline", "mqtt", "recorder", "cameras"];
+const SECTIONS: [&str; 8] = ["node", "model", "runtime", "pipeline", "mqtt", "recorder", "http", "cameras"];
 
 fn from_table(
     mut table: BTreeMap<String, config::Value>,
@@ -341,6 +370,7 @@ fn from_table(
     let pipeline: RawPipeline = section(&mut table, "pipeline", &mut issues);
     let mqtt: RawMqtt = section(&mut table, "mqtt", &mut issues);
     let recorder: RawRecorder = section(&mut table, "recorder", &mut issues);
+    let http: RawHttp = section(&mut table, "http", &mut issues);
     let cameras: Vec<config::Value> = match table.remove("cameras") {
         None => Vec::new(),
         Some(v) => parse(v, "cameras", &mut issues).unwrap_or_default(),
@@ -349,7 +379,8 @@ fn from_table(
         cameras.into_iter().enumerate().filter_map(|(i, v)| parse(v, &format!("cameras[{i}]"), &mut issues)).collect();
     let resolve = |p: PathBuf| if p.is_absolute() { p } else { base.join(p) };
     let mut v = Validator { issues, credentials };
-    let config = v.build(node, model, runtime, pipeline, mqtt, recorder, cameras, &resolve);
+    let raw = RawConfig { node, model, runtime, pipeline, mqtt, recorder, http, cameras };
+    let config = v.build(raw, &resolve);
     if v.issues.is_empty() { Ok(config) } else { Err(v.issues) }
 }
 
@@ -447,18 +478,8 @@ impl Validator {
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn build(
-        &mut self,
-        node: RawNode,
-        model: RawModel,
-        runtime: RuntimeConfig,
-        pipeline: RawPipeline,
-        mqtt: RawMqtt,
-        recorder: RawRecorder,
-        cameras: Vec<RawCamera>,
-        resolve: &dyn Fn(PathBuf) -> PathBuf,
-    ) -> DaemonConfig {
+    fn build(&mut self, raw: RawConfig, resolve: &dyn Fn(PathBuf) -> PathBuf) -> DaemonConfig {
+        let RawConfig { node, model, runtime, pipeline, mqtt, recorder, http, cameras } = raw;
         // Two nodes with the same id take each other's MQTT session over: without an id, the
         // host name is the id.
         let node_id = node.id.unwrap_or_else(host_name_id);
@@ -669,7 +690,15 @@ impl Validator {
         let mut ids = BTreeSet::new();
         let cameras =
             cameras.into_iter().enumerate().filter_map(|(i, c)| self.camera(i, c, &mut ids, resolve)).collect();
-        DaemonConfig { node_id, state_dir, drain_timeout, model, runtime, pipeline, mqtt, recorder, cameras }
+        let listen = http.listen.unwrap_or_else(|| "127.0.0.1:9610".into());
+        let http = HttpConfig {
+            enabled: http.enabled.unwrap_or(true),
+            listen: listen.parse().unwrap_or_else(|e| {
+                self.fail("http.listen", format!("not a host:port address ({e}): {listen:?}"));
+                std::net::SocketAddr::from(([127, 0, 0, 1], 9610))
+            }),
+        };
+        DaemonConfig { node_id, state_dir, drain_timeout, model, runtime, pipeline, mqtt, recorder, http, cameras }
     }
 
     fn camera(
@@ -828,7 +857,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let text = format!(
             "{MINIMAL}[pipeline]\nmax_batch = 0\nmax_wait_ms = \"soon\"\n[mqtt]\nport = 0\nusername = \"u\"\n\
-             [mqtt.tls]\nca_file = \"/no/ca.pem\"\n[recorder]\nnormal_sample_rate = 2.0\nsize = 3\n\
+             [mqtt.tls]\nca_file = \"/no/ca.pem\"\n[recorder]\nnormal_sample_rate = 2.0\nsize = 3\n[http]\nlisten = \"nowhere\"\n\
              [[cameras]]\nid = \"c\"\nsource = \"usb\"\nroi = [1, 2]\n"
         );
         let path = write(dir.path(), &text);
@@ -841,6 +870,7 @@ mod tests {
             "mqtt.tls.ca_file",
             "recorder.normal_sample_rate",
             "recorder.size",
+            "http.listen",
             "cameras[1].id",
             "cameras[1].roi",
             "cameras[1].source",

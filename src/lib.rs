@@ -41,6 +41,7 @@
 //! - [`daemon`]: `run`: wiring, the supervisor, the inference worker, MQTT, recording,
 //!   systemd integration.
 //! - [`image_files`]: which files are images, listed the same way everywhere.
+//! - [`logging`]: text, journald-native or JSON logs.
 //! - [`commands`]: the subcommands, thin over the above.
 
 pub mod backoff;
@@ -55,6 +56,7 @@ pub mod eval;
 pub mod frame;
 pub mod image_files;
 pub mod infer;
+pub mod logging;
 pub mod model;
 pub mod postprocess;
 pub mod stats;

@@ -11,18 +11,7 @@ use edge_inspect::daemon::{EXIT_SOFTWARE, StageFailed};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-            tracing_subscriber::EnvFilter::new(
-                // The embedded demo broker logs every connection, and an ERROR on each clean
-                // disconnect; RUST_LOG=info,rumqttd=info shows it when needed.
-                "info,ort=warn,rumqttd=off",
-            )
-        }))
-        .with_writer(std::io::stderr)
-        // journald and log files get plain text; colours only on a terminal.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    edge_inspect::logging::init(cli.log_format);
     let result = match cli.command {
         Command::Infer(args) => commands::infer::run(args),
         Command::Run(args) => commands::run::run(args),

@@ -1,4 +1,5 @@
-//! Counters shared by the pipeline's threads, and the `stats` payload built from them.
+//! Counters and histograms shared by the pipeline's threads, and the `stats` payload built
+//! from them (the Prometheus endpoint reads the same figures).
 //!
 //! Every drop has a reason and a per-camera counter; gauges (queue depth, status) are read
 //! when the payload is built. Counters are relaxed atomics: they are figures for people
@@ -10,6 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError};
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use serde::Serialize;
 
 /// A stage's last sign of life: the stage beats at every turn of its loop (and within
@@ -78,6 +80,20 @@ pub enum DropReason {
 }
 
 impl DropReason {
+    /// The name in `stats` payloads and metric labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::QueueFull => "queue_full",
+            Self::DecodeError => "decode_error",
+            Self::RoiOutside => "roi_outside",
+            Self::OutputFull => "output_full",
+            Self::MqttBacklog => "mqtt_backlog",
+            Self::RecorderFull => "recorder_full",
+            Self::Shutdown => "shutdown",
+            Self::InferenceError => "inference_error",
+        }
+    }
+
     pub const ALL: [DropReason; 8] = [
         Self::QueueFull,
         Self::DecodeError,
@@ -122,6 +138,10 @@ pub struct CameraStats {
     pub last_progress: Mutex<Instant>,
     /// Per-frame warnings of this camera (corrupt frames, ROI outside the frame).
     pub warnings: LogThrottle,
+    /// Seconds from capture to the verdict's publication (Prometheus only).
+    pub latency: Histogram,
+    /// Normalised scores (1 = the image threshold): a drift shows here first.
+    pub scores: Histogram,
 }
 
 /// At most one log line per `every` for a problem that repeats with every frame; the
@@ -166,6 +186,8 @@ impl CameraStats {
             status: Mutex::new(CameraStatus::Offline),
             last_progress: Mutex::new(Instant::now()),
             warnings: LogThrottle::new(Duration::from_secs(10)),
+            latency: Histogram::new(exponential_buckets(0.005, 2.0, 14)),
+            scores: Histogram::new((1..=20).map(|tenths| f64::from(tenths) / 10.0)),
         }
     }
 
@@ -191,10 +213,12 @@ impl CameraStats {
 }
 
 /// Pipeline-wide figures.
-#[derive(Default)]
 pub struct PipelineStats {
     pub batches: AtomicU64,
     pub batched_frames: AtomicU64,
+    /// Seconds per inference batch, and frames per batch (Prometheus only).
+    pub inference_seconds: Histogram,
+    pub batch_frames: Histogram,
     /// Total inference time in microseconds.
     pub inference_us: AtomicU64,
     pub last_inference_us: AtomicU64,
@@ -210,6 +234,28 @@ pub struct PipelineStats {
     pub outbox_dropped: AtomicU64,
     /// Connection attempts that failed.
     pub mqtt_failures: AtomicU64,
+}
+
+impl Default for PipelineStats {
+    fn default() -> Self {
+        Self {
+            batches: AtomicU64::default(),
+            batched_frames: AtomicU64::default(),
+            inference_seconds: Histogram::new(exponential_buckets(0.005, 2.0, 14)),
+            batch_frames: Histogram::new(exponential_buckets(1.0, 2.0, 11)),
+            inference_us: AtomicU64::default(),
+            last_inference_us: AtomicU64::default(),
+            mqtt_connects: AtomicU64::default(),
+            mqtt_connected: std::sync::atomic::AtomicBool::default(),
+            recorded_flagged: AtomicU64::default(),
+            recorded_normal: AtomicU64::default(),
+            recorder_pruned: AtomicU64::default(),
+            recorder_errors: AtomicU64::default(),
+            outbox_queued: AtomicU64::default(),
+            outbox_dropped: AtomicU64::default(),
+            mqtt_failures: AtomicU64::default(),
+        }
+    }
 }
 
 /// Version of the `stats` payload.

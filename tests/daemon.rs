@@ -236,10 +236,14 @@ stats_interval_s = 1
 enabled = true
 normal_sample_rate = 1.0
 
+[http]
+listen = "127.0.0.1:{http}"
+
 {cameras}
 "#,
         state = dir.join("state").display(),
         model = model.display(),
+        http = free_port(),
     );
     std::fs::File::create(&path).unwrap().write_all(text.as_bytes()).unwrap();
     path
@@ -1225,4 +1229,211 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
         if path.is_dir() { out.extend(walk(&path)) } else { out.push(path) }
     }
     out
+}
+
+/// `GET path` on the daemon's HTTP endpoint: status and body, `None` if nothing listens.
+fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
+    use std::io::Read;
+    let mut stream = std::net::TcpStream::connect(addr).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    let status = response.split_whitespace().nth(1)?.parse().ok()?;
+    let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    Some((status, body))
+}
+
+/// The endpoint address in a config written by `write_config`.
+fn http_addr(config: &Path) -> String {
+    let text = std::fs::read_to_string(config).unwrap();
+    let line = text.lines().find(|l| l.starts_with("listen = ")).unwrap();
+    line.trim_start_matches("listen = ").trim_matches('"').to_string()
+}
+
+/// Prometheus text: `name{labels} value` samples, comments skipped; every line must parse.
+fn samples(text: &str) -> Vec<(String, f64)> {
+    assert!(text.trim_end().ends_with("# EOF"), "OpenMetrics text ends with # EOF");
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .map(|l| {
+            let (series, value) = l.rsplit_once(' ').unwrap_or_else(|| panic!("not a sample: {l}"));
+            (series.to_string(), value.parse().unwrap_or_else(|_| panic!("not a number: {l}")))
+        })
+        .collect()
+}
+
+#[test]
+fn metrics_are_scraped_and_health_follows_the_worker() {
+    let (broker, _sub, dir) = rig();
+    let frames = repo().join("data/brick/test/scratch");
+    let config = write_config(
+        dir.path(),
+        broker.port,
+        "max_batch = 1\nmax_wait_ms = 10",
+        &camera("cam0", &frames.display().to_string(), 5.0, true, ""),
+    );
+    let addr = http_addr(&config);
+    let mut daemon = Daemon::start(&config);
+    wait_for(Duration::from_secs(60), "/healthz ready", || http_get(&addr, "/healthz").is_some_and(|(s, _)| s == 200));
+    wait_for(Duration::from_secs(60), "frames counted in /metrics", || {
+        http_get(&addr, "/metrics").is_some_and(|(_, body)| {
+            samples(&body).iter().any(|(n, v)| n == "edge_inspect_anomalies_total{camera=\"cam0\"}" && *v >= 3.0)
+        })
+    });
+    let (status, body) = http_get(&addr, "/metrics").unwrap();
+    assert_eq!(status, 200);
+    let all = samples(&body);
+    let value = |series: &str| all.iter().find(|(n, _)| n == series).map(|(_, v)| *v);
+    let frames_in = value("edge_inspect_frames_in_total{camera=\"cam0\"}").unwrap();
+    let processed = value("edge_inspect_frames_processed_total{camera=\"cam0\"}").unwrap();
+    assert!(frames_in >= processed && processed >= 3.0, "{body}");
+    assert_eq!(value("edge_inspect_mqtt_connected"), Some(1.0), "{body}");
+    assert!(value("edge_inspect_frames_dropped_total{camera=\"cam0\",reason=\"queue_full\"}").is_some(), "{body}");
+    assert!(value("edge_inspect_queue_depth{camera=\"cam0\"}").is_some(), "{body}");
+    assert!(value("edge_inspect_inference_seconds_count").unwrap() >= 3.0, "{body}");
+    assert!(value("edge_inspect_capture_to_publish_seconds_count{camera=\"cam0\"}").unwrap() >= 3.0, "{body}");
+    assert!(value("edge_inspect_score_bucket{le=\"+Inf\",camera=\"cam0\"}").unwrap() >= 3.0, "{body}");
+    let sha = std::fs::read_to_string(repo().join("models/brick-huber/manifest.toml")).unwrap();
+    let sha = sha.lines().find(|l| l.starts_with("sha256")).unwrap().split('"').nth(1).unwrap().to_string();
+    assert!(
+        all.iter().any(|(n, v)| n.starts_with("edge_inspect_model_info{")
+            && n.contains(&sha)
+            && n.contains("provider=\"cpu\"")
+            && *v == 1.0),
+        "{body}"
+    );
+    assert_eq!(http_get(&addr, "/nothing").map(|(s, _)| s), Some(404));
+    daemon.signal("TERM");
+    assert!(daemon.wait_exit(Duration::from_secs(30)).success(), "{}", daemon.log_text());
+    assert!(http_get(&addr, "/healthz").is_none(), "the endpoint stops with the daemon");
+
+    // A worker that hangs: /healthz turns 503 once its progress is past the bound.
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("max_wait_ms = 10", "max_wait_ms = 10\nstage_timeout_ms = 3000");
+    std::fs::write(&config, text).unwrap();
+    let mut daemon = Daemon::start_with_env(&config, &[("EDGE_INSPECT_FAULT", "inference-hang")]);
+    let mut seen = Vec::new();
+    while daemon.child.try_wait().unwrap().is_none() {
+        if let Some((status, body)) = http_get(&addr, "/healthz") {
+            if seen.last().map(|(s, _)| *s) != Some(status) {
+                seen.push((status, body));
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let statuses: Vec<u16> = seen.iter().map(|(s, _)| *s).collect();
+    assert_eq!(statuses.last(), Some(&503), "{seen:?}");
+    assert!(seen.last().unwrap().1.contains("stuck"), "{seen:?}");
+}
+
+/// A finite replay of the three scratch frames, MQTT pointed at a port nobody listens on
+/// (so the logs hold warnings too), run with `extra_env`; returns stderr.
+fn finite_run_logs(dir: &Path, extra_env: &[(&str, String)], stderr: &Path) -> std::process::ExitStatus {
+    let frames = repo().join("data/brick/test/scratch");
+    let config = write_config(
+        dir,
+        free_port(),
+        "max_batch = 1\nmax_wait_ms = 10",
+        &camera("cam0", &frames.display().to_string(), 20.0, false, ""),
+    );
+    Command::new(env!("CARGO_BIN_EXE_edge-inspect"))
+        .args(["run", "--config"])
+        .arg(&config)
+        .env("RUST_LOG", "info,ort=warn")
+        .envs(extra_env.iter().map(|(k, v)| (k, v)))
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(stderr).unwrap())
+        .status()
+        .unwrap()
+}
+
+#[test]
+fn logs_are_json_lines_on_request() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("stderr.json");
+    let status = finite_run_logs(dir.path(), &[("EDGE_INSPECT_LOG_FORMAT", "json".into())], &log);
+    assert!(status.success());
+    let text = std::fs::read_to_string(&log).unwrap();
+    let lines: Vec<serde_json::Value> =
+        text.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}"))).collect();
+    let anomaly = lines.iter().find(|l| l["fields"]["message"] == "Anomaly.").expect("an Anomaly. line");
+    assert_eq!((anomaly["level"].as_str(), anomaly["fields"]["camera"].as_str()), (Some("INFO"), Some("cam0")));
+    assert!(anomaly["timestamp"].is_string(), "{anomaly}");
+    assert!(
+        lines.iter().any(|l| l["level"] == "WARN" && l["fields"]["message"] == "MQTT connection failed."),
+        "{text}"
+    );
+}
+
+/// Under systemd (`$JOURNAL_STREAM` names stderr) the daemon speaks journald's native
+/// protocol: each event a datagram with MESSAGE, PRIORITY and its fields; stderr stays empty.
+/// The test plays journald on its socket (no journald runs on these machines).
+#[test]
+fn under_systemd_logs_go_to_journald_with_priorities_and_fields() {
+    let socket_path = Path::new("/run/systemd/journal/socket");
+    if socket_path.exists() {
+        // A socket left by an earlier run refuses datagrams; a live journald takes them.
+        let probe = std::os::unix::net::UnixDatagram::unbound().unwrap();
+        assert!(probe.send_to(b"", socket_path).is_err(), "a journald runs here; this test plays journald itself");
+        std::fs::remove_file(socket_path).unwrap();
+    }
+    std::fs::create_dir_all(socket_path.parent().unwrap()).unwrap();
+    let journal = std::os::unix::net::UnixDatagram::bind(socket_path).unwrap();
+    struct Remove<'a>(&'a Path);
+    impl Drop for Remove<'_> {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(self.0);
+        }
+    }
+    let _remove = Remove(socket_path);
+    // Read while the daemon runs: a journal socket nobody drains blocks the sender.
+    let reader = std::thread::spawn(move || {
+        journal.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut entries: Vec<std::collections::BTreeMap<String, String>> = Vec::new();
+        let mut buf = vec![0u8; 65536];
+        while let Ok(n) = journal.recv(&mut buf) {
+            entries.push(journal_fields(&buf[..n]));
+        }
+        entries
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("stderr.txt");
+    std::fs::File::create(&log).unwrap();
+    let meta = std::fs::metadata(&log).unwrap();
+    let stream =
+        format!("{}:{}", std::os::unix::fs::MetadataExt::dev(&meta), std::os::unix::fs::MetadataExt::ino(&meta));
+    let status = finite_run_logs(dir.path(), &[("JOURNAL_STREAM", stream)], &log);
+    assert!(status.success());
+    let entries = reader.join().unwrap();
+    let anomaly = entries.iter().find(|e| e.get("MESSAGE").map(String::as_str) == Some("Anomaly.")).expect("Anomaly.");
+    // tracing-journald's mapping: INFO is notice (5), WARN warning (4), ERROR err (3).
+    assert_eq!(anomaly.get("PRIORITY").map(String::as_str), Some("5"), "{anomaly:?}");
+    assert_eq!(anomaly.get("CAMERA").map(String::as_str), Some("cam0"), "{anomaly:?}");
+    assert_eq!(anomaly.get("SYSLOG_IDENTIFIER").map(String::as_str), Some("edge-inspect"), "{anomaly:?}");
+    let warning = |e: &&std::collections::BTreeMap<String, String>| {
+        e.get("MESSAGE").is_some_and(|m| m == "MQTT connection failed.") && e.get("PRIORITY").is_some_and(|p| p == "4")
+    };
+    assert!(entries.iter().any(|e| warning(&e)), "a warning at priority 4: {entries:?}");
+    assert_eq!(std::fs::read_to_string(&log).unwrap(), "", "nothing is logged twice");
+}
+
+/// One datagram of journald's native protocol: `KEY=value\n`, or `KEY\n` followed by the
+/// value's length (u64, little-endian), the value and `\n` for values that may hold newlines.
+fn journal_fields(mut data: &[u8]) -> std::collections::BTreeMap<String, String> {
+    let mut fields = std::collections::BTreeMap::new();
+    while let Some(end) = data.iter().position(|b| *b == b'\n') {
+        let line = &data[..end];
+        let (key, value, rest) = match line.iter().position(|b| *b == b'=') {
+            Some(eq) => (&line[..eq], &line[eq + 1..], &data[end + 1..]),
+            None => {
+                let len = u64::from_le_bytes(data[end + 1..end + 9].try_into().unwrap()) as usize;
+                (line, &data[end + 9..end + 9 + len], &data[end + 9 + len + 1..])
+            }
+        };
+        fields.insert(String::from_utf8_lossy(key).into_owned(), String::from_utf8_lossy(value).into_owned());
+        data = rest;
+    }
+    fields
 }

@@ -16,6 +16,7 @@
 
 #[cfg(feature = "embedded-broker")]
 pub mod broker;
+pub mod http;
 pub mod mqtt;
 pub mod outbox;
 pub mod publish;
@@ -41,6 +42,7 @@ use crate::infer::bundle::{Bundle, BundleError};
 use crate::infer::inspect::Inspector;
 use crate::infer::runtime::RuntimeError;
 use crate::stats::{self, CameraStats, CameraStatus, PipelineStats, Progress, RateTracker, StatsReport};
+use http::Endpoint;
 use mqtt::Mqtt;
 use publish::{ModelRef, PublisherContext};
 use supervisor::{Failure, Health, Role, Supervisor};
@@ -122,7 +124,20 @@ struct ModelInfo {
 /// disabled cameras), or until a stage fails; then it drains and stops — with
 /// [`StageFailed`] after a failure or a missed drain deadline.
 pub fn run(config: DaemonConfig, source_name: &str) -> anyhow::Result<()> {
-    // The bundle is verified before anything starts: a bad one is a configuration error.
+    let mut supervisor = Supervisor::default();
+    // Listening from the start: a probe sees `503 loading model`, not a refused connection.
+    let endpoint = if config.http.enabled {
+        let endpoint = Endpoint::bind(config.http.listen).map_err(|message| config::ConfigErrors {
+            source_name: source_name.to_string(),
+            issues: vec![ConfigIssue { key: "http.listen".into(), message }],
+        })?;
+        let serving = endpoint.clone();
+        supervisor.spawn("http", Role::Link, None, move || serving.serve())?;
+        Some(endpoint)
+    } else {
+        None
+    };
+    // The bundle is verified before the pipeline starts: a bad one is a configuration error.
     notify(&[NotifyState::Status("loading model")]);
     let bundle = load_bundle(&config, source_name)?;
     let (signal_tx, signals) = bounded::<()>(4);
@@ -154,7 +169,7 @@ pub fn run(config: DaemonConfig, source_name: &str) -> anyhow::Result<()> {
     let status_line =
         format!("inspecting {} camera(s) with {} on {}", config.cameras.len(), model.reference.name, model.provider);
 
-    let mut running = Running::start(&config, inspector, model)?;
+    let mut running = Running::start(&config, supervisor, inspector, model, endpoint)?;
     notify(&[NotifyState::Ready, NotifyState::Status(&status_line)]);
     tracing::info!(node = %config.node_id, cameras = config.cameras.len(), "Running.");
     let outcome = running.supervise(&signals);
@@ -173,6 +188,8 @@ enum Outcome {
 struct Running<'a> {
     config: &'a DaemonConfig,
     supervisor: Supervisor,
+    /// The monitoring endpoint, shut down last.
+    endpoint: Option<Arc<Endpoint>>,
     mqtt: Option<Arc<Mqtt>>,
     /// Dropped to stop the MQTT link, after `offline` went out.
     mqtt_stop: Option<Sender<()>>,
@@ -198,10 +215,15 @@ struct Running<'a> {
 impl<'a> Running<'a> {
     /// Connects MQTT and starts the pipe from its end: recorder ← publisher ← worker ←
     /// batcher ← captures.
-    fn start(config: &'a DaemonConfig, inspector: Inspector, model: ModelInfo) -> anyhow::Result<Self> {
+    fn start(
+        config: &'a DaemonConfig,
+        mut supervisor: Supervisor,
+        inspector: Inspector,
+        model: ModelInfo,
+        endpoint: Option<Arc<Endpoint>>,
+    ) -> anyhow::Result<Self> {
         let pipeline = Arc::new(PipelineStats::default());
         let cameras: Vec<Arc<CameraStats>> = config.cameras.iter().map(|c| Arc::new(CameraStats::new(&c.id))).collect();
-        let mut supervisor = Supervisor::default();
         let (mqtt, mqtt_stop) = if config.mqtt.enabled {
             let (client, link) = Mqtt::start(&config.mqtt, pipeline.clone())?;
             let (stop_tx, stop_rx) = bounded::<()>(0);
@@ -251,11 +273,10 @@ impl<'a> Running<'a> {
         let (input, inspection) = (inspector.manifest().input, inspector.manifest().inspection);
         let (batch_tx, batch_rx) = bounded(1);
         let drain_deadline = Arc::new(Mutex::new(None));
-        let progress = Progress::new();
-        let seed = config.model.seed;
-        let worker =
-            Worker::new(inspector, seed, cameras.clone(), pipeline.clone(), drain_deadline.clone(), progress.clone());
-        supervisor.spawn("inference", Role::Pipe, watch(&progress), move || worker.run(batch_rx, output_tx))?;
+        let worker_progress = Progress::new();
+        let (seed, progress) = (config.model.seed, worker_progress.clone());
+        let worker = Worker::new(inspector, seed, cameras.clone(), pipeline.clone(), drain_deadline.clone(), progress);
+        supervisor.spawn("inference", Role::Pipe, watch(&worker_progress), move || worker.run(batch_rx, output_tx))?;
 
         let (capture_stop, capture_stop_rx) = bounded::<()>(0);
         let (status_tx, status) = bounded(64);
@@ -286,9 +307,26 @@ impl<'a> Running<'a> {
             batch::run(batch_queues, max_batch, max_wait, batch_tx, capture_stop_rx, progress)
         })?;
 
+        if let Some(endpoint) = &endpoint {
+            let r = &model.reference;
+            endpoint.ready(http::Report {
+                cameras: cameras.clone(),
+                pipeline: pipeline.clone(),
+                queues: queues.clone(),
+                model: [
+                    ("name", r.name.clone()),
+                    ("version", r.version.clone()),
+                    ("sha256", r.sha256.clone()),
+                    ("provider", model.provider.clone()),
+                ],
+                worker: worker_progress,
+                stage_timeout: config.pipeline.stage_timeout,
+            });
+        }
         Ok(Self {
             config,
             supervisor,
+            endpoint,
             mqtt,
             mqtt_stop,
             capture_stop: Some(capture_stop),
@@ -465,6 +503,9 @@ impl<'a> Running<'a> {
             mqtt.go_offline(&ids);
         }
         drop(self.mqtt_stop.take());
+        if let Some(endpoint) = &self.endpoint {
+            endpoint.shutdown();
+        }
         let (panicked, _) = self.supervisor.wait_for(Role::Link, Instant::now() + Duration::from_secs(4));
         note_panics(panicked, &mut failures);
         tracing::info!("Stopped.");

@@ -215,6 +215,8 @@ pub fn publisher(ctx: PublisherContext, input: Receiver<Inspected>, progress: Pr
             let payload = serde_json::to_vec(&state).expect("state serialises");
             mqtt.publish(&format!("{}/state", camera.id), QoS::AtMostOnce, true, payload);
         }
+        camera.scores.observe(a.normalised_score);
+        camera.latency.observe(f.captured_at.elapsed().as_secs_f64());
         if let Some((recorder, normal_rate)) = &ctx.recorder {
             let keep = a.anomalous || rand::Rng::random_bool(&mut sampler, *normal_rate);
             if keep && recorder.try_send(inspected).is_err() {

@@ -88,6 +88,8 @@ impl<D: Denoiser> Worker<D> {
         self.pipeline.batched_frames.fetch_add(batch.len() as u64, Relaxed);
         self.pipeline.inference_us.fetch_add(elapsed, Relaxed);
         self.pipeline.last_inference_us.store(elapsed, Relaxed);
+        self.pipeline.inference_seconds.observe(elapsed as f64 / 1e6);
+        self.pipeline.batch_frames.observe(batch.len() as f64);
         let analyses = match result {
             Ok(analyses) => analyses,
             Err(e) => {

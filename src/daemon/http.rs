@@ -1,0 +1,232 @@
+//! The daemon's HTTP endpoint, for plant monitoring: `/metrics` in the Prometheus text
+//! format (OpenMetrics, through `prometheus-client`) and `/healthz`.
+//!
+//! It listens from before the model loads, so a probe sees `503 loading model` rather than
+//! a refused connection; once the pipeline runs, [`Endpoint::ready`] hands it what to
+//! report. Metrics are read at scrape time from the counters and histograms the stages
+//! keep anyway (`stats`), so `/metrics` and the MQTT `stats` payload cannot disagree.
+//! `/healthz` is `200` while the model is loaded and the inference worker turns (its
+//! progress within `pipeline.stage_timeout_ms`), `503` otherwise. `tiny_http` serves it on
+//! one thread: scrapes are rare and small, and the daemon has no async runtime to share.
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use crossbeam_channel::Receiver;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::info::Info;
+use prometheus_client::registry::Registry;
+
+use crate::frame::Frame;
+use crate::stats::{CameraStats, CameraStatus, DropReason, PipelineStats, Progress};
+
+/// What the endpoint reports once the pipeline runs.
+pub struct Report {
+    pub cameras: Vec<Arc<CameraStats>>,
+    pub pipeline: Arc<PipelineStats>,
+    /// The camera queues, read as depth gauges.
+    pub queues: Vec<Receiver<Frame>>,
+    pub model: [(&'static str, String); 4],
+    /// The inference worker's progress and the bound it must keep.
+    pub worker: Progress,
+    pub stage_timeout: Duration,
+}
+
+/// The listening socket and, once set, the report.
+pub struct Endpoint {
+    server: tiny_http::Server,
+    report: OnceLock<Registry>,
+    health: OnceLock<(Progress, Duration)>,
+}
+
+impl Endpoint {
+    /// Binds `addr`; the error names the address.
+    pub fn bind(addr: SocketAddr) -> Result<Arc<Self>, String> {
+        let server = tiny_http::Server::http(addr).map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+        tracing::info!(addr = %server.server_addr(), "HTTP endpoint listening (/metrics, /healthz).");
+        Ok(Arc::new(Self { server, report: OnceLock::new(), health: OnceLock::new() }))
+    }
+
+    /// From now on `/metrics` reports `report` and `/healthz` watches its worker.
+    pub fn ready(&self, report: Report) {
+        let health = (report.worker.clone(), report.stage_timeout);
+        let mut registry = Registry::default();
+        registry.register_collector(Box::new(report));
+        let _ = self.report.set(registry);
+        let _ = self.health.set(health);
+    }
+
+    /// Serves requests until [`Endpoint::shutdown`].
+    pub fn serve(&self) {
+        while let Ok(request) = self.server.recv() {
+            let response = self.respond(request.url());
+            if let Err(e) = request.respond(response) {
+                tracing::debug!(error = %e, "HTTP response not delivered.");
+            }
+        }
+        tracing::debug!("HTTP endpoint stopped.");
+    }
+
+    /// Makes [`Endpoint::serve`] return.
+    pub fn shutdown(&self) {
+        self.server.unblock();
+    }
+
+    fn respond(&self, url: &str) -> tiny_http::Response<std::io::Cursor<Vec<u8>>> {
+        let path = url.split('?').next().unwrap_or_default();
+        let (status, content_type, body) = match path {
+            "/metrics" => match self.report.get() {
+                Some(registry) => {
+                    let mut text = String::new();
+                    match prometheus_client::encoding::text::encode(&mut text, registry) {
+                        Ok(()) => (200, "application/openmetrics-text; version=1.0.0; charset=utf-8", text),
+                        Err(_) => (500, "text/plain", "cannot encode the metrics\n".into()),
+                    }
+                }
+                None => (503, "text/plain", "loading model\n".into()),
+            },
+            "/healthz" => {
+                let (status, text) = self.health();
+                (status, "text/plain", text)
+            }
+            _ => (404, "text/plain", "not found: try /metrics or /healthz\n".into()),
+        };
+        let header = tiny_http::Header::from_bytes("Content-Type", content_type).expect("a valid header");
+        tiny_http::Response::from_string(body).with_status_code(status).with_header(header)
+    }
+
+    fn health(&self) -> (u16, String) {
+        match self.health.get() {
+            None => (503, "loading model\n".into()),
+            Some((worker, bound)) if worker.since() > *bound => {
+                (503, format!("inference worker stuck for {:.1} s\n", worker.since().as_secs_f64()))
+            }
+            Some(_) => (200, "ok: model loaded, inference worker turning\n".into()),
+        }
+    }
+}
+
+impl std::fmt::Debug for Report {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Report").field("cameras", &self.cameras.len()).finish_non_exhaustive()
+    }
+}
+
+/// Encodes one per-camera metric of `kind` with `value(camera)`.
+fn per_camera<M: EncodeMetric>(
+    encoder: &mut DescriptorEncoder,
+    cameras: &[Arc<CameraStats>],
+    (name, help, kind): (&str, &str, MetricType),
+    value: impl Fn(usize, &CameraStats) -> M,
+) -> std::fmt::Result {
+    let mut metric = encoder.encode_descriptor(name, help, None, kind)?;
+    for (i, camera) in cameras.iter().enumerate() {
+        let labels = [("camera", camera.id.as_str())];
+        value(i, camera).encode(metric.encode_family(&labels)?)?;
+    }
+    Ok(())
+}
+
+/// Encodes one node-wide metric.
+fn single(
+    encoder: &mut DescriptorEncoder,
+    (name, help, kind): (&str, &str, MetricType),
+    metric: &impl EncodeMetric,
+) -> std::fmt::Result {
+    metric.encode(encoder.encode_descriptor(name, help, None, kind)?)
+}
+
+impl Collector for Report {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> std::fmt::Result {
+        use MetricType::{Counter, Gauge, Histogram};
+        let cams = &self.cameras;
+        let count = |v: &std::sync::atomic::AtomicU64| ConstCounter::new(v.load(Relaxed));
+        per_camera(&mut encoder, cams, ("edge_inspect_frames_in", "Frames read from the camera", Counter), |_, c| {
+            count(&c.frames_in)
+        })?;
+        per_camera(&mut encoder, cams, ("edge_inspect_frames_processed", "Frames inspected", Counter), |_, c| {
+            count(&c.processed)
+        })?;
+        per_camera(&mut encoder, cams, ("edge_inspect_anomalies", "Frames judged anomalous", Counter), |_, c| {
+            count(&c.anomalies)
+        })?;
+        let mut dropped =
+            encoder.encode_descriptor("edge_inspect_frames_dropped", "Frames dropped, by reason", None, Counter)?;
+        for camera in cams {
+            for reason in DropReason::ALL {
+                let labels = [("camera", camera.id.as_str()), ("reason", reason.as_str())];
+                ConstCounter::new(camera.drops(reason)).encode(dropped.encode_family(&labels)?)?;
+            }
+        }
+        per_camera(
+            &mut encoder,
+            cams,
+            ("edge_inspect_queue_depth", "Frames waiting in the camera queue", Gauge),
+            |i, _| ConstGauge::new(self.queues[i].len() as i64),
+        )?;
+        per_camera(
+            &mut encoder,
+            cams,
+            ("edge_inspect_camera_online", "1 while the camera delivers frames", Gauge),
+            |_, c| ConstGauge::new(i64::from(c.status() == CameraStatus::Online)),
+        )?;
+        per_camera(
+            &mut encoder,
+            cams,
+            ("edge_inspect_capture_to_publish_seconds", "From capture to the published verdict", Histogram),
+            |_, c| c.latency.clone(),
+        )?;
+        per_camera(
+            &mut encoder,
+            cams,
+            ("edge_inspect_score", "Normalised anomaly score per frame (1 = image threshold)", Histogram),
+            |_, c| c.scores.clone(),
+        )?;
+        let p = &self.pipeline;
+        single(
+            &mut encoder,
+            ("edge_inspect_inference_seconds", "Inference time per batch", Histogram),
+            &p.inference_seconds,
+        )?;
+        single(&mut encoder, ("edge_inspect_batch_frames", "Frames per inference batch", Histogram), &p.batch_frames)?;
+        let connected = ConstGauge::new(i64::from(p.mqtt_connected.load(Relaxed)));
+        single(&mut encoder, ("edge_inspect_mqtt_connected", "1 while connected to the broker", Gauge), &connected)?;
+        single(
+            &mut encoder,
+            ("edge_inspect_mqtt_connects", "Connections made to the broker", Counter),
+            &count(&p.mqtt_connects),
+        )?;
+        single(
+            &mut encoder,
+            ("edge_inspect_mqtt_failures", "Failed connection attempts", Counter),
+            &count(&p.mqtt_failures),
+        )?;
+        let outbox = ConstGauge::new(p.outbox_queued.load(Relaxed) as i64);
+        single(
+            &mut encoder,
+            ("edge_inspect_outbox_messages", "Messages waiting in the on-disk outbox", Gauge),
+            &outbox,
+        )?;
+        single(
+            &mut encoder,
+            ("edge_inspect_outbox_dropped", "Outbox messages dropped (size cap, age)", Counter),
+            &count(&p.outbox_dropped),
+        )?;
+        single(
+            &mut encoder,
+            ("edge_inspect_recorder_errors", "Failed recordings and deletes", Counter),
+            &count(&p.recorder_errors),
+        )?;
+        single(
+            &mut encoder,
+            ("edge_inspect_model", "The model being run", MetricType::Info),
+            &Info::new(self.model.clone()),
+        )
+    }
+}
