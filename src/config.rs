@@ -138,6 +138,19 @@ struct RawHttp {
     listen: Option<String>,
 }
 
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct RawEvents {
+    /// Publish `<camera>/events` (new / update / end per defect episode; default true).
+    enabled: Option<bool>,
+    /// Consecutive anomalous frames that open an event (default 2).
+    open_frames: Option<u32>,
+    /// Time without an anomalous frame that closes it (default 5000).
+    close_after_ms: Option<u64>,
+    /// Keep the per-frame `<camera>/anomaly` alerts (default true).
+    frame_alerts: Option<bool>,
+}
+
 /// Every section as read, before validation.
 struct RawConfig {
     node: RawNode,
@@ -147,6 +160,7 @@ struct RawConfig {
     mqtt: RawMqtt,
     recorder: RawRecorder,
     http: RawHttp,
+    events: RawEvents,
     cameras: Vec<RawCamera>,
 }
 
@@ -187,7 +201,17 @@ pub struct DaemonConfig {
     pub mqtt: MqttConfig,
     pub recorder: RecorderConfig,
     pub http: HttpConfig,
+    pub events: EventsConfig,
     pub cameras: Vec<CameraConfig>,
+}
+
+/// Defect episodes on `<camera>/events`, and whether per-frame alerts go out too.
+#[derive(Debug, Clone)]
+pub struct EventsConfig {
+    pub enabled: bool,
+    pub open_frames: u32,
+    pub close_after: Duration,
+    pub frame_alerts: bool,
 }
 
 /// The monitoring endpoint (`/metrics`, `/healthz`).
@@ -353,7 +377,7 @@ fn config_error_issue(prefix: &str, error: config::ConfigError) -> ConfigIssue {
     }
 }
 
-const SECTIONS: [&str; 8] = ["node", "model", "runtime", "pipeline", "mqtt", "recorder", "http", "cameras"];
+const SECTIONS: [&str; 9] = ["node", "model", "runtime", "pipeline", "mqtt", "recorder", "http", "events", "cameras"];
 
 fn from_table(
     mut table: BTreeMap<String, config::Value>,
@@ -371,6 +395,7 @@ fn from_table(
     let mqtt: RawMqtt = section(&mut table, "mqtt", &mut issues);
     let recorder: RawRecorder = section(&mut table, "recorder", &mut issues);
     let http: RawHttp = section(&mut table, "http", &mut issues);
+    let events: RawEvents = section(&mut table, "events", &mut issues);
     let cameras: Vec<config::Value> = match table.remove("cameras") {
         None => Vec::new(),
         Some(v) => parse(v, "cameras", &mut issues).unwrap_or_default(),
@@ -379,7 +404,7 @@ fn from_table(
         cameras.into_iter().enumerate().filter_map(|(i, v)| parse(v, &format!("cameras[{i}]"), &mut issues)).collect();
     let resolve = |p: PathBuf| if p.is_absolute() { p } else { base.join(p) };
     let mut v = Validator { issues, credentials };
-    let raw = RawConfig { node, model, runtime, pipeline, mqtt, recorder, http, cameras };
+    let raw = RawConfig { node, model, runtime, pipeline, mqtt, recorder, http, events, cameras };
     let config = v.build(raw, &resolve);
     if v.issues.is_empty() { Ok(config) } else { Err(v.issues) }
 }
@@ -479,7 +504,7 @@ impl Validator {
     }
 
     fn build(&mut self, raw: RawConfig, resolve: &dyn Fn(PathBuf) -> PathBuf) -> DaemonConfig {
-        let RawConfig { node, model, runtime, pipeline, mqtt, recorder, http, cameras } = raw;
+        let RawConfig { node, model, runtime, pipeline, mqtt, recorder, http, events, cameras } = raw;
         // Two nodes with the same id take each other's MQTT session over: without an id, the
         // host name is the id.
         let node_id = node.id.unwrap_or_else(host_name_id);
@@ -698,7 +723,29 @@ impl Validator {
                 std::net::SocketAddr::from(([127, 0, 0, 1], 9610))
             }),
         };
-        DaemonConfig { node_id, state_dir, drain_timeout, model, runtime, pipeline, mqtt, recorder, http, cameras }
+        let events = EventsConfig {
+            enabled: events.enabled.unwrap_or(true),
+            open_frames: self.within("events.open_frames", events.open_frames.unwrap_or(2), 1..=10_000),
+            close_after: Duration::from_millis(self.within(
+                "events.close_after_ms",
+                events.close_after_ms.unwrap_or(5000),
+                0..=86_400_000,
+            )),
+            frame_alerts: events.frame_alerts.unwrap_or(true),
+        };
+        DaemonConfig {
+            node_id,
+            state_dir,
+            drain_timeout,
+            model,
+            runtime,
+            pipeline,
+            mqtt,
+            recorder,
+            http,
+            events,
+            cameras,
+        }
     }
 
     fn camera(

@@ -1437,3 +1437,57 @@ fn journal_fields(mut data: &[u8]) -> std::collections::BTreeMap<String, String>
     }
     fields
 }
+
+/// A defect episode on a replay — 3 clean frames, 3 scratched, 4 clean — gives one event:
+/// `new` (after `open_frames` = 2), maybe `update`s, then `end` once the camera has been
+/// quiet for `close_after_ms`, all with one id; the per-frame alerts still go out.
+#[test]
+fn a_defect_episode_is_one_event_new_update_end() {
+    let (broker, sub, dir) = rig();
+    let clip = dir.path().join("clip");
+    std::fs::create_dir_all(&clip).unwrap();
+    let good: Vec<PathBuf> = walk(&repo().join("data/brick/test/good"))
+        .into_iter()
+        .filter(|p| p.extension().is_some_and(|e| e == "png"))
+        .collect();
+    let scratch: Vec<PathBuf> = walk(&repo().join("data/brick/test/scratch"))
+        .into_iter()
+        .filter(|p| p.extension().is_some_and(|e| e == "png"))
+        .collect();
+    let sequence =
+        [&good[0], &good[1], &good[2], &scratch[0], &scratch[1], &scratch[2], &good[3], &good[0], &good[1], &good[2]];
+    for (i, source) in sequence.iter().enumerate() {
+        std::fs::copy(source, clip.join(format!("{i:02}.png"))).unwrap();
+    }
+    let config = write_config(
+        dir.path(),
+        broker.port,
+        "max_batch = 1\nmax_wait_ms = 10\nqueue_capacity = 16",
+        &camera("cam0", &clip.display().to_string(), 4.0, false, ""),
+    );
+    let text = std::fs::read_to_string(&config).unwrap() + "\n[events]\nopen_frames = 2\nclose_after_ms = 600\n";
+    std::fs::write(&config, text).unwrap();
+    let mut daemon = Daemon::start(&config);
+    assert!(daemon.wait_exit(Duration::from_secs(120)).success(), "{}", daemon.log_text());
+    wait_for(Duration::from_secs(10), "the event's end", || {
+        sub.on("cam0/events").iter().any(|m| String::from_utf8_lossy(&m.payload).contains("\"type\":\"end\""))
+    });
+    let events: Vec<serde_json::Value> =
+        sub.on("cam0/events").iter().map(|m| serde_json::from_slice(&m.payload).unwrap()).collect();
+    let kinds: Vec<&str> = events.iter().map(|e| e["type"].as_str().unwrap()).collect();
+    assert_eq!(kinds.first(), Some(&"new"), "{events:?}");
+    assert_eq!(kinds.last(), Some(&"end"), "{events:?}");
+    assert!(kinds[1..kinds.len() - 1].iter().all(|k| *k == "update"), "{kinds:?}");
+    let id = &events[0]["id"];
+    assert!(events.iter().all(|e| &e["id"] == id), "one episode, one id: {events:?}");
+    let end = events.last().unwrap();
+    assert_eq!(end["frames"], 3, "{end}");
+    assert!(end["end_time"].as_str() >= end["start_time"].as_str(), "{end}");
+    assert!(events[0]["end_time"].is_null());
+    let best_seq = end["best_seq"].as_u64().unwrap();
+    assert!((4..=6).contains(&best_seq), "the best frame is one of the scratched ones: {end}");
+    assert_eq!(end["peak_score"], events.iter().map(|e| e["peak_score"].as_f64().unwrap()).fold(0.0, f64::max));
+    assert!(!end["regions"].as_array().unwrap().is_empty(), "{end}");
+    assert!(!sub.on("cam0/events/snapshot").is_empty(), "the best frame's snapshot");
+    assert_eq!(sub.on("cam0/anomaly").len(), 3, "per-frame alerts stay on");
+}

@@ -16,6 +16,7 @@
 
 #[cfg(feature = "embedded-broker")]
 pub mod broker;
+pub mod events;
 pub mod http;
 pub mod mqtt;
 pub mod outbox;
@@ -263,6 +264,7 @@ impl<'a> Running<'a> {
             snapshot_quality: config.mqtt.snapshot_quality,
             image_max_width: config.mqtt.image_max_width,
             node: config.node_id.clone(),
+            events: config.events.clone(),
             recorder,
         };
         let progress = Progress::new();

@@ -7,11 +7,13 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::SystemTime;
 
-use crossbeam_channel::{Receiver, Sender};
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use rumqttc::QoS;
 use serde::Serialize;
 
+use super::events::{Emitted, Observation, Tracker};
 use super::mqtt::Mqtt;
+use crate::config::EventsConfig;
 use crate::frame::Inspected;
 use crate::postprocess::anomaly::Region;
 use crate::postprocess::render::{OverlayFormat, mask_png_within, overlay_within};
@@ -134,71 +136,61 @@ pub struct PublisherContext {
     pub snapshot_quality: u8,
     pub image_max_width: u32,
     pub node: String,
+    pub events: EventsConfig,
     /// The recorder's queue and the fraction of normal frames it keeps.
     pub recorder: Option<(Sender<Inspected>, f64)>,
 }
 
-/// Publishes every inspected frame; ends when the inference worker is gone.
+/// Publishes every inspected frame (and its camera's events); ends when the inference
+/// worker is gone, after ending the events still open.
 pub fn publisher(ctx: PublisherContext, input: Receiver<Inspected>, progress: Progress) {
-    let mut sampler = crate::backoff::clock_seeded_rng();
+    let events = &ctx.events;
+    let trackers =
+        ctx.cameras.iter().map(|c| Tracker::new(&ctx.node, &c.id, events.open_frames, events.close_after)).collect();
+    let mut publisher = Publisher { sampler: crate::backoff::clock_seeded_rng(), trackers, ctx };
     // Fault drill (docs/deploy.md): the publisher dies at its first frame.
     let injected_panic = std::env::var("EDGE_INSPECT_FAULT").is_ok_and(|f| f == "publisher-panic");
-    while let Some(inspected) = progress.recv(&input) {
-        assert!(!injected_panic, "injected fault: EDGE_INSPECT_FAULT=publisher-panic");
-        let camera = &ctx.cameras[inspected.frame.camera];
-        let a = &inspected.analysis;
-        let f = &inspected.frame;
+    loop {
+        progress.beat();
+        match input.recv_timeout(Progress::TURN) {
+            Ok(inspected) => {
+                assert!(!injected_panic, "injected fault: EDGE_INSPECT_FAULT=publisher-panic");
+                publisher.frame(inspected);
+            }
+            // Idle: an episode whose camera went quiet still ends on time.
+            Err(RecvTimeoutError::Timeout) => publisher.expire_events(),
+            Err(RecvTimeoutError::Disconnected) => break,
+        }
+    }
+    publisher.finish_events();
+    tracing::debug!("Publisher stopped.");
+}
+
+struct Publisher {
+    ctx: PublisherContext,
+    /// One per camera.
+    trackers: Vec<Tracker>,
+    /// Picks the normal frames the recorder keeps.
+    sampler: rand_chacha::ChaCha8Rng,
+}
+
+impl Publisher {
+    /// Alerts (if per-frame alerts are on), the retained state, metrics, events, and the
+    /// recorder's share of one inspected frame.
+    fn frame(&mut self, inspected: Inspected) {
+        let Publisher { ctx, trackers, sampler } = self;
+        let index = inspected.frame.camera;
+        let camera = &ctx.cameras[index];
+        let (a, f) = (&inspected.analysis, &inspected.frame);
         let to_camera = CameraMapping::of(f, a);
         let defect_area = to_camera.area(a.mask.iter().filter(|m| **m != 0).count());
+        let regions: Vec<Region> = a.regions.iter().map(|r| to_camera.region(r)).collect();
         let now = SystemTime::now();
         if a.anomalous {
             camera.anomalies.fetch_add(1, Relaxed);
-            let id = format!(
-                "{}-{}-{}-{}",
-                ctx.node,
-                camera.id,
-                f.captured.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0),
-                f.seq
-            );
             tracing::info!(camera = %camera.id, seq = f.seq, score = a.normalised_score, regions = a.regions.len(), source = ?f.source_file, "Anomaly.");
-            if let Some(mqtt) = &ctx.mqtt {
-                let regions: Vec<Region> = a.regions.iter().map(|r| to_camera.region(r)).collect();
-                let (mask, mask_size) = mask_png_within(a, ctx.image_max_width);
-                let [inspected_w, inspected_h] = [to_camera.size[0] as f64, to_camera.size[1] as f64];
-                let alert = Alert {
-                    schema: PAYLOAD_SCHEMA,
-                    id,
-                    timestamp: rfc3339(now),
-                    captured_at: rfc3339(f.captured),
-                    seq: f.seq,
-                    camera: &camera.id,
-                    score: a.score,
-                    normalised_score: a.normalised_score,
-                    threshold: ctx.image_threshold,
-                    defect_area_px: defect_area,
-                    defect_ratio: defect_area as f64 / a.mask.len().max(1) as f64,
-                    regions: &regions,
-                    inspected: to_camera.inspected(),
-                    mask_size,
-                    mask_scale: [inspected_w / mask_size[0] as f64, inspected_h / mask_size[1] as f64],
-                    model: &ctx.model,
-                    latency_ms: f.captured_at.elapsed().as_secs_f64() * 1e3,
-                    source_file: f.source_file.as_deref(),
-                    mask_topic: mqtt.topic(&format!("{}/mask", camera.id)),
-                    snapshot_topic: mqtt.topic(&format!("{}/snapshot", camera.id)),
-                };
-                let payload = serde_json::to_vec(&alert).expect("alert serialises");
-                // Alerts and masks are durable: what cannot go now waits in the outbox.
-                let mut sent = mqtt.publish_durable(&format!("{}/anomaly", camera.id), payload);
-                if ctx.publish_images {
-                    sent &= mqtt.publish_durable(&format!("{}/mask", camera.id), mask);
-                    let format = OverlayFormat::Jpeg { quality: ctx.snapshot_quality };
-                    let snapshot = overlay_within(&f.display, a, None, format, ctx.image_max_width);
-                    sent &= mqtt.publish(&format!("{}/snapshot", camera.id), QoS::AtMostOnce, true, snapshot);
-                }
-                if !sent {
-                    camera.drop_frame(DropReason::MqttBacklog);
-                }
+            if ctx.events.frame_alerts {
+                alert(ctx, &inspected, &to_camera, &regions, defect_area, now);
             }
         }
         if let Some(mqtt) = &ctx.mqtt {
@@ -217,14 +209,127 @@ pub fn publisher(ctx: PublisherContext, input: Receiver<Inspected>, progress: Pr
         }
         camera.scores.observe(a.normalised_score);
         camera.latency.observe(f.captured_at.elapsed().as_secs_f64());
+        if ctx.events.enabled {
+            let observation = Observation {
+                seq: f.seq,
+                captured: f.captured,
+                captured_at: f.captured_at,
+                anomalous: a.anomalous,
+                score: a.score,
+                normalised_score: a.normalised_score,
+                regions,
+            };
+            for event in trackers[index].observe(observation, || snapshot(ctx, &inspected)) {
+                publish_event(ctx, index, event);
+            }
+        }
         if let Some((recorder, normal_rate)) = &ctx.recorder {
-            let keep = a.anomalous || rand::Rng::random_bool(&mut sampler, *normal_rate);
+            let keep = inspected.analysis.anomalous || rand::Rng::random_bool(sampler, *normal_rate);
             if keep && recorder.try_send(inspected).is_err() {
-                camera.drop_frame(DropReason::RecorderFull);
+                ctx.cameras[index].drop_frame(DropReason::RecorderFull);
             }
         }
     }
-    tracing::debug!("Publisher stopped.");
+
+    /// Ends the episodes of cameras that have gone quiet.
+    fn expire_events(&mut self) {
+        let now = std::time::Instant::now();
+        for (index, tracker) in self.trackers.iter_mut().enumerate() {
+            if let Some(end) = tracker.expire(now) {
+                publish_event(&self.ctx, index, end);
+            }
+        }
+    }
+
+    /// Ends every open episode (shutdown).
+    fn finish_events(&mut self) {
+        for (index, tracker) in self.trackers.iter_mut().enumerate() {
+            if let Some(end) = tracker.finish() {
+                publish_event(&self.ctx, index, end);
+            }
+        }
+    }
+}
+
+/// The per-frame alert, its mask and snapshot.
+fn alert(
+    ctx: &PublisherContext,
+    inspected: &Inspected,
+    to_camera: &CameraMapping,
+    regions: &[Region],
+    defect_area: usize,
+    now: SystemTime,
+) {
+    let Some(mqtt) = &ctx.mqtt else { return };
+    let (a, f) = (&inspected.analysis, &inspected.frame);
+    let camera = &ctx.cameras[f.camera];
+    let id = format!(
+        "{}-{}-{}-{}",
+        ctx.node,
+        camera.id,
+        f.captured.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0),
+        f.seq
+    );
+    let (mask, mask_size) = mask_png_within(a, ctx.image_max_width);
+    let [inspected_w, inspected_h] = [to_camera.size[0] as f64, to_camera.size[1] as f64];
+    let alert = Alert {
+        schema: PAYLOAD_SCHEMA,
+        id,
+        timestamp: rfc3339(now),
+        captured_at: rfc3339(f.captured),
+        seq: f.seq,
+        camera: &camera.id,
+        score: a.score,
+        normalised_score: a.normalised_score,
+        threshold: ctx.image_threshold,
+        defect_area_px: defect_area,
+        defect_ratio: defect_area as f64 / a.mask.len().max(1) as f64,
+        regions,
+        inspected: to_camera.inspected(),
+        mask_size,
+        mask_scale: [inspected_w / mask_size[0] as f64, inspected_h / mask_size[1] as f64],
+        model: &ctx.model,
+        latency_ms: f.captured_at.elapsed().as_secs_f64() * 1e3,
+        source_file: f.source_file.as_deref(),
+        mask_topic: mqtt.topic(&format!("{}/mask", camera.id)),
+        snapshot_topic: mqtt.topic(&format!("{}/snapshot", camera.id)),
+    };
+    let payload = serde_json::to_vec(&alert).expect("alert serialises");
+    // Alerts and masks are durable: what cannot go now waits in the outbox.
+    let mut sent = mqtt.publish_durable(&format!("{}/anomaly", camera.id), payload);
+    if ctx.publish_images {
+        sent &= mqtt.publish_durable(&format!("{}/mask", camera.id), mask);
+        sent &= mqtt.publish(&format!("{}/snapshot", camera.id), QoS::AtMostOnce, true, snapshot(ctx, inspected));
+    }
+    if !sent {
+        camera.drop_frame(DropReason::MqttBacklog);
+    }
+}
+
+/// The frame with its heat map and mask outline, as JPEG (empty when images are off).
+fn snapshot(ctx: &PublisherContext, inspected: &Inspected) -> Vec<u8> {
+    if !ctx.publish_images {
+        return Vec::new();
+    }
+    let format = OverlayFormat::Jpeg { quality: ctx.snapshot_quality };
+    overlay_within(&inspected.frame.display, &inspected.analysis, None, format, ctx.image_max_width)
+}
+
+/// An event on `<camera>/events` (durable, like alerts) and, when the best frame changed,
+/// its snapshot on the retained `<camera>/events/snapshot`.
+fn publish_event(ctx: &PublisherContext, camera: usize, event: Emitted) {
+    let id = &ctx.cameras[camera].id;
+    let message = event.message(id, &ctx.model, format!("{id}/events/snapshot"));
+    tracing::info!(camera = %id, event = %message.id, kind = ?message.kind, frames = message.frames, "Event.");
+    let Some(mqtt) = &ctx.mqtt else { return };
+    let payload = serde_json::to_vec(&message).expect("event serialises");
+    let mut sent = mqtt.publish_durable(&format!("{id}/events"), payload);
+    if let Some(jpeg) = event.snapshot.filter(|j| !j.is_empty()) {
+        sent &= mqtt.publish(&format!("{id}/events/snapshot"), QoS::AtMostOnce, true, jpeg);
+    }
+    if !sent {
+        ctx.cameras[camera].drop_frame(DropReason::MqttBacklog);
+    }
 }
 
 #[cfg(test)]
