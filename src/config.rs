@@ -151,6 +151,15 @@ struct RawEvents {
     frame_alerts: Option<bool>,
 }
 
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct RawHomeAssistant {
+    /// Publish MQTT discovery configs (default true).
+    enabled: Option<bool>,
+    /// Home Assistant's discovery prefix (default `homeassistant`).
+    discovery_prefix: Option<String>,
+}
+
 /// Every section as read, before validation.
 struct RawConfig {
     node: RawNode,
@@ -161,6 +170,7 @@ struct RawConfig {
     recorder: RawRecorder,
     http: RawHttp,
     events: RawEvents,
+    homeassistant: RawHomeAssistant,
     cameras: Vec<RawCamera>,
 }
 
@@ -202,7 +212,15 @@ pub struct DaemonConfig {
     pub recorder: RecorderConfig,
     pub http: HttpConfig,
     pub events: EventsConfig,
+    pub homeassistant: HomeAssistantConfig,
     pub cameras: Vec<CameraConfig>,
+}
+
+/// Home Assistant MQTT discovery.
+#[derive(Debug, Clone)]
+pub struct HomeAssistantConfig {
+    pub enabled: bool,
+    pub discovery_prefix: String,
 }
 
 /// Defect episodes on `<camera>/events`, and whether per-frame alerts go out too.
@@ -377,7 +395,8 @@ fn config_error_issue(prefix: &str, error: config::ConfigError) -> ConfigIssue {
     }
 }
 
-const SECTIONS: [&str; 9] = ["node", "model", "runtime", "pipeline", "mqtt", "recorder", "http", "events", "cameras"];
+const SECTIONS: [&str; 10] =
+    ["node", "model", "runtime", "pipeline", "mqtt", "recorder", "http", "events", "homeassistant", "cameras"];
 
 fn from_table(
     mut table: BTreeMap<String, config::Value>,
@@ -396,6 +415,7 @@ fn from_table(
     let recorder: RawRecorder = section(&mut table, "recorder", &mut issues);
     let http: RawHttp = section(&mut table, "http", &mut issues);
     let events: RawEvents = section(&mut table, "events", &mut issues);
+    let homeassistant: RawHomeAssistant = section(&mut table, "homeassistant", &mut issues);
     let cameras: Vec<config::Value> = match table.remove("cameras") {
         None => Vec::new(),
         Some(v) => parse(v, "cameras", &mut issues).unwrap_or_default(),
@@ -404,7 +424,7 @@ fn from_table(
         cameras.into_iter().enumerate().filter_map(|(i, v)| parse(v, &format!("cameras[{i}]"), &mut issues)).collect();
     let resolve = |p: PathBuf| if p.is_absolute() { p } else { base.join(p) };
     let mut v = Validator { issues, credentials };
-    let raw = RawConfig { node, model, runtime, pipeline, mqtt, recorder, http, events, cameras };
+    let raw = RawConfig { node, model, runtime, pipeline, mqtt, recorder, http, events, homeassistant, cameras };
     let config = v.build(raw, &resolve);
     if v.issues.is_empty() { Ok(config) } else { Err(v.issues) }
 }
@@ -504,7 +524,7 @@ impl Validator {
     }
 
     fn build(&mut self, raw: RawConfig, resolve: &dyn Fn(PathBuf) -> PathBuf) -> DaemonConfig {
-        let RawConfig { node, model, runtime, pipeline, mqtt, recorder, http, events, cameras } = raw;
+        let RawConfig { node, model, runtime, pipeline, mqtt, recorder, http, events, homeassistant, cameras } = raw;
         // Two nodes with the same id take each other's MQTT session over: without an id, the
         // host name is the id.
         let node_id = node.id.unwrap_or_else(host_name_id);
@@ -715,24 +735,7 @@ impl Validator {
         let mut ids = BTreeSet::new();
         let cameras =
             cameras.into_iter().enumerate().filter_map(|(i, c)| self.camera(i, c, &mut ids, resolve)).collect();
-        let listen = http.listen.unwrap_or_else(|| "127.0.0.1:9610".into());
-        let http = HttpConfig {
-            enabled: http.enabled.unwrap_or(true),
-            listen: listen.parse().unwrap_or_else(|e| {
-                self.fail("http.listen", format!("not a host:port address ({e}): {listen:?}"));
-                std::net::SocketAddr::from(([127, 0, 0, 1], 9610))
-            }),
-        };
-        let events = EventsConfig {
-            enabled: events.enabled.unwrap_or(true),
-            open_frames: self.within("events.open_frames", events.open_frames.unwrap_or(2), 1..=10_000),
-            close_after: Duration::from_millis(self.within(
-                "events.close_after_ms",
-                events.close_after_ms.unwrap_or(5000),
-                0..=86_400_000,
-            )),
-            frame_alerts: events.frame_alerts.unwrap_or(true),
-        };
+        let (http, events, homeassistant) = (self.http(http), self.events(events), self.homeassistant(homeassistant));
         DaemonConfig {
             node_id,
             state_dir,
@@ -744,8 +747,43 @@ impl Validator {
             recorder,
             http,
             events,
+            homeassistant,
             cameras,
         }
+    }
+
+    fn http(&mut self, http: RawHttp) -> HttpConfig {
+        let listen = http.listen.unwrap_or_else(|| "127.0.0.1:9610".into());
+        HttpConfig {
+            enabled: http.enabled.unwrap_or(true),
+            listen: listen.parse().unwrap_or_else(|e| {
+                self.fail("http.listen", format!("not a host:port address ({e}): {listen:?}"));
+                std::net::SocketAddr::from(([127, 0, 0, 1], 9610))
+            }),
+        }
+    }
+
+    fn events(&mut self, events: RawEvents) -> EventsConfig {
+        EventsConfig {
+            enabled: events.enabled.unwrap_or(true),
+            open_frames: self.within("events.open_frames", events.open_frames.unwrap_or(2), 1..=10_000),
+            close_after: Duration::from_millis(self.within(
+                "events.close_after_ms",
+                events.close_after_ms.unwrap_or(5000),
+                0..=86_400_000,
+            )),
+            frame_alerts: events.frame_alerts.unwrap_or(true),
+        }
+    }
+
+    fn homeassistant(&mut self, homeassistant: RawHomeAssistant) -> HomeAssistantConfig {
+        let discovery_prefix = homeassistant.discovery_prefix.unwrap_or_else(|| "homeassistant".into());
+        let topic_safe =
+            !discovery_prefix.contains(['+', '#', '\0']) && discovery_prefix.split('/').all(|level| !level.is_empty());
+        if !topic_safe {
+            self.fail("homeassistant.discovery_prefix", format!("not a topic prefix: {discovery_prefix:?}"));
+        }
+        HomeAssistantConfig { enabled: homeassistant.enabled.unwrap_or(true), discovery_prefix }
     }
 
     fn camera(

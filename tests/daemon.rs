@@ -91,7 +91,7 @@ struct Message {
     retain: bool,
 }
 
-/// Subscribes to `edge-inspect/#` and keeps everything it receives.
+/// Subscribes to `edge-inspect/#` (or another filter) and keeps everything it receives.
 struct Subscriber {
     messages: Arc<Mutex<Vec<Message>>>,
     subscribed: Arc<std::sync::atomic::AtomicBool>,
@@ -99,6 +99,10 @@ struct Subscriber {
 
 impl Subscriber {
     fn start(port: u16) -> Self {
+        Self::start_on(port, "edge-inspect/#")
+    }
+
+    fn start_on(port: u16, filter: &'static str) -> Self {
         let mut options = MqttOptions::new(format!("test-{}", free_port()), "127.0.0.1", port);
         options.set_max_packet_size(16 << 20, 16 << 20);
         let (client, mut connection) = Client::new(options, 16);
@@ -109,7 +113,7 @@ impl Subscriber {
             for event in connection.iter() {
                 match event {
                     Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                        client.subscribe("edge-inspect/#", QoS::AtLeastOnce).unwrap();
+                        client.subscribe(filter, QoS::AtLeastOnce).unwrap();
                     }
                     Ok(Event::Incoming(Packet::SubAck(_))) => flag.store(true, std::sync::atomic::Ordering::SeqCst),
                     Ok(Event::Incoming(Packet::Publish(p))) => store.lock().unwrap().push(Message {
@@ -1490,4 +1494,77 @@ fn a_defect_episode_is_one_event_new_update_end() {
     assert!(!end["regions"].as_array().unwrap().is_empty(), "{end}");
     assert!(!sub.on("cam0/events/snapshot").is_empty(), "the best frame's snapshot");
     assert_eq!(sub.on("cam0/anomaly").len(), 3, "per-frame alerts stay on");
+}
+
+/// Home Assistant MQTT discovery: retained configs for each camera's entities, announced
+/// again on Home Assistant's birth message, and removed for a camera that left the config.
+#[test]
+fn home_assistant_discovery_is_announced_repeated_on_birth_and_removed_with_its_camera() {
+    let broker = Broker::start();
+    let ha = Subscriber::start_on(broker.port, "homeassistant/#");
+    let dir = tempfile::tempdir().unwrap();
+    let frames = repo().join("data/brick/test/good").display().to_string();
+    let cameras = camera("cam0", &frames, 2.0, true, "") + &camera("cam1", &frames, 2.0, true, "");
+    let config = write_config(dir.path(), broker.port, "", &cameras);
+    let mut daemon = Daemon::start(&config);
+    wait_for(Duration::from_secs(60), "six discovery configs", || ha.on("/config").len() >= 6);
+    let config_of = |topic: &str| -> serde_json::Value {
+        let message = ha.on(topic).into_iter().last().unwrap_or_else(|| panic!("no {topic}"));
+        serde_json::from_slice(&message.payload).unwrap()
+    };
+    let defect = config_of("homeassistant/binary_sensor/test_cam0/defect/config");
+    assert_eq!(defect["state_topic"], "edge-inspect/test/cam0/state");
+    assert_eq!(defect["device_class"], "problem");
+    assert!(defect["value_template"].as_str().unwrap().contains("anomalous"));
+    assert_eq!(defect["availability"][0]["topic"], "edge-inspect/test/available");
+    assert_eq!(defect["availability"][0]["payload_available"], "online");
+    assert_eq!(defect["unique_id"], "edge-inspect_test_cam0_defect");
+    assert_eq!(defect["device"]["identifiers"][0], "edge-inspect_test_cam0");
+    let score = config_of("homeassistant/sensor/test_cam1/score/config");
+    assert_eq!(
+        (score["state_topic"].as_str(), score["state_class"].as_str()),
+        (Some("edge-inspect/test/cam1/state"), Some("measurement"))
+    );
+    let image = config_of("homeassistant/image/test_cam1/snapshot/config");
+    assert_eq!(
+        (image["image_topic"].as_str(), image["content_type"].as_str()),
+        (Some("edge-inspect/test/cam1/snapshot"), Some("image/jpeg"))
+    );
+    let unique: std::collections::BTreeSet<String> = ha
+        .on("/config")
+        .iter()
+        .map(|m| serde_json::from_slice::<serde_json::Value>(&m.payload).unwrap()["unique_id"].to_string())
+        .collect();
+    assert_eq!(unique.len(), 6, "unique ids from node and camera");
+
+    // Home Assistant restarts: its birth message brings every config again.
+    let before = ha.on("/config").len();
+    let sent = Command::new("mosquitto_pub")
+        .args(["-h", "127.0.0.1", "-p", &broker.port.to_string(), "-t", "homeassistant/status", "-m", "online"])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+    wait_for(Duration::from_secs(10), "the configs again after the birth message", || {
+        ha.on("/config").len() >= before + 6
+    });
+    daemon.signal("TERM");
+    assert!(daemon.wait_exit(Duration::from_secs(30)).success(), "{}", daemon.log_text());
+
+    // cam1 leaves the config: its entities are removed (empty retained configs) ...
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&config, &text[..text.find("[[cameras]]\nid = \"cam1\"").unwrap()]).unwrap();
+    let mut daemon = Daemon::start(&config);
+    wait_for(Duration::from_secs(60), "cam1's entities removed", || {
+        ["binary_sensor/test_cam1/defect", "sensor/test_cam1/score", "image/test_cam1/snapshot"]
+            .iter()
+            .all(|t| ha.on(&format!("{t}/config")).last().is_some_and(|m| m.payload.is_empty()))
+    });
+    // ... so a Home Assistant that connects now finds cam0's entities only.
+    let fresh = Subscriber::start_on(broker.port, "homeassistant/#");
+    wait_for(Duration::from_secs(10), "cam0's retained configs", || fresh.on("/config").len() >= 3);
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(fresh.on("/config").iter().all(|m| m.retain), "the configs are retained");
+    assert!(fresh.on("/config").iter().all(|m| m.topic.contains("test_cam0")), "cam1 is gone for a new subscriber");
+    daemon.signal("TERM");
+    assert!(daemon.wait_exit(Duration::from_secs(30)).success());
 }

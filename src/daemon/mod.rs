@@ -17,6 +17,7 @@
 #[cfg(feature = "embedded-broker")]
 pub mod broker;
 pub mod events;
+pub mod homeassistant;
 pub mod http;
 pub mod mqtt;
 pub mod outbox;
@@ -226,7 +227,9 @@ impl<'a> Running<'a> {
         let pipeline = Arc::new(PipelineStats::default());
         let cameras: Vec<Arc<CameraStats>> = config.cameras.iter().map(|c| Arc::new(CameraStats::new(&c.id))).collect();
         let (mqtt, mqtt_stop) = if config.mqtt.enabled {
-            let (client, link) = Mqtt::start(&config.mqtt, pipeline.clone())?;
+            let ha = &config.homeassistant;
+            let birth = ha.enabled.then(|| format!("{}/status", ha.discovery_prefix));
+            let (client, link) = Mqtt::start(&config.mqtt, pipeline.clone(), birth)?;
             let (stop_tx, stop_rx) = bounded::<()>(0);
             supervisor.spawn("mqtt", Role::Link, None, move || link.run(stop_rx))?;
             (Some(Arc::new(client)), Some(stop_tx))
@@ -237,6 +240,13 @@ impl<'a> Running<'a> {
             let status = if camera.enabled { CameraStatus::Offline } else { CameraStatus::Disabled };
             if let Some(mqtt) = &mqtt {
                 mqtt.publish(&format!("{}/status", camera.id), QoS::AtLeastOnce, true, status.as_str().into());
+            }
+        }
+        if let Some(mqtt) = mqtt.as_ref().filter(|_| config.homeassistant.enabled) {
+            let messages = homeassistant::messages(config)
+                .with_context(|| format!("{}: cannot record the announced cameras", config.state_dir.display()))?;
+            for (topic, payload) in messages {
+                mqtt.publish_at(topic, QoS::AtLeastOnce, true, payload);
             }
         }
         let watch = |progress: &Progress| Some((progress.clone(), config.pipeline.stage_timeout));

@@ -104,8 +104,13 @@ pub fn options(config: &MqttConfig) -> Result<MqttOptions, MqttSetupError> {
 
 impl Mqtt {
     /// Creates the client and the link that drives its connection (run it on a thread of
-    /// its own: [`MqttLink::run`]).
-    pub fn start(config: &MqttConfig, stats: Arc<PipelineStats>) -> Result<(Self, MqttLink), MqttSetupError> {
+    /// its own: [`MqttLink::run`]). A `birth_topic` (Home Assistant's `<prefix>/status`) is
+    /// subscribed to; its `online` makes the link announce the retained state again.
+    pub fn start(
+        config: &MqttConfig,
+        stats: Arc<PipelineStats>,
+        birth_topic: Option<String>,
+    ) -> Result<(Self, MqttLink), MqttSetupError> {
         let (client, connection) = Client::new(options(config)?, CLIENT_QUEUE);
         let retained = Arc::new(RetainedState::default());
         let outbox = Outbox::open(&config.outbox_dir, config.outbox_max_bytes, config.outbox_max_age, stats.clone())
@@ -118,7 +123,7 @@ impl Mqtt {
             outbox: outbox.clone(),
             stats: stats.clone(),
         };
-        let link = Link { client, base: config.base_topic.clone(), retained, outbox, stats };
+        let link = Link { client, base: config.base_topic.clone(), retained, outbox, stats, birth_topic };
         Ok((mqtt, MqttLink { link, connection, reconnect_max: config.reconnect_max }))
     }
 
@@ -130,7 +135,11 @@ impl Mqtt {
     /// (disconnected, or its queue full). A retained message is remembered either way and
     /// re-sent on every connect.
     pub fn publish(&self, suffix: &str, qos: QoS, retain: bool, payload: Vec<u8>) -> bool {
-        let topic = self.topic(suffix);
+        self.publish_at(self.topic(suffix), qos, retain, payload)
+    }
+
+    /// [`Mqtt::publish`] to a topic outside the node's own (Home Assistant discovery).
+    pub fn publish_at(&self, topic: String, qos: QoS, retain: bool, payload: Vec<u8>) -> bool {
         if retain {
             self.retained.topics.lock().expect("retained lock").insert(topic.clone(), payload.clone());
         }
@@ -188,6 +197,8 @@ struct Link {
     retained: Arc<RetainedState>,
     outbox: Arc<Mutex<Outbox>>,
     stats: Arc<PipelineStats>,
+    /// Home Assistant's birth topic, if discovery is on.
+    birth_topic: Option<String>,
 }
 
 /// The connection's driver: reconnects, announces, drains the outbox.
@@ -257,8 +268,18 @@ impl Link {
                     stats.mqtt_connects.fetch_add(1, Relaxed);
                     stats.mqtt_connected.store(true, Relaxed);
                     tracing::info!(code = ?ack.code, "MQTT connected.");
+                    if let Some(birth) = &self.birth_topic {
+                        let _ = self.client.try_subscribe(birth.clone(), QoS::AtLeastOnce);
+                    }
                     self.announce(stopping_since.is_some());
                     self.drain_outbox();
+                }
+                // Home Assistant (re)started: it needs the discovery configs and the state again.
+                Ok(Ok(Event::Incoming(Packet::Publish(p))))
+                    if self.birth_topic.as_deref() == Some(p.topic.as_str()) && &p.payload[..] == b"online" =>
+                {
+                    tracing::info!(topic = %p.topic, "Home Assistant is online; announcing again.");
+                    self.announce(stopping_since.is_some());
                 }
                 Ok(Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect))) => {
                     tracing::info!("MQTT disconnected cleanly.");
