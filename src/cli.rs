@@ -36,6 +36,9 @@ pub enum Command {
     Synth(SynthArgs),
     /// Measure inference throughput of a bundle on this machine (UNet evals/s, frames/s).
     Bench(BenchArgs),
+    /// Label a recorded frame in the capture store as a defect or normal (what the MQTT
+    /// command `<camera>/label/set` does): `retrain` leaves out defects, `eval` scores on labels.
+    Label(LabelArgs),
     /// Export a UNet with seeded random weights as a verified bundle (tests, benchmarks).
     #[cfg(feature = "train")]
     Export(ExportArgs),
@@ -504,4 +507,24 @@ pub struct RetrainArgs {
     pub no_progress: bool,
     #[command(flatten)]
     pub runtime: RuntimeArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct LabelArgs {
+    /// The capture store (`[recorder] dir`, default `<state_dir>/captures`).
+    #[arg(long, value_name = "DIR")]
+    pub store: PathBuf,
+    #[arg(long)]
+    pub camera: String,
+    /// The frame's sequence number (`seq` in its alert, state and sidecar).
+    #[arg(long)]
+    pub seq: u64,
+    #[arg(long, value_enum)]
+    pub verdict: VerdictArg,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum VerdictArg {
+    Defect,
+    Normal,
 }

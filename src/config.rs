@@ -111,6 +111,8 @@ struct RawMqtt {
     tls: Option<RawTls>,
     embedded_broker: Option<bool>,
     publish_images: Option<bool>,
+    /// Take operator commands (`<camera>/label/set`; default true).
+    commands: Option<bool>,
     snapshot_quality: Option<u8>,
     image_max_width: Option<u32>,
     reconnect_max_s: Option<u64>,
@@ -281,6 +283,8 @@ pub struct MqttConfig {
     pub tls: Option<TlsConfig>,
     pub embedded_broker: bool,
     pub publish_images: bool,
+    /// Subscribe to the command topics.
+    pub commands: bool,
     pub snapshot_quality: u8,
     /// Masks and snapshots wider than this are scaled down (the payload states the scale).
     pub image_max_width: u32,
@@ -685,6 +689,7 @@ impl Validator {
             tls,
             embedded_broker,
             publish_images: mqtt.publish_images.unwrap_or(true),
+            commands: mqtt.commands.unwrap_or(true),
             image_max_width: self.within("mqtt.image_max_width", mqtt.image_max_width.unwrap_or(1920), 64..=16_384),
             snapshot_quality,
             // A broker back after an outage is found within this: keep it short.

@@ -19,6 +19,7 @@ fn main() -> ExitCode {
         Command::Eval(args) => commands::eval::run(args),
         Command::Synth(args) => commands::synth::run(args),
         Command::Bench(args) => commands::bench::run(args),
+        Command::Label(args) => commands::label::run(args),
         #[cfg(feature = "train")]
         Command::Export(args) => commands::export::run(args),
         #[cfg(feature = "train")]

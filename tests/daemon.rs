@@ -1568,3 +1568,110 @@ fn home_assistant_discovery_is_announced_repeated_on_birth_and_removed_with_its_
     daemon.signal("TERM");
     assert!(daemon.wait_exit(Duration::from_secs(30)).success());
 }
+
+/// Operator labels, end to end: `<camera>/label/set` over MQTT (and `edge-inspect label`)
+/// writes labels beside recorded frames; bad payloads are answered on `<node>/error`;
+/// `retrain` on the store leaves out the frames labelled defect; `eval` on the store scores
+/// the labelled frames, with precision, recall and F1 at the deployed threshold.
+#[test]
+fn a_label_goes_from_mqtt_to_the_store_to_retrain_and_eval() {
+    let (broker, sub, dir) = rig();
+    let clip = dir.path().join("clip");
+    std::fs::create_dir_all(&clip).unwrap();
+    let pngs = |d: &str| -> Vec<PathBuf> {
+        walk(&repo().join(d)).into_iter().filter(|p| p.extension().is_some_and(|e| e == "png")).collect()
+    };
+    let (good, scratch) = (pngs("data/brick/test/good"), pngs("data/brick/test/scratch"));
+    // seq 1–4 clean, 5–7 scratched.
+    for (i, source) in good.iter().take(4).chain(scratch.iter()).enumerate() {
+        std::fs::copy(source, clip.join(format!("{i:02}.png"))).unwrap();
+    }
+    let config = write_config(
+        dir.path(),
+        broker.port,
+        "max_batch = 1\nmax_wait_ms = 10\nqueue_capacity = 16",
+        &camera("cam0", &clip.display().to_string(), 10.0, false, ""),
+    );
+    // The replay ends; the daemon must stay up for the commands: a second, looping camera.
+    let text = std::fs::read_to_string(&config).unwrap()
+        + &camera("idle", &repo().join("data/brick/test/good").display().to_string(), 0.5, true, "");
+    std::fs::write(&config, text).unwrap();
+    let store = dir.path().join("state/captures");
+    let mut daemon = Daemon::start(&config);
+    wait_for(Duration::from_secs(60), "seq 7 recorded", || capture_labels_find(&store, 7));
+    let label = |payload: &str| {
+        let topic = "edge-inspect/test/cam0/label/set";
+        let port = broker.port.to_string();
+        let ok = Command::new("mosquitto_pub")
+            .args(["-h", "127.0.0.1", "-p", &port, "-q", "1", "-t", topic, "-m", payload])
+            .status();
+        assert!(ok.unwrap().success());
+    };
+    label(r#"{"seq": 4, "verdict": "normal"}"#);
+    label(r#"{"seq": 5, "verdict": "defect"}"#);
+    label(r#"{"seq": 99999, "verdict": "defect"}"#);
+    label(r#"{"seq": 5, "verdict": "maybe"}"#);
+    label("not json");
+    wait_for(Duration::from_secs(10), "two labels and three refusals", || {
+        sub.on("cam0/label/state").len() == 2 && sub.on("test/error").len() == 3
+    });
+    let errors: Vec<serde_json::Value> =
+        sub.on("test/error").iter().map(|m| serde_json::from_slice(&m.payload).unwrap()).collect();
+    assert!(errors[0]["error"].as_str().unwrap().contains("sequence number 99999"), "{errors:?}");
+    assert!(errors.iter().skip(1).all(|e| e["error"].as_str().unwrap().contains("expected {\"seq\"")), "{errors:?}");
+    daemon.signal("TERM");
+    assert!(daemon.wait_exit(Duration::from_secs(30)).success(), "{}", daemon.log_text());
+
+    // The CLI does the same.
+    let o = Command::new(env!("CARGO_BIN_EXE_edge-inspect"))
+        .args(["label", "--store", store.to_str().unwrap(), "--camera", "cam0", "--seq", "6", "--verdict", "defect"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stdout).trim().ends_with("-000006.label.json"));
+
+    // retrain leaves the two frames labelled defect out, and says so.
+    let model = dir.path().join("retrained");
+    let o = Command::new(env!("CARGO_BIN_EXE_edge-inspect"))
+        .args(["retrain", "--data", store.to_str().unwrap(), "--loss", "huber", "--out", model.to_str().unwrap()])
+        .args(["--steps", "4", "--batch-size", "4", "--size", "16", "--base-channels", "16", "--channel-mults", "1,2"])
+        .args(["--t0", "10", "--reverse-steps", "2", "--no-progress", "--fixed-operating-point"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(model.with_extension("report.json")).unwrap()).unwrap();
+    assert_eq!(report["data"]["layout"], "captures");
+    assert_eq!(report["data"]["labelled_defect_excluded"], 2, "{}", report["data"]);
+
+    // eval scores the three labelled frames at the deployed threshold.
+    let out = dir.path().join("eval");
+    let o = Command::new(env!("CARGO_BIN_EXE_edge-inspect"))
+        .args(["eval", "--model", repo().join("models/brick-huber").to_str().unwrap()])
+        .args(["--data", store.to_str().unwrap(), "--out", out.to_str().unwrap(), "--no-progress"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("report.json")).unwrap()).unwrap();
+    assert_eq!(report["data"]["layout"], "captures", "{}", report["data"]);
+    let overall = &report["overall"];
+    assert_eq!((overall["images"].as_u64(), overall["anomalous"].as_u64()), (Some(3), Some(2)), "{overall}");
+    let deployed = &overall["deployed"];
+    // The demo model flags every scratch and no clean frame at its calibrated threshold.
+    assert_eq!(
+        (deployed["true_positives"].as_u64(), deployed["false_positives"].as_u64()),
+        (Some(2), Some(0)),
+        "{deployed}"
+    );
+    assert_eq!(deployed["f1"].as_f64(), Some(1.0), "{deployed}");
+    assert!(overall["image_best_f1"].as_f64().is_some(), "best F1 beside it: {overall}");
+}
+
+/// Whether the capture store holds a recording of cam0 with sequence number `seq`.
+fn capture_labels_find(store: &Path, seq: u64) -> bool {
+    walk_if_exists(store).iter().any(|p| p.to_string_lossy().ends_with(&format!("-{seq:06}.png")))
+}
+
+fn walk_if_exists(dir: &Path) -> Vec<PathBuf> {
+    if dir.is_dir() { walk(dir) } else { Vec::new() }
+}

@@ -7,6 +7,7 @@
 
 #[cfg(feature = "camera")]
 pub mod camera;
+pub mod labels;
 pub mod replay;
 pub mod thread;
 

@@ -5,6 +5,7 @@ pub mod eval;
 #[cfg(feature = "train")]
 pub mod export;
 pub mod infer;
+pub mod label;
 #[cfg(feature = "train")]
 pub mod retrain;
 pub mod run;

@@ -16,6 +16,7 @@
 
 #[cfg(feature = "embedded-broker")]
 pub mod broker;
+pub mod control;
 pub mod events;
 pub mod homeassistant;
 pub mod http;
@@ -228,11 +229,24 @@ impl<'a> Running<'a> {
         let cameras: Vec<Arc<CameraStats>> = config.cameras.iter().map(|c| Arc::new(CameraStats::new(&c.id))).collect();
         let (mqtt, mqtt_stop) = if config.mqtt.enabled {
             let ha = &config.homeassistant;
-            let birth = ha.enabled.then(|| format!("{}/status", ha.discovery_prefix));
-            let (client, link) = Mqtt::start(&config.mqtt, pipeline.clone(), birth)?;
+            let (commands_tx, commands_rx) = bounded(64);
+            let subscriptions = mqtt::Subscriptions {
+                birth: ha.enabled.then(|| format!("{}/status", ha.discovery_prefix)),
+                commands: config.mqtt.commands.then(|| (control::filters(&config.mqtt.base_topic), commands_tx)),
+            };
+            let (client, link) = Mqtt::start(&config.mqtt, pipeline.clone(), subscriptions)?;
+            let client = Arc::new(client);
             let (stop_tx, stop_rx) = bounded::<()>(0);
             supervisor.spawn("mqtt", Role::Link, None, move || link.run(stop_rx))?;
-            (Some(Arc::new(client)), Some(stop_tx))
+            if config.mqtt.commands {
+                let control = control::Control {
+                    mqtt: client.clone(),
+                    cameras: config.cameras.iter().map(|c| c.id.clone()).collect(),
+                    store: config.recorder.enabled.then(|| config.recorder.dir.clone()),
+                };
+                supervisor.spawn("control", Role::Link, None, move || control.run(commands_rx))?;
+            }
+            (Some(client), Some(stop_tx))
         } else {
             (None, None)
         };

@@ -104,12 +104,11 @@ pub fn options(config: &MqttConfig) -> Result<MqttOptions, MqttSetupError> {
 
 impl Mqtt {
     /// Creates the client and the link that drives its connection (run it on a thread of
-    /// its own: [`MqttLink::run`]). A `birth_topic` (Home Assistant's `<prefix>/status`) is
-    /// subscribed to; its `online` makes the link announce the retained state again.
+    /// its own: [`MqttLink::run`]). See [`Subscriptions`] for what it listens to.
     pub fn start(
         config: &MqttConfig,
         stats: Arc<PipelineStats>,
-        birth_topic: Option<String>,
+        subscriptions: Subscriptions,
     ) -> Result<(Self, MqttLink), MqttSetupError> {
         let (client, connection) = Client::new(options(config)?, CLIENT_QUEUE);
         let retained = Arc::new(RetainedState::default());
@@ -123,7 +122,7 @@ impl Mqtt {
             outbox: outbox.clone(),
             stats: stats.clone(),
         };
-        let link = Link { client, base: config.base_topic.clone(), retained, outbox, stats, birth_topic };
+        let link = Link { client, base: config.base_topic.clone(), retained, outbox, stats, subscriptions };
         Ok((mqtt, MqttLink { link, connection, reconnect_max: config.reconnect_max }))
     }
 
@@ -197,8 +196,25 @@ struct Link {
     retained: Arc<RetainedState>,
     outbox: Arc<Mutex<Outbox>>,
     stats: Arc<PipelineStats>,
-    /// Home Assistant's birth topic, if discovery is on.
-    birth_topic: Option<String>,
+    subscriptions: Subscriptions,
+}
+
+/// A message that arrived on a command topic.
+#[derive(Debug)]
+pub struct Incoming {
+    pub topic: String,
+    pub payload: Vec<u8>,
+}
+
+/// What the link subscribes to after every connect.
+#[derive(Default)]
+pub struct Subscriptions {
+    /// Home Assistant's `<prefix>/status`: its `online` makes the link announce the retained
+    /// state again.
+    pub birth: Option<String>,
+    /// Command topic filters and where their messages go (a bounded queue: when it is full
+    /// a command is dropped and logged, never blocking the connection).
+    pub commands: Option<(Vec<String>, crossbeam_channel::Sender<Incoming>)>,
 }
 
 /// The connection's driver: reconnects, announces, drains the outbox.
@@ -229,6 +245,21 @@ impl Link {
         }
         if !stopping {
             let _ = self.client.try_publish(available, QoS::AtLeastOnce, true, "online");
+        }
+    }
+
+    /// Home Assistant's birth message, or a command for the control thread.
+    fn incoming(&self, p: rumqttc::Publish, stopping: bool) {
+        if self.subscriptions.birth.as_deref() == Some(p.topic.as_str()) {
+            if &p.payload[..] == b"online" {
+                // Home Assistant (re)started: it needs the discovery configs and the state again.
+                tracing::info!(topic = %p.topic, "Home Assistant is online; announcing again.");
+                self.announce(stopping);
+            }
+        } else if let Some((_, commands)) = &self.subscriptions.commands
+            && commands.try_send(Incoming { topic: p.topic.clone(), payload: p.payload.to_vec() }).is_err()
+        {
+            tracing::warn!(topic = %p.topic, "Command queue full; command dropped.");
         }
     }
 
@@ -268,19 +299,15 @@ impl Link {
                     stats.mqtt_connects.fetch_add(1, Relaxed);
                     stats.mqtt_connected.store(true, Relaxed);
                     tracing::info!(code = ?ack.code, "MQTT connected.");
-                    if let Some(birth) = &self.birth_topic {
-                        let _ = self.client.try_subscribe(birth.clone(), QoS::AtLeastOnce);
+                    let commands = self.subscriptions.commands.iter().flat_map(|(filters, _)| filters.iter());
+                    for filter in self.subscriptions.birth.iter().chain(commands) {
+                        let _ = self.client.try_subscribe(filter.clone(), QoS::AtLeastOnce);
                     }
                     self.announce(stopping_since.is_some());
                     self.drain_outbox();
                 }
                 // Home Assistant (re)started: it needs the discovery configs and the state again.
-                Ok(Ok(Event::Incoming(Packet::Publish(p))))
-                    if self.birth_topic.as_deref() == Some(p.topic.as_str()) && &p.payload[..] == b"online" =>
-                {
-                    tracing::info!(topic = %p.topic, "Home Assistant is online; announcing again.");
-                    self.announce(stopping_since.is_some());
-                }
+                Ok(Ok(Event::Incoming(Packet::Publish(p)))) => self.incoming(p, stopping_since.is_some()),
                 Ok(Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect))) => {
                     tracing::info!("MQTT disconnected cleanly.");
                     // Let the DISCONNECT reach the socket before the event loop is dropped.

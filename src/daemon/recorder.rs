@@ -134,10 +134,12 @@ impl Store {
     }
 }
 
-/// `<dir>/<id>` for `<dir>/<id>.png`, `<dir>/<id>_mask.png` and `<dir>/<id>.json`.
+/// `<dir>/<id>` for `<dir>/<id>.png`, `<dir>/<id>_mask.png`, `<dir>/<id>.json` and an
+/// operator's `<dir>/<id>.label.json`: the files pruned together.
 fn group_key(path: &Path) -> PathBuf {
     let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
-    path.with_file_name(stem.strip_suffix("_mask").unwrap_or(&stem))
+    let id = stem.strip_suffix("_mask").or_else(|| stem.strip_suffix(".label")).unwrap_or(&stem);
+    path.with_file_name(id)
 }
 
 impl Recorder {

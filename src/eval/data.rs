@@ -17,6 +17,7 @@ use std::path::{Path, PathBuf};
 use image::GrayImage;
 use serde::Serialize;
 
+use crate::capture::labels::{Verdict, verdict_of};
 use crate::image_files::list_images;
 use crate::model::preprocess::{InputSpec, Inspection};
 
@@ -28,6 +29,8 @@ pub const NORMAL: &str = "good";
 pub enum EvalLayout {
     Mvtec,
     Folder,
+    /// The daemon's capture store: the frames an operator labelled (`capture::labels`).
+    Captures,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -126,7 +129,9 @@ pub fn discover(dir: &Path) -> Result<EvalSet, EvalDataError> {
     if !dir.is_dir() {
         return Err(EvalDataError::NotFound { path: dir.to_path_buf() });
     }
-    let (layout, samples) = if dir.join("test").is_dir() {
+    let (layout, samples) = if dir.join(crate::capture::STORE_MARKER).is_file() {
+        (EvalLayout::Captures, discover_labelled(dir)?)
+    } else if dir.join("test").is_dir() {
         (EvalLayout::Mvtec, discover_mvtec(dir)?)
     } else if let (Some(normal), Some(abnormal)) =
         (first_dir(dir, &["good", "normal"]), first_dir(dir, &["bad", "abnormal", "defect"]))
@@ -143,6 +148,30 @@ pub fn discover(dir: &Path) -> Result<EvalSet, EvalDataError> {
     }
     let has_masks = samples.iter().filter(|s| s.is_anomalous()).all(|s| s.mask.is_some());
     Ok(EvalSet { layout, samples, has_masks })
+}
+
+/// Labelled recordings of a capture store: `normal` ones as good, `defect` ones as the type
+/// `labelled`, without masks (an operator judges frames, not pixels); unlabelled ones are left
+/// out.
+fn discover_labelled(dir: &Path) -> Result<Vec<Sample>, EvalDataError> {
+    let mut samples = Vec::new();
+    for camera in subdirs(dir)? {
+        for class in ["flagged", "normal"] {
+            if !camera.join(class).is_dir() {
+                continue;
+            }
+            for image in list(&camera.join(class))? {
+                let defect_type = match verdict_of(&image) {
+                    Some(Verdict::Normal) => NORMAL,
+                    Some(Verdict::Defect) => "labelled",
+                    None => continue,
+                };
+                samples.push(Sample { image, mask: None, defect_type: defect_type.into() });
+            }
+        }
+    }
+    samples.sort_by(|a, b| a.image.cmp(&b.image));
+    Ok(samples)
 }
 
 fn discover_mvtec(dir: &Path) -> Result<Vec<Sample>, EvalDataError> {

@@ -51,6 +51,8 @@ pub struct Scores {
     pub image_ap: Option<f64>,
     pub image_best_f1: Option<f64>,
     pub image_best_f1_threshold: Option<f64>,
+    /// Image verdicts at the deployed (calibrated) threshold, as the daemon would alert.
+    pub deployed: Deployed,
     pub pixel_auroc: Option<f64>,
     pub pixel_ap: Option<f64>,
     pub pixel_aupro: Option<f64>,
@@ -59,6 +61,35 @@ pub struct Scores {
     /// Mean squared reconstruction error in [0, 1] intensity units.
     pub reconstruction_mse: f64,
     pub notes: Vec<String>,
+}
+
+/// Precision, recall and F1 of the image verdicts at the threshold the bundle ships with;
+/// `None` where undefined (nothing flagged, or nothing anomalous).
+#[derive(Debug, Clone, Serialize)]
+pub struct Deployed {
+    pub true_positives: usize,
+    pub false_positives: usize,
+    pub false_negatives: usize,
+    pub precision: Option<f64>,
+    pub recall: Option<f64>,
+    pub f1: Option<f64>,
+}
+
+impl Deployed {
+    fn of(records: &[&Record]) -> Self {
+        let count = |flagged: bool, anomalous: bool| {
+            records.iter().filter(|r| r.flagged == flagged && (r.defect_type != NORMAL) == anomalous).count()
+        };
+        let (tp, fp, fn_) = (count(true, true), count(true, false), count(false, true));
+        let ratio = |a: usize, b: usize| (a + b > 0).then(|| a as f64 / (a + b) as f64);
+        let (precision, recall) = (ratio(tp, fp), ratio(tp, fn_));
+        let f1 = match (precision, recall) {
+            (Some(p), Some(r)) if p + r > 0.0 => Some(2.0 * p * r / (p + r)),
+            (Some(_), Some(_)) => Some(0.0),
+            _ => None,
+        };
+        Self { true_positives: tp, false_positives: fp, false_negatives: fn_, precision, recall, f1 }
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -108,6 +139,8 @@ pub struct Report {
 struct Record {
     defect_type: String,
     score: f32,
+    /// The verdict at the bundle's calibrated image threshold (what the daemon would say).
+    flagged: bool,
     reconstruction_mse: f64,
     map: Vec<f32>,
     truth: Vec<u8>,
@@ -197,6 +230,7 @@ pub fn evaluate(
             records.push(Record {
                 defect_type: sample.defect_type.clone(),
                 score: analysis.score as f32,
+                flagged: analysis.anomalous,
                 reconstruction_mse: analysis.reconstruction_mse,
                 map: at_native_size(analysis.map, l.inspected, l.size),
                 truth: l.truth,
@@ -303,6 +337,7 @@ fn scores(records: &[&Record], has_masks: bool) -> Scores {
         image_ap,
         image_best_f1: image_f1.map(|f| f.0),
         image_best_f1_threshold: image_f1.map(|f| f.1 as f64),
+        deployed: Deployed::of(records),
         pixel_auroc,
         pixel_ap,
         pixel_aupro,
@@ -322,8 +357,8 @@ pub fn markdown(report: &Report) -> String {
          - model: `{}` (sha256 {}…), provider {}\n\
          - reconstruction: {:?} t0 = {}, condition {}, {} UNet calls per image, seed {}; map {}\n\
          - {:.1} ms per image, {:.1} s in total; images per type: {}\n\n\
-         | subset | images | anomalous | image AUROC | image AP | best F1 | pixel AUROC | pixel AUPRC | AUPRO@{} | recon MSE |\n\
-         |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+         | subset | images | anomalous | image AUROC | image AP | best F1 | deployed P / R / F1 | pixel AUROC | pixel AUPRC | AUPRO@{} | recon MSE |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
         report.model.name,
         report.model.version,
         report.data.path,
@@ -344,12 +379,15 @@ pub fn markdown(report: &Report) -> String {
     let rows = std::iter::once(("all", &report.overall)).chain(report.per_type.iter().map(|(k, v)| (k.as_str(), v)));
     for (name, s) in rows {
         md += &format!(
-            "| {name} | {} | {} | {} | {} | {} | {} | {} | {} | {:.5} |\n",
+            "| {name} | {} | {} | {} | {} | {} | {} / {} / {} | {} | {} | {} | {:.5} |\n",
             s.images,
             s.anomalous,
             fmt(s.image_auroc),
             fmt(s.image_ap),
             fmt(s.image_best_f1),
+            fmt(s.deployed.precision),
+            fmt(s.deployed.recall),
+            fmt(s.deployed.f1),
             fmt(s.pixel_auroc),
             fmt(s.pixel_ap),
             fmt(s.pixel_aupro),

@@ -5,7 +5,8 @@
 //! - `mvtec`: `<dir>/train/good/` (MVTec AD);
 //! - `captures`: the daemon's capture store, `<dir>/<camera>/{normal,flagged}/*.png`
 //!   (with `*_mask.png` and `*.json` sidecars, which are skipped) — recognised by the
-//!   `CAPTURE_STORE_MARKER` file the daemon writes at its root;
+//!   `CAPTURE_STORE_MARKER` file the daemon writes at its root; frames an operator labelled
+//!   `defect` (`capture::labels`) are left out and counted;
 //! - `folder`: anomalib's Folder layout, the normal images in `<dir>/good/` or `<dir>/normal/`;
 //! - `images`: any folder of images, recursively.
 //!
@@ -19,6 +20,7 @@ use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 
+use crate::capture::labels::{Verdict, verdict_of};
 use crate::image_files::list_images;
 use crate::model::preprocess::InputSpec;
 
@@ -68,6 +70,8 @@ pub struct Dataset {
     /// Decoded at native resolution (cropping needs the source pixels).
     images: Vec<DynamicImage>,
     pub skipped: Vec<Skipped>,
+    /// Capture-store frames an operator labelled `defect`: left out.
+    pub labelled_defect: usize,
     input: InputSpec,
 }
 
@@ -123,7 +127,15 @@ impl Dataset {
     /// Lists and decodes the frames of `dir`.
     pub fn load(dir: &Path, layout: Option<Layout>, input: InputSpec) -> Result<Self, DataError> {
         let layout = layout.unwrap_or_else(|| detect(dir));
-        let candidates = list(dir, layout)?;
+        let mut candidates = list(dir, layout)?;
+        let listed = candidates.len();
+        if layout == Layout::Captures {
+            candidates.retain(|frame| verdict_of(frame) != Some(Verdict::Defect));
+        }
+        let labelled_defect = listed - candidates.len();
+        if labelled_defect > 0 {
+            tracing::info!(frames = labelled_defect, "Frames labelled defect by an operator left out.");
+        }
         let mut files = Vec::new();
         let mut images = Vec::new();
         let mut skipped = Vec::new();
@@ -146,7 +158,7 @@ impl Dataset {
         if images.is_empty() {
             return Err(DataError::Empty { path: dir.to_path_buf(), layout, skipped: skipped.len() });
         }
-        Ok(Self { layout, files, images, skipped, input })
+        Ok(Self { layout, files, images, skipped, labelled_defect, input })
     }
 
     pub fn len(&self) -> usize {

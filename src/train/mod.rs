@@ -149,6 +149,8 @@ pub struct DataReport {
     pub training_frames: usize,
     pub calibration_frames: usize,
     pub skipped: Vec<Skipped>,
+    /// Capture-store frames left out because an operator labelled them `defect`.
+    pub labelled_defect_excluded: usize,
     pub sha256: String,
 }
 
@@ -629,6 +631,7 @@ pub fn train(config: TrainConfig, options: &RunOptions) -> Result<Outcome, Train
             training_frames: train_idx.len(),
             calibration_frames: calibration_idx.len(),
             skipped: dataset.skipped.clone(),
+            labelled_defect_excluded: dataset.labelled_defect,
             sha256: data_sha256,
         },
         loss: loss_summary(&losses_seen),
