@@ -1320,10 +1320,10 @@ fn metrics_are_scraped_and_health_follows_the_worker() {
     let mut daemon = Daemon::start_with_env(&config, &[("EDGE_INSPECT_FAULT", "inference-hang")]);
     let mut seen = Vec::new();
     while daemon.child.try_wait().unwrap().is_none() {
-        if let Some((status, body)) = http_get(&addr, "/healthz") {
-            if seen.last().map(|(s, _)| *s) != Some(status) {
-                seen.push((status, body));
-            }
+        if let Some((status, body)) = http_get(&addr, "/healthz")
+            && seen.last().map(|(s, _)| *s) != Some(status)
+        {
+            seen.push((status, body));
         }
         std::thread::sleep(Duration::from_millis(100));
     }
