@@ -26,6 +26,7 @@
 //! - [`config`]: the daemon's TOML + environment configuration, validated with key paths.
 //! - [`capture`]: frame sources behind one trait, V4L2 cameras (feature `camera`), and the
 //!   per-camera capture thread.
+//! - [`controls`]: what an operator changes on a camera at run time (enabled, sensitivity).
 //! - [`frame`]: the frames that cross threads. [`batch`]: the cross-camera batcher.
 //! - [`stats`]: counters, drop reasons and stage progress shared by the threads.
 //! - [`backoff`]: retry delays and stop-aware sleeps. [`durable`]: atomic, durable writes.
@@ -50,6 +51,7 @@ pub mod capture;
 pub mod cli;
 pub mod commands;
 pub mod config;
+pub mod controls;
 pub mod daemon;
 pub mod durable;
 pub mod eval;

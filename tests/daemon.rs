@@ -1675,3 +1675,77 @@ fn capture_labels_find(store: &Path, seq: u64) -> bool {
 fn walk_if_exists(dir: &Path) -> Vec<PathBuf> {
     if dir.is_dir() { walk(dir) } else { Vec::new() }
 }
+
+/// `mosquitto_pub` one message.
+fn mqtt_send(port: u16, topic: &str, payload: &str) {
+    let ok = Command::new("mosquitto_pub")
+        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-q", "1", "-t", topic, "-m", payload])
+        .status()
+        .unwrap();
+    assert!(ok.success());
+}
+
+/// Frigate-style camera commands end to end: snapshot on demand, sensitivity (clean frames
+/// become alerts at 10), enable/disable (the camera stops and resumes), retained `/state`
+/// echoes, refusals on `<node>/error`, and the values kept across a restart.
+#[test]
+fn camera_commands_change_a_running_camera_and_persist() {
+    let (broker, sub, dir) = rig();
+    let frames = repo().join("data/brick/test/good");
+    let config = write_config(
+        dir.path(),
+        broker.port,
+        "max_batch = 1\nmax_wait_ms = 10",
+        &camera("cam0", &frames.display().to_string(), 5.0, true, ""),
+    );
+    let set = |feature: &str, payload: &str| {
+        mqtt_send(broker.port, &format!("edge-inspect/test/cam0/{feature}/set"), payload)
+    };
+    let last = |suffix: &str| sub.texts(suffix).last().cloned();
+    let mut daemon = Daemon::start(&config);
+    wait_for(Duration::from_secs(60), "frames and the control states", || {
+        sub.on("cam0/state").len() >= 2 && last("cam0/enabled/state").as_deref() == Some("ON")
+    });
+    assert_eq!(last("cam0/sensitivity/state").as_deref(), Some("1"));
+    assert!(sub.on("cam0/snapshot").is_empty() && sub.on("cam0/anomaly").is_empty(), "clean frames, no alerts");
+
+    set("snapshot", "");
+    wait_for(Duration::from_secs(10), "a snapshot on demand", || !sub.on("cam0/snapshot").is_empty());
+
+    set("sensitivity", "10");
+    wait_for(Duration::from_secs(10), "alerts at sensitivity 10", || !sub.on("cam0/anomaly").is_empty());
+    assert_eq!(last("cam0/sensitivity/state").as_deref(), Some("10"));
+
+    set("sensitivity", "100");
+    set("sensitivity", "abc");
+    set("enabled", "maybe");
+    mqtt_send(broker.port, "edge-inspect/test/cam9/enabled/set", "ON");
+    wait_for(Duration::from_secs(10), "four refusals", || sub.on("test/error").len() == 4);
+    assert_eq!(last("cam0/sensitivity/state").as_deref(), Some("10"), "a refused value changes nothing");
+
+    set("enabled", "OFF");
+    wait_for(Duration::from_secs(10), "the camera disabled", || {
+        last("cam0/status").as_deref() == Some("disabled") && last("cam0/enabled/state").as_deref() == Some("OFF")
+    });
+    std::thread::sleep(Duration::from_millis(1500));
+    let frames_in = stat(&sub.last_stats().unwrap(), "cam0", "frames_in");
+    std::thread::sleep(Duration::from_millis(2500));
+    assert_eq!(stat(&sub.last_stats().unwrap(), "cam0", "frames_in"), frames_in, "a disabled camera reads nothing");
+    daemon.signal("TERM");
+    assert!(daemon.wait_exit(Duration::from_secs(30)).success(), "{}", daemon.log_text());
+
+    // A restart keeps what the operator set.
+    let fresh = Subscriber::start(broker.port);
+    let mut daemon = Daemon::start(&config);
+    wait_for(Duration::from_secs(60), "the kept controls", || {
+        fresh.texts("cam0/enabled/state").last().map(String::as_str) == Some("OFF")
+            && fresh.texts("cam0/sensitivity/state").last().map(String::as_str) == Some("10")
+            && fresh.texts("cam0/status").last().map(String::as_str) == Some("disabled")
+    });
+    set("enabled", "ON");
+    wait_for(Duration::from_secs(30), "the camera back", || {
+        fresh.texts("cam0/status").last().map(String::as_str) == Some("online") && !fresh.on("cam0/anomaly").is_empty()
+    });
+    daemon.signal("TERM");
+    assert!(daemon.wait_exit(Duration::from_secs(30)).success(), "{}", daemon.log_text());
+}

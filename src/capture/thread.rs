@@ -15,6 +15,7 @@ use image::DynamicImage;
 
 use super::{CameraConfig, CaptureError, FrameSource, SourceConfig};
 use crate::backoff::{Backoff, pause};
+use crate::controls::Controls;
 use crate::frame::Frame;
 use crate::model::preprocess::{InputSpec, Inspection};
 use crate::stats::{CameraStats, CameraStatus, DropReason};
@@ -35,7 +36,15 @@ pub struct CaptureLoop {
     pub reopen: Arc<AtomicBool>,
     /// Told about status changes (published on `<camera>/status`).
     pub status_tx: Sender<(usize, CameraStatus)>,
+    /// Enabled or not, as the operator last said (or the config).
+    pub controls: Arc<Controls>,
+    /// Whether a disabled camera can be enabled at run time (MQTT commands are on): its
+    /// thread then waits instead of ending.
+    pub enable_at_run_time: bool,
 }
+
+/// How often a disabled camera looks whether it was enabled again.
+const DISABLED_POLL: Duration = Duration::from_millis(250);
 
 /// Consecutive corrupt frames after which a source is reopened.
 const CORRUPT_REOPEN: u32 = 10;
@@ -105,13 +114,30 @@ impl CaptureLoop {
         })
     }
 
+    /// While the camera is disabled: status `disabled`, wait to be enabled; `false` at
+    /// shutdown.
+    fn wait_while_disabled(&self) -> bool {
+        if self.controls.enabled() {
+            return true;
+        }
+        self.set_status(CameraStatus::Disabled);
+        tracing::info!(camera = %self.config.id, "Camera disabled.");
+        while !self.controls.enabled() {
+            if !pause(&self.stop, DISABLED_POLL) {
+                return false;
+            }
+        }
+        tracing::info!(camera = %self.config.id, "Camera enabled.");
+        true
+    }
+
     /// The capture loop: open, read, reopen with backoff, until shutdown.
     pub fn run(self) {
         let id = self.config.id.clone();
         // Fault drill (docs/deploy.md): this camera's capture thread dies at start.
         let fault = std::env::var("EDGE_INSPECT_FAULT").unwrap_or_default();
         assert!(fault != format!("capture-panic:{id}"), "injected fault: EDGE_INSPECT_FAULT={fault}");
-        if !self.config.enabled {
+        if !self.controls.enabled() && !self.enable_at_run_time {
             self.set_status(CameraStatus::Disabled);
             return;
         }
@@ -127,6 +153,9 @@ impl CaptureLoop {
         // Kept across reopens, so a looping replay keeps its pace at the wrap-around.
         let mut next_due = Instant::now();
         'reopen: loop {
+            if !self.wait_while_disabled() {
+                break;
+            }
             if !first_open {
                 self.stats.reopens.fetch_add(1, Relaxed);
                 let delay = backoff.next_delay();
@@ -148,6 +177,12 @@ impl CaptureLoop {
             self.stats.touch();
             let mut corrupt_run = 0u32;
             loop {
+                // Disabled: the source is released (a camera device is free again) until
+                // the operator enables the camera; then it reopens without backoff.
+                if !self.controls.enabled() {
+                    first_open = true;
+                    continue 'reopen;
+                }
                 if let Some(interval) = pacing {
                     let wait = next_due.saturating_duration_since(Instant::now());
                     if !pause(&self.stop, wait) {

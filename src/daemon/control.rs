@@ -1,11 +1,16 @@
-//! Operator commands over MQTT, after Frigate's `<camera>/<feature>/set` convention. Today
-//! one: `<camera>/label/set` with `{"seq": N, "verdict": "defect" | "normal"}` labels the
-//! newest recording of that camera and sequence number in the capture store
-//! (`capture::labels`); the label is echoed on the retained `<camera>/label/state`. A
-//! payload that cannot be carried out — bad JSON, an unknown camera or verdict, no such
-//! recording, recording switched off — is answered on `<node>/error` with the reason, and
-//! nothing else happens. Runs on its own thread, fed by the MQTT link; `mqtt.commands =
-//! false` switches it off.
+//! Operator commands over MQTT, after Frigate's `<camera>/<feature>/set` convention:
+//! - `<camera>/label/set` with `{"seq": N, "verdict": "defect" | "normal"}` labels the newest
+//!   recording of that camera and sequence number in the capture store (`capture::labels`),
+//!   echoed on the retained `<camera>/label/state`;
+//! - `<camera>/enabled/set` `ON` / `OFF` and `<camera>/sensitivity/set` (a number in
+//!   [`SENSITIVITY`]) change the camera's [`Controls`], persist them and echo them on the
+//!   retained `<camera>/enabled/state` and `<camera>/sensitivity/state`;
+//! - `<camera>/snapshot/set` publishes the next inspected frame's overlay on `<camera>/snapshot`.
+//!
+//! A payload that cannot be carried out — bad JSON or value, an unknown camera, command or
+//! verdict, no such recording, recording switched off — is answered on `<node>/error` with
+//! the reason, and nothing else happens. Runs on its own thread, fed by the MQTT link;
+//! `mqtt.commands = false` switches it off.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -16,10 +21,11 @@ use serde::{Deserialize, Serialize};
 
 use super::mqtt::{Incoming, Mqtt};
 use crate::capture::labels::{Verdict, write_label};
+use crate::controls::{Controls, SENSITIVITY, save};
 
 /// The command topic filters of a node whose topics start with `base`.
 pub fn filters(base: &str) -> Vec<String> {
-    vec![format!("{base}/+/label/set")]
+    ["label", "enabled", "sensitivity", "snapshot"].iter().map(|f| format!("{base}/+/{f}/set")).collect()
 }
 
 #[derive(Debug, Deserialize)]
@@ -40,6 +46,10 @@ struct LabelState<'a> {
 pub struct Control {
     pub mqtt: Arc<Mqtt>,
     pub cameras: Vec<String>,
+    /// Per camera, in config order.
+    pub controls: Vec<Arc<Controls>>,
+    /// Where enabled and sensitivity persist.
+    pub controls_file: PathBuf,
     /// The capture store, if recording is on.
     pub store: Option<PathBuf>,
 }
@@ -61,15 +71,59 @@ impl Control {
         tracing::debug!("Command handler stopped.");
     }
 
+    /// The retained `/state` echoes of every camera's controls (at start and after changes).
+    pub fn publish_states(&self) {
+        for (camera, controls) in self.cameras.iter().zip(&self.controls) {
+            self.publish_state(camera, controls);
+        }
+    }
+
+    fn publish_state(&self, camera: &str, controls: &Controls) {
+        let enabled = if controls.enabled() { "ON" } else { "OFF" };
+        self.mqtt.publish(&format!("{camera}/enabled/state"), QoS::AtLeastOnce, true, enabled.into());
+        let sensitivity = controls.sensitivity().to_string();
+        self.mqtt.publish(&format!("{camera}/sensitivity/state"), QoS::AtLeastOnce, true, sensitivity.into());
+    }
+
     fn handle(&self, command: &Incoming) -> Result<(), String> {
         let path = command.topic.strip_prefix(&format!("{}/", self.mqtt.base)).unwrap_or(&command.topic);
-        let Some(camera) = path.strip_suffix("/label/set") else {
+        let Some((camera, feature)) = path.strip_suffix("/set").and_then(|p| p.rsplit_once('/')) else {
             return Err(format!("unknown command topic {}", command.topic));
         };
-        if !self.cameras.iter().any(|c| c == camera) {
+        let Some(index) = self.cameras.iter().position(|c| c == camera) else {
             return Err(format!("unknown camera '{camera}'"));
+        };
+        let payload = String::from_utf8_lossy(&command.payload);
+        let controls = &self.controls[index];
+        match feature {
+            "label" => return self.label(camera, &command.payload),
+            "snapshot" => {
+                controls.request_snapshot();
+                return Ok(());
+            }
+            "enabled" => match payload.trim() {
+                "ON" => controls.set_enabled(true),
+                "OFF" => controls.set_enabled(false),
+                other => return Err(format!("expected ON or OFF, got {other:?}")),
+            },
+            "sensitivity" => match payload.trim().parse::<f64>() {
+                Ok(s) if SENSITIVITY.contains(&s) => controls.set_sensitivity(s),
+                _ => return Err(format!("expected a sensitivity in {SENSITIVITY:?}, got {payload:?}")),
+            },
+            other => return Err(format!("unknown command '{other}'")),
         }
-        let label: LabelCommand = serde_json::from_slice(&command.payload)
+        tracing::info!(camera = %camera, feature = %feature, value = %payload.trim(), "Camera control changed.");
+        let all: Vec<(String, &Controls)> =
+            self.cameras.iter().cloned().zip(self.controls.iter().map(|c| &**c)).collect();
+        if let Err(e) = save(&self.controls_file, &all) {
+            tracing::error!(path = %self.controls_file.display(), error = %e, "Cannot persist the camera controls.");
+        }
+        self.publish_state(camera, controls);
+        Ok(())
+    }
+
+    fn label(&self, camera: &str, payload: &[u8]) -> Result<(), String> {
+        let label: LabelCommand = serde_json::from_slice(payload)
             .map_err(|e| format!("expected {{\"seq\": <n>, \"verdict\": \"defect\" | \"normal\"}}: {e}"))?;
         let store = self.store.as_ref().ok_or("recording is off ([recorder] enabled = false): nothing to label")?;
         let file = write_label(store, camera, label.seq, label.verdict, "mqtt").map_err(|e| e.to_string())?;

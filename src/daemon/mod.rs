@@ -40,6 +40,7 @@ use sd_notify::NotifyState;
 use crate::batch;
 use crate::capture::thread::CaptureLoop;
 use crate::config::{self, ConfigIssue, DaemonConfig};
+use crate::controls::Controls;
 use crate::frame::Frame;
 use crate::infer::bundle::{Bundle, BundleError};
 use crate::infer::inspect::Inspector;
@@ -227,6 +228,10 @@ impl<'a> Running<'a> {
     ) -> anyhow::Result<Self> {
         let pipeline = Arc::new(PipelineStats::default());
         let cameras: Vec<Arc<CameraStats>> = config.cameras.iter().map(|c| Arc::new(CameraStats::new(&c.id))).collect();
+        let controls_file = config.state_dir.join("controls.json");
+        let configured: Vec<(String, bool)> = config.cameras.iter().map(|c| (c.id.clone(), c.enabled)).collect();
+        let controls: Vec<Arc<Controls>> =
+            crate::controls::load(&controls_file, &configured).into_iter().map(Arc::new).collect();
         let (mqtt, mqtt_stop) = if config.mqtt.enabled {
             let ha = &config.homeassistant;
             let (commands_tx, commands_rx) = bounded(64);
@@ -242,16 +247,19 @@ impl<'a> Running<'a> {
                 let control = control::Control {
                     mqtt: client.clone(),
                     cameras: config.cameras.iter().map(|c| c.id.clone()).collect(),
+                    controls: controls.clone(),
+                    controls_file,
                     store: config.recorder.enabled.then(|| config.recorder.dir.clone()),
                 };
+                control.publish_states();
                 supervisor.spawn("control", Role::Link, None, move || control.run(commands_rx))?;
             }
             (Some(client), Some(stop_tx))
         } else {
             (None, None)
         };
-        for camera in &config.cameras {
-            let status = if camera.enabled { CameraStatus::Offline } else { CameraStatus::Disabled };
+        for (camera, controls) in config.cameras.iter().zip(&controls) {
+            let status = if controls.enabled() { CameraStatus::Offline } else { CameraStatus::Disabled };
             if let Some(mqtt) = &mqtt {
                 mqtt.publish(&format!("{}/status", camera.id), QoS::AtLeastOnce, true, status.as_str().into());
             }
@@ -289,6 +297,7 @@ impl<'a> Running<'a> {
             image_max_width: config.mqtt.image_max_width,
             node: config.node_id.clone(),
             events: config.events.clone(),
+            controls: controls.clone(),
             recorder,
         };
         let progress = Progress::new();
@@ -321,6 +330,8 @@ impl<'a> Running<'a> {
                 stop: capture_stop_rx.clone(),
                 reopen: flag.clone(),
                 status_tx: status_tx.clone(),
+                controls: controls[index].clone(),
+                enable_at_run_time: config.mqtt.enabled && config.mqtt.commands,
             };
             supervisor.spawn(&format!("capture-{}", camera.id), Role::Source, None, move || capture.run())?;
             queues.push(queue_rx);

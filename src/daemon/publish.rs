@@ -14,6 +14,7 @@ use serde::Serialize;
 use super::events::{Emitted, Observation, Tracker};
 use super::mqtt::Mqtt;
 use crate::config::EventsConfig;
+use crate::controls::Controls;
 use crate::frame::Inspected;
 use crate::postprocess::anomaly::Region;
 use crate::postprocess::render::{OverlayFormat, mask_png_within, overlay_within};
@@ -137,6 +138,8 @@ pub struct PublisherContext {
     pub image_max_width: u32,
     pub node: String,
     pub events: EventsConfig,
+    /// Per camera: the sensitivity that scales the image threshold, snapshot requests.
+    pub controls: Vec<Arc<Controls>>,
     /// The recorder's queue and the fraction of normal frames it keeps.
     pub recorder: Option<(Sender<Inspected>, f64)>,
 }
@@ -177,10 +180,20 @@ struct Publisher {
 impl Publisher {
     /// Alerts (if per-frame alerts are on), the retained state, metrics, events, and the
     /// recorder's share of one inspected frame.
-    fn frame(&mut self, inspected: Inspected) {
+    fn frame(&mut self, mut inspected: Inspected) {
         let Publisher { ctx, trackers, sampler } = self;
         let index = inspected.frame.camera;
         let camera = &ctx.cameras[index];
+        // The camera's sensitivity scales the calibrated image threshold (`controls`).
+        let analysis = &mut inspected.analysis;
+        analysis.anomalous = analysis.score >= ctx.image_threshold / ctx.controls[index].sensitivity();
+        if ctx.controls[index].take_snapshot_request()
+            && let Some(mqtt) = &ctx.mqtt
+        {
+            let format = OverlayFormat::Jpeg { quality: ctx.snapshot_quality };
+            let jpeg = overlay_within(&inspected.frame.display, &inspected.analysis, None, format, ctx.image_max_width);
+            mqtt.publish(&format!("{}/snapshot", camera.id), QoS::AtMostOnce, true, jpeg);
+        }
         let (a, f) = (&inspected.analysis, &inspected.frame);
         let to_camera = CameraMapping::of(f, a);
         let defect_area = to_camera.area(a.mask.iter().filter(|m| **m != 0).count());
