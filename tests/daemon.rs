@@ -965,11 +965,13 @@ fn a_broker_300_ms_away_is_connected_to_and_gets_every_alert() {
         dir.path(),
         proxy,
         "max_batch = 4\nmax_wait_ms = 50\nqueue_capacity = 8",
-        &camera("cam0", &frames.display().to_string(), 5.0, false, ""),
+        &camera("cam0", &frames.display().to_string(), 50.0, false, ""),
     );
     let mut daemon = Daemon::start(&config);
-    // Three scratched frames (the demo model flags them all), then the replay ends, the
-    // daemon drains, says `offline` and exits: everything crossed the slow link.
+    // Three scratched frames (the demo model flags them all), then the replay ends — before
+    // the connect over the slow link completes, so the alerts wait in the outbox while the
+    // daemon stops: it must deliver them, then say `offline`, then exit. (The drill for a
+    // drain that was queued behind the DISCONNECT and lost.)
     let status = daemon.wait_exit(Duration::from_secs(120));
     assert!(status.success(), "exit {status:?}; log:\n{}", daemon.log_text());
     let log = daemon.log_text();
@@ -978,6 +980,9 @@ fn a_broker_300_ms_away_is_connected_to_and_gets_every_alert() {
     });
     assert!(sub.texts("/available").iter().any(|t| t == "online"), "{}", daemon.log_text());
     assert_eq!(sub.on("cam0/anomaly").len(), 3, "every alert arrives; log:\n{}", daemon.log_text());
+    let log = daemon.log_text();
+    let (stopping, connected) = (log.find("Stopping.").unwrap(), log.find("MQTT connected.").unwrap());
+    assert!(stopping < connected, "the drill needs the stop to come before the connect:\n{log}");
     let connects = daemon.log_text().matches("MQTT connected.").count();
     assert_eq!(connects, 1, "one connection, not a new one every 200 ms:\n{}", daemon.log_text());
 }

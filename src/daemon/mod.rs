@@ -536,6 +536,7 @@ impl<'a> Running<'a> {
         }
         self.publish_stats();
         if let Some(mqtt) = &self.mqtt {
+            mqtt.flush(Instant::now() + self.config.drain_timeout);
             let ids: Vec<String> = self.config.cameras.iter().map(|c| c.id.clone()).collect();
             mqtt.go_offline(&ids);
         }

@@ -28,6 +28,10 @@ use crate::stats::PipelineStats;
 #[derive(Default)]
 pub struct RetainedState {
     topics: Mutex<BTreeMap<String, Vec<u8>>>,
+    /// Set (under the outbox lock) when `go_offline` has queued the DISCONNECT: nothing may
+    /// be taken from the outbox after that, it would be queued behind the DISCONNECT and
+    /// lost; it stays on disk for the next run instead.
+    closing: std::sync::atomic::AtomicBool,
 }
 
 /// Requests queued in the client before publishing counts as a backlog drop.
@@ -154,6 +158,7 @@ impl Mqtt {
         let topic = self.topic(suffix);
         let mut outbox = self.outbox.lock().expect("outbox lock");
         if self.stats.mqtt_connected.load(Relaxed)
+            && !self.retained.closing.load(Relaxed)
             && outbox.is_empty()
             && self.client.try_publish(topic.clone(), QoS::AtLeastOnce, false, payload.clone()).is_ok()
         {
@@ -168,12 +173,30 @@ impl Mqtt {
         }
     }
 
+    /// Waits, at most until `deadline`, for the link to be connected and the outbox empty:
+    /// at shutdown, what waited for a broker (or a connect still in progress) goes out before
+    /// `offline`. Whatever is left stays on disk for the next run.
+    pub fn flush(&self, deadline: Instant) {
+        while Instant::now() < deadline {
+            let empty = self.outbox.lock().expect("outbox lock").is_empty();
+            if empty && self.stats.mqtt_connected.load(Relaxed) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        tracing::warn!("MQTT outbox not delivered before the drain deadline; it waits on disk for the next run.");
+    }
+
     /// Publishes the final retained `offline` states and disconnects cleanly.
     pub fn go_offline(&self, cameras: &[String]) {
+        // Under the outbox lock: a drain of the outbox either finished before the DISCONNECT
+        // is queued, or sees `closing` and leaves the outbox alone.
+        let _outbox = self.outbox.lock().expect("outbox lock");
         for camera in cameras {
             self.publish(&format!("{camera}/status"), QoS::AtLeastOnce, true, b"offline".to_vec());
         }
         self.publish("available", QoS::AtLeastOnce, true, b"offline".to_vec());
+        self.retained.closing.store(true, Relaxed);
         let _ = self.client.try_disconnect();
     }
 }
@@ -266,6 +289,9 @@ impl Link {
     /// Hands the oldest outbox messages to the client while it takes them.
     fn drain_outbox(&self) {
         let mut outbox = self.outbox.lock().expect("outbox lock");
+        if self.retained.closing.load(Relaxed) {
+            return;
+        }
         for _ in 0..OUTBOX_BATCH {
             let Some(message) = outbox.front() else { break };
             if self.client.try_publish(message.topic, QoS::AtLeastOnce, message.retain, message.payload).is_err() {
