@@ -64,6 +64,8 @@ struct RawNode {
 #[serde(default)]
 struct RawModel {
     path: Option<PathBuf>,
+    /// Where `<node>/model/set` looks bundles up by name (default: `path`'s directory).
+    models_dir: Option<PathBuf>,
     t0: Option<usize>,
     steps: Option<usize>,
     sampler: Option<Sampler>,
@@ -244,6 +246,8 @@ pub struct HttpConfig {
 #[derive(Debug, Clone)]
 pub struct ModelConfig {
     pub path: PathBuf,
+    /// Bundles `<node>/model/set` may name.
+    pub models_dir: PathBuf,
     pub t0: Option<usize>,
     pub steps: Option<usize>,
     pub sampler: Option<Sampler>,
@@ -558,8 +562,13 @@ impl Validator {
         {
             self.fail("model.eta", format!("must be in [0, 1], got {eta}"));
         }
+        let models_dir = model
+            .models_dir
+            .map(resolve)
+            .unwrap_or_else(|| model_path.parent().map_or_else(|| PathBuf::from("."), |p| p.to_path_buf()));
         let model = ModelConfig {
             path: model_path,
+            models_dir,
             t0: model.t0,
             steps: model.steps,
             sampler: model.sampler,

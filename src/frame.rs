@@ -3,9 +3,11 @@
 //! batcher groups them, the inference worker turns them into [`Inspected`], which the
 //! publisher and the recorder consume.
 
+use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
 use image::{DynamicImage, RgbImage};
+use serde::Serialize;
 
 use crate::postprocess::anomaly::Analysis;
 
@@ -33,6 +35,19 @@ pub struct Frame {
 pub struct Inspected {
     pub frame: Frame,
     pub analysis: Analysis,
+    /// The model that judged it (models can be swapped while the daemon runs).
+    pub model: Arc<ModelRef>,
+}
+
+/// A model as verdicts name it: alerts, states, events and sidecars carry it.
+#[derive(Debug, Clone, Serialize)]
+pub struct ModelRef {
+    pub name: String,
+    pub version: String,
+    pub sha256: String,
+    /// The bundle's calibrated image threshold (not in payloads).
+    #[serde(skip)]
+    pub image_threshold: f64,
 }
 
 #[cfg(test)]

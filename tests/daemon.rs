@@ -1754,3 +1754,96 @@ fn camera_commands_change_a_running_camera_and_persist() {
     daemon.signal("TERM");
     assert!(daemon.wait_exit(Duration::from_secs(30)).success(), "{}", daemon.log_text());
 }
+
+/// Copies a bundle directory.
+fn copy_bundle(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap().flatten() {
+        std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
+    }
+}
+
+/// A model swap under load through `<node>/model/set`: a corrupt bundle and one with
+/// another input leave the running model in place with the error published; a good one takes
+/// over between batches — every state before it names the old sha256, every one after the
+/// new — with no frame lost to the swap.
+#[test]
+fn a_model_swap_under_load_takes_over_between_batches_and_a_bad_bundle_changes_nothing() {
+    let (broker, sub, dir) = rig();
+    let models = dir.path().join("models");
+    copy_bundle(&repo().join("models/brick-huber"), &models.join("brick-huber"));
+    copy_bundle(&repo().join("models/brick-huber"), &models.join("broken"));
+    let onnx = models.join("broken/model.onnx");
+    let mut bytes = std::fs::read(&onnx).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0xff;
+    std::fs::write(&onnx, bytes).unwrap();
+    let export = |name: &str, size: &str| {
+        let o = Command::new(env!("CARGO_BIN_EXE_edge-inspect"))
+            .args(["export", "--out", models.join(name).to_str().unwrap(), "--size", size, "--tile-stride", "48"])
+            .args(["--base-channels", "16", "--channel-mults", "1,2", "--seed", "3"])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    };
+    export("other", "64");
+    export("small", "56");
+    let sha_of = |name: &str| {
+        let text = std::fs::read_to_string(models.join(name).join("manifest.toml")).unwrap();
+        text.lines().find(|l| l.starts_with("sha256")).unwrap().split('"').nth(1).unwrap().to_string()
+    };
+    let (old, new) = (sha_of("brick-huber"), sha_of("other"));
+    let frames = repo().join("data/brick/test/scratch").display().to_string();
+    let config = write_config_for(
+        &models.join("brick-huber"),
+        "",
+        dir.path(),
+        broker.port,
+        "max_batch = 1\nmax_wait_ms = 10\nqueue_capacity = 64",
+        &camera("cam0", &frames, 4.0, true, ""),
+    );
+    let states = || -> Vec<(u64, String)> {
+        sub.on("cam0/state")
+            .iter()
+            .map(|m| serde_json::from_slice::<serde_json::Value>(&m.payload).unwrap())
+            .map(|v| (v["seq"].as_u64().unwrap(), v["model"]["sha256"].as_str().unwrap().to_string()))
+            .collect()
+    };
+    let model_state =
+        || sub.on("test/model").last().map(|m| serde_json::from_slice::<serde_json::Value>(&m.payload).unwrap());
+    let mut daemon = Daemon::start(&config);
+    wait_for(Duration::from_secs(60), "frames judged by the first model", || states().len() >= 3);
+    assert_eq!(model_state().unwrap()["sha256"], old.as_str());
+
+    for (bad, why) in [("broken", "sha256"), ("small", "needs a restart"), ("../brick-huber", "not a bundle name")] {
+        let before = sub.on("test/model").len();
+        mqtt_send(broker.port, "edge-inspect/test/model/set", bad);
+        wait_for(Duration::from_secs(30), &format!("the error for {bad}"), || sub.on("test/model").len() > before);
+        let state = model_state().unwrap();
+        assert!(state["last_error"].as_str().unwrap().contains(why), "{bad}: {state}");
+        assert_eq!(state["sha256"], old.as_str(), "the running model stays");
+    }
+    let judged_before = states().len();
+    wait_for(Duration::from_secs(30), "the old model still inspecting", || states().len() >= judged_before + 2);
+
+    mqtt_send(broker.port, "edge-inspect/test/model/set", "other");
+    wait_for(Duration::from_secs(60), "frames judged by the new model", || {
+        states().iter().filter(|(_, sha)| *sha == new).count() >= 3
+    });
+    let state = model_state().unwrap();
+    assert_eq!((state["sha256"].as_str(), state["last_error"].is_null()), (Some(new.as_str()), true), "{state}");
+    daemon.signal("TERM");
+    assert!(daemon.wait_exit(Duration::from_secs(30)).success(), "{}", daemon.log_text());
+
+    let all = states();
+    let first_new = all.iter().position(|(_, sha)| *sha == new).unwrap();
+    assert!(all[..first_new].iter().all(|(_, sha)| *sha == old), "before the swap: the old model only");
+    assert!(all[first_new..].iter().all(|(_, sha)| *sha == new), "after it: the new one only");
+    let seqs: Vec<u64> = all.iter().map(|(seq, _)| *seq).collect();
+    assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1), "no frame lost to the swaps: {seqs:?}");
+    let stats = sub.last_stats().unwrap();
+    assert_eq!(stats["model"]["sha256"], new.as_str(), "{stats}");
+    let drops = &stats["cameras"]["cam0"]["drops"];
+    assert!(drops.as_object().is_some_and(|d| d.is_empty()), "no drops of any reason: {stats}");
+    assert!(stat(&stats, "cam0", "processed") >= all.len() as u64, "{stats}");
+}

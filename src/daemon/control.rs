@@ -5,7 +5,9 @@
 //! - `<camera>/enabled/set` `ON` / `OFF` and `<camera>/sensitivity/set` (a number in
 //!   [`SENSITIVITY`]) change the camera's [`Controls`], persist them and echo them on the
 //!   retained `<camera>/enabled/state` and `<camera>/sensitivity/state`;
-//! - `<camera>/snapshot/set` publishes the next inspected frame's overlay on `<camera>/snapshot`.
+//! - `<camera>/snapshot/set` publishes the next inspected frame's overlay on `<camera>/snapshot`;
+//! - `<node>/model/set` with a bundle name hands it to the model loader (`daemon::models`),
+//!   which answers on the retained `<node>/model`.
 //!
 //! A payload that cannot be carried out — bad JSON or value, an unknown camera, command or
 //! verdict, no such recording, recording switched off — is answered on `<node>/error` with
@@ -25,7 +27,8 @@ use crate::controls::{Controls, SENSITIVITY, save};
 
 /// The command topic filters of a node whose topics start with `base`.
 pub fn filters(base: &str) -> Vec<String> {
-    ["label", "enabled", "sensitivity", "snapshot"].iter().map(|f| format!("{base}/+/{f}/set")).collect()
+    let camera = ["label", "enabled", "sensitivity", "snapshot"].iter().map(|f| format!("{base}/+/{f}/set"));
+    std::iter::once(format!("{base}/model/set")).chain(camera).collect()
 }
 
 #[derive(Debug, Deserialize)]
@@ -52,6 +55,8 @@ pub struct Control {
     pub controls_file: PathBuf,
     /// The capture store, if recording is on.
     pub store: Option<PathBuf>,
+    /// Bundle names for the model loader (`<node>/model/set`).
+    pub models: crossbeam_channel::Sender<String>,
 }
 
 impl Control {
@@ -87,6 +92,10 @@ impl Control {
 
     fn handle(&self, command: &Incoming) -> Result<(), String> {
         let path = command.topic.strip_prefix(&format!("{}/", self.mqtt.base)).unwrap_or(&command.topic);
+        if path == "model/set" {
+            let name = String::from_utf8_lossy(&command.payload).trim().to_string();
+            return self.models.try_send(name).map_err(|_| "a model swap is already queued; try again".to_string());
+        }
         let Some((camera, feature)) = path.strip_suffix("/set").and_then(|p| p.rsplit_once('/')) else {
             return Err(format!("unknown command topic {}", command.topic));
         };

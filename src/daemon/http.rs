@@ -32,7 +32,9 @@ pub struct Report {
     pub pipeline: Arc<PipelineStats>,
     /// The camera queues, read as depth gauges.
     pub queues: Vec<Receiver<Frame>>,
-    pub model: [(&'static str, String); 4],
+    /// The model in use now, and where it runs.
+    pub model: super::models::CurrentModel,
+    pub provider: String,
     /// The inference worker's progress and the bound it must keep.
     pub worker: Progress,
     pub stage_timeout: Duration,
@@ -223,10 +225,13 @@ impl Collector for Report {
             ("edge_inspect_recorder_errors", "Failed recordings and deletes", Counter),
             &count(&p.recorder_errors),
         )?;
-        single(
-            &mut encoder,
-            ("edge_inspect_model", "The model being run", MetricType::Info),
-            &Info::new(self.model.clone()),
-        )
+        let model = self.model.lock().expect("model lock").clone();
+        let labels = [
+            ("name", model.name.clone()),
+            ("version", model.version.clone()),
+            ("sha256", model.sha256.clone()),
+            ("provider", self.provider.clone()),
+        ];
+        single(&mut encoder, ("edge_inspect_model", "The model being run", MetricType::Info), &Info::new(labels))
     }
 }

@@ -20,6 +20,7 @@ pub mod control;
 pub mod events;
 pub mod homeassistant;
 pub mod http;
+pub mod models;
 pub mod mqtt;
 pub mod outbox;
 pub mod publish;
@@ -47,8 +48,9 @@ use crate::infer::inspect::Inspector;
 use crate::infer::runtime::RuntimeError;
 use crate::stats::{self, CameraStats, CameraStatus, PipelineStats, Progress, RateTracker, StatsReport};
 use http::Endpoint;
+use models::CurrentModel;
 use mqtt::Mqtt;
-use publish::{ModelRef, PublisherContext};
+use publish::PublisherContext;
 use supervisor::{Failure, Health, Role, Supervisor};
 use worker::Worker;
 
@@ -118,7 +120,8 @@ pub fn load_bundle(config: &DaemonConfig, source_name: &str) -> Result<Bundle, c
 
 /// The model as the daemon reports it (stats, status line).
 struct ModelInfo {
-    reference: ModelRef,
+    /// What runs now (a model swap changes it).
+    current: CurrentModel,
     provider: String,
     fell_back: bool,
     unet_calls: usize,
@@ -160,18 +163,14 @@ pub fn run(config: DaemonConfig, source_name: &str) -> anyhow::Result<()> {
     let inspector = Inspector::new(bundle, Some(spec))?.with_tile_batch(config.pipeline.max_batch);
     let manifest = inspector.manifest();
     let model = ModelInfo {
-        reference: ModelRef {
-            name: manifest.name.clone(),
-            version: manifest.version.clone(),
-            sha256: manifest.artifact.sha256.clone(),
-        },
+        current: Arc::new(Mutex::new(Arc::new(models::model_ref(manifest)))),
         provider: inspector.denoiser().provider().to_string(),
         fell_back: inspector.denoiser().fell_back_to_cpu(),
         unet_calls: inspector.unet_calls(),
     };
-    tracing::info!(model = %model.reference.name, provider = %model.provider, fell_back_to_cpu = model.fell_back, t0 = spec.t0, steps = spec.steps, "Model ready.");
+    tracing::info!(model = %manifest.name, provider = %model.provider, fell_back_to_cpu = model.fell_back, t0 = spec.t0, steps = spec.steps, "Model ready.");
     let status_line =
-        format!("inspecting {} camera(s) with {} on {}", config.cameras.len(), model.reference.name, model.provider);
+        format!("inspecting {} camera(s) with {} on {}", config.cameras.len(), manifest.name, model.provider);
 
     let mut running = Running::start(&config, supervisor, inspector, model, endpoint)?;
     notify(&[NotifyState::Ready, NotifyState::Status(&status_line)]);
@@ -227,6 +226,8 @@ impl<'a> Running<'a> {
         endpoint: Option<Arc<Endpoint>>,
     ) -> anyhow::Result<Self> {
         let pipeline = Arc::new(PipelineStats::default());
+        // Verified models for the worker, from the loader (`<node>/model/set`).
+        let (swaps_tx, swaps_rx) = bounded(1);
         let cameras: Vec<Arc<CameraStats>> = config.cameras.iter().map(|c| Arc::new(CameraStats::new(&c.id))).collect();
         let controls_file = config.state_dir.join("controls.json");
         let configured: Vec<(String, bool)> = config.cameras.iter().map(|c| (c.id.clone(), c.enabled)).collect();
@@ -235,6 +236,7 @@ impl<'a> Running<'a> {
         let (mqtt, mqtt_stop) = if config.mqtt.enabled {
             let ha = &config.homeassistant;
             let (commands_tx, commands_rx) = bounded(64);
+            let (models_tx, models_rx) = bounded(4);
             let subscriptions = mqtt::Subscriptions {
                 birth: ha.enabled.then(|| format!("{}/status", ha.discovery_prefix)),
                 commands: config.mqtt.commands.then(|| (control::filters(&config.mqtt.base_topic), commands_tx)),
@@ -250,9 +252,18 @@ impl<'a> Running<'a> {
                     controls: controls.clone(),
                     controls_file,
                     store: config.recorder.enabled.then(|| config.recorder.dir.clone()),
+                    models: models_tx,
                 };
                 control.publish_states();
                 supervisor.spawn("control", Role::Link, None, move || control.run(commands_rx))?;
+                let loader = models::Loader {
+                    config: config.clone(),
+                    mqtt: client.clone(),
+                    swaps: swaps_tx,
+                    current: model.current.clone(),
+                    running: inspector.manifest().clone(),
+                };
+                supervisor.spawn("models", Role::Link, None, move || loader.run(models_rx))?;
             }
             (Some(client), Some(stop_tx))
         } else {
@@ -276,9 +287,8 @@ impl<'a> Running<'a> {
         let recorder = if config.recorder.enabled {
             let (tx, rx) = bounded(config.pipeline.output_capacity);
             let ids = config.cameras.iter().map(|c| c.id.clone()).collect();
-            let recorder =
-                recorder::Recorder::open(config.recorder.clone(), ids, model.reference.clone(), pipeline.clone())
-                    .with_context(|| format!("{}: cannot create the capture store", config.recorder.dir.display()))?;
+            let recorder = recorder::Recorder::open(config.recorder.clone(), ids, pipeline.clone())
+                .with_context(|| format!("{}: cannot create the capture store", config.recorder.dir.display()))?;
             let progress = Progress::new();
             supervisor.spawn("recorder", Role::Pipe, watch(&progress), move || recorder.run(rx, progress))?;
             Some((tx, config.recorder.normal_sample_rate))
@@ -290,8 +300,6 @@ impl<'a> Running<'a> {
         let publisher = PublisherContext {
             mqtt: mqtt.clone(),
             cameras: cameras.clone(),
-            model: model.reference.clone(),
-            image_threshold: inspector.manifest().thresholds.image.value,
             publish_images: config.mqtt.publish_images,
             snapshot_quality: config.mqtt.snapshot_quality,
             image_max_width: config.mqtt.image_max_width,
@@ -310,8 +318,12 @@ impl<'a> Running<'a> {
         let drain_deadline = Arc::new(Mutex::new(None));
         let worker_progress = Progress::new();
         let (seed, progress) = (config.model.seed, worker_progress.clone());
-        let worker = Worker::new(inspector, seed, cameras.clone(), pipeline.clone(), drain_deadline.clone(), progress);
-        supervisor.spawn("inference", Role::Pipe, watch(&worker_progress), move || worker.run(batch_rx, output_tx))?;
+        let running = model.current.lock().expect("model lock").clone();
+        let worker =
+            Worker::new(inspector, running, seed, cameras.clone(), pipeline.clone(), drain_deadline.clone(), progress);
+        supervisor.spawn("inference", Role::Pipe, watch(&worker_progress), move || {
+            worker.run(batch_rx, output_tx, swaps_rx)
+        })?;
 
         let (capture_stop, capture_stop_rx) = bounded::<()>(0);
         let (status_tx, status) = bounded(64);
@@ -345,17 +357,12 @@ impl<'a> Running<'a> {
         })?;
 
         if let Some(endpoint) = &endpoint {
-            let r = &model.reference;
             endpoint.ready(http::Report {
                 cameras: cameras.clone(),
                 pipeline: pipeline.clone(),
                 queues: queues.clone(),
-                model: [
-                    ("name", r.name.clone()),
-                    ("version", r.version.clone()),
-                    ("sha256", r.sha256.clone()),
-                    ("provider", model.provider.clone()),
-                ],
+                model: model.current.clone(),
+                provider: model.provider.clone(),
                 worker: worker_progress,
                 stage_timeout: config.pipeline.stage_timeout,
             });
@@ -460,10 +467,13 @@ impl<'a> Running<'a> {
             node: self.config.node_id.clone(),
             timestamp: publish::rfc3339(std::time::SystemTime::now()),
             uptime_s: self.started.elapsed().as_secs_f64(),
-            model: stats::ModelReport {
-                name: self.model.reference.name.clone(),
-                version: self.model.reference.version.clone(),
-                sha256: self.model.reference.sha256.clone(),
+            model: {
+                let current = self.model.current.lock().expect("model lock").clone();
+                stats::ModelReport {
+                    name: current.name.clone(),
+                    version: current.version.clone(),
+                    sha256: current.sha256.clone(),
+                }
             },
             inference: stats::inference_report(
                 p,

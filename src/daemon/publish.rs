@@ -15,7 +15,7 @@ use super::events::{Emitted, Observation, Tracker};
 use super::mqtt::Mqtt;
 use crate::config::EventsConfig;
 use crate::controls::Controls;
-use crate::frame::Inspected;
+use crate::frame::{Inspected, ModelRef};
 use crate::postprocess::anomaly::Region;
 use crate::postprocess::render::{OverlayFormat, mask_png_within, overlay_within};
 use crate::stats::{CameraStats, DropReason, Progress};
@@ -23,13 +23,6 @@ use crate::stats::{CameraStats, DropReason, Progress};
 /// Version of the alert and state payloads (2: regions in camera pixels, inspected area
 /// and mask scale stated; see `docs/mqtt.md`).
 pub const PAYLOAD_SCHEMA: u32 = 2;
-
-#[derive(Debug, Clone, Serialize)]
-pub struct ModelRef {
-    pub name: String,
-    pub version: String,
-    pub sha256: String,
-}
 
 /// One alert per anomalous frame on `<camera>/anomaly`.
 #[derive(Debug, Serialize)]
@@ -131,8 +124,6 @@ pub fn rfc3339(t: SystemTime) -> String {
 pub struct PublisherContext {
     pub mqtt: Option<Arc<Mqtt>>,
     pub cameras: Vec<Arc<CameraStats>>,
-    pub model: ModelRef,
-    pub image_threshold: f64,
     pub publish_images: bool,
     pub snapshot_quality: u8,
     pub image_max_width: u32,
@@ -150,7 +141,7 @@ pub fn publisher(ctx: PublisherContext, input: Receiver<Inspected>, progress: Pr
     let events = &ctx.events;
     let trackers =
         ctx.cameras.iter().map(|c| Tracker::new(&ctx.node, &c.id, events.open_frames, events.close_after)).collect();
-    let mut publisher = Publisher { sampler: crate::backoff::clock_seeded_rng(), trackers, ctx };
+    let mut publisher = Publisher { sampler: crate::backoff::clock_seeded_rng(), trackers, latest_model: None, ctx };
     // Fault drill (docs/deploy.md): the publisher dies at its first frame.
     let injected_panic = std::env::var("EDGE_INSPECT_FAULT").is_ok_and(|f| f == "publisher-panic");
     loop {
@@ -173,6 +164,8 @@ struct Publisher {
     ctx: PublisherContext,
     /// One per camera.
     trackers: Vec<Tracker>,
+    /// The model of the latest frame: events ended without a frame name it.
+    latest_model: Option<Arc<ModelRef>>,
     /// Picks the normal frames the recorder keeps.
     sampler: rand_chacha::ChaCha8Rng,
 }
@@ -181,12 +174,13 @@ impl Publisher {
     /// Alerts (if per-frame alerts are on), the retained state, metrics, events, and the
     /// recorder's share of one inspected frame.
     fn frame(&mut self, mut inspected: Inspected) {
-        let Publisher { ctx, trackers, sampler } = self;
+        self.latest_model = Some(inspected.model.clone());
+        let Publisher { ctx, trackers, sampler, .. } = self;
         let index = inspected.frame.camera;
         let camera = &ctx.cameras[index];
         // The camera's sensitivity scales the calibrated image threshold (`controls`).
         let analysis = &mut inspected.analysis;
-        analysis.anomalous = analysis.score >= ctx.image_threshold / ctx.controls[index].sensitivity();
+        analysis.anomalous = analysis.score >= inspected.model.image_threshold / ctx.controls[index].sensitivity();
         if ctx.controls[index].take_snapshot_request()
             && let Some(mqtt) = &ctx.mqtt
         {
@@ -215,7 +209,7 @@ impl Publisher {
                 score: a.score,
                 normalised_score: a.normalised_score,
                 defect_area_px: defect_area,
-                model: &ctx.model,
+                model: &inspected.model,
             };
             let payload = serde_json::to_vec(&state).expect("state serialises");
             mqtt.publish(&format!("{}/state", camera.id), QoS::AtMostOnce, true, payload);
@@ -233,7 +227,7 @@ impl Publisher {
                 regions,
             };
             for event in trackers[index].observe(observation, || snapshot(ctx, &inspected)) {
-                publish_event(ctx, index, event);
+                publish_event(ctx, &inspected.model, index, event);
             }
         }
         if let Some((recorder, normal_rate)) = &ctx.recorder {
@@ -247,18 +241,20 @@ impl Publisher {
     /// Ends the episodes of cameras that have gone quiet.
     fn expire_events(&mut self) {
         let now = std::time::Instant::now();
+        let Some(model) = &self.latest_model else { return };
         for (index, tracker) in self.trackers.iter_mut().enumerate() {
             if let Some(end) = tracker.expire(now) {
-                publish_event(&self.ctx, index, end);
+                publish_event(&self.ctx, model, index, end);
             }
         }
     }
 
     /// Ends every open episode (shutdown).
     fn finish_events(&mut self) {
+        let Some(model) = &self.latest_model else { return };
         for (index, tracker) in self.trackers.iter_mut().enumerate() {
             if let Some(end) = tracker.finish() {
-                publish_event(&self.ctx, index, end);
+                publish_event(&self.ctx, model, index, end);
             }
         }
     }
@@ -294,14 +290,14 @@ fn alert(
         camera: &camera.id,
         score: a.score,
         normalised_score: a.normalised_score,
-        threshold: ctx.image_threshold,
+        threshold: inspected.model.image_threshold,
         defect_area_px: defect_area,
         defect_ratio: defect_area as f64 / a.mask.len().max(1) as f64,
         regions,
         inspected: to_camera.inspected(),
         mask_size,
         mask_scale: [inspected_w / mask_size[0] as f64, inspected_h / mask_size[1] as f64],
-        model: &ctx.model,
+        model: &inspected.model,
         latency_ms: f.captured_at.elapsed().as_secs_f64() * 1e3,
         source_file: f.source_file.as_deref(),
         mask_topic: mqtt.topic(&format!("{}/mask", camera.id)),
@@ -330,9 +326,9 @@ fn snapshot(ctx: &PublisherContext, inspected: &Inspected) -> Vec<u8> {
 
 /// An event on `<camera>/events` (durable, like alerts) and, when the best frame changed,
 /// its snapshot on the retained `<camera>/events/snapshot`.
-fn publish_event(ctx: &PublisherContext, camera: usize, event: Emitted) {
+fn publish_event(ctx: &PublisherContext, model: &ModelRef, camera: usize, event: Emitted) {
     let id = &ctx.cameras[camera].id;
-    let message = event.message(id, &ctx.model, format!("{id}/events/snapshot"));
+    let message = event.message(id, model, format!("{id}/events/snapshot"));
     tracing::info!(camera = %id, event = %message.id, kind = ?message.kind, frames = message.frames, "Event.");
     let Some(mqtt) = &ctx.mqtt else { return };
     let payload = serde_json::to_vec(&message).expect("event serialises");

@@ -19,10 +19,11 @@ use std::time::{Duration, Instant, SystemTime};
 use crossbeam_channel::Receiver;
 use serde::Serialize;
 
-use super::publish::{ModelRef, rfc3339};
+use super::publish::rfc3339;
 use crate::config::RecorderConfig;
 use crate::durable::write_atomic;
 use crate::frame::Inspected;
+use crate::frame::ModelRef;
 use crate::postprocess::anomaly::Region;
 use crate::postprocess::render::mask_png;
 use crate::stats::{PipelineStats, Progress};
@@ -47,7 +48,6 @@ struct Sidecar<'a> {
 pub struct Recorder {
     config: RecorderConfig,
     cameras: Vec<String>,
-    model: ModelRef,
     stats: Arc<PipelineStats>,
     store: Store,
     last_age_prune: Option<Instant>,
@@ -144,19 +144,14 @@ fn group_key(path: &Path) -> PathBuf {
 
 impl Recorder {
     /// Creates the store (and its marker) if needed and indexes what is already in it.
-    pub fn open(
-        config: RecorderConfig,
-        cameras: Vec<String>,
-        model: ModelRef,
-        stats: Arc<PipelineStats>,
-    ) -> std::io::Result<Self> {
+    pub fn open(config: RecorderConfig, cameras: Vec<String>, stats: Arc<PipelineStats>) -> std::io::Result<Self> {
         std::fs::create_dir_all(&config.dir)?;
         let marker = config.dir.join(MARKER);
         if !marker.is_file() {
             write_atomic(&marker, b"# edge-inspect capture store: <camera>/{normal,flagged}/; read by `edge-inspect retrain`\nversion = 1\n")?;
         }
         let store = Store::scan(&config.dir)?;
-        Ok(Self { config, cameras, model, stats, store, last_age_prune: None })
+        Ok(Self { config, cameras, stats, store, last_age_prune: None })
     }
 
     /// The frame as recorded: as captured, scaled down to `max_side` if larger.
@@ -192,7 +187,7 @@ impl Recorder {
                 score: a.score,
                 normalised_score: a.normalised_score,
                 regions: &a.regions,
-                model: &self.model,
+                model: &item.model,
                 source_file: f.source_file.as_deref(),
             };
             files.push((dir.join(format!("{id}_mask.png")), mask_png(a)));
@@ -269,10 +264,6 @@ mod tests {
         }
     }
 
-    fn model() -> ModelRef {
-        ModelRef { name: "m".into(), version: "1".into(), sha256: "x".into() }
-    }
-
     fn put(store: &Path, name: &str, bytes: usize, age: Duration) {
         let path = store.join(name);
         std::fs::write(&path, vec![0u8; bytes]).unwrap();
@@ -297,7 +288,7 @@ mod tests {
         put(&store, "b.json", 30, Duration::from_secs(90));
         put(&store, "c.png", 100, Duration::from_secs(80));
         let stats = Arc::new(PipelineStats::default());
-        let mut recorder = Recorder::open(config(dir.path(), 400), vec!["cam".into()], model(), stats.clone()).unwrap();
+        let mut recorder = Recorder::open(config(dir.path(), 400), vec!["cam".into()], stats.clone()).unwrap();
         assert_eq!(recorder.store.total, 350);
         recorder.store.prune_age(Duration::from_secs(3600), &stats);
         assert_eq!(left(&store), ["b.json", "b.png", "b_mask.png", "c.png"]);
@@ -316,7 +307,6 @@ mod tests {
         let recorder = Recorder::open(
             RecorderConfig { max_side: 64, ..config(dir.path(), 1 << 20) },
             vec!["cam".into()],
-            model(),
             Arc::default(),
         )
         .unwrap();
@@ -346,7 +336,7 @@ mod tests {
         };
         chattr("+i");
         let stats = Arc::new(PipelineStats::default());
-        let mut recorder = Recorder::open(config(dir.path(), 300), vec!["cam".into()], model(), stats.clone()).unwrap();
+        let mut recorder = Recorder::open(config(dir.path(), 300), vec!["cam".into()], stats.clone()).unwrap();
         let fits = recorder.store.make_room(100, 300, &stats);
         chattr("-i");
         assert!(fits, "b went instead of a");

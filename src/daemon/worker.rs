@@ -14,15 +14,23 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender, TrySendError};
 
-use crate::frame::{Frame, Inspected};
+use crate::frame::{Frame, Inspected, ModelRef};
 use crate::infer::inspect::{FrameView, Inspector};
 use crate::infer::runtime::Denoiser;
 use crate::stats::{CameraStats, DropReason, LogThrottle, PipelineStats, Progress};
+
+/// A verified, warmed-up model for the worker to take over between batches.
+pub struct Swap<D: Denoiser> {
+    pub inspector: Inspector<D>,
+    pub model: Arc<ModelRef>,
+}
 
 /// Everything the inference worker needs.
 pub struct Worker<D: Denoiser> {
     /// Its progress callback must beat `progress` (see [`Worker::new`]).
     inspector: Inspector<D>,
+    /// The model `inspector` runs, named on every verdict.
+    model: Arc<ModelRef>,
     seed: u64,
     cameras: Vec<Arc<CameraStats>>,
     pipeline: Arc<PipelineStats>,
@@ -35,23 +43,35 @@ pub struct Worker<D: Denoiser> {
 impl<D: Denoiser> Worker<D> {
     pub fn new(
         inspector: Inspector<D>,
+        model: Arc<ModelRef>,
         seed: u64,
         cameras: Vec<Arc<CameraStats>>,
         pipeline: Arc<PipelineStats>,
         drain_deadline: Arc<Mutex<Option<Instant>>>,
         progress: Progress,
     ) -> Self {
-        let beat = progress.clone();
-        let inspector = inspector.with_progress(move || beat.beat());
+        let inspector = Self::beating(inspector, &progress);
         let failures = LogThrottle::new(Duration::from_secs(10));
-        Self { inspector, seed, cameras, pipeline, drain_deadline, progress, failures }
+        Self { inspector, model, seed, cameras, pipeline, drain_deadline, progress, failures }
+    }
+
+    fn beating(inspector: Inspector<D>, progress: &Progress) -> Inspector<D> {
+        let beat = progress.clone();
+        inspector.with_progress(move || beat.beat())
     }
 
     /// The inference loop: ends when the batcher is gone, or when the publisher is (the
-    /// supervisor then sees the pipeline end instead of a worker inspecting for nobody).
-    pub fn run(mut self, batches: Receiver<Vec<Frame>>, output: Sender<Inspected>) {
+    /// supervisor then sees the pipeline end instead of a worker inspecting for nobody). A
+    /// model on `swaps` takes over before the next batch: no batch mixes models, and the
+    /// swap costs no frame.
+    pub fn run(mut self, batches: Receiver<Vec<Frame>>, output: Sender<Inspected>, swaps: Receiver<Swap<D>>) {
         let hang = std::env::var("EDGE_INSPECT_FAULT").is_ok_and(|f| f == "inference-hang");
         while let Some(batch) = self.progress.recv(&batches) {
+            for swap in swaps.try_iter() {
+                tracing::info!(from = %self.model.sha256, to = %swap.model.sha256, model = %swap.model.name, "Model swapped.");
+                self.inspector = Self::beating(swap.inspector, &self.progress);
+                self.model = swap.model;
+            }
             // Fault drill (docs/deploy.md): a UNet call that never returns.
             if hang {
                 tracing::warn!("Injected fault: the inference worker hangs.");
@@ -103,7 +123,7 @@ impl<D: Denoiser> Worker<D> {
         for (frame, analysis) in batch.into_iter().zip(analyses) {
             let camera = &self.cameras[frame.camera];
             camera.processed.fetch_add(1, Relaxed);
-            match output.try_send(Inspected { frame, analysis }) {
+            match output.try_send(Inspected { frame, analysis, model: self.model.clone() }) {
                 Ok(()) => {}
                 Err(TrySendError::Full(_)) => camera.drop_frame(DropReason::OutputFull),
                 Err(TrySendError::Disconnected(_)) => return false,
@@ -127,6 +147,10 @@ mod tests {
     use crate::model::preprocess::Inspection;
     use std::path::Path;
 
+    fn model_ref() -> Arc<ModelRef> {
+        Arc::new(ModelRef { name: "fake".into(), version: "1".into(), sha256: "f".into(), image_threshold: 0.1 })
+    }
+
     /// The demo bundle's manifest as a one-tile (64×64) model.
     fn manifest() -> crate::model::manifest::Manifest {
         let mut manifest = read_manifest(Path::new("models/brick-huber")).unwrap();
@@ -146,7 +170,8 @@ mod tests {
         let inspector = Inspector::from_parts("fake".into(), manifest(), denoiser, None, None).unwrap();
         let cameras = vec![Arc::new(CameraStats::new("a")), Arc::new(CameraStats::new("b"))];
         let deadline = Arc::new(Mutex::new(None));
-        let worker = Worker::new(inspector, 7, cameras.clone(), Arc::default(), deadline.clone(), Progress::new());
+        let worker =
+            Worker::new(inspector, model_ref(), 7, cameras.clone(), Arc::default(), deadline.clone(), Progress::new());
         Rig { worker, cameras, deadline }
     }
 
@@ -158,7 +183,7 @@ mod tests {
         batch_tx.send(vec![Frame::uniform(0, 1, [64, 64], 0.1), Frame::uniform(1, 1, [64, 64], -0.2)]).unwrap();
         // Three verdicts for a two-slot output: the third is an `output_full` drop.
         batch_tx.send(vec![Frame::uniform(0, 2, [64, 64], 0.0)]).unwrap();
-        let thread = std::thread::spawn(move || w.run(batch_rx, out_tx));
+        let thread = std::thread::spawn(move || w.run(batch_rx, out_tx, crossbeam_channel::never()));
         std::thread::sleep(Duration::from_millis(300));
         let seqs: Vec<(usize, u64)> = out_rx.try_iter().map(|i| (i.frame.camera, i.frame.seq)).collect();
         assert_eq!(seqs, vec![(0, 1), (1, 1)]);
@@ -198,7 +223,7 @@ mod tests {
         batch_tx.send(vec![Frame::uniform(0, 1, [64, 64], 0.0), Frame::uniform(1, 1, [64, 64], 0.0)]).unwrap();
         batch_tx.send(vec![Frame::uniform(0, 2, [64, 64], 0.0)]).unwrap();
         drop(batch_tx);
-        w.run(batch_rx, out_tx);
+        w.run(batch_rx, out_tx, crossbeam_channel::never());
         assert_eq!(cameras[0].drops(DropReason::InferenceError), 2);
         assert_eq!(cameras[1].drops(DropReason::InferenceError), 1);
         assert!(out_rx.try_recv().is_err());
@@ -220,11 +245,11 @@ mod tests {
         let inspector = Inspector::from_parts("fake".into(), tiled, slow, None, None).unwrap().with_tile_batch(1);
         let progress = Progress::new();
         let cameras = vec![Arc::new(CameraStats::new("a"))];
-        let w = Worker::new(inspector, 7, cameras, Arc::default(), Arc::default(), progress.clone());
+        let w = Worker::new(inspector, model_ref(), 7, cameras, Arc::default(), Arc::default(), progress.clone());
         let (batch_tx, batch_rx) = crossbeam_channel::bounded(1);
         let (out_tx, out_rx) = crossbeam_channel::bounded(1);
         batch_tx.send(vec![Frame::uniform(0, 1, [64, 256], 0.1)]).unwrap();
-        let thread = std::thread::spawn(move || w.run(batch_rx, out_tx));
+        let thread = std::thread::spawn(move || w.run(batch_rx, out_tx, crossbeam_channel::never()));
         let started = Instant::now();
         let mut oldest = Duration::ZERO;
         while out_rx.try_recv().is_err() {
