@@ -236,6 +236,29 @@ pub struct EventsConfig {
     pub frame_alerts: bool,
 }
 
+impl DaemonConfig {
+    /// Each section other than the model's, and whether `other` differs in it (what a
+    /// SIGHUP cannot apply live).
+    pub fn differences(&self, other: &DaemonConfig) -> Vec<(&'static str, bool)> {
+        let differ = |a: &dyn std::fmt::Debug, b: &dyn std::fmt::Debug| format!("{a:?}") != format!("{b:?}");
+        let node = (&self.node_id, &self.state_dir, self.drain_timeout);
+        let other_node = (&other.node_id, &other.state_dir, other.drain_timeout);
+        let overrides = |m: &ModelConfig| (m.t0, m.steps, m.sampler, m.eta, m.seed, m.models_dir.clone());
+        vec![
+            ("node", differ(&node, &other_node)),
+            ("model overrides", differ(&overrides(&self.model), &overrides(&other.model))),
+            ("runtime", differ(&self.runtime, &other.runtime)),
+            ("pipeline", differ(&self.pipeline, &other.pipeline)),
+            ("mqtt", self.mqtt.differs(&other.mqtt)),
+            ("recorder", differ(&self.recorder, &other.recorder)),
+            ("http", differ(&self.http, &other.http)),
+            ("events", differ(&self.events, &other.events)),
+            ("homeassistant", differ(&self.homeassistant, &other.homeassistant)),
+            ("cameras", differ(&self.cameras, &other.cameras)),
+        ]
+    }
+}
+
 /// The monitoring endpoint (`/metrics`, `/healthz`).
 #[derive(Debug, Clone)]
 pub struct HttpConfig {
@@ -297,6 +320,23 @@ pub struct MqttConfig {
     pub outbox_dir: PathBuf,
     pub outbox_max_bytes: u64,
     pub outbox_max_age: Duration,
+}
+
+impl MqttConfig {
+    /// Whether `other` differs anywhere (its `Debug` leaves the secrets and some settings out).
+    fn differs(&self, other: &MqttConfig) -> bool {
+        let settings = |m: &MqttConfig| {
+            format!(
+                "{:?}",
+                (
+                    (m.enabled, &m.host, m.port, &m.client_id, &m.base_topic, m.keep_alive, m.stats_interval),
+                    (m.max_packet_bytes, &m.tls, m.embedded_broker, m.publish_images, m.commands, m.snapshot_quality),
+                    (m.image_max_width, m.reconnect_max, &m.outbox_dir, m.outbox_max_bytes, m.outbox_max_age),
+                )
+            )
+        };
+        settings(self) != settings(other) || self.credentials != other.credentials
+    }
 }
 
 impl std::fmt::Debug for MqttConfig {

@@ -1815,7 +1815,11 @@ fn a_model_swap_under_load_takes_over_between_batches_and_a_bad_bundle_changes_n
     wait_for(Duration::from_secs(60), "frames judged by the first model", || states().len() >= 3);
     assert_eq!(model_state().unwrap()["sha256"], old.as_str());
 
-    for (bad, why) in [("broken", "sha256"), ("small", "needs a restart"), ("../brick-huber", "not a bundle name")] {
+    mqtt_send(broker.port, "edge-inspect/test/model/set", "../brick-huber");
+    wait_for(Duration::from_secs(10), "a path refused", || {
+        sub.texts("test/error").iter().any(|e| e.contains("not a bundle name"))
+    });
+    for (bad, why) in [("broken", "sha256"), ("small", "needs a restart")] {
         let before = sub.on("test/model").len();
         mqtt_send(broker.port, "edge-inspect/test/model/set", bad);
         wait_for(Duration::from_secs(30), &format!("the error for {bad}"), || sub.on("test/model").len() > before);
@@ -1846,4 +1850,71 @@ fn a_model_swap_under_load_takes_over_between_batches_and_a_bad_bundle_changes_n
     let drops = &stats["cameras"]["cam0"]["drops"];
     assert!(drops.as_object().is_some_and(|d| d.is_empty()), "no drops of any reason: {stats}");
     assert!(stat(&stats, "cam0", "processed") >= all.len() as u64, "{stats}");
+}
+
+/// SIGHUP re-reads the config: an invalid file changes nothing and its errors are published
+/// on `<node>/error`; a valid one whose `model.path` now holds another bundle (the `current`
+/// link moved) swaps the model while inspecting; other changes are logged as needing a
+/// restart; the daemon never stops for it.
+#[test]
+fn sighup_reloads_the_config_rejects_an_invalid_one_and_follows_the_current_link() {
+    let (broker, sub, dir) = rig();
+    let models = dir.path().join("models");
+    copy_bundle(&repo().join("models/brick-huber"), &models.join("brick-huber"));
+    let o = Command::new(env!("CARGO_BIN_EXE_edge-inspect"))
+        .args(["export", "--out", models.join("other").to_str().unwrap(), "--size", "64", "--tile-stride", "48"])
+        .args(["--base-channels", "16", "--channel-mults", "1,2", "--seed", "5"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    std::os::unix::fs::symlink("brick-huber", models.join("current")).unwrap();
+    let frames = repo().join("data/brick/test/scratch").display().to_string();
+    let config = write_config_for(
+        &models.join("current"),
+        "",
+        dir.path(),
+        broker.port,
+        "max_batch = 1\nmax_wait_ms = 10\nqueue_capacity = 64",
+        &camera("cam0", &frames, 4.0, true, ""),
+    );
+    let valid = std::fs::read_to_string(&config).unwrap();
+    let shas = || -> Vec<String> {
+        sub.on("cam0/state")
+            .iter()
+            .map(|m| {
+                serde_json::from_slice::<serde_json::Value>(&m.payload).unwrap()["model"]["sha256"]
+                    .as_str()
+                    .unwrap()
+                    .to_string()
+            })
+            .collect()
+    };
+    let mut daemon = Daemon::start(&config);
+    wait_for(Duration::from_secs(60), "frames", || shas().len() >= 2);
+    let old = shas()[0].clone();
+
+    std::fs::write(&config, valid.replace("max_batch = 1", "max_batch = 0")).unwrap();
+    daemon.signal("HUP");
+    wait_for(Duration::from_secs(10), "the reload's errors", || {
+        sub.texts("test/error").iter().any(|e| e.contains("\"reload\"") && e.contains("pipeline.max_batch"))
+    });
+    let judged = shas().len();
+    wait_for(Duration::from_secs(10), "inspection going on", || shas().len() >= judged + 2);
+    assert!(shas().iter().all(|sha| *sha == old), "an invalid reload changes nothing");
+
+    std::fs::write(&config, valid.replace("stats_interval_s = 1", "stats_interval_s = 2")).unwrap();
+    std::fs::remove_file(models.join("current")).unwrap();
+    std::os::unix::fs::symlink("other", models.join("current")).unwrap();
+    daemon.signal("HUP");
+    wait_for(Duration::from_secs(60), "the model behind the moved link", || {
+        shas().last().is_some_and(|sha| *sha != old)
+    });
+    assert!(
+        daemon.log_text().contains("needs a restart") && daemon.log_text().contains("section=\"mqtt\""),
+        "{}",
+        daemon.log_text()
+    );
+    assert!(daemon.child.try_wait().unwrap().is_none(), "SIGHUP does not stop the daemon");
+    daemon.signal("TERM");
+    assert!(daemon.wait_exit(Duration::from_secs(30)).success(), "{}", daemon.log_text());
 }

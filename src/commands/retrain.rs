@@ -1,7 +1,7 @@
 //! `edge-inspect retrain`: flags → [`TrainConfig`], Ctrl-C → checkpoint, outcome → stdout.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 
 use anyhow::Context;
 
@@ -75,12 +75,10 @@ pub fn run(args: RetrainArgs) -> anyhow::Result<()> {
         head: (args.head_steps > 0).then(|| HeadConfig::with_steps(args.head_steps)),
     };
     let interrupt = Arc::new(AtomicBool::new(false));
-    let flag = interrupt.clone();
-    ctrlc::set_handler(move || {
-        eprintln!("interrupt: writing a checkpoint at the next step");
-        flag.store(true, Ordering::SeqCst);
-    })
-    .context("cannot install the Ctrl-C handler")?;
+    // Ctrl-C or SIGTERM: the training loop sees the flag, writes a checkpoint and stops.
+    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(signal, interrupt.clone()).context("cannot install the Ctrl-C handler")?;
+    }
     let checkpoint_dir = args.checkpoint_dir.clone().unwrap_or_else(|| {
         let parent = args.out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
         parent.join(format!(".{name}.checkpoint"))

@@ -5,7 +5,7 @@ use crate::daemon;
 
 pub fn run(args: RunArgs) -> anyhow::Result<()> {
     let config = daemon::load_config(&args.config)?;
-    daemon::run(config, &args.config.display().to_string())
+    daemon::run(config, &args.config)
 }
 
 /// Everything `run` checks before it starts: the config, then the bundle through ONNX

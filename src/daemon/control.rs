@@ -55,8 +55,10 @@ pub struct Control {
     pub controls_file: PathBuf,
     /// The capture store, if recording is on.
     pub store: Option<PathBuf>,
-    /// Bundle names for the model loader (`<node>/model/set`).
-    pub models: crossbeam_channel::Sender<String>,
+    /// Bundles for the model loader (`<node>/model/set`).
+    pub models: crossbeam_channel::Sender<PathBuf>,
+    /// Where `<node>/model/set` names bundles.
+    pub models_dir: PathBuf,
 }
 
 impl Control {
@@ -94,7 +96,12 @@ impl Control {
         let path = command.topic.strip_prefix(&format!("{}/", self.mqtt.base)).unwrap_or(&command.topic);
         if path == "model/set" {
             let name = String::from_utf8_lossy(&command.payload).trim().to_string();
-            return self.models.try_send(name).map_err(|_| "a model swap is already queued; try again".to_string());
+            let safe = !name.starts_with('.') && name.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c));
+            if name.is_empty() || !safe {
+                return Err(format!("not a bundle name (letters, digits, . _ -, not starting with .): {name:?}"));
+            }
+            let bundle = self.models_dir.join(&name);
+            return self.models.try_send(bundle).map_err(|_| "a model swap is already queued; try again".to_string());
         }
         let Some((camera, feature)) = path.strip_suffix("/set").and_then(|p| p.rsplit_once('/')) else {
             return Err(format!("unknown command topic {}", command.topic));

@@ -25,6 +25,7 @@ pub mod mqtt;
 pub mod outbox;
 pub mod publish;
 pub mod recorder;
+pub mod signals;
 pub mod supervisor;
 pub mod worker;
 
@@ -51,6 +52,7 @@ use http::Endpoint;
 use models::CurrentModel;
 use mqtt::Mqtt;
 use publish::PublisherContext;
+use signals::Signals;
 use supervisor::{Failure, Health, Role, Supervisor};
 use worker::Worker;
 
@@ -130,7 +132,8 @@ struct ModelInfo {
 /// Runs the daemon until SIGTERM/SIGINT, until every source has ended (finite replays,
 /// disabled cameras), or until a stage fails; then it drains and stops — with
 /// [`StageFailed`] after a failure or a missed drain deadline.
-pub fn run(config: DaemonConfig, source_name: &str) -> anyhow::Result<()> {
+pub fn run(config: DaemonConfig, config_path: &std::path::Path) -> anyhow::Result<()> {
+    let source_name = &config_path.display().to_string();
     let mut supervisor = Supervisor::default();
     // Listening from the start: a probe sees `503 loading model`, not a refused connection.
     let endpoint = if config.http.enabled {
@@ -147,11 +150,7 @@ pub fn run(config: DaemonConfig, source_name: &str) -> anyhow::Result<()> {
     // The bundle is verified before the pipeline starts: a bad one is a configuration error.
     notify(&[NotifyState::Status("loading model")]);
     let bundle = load_bundle(&config, source_name)?;
-    let (signal_tx, signals) = bounded::<()>(4);
-    ctrlc::set_handler(move || {
-        let _ = signal_tx.try_send(());
-    })
-    .context("cannot install the SIGTERM/SIGINT handler")?;
+    let signals = Signals::listen(&mut supervisor)?;
 
     #[cfg(feature = "embedded-broker")]
     if config.mqtt.enabled && config.mqtt.embedded_broker {
@@ -173,10 +172,11 @@ pub fn run(config: DaemonConfig, source_name: &str) -> anyhow::Result<()> {
         format!("inspecting {} camera(s) with {} on {}", config.cameras.len(), manifest.name, model.provider);
 
     let mut running = Running::start(&config, supervisor, inspector, model, endpoint)?;
+    running.config_path = config_path.to_path_buf();
     notify(&[NotifyState::Ready, NotifyState::Status(&status_line)]);
     tracing::info!(node = %config.node_id, cameras = config.cameras.len(), "Running.");
     let outcome = running.supervise(&signals);
-    running.stop(outcome)
+    running.stop(outcome, &signals)
 }
 
 /// Why supervision ended.
@@ -193,6 +193,10 @@ struct Running<'a> {
     supervisor: Supervisor,
     /// The monitoring endpoint, shut down last.
     endpoint: Option<Arc<Endpoint>>,
+    /// The file SIGHUP re-reads.
+    config_path: std::path::PathBuf,
+    /// Bundles for the model loader (none without MQTT commands).
+    models: Option<Sender<std::path::PathBuf>>,
     mqtt: Option<Arc<Mqtt>>,
     /// Dropped to stop the MQTT link, after `offline` went out.
     mqtt_stop: Option<Sender<()>>,
@@ -233,10 +237,12 @@ impl<'a> Running<'a> {
         let configured: Vec<(String, bool)> = config.cameras.iter().map(|c| (c.id.clone(), c.enabled)).collect();
         let controls: Vec<Arc<Controls>> =
             crate::controls::load(&controls_file, &configured).into_iter().map(Arc::new).collect();
+        let mut models = None;
         let (mqtt, mqtt_stop) = if config.mqtt.enabled {
             let ha = &config.homeassistant;
             let (commands_tx, commands_rx) = bounded(64);
             let (models_tx, models_rx) = bounded(4);
+            models = Some(models_tx.clone());
             let subscriptions = mqtt::Subscriptions {
                 birth: ha.enabled.then(|| format!("{}/status", ha.discovery_prefix)),
                 commands: config.mqtt.commands.then(|| (control::filters(&config.mqtt.base_topic), commands_tx)),
@@ -253,6 +259,7 @@ impl<'a> Running<'a> {
                     controls_file,
                     store: config.recorder.enabled.then(|| config.recorder.dir.clone()),
                     models: models_tx,
+                    models_dir: config.model.models_dir.clone(),
                 };
                 control.publish_states();
                 supervisor.spawn("control", Role::Link, None, move || control.run(commands_rx))?;
@@ -371,6 +378,8 @@ impl<'a> Running<'a> {
             config,
             supervisor,
             endpoint,
+            config_path: std::path::PathBuf::new(),
+            models,
             mqtt,
             mqtt_stop,
             capture_stop: Some(capture_stop),
@@ -389,7 +398,7 @@ impl<'a> Running<'a> {
     }
 
     /// Watches the threads until a signal, the end of every source, or a failure.
-    fn supervise(&mut self, signals: &Receiver<()>) -> Outcome {
+    fn supervise(&mut self, signals: &Signals) -> Outcome {
         let second = tick(Duration::from_secs(1));
         let exits = self.supervisor.exits().clone();
         let (statuses, closed) = (self.status.clone(), crossbeam_channel::never());
@@ -399,7 +408,8 @@ impl<'a> Running<'a> {
             // listening to it.
             let status = if statuses_open { &statuses } else { &closed };
             select! {
-                recv(signals) -> _ => return Outcome::Signalled,
+                recv(signals.stop) -> _ => return Outcome::Signalled,
+                recv(signals.reload) -> _ => self.reload(),
                 recv(status) -> change => match change {
                     Ok((index, status)) => self.publish_status(index, status),
                     Err(_) => statuses_open = false,
@@ -432,6 +442,47 @@ impl<'a> Running<'a> {
                         self.publish_stats();
                     }
                 }
+            }
+        }
+    }
+
+    /// SIGHUP: the config file is checked in full first (as `check-config`); an invalid one
+    /// changes nothing and its errors are logged and published on `<node>/error`. A valid one
+    /// swaps the model when `model.path` now holds another bundle (a moved `current` link, an
+    /// edited path); every other difference is logged as needing a restart.
+    fn reload(&mut self) {
+        let path = self.config_path.display().to_string();
+        tracing::info!(config = %path, "SIGHUP: reloading the configuration.");
+        let new = match load_config(&self.config_path) {
+            Ok(new) => new,
+            Err(errors) => {
+                for issue in &errors.issues {
+                    tracing::error!(config = %path, key = %issue.key, error = %issue.message, "Reloaded configuration invalid; nothing changed.");
+                }
+                let issues: Vec<_> =
+                    errors.issues.iter().map(|i| serde_json::json!({ "key": i.key, "message": i.message })).collect();
+                let reply = serde_json::json!({ "reload": path, "errors": issues });
+                if let Some(mqtt) = &self.mqtt {
+                    mqtt.publish("error", QoS::AtLeastOnce, false, serde_json::to_vec(&reply).expect("serialises"));
+                }
+                return;
+            }
+        };
+        let running_sha = self.model.current.lock().expect("model lock").sha256.clone();
+        let new_sha = crate::infer::bundle::read_manifest(&new.model.path).map(|m| m.artifact.sha256);
+        match (&self.models, new_sha) {
+            (Some(models), Ok(sha)) if sha != running_sha => {
+                tracing::info!(model = %new.model.path.display(), "SIGHUP: the configured model changed; swapping.");
+                let _ = models.try_send(new.model.path.clone());
+            }
+            (None, Ok(sha)) if sha != running_sha => {
+                tracing::warn!("SIGHUP: the configured model changed; swapping needs MQTT commands on, or a restart.");
+            }
+            _ => {}
+        }
+        for (section, changed) in self.config.differences(&new) {
+            if changed {
+                tracing::warn!(section = section, "SIGHUP: this section changed and needs a restart to take effect.");
             }
         }
     }
@@ -508,7 +559,7 @@ impl<'a> Running<'a> {
     /// Stops capture, lets the pipe drain (under the drain deadline unless every source
     /// ended by itself: then every queued frame is inspected), publishes `offline` and
     /// disconnects.
-    fn stop(mut self, outcome: Outcome) -> anyhow::Result<()> {
+    fn stop(mut self, outcome: Outcome, signals: &Signals) -> anyhow::Result<()> {
         tracing::info!(drain_ms = self.config.drain_timeout.as_millis() as u64, "Stopping.");
         notify(&[NotifyState::Stopping, NotifyState::Status("draining")]);
         let deadline = match outcome {
@@ -554,6 +605,7 @@ impl<'a> Running<'a> {
         if let Some(endpoint) = &self.endpoint {
             endpoint.shutdown();
         }
+        signals.close();
         let (panicked, _) = self.supervisor.wait_for(Role::Link, Instant::now() + Duration::from_secs(4));
         note_panics(panicked, &mut failures);
         tracing::info!("Stopped.");

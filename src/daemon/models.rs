@@ -11,7 +11,7 @@
 //! tiles, scale, stride) than the running one is refused: the capture threads prepare frames
 //! for the running model, so such a change needs a restart.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use crossbeam_channel::{Receiver, Sender};
@@ -61,13 +61,13 @@ pub struct Loader {
 }
 
 impl Loader {
-    /// Publishes the state, then carries out `requests` (bundle names) until they close.
-    pub fn run(mut self, requests: Receiver<String>) {
+    /// Publishes the state, then carries out `requests` (bundle directories) until they close.
+    pub fn run(mut self, requests: Receiver<PathBuf>) {
         let (mut path, mut loaded_at) = (self.config.model.path.clone(), now_rfc3339());
         self.publish(&path, &loaded_at, None);
-        for name in requests {
-            tracing::info!(model = %name, "Loading a model to swap in.");
-            match self.load(&name) {
+        for request in requests {
+            tracing::info!(model = %request.display(), "Loading a model to swap in.");
+            match self.load(&request) {
                 Ok((swap, manifest, at)) => {
                     let model = swap.model.clone();
                     if self.swaps.send(swap).is_err() {
@@ -78,7 +78,7 @@ impl Loader {
                     self.publish(&path, &loaded_at, None);
                 }
                 Err(error) => {
-                    tracing::error!(model = %name, error = %error, "Model not swapped; the current one stays.");
+                    tracing::error!(model = %request.display(), error = %error, "Model not swapped; the current one stays.");
                     self.publish(&path, &loaded_at, Some(&error));
                 }
             }
@@ -86,15 +86,9 @@ impl Loader {
         tracing::debug!("Model loader stopped.");
     }
 
-    /// Loads, verifies and warms up bundle `name`; checks it fits the running pipeline.
-    fn load(&self, name: &str) -> Result<(Swap<OrtDenoiser>, Manifest, PathBuf), String> {
-        let safe =
-            !name.is_empty() && name != ".." && name.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c));
-        if !safe || name.starts_with('.') {
-            return Err(format!("not a bundle name (letters, digits, . _ -): {name:?}"));
-        }
-        let path = self.config.model.models_dir.join(name);
-        let bundle = Bundle::load(&path, &self.config.runtime).map_err(|e| e.to_string())?;
+    /// Loads, verifies and warms up the bundle at `path`; checks it fits the running pipeline.
+    fn load(&self, path: &Path) -> Result<(Swap<OrtDenoiser>, Manifest, PathBuf), String> {
+        let bundle = Bundle::load(path, &self.config.runtime).map_err(|e| e.to_string())?;
         let (new, old) = (&bundle.manifest, &self.running);
         if new.input != old.input || new.inspection != old.inspection {
             return Err(format!(
@@ -113,7 +107,7 @@ impl Loader {
             .map_err(|e| e.to_string())?
             .with_tile_batch(self.config.pipeline.max_batch);
         let model = Arc::new(model_ref(&manifest));
-        Ok((Swap { inspector, model }, manifest, path))
+        Ok((Swap { inspector, model }, manifest, path.to_path_buf()))
     }
 
     fn publish(&self, path: &std::path::Path, loaded_at: &str, last_error: Option<&str>) {
