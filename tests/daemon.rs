@@ -1455,14 +1455,7 @@ fn a_defect_episode_is_one_event_new_update_end() {
     let (broker, sub, dir) = rig();
     let clip = dir.path().join("clip");
     std::fs::create_dir_all(&clip).unwrap();
-    let good: Vec<PathBuf> = walk(&repo().join("data/brick/test/good"))
-        .into_iter()
-        .filter(|p| p.extension().is_some_and(|e| e == "png"))
-        .collect();
-    let scratch: Vec<PathBuf> = walk(&repo().join("data/brick/test/scratch"))
-        .into_iter()
-        .filter(|p| p.extension().is_some_and(|e| e == "png"))
-        .collect();
+    let (good, scratch) = (pngs("data/brick/test/good"), pngs("data/brick/test/scratch"));
     let sequence =
         [&good[0], &good[1], &good[2], &scratch[0], &scratch[1], &scratch[2], &good[3], &good[0], &good[1], &good[2]];
     for (i, source) in sequence.iter().enumerate() {
@@ -1583,9 +1576,6 @@ fn a_label_goes_from_mqtt_to_the_store_to_retrain_and_eval() {
     let (broker, sub, dir) = rig();
     let clip = dir.path().join("clip");
     std::fs::create_dir_all(&clip).unwrap();
-    let pngs = |d: &str| -> Vec<PathBuf> {
-        walk(&repo().join(d)).into_iter().filter(|p| p.extension().is_some_and(|e| e == "png")).collect()
-    };
     let (good, scratch) = (pngs("data/brick/test/good"), pngs("data/brick/test/scratch"));
     // seq 1–4 clean, 5–7 scratched.
     for (i, source) in good.iter().take(4).chain(scratch.iter()).enumerate() {
@@ -1917,4 +1907,12 @@ fn sighup_reloads_the_config_rejects_an_invalid_one_and_follows_the_current_link
     assert!(daemon.child.try_wait().unwrap().is_none(), "SIGHUP does not stop the daemon");
     daemon.signal("TERM");
     assert!(daemon.wait_exit(Duration::from_secs(30)).success(), "{}", daemon.log_text());
+}
+
+/// The PNG files under `dir` (relative to the repository), sorted.
+fn pngs(dir: &str) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> =
+        walk(&repo().join(dir)).into_iter().filter(|p| p.extension().is_some_and(|e| e == "png")).collect();
+    files.sort();
+    files
 }
