@@ -6,8 +6,8 @@
 //! again whenever Home Assistant's birth message (`<prefix>/status` = `online`) arrives. A
 //! camera that left the config since the last run has its entities removed (an empty
 //! retained config, Home Assistant's convention); the cameras announced are remembered in
-//! `<state_dir>/homeassistant.json` for that. There is no enable switch: the daemon takes
-//! no commands yet.
+//! `<state_dir>/homeassistant.json` for that. With MQTT commands on, each camera also gets
+//! a switch on `<camera>/enabled/set` (state from the retained `<camera>/enabled/state`).
 
 use std::path::Path;
 
@@ -16,8 +16,15 @@ use serde_json::json;
 use crate::config::DaemonConfig;
 use crate::durable::write_atomic;
 
-/// The entities of one camera: `(component, object)`.
-const ENTITIES: [(&str, &str); 3] = [("binary_sensor", "defect"), ("sensor", "score"), ("image", "snapshot")];
+/// The entities of one camera: `(component, object)`; the last, the enable switch, only
+/// while the daemon takes commands.
+const ENTITIES: [(&str, &str); 4] =
+    [("binary_sensor", "defect"), ("sensor", "score"), ("image", "snapshot"), ("switch", "enabled")];
+
+/// The entities announced under `config`.
+fn entities(config: &DaemonConfig) -> &'static [(&'static str, &'static str)] {
+    if config.mqtt.commands { &ENTITIES } else { &ENTITIES[..3] }
+}
 
 /// The file that remembers which cameras were announced.
 const ANNOUNCED_FILE: &str = "homeassistant.json";
@@ -39,7 +46,7 @@ pub fn configs(config: &DaemonConfig, camera: &str) -> Vec<(String, Vec<u8>)> {
     });
     let availability = json!([{ "topic": format!("{base}/available"), "payload_available": "online", "payload_not_available": "offline" }]);
     let state_topic = format!("{base}/{camera}/state");
-    ENTITIES
+    entities(config)
         .iter()
         .map(|&(component, object)| {
             let unique_id = format!("edge-inspect_{node}_{camera}_{object}");
@@ -63,6 +70,14 @@ pub fn configs(config: &DaemonConfig, camera: &str) -> Vec<(String, Vec<u8>)> {
                     "value_template": "{{ value_json.normalised_score | round(3) }}",
                     "state_class": "measurement",
                     "icon": "mdi:chart-bell-curve",
+                }),
+                "enabled" => json!({
+                    "name": "Inspection",
+                    "command_topic": format!("{base}/{camera}/enabled/set"),
+                    "state_topic": format!("{base}/{camera}/enabled/state"),
+                    "payload_on": "ON",
+                    "payload_off": "OFF",
+                    "icon": "mdi:cctv",
                 }),
                 _ => json!({
                     "name": "Snapshot",
