@@ -34,6 +34,12 @@ impl Progress {
         self.0.lock().expect("progress lock").elapsed()
     }
 
+    /// How long the stage has gone without progress, if that is longer than `bound` (the
+    /// stage is stuck: the supervisor stops the daemon, `/healthz` says not ready).
+    pub fn stuck_past(&self, bound: Duration) -> Option<Duration> {
+        Some(self.since()).filter(|since| *since > bound)
+    }
+
     /// The next item of `input`, beating at least every [`Progress::TURN`] while waiting for
     /// it (an idle stage is alive); `None` once `input` is closed and empty.
     pub fn recv<T>(&self, input: &Receiver<T>) -> Option<T> {

@@ -1602,7 +1602,7 @@ fn a_label_goes_from_mqtt_to_the_store_to_retrain_and_eval() {
     std::fs::write(&config, text).unwrap();
     let store = dir.path().join("state/captures");
     let mut daemon = Daemon::start(&config);
-    wait_for(Duration::from_secs(60), "seq 7 recorded", || capture_labels_find(&store, 7));
+    wait_for(Duration::from_secs(60), "seq 7 recorded", || recorded(&store, 7));
     let label = |payload: &str| {
         let topic = "edge-inspect/test/cam0/label/set";
         let port = broker.port.to_string();
@@ -1671,13 +1671,9 @@ fn a_label_goes_from_mqtt_to_the_store_to_retrain_and_eval() {
     assert!(overall["image_best_f1"].as_f64().is_some(), "best F1 beside it: {overall}");
 }
 
-/// Whether the capture store holds a recording of cam0 with sequence number `seq`.
-fn capture_labels_find(store: &Path, seq: u64) -> bool {
-    walk_if_exists(store).iter().any(|p| p.to_string_lossy().ends_with(&format!("-{seq:06}.png")))
-}
-
-fn walk_if_exists(dir: &Path) -> Vec<PathBuf> {
-    if dir.is_dir() { walk(dir) } else { Vec::new() }
+/// Whether the capture store holds a recording with sequence number `seq`.
+fn recorded(store: &Path, seq: u64) -> bool {
+    store.is_dir() && walk(store).iter().any(|p| p.to_string_lossy().ends_with(&format!("-{seq:06}.png")))
 }
 
 /// `mosquitto_pub` one message.

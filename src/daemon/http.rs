@@ -104,12 +104,10 @@ impl Endpoint {
     }
 
     fn health(&self) -> (u16, String) {
-        match self.health.get() {
-            None => (503, "loading model\n".into()),
-            Some((worker, bound)) if worker.since() > *bound => {
-                (503, format!("inference worker stuck for {:.1} s\n", worker.since().as_secs_f64()))
-            }
-            Some(_) => (200, "ok: model loaded, inference worker turning\n".into()),
+        let Some((worker, bound)) = self.health.get() else { return (503, "loading model\n".into()) };
+        match worker.stuck_past(*bound) {
+            Some(since) => (503, format!("inference worker stuck for {:.1} s\n", since.as_secs_f64())),
+            None => (200, "ok: model loaded, inference worker turning\n".into()),
         }
     }
 }

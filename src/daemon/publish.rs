@@ -184,9 +184,8 @@ impl Publisher {
         if ctx.controls[index].take_snapshot_request()
             && let Some(mqtt) = &ctx.mqtt
         {
-            let format = OverlayFormat::Jpeg { quality: ctx.snapshot_quality };
-            let jpeg = overlay_within(&inspected.frame.display, &inspected.analysis, None, format, ctx.image_max_width);
-            mqtt.publish(&format!("{}/snapshot", camera.id), QoS::AtMostOnce, true, jpeg);
+            // Asked for explicitly: published even when `mqtt.publish_images` is off.
+            mqtt.publish(&format!("{}/snapshot", camera.id), QoS::AtMostOnce, true, overlay_jpeg(ctx, &inspected));
         }
         let (a, f) = (&inspected.analysis, &inspected.frame);
         let to_camera = CameraMapping::of(f, a);
@@ -317,9 +316,11 @@ fn alert(
 
 /// The frame with its heat map and mask outline, as JPEG (empty when images are off).
 fn snapshot(ctx: &PublisherContext, inspected: &Inspected) -> Vec<u8> {
-    if !ctx.publish_images {
-        return Vec::new();
-    }
+    if ctx.publish_images { overlay_jpeg(ctx, inspected) } else { Vec::new() }
+}
+
+/// The frame with its heat map and mask outline, as JPEG.
+fn overlay_jpeg(ctx: &PublisherContext, inspected: &Inspected) -> Vec<u8> {
     let format = OverlayFormat::Jpeg { quality: ctx.snapshot_quality };
     overlay_within(&inspected.frame.display, &inspected.analysis, None, format, ctx.image_max_width)
 }

@@ -153,8 +153,8 @@ impl Supervisor {
     pub fn stuck(&self) -> Option<Failure> {
         self.threads.iter().filter(|t| t.handle.is_some()).find_map(|t| {
             let (progress, bound) = t.watch.as_ref()?;
-            let since = progress.since();
-            (since > *bound).then(|| Failure {
+            let since = progress.stuck_past(*bound)?;
+            Some(Failure {
                 stage: t.name.clone(),
                 what: format!("no progress for {:.1} s (bound {:.1} s)", since.as_secs_f64(), bound.as_secs_f64()),
             })
