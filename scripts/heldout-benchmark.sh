@@ -30,7 +30,11 @@ HEAD_STEPS=${HEAD_STEPS:-400}
 THREADS=${THREADS:-2}
 SEED=${SEED:-0}
 # The benchmark UNet of docs/results.md: small enough for dozens of trainings on 2 cores.
-ARCH=(--size 64 --channels 1 --base-channels 16 --channel-mults 1,2,2 --res-blocks 1)
+# BASE changes its width for the width study; SUFFIX tells such models and reports apart
+# (e.g. SUFFIX=-w32-s800).
+BASE=${BASE:-16}
+SUFFIX=${SUFFIX:-}
+ARCH=(--size 64 --channels 1 --base-channels "$BASE" --channel-mults 1,2,2 --res-blocks 1)
 
 texture_path() {
   case "$1" in
@@ -60,7 +64,7 @@ for texture in $TEXTURES; do
         --out "$data" --contamination "$p" --seed "$SEED"
     fi
     for loss in $LOSSES; do
-      model="$OUT/models/$texture-p$p-$loss"
+      model="$OUT/models/$texture-p$p-$loss$SUFFIX"
       if [ ! -f "$model/manifest.toml" ]; then
         log "retrain $model"
         start=$(date +%s)
@@ -69,13 +73,13 @@ for texture in $TEXTURES; do
           --unet-budget "$UNET_BUDGET" --head-steps "$HEAD_STEPS" --threads "$THREADS" >>"$OUT/benchmark.log" 2>&1
         log "retrain $model took $(( $(date +%s) - start )) s"
       fi
-      report="$OUT/eval-auto/$texture-p$p-$loss"
+      report="$OUT/eval-auto/$texture-p$p-$loss$SUFFIX"
       if [ ! -f "$report/report.json" ]; then
         log "eval $report"
         "$BIN" eval --model "$model" --data "$data" --out "$report" --overlays 6 --no-progress \
           --threads "$THREADS" >/dev/null 2>>"$OUT/benchmark.log"
       fi
-      report="$OUT/eval-old/$texture-p$p-$loss"
+      report="$OUT/eval-old/$texture-p$p-$loss$SUFFIX"
       if [ ! -f "$report/report.json" ]; then
         log "eval $report"
         "$BIN" eval --model "$model" --data "$data" --out "$report" --overlays 0 --no-progress \

@@ -3,11 +3,13 @@
 //!
 //! [`Batcher`] is the decision alone — a state machine over "a frame came at time t" and
 //! "it is now t" — so its rules are unit-tested without threads or clocks. [`run`] is the
-//! thread around it: it takes queued frames round-robin (no camera starves the others),
-//! waits for the next frame or the deadline, hands batches on, and at shutdown batches
-//! whatever is still queued, so a capture thread stuck in a blocking read cannot hold the
-//! drain up.
+//! thread around it: it keeps one open batch per model (a batch never mixes models), takes
+//! queued frames round-robin (no camera starves the others) from the camera queues that
+//! have joined so far (cameras come and go with a reload), waits for the next frame or the
+//! deadline, hands batches on, and at shutdown batches whatever is still queued, so a
+//! capture thread stuck in a blocking read cannot hold the drain up.
 
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Select, SendTimeoutError, Sender, TryRecvError};
@@ -61,6 +63,38 @@ impl<T> Batcher<T> {
     }
 }
 
+/// One open batch per model: frames for different models never share a batch, and each
+/// batch closes by the [`Batcher`] rule on its own.
+struct PerModel {
+    max_batch: usize,
+    max_wait: Duration,
+    open: BTreeMap<usize, Batcher<Frame>>,
+}
+
+impl PerModel {
+    fn new(max_batch: usize, max_wait: Duration) -> Self {
+        Self { max_batch, max_wait, open: BTreeMap::new() }
+    }
+
+    fn push(&mut self, frame: Frame, now: Instant) -> Option<Vec<Frame>> {
+        let (max_batch, max_wait) = (self.max_batch, self.max_wait);
+        self.open.entry(frame.model).or_insert_with(|| Batcher::new(max_batch, max_wait)).push(frame, now)
+    }
+
+    /// When the next open batch closes.
+    fn deadline(&self) -> Option<Instant> {
+        self.open.values().filter_map(Batcher::deadline).min()
+    }
+
+    fn due(&mut self, now: Instant) -> Vec<Vec<Frame>> {
+        self.open.values_mut().filter_map(|b| b.due(now)).collect()
+    }
+
+    fn flush(&mut self) -> Vec<Vec<Frame>> {
+        self.open.values_mut().filter_map(Batcher::flush).collect()
+    }
+}
+
 /// How long the batcher blocks at most before it shows progress again.
 const TURN: Duration = Progress::TURN;
 
@@ -72,53 +106,90 @@ enum Stop {
     Downstream,
 }
 
-/// The batcher thread: `queues` (one per camera) → `batches`. Ends when every camera's
-/// queue is closed and empty, at shutdown (`stop`'s sender dropped) after batching what is
-/// queued, or when the worker is gone. `progress` turns at least every [`TURN`], also while
-/// it waits for a busy worker to take a batch (that wait is the worker's time, not ours).
-pub fn run(
+/// The camera queues the batcher reads: each camera's queue joins once (`joins`), and
+/// stays until it is closed and empty.
+struct Queues {
+    joins: Receiver<Receiver<Frame>>,
+    /// Whether more queues may still join.
+    joining: bool,
     queues: Vec<Receiver<Frame>>,
+    /// Round-robin: the queue the next round starts at.
+    next: usize,
+}
+
+impl Queues {
+    fn take_joins(&mut self) {
+        loop {
+            match self.joins.try_recv() {
+                Ok(queue) => self.queues.push(queue),
+                Err(TryRecvError::Empty) => return,
+                Err(TryRecvError::Disconnected) => {
+                    self.joining = false;
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Whether no frame can come any more: no queue may join and every queue is closed.
+    fn ended(&self) -> bool {
+        !self.joining && self.queues.is_empty()
+    }
+}
+
+/// The batcher thread: camera queues (each sent once on `joins`) → `batches`, one open
+/// batch per model. Ends when `joins` is closed and every queue is closed and empty, at
+/// shutdown (`stop`'s sender dropped) after batching what is queued, or when the worker is
+/// gone. `progress` turns at least every [`TURN`], also while it waits for a busy worker to
+/// take a batch (that wait is the worker's time, not ours).
+pub fn run(
+    joins: Receiver<Receiver<Frame>>,
     max_batch: usize,
     max_wait: Duration,
     batches: Sender<Vec<Frame>>,
     stop: Receiver<()>,
     progress: Progress,
 ) {
-    let mut batcher = Batcher::new(max_batch, max_wait);
-    let mut open = vec![true; queues.len()];
-    let mut next_camera = 0;
+    let mut batcher = PerModel::new(max_batch, max_wait);
+    let mut queues = Queues { joins, joining: true, queues: Vec::new(), next: 0 };
     let stopped = loop {
         progress.beat();
         if matches!(stop.try_recv(), Err(TryRecvError::Disconnected)) {
-            break drain(&queues, &mut batcher, &batches, &progress);
+            break drain(&mut queues, &mut batcher, &batches, &progress);
         }
+        queues.take_joins();
         // Whatever is queued, one frame per camera per round, starting one camera later
         // each time.
-        if let Err(stopped) = take_queued(&queues, &mut open, &mut next_camera, &mut batcher, &batches, &progress) {
+        if let Err(stopped) = take_queued(&mut queues, &mut batcher, &batches, &progress) {
             break stopped;
         }
-        if let Some(batch) = batcher.due(Instant::now())
-            && let Err(stopped) = hand_on(&batches, batch, &progress)
-        {
+        if let Err(stopped) = hand_on_all(&batches, batcher.due(Instant::now()), &progress) {
             break stopped;
         }
-        let live: Vec<usize> = (0..queues.len()).filter(|&i| open[i]).collect();
-        if live.is_empty() {
-            break drain(&queues, &mut batcher, &batches, &progress);
+        if queues.ended() {
+            break drain(&mut queues, &mut batcher, &batches, &progress);
         }
         let mut select = Select::new();
-        for &i in &live {
-            select.recv(&queues[i]);
+        for queue in &queues.queues {
+            select.recv(queue);
         }
         let stop_index = select.recv(&stop);
+        let joins_index = queues.joining.then(|| select.recv(&queues.joins));
         let wake = batcher.deadline().map_or(Instant::now() + TURN, |d| d.min(Instant::now() + TURN));
         let Ok(ready) = select.select_deadline(wake) else { continue };
         if ready.index() == stop_index {
             let _ = ready.recv(&stop);
             continue; // the check at the top drains
         }
-        let camera = live[ready.index()];
-        match ready.recv(&queues[camera]) {
+        if Some(ready.index()) == joins_index {
+            match ready.recv(&queues.joins) {
+                Ok(queue) => queues.queues.push(queue),
+                Err(_) => queues.joining = false,
+            }
+            continue;
+        }
+        let camera = ready.index();
+        match ready.recv(&queues.queues[camera]) {
             Ok(frame) => {
                 if let Some(batch) = batcher.push(frame, Instant::now())
                     && let Err(stopped) = hand_on(&batches, batch, &progress)
@@ -126,7 +197,9 @@ pub fn run(
                     break stopped;
                 }
             }
-            Err(_) => open[camera] = false,
+            Err(_) => {
+                queues.queues.remove(camera);
+            }
         }
     };
     match stopped {
@@ -136,31 +209,34 @@ pub fn run(
 }
 
 /// Moves every queued frame into the batcher, round-robin; full batches are handed on.
-/// A queue found closed and empty is marked closed.
+/// A queue found closed and empty leaves.
 fn take_queued(
-    queues: &[Receiver<Frame>],
-    open: &mut [bool],
-    next_camera: &mut usize,
-    batcher: &mut Batcher<Frame>,
+    queues: &mut Queues,
+    batcher: &mut PerModel,
     batches: &Sender<Vec<Frame>>,
     progress: &Progress,
 ) -> Result<(), Stop> {
     loop {
         let mut took = false;
-        for k in 0..queues.len() {
-            let i = (*next_camera + k) % queues.len();
-            match queues[i].try_recv() {
+        let mut closed = Vec::new();
+        let n = queues.queues.len();
+        for k in 0..n {
+            let i = (queues.next + k) % n;
+            match queues.queues[i].try_recv() {
                 Ok(frame) => {
                     took = true;
                     if let Some(batch) = batcher.push(frame, Instant::now()) {
                         hand_on(batches, batch, progress)?;
                     }
                 }
-                Err(TryRecvError::Disconnected) => open[i] = false,
+                Err(TryRecvError::Disconnected) => closed.push(i),
                 Err(TryRecvError::Empty) => {}
             }
         }
-        *next_camera = (*next_camera + 1) % queues.len().max(1);
+        for i in closed.into_iter().rev() {
+            queues.queues.remove(i);
+        }
+        queues.next = (queues.next + 1) % queues.queues.len().max(1);
         if !took {
             return Ok(());
         }
@@ -168,23 +244,23 @@ fn take_queued(
 }
 
 /// Batches everything still queued and hands it on: the last act of the batcher.
-fn drain(
-    queues: &[Receiver<Frame>],
-    batcher: &mut Batcher<Frame>,
-    batches: &Sender<Vec<Frame>>,
-    progress: &Progress,
-) -> Stop {
-    for frame in queues.iter().flat_map(|q| q.try_iter()) {
+fn drain(queues: &mut Queues, batcher: &mut PerModel, batches: &Sender<Vec<Frame>>, progress: &Progress) -> Stop {
+    queues.take_joins();
+    for frame in queues.queues.iter().flat_map(|q| q.try_iter()) {
         if let Some(batch) = batcher.push(frame, Instant::now())
             && let Err(stopped) = hand_on(batches, batch, progress)
         {
             return stopped;
         }
     }
-    match batcher.flush().map(|batch| hand_on(batches, batch, progress)) {
-        Some(Err(stopped)) => stopped,
-        _ => Stop::Drained,
+    match hand_on_all(batches, batcher.flush(), progress) {
+        Err(stopped) => stopped,
+        Ok(()) => Stop::Drained,
     }
+}
+
+fn hand_on_all(batches: &Sender<Vec<Frame>>, closed: Vec<Vec<Frame>>, progress: &Progress) -> Result<(), Stop> {
+    closed.into_iter().try_for_each(|batch| hand_on(batches, batch, progress))
 }
 
 /// Sends `batch` to the worker, showing progress while the worker is busy.
@@ -204,6 +280,40 @@ fn hand_on(batches: &Sender<Vec<Frame>>, mut batch: Vec<Frame>, progress: &Progr
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `queues` as joined at the start, with no more to come.
+    fn joined(queues: Vec<Receiver<Frame>>) -> Receiver<Receiver<Frame>> {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        queues.into_iter().for_each(|q| tx.send(q).unwrap());
+        rx
+    }
+
+    #[test]
+    fn batches_never_mix_models_and_a_queue_may_join_later() {
+        let (joins_tx, joins_rx) = crossbeam_channel::unbounded();
+        let (out_tx, out_rx) = crossbeam_channel::bounded(8);
+        let (_stop_tx, stop_rx) = crossbeam_channel::bounded::<()>(0);
+        let worker =
+            std::thread::spawn(move || run(joins_rx, 2, Duration::from_secs(60), out_tx, stop_rx, Progress::new()));
+        let (a_tx, a_rx) = crossbeam_channel::bounded(8);
+        joins_tx.send(a_rx).unwrap();
+        let frame = |camera, seq, model| Frame { model, ..Frame::uniform(camera, seq, [1, 1], 0.0) };
+        a_tx.send(frame(0, 1, 0)).unwrap();
+        a_tx.send(frame(0, 2, 1)).unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(out_rx.try_recv().is_err(), "one frame per model: no batch is full yet");
+        let (b_tx, b_rx) = crossbeam_channel::bounded(8);
+        joins_tx.send(b_rx).unwrap();
+        b_tx.send(frame(1, 1, 1)).unwrap();
+        let batch = out_rx.recv_timeout(Duration::from_secs(2)).unwrap();
+        let got: Vec<(usize, usize)> = batch.iter().map(|f| (f.camera, f.model)).collect();
+        assert_eq!(got, vec![(0, 1), (1, 1)], "the late camera's frame joined model 1's batch");
+        drop((joins_tx, a_tx, b_tx));
+        worker.join().unwrap();
+        let rest: Vec<Vec<(usize, usize)>> =
+            out_rx.try_iter().map(|b| b.iter().map(|f| (f.camera, f.model)).collect()).collect();
+        assert_eq!(rest, vec![vec![(0, 0)]], "model 0's frame flushed alone when every queue closed");
+    }
 
     #[test]
     fn a_batch_closes_when_full_or_at_the_wait_from_its_first_item() {
@@ -240,8 +350,9 @@ mod tests {
         b_tx.send(Frame::uniform(1, 1, [1, 1], 0.0)).unwrap();
         let (_stop_tx, stop_rx) = crossbeam_channel::bounded::<()>(0);
         let progress = Progress::new();
-        let worker =
-            std::thread::spawn(move || run(vec![a_rx, b_rx], 3, Duration::from_millis(150), out_tx, stop_rx, progress));
+        let worker = std::thread::spawn(move || {
+            run(joined(vec![a_rx, b_rx]), 3, Duration::from_millis(150), out_tx, stop_rx, progress)
+        });
         // Four frames queued, max 3: a full batch at once, then one frame after the wait.
         let first = out_rx.recv_timeout(Duration::from_secs(2)).unwrap();
         assert_eq!(first.len(), 3);
@@ -266,8 +377,9 @@ mod tests {
             a_tx.send(Frame::uniform(0, seq, [1, 1], 0.0)).unwrap();
         }
         drop(stop_tx);
-        let worker =
-            std::thread::spawn(move || run(vec![a_rx], 2, Duration::from_secs(60), out_tx, stop_rx, Progress::new()));
+        let worker = std::thread::spawn(move || {
+            run(joined(vec![a_rx]), 2, Duration::from_secs(60), out_tx, stop_rx, Progress::new())
+        });
         worker.join().unwrap();
         // ... yet every queued frame came out, in batches of at most 2.
         let sizes: Vec<usize> = out_rx.try_iter().map(|b| b.len()).collect();
@@ -284,7 +396,7 @@ mod tests {
         let progress = Progress::new();
         let watched = progress.clone();
         a_tx.send(Frame::uniform(0, 0, [1, 1], 0.0)).unwrap();
-        let worker = std::thread::spawn(move || run(vec![a_rx], 1, Duration::ZERO, out_tx, stop_rx, progress));
+        let worker = std::thread::spawn(move || run(joined(vec![a_rx]), 1, Duration::ZERO, out_tx, stop_rx, progress));
         std::thread::sleep(Duration::from_millis(1600));
         assert!(watched.since() < Duration::from_millis(1000), "stale for {:?}", watched.since());
         drop(out_rx);

@@ -195,6 +195,7 @@ struct RawCamera {
     height: Option<u32>,
     pixel_format: Option<String>,
     // both
+    model: Option<PathBuf>,
     roi: Option<Vec<u32>>,
     stall_timeout_ms: Option<u64>,
     backoff_initial_ms: Option<u64>,
@@ -228,7 +229,7 @@ pub struct HomeAssistantConfig {
 }
 
 /// Defect episodes on `<camera>/events`, and whether per-frame alerts go out too.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct EventsConfig {
     pub enabled: bool,
     pub open_frames: u32,
@@ -237,6 +238,23 @@ pub struct EventsConfig {
 }
 
 impl DaemonConfig {
+    /// The bundle `camera` runs: its own `model`, else the node's `model.path`.
+    pub fn bundle_of<'c>(&'c self, camera: &'c CameraConfig) -> &'c Path {
+        camera.model.as_deref().unwrap_or(&self.model.path)
+    }
+
+    /// Every bundle the config names, the node's first, each once.
+    pub fn bundles(&self) -> Vec<PathBuf> {
+        let mut bundles = vec![self.model.path.clone()];
+        for camera in &self.cameras {
+            let path = self.bundle_of(camera);
+            if !bundles.iter().any(|b| b == path) {
+                bundles.push(path.to_path_buf());
+            }
+        }
+        bundles
+    }
+
     /// Each section other than the model's, and whether `other` differs in it (what a
     /// SIGHUP cannot apply live).
     pub fn differences(&self, other: &DaemonConfig) -> Vec<(&'static str, bool)> {
@@ -859,6 +877,13 @@ impl Validator {
         if !ids.insert(id.clone()) {
             self.fail(key("id"), format!("'{id}' is used by another camera"));
         }
+        let model = c.model.clone().map(resolve);
+        if let Some(m) = &model
+            && !m.join(crate::model::manifest::MANIFEST_FILE).is_file()
+        {
+            let file = crate::model::manifest::MANIFEST_FILE;
+            self.fail(key("model"), format!("{}: not a model bundle (no {file})", m.display()));
+        }
         let roi = c.roi.clone().and_then(|r| match r[..] {
             [x, y, w, h] if w > 0 && h > 0 => Some([x, y, w, h]),
             _ => {
@@ -905,6 +930,7 @@ impl Validator {
             id,
             enabled: c.enabled.unwrap_or(true),
             source,
+            model,
             roi,
             stall_timeout: Duration::from_millis(self.within(
                 &key("stall_timeout_ms"),

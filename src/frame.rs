@@ -13,8 +13,10 @@ use crate::postprocess::anomaly::Analysis;
 
 /// A captured frame on its way through the pipeline.
 pub struct Frame {
-    /// Index of the camera in the config.
+    /// The camera's slot (`daemon::cameras`).
     pub camera: usize,
+    /// The model that is to inspect it (the worker's key; batches never mix models).
+    pub model: usize,
     pub seq: u64,
     pub captured: SystemTime,
     pub captured_at: Instant,
@@ -56,6 +58,7 @@ impl Frame {
     pub(crate) fn uniform(camera: usize, seq: u64, [h, w]: [u32; 2], fill: f32) -> Self {
         Self {
             camera,
+            model: 0,
             seq,
             captured: SystemTime::now(),
             captured_at: Instant::now(),

@@ -138,6 +138,9 @@ pub struct CameraStats {
     pub anomalies: AtomicU64,
     pub reopens: AtomicU64,
     pub stalls: AtomicU64,
+    /// The sequence number of the camera's latest frame: a capture thread restarted for a
+    /// changed config goes on from it.
+    pub last_seq: AtomicU64,
     drops: [AtomicU64; DropReason::ALL.len()],
     pub status: Mutex<CameraStatus>,
     /// When the capture thread last got a frame (or opened the source).
@@ -188,6 +191,7 @@ impl CameraStats {
             anomalies: AtomicU64::new(0),
             reopens: AtomicU64::new(0),
             stalls: AtomicU64::new(0),
+            last_seq: AtomicU64::new(0),
             drops: Default::default(),
             status: Mutex::new(CameraStatus::Offline),
             last_progress: Mutex::new(Instant::now()),

@@ -1750,6 +1750,32 @@ fn camera_commands_change_a_running_camera_and_persist() {
     assert!(daemon.wait_exit(Duration::from_secs(30)).success(), "{}", daemon.log_text());
 }
 
+/// Exports an untrained bundle to `out`: `size`² input in tiles 48 apart, its weights from
+/// `seed` (each seed another sha256).
+fn export_bundle(out: &Path, size: &str, seed: &str) {
+    let o = Command::new(env!("CARGO_BIN_EXE_edge-inspect"))
+        .args(["export", "--out", out.to_str().unwrap(), "--size", size, "--tile-stride", "48"])
+        .args(["--base-channels", "16", "--channel-mults", "1,2", "--seed", seed])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
+/// The sha256 a bundle's manifest names.
+fn bundle_sha(bundle: &Path) -> String {
+    let text = std::fs::read_to_string(bundle.join("manifest.toml")).unwrap();
+    text.lines().find(|l| l.starts_with("sha256")).unwrap().split('"').nth(1).unwrap().to_string()
+}
+
+/// `(seq, model sha256)` of every retained state `camera` published, in order.
+fn judged(sub: &Subscriber, camera: &str) -> Vec<(u64, String)> {
+    sub.on(&format!("/{camera}/state"))
+        .iter()
+        .map(|m| serde_json::from_slice::<serde_json::Value>(&m.payload).unwrap())
+        .map(|v| (v["seq"].as_u64().unwrap(), v["model"]["sha256"].as_str().unwrap().to_string()))
+        .collect()
+}
+
 /// Copies a bundle directory.
 fn copy_bundle(from: &Path, to: &Path) {
     std::fs::create_dir_all(to).unwrap();
@@ -1773,21 +1799,9 @@ fn a_model_swap_under_load_takes_over_between_batches_and_a_bad_bundle_changes_n
     let middle = bytes.len() / 2;
     bytes[middle] ^= 0xff;
     std::fs::write(&onnx, bytes).unwrap();
-    let export = |name: &str, size: &str| {
-        let o = Command::new(env!("CARGO_BIN_EXE_edge-inspect"))
-            .args(["export", "--out", models.join(name).to_str().unwrap(), "--size", size, "--tile-stride", "48"])
-            .args(["--base-channels", "16", "--channel-mults", "1,2", "--seed", "3"])
-            .output()
-            .unwrap();
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    };
-    export("other", "64");
-    export("small", "56");
-    let sha_of = |name: &str| {
-        let text = std::fs::read_to_string(models.join(name).join("manifest.toml")).unwrap();
-        text.lines().find(|l| l.starts_with("sha256")).unwrap().split('"').nth(1).unwrap().to_string()
-    };
-    let (old, new) = (sha_of("brick-huber"), sha_of("other"));
+    export_bundle(&models.join("other"), "64", "3");
+    export_bundle(&models.join("small"), "56", "3");
+    let (old, new) = (bundle_sha(&models.join("brick-huber")), bundle_sha(&models.join("other")));
     let frames = repo().join("data/brick/test/scratch").display().to_string();
     let config = write_config_for(
         &models.join("brick-huber"),
@@ -1797,13 +1811,7 @@ fn a_model_swap_under_load_takes_over_between_batches_and_a_bad_bundle_changes_n
         "max_batch = 1\nmax_wait_ms = 10\nqueue_capacity = 64",
         &camera("cam0", &frames, 4.0, true, ""),
     );
-    let states = || -> Vec<(u64, String)> {
-        sub.on("cam0/state")
-            .iter()
-            .map(|m| serde_json::from_slice::<serde_json::Value>(&m.payload).unwrap())
-            .map(|v| (v["seq"].as_u64().unwrap(), v["model"]["sha256"].as_str().unwrap().to_string()))
-            .collect()
-    };
+    let states = || judged(&sub, "cam0");
     let model_state =
         || sub.on("test/model").last().map(|m| serde_json::from_slice::<serde_json::Value>(&m.payload).unwrap());
     let mut daemon = Daemon::start(&config);
@@ -1856,12 +1864,7 @@ fn sighup_reloads_the_config_rejects_an_invalid_one_and_follows_the_current_link
     let (broker, sub, dir) = rig();
     let models = dir.path().join("models");
     copy_bundle(&repo().join("models/brick-huber"), &models.join("brick-huber"));
-    let o = Command::new(env!("CARGO_BIN_EXE_edge-inspect"))
-        .args(["export", "--out", models.join("other").to_str().unwrap(), "--size", "64", "--tile-stride", "48"])
-        .args(["--base-channels", "16", "--channel-mults", "1,2", "--seed", "5"])
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    export_bundle(&models.join("other"), "64", "5");
     std::os::unix::fs::symlink("brick-huber", models.join("current")).unwrap();
     let frames = repo().join("data/brick/test/scratch").display().to_string();
     let config = write_config_for(
@@ -1873,17 +1876,7 @@ fn sighup_reloads_the_config_rejects_an_invalid_one_and_follows_the_current_link
         &camera("cam0", &frames, 4.0, true, ""),
     );
     let valid = std::fs::read_to_string(&config).unwrap();
-    let shas = || -> Vec<String> {
-        sub.on("cam0/state")
-            .iter()
-            .map(|m| {
-                serde_json::from_slice::<serde_json::Value>(&m.payload).unwrap()["model"]["sha256"]
-                    .as_str()
-                    .unwrap()
-                    .to_string()
-            })
-            .collect()
-    };
+    let shas = || -> Vec<String> { judged(&sub, "cam0").into_iter().map(|(_, sha)| sha).collect() };
     let mut daemon = Daemon::start(&config);
     wait_for(Duration::from_secs(60), "frames", || shas().len() >= 2);
     let old = shas()[0].clone();
@@ -1912,6 +1905,121 @@ fn sighup_reloads_the_config_rejects_an_invalid_one_and_follows_the_current_link
     assert!(daemon.child.try_wait().unwrap().is_none(), "SIGHUP does not stop the daemon");
     daemon.signal("TERM");
     assert!(daemon.wait_exit(Duration::from_secs(30)).success(), "{}", daemon.log_text());
+}
+
+/// SIGHUP applies camera and publishing changes live: a removed camera stops and goes
+/// offline, an added one starts, a changed one (ROI) restarts in its slot with its sequence
+/// numbers going on, and an untouched camera keeps inspecting with consecutive sequence
+/// numbers throughout; `publish_images = false` stops masks from the next frames on.
+#[test]
+fn sighup_adds_removes_and_changes_cameras_while_the_others_go_on() {
+    let (broker, sub, dir) = rig();
+    let scratch = repo().join("data/brick/test/scratch").display().to_string();
+    let good = repo().join("data/brick/test/good").display().to_string();
+    let pipeline = "max_batch = 2\nmax_wait_ms = 20\nqueue_capacity = 64";
+    let cameras = |list: &[String]| list.concat();
+    let (cam0, cam1) = (camera("cam0", &scratch, 4.0, true, ""), camera("cam1", &good, 4.0, true, ""));
+    let config = write_config(dir.path(), broker.port, pipeline, &cameras(&[cam0.clone(), cam1]));
+    let mut daemon = Daemon::start(&config);
+    wait_for(Duration::from_secs(60), "both cameras inspecting", || {
+        judged(&sub, "cam0").len() >= 3 && judged(&sub, "cam1").len() >= 2
+    });
+    assert!(!sub.on("cam0/mask").is_empty(), "scratched frames publish masks");
+
+    // cam1 removed, cam2 added, images off.
+    let reload = |cam2_extra: &str| {
+        let cam2 = camera("cam2", &good, 4.0, true, cam2_extra);
+        let path = write_config(dir.path(), broker.port, pipeline, &cameras(&[cam0.clone(), cam2]));
+        let text = std::fs::read_to_string(&path).unwrap().replace("port = ", "publish_images = false\nport = ");
+        std::fs::write(&path, text).unwrap();
+        daemon.signal("HUP");
+    };
+    reload("");
+    wait_for(Duration::from_secs(30), "the added camera inspecting", || judged(&sub, "cam2").len() >= 3);
+    assert_eq!(sub.texts("cam1/status").last().map(String::as_str), Some("offline"), "the removed camera is offline");
+    let cam1_judged = judged(&sub, "cam1").len();
+    let masks = sub.on("cam0/mask").len();
+    let anomalies = sub.on("cam0/anomaly").len();
+    wait_for(Duration::from_secs(30), "more alerts of cam0", || sub.on("cam0/anomaly").len() >= anomalies + 3);
+    assert_eq!(sub.on("cam0/mask").len(), masks, "images off: alerts without masks");
+    assert_eq!(judged(&sub, "cam1").len(), cam1_judged, "nothing more of the removed camera");
+
+    // cam2's ROI changes: it restarts where it was.
+    let before = judged(&sub, "cam2").last().unwrap().0;
+    reload("roi = [8, 8, 48, 48]");
+    wait_for(Duration::from_secs(30), "cam2 restarted", || daemon.log_text().matches("Camera started.").count() >= 4);
+    wait_for(Duration::from_secs(30), "cam2 inspecting again", || judged(&sub, "cam2").last().unwrap().0 >= before + 3);
+    daemon.signal("TERM");
+    assert!(daemon.wait_exit(Duration::from_secs(30)).success(), "{}", daemon.log_text());
+
+    let seqs = |camera: &str| judged(&sub, camera).into_iter().map(|(seq, _)| seq).collect::<Vec<u64>>();
+    let cam0 = seqs("cam0");
+    assert!(cam0.windows(2).all(|w| w[1] == w[0] + 1), "cam0 untouched by the reloads: {cam0:?}");
+    let cam2 = seqs("cam2");
+    assert_eq!(cam2[0], 1);
+    assert!(cam2.windows(2).all(|w| w[1] > w[0]), "cam2's numbers go on across its restart: {cam2:?}");
+    let stats = sub.last_stats().unwrap();
+    let listed: Vec<&String> = stats["cameras"].as_object().unwrap().keys().collect();
+    assert_eq!(listed, ["cam0", "cam2"], "{stats}");
+    let log = daemon.log_text();
+    assert!(!log.contains("needs a restart"), "everything changed was applied live: {log}");
+}
+
+/// Two cameras on two different models in one daemon (one of them with another input
+/// size): every verdict names its camera's model, so no batch mixed them; a camera added by
+/// SIGHUP with a third bundle gets it loaded while the others inspect, and one naming a
+/// bundle that fails verification does not start and the error is published.
+#[test]
+fn cameras_on_different_models_share_one_daemon() {
+    let (broker, sub, dir) = rig();
+    let models = dir.path().join("models");
+    copy_bundle(&repo().join("models/brick-huber"), &models.join("brick-huber"));
+    export_bundle(&models.join("small"), "56", "3");
+    export_bundle(&models.join("other"), "64", "4");
+    copy_bundle(&models.join("other"), &models.join("broken"));
+    let onnx = models.join("broken/model.onnx");
+    let mut bytes = std::fs::read(&onnx).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0xff;
+    std::fs::write(&onnx, bytes).unwrap();
+    let sha = |name: &str| bundle_sha(&models.join(name));
+    let good = repo().join("data/brick/test/good").display().to_string();
+    let own = |name: &str| format!("model = \"{}\"", models.join(name).display());
+    let cameras = camera("cam0", &good, 4.0, true, "") + &camera("cam1", &good, 4.0, true, &own("small"));
+    let pipeline = "max_batch = 4\nmax_wait_ms = 100\nqueue_capacity = 64";
+    let config = write_config_for(&models.join("brick-huber"), "", dir.path(), broker.port, pipeline, &cameras);
+    let (code, out) = check_config(&config, &[]);
+    assert_eq!(code, 0, "{out}");
+    let mut daemon = Daemon::start(&config);
+    wait_for(Duration::from_secs(60), "both cameras inspecting", || {
+        judged(&sub, "cam0").len() >= 4 && judged(&sub, "cam1").len() >= 4
+    });
+
+    // cam2 and cam4 share a bundle loaded for them; cam3's fails verification.
+    let added = [("cam2", "other"), ("cam3", "broken"), ("cam4", "other")]
+        .map(|(id, model)| camera(id, &good, 4.0, true, &own(model)))
+        .concat();
+    let text = std::fs::read_to_string(&config).unwrap() + &added;
+    std::fs::write(&config, text).unwrap();
+    daemon.signal("HUP");
+    wait_for(Duration::from_secs(60), "the added cameras on their model", || {
+        judged(&sub, "cam2").len() >= 3 && judged(&sub, "cam4").len() >= 3
+    });
+    wait_for(Duration::from_secs(30), "the broken bundle's error", || {
+        sub.texts("test/error").iter().any(|e| e.contains("\"cam3\"") && e.contains("sha256"))
+    });
+    let more = judged(&sub, "cam0").len() + 2;
+    wait_for(Duration::from_secs(30), "cam0 still inspecting", || judged(&sub, "cam0").len() >= more);
+    daemon.signal("TERM");
+    assert!(daemon.wait_exit(Duration::from_secs(30)).success(), "{}", daemon.log_text());
+
+    for (camera, model) in [("cam0", "brick-huber"), ("cam1", "small"), ("cam2", "other"), ("cam4", "other")] {
+        let judged = judged(&sub, camera);
+        assert!(judged.iter().all(|(_, s)| *s == sha(model)), "{camera}: every verdict by {model}: {judged:?}");
+    }
+    assert!(judged(&sub, "cam3").is_empty(), "a camera whose model failed does not start");
+    let log = daemon.log_text();
+    assert_eq!(log.matches("Loading the camera's model.").count(), 2, "each new bundle loaded once: {log}");
 }
 
 /// The PNG files under `dir` (relative to the repository), sorted.

@@ -15,6 +15,7 @@ pub mod thread;
 /// the daemon's recorder writes it, `retrain` recognises the layout by it.
 pub const STORE_MARKER: &str = "edge-inspect-captures.toml";
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use image::DynamicImage;
@@ -38,6 +39,8 @@ pub struct CameraConfig {
     pub id: String,
     pub enabled: bool,
     pub source: SourceConfig,
+    /// The camera's own model bundle (else the node's `model.path`).
+    pub model: Option<PathBuf>,
     /// `[x, y, width, height]` in source pixels.
     pub roi: Option<[u32; 4]>,
     pub stall_timeout: Duration,

@@ -22,8 +22,12 @@ use crate::stats::{CameraStats, CameraStatus, DropReason};
 
 /// Everything a capture thread needs.
 pub struct CaptureLoop {
-    pub index: usize,
+    /// The camera's slot (`daemon::cameras`), named on every frame.
+    pub slot: usize,
     pub config: CameraConfig,
+    /// The model that inspects this camera's frames, named on every frame (the batcher
+    /// never mixes models in a batch).
+    pub model: usize,
     pub input: InputSpec,
     /// Whole-frame resize or tiles at the model's scale (from the manifest).
     pub inspection: Inspection,
@@ -31,6 +35,7 @@ pub struct CaptureLoop {
     pub queue_tx: Sender<Frame>,
     /// A clone of the queue's receiver, to drop the oldest frame when full.
     pub queue_rx: Receiver<Frame>,
+    /// Dropped to stop this thread: at shutdown, or when the camera is removed or changed.
     pub stop: Receiver<()>,
     /// Set by the watchdog when the camera stalled; the thread reopens the source.
     pub reopen: Arc<AtomicBool>,
@@ -63,7 +68,7 @@ impl CaptureLoop {
         let mut current = self.stats.status.lock().expect("stats lock");
         if *current != status {
             *current = status;
-            let _ = self.status_tx.try_send((self.index, status));
+            let _ = self.status_tx.try_send((self.slot, status));
         }
     }
 
@@ -102,7 +107,8 @@ impl CaptureLoop {
         };
         let prepared = self.input.prepare_for(self.inspection, &original);
         Some(Frame {
-            camera: self.index,
+            camera: self.slot,
+            model: self.model,
             seq,
             captured,
             captured_at,
@@ -148,7 +154,6 @@ impl CaptureLoop {
         };
         let repeat = matches!(self.config.source, SourceConfig::Replay { repeat: true, .. });
         let mut backoff = Backoff::new(self.config.backoff_initial, self.config.backoff_max);
-        let mut seq = 0u64;
         let mut first_open = true;
         // Kept across reopens, so a looping replay keeps its pace at the wrap-around.
         let mut next_due = Instant::now();
@@ -206,7 +211,9 @@ impl CaptureLoop {
                         self.stats.touch();
                         self.stats.frames_in.fetch_add(1, Relaxed);
                         self.set_status(CameraStatus::Online);
-                        seq += 1;
+                        // From the camera's counter: a thread restarted by a reload goes
+                        // on where the last one stopped, never repeating a number.
+                        let seq = self.stats.last_seq.fetch_add(1, Relaxed) + 1;
                         let file = source_file(&*source);
                         if let Some(frame) = self.prepare(image, seq, file) {
                             self.enqueue(frame);
@@ -230,7 +237,7 @@ impl CaptureLoop {
                         continue 'reopen;
                     }
                     Err(CaptureError::Ended { .. }) => {
-                        tracing::info!(camera = %id, frames = seq, "Replay finished.");
+                        tracing::info!(camera = %id, last_seq = self.stats.last_seq.load(Relaxed), "Replay finished.");
                         self.set_status(CameraStatus::Offline);
                         break 'reopen;
                     }

@@ -9,10 +9,10 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
 }
 
 /// Everything `run` checks before it starts: the config, then the bundle through ONNX
-/// Runtime with the configured providers.
+/// Runtime with the configured providers (the node's bundle and the cameras' own).
 pub fn check_config(args: RunArgs) -> anyhow::Result<()> {
     let config = daemon::load_config(&args.config)?;
-    daemon::load_bundle(&config, &args.config.display().to_string())?;
+    daemon::load_bundles(&config, &args.config.display().to_string())?;
     println!(
         "{}: valid; node '{}', {} camera(s), model {}, MQTT {}:{} (topics {}/…)",
         args.config.display(),

@@ -21,9 +21,29 @@ use crossbeam_channel::Receiver;
 use rumqttc::QoS;
 use serde::{Deserialize, Serialize};
 
+use super::cameras::{Camera, Cameras};
+use super::models::{Load, NODE_MODEL};
 use super::mqtt::{Incoming, Mqtt};
 use crate::capture::labels::{Verdict, write_label};
 use crate::controls::{Controls, SENSITIVITY, save};
+
+/// The retained `/state` echoes of a camera's controls (at its start and after changes).
+pub fn publish_state(mqtt: &Mqtt, camera: &Camera) {
+    let enabled = if camera.controls.enabled() { "ON" } else { "OFF" };
+    mqtt.publish(&format!("{}/enabled/state", camera.id), QoS::AtLeastOnce, true, enabled.into());
+    let sensitivity = camera.controls.sensitivity().to_string();
+    mqtt.publish(&format!("{}/sensitivity/state", camera.id), QoS::AtLeastOnce, true, sensitivity.into());
+}
+
+/// Writes the configured cameras' controls to `file` (logged if it fails: the controls
+/// still apply, they would just not survive a restart).
+pub fn persist(cameras: &Cameras, file: &std::path::Path) {
+    let active = cameras.active();
+    let all: Vec<(String, &Controls)> = active.iter().map(|(_, c)| (c.id.clone(), &*c.controls)).collect();
+    if let Err(e) = save(file, &all) {
+        tracing::error!(path = %file.display(), error = %e, "Cannot persist the camera controls.");
+    }
+}
 
 /// The command topic filters of a node whose topics start with `base`.
 pub fn filters(base: &str) -> Vec<String> {
@@ -48,15 +68,14 @@ struct LabelState<'a> {
 /// What the commands act on.
 pub struct Control {
     pub mqtt: Arc<Mqtt>,
-    pub cameras: Vec<String>,
-    /// Per camera, in config order.
-    pub controls: Vec<Arc<Controls>>,
+    /// The configured cameras (commands to others are refused) and their controls.
+    pub cameras: Cameras,
     /// Where enabled and sensitivity persist.
     pub controls_file: PathBuf,
     /// The capture store, if recording is on.
     pub store: Option<PathBuf>,
     /// Bundles for the model loader (`<node>/model/set`).
-    pub models: crossbeam_channel::Sender<PathBuf>,
+    pub models: crossbeam_channel::Sender<Load>,
     /// Where `<node>/model/set` names bundles.
     pub models_dir: PathBuf,
 }
@@ -78,20 +97,6 @@ impl Control {
         tracing::debug!("Command handler stopped.");
     }
 
-    /// The retained `/state` echoes of every camera's controls (at start and after changes).
-    pub fn publish_states(&self) {
-        for (camera, controls) in self.cameras.iter().zip(&self.controls) {
-            self.publish_state(camera, controls);
-        }
-    }
-
-    fn publish_state(&self, camera: &str, controls: &Controls) {
-        let enabled = if controls.enabled() { "ON" } else { "OFF" };
-        self.mqtt.publish(&format!("{camera}/enabled/state"), QoS::AtLeastOnce, true, enabled.into());
-        let sensitivity = controls.sensitivity().to_string();
-        self.mqtt.publish(&format!("{camera}/sensitivity/state"), QoS::AtLeastOnce, true, sensitivity.into());
-    }
-
     fn handle(&self, command: &Incoming) -> Result<(), String> {
         let path = command.topic.strip_prefix(&format!("{}/", self.mqtt.base)).unwrap_or(&command.topic);
         if path == "model/set" {
@@ -100,17 +105,17 @@ impl Control {
             if name.is_empty() || !safe {
                 return Err(format!("not a bundle name (letters, digits, . _ -, not starting with .): {name:?}"));
             }
-            let bundle = self.models_dir.join(&name);
-            return self.models.try_send(bundle).map_err(|_| "a model swap is already queued; try again".to_string());
+            let load = Load { key: NODE_MODEL, path: self.models_dir.join(&name) };
+            return self.models.try_send(load).map_err(|_| "a model swap is already queued; try again".to_string());
         }
         let Some((camera, feature)) = path.strip_suffix("/set").and_then(|p| p.rsplit_once('/')) else {
             return Err(format!("unknown command topic {}", command.topic));
         };
-        let Some(index) = self.cameras.iter().position(|c| c == camera) else {
+        let Some((_, entry)) = self.cameras.find(camera) else {
             return Err(format!("unknown camera '{camera}'"));
         };
         let payload = String::from_utf8_lossy(&command.payload);
-        let controls = &self.controls[index];
+        let controls = &entry.controls;
         match feature {
             "label" => return self.label(camera, &command.payload),
             "snapshot" => {
@@ -129,12 +134,8 @@ impl Control {
             other => return Err(format!("unknown command '{other}'")),
         }
         tracing::info!(camera = %camera, feature = %feature, value = %payload.trim(), "Camera control changed.");
-        let all: Vec<(String, &Controls)> =
-            self.cameras.iter().cloned().zip(self.controls.iter().map(|c| &**c)).collect();
-        if let Err(e) = save(&self.controls_file, &all) {
-            tracing::error!(path = %self.controls_file.display(), error = %e, "Cannot persist the camera controls.");
-        }
-        self.publish_state(camera, controls);
+        persist(&self.cameras, &self.controls_file);
+        publish_state(&self.mqtt, &entry);
         Ok(())
     }
 

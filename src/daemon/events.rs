@@ -129,6 +129,11 @@ impl Tracker {
         Self { open_frames, close_after, id_prefix: format!("{node}-{camera}"), streak: None, episode: None }
     }
 
+    /// New debounce rules (a reload): they apply from the next frame on.
+    pub fn set_rules(&mut self, open_frames: u32, close_after: Duration) {
+        (self.open_frames, self.close_after) = (open_frames, close_after);
+    }
+
     /// Feeds one frame; `snapshot` is asked for only if this frame becomes an episode's best.
     pub fn observe(&mut self, frame: Observation, snapshot: impl FnOnce() -> Vec<u8>) -> Vec<Emitted> {
         let mut out = Vec::new();

@@ -14,7 +14,6 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use crossbeam_channel::Receiver;
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::MetricType;
@@ -23,15 +22,14 @@ use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::Registry;
 
-use crate::frame::Frame;
-use crate::stats::{CameraStats, CameraStatus, DropReason, PipelineStats, Progress};
+use super::cameras::{Camera, Cameras};
+use crate::stats::{CameraStatus, DropReason, PipelineStats, Progress};
 
 /// What the endpoint reports once the pipeline runs.
 pub struct Report {
-    pub cameras: Vec<Arc<CameraStats>>,
+    /// The configured cameras (their queues are read as depth gauges).
+    pub cameras: Cameras,
     pub pipeline: Arc<PipelineStats>,
-    /// The camera queues, read as depth gauges.
-    pub queues: Vec<Receiver<Frame>>,
     /// The model in use now, and where it runs.
     pub model: super::models::CurrentModel,
     pub provider: String,
@@ -114,21 +112,21 @@ impl Endpoint {
 
 impl std::fmt::Debug for Report {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Report").field("cameras", &self.cameras.len()).finish_non_exhaustive()
+        f.debug_struct("Report").field("cameras", &self.cameras.active().len()).finish_non_exhaustive()
     }
 }
 
 /// Encodes one per-camera metric of `kind` with `value(camera)`.
 fn per_camera<M: EncodeMetric>(
     encoder: &mut DescriptorEncoder,
-    cameras: &[Arc<CameraStats>],
+    cameras: &[Arc<Camera>],
     (name, help, kind): (&str, &str, MetricType),
-    value: impl Fn(usize, &CameraStats) -> M,
+    value: impl Fn(&Camera) -> M,
 ) -> std::fmt::Result {
     let mut metric = encoder.encode_descriptor(name, help, None, kind)?;
-    for (i, camera) in cameras.iter().enumerate() {
+    for camera in cameras {
         let labels = [("camera", camera.id.as_str())];
-        value(i, camera).encode(metric.encode_family(&labels)?)?;
+        value(camera).encode(metric.encode_family(&labels)?)?;
     }
     Ok(())
 }
@@ -145,48 +143,48 @@ fn single(
 impl Collector for Report {
     fn encode(&self, mut encoder: DescriptorEncoder) -> std::fmt::Result {
         use MetricType::{Counter, Gauge, Histogram};
-        let cams = &self.cameras;
+        let cams: &Vec<Arc<Camera>> = &self.cameras.active().into_iter().map(|(_, c)| c).collect();
         let count = |v: &std::sync::atomic::AtomicU64| ConstCounter::new(v.load(Relaxed));
-        per_camera(&mut encoder, cams, ("edge_inspect_frames_in", "Frames read from the camera", Counter), |_, c| {
-            count(&c.frames_in)
+        per_camera(&mut encoder, cams, ("edge_inspect_frames_in", "Frames read from the camera", Counter), |c| {
+            count(&c.stats.frames_in)
         })?;
-        per_camera(&mut encoder, cams, ("edge_inspect_frames_processed", "Frames inspected", Counter), |_, c| {
-            count(&c.processed)
+        per_camera(&mut encoder, cams, ("edge_inspect_frames_processed", "Frames inspected", Counter), |c| {
+            count(&c.stats.processed)
         })?;
-        per_camera(&mut encoder, cams, ("edge_inspect_anomalies", "Frames judged anomalous", Counter), |_, c| {
-            count(&c.anomalies)
+        per_camera(&mut encoder, cams, ("edge_inspect_anomalies", "Frames judged anomalous", Counter), |c| {
+            count(&c.stats.anomalies)
         })?;
         let mut dropped =
             encoder.encode_descriptor("edge_inspect_frames_dropped", "Frames dropped, by reason", None, Counter)?;
         for camera in cams {
             for reason in DropReason::ALL {
                 let labels = [("camera", camera.id.as_str()), ("reason", reason.as_str())];
-                ConstCounter::new(camera.drops(reason)).encode(dropped.encode_family(&labels)?)?;
+                ConstCounter::new(camera.stats.drops(reason)).encode(dropped.encode_family(&labels)?)?;
             }
         }
         per_camera(
             &mut encoder,
             cams,
             ("edge_inspect_queue_depth", "Frames waiting in the camera queue", Gauge),
-            |i, _| ConstGauge::new(self.queues[i].len() as i64),
+            |c| ConstGauge::new(c.queue_rx.len() as i64),
         )?;
         per_camera(
             &mut encoder,
             cams,
             ("edge_inspect_camera_online", "1 while the camera delivers frames", Gauge),
-            |_, c| ConstGauge::new(i64::from(c.status() == CameraStatus::Online)),
+            |c| ConstGauge::new(i64::from(c.stats.status() == CameraStatus::Online)),
         )?;
         per_camera(
             &mut encoder,
             cams,
             ("edge_inspect_capture_to_publish_seconds", "From capture to the published verdict", Histogram),
-            |_, c| c.latency.clone(),
+            |c| c.stats.latency.clone(),
         )?;
         per_camera(
             &mut encoder,
             cams,
             ("edge_inspect_score", "Normalised anomaly score per frame (1 = image threshold)", Histogram),
-            |_, c| c.scores.clone(),
+            |c| c.stats.scores.clone(),
         )?;
         let p = &self.pipeline;
         single(

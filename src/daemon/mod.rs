@@ -1,21 +1,26 @@
 //! `edge-inspect run`: the streaming inspection daemon.
 //!
 //! This module owns the lifecycle: validate the config (exit 78 on error), start the demo
-//! broker if asked, load and warm the model, connect MQTT, wire the stages and hand their
-//! threads to the [`supervisor`], tell systemd READY, then watch (stage exits and progress,
-//! camera status and stalls, stats, the systemd watchdog), and on SIGTERM/SIGINT, a failed
-//! stage or the end of every source: stop capture, drain (under a deadline unless the
-//! sources ended by themselves), publish `offline`, disconnect.
+//! broker if asked, load and warm the models (the node's and the cameras' own, each once),
+//! connect MQTT, wire the stages and hand their threads to the [`supervisor`], tell systemd
+//! READY, then watch (stage exits and progress, camera status and stalls, stats, the systemd
+//! watchdog), apply a reloaded config (SIGHUP: cameras started, stopped and restarted one by
+//! one, models swapped, options handed on), and on SIGTERM/SIGINT, a failed stage or the end
+//! of every source: stop capture, drain (under a deadline unless the sources ended by
+//! themselves), publish `offline`, disconnect.
 //!
 //! ```text
-//! capture::thread (1/camera) → queue (cap 2, newest wins) ┐
-//!                                                          ├→ batch → worker → publish → MQTT (mqtt, outbox)
-//! capture::thread …          → queue                      ┘                           → recorder → capture store
-//! main thread: signals, supervisor (exits, progress bounds, watchdog), stalls, stats
+//! capture::thread (1/camera) → queue (bounded, newest wins) ┐
+//!                                                            ├→ batch (1 open batch/model) → worker (models by key)
+//! capture::thread …          → queue                        ┘     → publish → MQTT (mqtt, outbox)
+//!                                                                           → recorder → capture store
+//! main thread: signals, reloads, supervisor (exits, progress bounds, watchdog), stalls, stats
+//! models thread: loads and verifies bundles, hands them to the worker
 //! ```
 
 #[cfg(feature = "embedded-broker")]
 pub mod broker;
+pub mod cameras;
 pub mod control;
 pub mod events;
 pub mod homeassistant;
@@ -42,37 +47,58 @@ use sd_notify::NotifyState;
 use crate::batch;
 use crate::capture::thread::CaptureLoop;
 use crate::config::{self, ConfigIssue, DaemonConfig};
-use crate::controls::Controls;
 use crate::frame::Frame;
 use crate::infer::bundle::{Bundle, BundleError};
 use crate::infer::inspect::Inspector;
 use crate::infer::runtime::RuntimeError;
-use crate::stats::{self, CameraStats, CameraStatus, PipelineStats, Progress, RateTracker, StatsReport};
+use crate::stats::{self, CameraStatus, PipelineStats, Progress, RateTracker, StatsReport};
+use cameras::Cameras;
 use http::Endpoint;
-use models::CurrentModel;
+use models::{CurrentModel, Load, NODE_MODEL};
 use mqtt::Mqtt;
-use publish::PublisherContext;
+use publish::{PublishOptions, PublisherContext};
 use signals::Signals;
 use supervisor::{Failure, Health, Role, Supervisor};
-use worker::Worker;
+use worker::{Swap, Worker};
 
-/// Checks what validation cannot see without reading the bundle: the manifest and the
+/// Where the cameras' controls persist, under `node.state_dir`.
+const CONTROLS_FILE: &str = "controls.json";
+
+/// Every bundle the config names with the key that names it (`model.path` for the node's,
+/// `cameras[i].model` for a camera's own), each once, the node's first.
+fn named_bundles(config: &DaemonConfig) -> Vec<(String, std::path::PathBuf)> {
+    let mut named = vec![("model.path".to_string(), config.model.path.clone())];
+    for (i, camera) in config.cameras.iter().enumerate() {
+        if let Some(path) = &camera.model
+            && !named.iter().any(|(_, p)| p == path)
+        {
+            named.push((format!("cameras[{i}].model"), path.clone()));
+        }
+    }
+    named
+}
+
+/// Checks what validation cannot see without reading the bundles: each manifest and the
 /// reconstruction overrides against its schedule. Cheap: no ONNX Runtime involved.
 pub fn check_model(config: &DaemonConfig) -> Vec<ConfigIssue> {
-    let issue = |message: String| ConfigIssue { key: "model.path".into(), message };
-    let manifest = match crate::infer::bundle::read_manifest(&config.model.path) {
+    named_bundles(config).into_iter().filter_map(|(key, path)| check_bundle(config, key, &path)).collect()
+}
+
+fn check_bundle(config: &DaemonConfig, key: String, path: &std::path::Path) -> Option<ConfigIssue> {
+    let manifest = match crate::infer::bundle::read_manifest(path) {
         Ok(m) => m,
-        Err(e) => return vec![issue(e.to_string())],
+        Err(e) => return Some(ConfigIssue { key, message: e.to_string() }),
     };
     let m = &config.model;
     let spec = manifest.reconstruction.with_overrides(m.t0, m.steps, m.sampler, m.eta, None);
-    match crate::model::diffusion::NoiseSchedule::new(&manifest.schedule) {
+    let problem = match crate::model::diffusion::NoiseSchedule::new(&manifest.schedule) {
         Ok(schedule) => match crate::infer::inspect::Ensemble::new(&schedule, spec, manifest.extra_t0()) {
-            Ok(_) => Vec::new(),
-            Err(e) => vec![ConfigIssue { key: "model.t0/steps/sampler".into(), message: e.to_string() }],
+            Ok(_) => return None,
+            Err(e) => ("model.t0/steps/sampler".to_string(), format!("{}: {e}", path.display())),
         },
-        Err(e) => vec![issue(e.to_string())],
-    }
+        Err(e) => (key, e.to_string()),
+    };
+    Some(ConfigIssue { key: problem.0, message: problem.1 })
 }
 
 /// Loads and fully checks a config file: what `check-config` and `run` do first.
@@ -101,32 +127,55 @@ pub struct StageFailed(pub Vec<String>);
 /// EX_SOFTWARE: an internal error (a stage failed).
 pub const EXIT_SOFTWARE: u8 = 70;
 
-/// Loads and verifies the configured bundle through ONNX Runtime (sha256, graph contract,
-/// golden check, providers): the part of `check-config` that needs the runtime. A failure
-/// is a configuration error (exit 78), keyed by what to fix.
-pub fn load_bundle(config: &DaemonConfig, source_name: &str) -> Result<Bundle, config::ConfigErrors> {
-    Bundle::load(&config.model.path, &config.runtime).map_err(|e| {
-        let key = match &e {
-            BundleError::Runtime(RuntimeError::NoProvider { .. } | RuntimeError::EmptyProviders) => "runtime.providers",
-            BundleError::Runtime(RuntimeError::LibraryMissing { .. } | RuntimeError::LibraryLoad { .. }) => {
-                "runtime.library_path"
-            }
-            _ => "model.path",
-        };
-        config::ConfigErrors {
-            source_name: source_name.to_string(),
-            issues: vec![ConfigIssue { key: key.into(), message: e.to_string() }],
-        }
-    })
+/// Loads and verifies every bundle the config names through ONNX Runtime (sha256, graph
+/// contract, golden check, providers), the node's first: the part of `check-config` that
+/// needs the runtime. A failure is a configuration error (exit 78), keyed by what to fix.
+pub fn load_bundles(config: &DaemonConfig, source_name: &str) -> Result<Vec<Bundle>, config::ConfigErrors> {
+    named_bundles(config)
+        .into_iter()
+        .map(|(model_key, path)| {
+            Bundle::load(&path, &config.runtime).map_err(|e| {
+                let key = match &e {
+                    BundleError::Runtime(RuntimeError::NoProvider { .. } | RuntimeError::EmptyProviders) => {
+                        "runtime.providers".to_string()
+                    }
+                    BundleError::Runtime(RuntimeError::LibraryMissing { .. } | RuntimeError::LibraryLoad { .. }) => {
+                        "runtime.library_path".to_string()
+                    }
+                    _ => model_key,
+                };
+                config::ConfigErrors {
+                    source_name: source_name.to_string(),
+                    issues: vec![ConfigIssue { key, message: e.to_string() }],
+                }
+            })
+        })
+        .collect()
 }
 
-/// The model as the daemon reports it (stats, status line).
+/// The model as the daemon reports it (stats, status line): the node's.
 struct ModelInfo {
     /// What runs now (a model swap changes it).
     current: CurrentModel,
     provider: String,
     fell_back: bool,
     unet_calls: usize,
+}
+
+/// A model the daemon knows, by key (the index in [`Running::models`]; 0 is the node's).
+struct ModelSlot {
+    path: std::path::PathBuf,
+    /// The loaded bundle's manifest; `None` while it loads or after it failed to.
+    manifest: Option<crate::model::manifest::Manifest>,
+}
+
+/// A configured camera whose capture thread runs.
+struct RunningCamera {
+    config: crate::capture::CameraConfig,
+    /// Dropped to stop its capture thread.
+    stop: Sender<()>,
+    /// Set when the camera stalled, so its thread reopens the source.
+    reopen: Arc<AtomicBool>,
 }
 
 /// Runs the daemon until SIGTERM/SIGINT, until every source has ended (finite replays,
@@ -147,9 +196,9 @@ pub fn run(config: DaemonConfig, config_path: &std::path::Path) -> anyhow::Resul
     } else {
         None
     };
-    // The bundle is verified before the pipeline starts: a bad one is a configuration error.
+    // The bundles are verified before the pipeline starts: a bad one is a configuration error.
     notify(&[NotifyState::Status("loading model")]);
-    let bundle = load_bundle(&config, source_name)?;
+    let bundles = load_bundles(&config, source_name)?;
     let signals = Signals::listen(&mut supervisor)?;
 
     #[cfg(feature = "embedded-broker")]
@@ -157,24 +206,26 @@ pub fn run(config: DaemonConfig, config_path: &std::path::Path) -> anyhow::Resul
         broker::start(&config.mqtt)?;
     }
 
-    let m = &config.model;
-    let spec = bundle.manifest.reconstruction.with_overrides(m.t0, m.steps, m.sampler, m.eta, None);
-    let inspector = Inspector::new(bundle, Some(spec))?.with_tile_batch(config.pipeline.max_batch);
-    let manifest = inspector.manifest();
+    let mut inspectors = Vec::new();
+    for bundle in bundles {
+        inspectors.push(models::inspector(bundle, &config)?);
+    }
+    let node = &inspectors[NODE_MODEL];
+    let manifest = node.manifest();
     let model = ModelInfo {
         current: Arc::new(Mutex::new(Arc::new(models::model_ref(manifest)))),
-        provider: inspector.denoiser().provider().to_string(),
-        fell_back: inspector.denoiser().fell_back_to_cpu(),
-        unet_calls: inspector.unet_calls(),
+        provider: node.denoiser().provider().to_string(),
+        fell_back: node.denoiser().fell_back_to_cpu(),
+        unet_calls: node.unet_calls(),
     };
-    tracing::info!(model = %manifest.name, provider = %model.provider, fell_back_to_cpu = model.fell_back, t0 = spec.t0, steps = spec.steps, "Model ready.");
+    tracing::info!(model = %manifest.name, provider = %model.provider, fell_back_to_cpu = model.fell_back, unet_calls = model.unet_calls, models = inspectors.len(), "Model ready.");
     let status_line =
         format!("inspecting {} camera(s) with {} on {}", config.cameras.len(), manifest.name, model.provider);
 
-    let mut running = Running::start(&config, supervisor, inspector, model, endpoint)?;
+    let mut running = Running::start(config, supervisor, inspectors, model, endpoint)?;
     running.config_path = config_path.to_path_buf();
     notify(&[NotifyState::Ready, NotifyState::Status(&status_line)]);
-    tracing::info!(node = %config.node_id, cameras = config.cameras.len(), "Running.");
+    tracing::info!(node = %running.config.node_id, cameras = running.config.cameras.len(), "Running.");
     let outcome = running.supervise(&signals);
     running.stop(outcome, &signals)
 }
@@ -186,29 +237,40 @@ enum Outcome {
     Failed(Failure),
 }
 
-/// A started daemon: its supervised threads and what the main thread needs to watch, report
-/// and stop them.
-struct Running<'a> {
-    config: &'a DaemonConfig,
+/// A started daemon: its supervised threads and what the main thread needs to watch,
+/// report, reconfigure and stop them.
+struct Running {
+    /// What runs: the loaded config with the changes a reload applied.
+    config: DaemonConfig,
     supervisor: Supervisor,
     /// The monitoring endpoint, shut down last.
     endpoint: Option<Arc<Endpoint>>,
     /// The file SIGHUP re-reads.
     config_path: std::path::PathBuf,
-    /// Bundles for the model loader (none without MQTT commands).
-    models: Option<Sender<std::path::PathBuf>>,
+    /// Bundles for the model loader (dropped at shutdown, so it ends); what became of them
+    /// comes back on `loaded`.
+    loads: Option<Sender<Load>>,
+    loaded: Receiver<models::Loaded>,
+    /// Every model by key; a camera's frames name its key.
+    models: Vec<ModelSlot>,
     mqtt: Option<Arc<Mqtt>>,
     /// Dropped to stop the MQTT link, after `offline` went out.
     mqtt_stop: Option<Sender<()>>,
-    /// Dropped to stop capture.
+    /// Dropped to stop the batcher (capture threads have their own stops).
     capture_stop: Option<Sender<()>>,
-    /// Camera status changes from the capture threads.
+    /// New camera queues for the batcher; dropped at shutdown.
+    joins: Option<Sender<Receiver<Frame>>>,
+    /// Camera status changes from the capture threads, by camera slot.
     status: Receiver<(usize, CameraStatus)>,
-    cameras: Vec<Arc<CameraStats>>,
-    /// The camera queues' receivers, read as depth gauges.
-    queues: Vec<Receiver<Frame>>,
-    /// Per camera: set when the camera stalled, so its thread reopens the source.
-    reopen: Vec<Arc<AtomicBool>>,
+    status_tx: Sender<(usize, CameraStatus)>,
+    cameras: Cameras,
+    /// The configured cameras' capture threads, by slot.
+    running: std::collections::BTreeMap<usize, RunningCamera>,
+    /// Configured cameras whose model is still loading; they start when it is ready.
+    waiting: Vec<crate::capture::CameraConfig>,
+    /// New publishing options for the publisher; new limits for the recorder.
+    options: Sender<PublishOptions>,
+    recorder_limits: Option<Sender<config::RecorderConfig>>,
     /// Set at shutdown: batches reaching the worker after it are dropped.
     drain_deadline: Arc<Mutex<Option<Instant>>>,
     pipeline: Arc<PipelineStats>,
@@ -219,30 +281,31 @@ struct Running<'a> {
     rates: RateTracker,
 }
 
-impl<'a> Running<'a> {
+impl Running {
     /// Connects MQTT and starts the pipe from its end: recorder ← publisher ← worker ←
-    /// batcher ← captures.
+    /// batcher ← captures. `inspectors` are the config's bundles, the node's first.
     fn start(
-        config: &'a DaemonConfig,
+        config: DaemonConfig,
         mut supervisor: Supervisor,
-        inspector: Inspector,
+        inspectors: Vec<Inspector>,
         model: ModelInfo,
         endpoint: Option<Arc<Endpoint>>,
     ) -> anyhow::Result<Self> {
         let pipeline = Arc::new(PipelineStats::default());
-        // Verified models for the worker, from the loader (`<node>/model/set`).
+        let cameras = Cameras::default();
+        let models: Vec<ModelSlot> = config
+            .bundles()
+            .into_iter()
+            .zip(&inspectors)
+            .map(|(path, inspector)| ModelSlot { path, manifest: Some(inspector.manifest().clone()) })
+            .collect();
+        // Verified models for the worker, from the loader.
         let (swaps_tx, swaps_rx) = bounded(1);
-        let cameras: Vec<Arc<CameraStats>> = config.cameras.iter().map(|c| Arc::new(CameraStats::new(&c.id))).collect();
-        let controls_file = config.state_dir.join("controls.json");
-        let configured: Vec<(String, bool)> = config.cameras.iter().map(|c| (c.id.clone(), c.enabled)).collect();
-        let controls: Vec<Arc<Controls>> =
-            crate::controls::load(&controls_file, &configured).into_iter().map(Arc::new).collect();
-        let mut models = None;
+        let (loads, loads_rx) = bounded(64);
+        let (loaded_tx, loaded) = bounded(8);
         let (mqtt, mqtt_stop) = if config.mqtt.enabled {
             let ha = &config.homeassistant;
             let (commands_tx, commands_rx) = bounded(64);
-            let (models_tx, models_rx) = bounded(4);
-            models = Some(models_tx.clone());
             let subscriptions = mqtt::Subscriptions {
                 birth: ha.enabled.then(|| format!("{}/status", ha.discovery_prefix)),
                 commands: config.mqtt.commands.then(|| (control::filters(&config.mqtt.base_topic), commands_tx)),
@@ -254,139 +317,116 @@ impl<'a> Running<'a> {
             if config.mqtt.commands {
                 let control = control::Control {
                     mqtt: client.clone(),
-                    cameras: config.cameras.iter().map(|c| c.id.clone()).collect(),
-                    controls: controls.clone(),
-                    controls_file,
+                    cameras: cameras.clone(),
+                    controls_file: config.state_dir.join(CONTROLS_FILE),
                     store: config.recorder.enabled.then(|| config.recorder.dir.clone()),
-                    models: models_tx,
+                    models: loads.clone(),
                     models_dir: config.model.models_dir.clone(),
                 };
-                control.publish_states();
                 supervisor.spawn("control", Role::Link, None, move || control.run(commands_rx))?;
-                let loader = models::Loader {
-                    config: config.clone(),
-                    mqtt: client.clone(),
-                    swaps: swaps_tx,
-                    current: model.current.clone(),
-                    running: inspector.manifest().clone(),
-                };
-                supervisor.spawn("models", Role::Link, None, move || loader.run(models_rx))?;
             }
             (Some(client), Some(stop_tx))
         } else {
             (None, None)
         };
-        for (camera, controls) in config.cameras.iter().zip(&controls) {
-            let status = if controls.enabled() { CameraStatus::Offline } else { CameraStatus::Disabled };
-            if let Some(mqtt) = &mqtt {
-                mqtt.publish(&format!("{}/status", camera.id), QoS::AtLeastOnce, true, status.as_str().into());
-            }
-        }
-        if let Some(mqtt) = mqtt.as_ref().filter(|_| config.homeassistant.enabled) {
-            let messages = homeassistant::messages(config)
-                .with_context(|| format!("{}: cannot record the announced cameras", config.state_dir.display()))?;
-            for (topic, payload) in messages {
-                mqtt.publish_at(topic, QoS::AtLeastOnce, true, payload);
-            }
-        }
+        let loader = models::Loader {
+            config: config.clone(),
+            mqtt: mqtt.clone(),
+            swaps: swaps_tx,
+            current: model.current.clone(),
+            running: inspectors.iter().enumerate().map(|(key, i)| (key, i.manifest().clone())).collect(),
+            loaded: loaded_tx,
+        };
+        supervisor.spawn("models", Role::Link, None, move || loader.run(loads_rx))?;
         let watch = |progress: &Progress| Some((progress.clone(), config.pipeline.stage_timeout));
 
         let recorder = if config.recorder.enabled {
             let (tx, rx) = bounded(config.pipeline.output_capacity);
-            let ids = config.cameras.iter().map(|c| c.id.clone()).collect();
-            let recorder = recorder::Recorder::open(config.recorder.clone(), ids, pipeline.clone())
+            let (limits_tx, limits_rx) = bounded(4);
+            let recorder = recorder::Recorder::open(config.recorder.clone(), cameras.clone(), pipeline.clone())
                 .with_context(|| format!("{}: cannot create the capture store", config.recorder.dir.display()))?;
             let progress = Progress::new();
-            supervisor.spawn("recorder", Role::Pipe, watch(&progress), move || recorder.run(rx, progress))?;
-            Some((tx, config.recorder.normal_sample_rate))
+            supervisor
+                .spawn("recorder", Role::Pipe, watch(&progress), move || recorder.run(rx, limits_rx, progress))?;
+            Some((tx, limits_tx))
         } else {
             None
         };
 
         let (output_tx, output_rx) = bounded(config.pipeline.output_capacity);
+        let (options, options_rx) = bounded(4);
         let publisher = PublisherContext {
             mqtt: mqtt.clone(),
             cameras: cameras.clone(),
-            publish_images: config.mqtt.publish_images,
-            snapshot_quality: config.mqtt.snapshot_quality,
-            image_max_width: config.mqtt.image_max_width,
             node: config.node_id.clone(),
-            events: config.events.clone(),
-            controls: controls.clone(),
-            recorder,
+            options: PublishOptions::of(&config),
+            recorder: recorder.as_ref().map(|(tx, _)| tx.clone()),
         };
         let progress = Progress::new();
         supervisor.spawn("publisher", Role::Pipe, watch(&progress), move || {
-            publish::publisher(publisher, output_rx, progress)
+            publish::publisher(publisher, output_rx, options_rx, progress)
         })?;
 
-        let (input, inspection) = (inspector.manifest().input, inspector.manifest().inspection);
         let (batch_tx, batch_rx) = bounded(1);
         let drain_deadline = Arc::new(Mutex::new(None));
         let worker_progress = Progress::new();
+        let loaded_models: Vec<Swap<_>> = inspectors
+            .into_iter()
+            .enumerate()
+            .map(|(key, inspector)| {
+                let model = if key == NODE_MODEL {
+                    model.current.lock().expect("model lock").clone()
+                } else {
+                    Arc::new(models::model_ref(inspector.manifest()))
+                };
+                Swap { key, inspector, model }
+            })
+            .collect();
         let (seed, progress) = (config.model.seed, worker_progress.clone());
-        let running = model.current.lock().expect("model lock").clone();
         let worker =
-            Worker::new(inspector, running, seed, cameras.clone(), pipeline.clone(), drain_deadline.clone(), progress);
+            Worker::new(loaded_models, seed, cameras.clone(), pipeline.clone(), drain_deadline.clone(), progress);
         supervisor.spawn("inference", Role::Pipe, watch(&worker_progress), move || {
             worker.run(batch_rx, output_tx, swaps_rx)
         })?;
 
         let (capture_stop, capture_stop_rx) = bounded::<()>(0);
-        let (status_tx, status) = bounded(64);
-        let (mut queues, mut reopen) = (Vec::new(), Vec::new());
-        for (index, camera) in config.cameras.iter().enumerate() {
-            let (queue_tx, queue_rx) = bounded(config.pipeline.queue_capacity);
-            let flag = Arc::new(AtomicBool::new(false));
-            let capture = CaptureLoop {
-                index,
-                config: camera.clone(),
-                input,
-                inspection,
-                stats: cameras[index].clone(),
-                queue_tx,
-                queue_rx: queue_rx.clone(),
-                stop: capture_stop_rx.clone(),
-                reopen: flag.clone(),
-                status_tx: status_tx.clone(),
-                controls: controls[index].clone(),
-                enable_at_run_time: config.mqtt.enabled && config.mqtt.commands,
-            };
-            supervisor.spawn(&format!("capture-{}", camera.id), Role::Source, None, move || capture.run())?;
-            queues.push(queue_rx);
-            reopen.push(flag);
-        }
-
+        let (joins, joins_rx) = bounded(1024);
         let progress = Progress::new();
-        let (batch_queues, max_batch, max_wait) = (queues.clone(), config.pipeline.max_batch, config.pipeline.max_wait);
+        let (max_batch, max_wait) = (config.pipeline.max_batch, config.pipeline.max_wait);
         supervisor.spawn("batcher", Role::Pipe, watch(&progress), move || {
-            batch::run(batch_queues, max_batch, max_wait, batch_tx, capture_stop_rx, progress)
+            batch::run(joins_rx, max_batch, max_wait, batch_tx, capture_stop_rx, progress)
         })?;
 
         if let Some(endpoint) = &endpoint {
             endpoint.ready(http::Report {
                 cameras: cameras.clone(),
                 pipeline: pipeline.clone(),
-                queues: queues.clone(),
                 model: model.current.clone(),
                 provider: model.provider.clone(),
                 worker: worker_progress,
                 stage_timeout: config.pipeline.stage_timeout,
             });
         }
-        Ok(Self {
+        let (status_tx, status) = bounded(64);
+        let mut running = Self {
             config,
             supervisor,
             endpoint,
             config_path: std::path::PathBuf::new(),
+            loads: Some(loads),
+            loaded,
             models,
             mqtt,
             mqtt_stop,
             capture_stop: Some(capture_stop),
+            joins: Some(joins),
             status,
+            status_tx,
             cameras,
-            queues,
-            reopen,
+            running: Default::default(),
+            waiting: Vec::new(),
+            options,
+            recorder_limits: recorder.map(|(_, limits)| limits),
             drain_deadline,
             pipeline,
             model,
@@ -394,26 +434,126 @@ impl<'a> Running<'a> {
             started: Instant::now(),
             last_stats: Instant::now(),
             rates: RateTracker::default(),
-        })
+        };
+        for camera in running.config.cameras.clone() {
+            running.start_camera(camera)?;
+        }
+        running.announce()?;
+        Ok(running)
+    }
+
+    /// The key of the model `camera` runs: the node's, or its own bundle's (loaded once,
+    /// whichever camera named it first). A bundle not known yet gets a key and is loaded.
+    fn model_key(&mut self, camera: &crate::capture::CameraConfig) -> usize {
+        let Some(path) = &camera.model else { return NODE_MODEL };
+        if let Some(key) = self.models.iter().position(|m| &m.path == path) {
+            return key;
+        }
+        self.models.push(ModelSlot { path: path.clone(), manifest: None });
+        let key = self.models.len() - 1;
+        tracing::info!(camera = %camera.id, key, model = %path.display(), "Loading the camera's model.");
+        self.request_load(Load { key, path: path.clone() });
+        key
+    }
+
+    fn request_load(&self, load: Load) {
+        if let Some(loads) = &self.loads
+            && loads.try_send(load).is_err()
+        {
+            tracing::error!("The model loader is busy or gone; the bundle was not queued. Reload again.");
+        }
+    }
+
+    /// Starts `camera`'s capture thread (in its old slot if it ran before), or parks it
+    /// until its model is loaded.
+    fn start_camera(&mut self, camera: crate::capture::CameraConfig) -> anyhow::Result<()> {
+        let key = self.model_key(&camera);
+        let Some(manifest) = &self.models[key].manifest else {
+            self.waiting.push(camera);
+            return Ok(());
+        };
+        let (input, inspection) = (manifest.input, manifest.inspection);
+        let controls_file = self.config.state_dir.join(CONTROLS_FILE);
+        let configured = [(camera.id.clone(), camera.enabled)];
+        let (slot, created) = self.cameras.activate(&camera.id, self.config.pipeline.queue_capacity, || {
+            crate::controls::load(&controls_file, &configured).remove(0)
+        });
+        let entry = self.cameras.get(slot);
+        if created && let Some(joins) = &self.joins {
+            joins.send(entry.queue_rx.clone()).context("the batcher has stopped")?;
+        }
+        let (stop, stop_rx) = bounded::<()>(0);
+        let reopen = Arc::new(AtomicBool::new(false));
+        let capture = CaptureLoop {
+            slot,
+            config: camera.clone(),
+            model: key,
+            input,
+            inspection,
+            stats: entry.stats.clone(),
+            queue_tx: entry.queue_tx.clone(),
+            queue_rx: entry.queue_rx.clone(),
+            stop: stop_rx,
+            reopen: reopen.clone(),
+            status_tx: self.status_tx.clone(),
+            controls: entry.controls.clone(),
+            enable_at_run_time: self.config.mqtt.enabled && self.config.mqtt.commands,
+        };
+        self.supervisor.spawn(&format!("capture-{}", camera.id), Role::Source, None, move || capture.run())?;
+        let status = if entry.controls.enabled() { CameraStatus::Offline } else { CameraStatus::Disabled };
+        *entry.stats.status.lock().expect("stats lock") = status;
+        self.publish_status(slot, status);
+        if let Some(mqtt) = self.mqtt.as_ref().filter(|_| self.config.mqtt.commands) {
+            control::publish_state(mqtt, &entry);
+        }
+        tracing::info!(camera = %camera.id, slot, model = key, "Camera started.");
+        self.running.insert(slot, RunningCamera { config: camera, stop, reopen });
+        Ok(())
+    }
+
+    /// Stops the capture thread of the camera in `slot` (its queued frames are still
+    /// inspected); `retire` also takes the camera out of the configured ones.
+    fn stop_camera(&mut self, slot: usize, retire: bool) {
+        if let Some(camera) = self.running.remove(&slot) {
+            drop(camera.stop);
+            tracing::info!(camera = %camera.config.id, slot, "Camera stopped.");
+        }
+        if retire {
+            self.cameras.retire(slot);
+            self.publish_status(slot, CameraStatus::Offline);
+        }
+    }
+
+    /// Home Assistant discovery for the configured cameras (and the removal of others').
+    fn announce(&self) -> anyhow::Result<()> {
+        let Some(mqtt) = self.mqtt.as_ref().filter(|_| self.config.homeassistant.enabled) else { return Ok(()) };
+        let messages = homeassistant::messages(&self.config)
+            .with_context(|| format!("{}: cannot record the announced cameras", self.config.state_dir.display()))?;
+        for (topic, payload) in messages {
+            mqtt.publish_at(topic, QoS::AtLeastOnce, true, payload);
+        }
+        Ok(())
     }
 
     /// Watches the threads until a signal, the end of every source, or a failure.
     fn supervise(&mut self, signals: &Signals) -> Outcome {
         let second = tick(Duration::from_secs(1));
         let exits = self.supervisor.exits().clone();
-        let (statuses, closed) = (self.status.clone(), crossbeam_channel::never());
-        let mut statuses_open = true;
+        let (statuses, loaded) = (self.status.clone(), self.loaded.clone());
         loop {
-            // A closed channel is always ready: once every capture thread is gone, stop
-            // listening to it.
-            let status = if statuses_open { &statuses } else { &closed };
             select! {
                 recv(signals.stop) -> _ => return Outcome::Signalled,
                 recv(signals.reload) -> _ => self.reload(),
-                recv(status) -> change => match change {
-                    Ok((index, status)) => self.publish_status(index, status),
-                    Err(_) => statuses_open = false,
-                },
+                recv(loaded) -> result => {
+                    if let Ok((key, manifest)) = result {
+                        self.model_loaded(key, manifest);
+                    }
+                }
+                recv(statuses) -> change => {
+                    if let Ok((slot, status)) = change {
+                        self.publish_status(slot, status);
+                    }
+                }
                 recv(exits) -> index => {
                     match self.supervisor.exited(index.expect("the supervisor holds an exit sender")) {
                         Health::Running => {}
@@ -446,10 +586,50 @@ impl<'a> Running<'a> {
         }
     }
 
+    /// The loader's answer for model `key`: the manifest is recorded and the cameras that
+    /// waited for it start; a model that failed to load keeps them out (published on
+    /// `<node>/error`) until a reload names a bundle that loads.
+    fn model_loaded(&mut self, key: usize, manifest: Result<crate::model::manifest::Manifest, String>) {
+        let (ready, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut self.waiting)
+            .into_iter()
+            .partition(|c| self.models.iter().position(|m| Some(&m.path) == c.model.as_ref()) == Some(key));
+        self.waiting = rest;
+        match manifest {
+            Ok(manifest) => {
+                self.models[key].manifest = Some(manifest);
+                for camera in ready {
+                    if let Err(e) = self.start_camera(camera) {
+                        tracing::error!(error = %e, "Cannot start the camera.");
+                    }
+                }
+            }
+            Err(error) => {
+                if self.models[key].manifest.is_none() {
+                    // A new model that never loaded: forget it, so a reload tries again.
+                    self.models[key].path = std::path::PathBuf::new();
+                }
+                for camera in ready {
+                    tracing::error!(camera = %camera.id, error = %error, "The camera's model did not load; the camera does not start.");
+                    self.publish_error(
+                        serde_json::json!({ "camera": camera.id, "model": camera.model, "error": error }),
+                    );
+                }
+            }
+        }
+    }
+
+    fn publish_error(&self, reply: serde_json::Value) {
+        if let Some(mqtt) = &self.mqtt {
+            mqtt.publish("error", QoS::AtLeastOnce, false, serde_json::to_vec(&reply).expect("serialises"));
+        }
+    }
+
     /// SIGHUP: the config file is checked in full first (as `check-config`); an invalid one
-    /// changes nothing and its errors are logged and published on `<node>/error`. A valid one
-    /// swaps the model when `model.path` now holds another bundle (a moved `current` link, an
-    /// edited path); every other difference is logged as needing a restart.
+    /// changes nothing and its errors are logged and published on `<node>/error`. A valid
+    /// one is applied as far as it can be while frames flow: cameras added, removed or
+    /// changed (only the changed ones restart their capture; the others are untouched),
+    /// each model whose path now holds another bundle swapped, publishing and recorder
+    /// options handed on. What is left different needs a restart, and is logged as such.
     fn reload(&mut self) {
         let path = self.config_path.display().to_string();
         tracing::info!(config = %path, "SIGHUP: reloading the configuration.");
@@ -461,25 +641,15 @@ impl<'a> Running<'a> {
                 }
                 let issues: Vec<_> =
                     errors.issues.iter().map(|i| serde_json::json!({ "key": i.key, "message": i.message })).collect();
-                let reply = serde_json::json!({ "reload": path, "errors": issues });
-                if let Some(mqtt) = &self.mqtt {
-                    mqtt.publish("error", QoS::AtLeastOnce, false, serde_json::to_vec(&reply).expect("serialises"));
-                }
+                self.publish_error(serde_json::json!({ "reload": path, "errors": issues }));
                 return;
             }
         };
-        let running_sha = self.model.current.lock().expect("model lock").sha256.clone();
-        let new_sha = crate::infer::bundle::read_manifest(&new.model.path).map(|m| m.artifact.sha256);
-        match (&self.models, new_sha) {
-            (Some(models), Ok(sha)) if sha != running_sha => {
-                tracing::info!(model = %new.model.path.display(), "SIGHUP: the configured model changed; swapping.");
-                let _ = models.try_send(new.model.path.clone());
-            }
-            (None, Ok(sha)) if sha != running_sha => {
-                tracing::warn!("SIGHUP: the configured model changed; swapping needs MQTT commands on, or a restart.");
-            }
-            _ => {}
+        self.swap_changed_models(&new);
+        if let Err(e) = self.apply_cameras(&new) {
+            tracing::error!(error = %e, "SIGHUP: cannot apply the camera changes.");
         }
+        self.apply_options(&new);
         for (section, changed) in self.config.differences(&new) {
             if changed {
                 tracing::warn!(section = section, "SIGHUP: this section changed and needs a restart to take effect.");
@@ -487,26 +657,112 @@ impl<'a> Running<'a> {
         }
     }
 
+    /// Asks the loader to swap each loaded model whose bundle path (the node's `model.path`
+    /// may name another one now) holds another bundle than the one running.
+    fn swap_changed_models(&mut self, new: &DaemonConfig) {
+        let node_path = new.model.path.clone();
+        for (key, slot) in self.models.iter().enumerate() {
+            let path = if key == NODE_MODEL { &node_path } else { &slot.path };
+            let Some(running) = &slot.manifest else { continue };
+            match crate::infer::bundle::read_manifest(path) {
+                Ok(m) if m.artifact.sha256 != running.artifact.sha256 => {
+                    tracing::info!(key, model = %path.display(), "SIGHUP: the bundle changed; swapping.");
+                    self.request_load(Load { key, path: path.clone() });
+                }
+                _ => {}
+            }
+        }
+        self.models[NODE_MODEL].path = node_path.clone();
+        self.config.model.path = node_path;
+    }
+
+    /// Cameras removed, changed (restarted in their slot) and added.
+    fn apply_cameras(&mut self, new: &DaemonConfig) -> anyhow::Result<()> {
+        let old = std::mem::replace(&mut self.config.cameras, new.cameras.clone());
+        let same =
+            |a: &crate::capture::CameraConfig, b: &crate::capture::CameraConfig| format!("{a:?}") == format!("{b:?}");
+        let mut changed = false;
+        for camera in &old {
+            let kept = new.cameras.iter().find(|c| c.id == camera.id);
+            if kept.is_some_and(|c| same(c, camera)) {
+                continue;
+            }
+            changed = true;
+            self.waiting.retain(|c| c.id != camera.id);
+            if let Some((slot, _)) = self.cameras.find(&camera.id) {
+                tracing::info!(camera = %camera.id, "SIGHUP: camera {}.", if kept.is_some() { "changed" } else { "removed" });
+                self.stop_camera(slot, kept.is_none());
+            }
+        }
+        for camera in &new.cameras {
+            let before = old.iter().find(|c| c.id == camera.id);
+            if before.is_some_and(|c| same(c, camera)) {
+                continue;
+            }
+            changed = true;
+            if before.is_none() {
+                tracing::info!(camera = %camera.id, "SIGHUP: camera added.");
+            }
+            // The config's `enabled` changed: the operator's last word.
+            if let (Some(before), Some((_, entry))) = (before, self.cameras.find(&camera.id))
+                && before.enabled != camera.enabled
+            {
+                entry.controls.set_enabled(camera.enabled);
+            }
+            self.start_camera(camera.clone())?;
+        }
+        if changed {
+            control::persist(&self.cameras, &self.config.state_dir.join(CONTROLS_FILE));
+            self.announce()?;
+        }
+        Ok(())
+    }
+
+    /// Publishing options to the publisher, recorder limits to the recorder (the store's
+    /// place and whether there is one need a restart).
+    fn apply_options(&mut self, new: &DaemonConfig) {
+        let (old_options, new_options) = (PublishOptions::of(&self.config), PublishOptions::of(new));
+        if old_options != new_options {
+            let _ = self.options.try_send(new_options);
+            let (m, n) = (&mut self.config.mqtt, &new.mqtt);
+            (m.publish_images, m.snapshot_quality, m.image_max_width) =
+                (n.publish_images, n.snapshot_quality, n.image_max_width);
+            self.config.events = new.events.clone();
+            self.config.recorder.normal_sample_rate = new.recorder.normal_sample_rate;
+        }
+        let (r, n) = (&mut self.config.recorder, &new.recorder);
+        let limits_changed = (r.max_bytes, r.max_age, r.max_side) != (n.max_bytes, n.max_age, n.max_side);
+        if let Some(limits) = &self.recorder_limits
+            && limits_changed
+            && (r.enabled, &r.dir) == (n.enabled, &n.dir)
+        {
+            (r.max_bytes, r.max_age, r.max_side) = (n.max_bytes, n.max_age, n.max_side);
+            let _ = limits.try_send(r.clone());
+        }
+    }
+
     /// A camera online without a frame for longer than its stall timeout is marked offline
     /// and told to reopen.
     fn check_stalls(&self) {
-        for (i, camera) in self.config.cameras.iter().enumerate() {
-            let s = &self.cameras[i];
-            if s.status() == CameraStatus::Online && s.since_progress() > camera.stall_timeout {
-                tracing::warn!(camera = %camera.id, stalled_ms = s.since_progress().as_millis() as u64, "Camera stalled.");
+        for (slot, camera) in &self.running {
+            let s = &self.cameras.get(*slot).stats;
+            if s.status() == CameraStatus::Online && s.since_progress() > camera.config.stall_timeout {
+                tracing::warn!(camera = %camera.config.id, stalled_ms = s.since_progress().as_millis() as u64, "Camera stalled.");
                 s.stalls.fetch_add(1, Relaxed);
                 *s.status.lock().expect("stats lock") = CameraStatus::Offline;
-                self.reopen[i].store(true, Relaxed);
-                self.publish_status(i, CameraStatus::Offline);
+                camera.reopen.store(true, Relaxed);
+                self.publish_status(*slot, CameraStatus::Offline);
             }
         }
     }
 
-    fn publish_status(&self, index: usize, status: CameraStatus) {
-        let id = &self.config.cameras[index].id;
-        tracing::info!(camera = %id, status = status.as_str(), "Camera status.");
+    fn publish_status(&self, slot: usize, status: CameraStatus) {
+        let camera = self.cameras.get(slot);
+        // A camera removed by a reload stays offline, whatever its last thread says.
+        let status = if camera.active() { status } else { CameraStatus::Offline };
+        tracing::info!(camera = %camera.id, status = status.as_str(), "Camera status.");
         if let Some(mqtt) = &self.mqtt {
-            mqtt.publish(&format!("{id}/status"), QoS::AtLeastOnce, true, status.as_str().into());
+            mqtt.publish(&format!("{}/status", camera.id), QoS::AtLeastOnce, true, status.as_str().into());
         }
     }
 
@@ -535,9 +791,11 @@ impl<'a> Running<'a> {
             ),
             cameras: self
                 .cameras
-                .iter()
-                .zip(&self.queues)
-                .map(|(c, q)| (c.id.clone(), stats::camera_report(c, q.len(), self.rates.rates(c))))
+                .active()
+                .into_iter()
+                .map(|(_, c)| {
+                    (c.id.clone(), stats::camera_report(&c.stats, c.queue_rx.len(), self.rates.rates(&c.stats)))
+                })
                 .collect(),
             mqtt_connects: p.mqtt_connects.load(Relaxed),
             mqtt_connected: p.mqtt_connected.load(Relaxed),
@@ -578,6 +836,8 @@ impl<'a> Running<'a> {
             let known = |name: &String| matches!(&outcome, Outcome::Failed(f) if &f.stage == name);
             failures.extend(panicked.into_iter().filter(|n| !known(n)).map(|n| format!("{n}: panicked")));
         };
+        self.running.clear();
+        drop(self.joins.take());
         drop(self.capture_stop.take());
         let (panicked, blocked) = self.supervisor.wait_for(Role::Source, deadline);
         note_panics(panicked, &mut failures);
@@ -592,16 +852,17 @@ impl<'a> Running<'a> {
             failures.push(format!("{name}: missed the drain deadline"));
         }
         let last: Vec<_> = self.status.try_iter().collect();
-        for (index, status) in last {
-            self.publish_status(index, status);
+        for (slot, status) in last {
+            self.publish_status(slot, status);
         }
         self.publish_stats();
         if let Some(mqtt) = &self.mqtt {
             mqtt.flush(Instant::now() + self.config.drain_timeout);
-            let ids: Vec<String> = self.config.cameras.iter().map(|c| c.id.clone()).collect();
+            let ids: Vec<String> = self.cameras.active().into_iter().map(|(_, c)| c.id.clone()).collect();
             mqtt.go_offline(&ids);
         }
         drop(self.mqtt_stop.take());
+        drop(self.loads.take());
         if let Some(endpoint) = &self.endpoint {
             endpoint.shutdown();
         }

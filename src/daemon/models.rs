@@ -1,5 +1,6 @@
 //! Model lifecycle while the daemon runs: a bundle named by `<node>/model/set` (a directory
-//! under `model.models_dir`) is loaded, verified — sha256, graph contract, golden check, which
+//! under `model.models_dir`), a moved `current` link or a camera's own `model` after a
+//! SIGHUP is loaded, verified — sha256, graph contract, golden check, which
 //! is also its warm-up — and checked against the running pipeline on this thread, while the
 //! current model keeps inspecting; then the inference worker takes it over between batches
 //! (no batch mixes models, no frame is dropped for it). If anything fails, the current model
@@ -7,11 +8,14 @@
 //! version, sha256, path, when it was loaded, and the last error. A `model/set` to an
 //! earlier bundle is the rollback.
 //!
-//! A bundle with another input (size, channels, normalisation) or inspection (resize vs
-//! tiles, scale, stride) than the running one is refused: the capture threads prepare frames
-//! for the running model, so such a change needs a restart.
+//! Models have keys: 0 is the node's (`model.path`, what `<node>/model` reports), the others
+//! are the cameras' own bundles, each loaded once however many cameras name it. A swap of a
+//! loaded model with another input (size, channels, normalisation) or inspection (resize vs
+//! tiles, scale, stride) is refused: the capture threads prepare frames for the running
+//! model, so such a change needs a restart (or a camera that names the new bundle).
 
-use std::path::{Path, PathBuf};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use crossbeam_channel::{Receiver, Sender};
@@ -22,7 +26,7 @@ use super::mqtt::Mqtt;
 use super::worker::Swap;
 use crate::config::DaemonConfig;
 use crate::frame::ModelRef;
-use crate::infer::bundle::Bundle;
+use crate::infer::bundle::{Bundle, BundleError};
 use crate::infer::inspect::Inspector;
 use crate::infer::runtime::OrtDenoiser;
 use crate::model::manifest::{Manifest, now_rfc3339};
@@ -51,66 +55,90 @@ struct ModelState<'a> {
     last_error: Option<&'a str>,
 }
 
+/// A bundle to load as model `key`: a swap of a loaded model, or a new one for a camera
+/// that names it. Key 0 is the node's model (`model.path`, `<node>/model/set`).
+#[derive(Debug, Clone)]
+pub struct Load {
+    pub key: usize,
+    pub path: PathBuf,
+}
+
+/// The node's model: the one `<node>/model` reports and `model/set` swaps.
+pub const NODE_MODEL: usize = 0;
+
+/// What became of a [`Load`], for the main thread (a camera waiting for its model starts):
+/// the key and the manifest of the model that now runs under it, or why not.
+pub type Loaded = (usize, Result<Manifest, String>);
+
 pub struct Loader {
     pub config: DaemonConfig,
-    pub mqtt: Arc<Mqtt>,
+    pub mqtt: Option<Arc<Mqtt>>,
     pub swaps: Sender<Swap<OrtDenoiser>>,
+    /// The node's model, for `stats` and `/metrics`.
     pub current: CurrentModel,
-    /// The running bundle's manifest: what a new one must match.
-    pub running: Manifest,
+    /// The manifests of the loaded models: what a swap of one must match.
+    pub running: BTreeMap<usize, Manifest>,
+    pub loaded: Sender<Loaded>,
 }
 
 impl Loader {
-    /// Publishes the state, then carries out `requests` (bundle directories) until they close.
-    pub fn run(mut self, requests: Receiver<PathBuf>) {
+    /// Publishes the state, then carries out `requests` until they close.
+    pub fn run(mut self, requests: Receiver<Load>) {
         let (mut path, mut loaded_at) = (self.config.model.path.clone(), now_rfc3339());
         self.publish(&path, &loaded_at, None);
         for request in requests {
-            tracing::info!(model = %request.display(), "Loading a model to swap in.");
-            match self.load(&request) {
-                Ok((swap, manifest, at)) => {
-                    let model = swap.model.clone();
-                    if self.swaps.send(swap).is_err() {
-                        return; // the worker is gone: the daemon is stopping
-                    }
+            let Load { key, path: bundle } = &request;
+            tracing::info!(key, model = %bundle.display(), "Loading a model.");
+            let result = self.load(&request).and_then(|(swap, manifest)| {
+                let model = swap.model.clone();
+                // The worker gone means the daemon is stopping.
+                self.swaps.send(swap).map_err(|_| "the inference worker has stopped".to_string())?;
+                self.running.insert(*key, manifest.clone());
+                if *key == NODE_MODEL {
                     *self.current.lock().expect("model lock") = model;
-                    (path, loaded_at, self.running) = (at, now_rfc3339(), manifest);
-                    self.publish(&path, &loaded_at, None);
+                    (path, loaded_at) = (bundle.clone(), now_rfc3339());
                 }
-                Err(error) => {
-                    tracing::error!(model = %request.display(), error = %error, "Model not swapped; the current one stays.");
-                    self.publish(&path, &loaded_at, Some(&error));
-                }
+                Ok(manifest)
+            });
+            if let Err(error) = &result {
+                tracing::error!(key, model = %bundle.display(), error = %error, "Model not loaded; the current one stays.");
+            }
+            if *key == NODE_MODEL {
+                self.publish(&path, &loaded_at, result.as_ref().err().map(String::as_str));
+            }
+            if self.loaded.send((*key, result)).is_err() {
+                break;
             }
         }
         tracing::debug!("Model loader stopped.");
     }
 
-    /// Loads, verifies and warms up the bundle at `path`; checks it fits the running pipeline.
-    fn load(&self, path: &Path) -> Result<(Swap<OrtDenoiser>, Manifest, PathBuf), String> {
+    /// Loads, verifies and warms up the bundle; a swap must fit the pipeline of the model
+    /// it replaces.
+    fn load(&self, request: &Load) -> Result<(Swap<OrtDenoiser>, Manifest), String> {
+        let path = &request.path;
         let bundle = Bundle::load(path, &self.config.runtime).map_err(|e| e.to_string())?;
-        let (new, old) = (&bundle.manifest, &self.running);
-        if new.input != old.input || new.inspection != old.inspection {
-            return Err(format!(
-                "{}: input {:?} / {:?} differs from the running model's {:?} / {:?}; that needs a restart",
-                path.display(),
-                new.input,
-                new.inspection,
-                old.input,
-                old.inspection
-            ));
+        if let Some(old) = self.running.get(&request.key) {
+            let new = &bundle.manifest;
+            if new.input != old.input || new.inspection != old.inspection {
+                return Err(format!(
+                    "{}: input {:?} / {:?} differs from the running model's {:?} / {:?}; that needs a restart",
+                    path.display(),
+                    new.input,
+                    new.inspection,
+                    old.input,
+                    old.inspection
+                ));
+            }
         }
-        let m = &self.config.model;
-        let spec = new.reconstruction.with_overrides(m.t0, m.steps, m.sampler, m.eta, None);
         let manifest = bundle.manifest.clone();
-        let inspector = Inspector::new(bundle, Some(spec))
-            .map_err(|e| e.to_string())?
-            .with_tile_batch(self.config.pipeline.max_batch);
+        let inspector = inspector(bundle, &self.config).map_err(|e| e.to_string())?;
         let model = Arc::new(model_ref(&manifest));
-        Ok((Swap { inspector, model }, manifest, path.to_path_buf()))
+        Ok((Swap { key: request.key, inspector, model }, manifest))
     }
 
     fn publish(&self, path: &std::path::Path, loaded_at: &str, last_error: Option<&str>) {
+        let Some(mqtt) = &self.mqtt else { return };
         let current = self.current.lock().expect("model lock").clone();
         let state = ModelState {
             name: &current.name,
@@ -121,6 +149,14 @@ impl Loader {
             last_error,
         };
         let payload = serde_json::to_vec(&state).expect("serialises");
-        self.mqtt.publish("model", QoS::AtLeastOnce, true, payload);
+        mqtt.publish("model", QoS::AtLeastOnce, true, payload);
     }
+}
+
+/// The inspector the daemon runs for `bundle`: the config's reconstruction overrides and
+/// tile batch applied.
+pub fn inspector(bundle: Bundle, config: &DaemonConfig) -> Result<Inspector, BundleError> {
+    let m = &config.model;
+    let spec = bundle.manifest.reconstruction.with_overrides(m.t0, m.steps, m.sampler, m.eta, None);
+    Ok(Inspector::new(bundle, Some(spec))?.with_tile_batch(config.pipeline.max_batch))
 }

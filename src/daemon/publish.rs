@@ -3,6 +3,7 @@
 //!
 //! Payload layouts are versioned by [`PAYLOAD_SCHEMA`] and documented in `docs/mqtt.md`.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::SystemTime;
@@ -11,14 +12,14 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use rumqttc::QoS;
 use serde::Serialize;
 
+use super::cameras::Cameras;
 use super::events::{Emitted, Observation, Tracker};
 use super::mqtt::Mqtt;
-use crate::config::EventsConfig;
-use crate::controls::Controls;
+use crate::config::{DaemonConfig, EventsConfig};
 use crate::frame::{Inspected, ModelRef};
 use crate::postprocess::anomaly::Region;
 use crate::postprocess::render::{OverlayFormat, mask_png_within, overlay_within};
-use crate::stats::{CameraStats, DropReason, Progress};
+use crate::stats::{DropReason, Progress};
 
 /// Version of the alert and state payloads (2: regions in camera pixels, inspected area
 /// and mask scale stated; see `docs/mqtt.md`).
@@ -123,29 +124,56 @@ pub fn rfc3339(t: SystemTime) -> String {
 
 pub struct PublisherContext {
     pub mqtt: Option<Arc<Mqtt>>,
-    pub cameras: Vec<Arc<CameraStats>>,
+    /// Names, counters and controls (sensitivity, snapshot requests) of the cameras.
+    pub cameras: Cameras,
+    pub node: String,
+    pub options: PublishOptions,
+    /// The recorder's queue.
+    pub recorder: Option<Sender<Inspected>>,
+}
+
+/// What a SIGHUP may change in publishing while frames flow; the publisher takes a new
+/// value between frames.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PublishOptions {
     pub publish_images: bool,
     pub snapshot_quality: u8,
     pub image_max_width: u32,
-    pub node: String,
     pub events: EventsConfig,
-    /// Per camera: the sensitivity that scales the image threshold, snapshot requests.
-    pub controls: Vec<Arc<Controls>>,
-    /// The recorder's queue and the fraction of normal frames it keeps.
-    pub recorder: Option<(Sender<Inspected>, f64)>,
+    /// The fraction of normal frames the recorder keeps.
+    pub normal_sample_rate: f64,
+}
+
+impl PublishOptions {
+    pub fn of(config: &DaemonConfig) -> Self {
+        Self {
+            publish_images: config.mqtt.publish_images,
+            snapshot_quality: config.mqtt.snapshot_quality,
+            image_max_width: config.mqtt.image_max_width,
+            events: config.events.clone(),
+            normal_sample_rate: config.recorder.normal_sample_rate,
+        }
+    }
 }
 
 /// Publishes every inspected frame (and its camera's events); ends when the inference
-/// worker is gone, after ending the events still open.
-pub fn publisher(ctx: PublisherContext, input: Receiver<Inspected>, progress: Progress) {
-    let events = &ctx.events;
-    let trackers =
-        ctx.cameras.iter().map(|c| Tracker::new(&ctx.node, &c.id, events.open_frames, events.close_after)).collect();
+/// worker is gone, after ending the events still open. New options from `options` apply
+/// from the next frame on (event rules: to the episodes still to come and the open ones).
+pub fn publisher(
+    ctx: PublisherContext,
+    input: Receiver<Inspected>,
+    options: Receiver<PublishOptions>,
+    progress: Progress,
+) {
+    let trackers = BTreeMap::new();
     let mut publisher = Publisher { sampler: crate::backoff::clock_seeded_rng(), trackers, latest_model: None, ctx };
     // Fault drill (docs/deploy.md): the publisher dies at its first frame.
     let injected_panic = std::env::var("EDGE_INSPECT_FAULT").is_ok_and(|f| f == "publisher-panic");
     loop {
         progress.beat();
+        if let Some(new) = options.try_iter().last() {
+            publisher.set_options(new);
+        }
         match input.recv_timeout(Progress::TURN) {
             Ok(inspected) => {
                 assert!(!injected_panic, "injected fault: EDGE_INSPECT_FAULT=publisher-panic");
@@ -162,8 +190,8 @@ pub fn publisher(ctx: PublisherContext, input: Receiver<Inspected>, progress: Pr
 
 struct Publisher {
     ctx: PublisherContext,
-    /// One per camera.
-    trackers: Vec<Tracker>,
+    /// Per camera slot, from its first frame on.
+    trackers: BTreeMap<usize, Tracker>,
     /// The model of the latest frame: events ended without a frame name it.
     latest_model: Option<Arc<ModelRef>>,
     /// Picks the normal frames the recorder keeps.
@@ -171,17 +199,25 @@ struct Publisher {
 }
 
 impl Publisher {
+    fn set_options(&mut self, options: PublishOptions) {
+        tracing::info!(?options, "Publishing options changed.");
+        for tracker in self.trackers.values_mut() {
+            tracker.set_rules(options.events.open_frames, options.events.close_after);
+        }
+        self.ctx.options = options;
+    }
+
     /// Alerts (if per-frame alerts are on), the retained state, metrics, events, and the
     /// recorder's share of one inspected frame.
     fn frame(&mut self, mut inspected: Inspected) {
         self.latest_model = Some(inspected.model.clone());
         let Publisher { ctx, trackers, sampler, .. } = self;
         let index = inspected.frame.camera;
-        let camera = &ctx.cameras[index];
+        let camera = ctx.cameras.get(index);
         // The camera's sensitivity scales the calibrated image threshold (`controls`).
         let analysis = &mut inspected.analysis;
-        analysis.anomalous = analysis.score >= inspected.model.image_threshold / ctx.controls[index].sensitivity();
-        if ctx.controls[index].take_snapshot_request()
+        analysis.anomalous = analysis.score >= inspected.model.image_threshold / camera.controls.sensitivity();
+        if camera.controls.take_snapshot_request()
             && let Some(mqtt) = &ctx.mqtt
         {
             // Asked for explicitly: published even when `mqtt.publish_images` is off.
@@ -193,9 +229,9 @@ impl Publisher {
         let regions: Vec<Region> = a.regions.iter().map(|r| to_camera.region(r)).collect();
         let now = SystemTime::now();
         if a.anomalous {
-            camera.anomalies.fetch_add(1, Relaxed);
+            camera.stats.anomalies.fetch_add(1, Relaxed);
             tracing::info!(camera = %camera.id, seq = f.seq, score = a.normalised_score, regions = a.regions.len(), source = ?f.source_file, "Anomaly.");
-            if ctx.events.frame_alerts {
+            if ctx.options.events.frame_alerts {
                 alert(ctx, &inspected, &to_camera, &regions, defect_area, now);
             }
         }
@@ -213,9 +249,10 @@ impl Publisher {
             let payload = serde_json::to_vec(&state).expect("state serialises");
             mqtt.publish(&format!("{}/state", camera.id), QoS::AtMostOnce, true, payload);
         }
-        camera.scores.observe(a.normalised_score);
-        camera.latency.observe(f.captured_at.elapsed().as_secs_f64());
-        if ctx.events.enabled {
+        camera.stats.scores.observe(a.normalised_score);
+        camera.stats.latency.observe(f.captured_at.elapsed().as_secs_f64());
+        let events = &ctx.options.events;
+        if events.enabled {
             let observation = Observation {
                 seq: f.seq,
                 captured: f.captured,
@@ -225,14 +262,17 @@ impl Publisher {
                 normalised_score: a.normalised_score,
                 regions,
             };
-            for event in trackers[index].observe(observation, || snapshot(ctx, &inspected)) {
+            let tracker = trackers
+                .entry(index)
+                .or_insert_with(|| Tracker::new(&ctx.node, &camera.id, events.open_frames, events.close_after));
+            for event in tracker.observe(observation, || snapshot(ctx, &inspected)) {
                 publish_event(ctx, &inspected.model, index, event);
             }
         }
-        if let Some((recorder, normal_rate)) = &ctx.recorder {
-            let keep = inspected.analysis.anomalous || rand::Rng::random_bool(sampler, *normal_rate);
+        if let Some(recorder) = &ctx.recorder {
+            let keep = inspected.analysis.anomalous || rand::Rng::random_bool(sampler, ctx.options.normal_sample_rate);
             if keep && recorder.try_send(inspected).is_err() {
-                ctx.cameras[index].drop_frame(DropReason::RecorderFull);
+                camera.stats.drop_frame(DropReason::RecorderFull);
             }
         }
     }
@@ -241,9 +281,9 @@ impl Publisher {
     fn expire_events(&mut self) {
         let now = std::time::Instant::now();
         let Some(model) = &self.latest_model else { return };
-        for (index, tracker) in self.trackers.iter_mut().enumerate() {
+        for (index, tracker) in &mut self.trackers {
             if let Some(end) = tracker.expire(now) {
-                publish_event(&self.ctx, model, index, end);
+                publish_event(&self.ctx, model, *index, end);
             }
         }
     }
@@ -251,9 +291,9 @@ impl Publisher {
     /// Ends every open episode (shutdown).
     fn finish_events(&mut self) {
         let Some(model) = &self.latest_model else { return };
-        for (index, tracker) in self.trackers.iter_mut().enumerate() {
+        for (index, tracker) in &mut self.trackers {
             if let Some(end) = tracker.finish() {
-                publish_event(&self.ctx, model, index, end);
+                publish_event(&self.ctx, model, *index, end);
             }
         }
     }
@@ -270,7 +310,7 @@ fn alert(
 ) {
     let Some(mqtt) = &ctx.mqtt else { return };
     let (a, f) = (&inspected.analysis, &inspected.frame);
-    let camera = &ctx.cameras[f.camera];
+    let camera = ctx.cameras.get(f.camera);
     let id = format!(
         "{}-{}-{}-{}",
         ctx.node,
@@ -278,7 +318,7 @@ fn alert(
         f.captured.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0),
         f.seq
     );
-    let (mask, mask_size) = mask_png_within(a, ctx.image_max_width);
+    let (mask, mask_size) = mask_png_within(a, ctx.options.image_max_width);
     let [inspected_w, inspected_h] = [to_camera.size[0] as f64, to_camera.size[1] as f64];
     let alert = Alert {
         schema: PAYLOAD_SCHEMA,
@@ -305,30 +345,31 @@ fn alert(
     let payload = serde_json::to_vec(&alert).expect("alert serialises");
     // Alerts and masks are durable: what cannot go now waits in the outbox.
     let mut sent = mqtt.publish_durable(&format!("{}/anomaly", camera.id), payload);
-    if ctx.publish_images {
+    if ctx.options.publish_images {
         sent &= mqtt.publish_durable(&format!("{}/mask", camera.id), mask);
         sent &= mqtt.publish(&format!("{}/snapshot", camera.id), QoS::AtMostOnce, true, snapshot(ctx, inspected));
     }
     if !sent {
-        camera.drop_frame(DropReason::MqttBacklog);
+        camera.stats.drop_frame(DropReason::MqttBacklog);
     }
 }
 
 /// The frame with its heat map and mask outline, as JPEG (empty when images are off).
 fn snapshot(ctx: &PublisherContext, inspected: &Inspected) -> Vec<u8> {
-    if ctx.publish_images { overlay_jpeg(ctx, inspected) } else { Vec::new() }
+    if ctx.options.publish_images { overlay_jpeg(ctx, inspected) } else { Vec::new() }
 }
 
 /// The frame with its heat map and mask outline, as JPEG.
 fn overlay_jpeg(ctx: &PublisherContext, inspected: &Inspected) -> Vec<u8> {
-    let format = OverlayFormat::Jpeg { quality: ctx.snapshot_quality };
-    overlay_within(&inspected.frame.display, &inspected.analysis, None, format, ctx.image_max_width)
+    let format = OverlayFormat::Jpeg { quality: ctx.options.snapshot_quality };
+    overlay_within(&inspected.frame.display, &inspected.analysis, None, format, ctx.options.image_max_width)
 }
 
 /// An event on `<camera>/events` (durable, like alerts) and, when the best frame changed,
 /// its snapshot on the retained `<camera>/events/snapshot`.
 fn publish_event(ctx: &PublisherContext, model: &ModelRef, camera: usize, event: Emitted) {
-    let id = &ctx.cameras[camera].id;
+    let camera = ctx.cameras.get(camera);
+    let id = &camera.id;
     let message = event.message(id, model, format!("{id}/events/snapshot"));
     tracing::info!(camera = %id, event = %message.id, kind = ?message.kind, frames = message.frames, "Event.");
     let Some(mqtt) = &ctx.mqtt else { return };
@@ -338,7 +379,7 @@ fn publish_event(ctx: &PublisherContext, model: &ModelRef, camera: usize, event:
         sent &= mqtt.publish(&format!("{id}/events/snapshot"), QoS::AtMostOnce, true, jpeg);
     }
     if !sent {
-        ctx.cameras[camera].drop_frame(DropReason::MqttBacklog);
+        camera.stats.drop_frame(DropReason::MqttBacklog);
     }
 }
 

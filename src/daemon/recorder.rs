@@ -19,6 +19,7 @@ use std::time::{Duration, Instant, SystemTime};
 use crossbeam_channel::Receiver;
 use serde::Serialize;
 
+use super::cameras::Cameras;
 use super::publish::rfc3339;
 use crate::config::RecorderConfig;
 use crate::durable::write_atomic;
@@ -47,7 +48,8 @@ struct Sidecar<'a> {
 
 pub struct Recorder {
     config: RecorderConfig,
-    cameras: Vec<String>,
+    /// Names the camera directories.
+    cameras: Cameras,
     stats: Arc<PipelineStats>,
     store: Store,
     last_age_prune: Option<Instant>,
@@ -144,7 +146,7 @@ fn group_key(path: &Path) -> PathBuf {
 
 impl Recorder {
     /// Creates the store (and its marker) if needed and indexes what is already in it.
-    pub fn open(config: RecorderConfig, cameras: Vec<String>, stats: Arc<PipelineStats>) -> std::io::Result<Self> {
+    pub fn open(config: RecorderConfig, cameras: Cameras, stats: Arc<PipelineStats>) -> std::io::Result<Self> {
         std::fs::create_dir_all(&config.dir)?;
         let marker = config.dir.join(MARKER);
         if !marker.is_file() {
@@ -172,7 +174,7 @@ impl Recorder {
     fn record(&mut self, item: &Inspected) -> std::io::Result<()> {
         let f = &item.frame;
         let a = &item.analysis;
-        let camera = &self.cameras[f.camera];
+        let camera = &self.cameras.get(f.camera).id;
         let class = if a.anomalous { "flagged" } else { "normal" };
         let dir = self.config.dir.join(camera).join(class);
         let millis = f.captured.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0);
@@ -215,10 +217,21 @@ impl Recorder {
         Ok(())
     }
 
-    /// Records until the publisher is gone.
-    pub fn run(mut self, input: Receiver<Inspected>, progress: Progress) {
+    /// Records until the publisher is gone. New limits (`max_bytes`, `max_age`,
+    /// `max_side` of a reloaded config; the store stays where it is) apply from the next
+    /// frame on.
+    pub fn run(mut self, input: Receiver<Inspected>, limits: Receiver<RecorderConfig>, progress: Progress) {
         let failures = crate::stats::LogThrottle::new(Duration::from_secs(10));
         while let Some(item) = progress.recv(&input) {
+            if let Some(new) = limits.try_iter().last() {
+                tracing::info!(
+                    max_bytes = new.max_bytes,
+                    max_age_s = new.max_age.as_secs(),
+                    max_side = new.max_side,
+                    "Recorder limits changed."
+                );
+                self.config = RecorderConfig { dir: self.config.dir.clone(), ..new };
+            }
             if let Err(e) = self.record(&item) {
                 self.stats.recorder_errors.fetch_add(1, Relaxed);
                 if let Some(suppressed) = failures.admit() {
@@ -252,6 +265,12 @@ fn collect_files(dir: &Path, out: &mut Vec<(SystemTime, u64, PathBuf)>) -> std::
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn one_camera() -> Cameras {
+        let cameras = Cameras::default();
+        cameras.activate("cam", 2, || crate::controls::Controls::new(true, 1.0));
+        cameras
+    }
 
     fn config(dir: &Path, max_bytes: u64) -> RecorderConfig {
         RecorderConfig {
@@ -288,7 +307,7 @@ mod tests {
         put(&store, "b.json", 30, Duration::from_secs(90));
         put(&store, "c.png", 100, Duration::from_secs(80));
         let stats = Arc::new(PipelineStats::default());
-        let mut recorder = Recorder::open(config(dir.path(), 400), vec!["cam".into()], stats.clone()).unwrap();
+        let mut recorder = Recorder::open(config(dir.path(), 400), one_camera(), stats.clone()).unwrap();
         assert_eq!(recorder.store.total, 350);
         recorder.store.prune_age(Duration::from_secs(3600), &stats);
         assert_eq!(left(&store), ["b.json", "b.png", "b_mask.png", "c.png"]);
@@ -306,7 +325,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let recorder = Recorder::open(
             RecorderConfig { max_side: 64, ..config(dir.path(), 1 << 20) },
-            vec!["cam".into()],
+            one_camera(),
             Arc::default(),
         )
         .unwrap();
@@ -336,7 +355,7 @@ mod tests {
         };
         chattr("+i");
         let stats = Arc::new(PipelineStats::default());
-        let mut recorder = Recorder::open(config(dir.path(), 300), vec!["cam".into()], stats.clone()).unwrap();
+        let mut recorder = Recorder::open(config(dir.path(), 300), one_camera(), stats.clone()).unwrap();
         let fits = recorder.store.make_room(100, 300, &stats);
         chattr("-i");
         assert!(fits, "b went instead of a");

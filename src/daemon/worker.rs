@@ -12,27 +12,39 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use std::collections::BTreeMap;
+
 use crossbeam_channel::{Receiver, Sender, TrySendError};
+
+use super::cameras::Cameras;
 
 use crate::frame::{Frame, Inspected, ModelRef};
 use crate::infer::inspect::{FrameView, Inspector};
 use crate::infer::runtime::Denoiser;
-use crate::stats::{CameraStats, DropReason, LogThrottle, PipelineStats, Progress};
+use crate::stats::{DropReason, LogThrottle, PipelineStats, Progress};
 
-/// A verified, warmed-up model for the worker to take over between batches.
+/// A verified, warmed-up model for the worker: it takes over `key` between batches (a
+/// swap), or adds it (a model for a camera that has just been configured).
 pub struct Swap<D: Denoiser> {
+    pub key: usize,
     pub inspector: Inspector<D>,
     pub model: Arc<ModelRef>,
 }
 
+/// One loaded model: what inspects and how verdicts name it.
+struct Loaded<D: Denoiser> {
+    /// Its progress callback beats the worker's progress (see [`Worker::new`]).
+    inspector: Inspector<D>,
+    model: Arc<ModelRef>,
+}
+
 /// Everything the inference worker needs.
 pub struct Worker<D: Denoiser> {
-    /// Its progress callback must beat `progress` (see [`Worker::new`]).
-    inspector: Inspector<D>,
-    /// The model `inspector` runs, named on every verdict.
-    model: Arc<ModelRef>,
+    /// Every model frames may name ([`Frame::model`]), each loaded once and shared by the
+    /// cameras that name it.
+    models: BTreeMap<usize, Loaded<D>>,
     seed: u64,
-    cameras: Vec<Arc<CameraStats>>,
+    cameras: Cameras,
     pipeline: Arc<PipelineStats>,
     /// Set at shutdown: batches still arriving after it are dropped.
     drain_deadline: Arc<Mutex<Option<Instant>>>,
@@ -42,22 +54,28 @@ pub struct Worker<D: Denoiser> {
 
 impl<D: Denoiser> Worker<D> {
     pub fn new(
-        inspector: Inspector<D>,
-        model: Arc<ModelRef>,
+        models: Vec<Swap<D>>,
         seed: u64,
-        cameras: Vec<Arc<CameraStats>>,
+        cameras: Cameras,
         pipeline: Arc<PipelineStats>,
         drain_deadline: Arc<Mutex<Option<Instant>>>,
         progress: Progress,
     ) -> Self {
-        let inspector = Self::beating(inspector, &progress);
         let failures = LogThrottle::new(Duration::from_secs(10));
-        Self { inspector, model, seed, cameras, pipeline, drain_deadline, progress, failures }
+        let mut worker = Self { models: BTreeMap::new(), seed, cameras, pipeline, drain_deadline, progress, failures };
+        models.into_iter().for_each(|m| worker.take_over(m));
+        worker
     }
 
-    fn beating(inspector: Inspector<D>, progress: &Progress) -> Inspector<D> {
-        let beat = progress.clone();
-        inspector.with_progress(move || beat.beat())
+    fn take_over(&mut self, swap: Swap<D>) {
+        let beat = self.progress.clone();
+        let inspector = swap.inspector.with_progress(move || beat.beat());
+        match self.models.insert(swap.key, Loaded { inspector, model: swap.model.clone() }) {
+            Some(old) => {
+                tracing::info!(key = swap.key, from = %old.model.sha256, to = %swap.model.sha256, model = %swap.model.name, "Model swapped.")
+            }
+            None => tracing::debug!(key = swap.key, model = %swap.model.name, "Model added."),
+        }
     }
 
     /// The inference loop: ends when the batcher is gone, or when the publisher is (the
@@ -68,9 +86,7 @@ impl<D: Denoiser> Worker<D> {
         let hang = std::env::var("EDGE_INSPECT_FAULT").is_ok_and(|f| f == "inference-hang");
         while let Some(batch) = self.progress.recv(&batches) {
             for swap in swaps.try_iter() {
-                tracing::info!(from = %self.model.sha256, to = %swap.model.sha256, model = %swap.model.name, "Model swapped.");
-                self.inspector = Self::beating(swap.inspector, &self.progress);
-                self.model = swap.model;
+                self.take_over(swap);
             }
             // Fault drill (docs/deploy.md): a UNet call that never returns.
             if hang {
@@ -100,8 +116,15 @@ impl<D: Denoiser> Worker<D> {
             .collect();
         let seeds: Vec<u64> =
             batch.iter().map(|f| self.seed.wrapping_add((f.camera as u64) << 40).wrapping_add(f.seq)).collect();
+        // The batcher keeps models apart, and a camera starts only once its model is here.
+        let Some(loaded) = self.models.get_mut(&batch[0].model) else {
+            tracing::error!(key = batch[0].model, "A batch names a model that is not loaded; dropped.");
+            self.drop_all(&batch, DropReason::InferenceError);
+            return true;
+        };
         let started = Instant::now();
-        let result = self.inspector.inspect(&frames, &seeds);
+        let result = loaded.inspector.inspect(&frames, &seeds);
+        let model = loaded.model.clone();
         drop(frames);
         let elapsed = started.elapsed().as_micros() as u64;
         self.pipeline.batches.fetch_add(1, Relaxed);
@@ -121,9 +144,9 @@ impl<D: Denoiser> Worker<D> {
             }
         };
         for (frame, analysis) in batch.into_iter().zip(analyses) {
-            let camera = &self.cameras[frame.camera];
+            let camera = self.cameras.get(frame.camera).stats.clone();
             camera.processed.fetch_add(1, Relaxed);
-            match output.try_send(Inspected { frame, analysis, model: self.model.clone() }) {
+            match output.try_send(Inspected { frame, analysis, model: model.clone() }) {
                 Ok(()) => {}
                 Err(TrySendError::Full(_)) => camera.drop_frame(DropReason::OutputFull),
                 Err(TrySendError::Disconnected(_)) => return false,
@@ -134,7 +157,7 @@ impl<D: Denoiser> Worker<D> {
 
     fn drop_all(&self, batch: &[Frame], reason: DropReason) {
         for f in batch {
-            self.cameras[f.camera].drop_frame(reason);
+            self.cameras.get(f.camera).stats.drop_frame(reason);
         }
     }
 }
@@ -145,6 +168,7 @@ mod tests {
     use crate::infer::bundle::read_manifest;
     use crate::infer::runtime::{FnDenoiser, RuntimeError};
     use crate::model::preprocess::Inspection;
+    use crate::stats::CameraStats;
     use std::path::Path;
 
     fn model_ref() -> Arc<ModelRef> {
@@ -166,12 +190,27 @@ mod tests {
         deadline: Arc<Mutex<Option<Instant>>>,
     }
 
+    /// Cameras `ids` in slots 0, 1, …, and their counters.
+    fn cameras(ids: &[&str]) -> (Cameras, Vec<Arc<CameraStats>>) {
+        let cameras = Cameras::default();
+        let stats = ids
+            .iter()
+            .map(|id| cameras.activate(id, 2, || crate::controls::Controls::new(true, 1.0)).0)
+            .map(|slot| cameras.get(slot).stats.clone())
+            .collect();
+        (cameras, stats)
+    }
+
+    fn model<D: Denoiser>(key: usize, inspector: Inspector<D>) -> Swap<D> {
+        Swap { key, inspector, model: model_ref() }
+    }
+
     fn rig<D: Denoiser>(denoiser: D) -> Rig<D> {
         let inspector = Inspector::from_parts("fake".into(), manifest(), denoiser, None, None).unwrap();
-        let cameras = vec![Arc::new(CameraStats::new("a")), Arc::new(CameraStats::new("b"))];
+        let (registry, cameras) = cameras(&["a", "b"]);
         let deadline = Arc::new(Mutex::new(None));
         let worker =
-            Worker::new(inspector, model_ref(), 7, cameras.clone(), Arc::default(), deadline.clone(), Progress::new());
+            Worker::new(vec![model(0, inspector)], 7, registry, Arc::default(), deadline.clone(), Progress::new());
         Rig { worker, cameras, deadline }
     }
 
@@ -196,6 +235,36 @@ mod tests {
         thread.join().unwrap();
         assert_eq!(cameras[1].drops(DropReason::Shutdown), 1);
         assert_eq!(cameras[1].processed.load(Relaxed), 1);
+    }
+
+    #[test]
+    fn each_batch_is_inspected_by_the_model_its_frames_name() {
+        let named = |key: usize, name: &str| {
+            let inspector =
+                Inspector::from_parts("fake".into(), manifest(), FnDenoiser(|_, x, _| 0.3 * x), None, None).unwrap();
+            let model = Arc::new(ModelRef { name: name.into(), ..(*model_ref()).clone() });
+            Swap { key, inspector, model }
+        };
+        let (cameras, stats) = cameras(&["a", "b"]);
+        let w = Worker::new(
+            vec![named(0, "node"), named(3, "own")],
+            7,
+            cameras,
+            Arc::default(),
+            Arc::default(),
+            Progress::new(),
+        );
+        let (batch_tx, batch_rx) = crossbeam_channel::bounded(4);
+        let (out_tx, out_rx) = crossbeam_channel::bounded(8);
+        let frame = |camera, model| Frame { model, ..Frame::uniform(camera, 1, [64, 64], 0.0) };
+        batch_tx.send(vec![frame(0, 0)]).unwrap();
+        batch_tx.send(vec![frame(1, 3)]).unwrap();
+        batch_tx.send(vec![frame(1, 5)]).unwrap(); // no such model: dropped with a reason
+        drop(batch_tx);
+        w.run(batch_rx, out_tx, crossbeam_channel::never());
+        let named: Vec<(usize, String)> = out_rx.try_iter().map(|i| (i.frame.camera, i.model.name.clone())).collect();
+        assert_eq!(named, vec![(0, "node".to_string()), (1, "own".to_string())]);
+        assert_eq!(stats[1].drops(DropReason::InferenceError), 1);
     }
 
     /// Fails every call.
@@ -244,8 +313,8 @@ mod tests {
         tiled.inspection = Inspection::Tiled { scale: 1.0, stride: 64 };
         let inspector = Inspector::from_parts("fake".into(), tiled, slow, None, None).unwrap().with_tile_batch(1);
         let progress = Progress::new();
-        let cameras = vec![Arc::new(CameraStats::new("a"))];
-        let w = Worker::new(inspector, model_ref(), 7, cameras, Arc::default(), Arc::default(), progress.clone());
+        let (cameras, _) = cameras(&["a"]);
+        let w = Worker::new(vec![model(0, inspector)], 7, cameras, Arc::default(), Arc::default(), progress.clone());
         let (batch_tx, batch_rx) = crossbeam_channel::bounded(1);
         let (out_tx, out_rx) = crossbeam_channel::bounded(1);
         batch_tx.send(vec![Frame::uniform(0, 1, [64, 256], 0.1)]).unwrap();
