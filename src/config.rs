@@ -196,6 +196,7 @@ struct RawCamera {
     pixel_format: Option<String>,
     // both
     model: Option<PathBuf>,
+    sensitivity: Option<f64>,
     roi: Option<Vec<u32>>,
     stall_timeout_ms: Option<u64>,
     backoff_initial_ms: Option<u64>,
@@ -931,6 +932,7 @@ impl Validator {
             enabled: c.enabled.unwrap_or(true),
             source,
             model,
+            sensitivity: self.within(&key("sensitivity"), c.sensitivity.unwrap_or(1.0), crate::controls::SENSITIVITY),
             roi,
             stall_timeout: Duration::from_millis(self.within(
                 &key("stall_timeout_ms"),

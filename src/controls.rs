@@ -3,7 +3,8 @@
 //! for a snapshot. The control thread writes them, the capture thread reads `enabled`, the
 //! publisher reads the sensitivity and the snapshot request. Enabled and sensitivity persist
 //! in `<state_dir>/controls.json`, so a restart keeps what the operator set; a camera not in
-//! the file starts as its config says.
+//! the file starts as its config says (`enabled`, `sensitivity`), and a reload that changes
+//! them in the config overrides what was set.
 //!
 //! Sensitivity `s` scales the calibrated image threshold: a frame is anomalous when its
 //! score is at least `threshold / s` (1 = as calibrated, 2 = half the threshold, more
@@ -74,9 +75,9 @@ struct Persisted {
     sensitivity: f64,
 }
 
-/// The controls of `cameras` (`(id, enabled in the config)`): persisted values where
-/// `path` has them, else enabled as configured at sensitivity 1.
-pub fn load(path: &Path, cameras: &[(String, bool)]) -> Vec<Controls> {
+/// The controls of `cameras` (`(id, enabled, sensitivity)` as configured): persisted values
+/// where `path` has them, else as configured.
+pub fn load(path: &Path, cameras: &[(String, bool, f64)]) -> Vec<Controls> {
     let saved: BTreeMap<String, Persisted> = match std::fs::read(path) {
         Err(_) => BTreeMap::new(),
         Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|e| {
@@ -86,9 +87,9 @@ pub fn load(path: &Path, cameras: &[(String, bool)]) -> Vec<Controls> {
     };
     cameras
         .iter()
-        .map(|(id, enabled)| match saved.get(id) {
+        .map(|(id, enabled, sensitivity)| match saved.get(id) {
             Some(p) if SENSITIVITY.contains(&p.sensitivity) => Controls::new(p.enabled, p.sensitivity),
-            _ => Controls::new(*enabled, 1.0),
+            _ => Controls::new(*enabled, *sensitivity),
         })
         .collect()
 }
@@ -110,9 +111,10 @@ mod tests {
     fn controls_persist_and_a_camera_without_a_record_starts_as_configured() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("controls.json");
-        let cameras = [("a".to_string(), true), ("b".to_string(), false)];
+        let cameras = [("a".to_string(), true, 1.0), ("b".to_string(), false, 3.0)];
         let controls = load(&path, &cameras);
         assert_eq!((controls[0].enabled(), controls[1].enabled(), controls[0].sensitivity()), (true, false, 1.0));
+        assert_eq!(controls[1].sensitivity(), 3.0);
         controls[0].set_enabled(false);
         controls[0].set_sensitivity(2.5);
         save(&path, &[("a".into(), &controls[0])]).unwrap();

@@ -726,6 +726,8 @@ id = "cam0"
 source = "replay"
 path = "/nonexistent/frames"
 fps = 0
+model = "/nonexistent/own-model"
+sensitivity = 0.0
 "#,
     )
     .unwrap();
@@ -740,6 +742,8 @@ fps = 0
         "telemetry",
         "cameras[0].path",
         "cameras[0].fps",
+        "cameras[0].model",
+        "cameras[0].sensitivity",
     ] {
         assert!(text.contains(expected), "no error for {expected}:\n{text}");
     }
@@ -1908,9 +1912,10 @@ fn sighup_reloads_the_config_rejects_an_invalid_one_and_follows_the_current_link
 }
 
 /// SIGHUP applies camera and publishing changes live: a removed camera stops and goes
-/// offline, an added one starts, a changed one (ROI) restarts in its slot with its sequence
-/// numbers going on, and an untouched camera keeps inspecting with consecutive sequence
-/// numbers throughout; `publish_images = false` stops masks from the next frames on.
+/// offline, an added one starts, a new sensitivity applies, a changed ROI restarts the camera
+/// in its slot with its sequence numbers going on, and an untouched camera keeps inspecting with consecutive sequence
+/// numbers throughout; `publish_images = false` stops masks from the next frames on, and a
+/// smaller `recorder.max_bytes` prunes the store to it.
 #[test]
 fn sighup_adds_removes_and_changes_cameras_while_the_others_go_on() {
     let (broker, sub, dir) = rig();
@@ -1930,7 +1935,10 @@ fn sighup_adds_removes_and_changes_cameras_while_the_others_go_on() {
     let reload = |cam2_extra: &str| {
         let cam2 = camera("cam2", &good, 4.0, true, cam2_extra);
         let path = write_config(dir.path(), broker.port, pipeline, &cameras(&[cam0.clone(), cam2]));
-        let text = std::fs::read_to_string(&path).unwrap().replace("port = ", "publish_images = false\nport = ");
+        let text = std::fs::read_to_string(&path)
+            .unwrap()
+            .replace("port = ", "publish_images = false\nport = ")
+            .replace("normal_sample_rate = 1.0", "normal_sample_rate = 1.0\nmax_bytes = 20000");
         std::fs::write(&path, text).unwrap();
         daemon.signal("HUP");
     };
@@ -1944,9 +1952,14 @@ fn sighup_adds_removes_and_changes_cameras_while_the_others_go_on() {
     assert_eq!(sub.on("cam0/mask").len(), masks, "images off: alerts without masks");
     assert_eq!(judged(&sub, "cam1").len(), cam1_judged, "nothing more of the removed camera");
 
-    // cam2's ROI changes: it restarts where it was.
+    // cam2's sensitivity changes (applied without a restart), then its ROI: it restarts
+    // where it was.
+    reload("sensitivity = 2.5");
+    wait_for(Duration::from_secs(10), "the new sensitivity", || {
+        sub.texts("cam2/sensitivity/state").last().is_some_and(|s| s == "2.5")
+    });
     let before = judged(&sub, "cam2").last().unwrap().0;
-    reload("roi = [8, 8, 48, 48]");
+    reload("sensitivity = 2.5\nroi = [8, 8, 48, 48]");
     wait_for(Duration::from_secs(30), "cam2 restarted", || daemon.log_text().matches("Camera started.").count() >= 4);
     wait_for(Duration::from_secs(30), "cam2 inspecting again", || judged(&sub, "cam2").last().unwrap().0 >= before + 3);
     daemon.signal("TERM");
@@ -1963,6 +1976,12 @@ fn sighup_adds_removes_and_changes_cameras_while_the_others_go_on() {
     assert_eq!(listed, ["cam0", "cam2"], "{stats}");
     let log = daemon.log_text();
     assert!(!log.contains("needs a restart"), "everything changed was applied live: {log}");
+    let store = dir.path().join("state/captures");
+    let kept: u64 = walk(&store).iter().filter(|p| p.is_file()).map(|p| p.metadata().unwrap().len()).sum();
+    assert!(
+        stats["recorder_pruned"].as_u64().unwrap() > 0 && kept <= 20_000,
+        "the new store limit holds: {kept} B, {stats}"
+    );
 }
 
 /// Two cameras on two different models in one daemon (one of them with another input

@@ -41,6 +41,8 @@ pub struct CameraConfig {
     pub source: SourceConfig,
     /// The camera's own model bundle (else the node's `model.path`).
     pub model: Option<PathBuf>,
+    /// Scales the model's calibrated image threshold (`controls`); 1 = as calibrated.
+    pub sensitivity: f64,
     /// `[x, y, width, height]` in source pixels.
     pub roi: Option<[u32; 4]>,
     pub stall_timeout: Duration,

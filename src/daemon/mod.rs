@@ -474,7 +474,7 @@ impl Running {
         };
         let (input, inspection) = (manifest.input, manifest.inspection);
         let controls_file = self.config.state_dir.join(CONTROLS_FILE);
-        let configured = [(camera.id.clone(), camera.enabled)];
+        let configured = [(camera.id.clone(), camera.enabled, camera.sensitivity)];
         let (slot, created) = self.cameras.activate(&camera.id, self.config.pipeline.queue_capacity, || {
             crate::controls::load(&controls_file, &configured).remove(0)
         });
@@ -676,15 +676,18 @@ impl Running {
         self.config.model.path = node_path;
     }
 
-    /// Cameras removed, changed (restarted in their slot) and added.
+    /// Cameras removed, changed (restarted in their slot: a sensitivity alone needs no
+    /// restart) and added.
     fn apply_cameras(&mut self, new: &DaemonConfig) -> anyhow::Result<()> {
+        use crate::capture::CameraConfig;
         let old = std::mem::replace(&mut self.config.cameras, new.cameras.clone());
-        let same =
-            |a: &crate::capture::CameraConfig, b: &crate::capture::CameraConfig| format!("{a:?}") == format!("{b:?}");
+        let capture_same = |a: &CameraConfig, b: &CameraConfig| {
+            format!("{a:?}") == format!("{:?}", CameraConfig { sensitivity: a.sensitivity, ..b.clone() })
+        };
         let mut changed = false;
         for camera in &old {
             let kept = new.cameras.iter().find(|c| c.id == camera.id);
-            if kept.is_some_and(|c| same(c, camera)) {
+            if kept.is_some_and(|c| capture_same(c, camera)) {
                 continue;
             }
             changed = true;
@@ -696,18 +699,25 @@ impl Running {
         }
         for camera in &new.cameras {
             let before = old.iter().find(|c| c.id == camera.id);
-            if before.is_some_and(|c| same(c, camera)) {
+            // The config's `enabled` or `sensitivity` changed: the operator's last word.
+            if let (Some(before), Some((_, entry))) = (before, self.cameras.find(&camera.id)) {
+                if before.enabled != camera.enabled {
+                    entry.controls.set_enabled(camera.enabled);
+                }
+                if before.sensitivity != camera.sensitivity {
+                    changed = true;
+                    entry.controls.set_sensitivity(camera.sensitivity);
+                    if let Some(mqtt) = self.mqtt.as_ref().filter(|_| self.config.mqtt.commands) {
+                        control::publish_state(mqtt, &entry);
+                    }
+                }
+            }
+            if before.is_some_and(|c| capture_same(c, camera)) {
                 continue;
             }
             changed = true;
             if before.is_none() {
                 tracing::info!(camera = %camera.id, "SIGHUP: camera added.");
-            }
-            // The config's `enabled` changed: the operator's last word.
-            if let (Some(before), Some((_, entry))) = (before, self.cameras.find(&camera.id))
-                && before.enabled != camera.enabled
-            {
-                entry.controls.set_enabled(camera.enabled);
             }
             self.start_camera(camera.clone())?;
         }
