@@ -10,8 +10,9 @@ repo_root=$(cd "$(dirname "$0")/.." && pwd)
 # bindgen when building the camera feature; mosquitto (broker) and mosquitto-clients are
 # what the daemon's tests publish to and what the README's demo shows traffic with; the tests
 # also make TLS certificates with openssl and signal the daemon with procps' kill; the unit's
-# hardening is scored with systemd's systemd-analyze.
-packages=(curl unzip ca-certificates libclang1-14 mosquitto mosquitto-clients openssl procps systemd)
+# hardening is scored with systemd's systemd-analyze; patchelf lays out the GPU runtime
+# (`fetch-onnxruntime.sh --gpu`, checked by tests/gpu_runtime.rs).
+packages=(curl unzip ca-certificates libclang1-14 mosquitto mosquitto-clients openssl procps systemd patchelf)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
