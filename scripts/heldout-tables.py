@@ -2,28 +2,33 @@
 """Markdown tables for docs/results.md from scripts/heldout-benchmark.sh's reports.
 
 Usage: scripts/heldout-tables.py bench-heldout
-Reads <out>/eval-auto/<texture>-p<level>-<loss>/report.json (the manifest's searched
-operating point) and <out>/eval-old/... (L1 pixel residual, t0 100, 10 DDIM steps), and the
-chosen operating point from <out>/models/<name>/manifest.toml.
+Reads <out>/eval-auto/<texture>-p<level>-<loss>[<suffix>]/report.json (the manifest's
+searched operating point) and <out>/eval-old/... (L1 pixel residual, t0 100, 10 DDIM steps),
+and the chosen operating point from <out>/models/<name>/manifest.toml. With a second argument
+only the reports with that suffix are read (e.g. `-w32-s800` of the width study); without
+one, only those without a suffix.
 """
 import json
 import os
+import re
 import sys
 import tomllib
 
 TUNING = {"brick"}
 
 
-def load_reports(out, kind):
+NAME = re.compile(r"^(?P<texture>[a-z]+)-p(?P<level>[0-9.]+)-(?P<loss>mse|huber|lts)(?P<suffix>.*)$")
+
+
+def load_reports(out, kind, suffix):
     rows = {}
     base = os.path.join(out, kind)
     for name in sorted(os.listdir(base)) if os.path.isdir(base) else []:
         path = os.path.join(base, name, "report.json")
-        if os.path.isfile(path):
-            texture, rest = name.split("-p", 1)
-            level, loss = rest.rsplit("-", 1)
+        match = NAME.match(name)
+        if os.path.isfile(path) and match and match["suffix"] == suffix:
             with open(path) as f:
-                rows[(texture, float(level), loss)] = json.load(f)
+                rows[(match["texture"], float(match["level"]), match["loss"])] = json.load(f)
     return rows
 
 
@@ -31,8 +36,8 @@ def fmt(v):
     return "–" if v is None else f"{v:.3f}"
 
 
-def main(out):
-    auto, old = load_reports(out, "eval-auto"), load_reports(out, "eval-old")
+def main(out, suffix):
+    auto, old = load_reports(out, "eval-auto", suffix), load_reports(out, "eval-old", suffix)
     keys = sorted(set(auto) | set(old), key=lambda k: (k[0] in TUNING, k[0], k[1], ["mse", "huber", "lts"].index(k[2])))
     print("| texture | role | contamination | loss | operating point (t0[+ensemble t0] / steps / condition / map) | "
           "pixel AUROC old → new | pixel AUPRC old → new | image AUROC old → new | "
@@ -40,7 +45,7 @@ def main(out):
     print("|---|---|---:|---|---|---:|---:|---:|---:|")
     for k in keys:
         texture, level, loss = k
-        manifest_path = os.path.join(out, "models", f"{texture}-p{level:g}-{loss}", "manifest.toml")
+        manifest_path = os.path.join(out, "models", f"{texture}-p{level:g}-{loss}{suffix}", "manifest.toml")
         point = "–"
         if os.path.isfile(manifest_path):
             with open(manifest_path, "rb") as f:
@@ -60,4 +65,4 @@ def main(out):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "bench-heldout")
+    main(sys.argv[1] if len(sys.argv) > 1 else "bench-heldout", sys.argv[2] if len(sys.argv) > 2 else "")

@@ -11,8 +11,11 @@ repo_root=$(cd "$(dirname "$0")/.." && pwd)
 # what the daemon's tests publish to and what the README's demo shows traffic with; the tests
 # also make TLS certificates with openssl and signal the daemon with procps' kill; the unit's
 # hardening is scored with systemd's systemd-analyze; patchelf lays out the GPU runtime
-# (`fetch-onnxruntime.sh --gpu`, checked by tests/gpu_runtime.rs).
-packages=(curl unzip ca-certificates libclang1-14 mosquitto mosquitto-clients openssl procps systemd patchelf)
+# (`fetch-onnxruntime.sh --gpu`, checked by tests/gpu_runtime.rs); mesa-vulkan-drivers
+# (lavapipe, a CPU Vulkan driver) and libvulkan1 run the GPU training backend's tests
+# (tests/gpu_train.rs) where there is no GPU.
+packages=(curl unzip ca-certificates libclang1-14 mosquitto mosquitto-clients openssl procps systemd patchelf
+          mesa-vulkan-drivers libvulkan1)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -400,6 +400,10 @@ pub struct RetrainArgs {
     /// Replace an existing bundle.
     #[arg(long)]
     pub force: bool,
+    /// Where the UNet trains: `cpu`, or with a `gpu-train` build `wgpu` (the first discrete
+    /// GPU) or `wgpu-cpu` (a CPU Vulkan adapter such as lavapipe, for checking the GPU path).
+    #[arg(long, value_enum, default_value_t)]
+    pub device: crate::train::TrainDevice,
     #[arg(long)]
     pub name: Option<String>,
     #[arg(long, default_value = "1.0.0")]

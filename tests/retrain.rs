@@ -21,7 +21,7 @@ use edge_inspect::train::calibrate::CalibrationRule;
 use edge_inspect::train::head::HeadConfig;
 use edge_inspect::train::losses::Loss;
 use edge_inspect::train::operating_point::SearchSpace;
-use edge_inspect::train::{Outcome, RunOptions, TrainConfig, TrainError, train};
+use edge_inspect::train::{Outcome, RunOptions, TrainConfig, TrainDevice, TrainError, train};
 
 const BIN: &str = env!("CARGO_BIN_EXE_edge-inspect");
 
@@ -92,6 +92,7 @@ fn options(data: &Path, out: &Path) -> RunOptions {
         progress: false,
         command: "test".into(),
         interrupt: Arc::new(AtomicBool::new(false)),
+        device: TrainDevice::Cpu,
     }
 }
 

@@ -99,6 +99,7 @@ pub fn run(args: RetrainArgs) -> anyhow::Result<()> {
         progress: !args.no_progress,
         command: std::env::args().collect::<Vec<_>>().join(" "),
         interrupt,
+        device: args.device,
     };
     match train(config, &options)? {
         Outcome::Finished { bundle, report: summary } => {

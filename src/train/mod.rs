@@ -112,6 +112,58 @@ pub struct RunOptions {
     pub command: String,
     /// Set by Ctrl-C: checkpoint and stop at the next step boundary.
     pub interrupt: Arc<AtomicBool>,
+    /// Where the UNet trains.
+    pub device: TrainDevice,
+}
+
+/// Where the UNet trains: burn's Flex on the CPU unless asked otherwise. A GPU is never
+/// picked silently, and one that cannot be opened is an error, not a fall back to the CPU.
+/// Weights start on the CPU either way (so a seed gives the same model on every device),
+/// and the EMA weights are exported from it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum TrainDevice {
+    /// burn's Flex backend on the CPU's cores.
+    #[default]
+    Cpu,
+    /// burn's wgpu backend on the first discrete GPU (Vulkan, Metal); `gpu-train` builds.
+    Wgpu,
+    /// burn's wgpu backend on a CPU adapter such as Mesa's lavapipe: for checking the GPU
+    /// path where there is no GPU (CI), not for speed; `gpu-train` builds.
+    WgpuCpu,
+}
+
+impl TrainDevice {
+    /// Opens the device, checked with one tiny computation.
+    fn open(self) -> Result<Device, TrainError> {
+        match self {
+            Self::Cpu => Ok(Device::flex()),
+            #[cfg(feature = "gpu-train")]
+            Self::Wgpu => Self::checked(Device::wgpu(burn::tensor::DeviceKind::DiscreteGpu(0)), "wgpu"),
+            #[cfg(feature = "gpu-train")]
+            Self::WgpuCpu => Self::checked(Device::wgpu(burn::tensor::DeviceKind::Cpu), "wgpu-cpu"),
+            #[cfg(not(feature = "gpu-train"))]
+            other => Err(TrainError::Config(format!(
+                "--device {other:?}: this binary was built without a GPU training backend (cargo build --features gpu-train)"
+            ))),
+        }
+    }
+
+    /// burn opens an adapter lazily and panics when there is none; the panic becomes an
+    /// error naming the device.
+    #[cfg(feature = "gpu-train")]
+    fn checked(device: Device, name: &str) -> Result<Device, TrainError> {
+        let probe = device.clone();
+        std::panic::catch_unwind(move || Tensor::<1>::from_floats([1.0, 2.0], &probe).sum().into_scalar::<f32>())
+            .map_err(|panic| {
+                let why = panic
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_default();
+                TrainError::Config(format!("--device {name}: no such adapter could be opened ({why})"))
+            })?;
+        Ok(device)
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -434,10 +486,12 @@ pub fn train(config: TrainConfig, options: &RunOptions) -> Result<Outcome, Train
     let train_idx = train_idx.to_vec();
     tracing::info!(layout = ?dataset.layout, loaded = dataset.len(), skipped = dataset.skipped.len(), training = train_idx.len(), calibration = calibration_idx.len(), "Training data loaded.");
 
-    let device = Device::flex().autodiff();
+    let device = options.device.open()?.autodiff();
+    tracing::info!(device = ?options.device, "Training device ready.");
     let plain = Device::flex();
     let schedule = NoiseSchedule::new(&config.schedule).map_err(|e| TrainError::Config(e.to_string()))?;
-    let mut model = UNet::init(&config.unet, config.seed, &device).map_err(|e| TrainError::Config(e.to_string()))?;
+    let mut model = UNet::init(&config.unet, config.seed, &plain.clone().autodiff())
+        .map_err(|e| TrainError::Config(e.to_string()))?;
     if let Some(init) = &options.init {
         let manifest = read_manifest(init)?;
         if manifest.unet != config.unet || manifest.input.channels != config.input.channels {
@@ -454,6 +508,11 @@ pub fn train(config: TrainConfig, options: &RunOptions) -> Result<Outcome, Train
         model =
             import_weights(model, &bytes).map_err(|e| TrainError::Config(format!("{}: {e}", onnx_path.display())))?;
         tracing::info!(from = %init.display(), "Fine-tuning from bundle weights.");
+    }
+    if options.device != TrainDevice::Cpu {
+        // Parameters are created lazily: touch them on the CPU, then move them.
+        model.visit(&mut Snapshot(Vec::new()));
+        model = model.fork(&device);
     }
     let mut ema = model.valid();
     let mut optimizer = AdamWConfig::new()
