@@ -1,16 +1,20 @@
-//! Training step time of the UNet on burn's Flex CPU backend: forward + loss + backward +
-//! AdamW, batch 16 at 64×64, the configuration of `docs/performance.md`.
+//! Training step time of the UNet: forward + loss + backward + AdamW, batch 16 at 64×64, the
+//! configuration of `docs/performance.md`, on burn's Flex CPU backend or (built with
+//! `--features gpu-train`) its wgpu backend.
 //!
 //! `cargo bench --bench train_step`. Knobs: `BENCH_BATCH` (16), `BENCH_SIZE` (64),
 //! `BENCH_STEPS` (10 timed after 2 warm-up), `BENCH_LOSS` (mse|huber|lts), `BENCH_CHANNELS` (1),
-//! `BENCH_ATTENTION` (0|1). Threads: `RAYON_NUM_THREADS`.
+//! `BENCH_ATTENTION` (0|1), `BENCH_DEVICE` (cpu|wgpu|wgpu-cpu, as `retrain --device`).
+//! Threads: `RAYON_NUM_THREADS`.
 
 use std::time::Instant;
 
 use burn::optim::{AdamWConfig, GradientsParams};
-use burn::tensor::{Device, Tensor, TensorData};
+use burn::tensor::{Tensor, TensorData};
+use clap::ValueEnum;
 use edge_inspect::model::architecture::UNetConfig;
 use edge_inspect::model::unet::UNet;
+use edge_inspect::train::TrainDevice;
 use edge_inspect::train::losses::{Loss, loss};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -30,7 +34,8 @@ fn main() {
         "lts" => Loss::Lts { lambda: 0.8 },
         _ => Loss::Huber { delta: 0.2 },
     };
-    let device = Device::flex().autodiff();
+    let device_name = env_or("BENCH_DEVICE", "cpu");
+    let device = TrainDevice::from_str(&device_name, true).expect("BENCH_DEVICE").open().expect("device").autodiff();
     let config = UNetConfig { channels, attention, ..UNetConfig::default() };
     let mut model = UNet::init(&config, 0, &device).expect("UNet");
     let mut optimizer = AdamWConfig::new().with_weight_decay(0.01).init();
@@ -57,7 +62,7 @@ fn main() {
     }
     times.sort_by(f64::total_cmp);
     println!(
-        "burn Flex: batch {batch}, {channels}×{size}×{size}, attention {attention}, loss {}: median step {:.0} ms (min {:.0}, max {:.0}) over {steps} steps, {:.1} images/s",
+        "burn {device_name}: batch {batch}, {channels}×{size}×{size}, attention {attention}, loss {}: median step {:.0} ms (min {:.0}, max {:.0}) over {steps} steps, {:.1} images/s",
         kind.name(),
         times[times.len() / 2],
         times[0],

@@ -34,7 +34,7 @@ impl ModuleVisitor for Collect<'_> {
             Some(grads) => grads.get::<D>(param.id).expect("every parameter has a gradient"),
             None => param.val().inner(),
         };
-        self.out.push(tensor.into_data().convert::<f32>().into_vec().unwrap());
+        self.out.push(tensor.into_data().convert::<f32>().try_into_vec::<f32>().unwrap());
     }
 }
 
@@ -105,15 +105,36 @@ fn retrain_on_the_gpu_backend_writes_a_bundle_that_verifies() {
     let out = tmp.path().join("gpu-model");
     let out_s = out.to_str().unwrap();
     let trained = bin(&[
-        "retrain", "--data", "data/brick", "--out", out_s, "--device", "wgpu-cpu", "--steps", "4", "--batch-size", "4",
-        "--size", "16", "--base-channels", "16", "--channel-mults", "1,2", "--t0", "10", "--reverse-steps", "2",
-        "--fixed-operating-point", "--no-progress",
+        "retrain",
+        "--data",
+        "data/brick",
+        "--out",
+        out_s,
+        "--device",
+        "wgpu-cpu",
+        "--steps",
+        "4",
+        "--batch-size",
+        "4",
+        "--size",
+        "16",
+        "--base-channels",
+        "16",
+        "--channel-mults",
+        "1,2",
+        "--t0",
+        "10",
+        "--reverse-steps",
+        "2",
+        "--fixed-operating-point",
+        "--no-progress",
     ]);
     let log = String::from_utf8_lossy(&trained.stderr);
     assert!(trained.status.success(), "{log}");
     assert!(log.contains("device=WgpuCpu"), "it trained on the GPU backend: {log}");
     let image = repo().join("data/brick/test/good/000.png");
-    let inferred = bin(&["infer", "--model", out_s, "--out", tmp.path().join("infer").to_str().unwrap(), image.to_str().unwrap()]);
+    let inferred =
+        bin(&["infer", "--model", out_s, "--out", tmp.path().join("infer").to_str().unwrap(), image.to_str().unwrap()]);
     assert!(inferred.status.success(), "the bundle loads and verifies: {}", String::from_utf8_lossy(&inferred.stderr));
     assert!(Path::new(&out).join("manifest.toml").is_file());
 }

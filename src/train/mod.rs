@@ -134,7 +134,7 @@ pub enum TrainDevice {
 
 impl TrainDevice {
     /// Opens the device, checked with one tiny computation.
-    fn open(self) -> Result<Device, TrainError> {
+    pub fn open(self) -> Result<Device, TrainError> {
         match self {
             Self::Cpu => Ok(Device::flex()),
             #[cfg(feature = "gpu-train")]
@@ -149,19 +149,26 @@ impl TrainDevice {
     }
 
     /// burn opens an adapter lazily and panics when there is none; the panic becomes an
-    /// error naming the device.
+    /// error naming the device (the default hook's report is held back meanwhile: this runs
+    /// before any other training thread).
     #[cfg(feature = "gpu-train")]
     fn checked(device: Device, name: &str) -> Result<Device, TrainError> {
         let probe = device.clone();
-        std::panic::catch_unwind(move || Tensor::<1>::from_floats([1.0, 2.0], &probe).sum().into_scalar::<f32>())
-            .map_err(|panic| {
-                let why = panic
-                    .downcast_ref::<String>()
-                    .cloned()
-                    .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-                    .unwrap_or_default();
-                TrainError::Config(format!("--device {name}: no such adapter could be opened ({why})"))
-            })?;
+        let hook = std::panic::take_hook();
+        std::panic::set_hook(Box::new(|_| {}));
+        let opened =
+            std::panic::catch_unwind(move || Tensor::<1>::from_floats([1.0, 2.0], &probe).sum().into_scalar::<f32>());
+        std::panic::set_hook(hook);
+        opened.map_err(|panic| {
+            let why = panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_default();
+            TrainError::Config(format!(
+                "--device {name}: wgpu could not open such an adapter (Vulkan or Metal driver missing?): {why}"
+            ))
+        })?;
         Ok(device)
     }
 }
