@@ -1913,7 +1913,7 @@ fn sighup_reloads_the_config_rejects_an_invalid_one_and_follows_the_current_link
 
 /// SIGHUP applies camera and publishing changes live: a removed camera stops and goes
 /// offline, an added one starts, a new sensitivity applies, a changed ROI restarts the camera
-/// in its slot with its sequence numbers going on, and an untouched camera keeps inspecting with consecutive sequence
+/// in its slot with its sequence numbers going on, `enabled = false` disables it, and an untouched camera keeps inspecting with consecutive sequence
 /// numbers throughout; `publish_images = false` stops masks from the next frames on, and a
 /// smaller `recorder.max_bytes` prunes the store to it.
 #[test]
@@ -1962,6 +1962,12 @@ fn sighup_adds_removes_and_changes_cameras_while_the_others_go_on() {
     reload("sensitivity = 2.5\nroi = [8, 8, 48, 48]");
     wait_for(Duration::from_secs(30), "cam2 restarted", || daemon.log_text().matches("Camera started.").count() >= 4);
     wait_for(Duration::from_secs(30), "cam2 inspecting again", || judged(&sub, "cam2").last().unwrap().0 >= before + 3);
+    // Disabled in the config: the camera stops, its state says so.
+    reload("sensitivity = 2.5\nroi = [8, 8, 48, 48]\nenabled = false");
+    wait_for(Duration::from_secs(30), "cam2 disabled", || {
+        sub.texts("cam2/status").last().is_some_and(|s| s == "disabled")
+            && sub.texts("cam2/enabled/state").last().is_some_and(|s| s == "OFF")
+    });
     daemon.signal("TERM");
     assert!(daemon.wait_exit(Duration::from_secs(30)).success(), "{}", daemon.log_text());
 
