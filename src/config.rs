@@ -239,23 +239,6 @@ pub struct EventsConfig {
 }
 
 impl DaemonConfig {
-    /// The bundle `camera` runs: its own `model`, else the node's `model.path`.
-    pub fn bundle_of<'c>(&'c self, camera: &'c CameraConfig) -> &'c Path {
-        camera.model.as_deref().unwrap_or(&self.model.path)
-    }
-
-    /// Every bundle the config names, the node's first, each once.
-    pub fn bundles(&self) -> Vec<PathBuf> {
-        let mut bundles = vec![self.model.path.clone()];
-        for camera in &self.cameras {
-            let path = self.bundle_of(camera);
-            if !bundles.iter().any(|b| b == path) {
-                bundles.push(path.to_path_buf());
-            }
-        }
-        bundles
-    }
-
     /// Each section other than the model's, and whether `other` differs in it (what a
     /// SIGHUP cannot apply live).
     pub fn differences(&self, other: &DaemonConfig) -> Vec<(&'static str, bool)> {

@@ -1780,6 +1780,16 @@ fn judged(sub: &Subscriber, camera: &str) -> Vec<(u64, String)> {
         .collect()
 }
 
+/// Copies a bundle with one byte of its ONNX file flipped: it fails the sha256 check.
+fn corrupt_copy(from: &Path, to: &Path) {
+    copy_bundle(from, to);
+    let onnx = to.join("model.onnx");
+    let mut bytes = std::fs::read(&onnx).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0xff;
+    std::fs::write(&onnx, bytes).unwrap();
+}
+
 /// Copies a bundle directory.
 fn copy_bundle(from: &Path, to: &Path) {
     std::fs::create_dir_all(to).unwrap();
@@ -1797,12 +1807,7 @@ fn a_model_swap_under_load_takes_over_between_batches_and_a_bad_bundle_changes_n
     let (broker, sub, dir) = rig();
     let models = dir.path().join("models");
     copy_bundle(&repo().join("models/brick-huber"), &models.join("brick-huber"));
-    copy_bundle(&repo().join("models/brick-huber"), &models.join("broken"));
-    let onnx = models.join("broken/model.onnx");
-    let mut bytes = std::fs::read(&onnx).unwrap();
-    let middle = bytes.len() / 2;
-    bytes[middle] ^= 0xff;
-    std::fs::write(&onnx, bytes).unwrap();
+    corrupt_copy(&repo().join("models/brick-huber"), &models.join("broken"));
     export_bundle(&models.join("other"), "64", "3");
     export_bundle(&models.join("small"), "56", "3");
     let (old, new) = (bundle_sha(&models.join("brick-huber")), bundle_sha(&models.join("other")));
@@ -2001,12 +2006,7 @@ fn cameras_on_different_models_share_one_daemon() {
     copy_bundle(&repo().join("models/brick-huber"), &models.join("brick-huber"));
     export_bundle(&models.join("small"), "56", "3");
     export_bundle(&models.join("other"), "64", "4");
-    copy_bundle(&models.join("other"), &models.join("broken"));
-    let onnx = models.join("broken/model.onnx");
-    let mut bytes = std::fs::read(&onnx).unwrap();
-    let middle = bytes.len() / 2;
-    bytes[middle] ^= 0xff;
-    std::fs::write(&onnx, bytes).unwrap();
+    corrupt_copy(&models.join("other"), &models.join("broken"));
     let sha = |name: &str| bundle_sha(&models.join(name));
     let good = repo().join("data/brick/test/good").display().to_string();
     let own = |name: &str| format!("model = \"{}\"", models.join(name).display());

@@ -293,11 +293,11 @@ impl Running {
     ) -> anyhow::Result<Self> {
         let pipeline = Arc::new(PipelineStats::default());
         let cameras = Cameras::default();
-        let models: Vec<ModelSlot> = config
-            .bundles()
+        // `inspectors` are `named_bundles`' in order: the keys are their positions.
+        let models: Vec<ModelSlot> = named_bundles(&config)
             .into_iter()
             .zip(&inspectors)
-            .map(|(path, inspector)| ModelSlot { path, manifest: Some(inspector.manifest().clone()) })
+            .map(|((_, path), inspector)| ModelSlot { path, manifest: Some(inspector.manifest().clone()) })
             .collect();
         // Verified models for the worker, from the loader.
         let (swaps_tx, swaps_rx) = bounded(1);
@@ -592,7 +592,7 @@ impl Running {
     fn model_loaded(&mut self, key: usize, manifest: Result<crate::model::manifest::Manifest, String>) {
         let (ready, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut self.waiting)
             .into_iter()
-            .partition(|c| self.models.iter().position(|m| Some(&m.path) == c.model.as_ref()) == Some(key));
+            .partition(|c| c.model.as_ref() == Some(&self.models[key].path));
         self.waiting = rest;
         match manifest {
             Ok(manifest) => {
