@@ -504,6 +504,13 @@ pub struct RetrainArgs {
     /// Run at most this many steps now, then checkpoint and stop.
     #[arg(long)]
     pub stop_after: Option<usize>,
+    /// Also export the weights every N steps as interim bundles (the configured operating
+    /// point, calibrated, no search and no head), for quality against training steps.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub export_every: usize,
+    /// Where interim bundles go, as step-NNNNNN/ (default: <out>.interim beside --out).
+    #[arg(long, value_name = "DIR")]
+    pub interim_dir: Option<PathBuf>,
     /// JSON report path (default: <out>.report.json).
     #[arg(long)]
     pub report: Option<PathBuf>,

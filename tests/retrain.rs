@@ -87,6 +87,8 @@ fn options(data: &Path, out: &Path) -> RunOptions {
         checkpoint_every: 0,
         resume: false,
         stop_after: None,
+        export_every: 0,
+        interim_dir: out.with_extension("interim"),
         runtime: RuntimeConfig::default(),
         report: Some(out.with_extension("report.json")),
         progress: false,
@@ -241,9 +243,11 @@ fn resumed_run_equals_uninterrupted_run() {
     let straight = tmp.path().join("straight");
     train(config(Loss::Lts { lambda: 0.75 }, 12), &options(&data, &straight)).unwrap();
 
+    // The interrupted run also exports interim bundles; they must not disturb its training.
     let resumed = tmp.path().join("resumed");
     let mut first = options(&data, &resumed);
     first.stop_after = Some(5);
+    first.export_every = 4;
     match train(config(Loss::Lts { lambda: 0.75 }, 12), &first).unwrap() {
         Outcome::Paused { step: 5, .. } => {}
         other => panic!("expected a pause at step 5, got {other:?}"),
@@ -251,13 +255,34 @@ fn resumed_run_equals_uninterrupted_run() {
     assert!(!resumed.exists(), "a paused run must not leave a bundle");
     let mut second = options(&data, &resumed);
     second.resume = true;
+    second.export_every = 4;
     let Outcome::Finished { report, .. } = train(config(Loss::Lts { lambda: 0.75 }, 12), &second).unwrap() else {
         panic!()
     };
     assert_eq!(report.resumed_from_step, 5);
+    assert_eq!(report.loss.curve.len(), 12, "one curve point per step in a 12-step run");
     let a = fs::read(straight.join(ONNX_FILE)).unwrap();
     let b = fs::read(resumed.join(ONNX_FILE)).unwrap();
     assert!(a == b, "resumed weights differ from the uninterrupted run");
+
+    // Interim bundles at steps 4 (before the pause) and 8 (after it), none at the end: each
+    // verifies, records its own step and holds weights of its own.
+    let interim = resumed.with_extension("interim");
+    let mut names: Vec<String> =
+        fs::read_dir(&interim).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    names.sort();
+    assert_eq!(names, ["step-000004", "step-000008"]);
+    let mut weights = vec![b];
+    for (name, step) in names.iter().zip([4, 8]) {
+        let bundle = interim.join(name);
+        Bundle::load(&bundle, &RuntimeConfig::default()).unwrap();
+        let manifest = read_manifest(&bundle).unwrap();
+        assert_eq!(manifest.provenance.training_steps, step);
+        assert!(manifest.operating_point.is_none() && manifest.head.is_none());
+        assert!(manifest.thresholds.pixel.value > 0.0, "interim bundles are calibrated");
+        weights.push(fs::read(bundle.join(ONNX_FILE)).unwrap());
+    }
+    assert!(weights[0] != weights[1] && weights[1] != weights[2], "interim weights repeat");
 
     // Resuming with other settings is refused, not silently mixed.
     let mut third = options(&data, &tmp.path().join("other"));

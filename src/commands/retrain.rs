@@ -94,6 +94,8 @@ pub fn run(args: RetrainArgs) -> anyhow::Result<()> {
         checkpoint_every: args.checkpoint_every,
         resume: args.resume,
         stop_after: args.stop_after,
+        export_every: args.export_every,
+        interim_dir: args.interim_dir.clone().unwrap_or_else(|| args.out.with_extension("interim")),
         runtime: args.runtime.to_config(),
         report: Some(report.clone()),
         progress: !args.no_progress,

@@ -105,6 +105,10 @@ pub struct RunOptions {
     pub resume: bool,
     /// Run at most this many steps in this invocation, then checkpoint and stop.
     pub stop_after: Option<usize>,
+    /// Also export the EMA weights every this many steps (0: never) as interim bundles in
+    /// `interim_dir`, for quality against training steps.
+    pub export_every: usize,
+    pub interim_dir: PathBuf,
     pub runtime: RuntimeConfig,
     pub report: Option<PathBuf>,
     pub progress: bool,
@@ -220,6 +224,9 @@ pub struct LossSummary {
     pub min: f64,
     /// Mean loss of each tenth of the run.
     pub deciles: Vec<f64>,
+    /// Mean loss of each hundredth of the run (fewer points in runs under 100 steps): the
+    /// loss curve.
+    pub curve: Vec<f64>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -371,12 +378,16 @@ fn save_checkpoint(
 }
 
 fn loss_summary(losses: &[f64]) -> LossSummary {
-    let tenth = losses.len().div_ceil(10).max(1);
+    let means = |parts: usize| {
+        let chunk = losses.len().div_ceil(parts).max(1);
+        losses.chunks(chunk).map(|c| c.iter().sum::<f64>() / c.len() as f64).collect()
+    };
     LossSummary {
         first: losses.first().copied().unwrap_or(f64::NAN),
         last: losses.last().copied().unwrap_or(f64::NAN),
         min: losses.iter().copied().fold(f64::INFINITY, f64::min),
-        deciles: losses.chunks(tenth).map(|c| c.iter().sum::<f64>() / c.len() as f64).collect(),
+        deciles: means(10),
+        curve: means(100),
     }
 }
 
@@ -387,9 +398,58 @@ struct Finish<'a> {
     options: &'a RunOptions,
     calibration_frames: &'a [Vec<f32>],
     head_frames: &'a [Vec<f32>],
+    data_sha256: &'a str,
 }
 
 impl Finish<'_> {
+    /// The manifest of weights trained for `steps` steps, before export and calibration fill
+    /// in the artifact, the golden check and the thresholds.
+    fn draft_manifest(&self, steps: usize) -> Manifest {
+        let config = self.config;
+        Manifest {
+            schema_version: SCHEMA_VERSION,
+            name: config.name.clone(),
+            version: config.version.clone(),
+            created: crate::model::manifest::now_rfc3339(),
+            input: config.input,
+            inspection: config.inspection,
+            unet: config.unet.clone(),
+            schedule: config.schedule,
+            reconstruction: config.reconstruction,
+            anomaly: config.anomaly,
+            thresholds: Thresholds {
+                pixel: Threshold { value: 0.0, min: 0.0, max: 1.0 },
+                image: Threshold { value: 0.0, min: 0.0, max: 1.0 },
+                calibration: Calibration {
+                    rule: String::new(),
+                    frames: 0,
+                    pixel_quantiles: vec![],
+                    image_quantiles: vec![],
+                },
+            },
+            provenance: Provenance {
+                loss: config.loss.name().into(),
+                huber_delta: match config.loss {
+                    Loss::Huber { delta } => Some(delta),
+                    _ => None,
+                },
+                lts_lambda: match config.loss {
+                    Loss::Lts { lambda } => Some(lambda),
+                    _ => None,
+                },
+                data_sha256: self.data_sha256.to_string(),
+                training_steps: steps,
+                seed: config.seed,
+                command: self.options.command.clone(),
+            },
+            artifact: Artifact::pending(),
+            golden: GoldenCheck::pending(),
+            operating_point: None,
+            ensemble: None,
+            head: None,
+        }
+    }
+
     fn run(&self, ort: &mut OrtDenoiser, manifest: &mut Manifest, staged: &Staged) -> Result<(), BundleError> {
         let schedule = NoiseSchedule::new(&manifest.schedule).expect("validated");
         let input = manifest.input;
@@ -417,9 +477,21 @@ impl Finish<'_> {
             manifest.anomaly.residual = chosen.residual;
             manifest.operating_point = Some(point);
         }
-        let mut ensemble = Ensemble::new(&schedule, manifest.reconstruction, manifest.extra_t0())
-            .map_err(|e| BundleError::Inconsistent { path: self.options.out.clone(), what: e.to_string() })?;
         let head = head_session.as_mut().map(|h| h as &mut dyn Denoiser);
+        self.calibrate(ort, head, manifest, &self.options.out)
+    }
+
+    /// Sets the manifest's thresholds from the held-out frames, scored by its own rule.
+    fn calibrate(
+        &self,
+        ort: &mut OrtDenoiser,
+        head: Option<&mut dyn Denoiser>,
+        manifest: &mut Manifest,
+        bundle: &Path,
+    ) -> Result<(), BundleError> {
+        let schedule = NoiseSchedule::new(&manifest.schedule).expect("validated");
+        let mut ensemble = Ensemble::new(&schedule, manifest.reconstruction, manifest.extra_t0())
+            .map_err(|e| BundleError::Inconsistent { path: bundle.to_path_buf(), what: e.to_string() })?;
         manifest.thresholds = calibrate(
             ort,
             head,
@@ -430,6 +502,20 @@ impl Finish<'_> {
             self.config.seed,
         )?;
         Ok(())
+    }
+
+    /// Exports the EMA weights as they stand after `step` steps into
+    /// `<interim_dir>/step-<step>`: the configured operating point, calibrated, without the
+    /// search and the head, so the bundles along one run differ in their weights only.
+    fn export_interim(&self, ema: &UNet, step: usize) -> Result<PathBuf, BundleError> {
+        let manifest = self.draft_manifest(step);
+        let target = self.options.interim_dir.join(format!("step-{step:06}"));
+        let ema = ema.clone().to_device(&Device::flex());
+        // Overwriting is safe: a resumed run that passes this step again writes the same weights.
+        let (bundle, _) = export_bundle(&ema, manifest, &target, &self.options.runtime, true, |ort, m, _| {
+            self.calibrate(ort, None, m, &target)
+        })?;
+        Ok(bundle)
     }
 
     /// Trains the head at the searched point, exports it into the staged bundle and scores
@@ -549,9 +635,27 @@ pub fn train(config: TrainConfig, options: &RunOptions) -> Result<Outcome, Train
         tracing::info!(step = start_step, checkpoint = %ckpt.display(), "Resumed.");
     }
 
+    let augment = Augment { flips: config.flips, random_crop: config.random_crop };
+    let calibration_frames: Vec<Vec<f32>> =
+        calibration_idx.iter().flat_map(|&i| dataset.frames_for_calibration(i, &augment)).collect();
+    // The head learns from training frames (random crops at the model's scale), never
+    // from the calibration frames it is then scored on.
+    let head_frames: Vec<Vec<f32>> = config.head.as_ref().map_or_else(Vec::new, |head| {
+        let mut rng = ChaCha8Rng::seed_from_u64(config.seed ^ 0x4845_4144);
+        (0..head.frames)
+            .map(|_| dataset.augmented(train_idx[rng.random_range(0..train_idx.len())], &augment, &mut rng))
+            .collect()
+    });
+    let finish = Finish {
+        config: &config,
+        options,
+        calibration_frames: &calibration_frames,
+        head_frames: &head_frames,
+        data_sha256: &data_sha256,
+    };
+
     let frame_len = config.input.frame_len();
     let shape = [config.batch_size, config.input.channels, config.input.height, config.input.width];
-    let augment = Augment { flips: config.flips, random_crop: config.random_crop };
     let bar = options.progress.then(|| {
         let bar = indicatif::ProgressBar::new(config.steps as u64).with_position(start_step as u64);
         bar.set_style(
@@ -617,6 +721,10 @@ pub fn train(config: TrainConfig, options: &RunOptions) -> Result<Outcome, Train
             let state = CheckpointState { step: done, config: config.clone(), losses: losses_seen.clone() };
             save_checkpoint(&ckpt, &model, &ema, &optimizer, &state)?;
         }
+        if options.export_every > 0 && done % options.export_every == 0 && done < config.steps {
+            let bundle = finish.export_interim(&ema, done)?;
+            tracing::info!(step = done, bundle = %bundle.display(), "Interim bundle exported.");
+        }
     }
     if let Some(bar) = &bar {
         bar.finish_and_clear();
@@ -629,60 +737,7 @@ pub fn train(config: TrainConfig, options: &RunOptions) -> Result<Outcome, Train
 
     // Finish: export the EMA weights, calibrate on the held-out frames through the graph.
     let ema = ema.to_device(&plain);
-    let manifest = Manifest {
-        schema_version: SCHEMA_VERSION,
-        name: config.name.clone(),
-        version: config.version.clone(),
-        created: crate::model::manifest::now_rfc3339(),
-        input: config.input,
-        inspection: config.inspection,
-        unet: config.unet.clone(),
-        schedule: config.schedule,
-        reconstruction: config.reconstruction,
-        anomaly: config.anomaly,
-        thresholds: Thresholds {
-            pixel: Threshold { value: 0.0, min: 0.0, max: 1.0 },
-            image: Threshold { value: 0.0, min: 0.0, max: 1.0 },
-            calibration: Calibration {
-                rule: String::new(),
-                frames: 0,
-                pixel_quantiles: vec![],
-                image_quantiles: vec![],
-            },
-        },
-        provenance: Provenance {
-            loss: config.loss.name().into(),
-            huber_delta: match config.loss {
-                Loss::Huber { delta } => Some(delta),
-                _ => None,
-            },
-            lts_lambda: match config.loss {
-                Loss::Lts { lambda } => Some(lambda),
-                _ => None,
-            },
-            data_sha256: data_sha256.clone(),
-            training_steps: config.steps,
-            seed: config.seed,
-            command: options.command.clone(),
-        },
-        artifact: Artifact::pending(),
-        golden: GoldenCheck::pending(),
-        operating_point: None,
-        ensemble: None,
-        head: None,
-    };
-    let calibration_frames: Vec<Vec<f32>> =
-        calibration_idx.iter().flat_map(|&i| dataset.frames_for_calibration(i, &augment)).collect();
-    // The head learns from training frames (random crops at the model's scale), never
-    // from the calibration frames it is then scored on.
-    let head_frames: Vec<Vec<f32>> = config.head.as_ref().map_or_else(Vec::new, |head| {
-        let mut rng = ChaCha8Rng::seed_from_u64(config.seed ^ 0x4845_4144);
-        (0..head.frames)
-            .map(|_| dataset.augmented(train_idx[rng.random_range(0..train_idx.len())], &augment, &mut rng))
-            .collect()
-    });
-    let finish =
-        Finish { config: &config, options, calibration_frames: &calibration_frames, head_frames: &head_frames };
+    let manifest = finish.draft_manifest(config.steps);
     let (bundle, manifest) =
         export_bundle(&ema, manifest, &options.out, &options.runtime, options.force, |ort, m, staged| {
             finish.run(ort, m, staged)

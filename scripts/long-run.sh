@@ -1,0 +1,85 @@
+#!/usr/bin/env bash
+# The long-run comparison behind docs/results.md ("Training length: MSE against the robust
+# losses over 5,000 steps"): MSE, Huber and LTS trained side by side, one thread each, on one
+# contaminated held-out dataset, exporting an interim bundle every EXPORT_EVERY steps; then
+# every interim bundle and the final one scored by `eval` under two fixed rules, so the
+# scores differ by the weights only:
+#   old/   L1 pixel residual, t0 100, 10 DDIM steps (the previous shipped default)
+#   t25/   L1 pixel residual, t0 25, one DDIM step
+# The final bundle is also scored by its own searched operating point (auto/).
+#
+#   scripts/long-run.sh                       # gravel at 20 %, 5,000 steps (~2.5 h on 2 cores)
+#   STEPS=20 EXPORT_EVERY=10 HEAD_STEPS=0 OUT=/tmp/lr scripts/long-run.sh   # a smoke run
+#
+# Interrupted trainings resume from their checkpoints when the script is run again; bundles
+# and reports that exist are kept. Tables: python3 scripts/long-run-tables.py $OUT.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+eval "$(scripts/setup.sh)"
+
+BIN=${BIN:-target/release/edge-inspect}
+OUT=${OUT:-bench-long}
+TEXTURE=${TEXTURE:-gravel}
+FOREIGN=${FOREIGN:-brick}
+LEVEL=${LEVEL:-0.2}
+LOSSES=${LOSSES:-"mse huber lts"}
+STEPS=${STEPS:-5000}
+EXPORT_EVERY=${EXPORT_EVERY:-500}
+# Steps of the learned head trained after the last step (as in scripts/heldout-benchmark.sh).
+HEAD_STEPS=${HEAD_STEPS:-400}
+SEED=${SEED:-0}
+# The benchmark UNet and recipe of scripts/heldout-benchmark.sh.
+ARCH=(--size 64 --channels 1 --base-channels 16 --channel-mults 1,2,2 --res-blocks 1)
+
+texture_path() {
+  case "$1" in
+    gravel) echo data/textures/gravel.png ;;
+    *) echo ../shared/data/textures/$1.png ;;
+  esac
+}
+
+[ -x "$BIN" ] || cargo build --release --locked
+mkdir -p "$OUT/models"
+log() { echo "[$(date -u +%H:%M:%S)] $*" | tee -a "$OUT/long-run.log"; }
+
+data="$OUT/data/$TEXTURE-p$LEVEL"
+if [ ! -d "$data" ]; then
+  log "synth $data"
+  "$BIN" synth --texture "$(texture_path "$TEXTURE")" --foreign "$(texture_path "$FOREIGN")" \
+    --out "$data" --contamination "$LEVEL" --seed "$SEED"
+fi
+
+train() {
+  local loss=$1 model="$OUT/models/$TEXTURE-p$LEVEL-$1"
+  [ -f "$model/manifest.toml" ] && return 0
+  local resume=()
+  [ -d "$OUT/models/.$TEXTURE-p$LEVEL-$loss.checkpoint" ] && resume=(--resume)
+  log "retrain $model ${resume[*]}"
+  local start
+  start=$(date +%s)
+  RAYON_NUM_THREADS=1 "$BIN" retrain --data "$data" --loss "$loss" --out "$model" "${resume[@]}" \
+    "${ARCH[@]}" --steps "$STEPS" --batch-size 8 --learning-rate 5e-4 --seed "$SEED" --no-progress \
+    --unet-budget 10 --head-steps "$HEAD_STEPS" --export-every "$EXPORT_EVERY" --checkpoint-every 100 --threads 1 >>"$OUT/$loss.log" 2>&1
+  log "retrain $model took $(( $(date +%s) - start )) s"
+}
+for loss in $LOSSES; do train "$loss" & done
+wait
+
+score() {
+  local model=$1 report=$2
+  shift 2
+  [ -f "$report/report.json" ] && return 0
+  "$BIN" eval --model "$model" --data "$data" --out "$report" --overlays 0 --no-progress --threads 2 "$@" \
+    >/dev/null 2>>"$OUT/long-run.log"
+}
+for loss in $LOSSES; do
+  model="$OUT/models/$TEXTURE-p$LEVEL-$loss"
+  for bundle in "$model.interim"/step-* "$model"; do
+    step=$( [ "$bundle" = "$model" ] && echo "$STEPS" || basename "$bundle" | sed 's/step-0*//' )
+    log "eval $loss at step $step"
+    score "$bundle" "$OUT/eval/old/$loss-$step" --anomaly-map l1 --no-ensemble --sampler ddim --t0 100 --steps 10 --condition 0
+    score "$bundle" "$OUT/eval/t25/$loss-$step" --anomaly-map l1 --no-ensemble --sampler ddim --t0 25 --steps 1 --condition 0
+  done
+  score "$model" "$OUT/eval/auto/$loss-$STEPS"
+done
+log "done; tables: python3 scripts/long-run-tables.py $OUT"
