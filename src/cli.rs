@@ -107,6 +107,8 @@ pub enum AnomalyMapArg {
     Msgms,
     /// The bundle's learned head (bundles trained with --head-steps > 0).
     Head,
+    /// Cosine distance of the UNet encoder's features of frame and reconstruction.
+    Feature,
 }
 
 impl From<AnomalyMapArg> for Residual {
@@ -117,6 +119,7 @@ impl From<AnomalyMapArg> for Residual {
             AnomalyMapArg::Ssim => Residual::Ssim,
             AnomalyMapArg::Msgms => Residual::Msgms,
             AnomalyMapArg::Head => Residual::Head,
+            AnomalyMapArg::Feature => Residual::Feature,
         }
     }
 }
@@ -216,6 +219,10 @@ pub struct EvalArgs {
     /// in overlays do not).
     #[arg(long, value_enum)]
     pub anomaly_map: Option<AnomalyMapArg>,
+    /// The timestep at which the encoder sees frame and reconstruction for the feature
+    /// map rule, instead of the manifest's.
+    #[arg(long, value_name = "T")]
+    pub feature_t: Option<usize>,
     /// Run only the primary reconstruction, not the manifest's ensemble members.
     #[arg(long)]
     pub no_ensemble: bool,

@@ -90,6 +90,39 @@ fn eval_scores_a_generated_benchmark() {
         let img = image::open(out.join(overlay.as_str().unwrap())).unwrap();
         assert_eq!((img.width(), img.height()), (64, 64));
     }
+
+    // The feature map rule: its graph is derived from the bundle's weights on the fly.
+    let model = repo().join("models/brick-huber");
+    let feature_eval = |out: &Path, t: &str| {
+        edge_inspect(&[
+            "eval",
+            "--model",
+            model.to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--overlays",
+            "0",
+            "--no-progress",
+            "--steps",
+            "3",
+            "--anomaly-map",
+            "feature",
+            "--feature-t",
+            t,
+        ])
+    };
+    let (ok, _, stderr) = feature_eval(&dir.path().join("feature"), "10");
+    assert!(ok, "{stderr}");
+    let feature: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join("feature/report.json")).unwrap()).unwrap();
+    assert_eq!(feature["anomaly"]["residual"], "feature");
+    assert_eq!(feature["anomaly"]["feature_t"], 10);
+    let auroc = feature["overall"]["pixel_auroc"].as_f64().unwrap();
+    assert!((0.0..=1.0).contains(&auroc) && auroc != overall["pixel_auroc"].as_f64().unwrap(), "{auroc}");
+    let (ok, _, stderr) = feature_eval(&dir.path().join("bad"), "1000");
+    assert!(!ok && stderr.contains("feature_t = 1000"), "{stderr}");
 }
 
 #[test]

@@ -507,3 +507,83 @@ fn a_bundle_with_a_head_is_verified_and_inspects_through_it() {
     let e = read_manifest(&dir).err().unwrap().to_string();
     assert!(e.contains("has no [head]"), "{e}");
 }
+
+/// Bilinear resize of one `[h, w]` plane to `[out_h, out_w]` with half-pixel centres
+/// (ONNX `Resize`, mode linear, `half_pixel`): the reference for the feature graph.
+fn resize_bilinear(plane: &[f32], [h, w]: [usize; 2], [out_h, out_w]: [usize; 2]) -> Vec<f32> {
+    let sample = |pos: f32, len: usize| {
+        let p = pos.clamp(0.0, (len - 1) as f32);
+        let lo = p.floor() as usize;
+        (lo, (lo + 1).min(len - 1), p - lo as f32)
+    };
+    let mut out = Vec::with_capacity(out_h * out_w);
+    for oy in 0..out_h {
+        let (y0, y1, fy) = sample((oy as f32 + 0.5) * h as f32 / out_h as f32 - 0.5, h);
+        for ox in 0..out_w {
+            let (x0, x1, fx) = sample((ox as f32 + 0.5) * w as f32 / out_w as f32 - 0.5, w);
+            let at = |y: usize, x: usize| plane[y * w + x];
+            let top = at(y0, x0) * (1.0 - fx) + at(y0, x1) * fx;
+            let bottom = at(y1, x0) * (1.0 - fx) + at(y1, x1) * fx;
+            out.push(top * (1.0 - fy) + bottom * fy);
+        }
+    }
+    out
+}
+
+/// The feature-distance graph equals the same distance computed from burn's encoder
+/// features, is zero where frame and reconstruction agree and largest where they differ.
+#[test]
+fn the_feature_graph_is_the_cosine_distance_of_the_encoder_features() {
+    use burn::tensor::{Tensor, TensorData};
+    use edge_inspect::infer::inspect::feature_maps;
+    use edge_inspect::model::onnx_export::export_feature_onnx;
+    use edge_inspect::model::unet::BurnOps;
+
+    let (n, size, t) = (2usize, 16usize, 10usize);
+    let config = small_config(1, false);
+    let model = UNet::init(&config, 7, &Device::flex()).unwrap();
+    let graph = export_feature_onnx(&model, &config, "test");
+    let mut features = OrtDenoiser::from_memory(&graph, Path::new("features"), 2, &runtime()).unwrap();
+    let clean: Vec<f32> = (0..n * size * size).map(|i| ((i * 7919 % 1000) as f32 / 500.0) - 1.0).collect();
+    let mut recon = clean.clone();
+    for y in 4..8 {
+        for x in 9..13 {
+            recon[size * size + y * size + x] = -recon[size * size + y * size + x];
+        }
+    }
+    let maps = feature_maps(&mut features, &clean, &recon, [n, 1, size, size], t).unwrap();
+
+    let encode = |x: &[f32]| {
+        let x = Tensor::<4>::from_data(TensorData::new(x.to_vec(), [n, 1, size, size]), &Device::flex());
+        let t = Tensor::<1>::from_data(TensorData::new(vec![t as f32; n], [n]), &Device::flex());
+        model.walk_features(&mut BurnOps, x, t)
+    };
+    let (fx, fr) = (encode(&clean), encode(&recon));
+    let mut want = vec![vec![0.0f32; size * size]; n];
+    for (a, b) in fx.into_iter().zip(fr) {
+        let [_, c, h, w] = a.dims();
+        let (a, b) = (a.into_data().try_into_vec::<f32>().unwrap(), b.into_data().try_into_vec::<f32>().unwrap());
+        for (i, frame) in want.iter_mut().enumerate() {
+            let distance: Vec<f32> = (0..h * w)
+                .map(|p| {
+                    let at = |v: &[f32], k: usize| v[(i * c + k) * h * w + p];
+                    let dot: f32 = (0..c).map(|k| at(&a, k) * at(&b, k)).sum();
+                    let na: f32 = (0..c).map(|k| at(&a, k) * at(&a, k)).sum();
+                    let nb: f32 = (0..c).map(|k| at(&b, k) * at(&b, k)).sum();
+                    1.0 - dot / (na * nb + 1e-12).sqrt()
+                })
+                .collect();
+            for (m, d) in frame.iter_mut().zip(resize_bilinear(&distance, [h, w], [size, size])) {
+                *m += d / 2.0;
+            }
+        }
+    }
+    for (got, want) in maps.iter().zip(&want) {
+        let worst = got.iter().zip(want).map(|(g, w)| (g - w).abs()).fold(0.0f32, f32::max);
+        assert!(worst < 1e-4, "max |graph − reference| = {worst}");
+    }
+    assert!(maps[0].iter().all(|v| v.abs() < 1e-5), "identical frames must have zero distance");
+    let inside: f32 = (4..8).flat_map(|y| (9..13).map(move |x| y * size + x)).map(|p| maps[1][p]).sum::<f32>() / 16.0;
+    let far: f32 = (12..16).flat_map(|y| (0..4).map(move |x| y * size + x)).map(|p| maps[1][p]).sum::<f32>() / 16.0;
+    assert!(inside > 10.0 * far.max(1e-6), "changed patch {inside} vs far corner {far}");
+}

@@ -19,10 +19,11 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
     }
     // Data problems are cheaper to find than a model load.
     crate::eval::data::discover(&args.data)?;
-    let mut bundle = Bundle::load(&args.model, &args.runtime.to_config())?;
-    if let Some(rule) = args.anomaly_map {
-        bundle.manifest.anomaly.residual = rule.into();
-    }
+    let runtime = args.runtime.to_config();
+    let mut bundle = Bundle::load(&args.model, &runtime)?;
+    let anomaly = bundle.manifest.anomaly;
+    let residual = args.anomaly_map.map_or(anomaly.residual, Into::into);
+    bundle.use_map_rule(residual, args.feature_t.unwrap_or(anomaly.feature_t), &runtime)?;
     let spec = reconstruction_spec(bundle.manifest.reconstruction, &args.reconstruction);
     let mut inspector = Inspector::new(bundle, Some(spec))?.with_tile_batch(args.batch);
     if args.no_ensemble {

@@ -99,6 +99,13 @@ pub fn validate(m: &Manifest) -> Result<(), String> {
     let schedule = NoiseSchedule::new(&m.schedule).map_err(|e| format!("schedule: {e}"))?;
     crate::infer::inspect::Ensemble::new(&schedule, m.reconstruction, m.extra_t0())
         .map_err(|e| format!("reconstruction: {e}"))?;
+    if m.anomaly.feature_t >= schedule.len() {
+        return Err(format!(
+            "anomaly.feature_t = {} is beyond the schedule's {} timesteps",
+            m.anomaly.feature_t,
+            schedule.len()
+        ));
+    }
     for (name, t) in [("pixel", &m.thresholds.pixel), ("image", &m.thresholds.image)] {
         if !(t.max >= t.min) || !t.value.is_finite() {
             return Err(format!("thresholds.{name}: need finite value and max >= min, got {t:?}"));
@@ -138,12 +145,14 @@ fn check_anomaly(a: &crate::postprocess::anomaly::AnomalySpec) -> Result<(), Str
     Ok(())
 }
 
-/// A verified bundle with a warm ONNX Runtime session (and one for its head, if any).
+/// A verified bundle with a warm ONNX Runtime session (and one for its head, if any, and
+/// for the feature distance when its map rule is `feature`).
 pub struct Bundle {
     pub dir: PathBuf,
     pub manifest: Manifest,
     pub denoiser: OrtDenoiser,
     pub head: Option<OrtDenoiser>,
+    pub features: Option<OrtDenoiser>,
 }
 
 impl Bundle {
@@ -165,7 +174,42 @@ impl Bundle {
             }
         };
         tracing::info!(bundle = %dir.display(), name = %manifest.name, version = %manifest.version, sha256 = %manifest.artifact.sha256, "Model bundle verified.");
-        Ok(Self { dir: dir.to_path_buf(), manifest, denoiser, head })
+        let (residual, feature_t) = (manifest.anomaly.residual, manifest.anomaly.feature_t);
+        let mut bundle = Self { dir: dir.to_path_buf(), manifest, denoiser, head, features: None };
+        bundle.use_map_rule(residual, feature_t, runtime)?;
+        Ok(bundle)
+    }
+
+    /// Switches the map rule (e.g. `eval --anomaly-map --feature-t`), opening the graph it
+    /// needs: the feature distance is derived from the verified weights.
+    pub fn use_map_rule(
+        &mut self,
+        residual: Residual,
+        feature_t: usize,
+        runtime: &RuntimeConfig,
+    ) -> Result<(), BundleError> {
+        if feature_t >= self.manifest.schedule.steps {
+            return Err(BundleError::Inconsistent {
+                path: self.dir.clone(),
+                what: format!(
+                    "feature_t = {feature_t} is beyond the schedule's {} timesteps",
+                    self.manifest.schedule.steps
+                ),
+            });
+        }
+        if residual == Residual::Head && self.head.is_none() {
+            return Err(BundleError::Inconsistent {
+                path: self.dir.clone(),
+                what: "the head map rule needs a bundle with a learned head (retrain --head-steps)".into(),
+            });
+        }
+        if residual == Residual::Feature && self.features.is_none() {
+            let onnx_path = self.dir.join(&self.manifest.artifact.onnx);
+            self.features = Some(feature_session(&onnx_path, &self.manifest, runtime)?);
+        }
+        self.manifest.anomaly.residual = residual;
+        self.manifest.anomaly.feature_t = feature_t;
+        Ok(())
     }
 
     /// A reconstructor for this model; `spec` overrides the manifest's t0/steps/sampler.
@@ -175,6 +219,31 @@ impl Bundle {
         Reconstructor::new(schedule, spec.unwrap_or(self.manifest.reconstruction))
             .map_err(|e| BundleError::Inconsistent { path: self.dir.clone(), what: format!("reconstruction: {e}") })
     }
+}
+
+/// The feature-distance graph of the weights in `onnx_path` (already verified), in a session.
+#[cfg(feature = "train")]
+fn feature_session(onnx_path: &Path, manifest: &Manifest, runtime: &RuntimeConfig) -> Result<OrtDenoiser, BundleError> {
+    use crate::model::onnx_export::{export_feature_onnx, import_weights};
+    use crate::model::unet::UNet;
+    let inconsistent = |what: String| BundleError::Inconsistent { path: onnx_path.to_path_buf(), what };
+    let bytes = fs::read(onnx_path).map_err(io_error(onnx_path))?;
+    let model =
+        UNet::init(&manifest.unet, 0, &burn::tensor::Device::flex()).map_err(|e| inconsistent(e.to_string()))?;
+    let model = import_weights(model, &bytes).map_err(inconsistent)?;
+    let graph = export_feature_onnx(&model, &manifest.unet, env!("CARGO_PKG_VERSION"));
+    let label = onnx_path.with_file_name("features (derived from model.onnx)");
+    Ok(OrtDenoiser::from_memory(&graph, &label, 2 * manifest.input.channels, runtime)?)
+}
+
+/// Without the training stack there is no UNet to derive the feature graph from.
+#[cfg(not(feature = "train"))]
+fn feature_session(onnx_path: &Path, _: &Manifest, _: &RuntimeConfig) -> Result<OrtDenoiser, BundleError> {
+    Err(BundleError::Inconsistent {
+        path: onnx_path.to_path_buf(),
+        what: "the feature map rule needs a build with the `train` feature (it derives its graph from the weights)"
+            .into(),
+    })
 }
 
 /// Checks that `path` exists and hashes to `expected`.

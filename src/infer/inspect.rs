@@ -53,6 +53,24 @@ pub fn head_maps(
     Ok(maps)
 }
 
+/// Per frame of `clean`/`recon` (`[n, C, H, W]`), the feature distance computed by the
+/// `features` graph (`model::onnx_export::export_feature_onnx`) at timestep `t`.
+pub fn feature_maps(
+    features: &mut dyn Denoiser,
+    clean: &[f32],
+    recon: &[f32],
+    [n, c, h, w]: [usize; 4],
+    t: usize,
+) -> Result<Vec<Vec<f32>>, RuntimeError> {
+    let input = head_input(clean, recon, n);
+    let mut maps = Vec::with_capacity(n);
+    features.predict_eps(&input, [n, 2 * c, h, w], &vec![t as f32; n], &mut |out| {
+        let frame_out = 2 * c * h * w;
+        maps.extend((0..n).map(|i| out[i * frame_out..i * frame_out + h * w].to_vec()));
+    })?;
+    Ok(maps)
+}
+
 /// The reconstructions of one operating point: the primary setting and one member per
 /// extra t0 (same sampler, steps and conditioning).
 pub struct Ensemble {
@@ -82,12 +100,12 @@ impl Ensemble {
     }
 
     /// Per frame of `clean [n, C, H, W]`: the members' averaged raw dissimilarity map under
-    /// `anomaly` (the `head` graph computes it for [`Residual::Head`]), and their mean
-    /// reconstruction MSE.
+    /// `anomaly` (the `map_graph` computes it for [`Residual::Head`], the head, and
+    /// [`Residual::Feature`], the feature distance), and their mean reconstruction MSE.
     pub fn raw_maps(
         &mut self,
         denoiser: &mut dyn Denoiser,
-        mut head: Option<&mut dyn Denoiser>,
+        mut map_graph: Option<&mut dyn Denoiser>,
         clean: &[f32],
         shape: [usize; 4],
         seeds: &[u64],
@@ -100,9 +118,14 @@ impl Ensemble {
         self.recon.resize(clean.len(), 0.0);
         for member in &mut self.members {
             member.reconstruct(denoiser, clean, shape, seeds, &mut self.recon)?;
-            let learned = match (anomaly.residual, head.as_mut()) {
+            let learned = match (anomaly.residual, map_graph.as_mut()) {
                 (Residual::Head, Some(head)) => Some(head_maps(&mut **head, clean, &self.recon, shape)?),
-                (Residual::Head, None) => panic!("the head map rule needs the bundle's head graph"),
+                (Residual::Feature, Some(features)) => {
+                    Some(feature_maps(&mut **features, clean, &self.recon, shape, anomaly.feature_t)?)
+                }
+                (rule @ (Residual::Head | Residual::Feature), None) => {
+                    panic!("the {} map rule needs its graph", rule.name())
+                }
                 _ => None,
             };
             for (i, (map, mse)) in out.iter_mut().enumerate() {
@@ -123,7 +146,7 @@ impl Ensemble {
     pub fn raw_maps_of(
         &mut self,
         denoiser: &mut dyn Denoiser,
-        mut head: Option<&mut dyn Denoiser>,
+        mut map_graph: Option<&mut dyn Denoiser>,
         frames: &[Vec<f32>],
         [c, h, w]: [usize; 3],
         seed: u64,
@@ -134,8 +157,8 @@ impl Ensemble {
         for (chunk_index, chunk) in frames.chunks(BATCH).enumerate() {
             let seeds: Vec<u64> =
                 (0..chunk.len()).map(|i| seed.wrapping_add((chunk_index * BATCH + i) as u64)).collect();
-            let head = head.as_mut().map(|h| &mut **h as &mut dyn Denoiser);
-            out.extend(self.raw_maps(denoiser, head, &chunk.concat(), [chunk.len(), c, h, w], &seeds, anomaly)?);
+            let graph = map_graph.as_mut().map(|g| &mut **g as &mut dyn Denoiser);
+            out.extend(self.raw_maps(denoiser, graph, &chunk.concat(), [chunk.len(), c, h, w], &seeds, anomaly)?);
         }
         Ok(out)
     }
@@ -148,15 +171,16 @@ pub struct FrameView<'a> {
     pub size: [usize; 2],
 }
 
-/// A model (denoiser, optional head, manifest) with its reconstruction ensemble and reusable
-/// batch buffers. Generic over the [`Denoiser`], so the stages around it are unit-tested
+/// A model (denoiser, the graph of a head or feature map rule, manifest) with its
+/// reconstruction ensemble and reusable batch buffers. Generic over the [`Denoiser`], so the stages around it are unit-tested
 /// with a fake; the daemon, `infer` and `eval` use [`OrtDenoiser`] sessions from a [`Bundle`].
 pub struct Inspector<D: Denoiser = OrtDenoiser> {
     /// Where the model came from, for error messages.
     dir: PathBuf,
     manifest: Manifest,
     denoiser: D,
-    head: Option<D>,
+    /// Computes the map for the head and feature rules.
+    map_graph: Option<D>,
     ensemble: Ensemble,
     /// Tiles per UNet batch.
     tile_batch: usize,
@@ -172,25 +196,30 @@ impl Inspector<OrtDenoiser> {
     /// ensemble members follow it (same sampler, steps, conditioning). Tiles are
     /// reconstructed 8 at a time unless [`Inspector::with_tile_batch`] says otherwise.
     pub fn new(bundle: Bundle, spec: Option<ReconstructionSpec>) -> Result<Self, BundleError> {
-        Self::from_parts(bundle.dir, bundle.manifest, bundle.denoiser, bundle.head, spec)
+        let map_graph = match bundle.manifest.anomaly.residual {
+            Residual::Head => bundle.head,
+            Residual::Feature => bundle.features,
+            _ => None,
+        };
+        Self::from_parts(bundle.dir, bundle.manifest, bundle.denoiser, map_graph, spec)
     }
 }
 
 impl<D: Denoiser> Inspector<D> {
-    /// An inspector over any denoiser (and head) for `manifest`; see [`Inspector::new`].
+    /// An inspector over any denoiser (and the graph of its head or feature map rule) for
+    /// `manifest`; see [`Inspector::new`].
     pub fn from_parts(
         dir: PathBuf,
         manifest: Manifest,
         denoiser: D,
-        head: Option<D>,
+        map_graph: Option<D>,
         spec: Option<ReconstructionSpec>,
     ) -> Result<Self, BundleError> {
         let inconsistent = |what: String| BundleError::Inconsistent { path: dir.clone(), what };
         let schedule = NoiseSchedule::new(&manifest.schedule).map_err(|e| inconsistent(e.to_string()))?;
-        if manifest.anomaly.residual == Residual::Head && head.is_none() {
-            return Err(inconsistent(
-                "the head map rule needs a bundle with a learned head (retrain --head-steps)".into(),
-            ));
+        let residual = manifest.anomaly.residual;
+        if matches!(residual, Residual::Head | Residual::Feature) && map_graph.is_none() {
+            return Err(inconsistent(format!("the {} map rule needs its graph", residual.name())));
         }
         let primary = spec.unwrap_or(manifest.reconstruction);
         let ensemble = Ensemble::new(&schedule, primary, manifest.extra_t0())
@@ -199,7 +228,7 @@ impl<D: Denoiser> Inspector<D> {
             dir,
             manifest,
             denoiser,
-            head,
+            map_graph,
             ensemble,
             tile_batch: 8,
             batch: Vec::new(),
@@ -224,7 +253,7 @@ impl<D: Denoiser> Inspector<D> {
     /// members follow them).
     pub fn with_spec(self, spec: ReconstructionSpec) -> Result<Self, BundleError> {
         let (tile_batch, progress) = (self.tile_batch, self.progress);
-        let mut rebuilt = Self::from_parts(self.dir, self.manifest, self.denoiser, self.head, Some(spec))?;
+        let mut rebuilt = Self::from_parts(self.dir, self.manifest, self.denoiser, self.map_graph, Some(spec))?;
         rebuilt.tile_batch = tile_batch;
         rebuilt.progress = progress;
         Ok(rebuilt)
@@ -306,7 +335,7 @@ impl<D: Denoiser> Inspector<D> {
             }
             let maps = self.ensemble.raw_maps(
                 &mut self.denoiser,
-                self.head.as_mut().map(|h| h as &mut dyn Denoiser),
+                self.map_graph.as_mut().map(|g| g as &mut dyn Denoiser),
                 &self.batch,
                 [chunk.len(), channels, input.height, input.width],
                 &tile_seeds,

@@ -207,19 +207,42 @@ pub struct OrtDenoiser {
 impl OrtDenoiser {
     /// Builds the session and checks the graph's inputs and output against the contract.
     pub fn load(model_path: &Path, channels: usize, config: &RuntimeConfig) -> Result<Self, RuntimeError> {
+        Self::open(model_path, None, channels, config)
+    }
+
+    /// As [`OrtDenoiser::load`], for a graph built in memory (`label` names it in errors
+    /// and logs).
+    pub fn from_memory(
+        graph: &[u8],
+        label: &Path,
+        channels: usize,
+        config: &RuntimeConfig,
+    ) -> Result<Self, RuntimeError> {
+        Self::open(label, Some(graph), channels, config)
+    }
+
+    fn open(
+        model_path: &Path,
+        in_memory: Option<&[u8]>,
+        channels: usize,
+        config: &RuntimeConfig,
+    ) -> Result<Self, RuntimeError> {
         let env = environment(config.library_path.as_deref())?;
         if config.providers.is_empty() {
             return Err(RuntimeError::EmptyProviders);
         }
         let build = |dispatch: ep::ExecutionProviderDispatch| -> Result<Session, String> {
-            Session::builder(env)
+            let mut builder = Session::builder(env)
                 .map_err(|e| e.to_string())?
                 .with_execution_providers([dispatch])
                 .map_err(|e| e.to_string())?
                 .with_intra_threads(config.intra_threads.max(1))
-                .map_err(|e| e.to_string())?
-                .commit_from_file(model_path)
-                .map_err(|e| e.to_string())
+                .map_err(|e| e.to_string())?;
+            let session = match in_memory {
+                Some(graph) => builder.commit_from_memory(graph),
+                None => builder.commit_from_file(model_path),
+            };
+            session.map_err(|e| e.to_string())
         };
         let mut failures = Vec::new();
         let mut chosen = None;

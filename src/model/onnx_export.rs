@@ -34,6 +34,11 @@ pub fn export_onnx(model: &UNet, config: &UNetConfig, producer_version: &str) ->
     let out = model.walk(&mut emitter, INPUT_IMAGE.to_string(), INPUT_TIME.to_string());
     emitter.push_node("Identity", &[&out], vec![], Some(OUTPUT_EPS.to_string()));
 
+    model_proto(emitter, "rddpm_unet", config, producer_version)
+}
+
+/// The emitted nodes as a model whose `x_t`/`eps` have `config.channels` channels.
+fn model_proto(emitter: OnnxEmitter, name: &str, config: &UNetConfig, producer_version: &str) -> Vec<u8> {
     let mut proto = ModelProto::new();
     proto.ir_version = IR_VERSION;
     proto.producer_name = "edge-inspect".into();
@@ -45,7 +50,7 @@ pub fn export_onnx(model: &UNet, config: &UNetConfig, producer_version: &str) ->
     opset.version = OPSET;
 
     let graph = proto.graph.mut_or_insert_default();
-    graph.name = "rddpm_unet".into();
+    graph.name = name.into();
     graph.node = emitter.nodes;
     graph.initializer = emitter.initializers;
     let c = config.channels as i64;
@@ -53,6 +58,40 @@ pub fn export_onnx(model: &UNet, config: &UNetConfig, producer_version: &str) ->
     graph.input.push(value_info(INPUT_TIME, &[Dim::Param("N")]));
     graph.output.push(value_info(OUTPUT_EPS, &[Dim::Param("N"), Dim::Value(c), Dim::Param("H"), Dim::Param("W")]));
     proto.write_to_bytes().expect("an in-memory ModelProto always serialises")
+}
+
+/// Serialises the feature distance of `model` (`Residual::Feature`): in the head's
+/// contract, input `x_t: [N, 2C, H, W]` (frame ‖ reconstruction, channel-stacked) and `t: [N]`
+/// (the timestep the encoder sees them at), output `eps: [N, 2C, H, W]` whose channels all
+/// hold the map. Frame and reconstruction go through the UNet's own encoder as one batch;
+/// at every down ResBlock the per-pixel cosine distance `1 − ⟨f, f̂⟩ / (‖f‖·‖f̂‖)` of their
+/// features is resized (bilinear) to `H × W`, and the map is the mean over those levels.
+pub fn export_feature_onnx(model: &UNet, config: &UNetConfig, producer_version: &str) -> Vec<u8> {
+    let mut emitter = OnnxEmitter::default();
+    let halves = emitter.node_outputs("Split", &[INPUT_IMAGE], vec![attr_int("axis", 1)], 2);
+    let both = emitter.node("Concat", &[&halves[0], &halves[1]], vec![attr_int("axis", 0)]);
+    let t = emitter.node("Concat", &[INPUT_TIME, INPUT_TIME], vec![attr_int("axis", 0)]);
+    let features = model.walk_features(&mut emitter, both, t);
+    let levels = features.len();
+    let size = emitter.map_size(INPUT_IMAGE);
+    let mut sum: Option<String> = None;
+    for f in features {
+        let d = emitter.cosine_distance(&f);
+        let attrs = vec![attr_string("mode", "linear"), attr_string("coordinate_transformation_mode", "half_pixel")];
+        let d = emitter.node("Resize", &[&d, "", "", &size], attrs);
+        sum = Some(match sum {
+            None => d,
+            Some(s) => emitter.node("Add", &[&s, &d], vec![]),
+        });
+    }
+    let mean_weight = emitter.float_constant(&[], &[1.0 / levels as f32]);
+    let sum = sum.expect("a UNet has at least one level");
+    let map = emitter.node("Mul", &[&sum, &mean_weight], vec![]);
+    let shape = emitter.node("Shape", &[INPUT_IMAGE], vec![]);
+    emitter.push_node("Expand", &[&map, &shape], vec![], Some(OUTPUT_EPS.to_string()));
+
+    let pair = UNetConfig { channels: 2 * config.channels, ..config.clone() };
+    model_proto(emitter, "unet_feature_distance", &pair, producer_version)
 }
 
 enum Dim<'a> {
@@ -140,6 +179,45 @@ impl OnnxEmitter {
 
     fn node(&mut self, op: &str, inputs: &[&str], attrs: Vec<AttributeProto>) -> String {
         self.push_node(op, inputs, attrs, None)
+    }
+
+    /// A node with `n` outputs (e.g. an even `Split`).
+    fn node_outputs(&mut self, op: &str, inputs: &[&str], attrs: Vec<AttributeProto>, n: usize) -> Vec<String> {
+        let first = self.push_node(op, inputs, attrs, None);
+        let node = self.nodes.last_mut().expect("just pushed");
+        node.output = (0..n).map(|i| format!("{first}_{i}")).collect();
+        node.output.clone()
+    }
+
+    /// `[N, 1, H, W]` of a `[N, C, H, W]` value, as an int64 shape tensor.
+    fn map_size(&mut self, x: &str) -> String {
+        let shape = self.node("Shape", &[x], vec![]);
+        let (zero, one, two, four) =
+            (self.int_constant(&[0]), self.int_constant(&[1]), self.int_constant(&[2]), self.int_constant(&[4]));
+        let batch = self.node("Slice", &[&shape, &zero, &one], vec![]);
+        let spatial = self.node("Slice", &[&shape, &two, &four], vec![]);
+        self.node("Concat", &[&batch, &one, &spatial], vec![attr_int("axis", 0)])
+    }
+
+    /// Per pixel, `1 − cos` between the two halves of the batch of `f [2N, C, h, w]`:
+    /// `[N, 1, h, w]`.
+    fn cosine_distance(&mut self, f: &str) -> String {
+        let halves = self.node_outputs("Split", &[f], vec![attr_int("axis", 0)], 2);
+        let channels = self.int_constant(&[1]);
+        let channel_sum = |emitter: &mut Self, a: &str, b: &str| {
+            let product = emitter.node("Mul", &[a, b], vec![]);
+            emitter.node("ReduceSum", &[&product, &channels], vec![attr_int("keepdims", 1)])
+        };
+        let dot = channel_sum(self, &halves[0], &halves[1]);
+        let norm_a = channel_sum(self, &halves[0], &halves[0]);
+        let norm_b = channel_sum(self, &halves[1], &halves[1]);
+        let norms = self.node("Mul", &[&norm_a, &norm_b], vec![]);
+        let tiny = self.float_constant(&[], &[1e-12]);
+        let norms = self.node("Add", &[&norms, &tiny], vec![]);
+        let norms = self.node("Sqrt", &[&norms], vec![]);
+        let cosine = self.node("Div", &[&dot, &norms], vec![]);
+        let one = self.float_constant(&[], &[1.0]);
+        self.node("Sub", &[&one, &cosine], vec![])
     }
 
     fn float_initializer(&mut self, name: &str, dims: &[usize], values: Vec<f32>) -> String {

@@ -139,26 +139,19 @@ impl Attention {
     }
 }
 
+/// What the down path hands the middle and the decoder.
+struct Encoded<O: UNetOps> {
+    emb: O::Vector,
+    /// The coarsest map, after the last level.
+    h: O::Map,
+    /// Every down ResBlock's output, finest first.
+    skips: Vec<O::Map>,
+}
+
 impl UNet {
     /// The forward data flow, for any interpreter.
     pub fn walk<O: UNetOps>(&self, ops: &mut O, x: O::Map, t: O::Time) -> O::Map {
-        let emb = ops.timestep_embedding(t, self.embedding_dim);
-        let emb = ops.linear("time_in", &self.time_in, emb);
-        let emb = ops.silu_vector(emb);
-        let emb = ops.linear("time_out", &self.time_out, emb);
-        let emb = ops.silu_vector(emb);
-
-        let mut h = ops.conv("conv_in", &self.conv_in, x);
-        let mut skips = Vec::new();
-        for (i, level) in self.down.iter().enumerate() {
-            for (j, block) in level.res.iter().enumerate() {
-                h = block.walk(ops, &format!("down.{i}.res.{j}"), h, emb.clone());
-                skips.push(h.clone());
-            }
-            if let Some(down) = &level.down {
-                h = ops.conv(&format!("down.{i}.down"), down, h);
-            }
-        }
+        let Encoded { emb, mut h, mut skips } = self.encode(ops, x, t);
         h = self.mid1.walk(ops, "mid1", h, emb.clone());
         if let Some(attn) = &self.mid_attn {
             h = attn.walk(ops, "mid_attn", h);
@@ -178,6 +171,34 @@ impl UNet {
         let h = ops.group_norm("norm_out", &self.norm_out, h);
         let h = ops.silu(h);
         ops.conv("conv_out", &self.conv_out, h)
+    }
+
+    /// The encoder's features of `x` at timestep `t`: the output of every down-path
+    /// ResBlock, finest level first (the maps the decoder receives as skips).
+    pub fn walk_features<O: UNetOps>(&self, ops: &mut O, x: O::Map, t: O::Time) -> Vec<O::Map> {
+        self.encode(ops, x, t).skips
+    }
+
+    /// The down path: time embedding, then every level's ResBlocks and downsampling.
+    fn encode<O: UNetOps>(&self, ops: &mut O, x: O::Map, t: O::Time) -> Encoded<O> {
+        let emb = ops.timestep_embedding(t, self.embedding_dim);
+        let emb = ops.linear("time_in", &self.time_in, emb);
+        let emb = ops.silu_vector(emb);
+        let emb = ops.linear("time_out", &self.time_out, emb);
+        let emb = ops.silu_vector(emb);
+
+        let mut h = ops.conv("conv_in", &self.conv_in, x);
+        let mut skips = Vec::new();
+        for (i, level) in self.down.iter().enumerate() {
+            for (j, block) in level.res.iter().enumerate() {
+                h = block.walk(ops, &format!("down.{i}.res.{j}"), h, emb.clone());
+                skips.push(h.clone());
+            }
+            if let Some(down) = &level.down {
+                h = ops.conv(&format!("down.{i}.down"), down, h);
+            }
+        }
+        Encoded { emb, h, skips }
     }
 
     /// ε-prediction: `x_t [N,C,H,W]`, `t [N]` (float timestep index) → `eps [N,C,H,W]`.

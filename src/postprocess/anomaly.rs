@@ -28,6 +28,10 @@ pub enum Residual {
     /// The defect probability of the bundle's learned head (DRAEM-style) on the frame and
     /// its reconstruction; computed by `infer::inspect`, which runs the head graph.
     Head,
+    /// Per-pixel cosine distance between the UNet encoder's features of the frame and of
+    /// its reconstruction (at timestep `feature_t`), averaged over the encoder's levels; a
+    /// graph derived from the bundle's own weights computes it (`infer::inspect`).
+    Feature,
 }
 
 impl Residual {
@@ -38,6 +42,7 @@ impl Residual {
             Self::Ssim => "ssim",
             Self::Msgms => "msgms",
             Self::Head => "head",
+            Self::Feature => "feature",
         }
     }
 }
@@ -73,6 +78,10 @@ pub struct AnomalySpec {
     pub image_score: ImageScore,
     /// Connected mask regions smaller than this many pixels are not reported.
     pub min_region_area: usize,
+    /// The timestep at which the encoder sees frame and reconstruction for
+    /// [`Residual::Feature`].
+    #[serde(default)]
+    pub feature_t: usize,
 }
 
 impl Default for AnomalySpec {
@@ -83,6 +92,7 @@ impl Default for AnomalySpec {
             smoothing_sigma: 2.0,
             image_score: ImageScore::TopKMean { fraction: 0.01 },
             min_region_area: 4,
+            feature_t: 0,
         }
     }
 }
@@ -155,7 +165,9 @@ pub fn residual_map(
             Residual::L2 => x.iter().zip(&y).map(|(a, b)| (a - b) * (a - b)).collect(),
             Residual::Ssim => ssim_dissimilarity(&x, &y, height, width),
             Residual::Msgms => msgms_dissimilarity(&x, &y, height, width),
-            Residual::Head => panic!("residual_map: the head map comes from the head graph (infer::inspect)"),
+            Residual::Head | Residual::Feature => {
+                panic!("residual_map: the {} map comes from its graph (infer::inspect)", spec.residual.name())
+            }
         };
         for (m, r) in map.iter_mut().zip(channel_map) {
             *m = match spec.channel_reduction {
