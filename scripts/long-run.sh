@@ -24,7 +24,7 @@ FOREIGN=${FOREIGN:-brick}
 LEVEL=${LEVEL:-0.2}
 LOSSES=${LOSSES:-"mse huber lts"}
 STEPS=${STEPS:-5000}
-EXPORT_EVERY=${EXPORT_EVERY:-500}
+EXPORT_EVERY=${EXPORT_EVERY:-250}
 # Steps of the learned head trained after the last step (as in scripts/heldout-benchmark.sh).
 HEAD_STEPS=${HEAD_STEPS:-400}
 SEED=${SEED:-0}

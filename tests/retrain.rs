@@ -319,11 +319,13 @@ fn retrain_cli_reads_the_mvtec_layout_and_writes_a_report() {
     let category = tmp.path().join("brick");
     tiny_dataset(&category.join("train/good"));
     tiny_dataset(&category.join("test/good"));
-    let out = tmp.path().join("models/cli");
+    // A dotted name, as the benchmarks write them: the report and the interim bundles go
+    // beside it under its whole name.
+    let out = tmp.path().join("models/cli-p0.2");
     let o = Command::new(BIN)
         .args(["retrain", "--data", category.to_str().unwrap(), "--loss", "huber", "--out", out.to_str().unwrap()])
         .args(["--steps", "6", "--batch-size", "4", "--size", "16", "--base-channels", "16", "--channel-mults", "1,2"])
-        .args(["--t0", "10", "--reverse-steps", "2", "--no-progress"])
+        .args(["--t0", "10", "--reverse-steps", "2", "--no-progress", "--export-every", "3"])
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&o.stderr);
@@ -332,8 +334,10 @@ fn retrain_cli_reads_the_mvtec_layout_and_writes_a_report() {
     assert!(stdout.contains("trained") && stdout.contains("5 training / 1 calibration frames"), "{stdout}");
     assert!(stdout.contains("operating point: t0 "), "retrain searches by default: {stdout}");
     let report: serde_json::Value =
-        serde_json::from_slice(&fs::read(out.with_extension("report.json")).unwrap()).unwrap();
+        serde_json::from_slice(&fs::read(tmp.path().join("models/cli-p0.2.report.json")).unwrap()).unwrap();
     assert_eq!(report["data"]["layout"], "mvtec");
+    let interim = tmp.path().join("models/cli-p0.2.interim/step-000003");
+    assert_eq!(read_manifest(&interim).unwrap().provenance.training_steps, 3);
     let manifest = read_manifest(&out).unwrap();
     assert!(manifest.provenance.command.contains("retrain --data"));
     // Line-scale by default: tiles of the input size, ¾ of it apart, at native scale.

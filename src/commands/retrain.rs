@@ -1,5 +1,6 @@
 //! `edge-inspect retrain`: flags → [`TrainConfig`], Ctrl-C → checkpoint, outcome → stdout.
 
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 
@@ -83,7 +84,7 @@ pub fn run(args: RetrainArgs) -> anyhow::Result<()> {
         let parent = args.out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
         parent.join(format!(".{name}.checkpoint"))
     });
-    let report = args.report.clone().unwrap_or_else(|| args.out.with_extension("report.json"));
+    let report = args.report.clone().unwrap_or_else(|| beside(&args.out, ".report.json"));
     let options = RunOptions {
         data: args.data.clone(),
         layout: args.layout,
@@ -95,7 +96,7 @@ pub fn run(args: RetrainArgs) -> anyhow::Result<()> {
         resume: args.resume,
         stop_after: args.stop_after,
         export_every: args.export_every,
-        interim_dir: args.interim_dir.clone().unwrap_or_else(|| args.out.with_extension("interim")),
+        interim_dir: args.interim_dir.clone().unwrap_or_else(|| beside(&args.out, ".interim")),
         runtime: args.runtime.to_config(),
         report: Some(report.clone()),
         progress: !args.no_progress,
@@ -136,4 +137,12 @@ pub fn run(args: RetrainArgs) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// `<out><suffix>`, appended rather than set with `with_extension`, which would turn
+/// `gravel-p0.2-mse` into `gravel-p0.report.json` and make bundles named alike collide.
+fn beside(out: &Path, suffix: &str) -> PathBuf {
+    let mut path = out.as_os_str().to_owned();
+    path.push(suffix);
+    path.into()
 }
