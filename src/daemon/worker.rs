@@ -80,11 +80,29 @@ impl<D: Denoiser> Worker<D> {
 
     /// The inference loop: ends when the batcher is gone, or when the publisher is (the
     /// supervisor then sees the pipeline end instead of a worker inspecting for nobody). A
-    /// model on `swaps` takes over before the next batch: no batch mixes models, and the
+    /// model on `swaps` takes over between batches, and while no frames flow (the loader
+    /// must not wait for frames to hand over the next one): no batch mixes models, and the
     /// swap costs no frame.
-    pub fn run(mut self, batches: Receiver<Vec<Frame>>, output: Sender<Inspected>, swaps: Receiver<Swap<D>>) {
+    pub fn run(mut self, batches: Receiver<Vec<Frame>>, output: Sender<Inspected>, mut swaps: Receiver<Swap<D>>) {
         let hang = std::env::var("EDGE_INSPECT_FAULT").is_ok_and(|f| f == "inference-hang");
-        while let Some(batch) = self.progress.recv(&batches) {
+        loop {
+            self.progress.beat();
+            let batch = crossbeam_channel::select! {
+                recv(swaps) -> swap => {
+                    match swap {
+                        Ok(swap) => self.take_over(swap),
+                        // The loader has stopped: no more swaps, and no wake-ups from it.
+                        Err(_) => swaps = crossbeam_channel::never(),
+                    }
+                    continue;
+                }
+                recv(batches) -> batch => match batch {
+                    Ok(batch) => batch,
+                    Err(_) => break,
+                },
+                default(Progress::TURN) => continue,
+            };
+            // A swap sent before this batch's frames were captured takes over first.
             for swap in swaps.try_iter() {
                 self.take_over(swap);
             }
@@ -282,6 +300,32 @@ mod tests {
         ) -> Result<(), RuntimeError> {
             Err(RuntimeError::Run("injected".into()))
         }
+    }
+
+    /// The loader hands over one model at a time (a one-slot channel): the worker takes
+    /// each while no frame flows, so a second load never waits for a batch.
+    #[test]
+    fn models_are_taken_over_while_no_frames_flow() {
+        fn third(_: usize, x: f32, _: usize) -> f32 {
+            0.3 * x
+        }
+        let Rig { worker: w, .. } = rig(FnDenoiser(third));
+        let (batch_tx, batch_rx) = crossbeam_channel::bounded::<Vec<Frame>>(4);
+        let (out_tx, _out_rx) = crossbeam_channel::bounded(4);
+        let (swap_tx, swap_rx) = crossbeam_channel::bounded(1);
+        let thread = std::thread::spawn(move || w.run(batch_rx, out_tx, swap_rx));
+        for key in 1..=3 {
+            let inspector = Inspector::from_parts("fake".into(), manifest(), FnDenoiser(third), None, None).unwrap();
+            swap_tx
+                .send_timeout(model(key, inspector), Duration::from_secs(5))
+                .expect("the worker takes models while idle");
+        }
+        // A stopped loader does not stop the worker (nor make it spin); the batcher does.
+        drop(swap_tx);
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(!thread.is_finished());
+        drop(batch_tx);
+        thread.join().unwrap();
     }
 
     #[test]
