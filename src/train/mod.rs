@@ -391,9 +391,10 @@ fn loss_summary(losses: &[f64]) -> LossSummary {
     }
 }
 
-/// What happens on the exported graph before the manifest is written: the operating-point
-/// search, the head (trained, exported, scored against the searched point), calibration.
-struct Finish<'a> {
+/// From EMA weights to bundles: interim ones along the run (calibrated only), and the final
+/// one, whose exported graph gets the operating-point search, the head (trained, exported,
+/// scored against the searched point) and calibration before the manifest is written.
+struct Exporter<'a> {
     config: &'a TrainConfig,
     options: &'a RunOptions,
     calibration_frames: &'a [Vec<f32>],
@@ -401,7 +402,7 @@ struct Finish<'a> {
     data_sha256: &'a str,
 }
 
-impl Finish<'_> {
+impl Exporter<'_> {
     /// The manifest of weights trained for `steps` steps, before export and calibration fill
     /// in the artifact, the golden check and the thresholds.
     fn draft_manifest(&self, steps: usize) -> Manifest {
@@ -450,7 +451,9 @@ impl Finish<'_> {
         }
     }
 
-    fn run(&self, ort: &mut OrtDenoiser, manifest: &mut Manifest, staged: &Staged) -> Result<(), BundleError> {
+    /// The final bundle's exported graph: the search and the head where configured, then
+    /// calibration by the chosen rule.
+    fn finish(&self, ort: &mut OrtDenoiser, manifest: &mut Manifest, staged: &Staged) -> Result<(), BundleError> {
         let schedule = NoiseSchedule::new(&manifest.schedule).expect("validated");
         let input = manifest.input;
         let shape = [input.channels, input.height, input.width];
@@ -646,7 +649,7 @@ pub fn train(config: TrainConfig, options: &RunOptions) -> Result<Outcome, Train
             .map(|_| dataset.augmented(train_idx[rng.random_range(0..train_idx.len())], &augment, &mut rng))
             .collect()
     });
-    let finish = Finish {
+    let exporter = Exporter {
         config: &config,
         options,
         calibration_frames: &calibration_frames,
@@ -722,7 +725,7 @@ pub fn train(config: TrainConfig, options: &RunOptions) -> Result<Outcome, Train
             save_checkpoint(&ckpt, &model, &ema, &optimizer, &state)?;
         }
         if options.export_every > 0 && done % options.export_every == 0 && done < config.steps {
-            let bundle = finish.export_interim(&ema, done)?;
+            let bundle = exporter.export_interim(&ema, done)?;
             tracing::info!(step = done, bundle = %bundle.display(), "Interim bundle exported.");
         }
     }
@@ -737,10 +740,10 @@ pub fn train(config: TrainConfig, options: &RunOptions) -> Result<Outcome, Train
 
     // Finish: export the EMA weights, calibrate on the held-out frames through the graph.
     let ema = ema.to_device(&plain);
-    let manifest = finish.draft_manifest(config.steps);
+    let manifest = exporter.draft_manifest(config.steps);
     let (bundle, manifest) =
         export_bundle(&ema, manifest, &options.out, &options.runtime, options.force, |ort, m, staged| {
-            finish.run(ort, m, staged)
+            exporter.finish(ort, m, staged)
         })?;
     let wall = started.elapsed().as_secs_f64();
     let report = Report {
