@@ -42,22 +42,17 @@ fn synth(out: &Path, size: u32, contamination: &str) {
     assert!(stdout.contains("defective / (normal + defective)"), "the ratio definition is stated: {stdout}");
 }
 
-fn eval(data: &Path, out: &Path) -> (bool, String, String) {
+/// `eval` of the demo model at 3 DDIM steps with 3 overlays, plus `extra` flags.
+fn eval_with(data: &Path, out: &Path, extra: &[&str]) -> (bool, String, String) {
     let model = repo().join("models/brick-huber");
-    edge_inspect(&[
-        "eval",
-        "--model",
-        model.to_str().unwrap(),
-        "--data",
-        data.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-        "--overlays",
-        "3",
-        "--no-progress",
-        "--steps",
-        "3",
-    ])
+    let (model, data, out) = (model.to_str().unwrap(), data.to_str().unwrap(), out.to_str().unwrap());
+    let base =
+        ["eval", "--model", model, "--data", data, "--out", out, "--overlays", "3", "--no-progress", "--steps", "3"];
+    edge_inspect(&[&base[..], extra].concat())
+}
+
+fn eval(data: &Path, out: &Path) -> (bool, String, String) {
+    eval_with(data, out, &[])
 }
 
 #[test]
@@ -92,27 +87,7 @@ fn eval_scores_a_generated_benchmark() {
     }
 
     // The feature map rule: its graph is derived from the bundle's weights on the fly.
-    let model = repo().join("models/brick-huber");
-    let feature_eval = |out: &Path, t: &str| {
-        edge_inspect(&[
-            "eval",
-            "--model",
-            model.to_str().unwrap(),
-            "--data",
-            data.to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-            "--overlays",
-            "0",
-            "--no-progress",
-            "--steps",
-            "3",
-            "--anomaly-map",
-            "feature",
-            "--feature-t",
-            t,
-        ])
-    };
+    let feature_eval = |out: &Path, t: &str| eval_with(&data, out, &["--anomaly-map", "feature", "--feature-t", t]);
     let (ok, _, stderr) = feature_eval(&dir.path().join("feature"), "10");
     assert!(ok, "{stderr}");
     let feature: serde_json::Value =
