@@ -2,10 +2,12 @@
 """Markdown tables for docs/results.md from scripts/long-run.sh's reports.
 
 Usage: scripts/long-run-tables.py bench-long
-Reads <out>/eval/<rule>/<loss>-<step>/report.json (rule: old, t25, auto) and the training
-reports <out>/models/<name>.report.json (the loss curve). Prints, per fixed rule, pixel
-AUROC / pixel AUPRC / image AUROC against training steps for each loss, then the final
-bundles at their searched operating points, then the loss curves at the export steps.
+Reads <out>/eval/<rule>/<loss>-<step>/report.json (rule: old, t25, auto on the test set;
+train-old, train-t25 on the training frames) and the training reports
+<out>/models/<name>.report.json (the loss curve). Prints, per fixed rule, pixel AUROC / pixel
+AUPRC / image AUROC on the test set against training steps for each loss, the image AUROC of
+the contaminated training frames against the clean ones under both rules, then the final
+bundles at their searched operating points, then the loss curves.
 """
 import json
 import os
@@ -49,6 +51,24 @@ def fixed_rule_table(out, rule):
         print(f"| {step} | " + " | ".join(cell(rows.get((loss, step))) for loss in losses) + " |")
 
 
+def training_frames_table(out):
+    rows = {rule: load(out, f"train-{rule}") for rule in RULES}
+    steps = sorted({step for table in rows.values() for _, step in table})
+    if not steps:
+        return
+    columns = [(rule, loss) for rule in RULES for loss in LOSSES]
+    print("\n**The training frames: image AUROC of the 40 contaminated against the 160 clean** "
+          "(t0 100 / 10 steps, then t0 25 / 1 step)\n")
+    print("| steps | " + " | ".join(f"{loss} ({rule})" for rule, loss in columns) + " |")
+    print("|---" * (len(columns) + 1) + "|")
+    for step in steps:
+        cells = []
+        for rule, loss in columns:
+            report = rows[rule].get((loss, step))
+            cells.append("–" if report is None else f"{report['image_auroc']:.3f}")
+        print(f"| {step} | " + " | ".join(cells) + " |")
+
+
 def searched_table(out):
     rows = load(out, "auto")
     if not rows:
@@ -83,6 +103,7 @@ def loss_curves(out):
 def main(out):
     for rule in RULES:
         fixed_rule_table(out, rule)
+    training_frames_table(out)
     searched_table(out)
     loss_curves(out)
 

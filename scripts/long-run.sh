@@ -6,7 +6,9 @@
 # scores differ by the weights only:
 #   old/   L1 pixel residual, t0 100, 10 DDIM steps (the previous shipped default)
 #   t25/   L1 pixel residual, t0 25, one DDIM step
-# The final bundle is also scored by its own searched operating point (auto/).
+# on the test set, and again on the training frames (train-old/, train-t25/: image AUROC of
+# the contaminated training frames against the clean ones). The final bundle is also scored
+# by its own searched operating point (auto/).
 #
 #   scripts/long-run.sh                       # gravel at 20 %, 5,000 steps (~2.5 h on 2 cores)
 #   STEPS=20 EXPORT_EVERY=10 HEAD_STEPS=0 OUT=/tmp/lr scripts/long-run.sh   # a smoke run
@@ -49,6 +51,24 @@ if [ ! -d "$data" ]; then
     --out "$data" --contamination "$LEVEL" --seed "$SEED"
 fi
 
+# The training frames themselves as an anomalib Folder set (good/: the clean ones, bad/: the
+# contaminated ones synth.json lists; no masks): how far each model still tells its own
+# defective training frames apart (image AUROC) shows whether it learnt to draw their defects.
+trainset="$data-trainset"
+if [ ! -d "$trainset" ]; then
+  log "trainset $trainset"
+  python3 - "$data" "$trainset" <<'PY'
+import json, os, shutil, sys
+data, out = sys.argv[1], sys.argv[2]
+with open(os.path.join(data, "synth.json")) as f:
+    defective = {d["file"] for d in json.load(f)["contaminated_train"]}
+for name in sorted(os.listdir(os.path.join(data, "train/good"))):
+    kind = "bad" if f"train/good/{name}" in defective else "good"
+    os.makedirs(os.path.join(out, kind), exist_ok=True)
+    shutil.copy(os.path.join(data, "train/good", name), os.path.join(out, kind, name))
+PY
+fi
+
 train() {
   local loss=$1 model="$OUT/models/$TEXTURE-p$LEVEL-$1"
   [ -f "$model/manifest.toml" ] && return 0
@@ -66,20 +86,24 @@ for loss in $LOSSES; do train "$loss" & done
 wait
 
 score() {
-  local model=$1 report=$2
-  shift 2
+  local model=$1 set=$2 report=$3
+  shift 3
   [ -f "$report/report.json" ] && return 0
-  "$BIN" eval --model "$model" --data "$data" --out "$report" --overlays 0 --no-progress --threads 2 "$@" \
+  "$BIN" eval --model "$model" --data "$set" --out "$report" --overlays 0 --no-progress --threads 2 "$@" \
     >/dev/null 2>>"$OUT/long-run.log"
 }
+OLD=(--anomaly-map l1 --no-ensemble --sampler ddim --t0 100 --steps 10 --condition 0)
+T25=(--anomaly-map l1 --no-ensemble --sampler ddim --t0 25 --steps 1 --condition 0)
 for loss in $LOSSES; do
   model="$OUT/models/$TEXTURE-p$LEVEL-$loss"
   for bundle in "$model.interim"/step-* "$model"; do
     step=$( [ "$bundle" = "$model" ] && echo "$STEPS" || basename "$bundle" | sed 's/step-0*//' )
     log "eval $loss at step $step"
-    score "$bundle" "$OUT/eval/old/$loss-$step" --anomaly-map l1 --no-ensemble --sampler ddim --t0 100 --steps 10 --condition 0
-    score "$bundle" "$OUT/eval/t25/$loss-$step" --anomaly-map l1 --no-ensemble --sampler ddim --t0 25 --steps 1 --condition 0
+    score "$bundle" "$data" "$OUT/eval/old/$loss-$step" "${OLD[@]}"
+    score "$bundle" "$data" "$OUT/eval/t25/$loss-$step" "${T25[@]}"
+    score "$bundle" "$trainset" "$OUT/eval/train-old/$loss-$step" "${OLD[@]}"
+    score "$bundle" "$trainset" "$OUT/eval/train-t25/$loss-$step" "${T25[@]}"
   done
-  score "$model" "$OUT/eval/auto/$loss-$STEPS"
+  score "$model" "$data" "$OUT/eval/auto/$loss-$STEPS"
 done
 log "done; tables: python3 scripts/long-run-tables.py $OUT"
