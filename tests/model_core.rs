@@ -195,6 +195,14 @@ fn broken_bundles_give_clear_errors() {
     let e = load_err(&shape);
     assert!(e.to_string().contains("1 channels but the manifest says 3"), "{e}");
 
+    // A feature-map timestep beyond the schedule.
+    let feature_t = copy("feature-t");
+    edit_manifest(&feature_t, |m| {
+        m["anomaly"]["feature_t"] = toml::Value::Integer(5000);
+    });
+    let e = load_err(&feature_t);
+    assert!(e.to_string().contains("anomaly.feature_t = 5000 is beyond the schedule's 1000 timesteps"), "{e}");
+
     // An input size the UNet cannot halve.
     let size = copy("size");
     edit_manifest(&size, |m| {

@@ -320,7 +320,7 @@ mod tests {
                 .send_timeout(model(key, inspector), Duration::from_secs(5))
                 .expect("the worker takes models while idle");
         }
-        // A stopped loader does not stop the worker (nor make it spin); the batcher does.
+        // A stopped loader does not stop the worker; the batcher does.
         drop(swap_tx);
         std::thread::sleep(Duration::from_millis(50));
         assert!(!thread.is_finished());

@@ -99,13 +99,7 @@ pub fn validate(m: &Manifest) -> Result<(), String> {
     let schedule = NoiseSchedule::new(&m.schedule).map_err(|e| format!("schedule: {e}"))?;
     crate::infer::inspect::Ensemble::new(&schedule, m.reconstruction, m.extra_t0())
         .map_err(|e| format!("reconstruction: {e}"))?;
-    if m.anomaly.feature_t >= schedule.len() {
-        return Err(format!(
-            "anomaly.feature_t = {} is beyond the schedule's {} timesteps",
-            m.anomaly.feature_t,
-            schedule.len()
-        ));
-    }
+    check_feature_t(m.anomaly.feature_t, m.schedule.steps).map_err(|e| format!("anomaly.{e}"))?;
     for (name, t) in [("pixel", &m.thresholds.pixel), ("image", &m.thresholds.image)] {
         if !(t.max >= t.min) || !t.value.is_finite() {
             return Err(format!("thresholds.{name}: need finite value and max >= min, got {t:?}"));
@@ -124,6 +118,14 @@ pub fn validate(m: &Manifest) -> Result<(), String> {
     }
     if m.golden.batch == 0 || m.golden.timesteps.len() != m.golden.batch {
         return Err(format!("golden: {} timesteps for batch {}", m.golden.timesteps.len(), m.golden.batch));
+    }
+    Ok(())
+}
+
+/// The feature map's timestep must be one of the schedule's.
+fn check_feature_t(feature_t: usize, steps: usize) -> Result<(), String> {
+    if feature_t >= steps {
+        return Err(format!("feature_t = {feature_t} is beyond the schedule's {steps} timesteps"));
     }
     Ok(())
 }
@@ -188,15 +190,8 @@ impl Bundle {
         feature_t: usize,
         runtime: &RuntimeConfig,
     ) -> Result<(), BundleError> {
-        if feature_t >= self.manifest.schedule.steps {
-            return Err(BundleError::Inconsistent {
-                path: self.dir.clone(),
-                what: format!(
-                    "feature_t = {feature_t} is beyond the schedule's {} timesteps",
-                    self.manifest.schedule.steps
-                ),
-            });
-        }
+        check_feature_t(feature_t, self.manifest.schedule.steps)
+            .map_err(|what| BundleError::Inconsistent { path: self.dir.clone(), what })?;
         if residual == Residual::Head && self.head.is_none() {
             return Err(BundleError::Inconsistent {
                 path: self.dir.clone(),

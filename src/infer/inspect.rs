@@ -39,18 +39,9 @@ pub fn head_maps(
     head: &mut dyn Denoiser,
     clean: &[f32],
     recon: &[f32],
-    [n, c, h, w]: [usize; 4],
+    shape: [usize; 4],
 ) -> Result<Vec<Vec<f32>>, RuntimeError> {
-    let input = head_input(clean, recon, n);
-    let mut maps = Vec::with_capacity(n);
-    head.predict_eps(&input, [n, 2 * c, h, w], &vec![0.0; n], &mut |out| {
-        let frame_out = 2 * c * h * w;
-        for i in 0..n {
-            let logits = &out[i * frame_out..i * frame_out + h * w];
-            maps.push(logits.iter().map(|z| 1.0 / (1.0 + (-z).exp())).collect());
-        }
-    })?;
-    Ok(maps)
+    pair_maps(head, clean, recon, shape, 0, |z| 1.0 / (1.0 + (-z).exp()))
 }
 
 /// Per frame of `clean`/`recon` (`[n, C, H, W]`), the feature distance computed by the
@@ -59,14 +50,27 @@ pub fn feature_maps(
     features: &mut dyn Denoiser,
     clean: &[f32],
     recon: &[f32],
+    shape: [usize; 4],
+    t: usize,
+) -> Result<Vec<Vec<f32>>, RuntimeError> {
+    pair_maps(features, clean, recon, shape, t, |d| d)
+}
+
+/// Runs a graph of the head's contract (frame ‖ reconstruction in, the map in output
+/// channel 0) at timestep `t` and maps channel 0 of each frame through `value`.
+fn pair_maps(
+    graph: &mut dyn Denoiser,
+    clean: &[f32],
+    recon: &[f32],
     [n, c, h, w]: [usize; 4],
     t: usize,
+    value: impl Fn(f32) -> f32,
 ) -> Result<Vec<Vec<f32>>, RuntimeError> {
     let input = head_input(clean, recon, n);
     let mut maps = Vec::with_capacity(n);
-    features.predict_eps(&input, [n, 2 * c, h, w], &vec![t as f32; n], &mut |out| {
+    graph.predict_eps(&input, [n, 2 * c, h, w], &vec![t as f32; n], &mut |out| {
         let frame_out = 2 * c * h * w;
-        maps.extend((0..n).map(|i| out[i * frame_out..i * frame_out + h * w].to_vec()));
+        maps.extend((0..n).map(|i| out[i * frame_out..i * frame_out + h * w].iter().map(|&v| value(v)).collect()));
     })?;
     Ok(maps)
 }
@@ -172,8 +176,9 @@ pub struct FrameView<'a> {
 }
 
 /// A model (denoiser, the graph of a head or feature map rule, manifest) with its
-/// reconstruction ensemble and reusable batch buffers. Generic over the [`Denoiser`], so the stages around it are unit-tested
-/// with a fake; the daemon, `infer` and `eval` use [`OrtDenoiser`] sessions from a [`Bundle`].
+/// reconstruction ensemble and reusable batch buffers. Generic over the [`Denoiser`], so
+/// the stages around it are unit-tested with a fake; the daemon, `infer` and `eval` use
+/// [`OrtDenoiser`] sessions from a [`Bundle`].
 pub struct Inspector<D: Denoiser = OrtDenoiser> {
     /// Where the model came from, for error messages.
     dir: PathBuf,
