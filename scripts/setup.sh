@@ -13,9 +13,10 @@ repo_root=$(cd "$(dirname "$0")/.." && pwd)
 # hardening is scored with systemd's systemd-analyze; patchelf lays out the GPU runtime
 # (`fetch-onnxruntime.sh --gpu`, checked by tests/gpu_runtime.rs); mesa-vulkan-drivers
 # (lavapipe, a CPU Vulkan driver) and libvulkan1 run the GPU training backend's tests
-# (tests/gpu_train.rs) where there is no GPU.
+# (tests/gpu_train.rs) where there is no GPU; libdnnl-dev (oneDNN 2.6, with g++ to build
+# native/onednn.cpp) runs CPU training's convolutions, SiLU and GroupNorm (model::onednn).
 packages=(curl unzip ca-certificates libclang1-14 mosquitto mosquitto-clients openssl procps systemd patchelf
-          mesa-vulkan-drivers libvulkan1)
+          mesa-vulkan-drivers libvulkan1 libdnnl-dev g++)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

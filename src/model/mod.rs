@@ -7,6 +7,8 @@ pub mod architecture;
 pub mod diffusion;
 pub mod manifest;
 #[cfg(feature = "train")]
+pub mod onednn;
+#[cfg(feature = "train")]
 pub mod onnx_export;
 pub mod preprocess;
 pub mod sampling;

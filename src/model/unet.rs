@@ -364,24 +364,26 @@ impl UNetOps for BurnOps {
     }
 
     fn conv(&mut self, _name: &str, layer: &Conv2d, x: Tensor<4>) -> Tensor<4> {
-        layer.forward(x)
+        super::onednn::conv2d(layer, &x).unwrap_or_else(|| layer.forward(x))
     }
 
     fn group_norm(&mut self, _name: &str, layer: &GroupNorm, x: Tensor<4>) -> Tensor<4> {
         let [n, c, h, w] = x.dims();
         let g = layer.groups;
-        let grouped = x.reshape([n, g, (c / g) * h * w]);
-        let mean = grouped.clone().mean_dim(2);
-        let centered = grouped.sub(mean);
-        let var = centered.clone().square().mean_dim(2);
-        let normed = centered.div(var.add_scalar(GROUP_NORM_EPS).sqrt()).reshape([n, c, h, w]);
+        let normed = super::onednn::group_normalize(&x, g, GROUP_NORM_EPS).unwrap_or_else(|| {
+            let grouped = x.reshape([n, g, (c / g) * h * w]);
+            let mean = grouped.clone().mean_dim(2);
+            let centered = grouped.sub(mean);
+            let var = centered.clone().square().mean_dim(2);
+            centered.div(var.add_scalar(GROUP_NORM_EPS).sqrt()).reshape([n, c, h, w])
+        });
         let gamma = layer.gamma.val().reshape([1, c, 1, 1]);
         let beta = layer.beta.val().reshape([1, c, 1, 1]);
         normed.mul(gamma).add(beta)
     }
 
     fn silu(&mut self, x: Tensor<4>) -> Tensor<4> {
-        silu(x)
+        super::onednn::silu(&x).unwrap_or_else(|| silu(x))
     }
 
     fn add(&mut self, a: Tensor<4>, b: Tensor<4>) -> Tensor<4> {
