@@ -1,6 +1,7 @@
 //! Training step time of the UNet: forward + loss + backward + AdamW, batch 16 at 64×64, the
-//! configuration of `docs/performance.md`, on burn's Flex CPU backend or (built with
-//! `--features gpu-train`) its wgpu backend.
+//! configuration of `docs/performance.md`, on burn's Flex CPU backend (its convolutions, SiLU
+//! and GroupNorm on oneDNN: `model::onednn`) or (built with `--features gpu-train`) its wgpu
+//! backend.
 //!
 //! `cargo bench --bench train_step`. Knobs: `BENCH_BATCH` (16), `BENCH_SIZE` (64),
 //! `BENCH_STEPS` (10 timed after 2 warm-up), `BENCH_LOSS` (mse|huber|lts), `BENCH_CHANNELS` (1),

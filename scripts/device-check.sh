@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The prepared GPU check (issue 13): run it on a GPU host, which may be air-gapped — nothing
 # here reaches a registry. Everything it needs is brought along beforehand: the release
-# binary, and the GPU runtime of `scripts/fetch-onnxruntime.sh --gpu` — either as that folder
+# binary, the oneDNN libraries it links, and the GPU runtime of
+# `scripts/fetch-onnxruntime.sh --gpu` — either as that folder
 # or as the pieces `scripts/device-pack.sh` cut (≤ 60 MiB each, xz, sha256-checked), with
 # the CUDA libraries the host already has left out.
 #

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Cuts what `scripts/device-check.sh` needs on an air-gapped GPU host into pieces that fit a
-# limited transfer: the release binary and the GPU runtime (`fetch-onnxruntime.sh --gpu`),
-# each file xz-compressed and split into pieces of PIECE bytes (default 60 MiB), with a
-# MANIFEST of every whole file's sha256 for the check to verify after joining.
+# limited transfer: the release binary, the non-base libraries it links (oneDNN) and the GPU
+# runtime (`fetch-onnxruntime.sh --gpu`), each file xz-compressed and split into pieces of
+# PIECE bytes (default 60 MiB), with a MANIFEST of every whole file's sha256 for the check to
+# verify after joining.
 #
 #   scripts/device-pack.sh                       # everything (~0.9 GB of pieces)
 #   scripts/device-pack.sh libcudnn libcublas    # leave out libraries whose names start so
@@ -30,6 +31,12 @@ skipped() {
 rm -rf "$OUT"
 mkdir -p "$OUT"
 files=("$BIN")
+# The libraries the binary links beyond a base system: oneDNN (the `train` feature's CPU
+# kernels) with the OpenMP and OpenCL loaders it needs. They land beside the GPU runtime,
+# which device-check.sh puts on the loader's path.
+while read -r lib; do
+    files+=("$lib")
+done < <(ldd "$BIN" | awk '$1 ~ /^(libdnnl|libgomp|libOpenCL)\./ {print $3}')
 for f in "$runtime"/*.so*; do
     [ -L "$f" ] && continue # the unversioned link is remade on the host
     skipped "$(basename "$f")" "$@" || files+=("$f")

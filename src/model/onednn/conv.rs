@@ -4,13 +4,13 @@
 
 use std::ffi::{c_char, c_int};
 
+use burn::backend::Flex;
 use burn::backend::autodiff::NodeId;
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::flex::FlexTensor;
-use burn::backend::Flex;
 use burn::nn::PaddingConfig2d;
 use burn::nn::conv::Conv2d;
 use burn::tensor::{Shape, Tensor};
@@ -38,9 +38,7 @@ impl Geometry {
         let [out_channels, in_channels, kernel_h, kernel_w] = layer.weight.dims();
         let [batch, channels, height, width] = input;
         let padding = match layer.padding {
-            PaddingConfig2d::Explicit(top, left, bottom, right)
-                if top == left && left == bottom && bottom == right =>
-            {
+            PaddingConfig2d::Explicit(top, left, bottom, right) if top == left && left == bottom && bottom == right => {
                 top
             }
             _ => return None,
@@ -203,12 +201,18 @@ pub fn conv2d(layer: &Conv2d, x: &Tensor<4>) -> Option<Tensor<4>> {
     let tensors = (on_flex(x)?, on_flex(&layer.weight.val())?, on_flex(&bias)?);
     match tensors {
         (FlexFloat::Tracked(x), FlexFloat::Tracked(weight), FlexFloat::Tracked(bias)) => {
-            let out = match ConvBackward.prepare::<NoCheckpointing>([x.node(), weight.node(), bias.node()]).compute_bound().stateful() {
+            let out = match ConvBackward
+                .prepare::<NoCheckpointing>([x.node(), weight.node(), bias.node()])
+                .compute_bound()
+                .stateful()
+            {
                 OpsKind::Tracked(mut prep) => {
                     let state = (prep.checkpoint(&x), prep.checkpoint(&weight), geometry);
                     prep.finish(state, forward(&geometry, x.primitive(), weight.primitive(), bias.primitive()))
                 }
-                OpsKind::UnTracked(prep) => prep.finish(forward(&geometry, x.primitive(), weight.primitive(), bias.primitive())),
+                OpsKind::UnTracked(prep) => {
+                    prep.finish(forward(&geometry, x.primitive(), weight.primitive(), bias.primitive()))
+                }
             };
             Some(FlexFloat::Tracked(out).into_tensor())
         }
@@ -228,7 +232,11 @@ mod tests {
     fn layer(c_in: usize, c_out: usize, kernel: usize, stride: usize, device: &Device) -> Conv2d {
         let pad = kernel / 2;
         Conv2d {
-            weight: Param::from_tensor(Tensor::random([c_out, c_in, kernel, kernel], Distribution::Uniform(-0.5, 0.5), device)),
+            weight: Param::from_tensor(Tensor::random(
+                [c_out, c_in, kernel, kernel],
+                Distribution::Uniform(-0.5, 0.5),
+                device,
+            )),
             bias: Some(Param::from_tensor(Tensor::random([c_out], Distribution::Uniform(-0.5, 0.5), device))),
             stride: [stride, stride],
             kernel_size: [kernel, kernel],
@@ -254,9 +262,12 @@ mod tests {
     #[test]
     fn matches_burns_convolution_forward_and_backward() {
         let device = Device::flex().autodiff();
-        for (c_in, c_out, kernel, stride, size) in [(1, 8, 3, 1, 9), (8, 16, 3, 2, 12), (16, 8, 1, 1, 7), (12, 4, 3, 1, 5)] {
+        for (c_in, c_out, kernel, stride, size) in
+            [(1, 8, 3, 1, 9), (8, 16, 3, 2, 12), (16, 8, 1, 1, 7), (12, 4, 3, 1, 5)]
+        {
             let layer = layer(c_in, c_out, kernel, stride, &device);
-            let x = Tensor::<4>::random([3, c_in, size, size], Distribution::Uniform(-1.0, 1.0), &device).require_grad();
+            let x =
+                Tensor::<4>::random([3, c_in, size, size], Distribution::Uniform(-1.0, 1.0), &device).require_grad();
             let up = Tensor::<4>::random(layer.forward(x.clone()).dims(), Distribution::Uniform(-1.0, 1.0), &device);
             let ours = conv2d(&layer, &x).expect("the oneDNN path covers this layer");
             let burns = layer.forward(x.clone());

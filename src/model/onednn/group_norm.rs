@@ -6,13 +6,13 @@
 use std::ffi::{c_char, c_int};
 
 use burn::backend::Flex;
+use burn::backend::TensorMetadata;
 use burn::backend::autodiff::NodeId;
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::flex::FlexTensor;
-use burn::backend::TensorMetadata;
 use burn::tensor::{Shape, Tensor};
 
 use super::{FlexFloat, checked, contiguous, on_flex, output, threads, values};
@@ -65,7 +65,8 @@ fn forward(runs: Runs, x: &FlexTensor) -> Normalised {
     let mut out = output(x.shape());
     let statistics = Shape::new([runs.count as usize]);
     let (mut mean, mut variance) = (output(statistics.clone()), output(statistics));
-    let (dst, mean_values, variance_values) = (out.storage_mut::<f32>(), mean.storage_mut::<f32>(), variance.storage_mut::<f32>());
+    let (dst, mean_values, variance_values) =
+        (out.storage_mut::<f32>(), mean.storage_mut::<f32>(), variance.storage_mut::<f32>());
     checked("GroupNorm forward", |error, len| unsafe {
         ei_normalise_forward(
             runs.count,
@@ -83,7 +84,13 @@ fn forward(runs: Runs, x: &FlexTensor) -> Normalised {
     Normalised { output: out, mean, variance }
 }
 
-fn input_gradient(runs: Runs, x: &FlexTensor, mean: &FlexTensor, variance: &FlexTensor, grad: &FlexTensor) -> FlexTensor {
+fn input_gradient(
+    runs: Runs,
+    x: &FlexTensor,
+    mean: &FlexTensor,
+    variance: &FlexTensor,
+    grad: &FlexTensor,
+) -> FlexTensor {
     let (x, grad) = (contiguous(x), contiguous(grad));
     let mut out = output(x.shape());
     let diff_src = out.storage_mut::<f32>();
@@ -131,20 +138,22 @@ pub fn group_normalize(x: &Tensor<4>, groups: usize, epsilon: f32) -> Option<Ten
         return None;
     }
     let runs = Runs { count: (n * groups) as i64, length: (c / groups * h * w) as i64, epsilon };
-    Some(match on_flex(x)? {
-        FlexFloat::Tracked(x) => {
-            FlexFloat::Tracked(match NormaliseBackward.prepare::<NoCheckpointing>([x.node()]).compute_bound().stateful() {
-                OpsKind::Tracked(mut prep) => {
-                    let Normalised { output, mean, variance } = forward(runs, x.primitive());
-                    let state = (prep.checkpoint(&x), mean, variance, runs);
-                    prep.finish(state, output)
-                }
-                OpsKind::UnTracked(prep) => prep.finish(forward(runs, x.primitive()).output),
-            })
+    Some(
+        match on_flex(x)? {
+            FlexFloat::Tracked(x) => FlexFloat::Tracked(
+                match NormaliseBackward.prepare::<NoCheckpointing>([x.node()]).compute_bound().stateful() {
+                    OpsKind::Tracked(mut prep) => {
+                        let Normalised { output, mean, variance } = forward(runs, x.primitive());
+                        let state = (prep.checkpoint(&x), mean, variance, runs);
+                        prep.finish(state, output)
+                    }
+                    OpsKind::UnTracked(prep) => prep.finish(forward(runs, x.primitive()).output),
+                },
+            ),
+            FlexFloat::Plain(x) => FlexFloat::Plain(forward(runs, &x).output),
         }
-        FlexFloat::Plain(x) => FlexFloat::Plain(forward(runs, &x).output),
-    }
-    .into_tensor())
+        .into_tensor(),
+    )
 }
 
 #[cfg(test)]

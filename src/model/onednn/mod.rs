@@ -117,7 +117,10 @@ mod tests {
             for (i, (model, x, t, alone)) in cases.iter().enumerate() {
                 scope.spawn(move || {
                     for round in 0..10 {
-                        assert!(pass(model, x, t) == *alone, "thread {i}, round {round}: results differ from a lone run");
+                        assert!(
+                            pass(model, x, t) == *alone,
+                            "thread {i}, round {round}: results differ from a lone run"
+                        );
                     }
                 });
             }

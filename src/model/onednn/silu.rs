@@ -4,19 +4,26 @@
 use std::ffi::{c_char, c_int};
 
 use burn::backend::Flex;
+use burn::backend::TensorMetadata;
 use burn::backend::autodiff::NodeId;
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::flex::FlexTensor;
-use burn::backend::TensorMetadata;
 use burn::tensor::Tensor;
 
 use super::{FlexFloat, checked, contiguous, on_flex, output, threads, values};
 
 unsafe extern "C" {
-    fn ei_swish_forward(elements: i64, threads: c_int, src: *const f32, dst: *mut f32, error: *mut c_char, error_len: usize) -> c_int;
+    fn ei_swish_forward(
+        elements: i64,
+        threads: c_int,
+        src: *const f32,
+        dst: *mut f32,
+        error: *mut c_char,
+        error_len: usize,
+    ) -> c_int;
     fn ei_swish_backward(
         elements: i64,
         threads: c_int,
@@ -45,7 +52,15 @@ fn input_gradient(x: &FlexTensor, grad: &FlexTensor) -> FlexTensor {
     let mut out = output(x.shape());
     let diff_src = out.storage_mut::<f32>();
     checked("SiLU backward", |error, len| unsafe {
-        ei_swish_backward(src.len() as i64, threads(), src.as_ptr(), values(&grad).as_ptr(), diff_src.as_mut_ptr(), error, len)
+        ei_swish_backward(
+            src.len() as i64,
+            threads(),
+            src.as_ptr(),
+            values(&grad).as_ptr(),
+            diff_src.as_mut_ptr(),
+            error,
+            len,
+        )
     });
     out
 }
@@ -69,17 +84,21 @@ impl Backward<Flex, 1> for SiluBackward {
 
 /// SiLU of `x` by oneDNN, or `None` if `x` is not an f32 tensor on Flex.
 pub fn silu<const D: usize>(x: &Tensor<D>) -> Option<Tensor<D>> {
-    Some(match on_flex(x)? {
-        FlexFloat::Tracked(x) => FlexFloat::Tracked(match SiluBackward.prepare::<NoCheckpointing>([x.node()]).compute_bound().stateful() {
-            OpsKind::Tracked(mut prep) => {
-                let state = prep.checkpoint(&x);
-                prep.finish(state, forward(x.primitive()))
-            }
-            OpsKind::UnTracked(prep) => prep.finish(forward(x.primitive())),
-        }),
-        FlexFloat::Plain(x) => FlexFloat::Plain(forward(&x)),
-    }
-    .into_tensor())
+    Some(
+        match on_flex(x)? {
+            FlexFloat::Tracked(x) => FlexFloat::Tracked(
+                match SiluBackward.prepare::<NoCheckpointing>([x.node()]).compute_bound().stateful() {
+                    OpsKind::Tracked(mut prep) => {
+                        let state = prep.checkpoint(&x);
+                        prep.finish(state, forward(x.primitive()))
+                    }
+                    OpsKind::UnTracked(prep) => prep.finish(forward(x.primitive())),
+                },
+            ),
+            FlexFloat::Plain(x) => FlexFloat::Plain(forward(&x)),
+        }
+        .into_tensor(),
+    )
 }
 
 #[cfg(test)]
