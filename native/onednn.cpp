@@ -4,10 +4,10 @@
 //
 // Written by hand because no kept Rust crate binds oneDNN (the crates.io bindings are 0.0.x
 // stubs), and the C++ API (dnnl.hpp) is far shorter and safer to drive than the C API's
-// by-value descriptor structs across FFI. The Rust side sees three functions over plain
-// NCHW / OIHW float buffers and a geometry; everything oneDNN-specific stays here:
-// primitives are created once per geometry and cached, the primitives pick their own
-// (blocked) layouts, and buffers are reordered into and out of them on each call.
+// by-value descriptor structs across FFI. The Rust side sees seven functions over plain
+// NCHW / OIHW float buffers and shapes; everything oneDNN-specific stays here: primitives
+// are created once per shape and cached, they pick their own (blocked) layouts, and buffers
+// are reordered into and out of them on each call.
 #include <oneapi/dnnl/dnnl.hpp>
 #include <omp.h>
 
@@ -28,8 +28,13 @@ struct ei_conv_geometry {
 }
 
 namespace {
-// A cache of primitives built once per key; oneDNN primitives are safe to execute from
-// several threads at once.
+using namespace dnnl;
+using tag = memory::format_tag;
+using dt = memory::data_type;
+
+// A cache of primitives built once per key. It holds one entry per shape the process runs
+// (a training run has a handful), and primitives with caller-owned scratchpads are safe to
+// execute from several threads at once.
 template <typename Key, typename Value, typename Build>
 std::shared_ptr<const Value> cached(const Key& key, Build&& build) {
     static std::mutex lock;
@@ -41,12 +46,6 @@ std::shared_ptr<const Value> cached(const Key& key, Build&& build) {
     cache.emplace(key, made);
     return made;
 }
-}  // namespace
-
-namespace {
-using namespace dnnl;
-using tag = memory::format_tag;
-using dt = memory::data_type;
 
 engine& cpu_engine() {
     static engine e(engine::kind::cpu, 0);
