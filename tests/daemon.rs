@@ -202,6 +202,10 @@ impl Drop for Daemon {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        // A failed wait or assertion shows what the daemon was doing.
+        if std::thread::panicking() {
+            eprintln!("--- the daemon's log ---\n{}", self.log_text());
+        }
     }
 }
 
