@@ -330,6 +330,8 @@ fn retrain_cli_reads_the_mvtec_layout_and_writes_a_report() {
         .unwrap();
     let stderr = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success(), "{stderr}");
+    // oneDNN's OpenMP threads wait passively unless told otherwise (commands::retrain).
+    assert!(stderr.contains("openmp_wait_policy=PASSIVE"), "{stderr}");
     let stdout = String::from_utf8_lossy(&o.stdout);
     assert!(stdout.contains("trained") && stdout.contains("5 training / 1 calibration frames"), "{stdout}");
     assert!(stdout.contains("operating point: t0 "), "retrain searches by default: {stdout}");
@@ -354,7 +356,10 @@ fn retrain_cli_reads_the_mvtec_layout_and_writes_a_report() {
             "6",
             "--no-progress",
         ])
+        .env("OMP_WAIT_POLICY", "active")
         .output()
         .unwrap();
-    assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("--force"));
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && stderr.contains("--force"), "{stderr}");
+    assert!(stderr.contains("openmp_wait_policy=active"), "a policy the environment chose is kept: {stderr}");
 }

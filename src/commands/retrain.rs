@@ -17,7 +17,34 @@ use crate::train::losses::Loss;
 use crate::train::operating_point::SearchSpace;
 use crate::train::{Outcome, RunOptions, TrainConfig, train};
 
+/// The OpenMP wait policy training runs under, running this process again with
+/// `OMP_WAIT_POLICY=PASSIVE` when the environment chose none.
+///
+/// libgomp, the OpenMP runtime oneDNN runs the CPU kernels on (`model::onednn`), reads its
+/// policy once, as it loads with the binary, and nothing can change it afterwards (a
+/// `setenv` from `.preinit_array` is undone by glibc's own start-up). Left at its default,
+/// its idle threads spin between oneDNN calls and take the cores from whatever else runs —
+/// on a line node, the daemon: beside one busy process a training step took 1.8× as long
+/// as with passive waiting (`docs/performance.md`). `exec` keeps the process id, arguments
+/// and descriptors.
+fn passive_openmp() -> anyhow::Result<String> {
+    use std::os::unix::process::CommandExt;
+    if let Ok(policy) = std::env::var("OMP_WAIT_POLICY") {
+        return Ok(policy);
+    }
+    let mut args = std::env::args_os();
+    let arg0 = args.next().unwrap_or_default();
+    let error = std::process::Command::new("/proc/self/exe")
+        .arg0(arg0)
+        .args(args)
+        .env("OMP_WAIT_POLICY", "PASSIVE")
+        .exec();
+    anyhow::bail!("cannot run retrain again with OMP_WAIT_POLICY=PASSIVE: {error}")
+}
+
 pub fn run(args: RetrainArgs) -> anyhow::Result<()> {
+    let wait_policy = passive_openmp()?;
+    tracing::info!(openmp_wait_policy = %wait_policy, "CPU training kernels: oneDNN on OpenMP.");
     let name = bundle_name(&args.out, args.name.as_deref());
     let loss = match args.loss {
         LossArg::Mse => Loss::Mse,
