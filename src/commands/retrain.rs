@@ -24,9 +24,9 @@ use crate::train::{Outcome, RunOptions, TrainConfig, train};
 /// policy once, as it loads with the binary, and nothing can change it afterwards (a
 /// `setenv` from `.preinit_array` is undone by glibc's own start-up). Left at its default,
 /// its idle threads spin between oneDNN calls and take the cores from whatever else runs —
-/// on a line node, the daemon: beside one busy process a training step took 1.8× as long
-/// as with passive waiting (`docs/performance.md`). `exec` keeps the process id, arguments
-/// and descriptors.
+/// on a line node, the daemon: beside one busy process a training step took 1.5–1.8× as
+/// long as with passive waiting (`docs/performance.md`). `exec` keeps the process id, the
+/// arguments and the standard streams.
 fn passive_openmp() -> anyhow::Result<String> {
     use std::os::unix::process::CommandExt;
     if let Ok(policy) = std::env::var("OMP_WAIT_POLICY") {
@@ -34,11 +34,8 @@ fn passive_openmp() -> anyhow::Result<String> {
     }
     let mut args = std::env::args_os();
     let arg0 = args.next().unwrap_or_default();
-    let error = std::process::Command::new("/proc/self/exe")
-        .arg0(arg0)
-        .args(args)
-        .env("OMP_WAIT_POLICY", "PASSIVE")
-        .exec();
+    let error =
+        std::process::Command::new("/proc/self/exe").arg0(arg0).args(args).env("OMP_WAIT_POLICY", "PASSIVE").exec();
     anyhow::bail!("cannot run retrain again with OMP_WAIT_POLICY=PASSIVE: {error}")
 }
 
