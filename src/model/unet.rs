@@ -2,7 +2,8 @@
 //!
 //! The layer tree is a burn `Module` (so burn trains it), and the data flow through it is
 //! [`UNet::walk`], written once against the [`UNetOps`] trait. Two interpreters run that
-//! walk: [`BurnOps`] computes tensors (training, the parity reference) and
+//! walk: [`BurnOps`] computes tensors (training, the parity reference; on burn's Flex
+//! backend its convolutions, SiLU and GroupNorm run on oneDNN, `model::onednn`) and
 //! `model::onnx_export` emits ONNX nodes. Because both follow the same walk and the same
 //! parameter names, the exported graph cannot drift from the trained model; the parity
 //! test in `tests/model_core.rs` checks the numerics on top of that.
@@ -26,7 +27,8 @@ use super::architecture::{ArchitectureError, UNetConfig};
 /// GroupNorm epsilon, shared with the exporter.
 pub const GROUP_NORM_EPS: f32 = 1e-5;
 
-/// GroupNorm written with mean/sub/sqrt primitives.
+/// GroupNorm written with mean/sub/sqrt primitives (on Flex, its normalisation runs on
+/// oneDNN instead: `model::onednn`).
 ///
 /// burn-nn's GroupNorm would do, but this form maps one-to-one onto the exported
 /// InstanceNormalization lowering and keeps burn-onnx able to trace the model too.
