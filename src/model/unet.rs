@@ -341,6 +341,17 @@ pub fn embedding_frequencies(dim: usize) -> Vec<f32> {
     (0..half).map(|i| (-(10000f32.ln()) * i as f32 / half as f32).exp()).collect()
 }
 
+/// GroupNorm's normalisation, without the affine part, in burn's primitives: each of a
+/// sample's `groups` channel groups minus its mean, over `sqrt(variance + epsilon)`. What
+/// `BurnOps` runs where oneDNN does not (wgpu), and the reference oneDNN's is tested against.
+pub fn normalize_groups(x: Tensor<4>, groups: usize, epsilon: f32) -> Tensor<4> {
+    let [n, c, h, w] = x.dims();
+    let grouped = x.reshape([n, groups, (c / groups) * h * w]);
+    let centered = grouped.clone().sub(grouped.mean_dim(2));
+    let variance = centered.clone().square().mean_dim(2);
+    centered.div(variance.add_scalar(epsilon).sqrt()).reshape([n, c, h, w])
+}
+
 /// Executes the walk with burn tensors.
 pub struct BurnOps;
 
@@ -370,15 +381,10 @@ impl UNetOps for BurnOps {
     }
 
     fn group_norm(&mut self, _name: &str, layer: &GroupNorm, x: Tensor<4>) -> Tensor<4> {
-        let [n, c, h, w] = x.dims();
+        let c = x.dims()[1];
         let g = layer.groups;
-        let normed = super::onednn::group_normalize(&x, g, GROUP_NORM_EPS).unwrap_or_else(|| {
-            let grouped = x.reshape([n, g, (c / g) * h * w]);
-            let mean = grouped.clone().mean_dim(2);
-            let centered = grouped.sub(mean);
-            let var = centered.clone().square().mean_dim(2);
-            centered.div(var.add_scalar(GROUP_NORM_EPS).sqrt()).reshape([n, c, h, w])
-        });
+        let normed = super::onednn::group_normalize(&x, g, GROUP_NORM_EPS)
+            .unwrap_or_else(|| normalize_groups(x, g, GROUP_NORM_EPS));
         let gamma = layer.gamma.val().reshape([1, c, 1, 1]);
         let beta = layer.beta.val().reshape([1, c, 1, 1]);
         normed.mul(gamma).add(beta)

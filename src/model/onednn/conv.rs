@@ -47,8 +47,7 @@ impl Geometry {
             && layer.stride[0] == layer.stride[1]
             && layer.dilation == [1, 1]
             && layer.groups == 1
-            && channels == in_channels
-            && layer.bias.is_some();
+            && channels == in_channels;
         covered.then(|| Self {
             batch: batch as i64,
             in_channels: in_channels as i64,

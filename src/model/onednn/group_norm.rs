@@ -160,14 +160,7 @@ pub fn group_normalize(x: &Tensor<4>, groups: usize, epsilon: f32) -> Option<Ten
 mod tests {
     use burn::tensor::{Device, Distribution, Tensor};
 
-    /// GroupNorm's normalisation written with burn's primitives, as `BurnOps` does off Flex.
-    fn reference(x: Tensor<4>, groups: usize, epsilon: f32) -> Tensor<4> {
-        let [n, c, h, w] = x.dims();
-        let grouped = x.reshape([n, groups, (c / groups) * h * w]);
-        let centered = grouped.clone().sub(grouped.mean_dim(2));
-        let variance = centered.clone().square().mean_dim(2);
-        centered.div(variance.add_scalar(epsilon).sqrt()).reshape([n, c, h, w])
-    }
+    use crate::model::unet::normalize_groups;
 
     #[test]
     fn matches_the_primitive_form_forward_and_backward() {
@@ -176,7 +169,7 @@ mod tests {
             let x = Tensor::<4>::random(shape, Distribution::Uniform(-3.0, 5.0), &device).require_grad();
             let up = Tensor::<4>::random(shape, Distribution::Uniform(-1.0, 1.0), &device);
             let ours = super::group_normalize(&x, groups, 1e-5).expect("Flex autodiff is covered");
-            let burns = reference(x.clone(), groups, 1e-5);
+            let burns = normalize_groups(x.clone(), groups, 1e-5);
             let forward: f32 = ours.clone().sub(burns.clone()).abs().max().into_scalar();
             assert!(forward < 1e-4, "{shape:?}/{groups}: forward differs by {forward}");
             let (ours, burns) = (ours.mul(up.clone()).sum().backward(), burns.mul(up).sum().backward());
