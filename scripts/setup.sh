@@ -34,3 +34,6 @@ fi
 
 lib=$("$repo_root/scripts/fetch-onnxruntime.sh")
 echo "export ORT_DYLIB_PATH=$lib"
+# The pretrained backbone that `retrain` builds a bundle's feature graph from (17 MB).
+backbone=$("$repo_root/scripts/fetch-backbone.sh")
+echo "export EDGE_INSPECT_BACKBONE=$backbone"

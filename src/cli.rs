@@ -109,6 +109,9 @@ pub enum AnomalyMapArg {
     Head,
     /// Cosine distance of the UNet encoder's features of frame and reconstruction.
     Feature,
+    /// The bundle's normal-patch model on pretrained features (bundles trained with
+    /// --patch-model).
+    Patch,
 }
 
 impl From<AnomalyMapArg> for Residual {
@@ -120,8 +123,17 @@ impl From<AnomalyMapArg> for Residual {
             AnomalyMapArg::Msgms => Residual::Msgms,
             AnomalyMapArg::Head => Residual::Head,
             AnomalyMapArg::Feature => Residual::Feature,
+            AnomalyMapArg::Patch => Residual::Patch,
         }
     }
+}
+
+/// The normal-patch model `retrain` fits (see `model::patch`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum PatchModelArg {
+    None,
+    /// One Gaussian of all patch vectors, fitted robustly (trimmed refits).
+    Gaussian,
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -471,6 +483,18 @@ pub struct RetrainArgs {
     /// ship it if it beats the searched map on the validation defects; 0 = no head.
     #[arg(long, default_value_t = 0)]
     pub head_steps: usize,
+    /// Fit a model of normal patches on pretrained features (ImageNet EfficientNet-Lite0)
+    /// of the training frames and ship it in the bundle as the `patch` map rule, chosen if
+    /// it wins the search; `none` = no such model.
+    #[arg(long, value_enum, default_value = "none")]
+    pub patch_model: PatchModelArg,
+    /// The backbone checkpoint the patch model is built on (scripts/fetch-backbone.sh).
+    #[arg(long, env = "EDGE_INSPECT_BACKBONE")]
+    pub backbone: Option<PathBuf>,
+    /// Fraction of patch vectors trimmed as the most distant before each refit of the
+    /// patch model (robustness to the defects in the field frames); 0 = a plain fit.
+    #[arg(long, default_value_t = 0.1)]
+    pub patch_trim: f64,
     /// Anomaly-map Gaussian σ in pixels.
     #[arg(long, default_value_t = 2.0)]
     pub smoothing_sigma: f64,

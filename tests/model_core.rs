@@ -79,6 +79,7 @@ fn manifest_for(unet: &UNetConfig, size: usize) -> Manifest {
         operating_point: None,
         ensemble: None,
         head: None,
+        patch: None,
     }
 }
 

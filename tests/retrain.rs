@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 
 use edge_inspect::infer::bundle::{Bundle, read_manifest};
+use edge_inspect::infer::inspect::{FrameView, Inspector};
 use edge_inspect::infer::runtime::RuntimeConfig;
 use edge_inspect::model::architecture::UNetConfig;
 use edge_inspect::model::diffusion::ScheduleSpec;
@@ -21,6 +22,7 @@ use edge_inspect::train::calibrate::CalibrationRule;
 use edge_inspect::train::head::HeadConfig;
 use edge_inspect::train::losses::Loss;
 use edge_inspect::train::operating_point::SearchSpace;
+use edge_inspect::train::patch_model::PatchConfig;
 use edge_inspect::train::{Outcome, RunOptions, TrainConfig, TrainDevice, TrainError, train};
 
 const BIN: &str = env!("CARGO_BIN_EXE_edge-inspect");
@@ -72,6 +74,7 @@ fn config(loss: Loss, steps: usize) -> TrainConfig {
         calibration: CalibrationRule::default(),
         operating_point: None,
         head: None,
+        patch: None,
     }
 }
 
@@ -233,6 +236,89 @@ fn retrain_trains_a_head_and_ships_it_only_where_it_wins() {
             Bundle::load(&bundle, &RuntimeConfig::default()).err().expect("a corrupt head must not load").to_string();
         assert!(e.contains("head.onnx") && e.contains("sha256"), "{e}");
     }
+}
+
+/// The checkpoint `scripts/fetch-backbone.sh` fetched (exported by `scripts/setup.sh`).
+fn backbone() -> PathBuf {
+    PathBuf::from(
+        std::env::var_os("EDGE_INSPECT_BACKBONE").expect("set EDGE_INSPECT_BACKBONE (scripts/fetch-backbone.sh)"),
+    )
+}
+
+/// Mean of `map` inside and outside the mask `mask_name` (resized to the map).
+fn inside_outside(map: &[f32], size: usize, mask_name: &str) -> (f64, f64) {
+    let mask = image::open(fixture(mask_name)).unwrap().to_luma8();
+    let mask = image::imageops::resize(&mask, size as u32, size as u32, image::imageops::FilterType::Nearest);
+    let (mut inside, mut outside) = ((0.0, 0), (0.0, 0));
+    for (i, p) in mask.pixels().enumerate() {
+        let bucket = if p[0] > 127 { &mut inside } else { &mut outside };
+        bucket.0 += map[i] as f64;
+        bucket.1 += 1;
+    }
+    (inside.0 / inside.1 as f64, outside.0 / outside.1 as f64)
+}
+
+#[test]
+fn retrain_fits_a_patch_model_that_ships_verified_and_finds_pasted_defects() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    tiny_dataset(&data);
+    let out = tmp.path().join("with-patch");
+    let mut with_patch = config(Loss::Huber { delta: 0.2 }, 6);
+    with_patch.input = InputSpec { width: 32, height: 32, ..InputSpec::default() };
+    with_patch.operating_point = Some(SearchSpace {
+        t0: vec![20],
+        steps: vec![1],
+        condition: vec![0.0],
+        residual: vec![Residual::L1],
+        max_frames: 8,
+        ..SearchSpace::with_budget(1)
+    });
+    with_patch.patch = Some(PatchConfig { tiles: 16, ..PatchConfig::with_backbone(backbone(), 0.1) });
+    let Outcome::Finished { bundle, .. } = train(with_patch, &options(&data, &out)).unwrap() else { panic!() };
+    let manifest = read_manifest(&bundle).unwrap();
+    let patch = manifest.patch.clone().expect("the patch model is in the manifest");
+    assert_eq!((patch.fit.tiles, patch.fit.vectors), (16, 16 * 32 * 32), "16 tiles of 32×32 feature cells");
+    assert_eq!((patch.features.input_scale, patch.features.channels), (4, 64));
+    let point = manifest.operating_point.clone().unwrap();
+    assert!(point.candidates.iter().any(|c| c.residual == Residual::Patch), "the patch rule is scored");
+
+    // The patch rule, on frames it never saw, is higher inside pasted defects than outside.
+    let mut loaded = Bundle::load(&bundle, &RuntimeConfig::default()).unwrap();
+    loaded.use_map_rule(Residual::Patch, 0, &RuntimeConfig::default()).unwrap();
+    let input = loaded.manifest.input;
+    let mut inspector = Inspector::new(loaded, None).unwrap();
+    for (frame, mask) in [("brick_scratch.png", "brick_scratch_mask.png"), ("brick_stain.png", "brick_stain_mask.png")]
+    {
+        let prepared = input.prepare(&image::open(fixture(frame)).unwrap());
+        let analysis =
+            inspector.inspect(&[FrameView { tensor: &prepared.tensor, size: prepared.size() }], &[1]).unwrap();
+        let (inside, outside) = inside_outside(&analysis[0].map, 32, mask);
+        eprintln!("{frame}: patch distance inside {inside:.3}, outside {outside:.3}");
+        assert!(inside > 1.2 * outside, "{frame}: patch distance inside {inside:.3}, outside {outside:.3}");
+    }
+
+    // patch.onnx is verified like the denoiser: a flipped byte is refused.
+    let path = bundle.join("patch.onnx");
+    let mut bytes = fs::read(&path).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0x55;
+    fs::write(&path, bytes).unwrap();
+    let e = Bundle::load(&bundle, &RuntimeConfig::default()).err().expect("a corrupt patch model must not load");
+    assert!(e.to_string().contains("patch.onnx") && e.to_string().contains("sha256"), "{e}");
+}
+
+#[test]
+fn the_patch_rule_without_a_patch_model_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cfg = config(Loss::Mse, 4);
+    cfg.anomaly.residual = Residual::Patch;
+    let e = train(cfg, &options(tmp.path(), &tmp.path().join("out"))).err().unwrap().to_string();
+    assert!(e.contains("--patch-model"), "{e}");
+    let mut cfg = config(Loss::Mse, 4);
+    cfg.patch = Some(PatchConfig::with_backbone(tmp.path().join("missing.pth"), 0.1));
+    let e = train(cfg, &options(tmp.path(), &tmp.path().join("out"))).err().unwrap().to_string();
+    assert!(e.contains("missing.pth") && e.contains("fetch-backbone"), "{e}");
 }
 
 #[test]

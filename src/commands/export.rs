@@ -61,6 +61,7 @@ pub fn run(args: ExportArgs) -> anyhow::Result<()> {
         operating_point: None,
         ensemble: None,
         head: None,
+        patch: None,
     };
     let (path, manifest) =
         export_bundle(&model, manifest, &args.out, &args.runtime.to_config(), args.force, keep_thresholds)?;

@@ -6,7 +6,7 @@ use std::sync::atomic::AtomicBool;
 
 use anyhow::Context;
 
-use crate::cli::{InspectionArg, LossArg, RetrainArgs, bundle_name};
+use crate::cli::{InspectionArg, LossArg, PatchModelArg, RetrainArgs, bundle_name};
 use crate::model::diffusion::ScheduleSpec;
 use crate::model::preprocess::Inspection;
 use crate::model::sampling::ReconstructionSpec;
@@ -15,6 +15,7 @@ use crate::train::calibrate::CalibrationRule;
 use crate::train::head::HeadConfig;
 use crate::train::losses::Loss;
 use crate::train::operating_point::SearchSpace;
+use crate::train::patch_model::PatchConfig;
 use crate::train::{Outcome, RunOptions, TrainConfig, train};
 
 /// The OpenMP wait policy training runs under, running this process again with
@@ -98,6 +99,7 @@ pub fn run(args: RetrainArgs) -> anyhow::Result<()> {
         calibration: CalibrationRule { trim: args.calibration_trim, ..CalibrationRule::default() },
         operating_point: (!args.fixed_operating_point).then(|| SearchSpace::with_budget(args.unet_budget)),
         head: (args.head_steps > 0).then(|| HeadConfig::with_steps(args.head_steps)),
+        patch: patch_config(&args)?,
     };
     let interrupt = Arc::new(AtomicBool::new(false));
     // Ctrl-C or SIGTERM: the training loop sees the flag, writes a checkpoint and stops.
@@ -161,6 +163,19 @@ pub fn run(args: RetrainArgs) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// The normal-patch model's settings, when `--patch-model` asks for one.
+fn patch_config(args: &RetrainArgs) -> anyhow::Result<Option<PatchConfig>> {
+    match args.patch_model {
+        PatchModelArg::None => Ok(None),
+        PatchModelArg::Gaussian => {
+            let backbone = args.backbone.clone().context(
+                "--patch-model needs the backbone checkpoint: --backbone or EDGE_INSPECT_BACKBONE (scripts/fetch-backbone.sh)",
+            )?;
+            Ok(Some(PatchConfig::with_backbone(backbone, args.patch_trim)))
+        }
+    }
 }
 
 /// `<out><suffix>`, appended rather than set with `with_extension`, which would turn

@@ -107,6 +107,9 @@ pub fn validate(m: &Manifest) -> Result<(), String> {
     }
     match (&m.head, m.anomaly.residual) {
         (None, Residual::Head) => return Err("anomaly.residual = \"head\" but the bundle has no [head]".into()),
+        (_, Residual::Patch) if m.patch.is_none() => {
+            return Err("anomaly.residual = \"patch\" but the bundle has no [patch]".into());
+        }
         (Some(h), _) if h.unet.channels != 2 * m.input.channels => {
             return Err(format!(
                 "head.unet.channels = {}, need 2 × input.channels = {}",
@@ -155,6 +158,8 @@ pub struct Bundle {
     pub denoiser: OrtDenoiser,
     pub head: Option<OrtDenoiser>,
     pub features: Option<OrtDenoiser>,
+    /// The normal-patch model's graph, when the bundle has one.
+    pub patch: Option<OrtDenoiser>,
 }
 
 impl Bundle {
@@ -164,20 +169,22 @@ impl Bundle {
         verify_sha(&onnx_path, &manifest.artifact.sha256)?;
         let mut denoiser = OrtDenoiser::load(&onnx_path, manifest.unet.channels, runtime)?;
         run_golden(&mut denoiser, &manifest).map_err(|what| BundleError::Golden { path: onnx_path, what })?;
+        let pair = 2 * manifest.input.channels;
         let head = match &manifest.head {
             None => None,
             Some(artifact) => {
-                let path = dir.join(&artifact.onnx);
-                verify_sha(&path, &artifact.sha256)?;
-                let mut head = OrtDenoiser::load(&path, artifact.unet.channels, runtime)?;
-                check_golden(&mut head, &artifact.golden, &head_input_spec(&manifest))
-                    .map_err(|what| BundleError::Golden { path, what })?;
-                Some(head)
+                Some(pair_graph(dir, &artifact.onnx, &artifact.sha256, &artifact.golden, pair, &manifest, runtime)?)
+            }
+        };
+        let patch = match &manifest.patch {
+            None => None,
+            Some(artifact) => {
+                Some(pair_graph(dir, &artifact.onnx, &artifact.sha256, &artifact.golden, pair, &manifest, runtime)?)
             }
         };
         tracing::info!(bundle = %dir.display(), name = %manifest.name, version = %manifest.version, sha256 = %manifest.artifact.sha256, "Model bundle verified.");
         let (residual, feature_t) = (manifest.anomaly.residual, manifest.anomaly.feature_t);
-        let mut bundle = Self { dir: dir.to_path_buf(), manifest, denoiser, head, features: None };
+        let mut bundle = Self { dir: dir.to_path_buf(), manifest, denoiser, head, features: None, patch };
         bundle.use_map_rule(residual, feature_t, runtime)?;
         Ok(bundle)
     }
@@ -196,6 +203,12 @@ impl Bundle {
             return Err(BundleError::Inconsistent {
                 path: self.dir.clone(),
                 what: "the head map rule needs a bundle with a learned head (retrain --head-steps)".into(),
+            });
+        }
+        if residual == Residual::Patch && self.patch.is_none() {
+            return Err(BundleError::Inconsistent {
+                path: self.dir.clone(),
+                what: "the patch map rule needs a bundle with a normal-patch model (retrain --patch-model)".into(),
             });
         }
         if residual == Residual::Feature && self.features.is_none() {
@@ -239,6 +252,24 @@ fn feature_session(onnx_path: &Path, _: &Manifest, _: &RuntimeConfig) -> Result<
         what: "the feature map rule needs a build with the `train` feature (it derives its graph from the weights)"
             .into(),
     })
+}
+
+/// A graph of the head's contract (frame ‖ reconstruction in, `pair` channels), its file
+/// checked against the manifest's sha256 and its output against the golden statistics.
+fn pair_graph(
+    dir: &Path,
+    file: &str,
+    sha256: &str,
+    golden: &GoldenCheck,
+    pair: usize,
+    manifest: &Manifest,
+    runtime: &RuntimeConfig,
+) -> Result<OrtDenoiser, BundleError> {
+    let path = dir.join(file);
+    verify_sha(&path, sha256)?;
+    let mut graph = OrtDenoiser::load(&path, pair, runtime)?;
+    check_golden(&mut graph, golden, &head_input_spec(manifest)).map_err(|what| BundleError::Golden { path, what })?;
+    Ok(graph)
 }
 
 /// Checks that `path` exists and hashes to `expected`.

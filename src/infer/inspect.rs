@@ -105,7 +105,8 @@ impl Ensemble {
 
     /// Per frame of `clean [n, C, H, W]`: the members' averaged raw dissimilarity map under
     /// `anomaly` (the `map_graph` computes it for [`Residual::Head`], the head, and
-    /// [`Residual::Feature`], the feature distance), and their mean reconstruction MSE.
+    /// [`Residual::Feature`], the feature distance, and [`Residual::Patch`], the normal-patch
+    /// model), and their mean reconstruction MSE.
     pub fn raw_maps(
         &mut self,
         denoiser: &mut dyn Denoiser,
@@ -127,7 +128,8 @@ impl Ensemble {
                 (Residual::Feature, Some(features)) => {
                     Some(feature_maps(&mut **features, clean, &self.recon, shape, anomaly.feature_t)?)
                 }
-                (rule @ (Residual::Head | Residual::Feature), None) => {
+                (Residual::Patch, Some(patch)) => Some(pair_maps(&mut **patch, clean, &self.recon, shape, 0, |d| d)?),
+                (rule @ (Residual::Head | Residual::Feature | Residual::Patch), None) => {
                     panic!("the {} map rule needs its graph", rule.name())
                 }
                 _ => None,
@@ -204,6 +206,7 @@ impl Inspector<OrtDenoiser> {
         let map_graph = match bundle.manifest.anomaly.residual {
             Residual::Head => bundle.head,
             Residual::Feature => bundle.features,
+            Residual::Patch => bundle.patch,
             _ => None,
         };
         Self::from_parts(bundle.dir, bundle.manifest, bundle.denoiser, map_graph, spec)
@@ -223,7 +226,7 @@ impl<D: Denoiser> Inspector<D> {
         let inconsistent = |what: String| BundleError::Inconsistent { path: dir.clone(), what };
         let schedule = NoiseSchedule::new(&manifest.schedule).map_err(|e| inconsistent(e.to_string()))?;
         let residual = manifest.anomaly.residual;
-        if matches!(residual, Residual::Head | Residual::Feature) && map_graph.is_none() {
+        if matches!(residual, Residual::Head | Residual::Feature | Residual::Patch) && map_graph.is_none() {
             return Err(inconsistent(format!("the {} map rule needs its graph", residual.name())));
         }
         let primary = spec.unwrap_or(manifest.reconstruction);

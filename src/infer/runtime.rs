@@ -316,6 +316,27 @@ impl OrtDenoiser {
     }
 }
 
+impl OrtDenoiser {
+    /// Runs the graph on `x [n, C, h, w]` at timesteps `t` and hands the output's shape and
+    /// values to `consume`, whatever their shape (a feature graph's output is not `x`'s).
+    pub fn predict_raw(
+        &mut self,
+        x: &[f32],
+        shape: [usize; 4],
+        t: &[f32],
+        consume: &mut dyn FnMut(&[usize], &[f32]),
+    ) -> Result<(), RuntimeError> {
+        let run = |e: ort::Error| RuntimeError::Run(e.to_string());
+        let image = TensorRef::from_array_view((shape, x)).map_err(run)?;
+        let time = TensorRef::from_array_view(([t.len()], t)).map_err(run)?;
+        let outputs = self.session.run(ort::inputs![INPUT_IMAGE => image, INPUT_TIME => time]).map_err(run)?;
+        let (out_shape, out) = outputs[OUTPUT_EPS].try_extract_tensor::<f32>().map_err(run)?;
+        let dims: Vec<usize> = out_shape.iter().map(|&d| d as usize).collect();
+        consume(&dims, out);
+        Ok(())
+    }
+}
+
 impl Denoiser for OrtDenoiser {
     fn channels(&self) -> usize {
         self.channels
@@ -328,17 +349,16 @@ impl Denoiser for OrtDenoiser {
         t: &[f32],
         consume: &mut dyn FnMut(&[f32]),
     ) -> Result<(), RuntimeError> {
-        let run = |e: ort::Error| RuntimeError::Run(e.to_string());
-        let image = TensorRef::from_array_view((shape, x)).map_err(run)?;
-        let time = TensorRef::from_array_view(([t.len()], t)).map_err(run)?;
-        let outputs = self.session.run(ort::inputs![INPUT_IMAGE => image, INPUT_TIME => time]).map_err(run)?;
-        let (out_shape, eps) = outputs[OUTPUT_EPS].try_extract_tensor::<f32>().map_err(run)?;
-        if eps.len() != x.len() {
-            return Err(RuntimeError::Run(format!(
-                "output '{OUTPUT_EPS}' has shape {out_shape:?}, input was {shape:?}"
-            )));
+        let mut mismatch = None;
+        self.predict_raw(x, shape, t, &mut |out_shape, eps| match eps.len() == x.len() {
+            true => consume(eps),
+            false => mismatch = Some(out_shape.to_vec()),
+        })?;
+        match mismatch {
+            None => Ok(()),
+            Some(out_shape) => {
+                Err(RuntimeError::Run(format!("output '{OUTPUT_EPS}' has shape {out_shape:?}, input was {shape:?}")))
+            }
         }
-        consume(eps);
-        Ok(())
     }
 }

@@ -26,6 +26,7 @@ pub const SCHEMA_VERSION: u32 = 1;
 pub const MANIFEST_FILE: &str = "manifest.toml";
 pub const ONNX_FILE: &str = "model.onnx";
 pub const HEAD_FILE: &str = "head.onnx";
+pub const PATCH_FILE: &str = "patch.onnx";
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -57,6 +58,57 @@ pub struct Manifest {
     /// for them (absent in bundles from before the search, or trained with fixed settings).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub operating_point: Option<OperatingPoint>,
+    /// The normal-patch model on pretrained features, when `retrain` fitted one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub patch: Option<PatchArtifact>,
+}
+
+/// How a bundle's pretrained patch features are taken (`model::backbone`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FeatureSpec {
+    pub backbone: String,
+    /// sha256 of the checkpoint the weights were read from.
+    pub backbone_sha256: String,
+    /// Tiles are resized by this factor before the network.
+    pub input_scale: usize,
+    /// Reflect padding per side, in pixels of the resized tile (a multiple of 8).
+    pub pad: usize,
+    /// Feature channels.
+    pub channels: usize,
+}
+
+/// The `patch` map rule's graph: the pretrained backbone's patch features of the frame and
+/// their distance to a model of normal patches fitted by `retrain` on the (contaminated)
+/// training frames. In the head's contract (frame ‖ reconstruction in, the map in output
+/// channel 0); it reads only the frame.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PatchArtifact {
+    pub onnx: String,
+    pub sha256: String,
+    pub features: FeatureSpec,
+    /// The normal model, e.g. "gaussian".
+    pub model: String,
+    /// How it was fitted.
+    pub fit: PatchFit,
+    pub golden: GoldenCheck,
+}
+
+/// The robust fit of the normal-patch model.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PatchFit {
+    /// Training tiles the features came from.
+    pub tiles: usize,
+    /// Patch vectors in all.
+    pub vectors: usize,
+    /// Fraction of vectors left out as the most distant after each refit.
+    pub trim: f64,
+    /// Refits (concentration steps) after the first fit.
+    pub rounds: usize,
+    /// Ridge added to the covariance, as a fraction of its mean variance.
+    pub shrinkage: f64,
 }
 
 /// The discriminative head's graph: a UNet over the frame and its reconstruction stacked

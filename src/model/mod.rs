@@ -4,12 +4,16 @@
 //! other way round.
 
 pub mod architecture;
+#[cfg(feature = "train")]
+pub mod backbone;
 pub mod diffusion;
 pub mod manifest;
 #[cfg(feature = "train")]
 pub mod onednn;
 #[cfg(feature = "train")]
 pub mod onnx_export;
+#[cfg(feature = "train")]
+pub mod patch;
 pub mod preprocess;
 pub mod sampling;
 #[cfg(feature = "train")]

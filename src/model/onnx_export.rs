@@ -39,6 +39,20 @@ pub fn export_onnx(model: &UNet, config: &UNetConfig, producer_version: &str) ->
 
 /// The emitted nodes as a model whose `x_t`/`eps` have `config.channels` channels.
 fn model_proto(emitter: OnnxEmitter, name: &str, config: &UNetConfig, producer_version: &str) -> Vec<u8> {
+    let c = config.channels as i64;
+    let image = [Dim::Param("N"), Dim::Value(c), Dim::Param("H"), Dim::Param("W")];
+    let inputs = vec![value_info(INPUT_IMAGE, &image), value_info(INPUT_TIME, &[Dim::Param("N")])];
+    graph_proto(emitter, name, inputs, vec![value_info(OUTPUT_EPS, &image)], producer_version)
+}
+
+/// The emitted nodes as a model with these graph inputs and outputs.
+pub(super) fn graph_proto(
+    emitter: OnnxEmitter,
+    name: &str,
+    inputs: Vec<ValueInfoProto>,
+    outputs: Vec<ValueInfoProto>,
+    producer_version: &str,
+) -> Vec<u8> {
     let mut proto = ModelProto::new();
     proto.ir_version = IR_VERSION;
     proto.producer_name = "edge-inspect".into();
@@ -53,10 +67,8 @@ fn model_proto(emitter: OnnxEmitter, name: &str, config: &UNetConfig, producer_v
     graph.name = name.into();
     graph.node = emitter.nodes;
     graph.initializer = emitter.initializers;
-    let c = config.channels as i64;
-    graph.input.push(value_info(INPUT_IMAGE, &[Dim::Param("N"), Dim::Value(c), Dim::Param("H"), Dim::Param("W")]));
-    graph.input.push(value_info(INPUT_TIME, &[Dim::Param("N")]));
-    graph.output.push(value_info(OUTPUT_EPS, &[Dim::Param("N"), Dim::Value(c), Dim::Param("H"), Dim::Param("W")]));
+    graph.input = inputs;
+    graph.output = outputs;
     proto.write_to_bytes().expect("an in-memory ModelProto always serialises")
 }
 
@@ -94,12 +106,12 @@ pub fn export_feature_onnx(model: &UNet, config: &UNetConfig, producer_version: 
     model_proto(emitter, "unet_feature_distance", &pair, producer_version)
 }
 
-enum Dim<'a> {
+pub(super) enum Dim<'a> {
     Param(&'a str),
     Value(i64),
 }
 
-fn value_info(name: &str, dims: &[Dim]) -> ValueInfoProto {
+pub(super) fn value_info(name: &str, dims: &[Dim]) -> ValueInfoProto {
     let mut info = ValueInfoProto::new();
     info.name = name.into();
     let tensor = info.type_.mut_or_insert_default().mut_tensor_type();
@@ -116,7 +128,7 @@ fn value_info(name: &str, dims: &[Dim]) -> ValueInfoProto {
     info
 }
 
-fn attr_int(name: &str, value: i64) -> AttributeProto {
+pub(super) fn attr_int(name: &str, value: i64) -> AttributeProto {
     let mut a = AttributeProto::new();
     a.name = name.into();
     a.type_ = AttributeType::INT.into();
@@ -124,7 +136,7 @@ fn attr_int(name: &str, value: i64) -> AttributeProto {
     a
 }
 
-fn attr_ints(name: &str, values: &[i64]) -> AttributeProto {
+pub(super) fn attr_ints(name: &str, values: &[i64]) -> AttributeProto {
     let mut a = AttributeProto::new();
     a.name = name.into();
     a.type_ = AttributeType::INTS.into();
@@ -132,7 +144,7 @@ fn attr_ints(name: &str, values: &[i64]) -> AttributeProto {
     a
 }
 
-fn attr_float(name: &str, value: f32) -> AttributeProto {
+pub(super) fn attr_float(name: &str, value: f32) -> AttributeProto {
     let mut a = AttributeProto::new();
     a.name = name.into();
     a.type_ = AttributeType::FLOAT.into();
@@ -140,7 +152,7 @@ fn attr_float(name: &str, value: f32) -> AttributeProto {
     a
 }
 
-fn attr_string(name: &str, value: &str) -> AttributeProto {
+pub(super) fn attr_string(name: &str, value: &str) -> AttributeProto {
     let mut a = AttributeProto::new();
     a.name = name.into();
     a.type_ = AttributeType::STRING.into();
@@ -155,7 +167,7 @@ fn to_f32<const D: usize>(t: Tensor<D>) -> Vec<f32> {
 
 /// Accumulates nodes and initializers while the walk runs.
 #[derive(Default)]
-struct OnnxEmitter {
+pub(super) struct OnnxEmitter {
     nodes: Vec<NodeProto>,
     initializers: Vec<TensorProto>,
     /// Constants already emitted, by content key, so repeated shapes share one initializer.
@@ -164,7 +176,13 @@ struct OnnxEmitter {
 }
 
 impl OnnxEmitter {
-    fn push_node(&mut self, op: &str, inputs: &[&str], attrs: Vec<AttributeProto>, output: Option<String>) -> String {
+    pub(super) fn push_node(
+        &mut self,
+        op: &str,
+        inputs: &[&str],
+        attrs: Vec<AttributeProto>,
+        output: Option<String>,
+    ) -> String {
         self.counter += 1;
         let out = output.unwrap_or_else(|| format!("{}_{}", op.to_lowercase(), self.counter));
         let mut node = NodeProto::new();
@@ -177,12 +195,18 @@ impl OnnxEmitter {
         out
     }
 
-    fn node(&mut self, op: &str, inputs: &[&str], attrs: Vec<AttributeProto>) -> String {
+    pub(super) fn node(&mut self, op: &str, inputs: &[&str], attrs: Vec<AttributeProto>) -> String {
         self.push_node(op, inputs, attrs, None)
     }
 
     /// A node with `n` outputs (e.g. an even `Split`).
-    fn node_outputs(&mut self, op: &str, inputs: &[&str], attrs: Vec<AttributeProto>, n: usize) -> Vec<String> {
+    pub(super) fn node_outputs(
+        &mut self,
+        op: &str,
+        inputs: &[&str],
+        attrs: Vec<AttributeProto>,
+        n: usize,
+    ) -> Vec<String> {
         let first = self.push_node(op, inputs, attrs, None);
         let node = self.nodes.last_mut().expect("just pushed");
         node.output = (0..n).map(|i| format!("{first}_{i}")).collect();
@@ -190,7 +214,7 @@ impl OnnxEmitter {
     }
 
     /// `[N, 1, H, W]` of a `[N, C, H, W]` value, as an int64 shape tensor.
-    fn map_size(&mut self, x: &str) -> String {
+    pub(super) fn map_size(&mut self, x: &str) -> String {
         let shape = self.node("Shape", &[x], vec![]);
         let (zero, one, two, four) =
             (self.int_constant(&[0]), self.int_constant(&[1]), self.int_constant(&[2]), self.int_constant(&[4]));
@@ -220,7 +244,7 @@ impl OnnxEmitter {
         self.node("Sub", &[&one, &cosine], vec![])
     }
 
-    fn float_initializer(&mut self, name: &str, dims: &[usize], values: Vec<f32>) -> String {
+    pub(super) fn float_initializer(&mut self, name: &str, dims: &[usize], values: Vec<f32>) -> String {
         debug_assert_eq!(dims.iter().product::<usize>(), values.len(), "{name}");
         let mut t = TensorProto::new();
         t.name = name.into();
@@ -231,7 +255,7 @@ impl OnnxEmitter {
         name.to_string()
     }
 
-    fn int_constant(&mut self, values: &[i64]) -> String {
+    pub(super) fn int_constant(&mut self, values: &[i64]) -> String {
         let key = format!("i64:{values:?}");
         if let Some(name) = self.constants.get(&key) {
             return name.clone();
@@ -247,7 +271,7 @@ impl OnnxEmitter {
         name
     }
 
-    fn float_constant(&mut self, dims: &[usize], values: &[f32]) -> String {
+    pub(super) fn float_constant(&mut self, dims: &[usize], values: &[f32]) -> String {
         let key = format!("f32:{dims:?}:{:?}", values.iter().map(|v| v.to_bits()).collect::<Vec<_>>());
         if let Some(name) = self.constants.get(&key) {
             return name.clone();

@@ -32,6 +32,10 @@ pub enum Residual {
     /// its reconstruction (at timestep `feature_t`), averaged over the encoder's levels; a
     /// graph derived from the bundle's own weights computes it (`infer::inspect`).
     Feature,
+    /// Mahalanobis distance of the frame's pretrained patch features (EfficientNet-Lite0,
+    /// blocks 2 + 4) to a Gaussian of normal patches fitted by `retrain` on the field
+    /// frames; the bundle's `patch.onnx` computes it (`model::patch`, `infer::inspect`).
+    Patch,
 }
 
 impl Residual {
@@ -43,6 +47,7 @@ impl Residual {
             Self::Msgms => "msgms",
             Self::Head => "head",
             Self::Feature => "feature",
+            Self::Patch => "patch",
         }
     }
 }
@@ -165,7 +170,7 @@ pub fn residual_map(
             Residual::L2 => x.iter().zip(&y).map(|(a, b)| (a - b) * (a - b)).collect(),
             Residual::Ssim => ssim_dissimilarity(&x, &y, height, width),
             Residual::Msgms => msgms_dissimilarity(&x, &y, height, width),
-            Residual::Head | Residual::Feature => {
+            Residual::Head | Residual::Feature | Residual::Patch => {
                 panic!("residual_map: the {} map comes from its graph (infer::inspect)", spec.residual.name())
             }
         };

@@ -17,6 +17,7 @@ pub mod export;
 pub mod head;
 pub mod losses;
 pub mod operating_point;
+pub mod patch_model;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -37,6 +38,7 @@ use self::data::{Augment, Dataset, Layout, Skipped};
 use self::head::HeadConfig;
 use self::losses::Loss;
 use self::operating_point::{SearchSpace, Validation};
+use self::patch_model::{PatchConfig, fit_patch_model};
 use crate::infer::bundle::{BundleError, Staged, read_manifest};
 use crate::infer::inspect::Ensemble;
 use crate::infer::reconstruct::Reconstructor;
@@ -89,6 +91,10 @@ pub struct TrainConfig {
     /// Train a learned defect head after the search and keep it if it wins there.
     #[serde(default)]
     pub head: Option<HeadConfig>,
+    /// Fit a normal-patch model on pretrained features (the `patch` map rule); it is
+    /// shipped in the bundle and becomes the rule if it wins the search.
+    #[serde(default)]
+    pub patch: Option<PatchConfig>,
 }
 
 /// Where and how to run.
@@ -199,7 +205,7 @@ pub enum TrainError {
 #[derive(Debug)]
 pub enum Outcome {
     /// All steps done; the bundle is in place.
-    Finished { bundle: PathBuf, report: Report },
+    Finished { bundle: PathBuf, report: Box<Report> },
     /// `stop_after` reached; a checkpoint holds the state.
     Paused { step: usize, checkpoint: PathBuf },
 }
@@ -295,6 +301,12 @@ impl TrainConfig {
             if self.operating_point.is_none() {
                 return Err("the learned head is chosen by the operating-point search; it needs the search".into());
             }
+        }
+        if let Some(patch) = &self.patch {
+            patch.validate()?;
+        }
+        if self.anomaly.residual == Residual::Patch && self.patch.is_none() {
+            return Err("--anomaly-map patch needs the normal-patch model (--patch-model gaussian)".into());
         }
         self.inspection.validate([self.input.height, self.input.width])?;
         if !(0.0..1.0).contains(&self.calibration_fraction) {
@@ -399,6 +411,7 @@ struct Exporter<'a> {
     options: &'a RunOptions,
     calibration_frames: &'a [Vec<f32>],
     head_frames: &'a [Vec<f32>],
+    patch_tiles: &'a [Vec<f32>],
     data_sha256: &'a str,
 }
 
@@ -448,6 +461,7 @@ impl Exporter<'_> {
             operating_point: None,
             ensemble: None,
             head: None,
+            patch: None,
         }
     }
 
@@ -458,6 +472,13 @@ impl Exporter<'_> {
         let input = manifest.input;
         let shape = [input.channels, input.height, input.width];
         let mut head_session = None;
+        let mut patch_session = None;
+        if let Some(patch) = &self.config.patch {
+            let (session, artifact) =
+                fit_patch_model(patch, self.patch_tiles, manifest, staged, &self.options.runtime)?;
+            manifest.patch = Some(artifact);
+            patch_session = Some(session);
+        }
         if let Some(space) = &self.config.operating_point {
             let anomaly = manifest.anomaly;
             let validation = Validation {
@@ -469,6 +490,15 @@ impl Exporter<'_> {
                 seed: self.config.seed,
             };
             let mut point = validation.search(ort)?;
+            if let Some(patch) = patch_session.as_mut() {
+                let scored = validation.add_map_candidate(&mut point, ort, patch, Residual::Patch)?;
+                let chosen = point.chosen.residual == Residual::Patch;
+                tracing::info!(
+                    pixel_auprc = scored.pixel_auprc,
+                    chosen,
+                    "Patch model scored on the validation defects."
+                );
+            }
             if let Some(head_config) = &self.config.head {
                 head_session = self.try_head(head_config, &validation, &mut point, ort, manifest, staged)?;
             }
@@ -480,8 +510,12 @@ impl Exporter<'_> {
             manifest.anomaly.residual = chosen.residual;
             manifest.operating_point = Some(point);
         }
-        let head = head_session.as_mut().map(|h| h as &mut dyn Denoiser);
-        self.calibrate(ort, head, manifest, &self.options.out)
+        let graph = match manifest.anomaly.residual {
+            Residual::Head => head_session.as_mut(),
+            Residual::Patch => patch_session.as_mut(),
+            _ => None,
+        };
+        self.calibrate(ort, graph.map(|g| g as &mut dyn Denoiser), manifest, &self.options.out)
     }
 
     /// Sets the manifest's thresholds from the held-out frames, scored by its own rule.
@@ -542,7 +576,7 @@ impl Exporter<'_> {
         let unet = config.unet(manifest.input.channels);
         let (mut session, artifact) =
             export_head(&model, &unet, manifest, staged, &self.options.runtime, final_loss, config.steps)?;
-        let scored = validation.add_head_candidate(point, ort, &mut session)?;
+        let scored = validation.add_map_candidate(point, ort, &mut session, Residual::Head)?;
         let chosen = point.chosen.residual == Residual::Head;
         tracing::info!(pixel_auprc = scored.pixel_auprc, chosen, "Head scored on the validation defects.");
         if !chosen {
@@ -649,11 +683,19 @@ pub fn train(config: TrainConfig, options: &RunOptions) -> Result<Outcome, Train
             .map(|_| dataset.augmented(train_idx[rng.random_range(0..train_idx.len())], &augment, &mut rng))
             .collect()
     });
+    // The normal-patch model, too, is fitted on training frames only.
+    let patch_tiles: Vec<Vec<f32>> = config.patch.as_ref().map_or_else(Vec::new, |patch| {
+        let mut rng = ChaCha8Rng::seed_from_u64(config.seed ^ 0x5041_5443);
+        (0..patch.tiles)
+            .map(|_| dataset.augmented(train_idx[rng.random_range(0..train_idx.len())], &augment, &mut rng))
+            .collect()
+    });
     let exporter = Exporter {
         config: &config,
         options,
         calibration_frames: &calibration_frames,
         head_frames: &head_frames,
+        patch_tiles: &patch_tiles,
         data_sha256: &data_sha256,
     };
 
@@ -774,5 +816,5 @@ pub fn train(config: TrainConfig, options: &RunOptions) -> Result<Outcome, Train
             .map_err(|e| TrainError::Config(format!("{}: cannot write report: {e}", path.display())))?;
     }
     let _ = std::fs::remove_dir_all(&ckpt);
-    Ok(Outcome::Finished { bundle, report })
+    Ok(Outcome::Finished { bundle, report: Box::new(report) })
 }

@@ -225,19 +225,22 @@ impl Validation<'_> {
     /// Scores the learned `head` at the chosen reconstruction (t0, ensemble, steps,
     /// conditioning) on the same validation frames and defects as [`search`], adds it to
     /// `point`'s candidates and re-ranks them: the head becomes the choice only if it wins.
-    pub fn add_head_candidate(
+    /// Scores the map rule `residual` whose graph is `graph` (the head, the normal-patch
+    /// model) at the chosen point's reconstruction, adds it to the candidates and re-ranks.
+    pub fn add_map_candidate(
         &self,
         point: &mut OperatingPoint,
         denoiser: &mut dyn Denoiser,
-        head: &mut dyn Denoiser,
+        graph: &mut dyn Denoiser,
+        residual: Residual,
     ) -> Result<CandidateScore, RuntimeError> {
         let Validation { schedule, shape, anomaly, frames, space, seed } = *self;
         let set = validation_set(&frames[..frames.len().min(space.max_frames)], shape, seed);
         let base = point.chosen.clone();
         let spec = base.reconstruction();
         let mut ensemble = Ensemble::new(schedule, spec, &base.extra_t0).expect("a searched candidate is valid");
-        let rule = AnomalySpec { residual: Residual::Head, ..*anomaly };
-        let raw = ensemble.raw_maps_of(denoiser, Some(head), &set.frames, shape, seed, &rule)?;
+        let rule = AnomalySpec { residual, ..*anomaly };
+        let raw = ensemble.raw_maps_of(denoiser, Some(graph), &set.frames, shape, seed, &rule)?;
         let maps = raw.into_iter().map(|(map, _)| map).collect();
         let candidate = score(&set, maps, shape, &rule, &spec, &base.extra_t0, base.unet_calls);
         point.candidates.push(candidate.clone());

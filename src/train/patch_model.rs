@@ -1,0 +1,130 @@
+//! `retrain`'s normal-patch model: pretrained features of training tiles, a robust
+//! Gaussian fitted on them (`model::patch`), and the `patch.onnx` graph written into the
+//! staged bundle with its golden check.
+//!
+//! The tiles are random crops of the training frames at the model's scale, as the head's
+//! are; the calibration frames stay held out. The frames are contaminated, and nothing
+//! labels which patches are defects: the trim of the most distant vectors between refits
+//! is what keeps them out of the model (`model::patch`).
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::infer::bundle::{BundleError, Staged, head_input_spec, sha256_hex};
+use crate::infer::runtime::{Denoiser, OrtDenoiser, RuntimeConfig};
+use crate::model::backbone::{Backbone, FeatureSpec};
+use crate::model::manifest::{GoldenCheck, Manifest, PATCH_FILE, PatchArtifact, PatchFit};
+use crate::model::patch::{Gaussian, RobustFit, patch_onnx};
+use crate::train::export::GOLDEN_TOLERANCE;
+
+/// The normal-patch model's settings; stored in the training configuration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PatchConfig {
+    /// The backbone checkpoint (`scripts/fetch-backbone.sh`).
+    pub backbone: PathBuf,
+    /// Training tiles whose features are modelled.
+    pub tiles: usize,
+    /// Fraction of patch vectors trimmed as the most distant before each refit.
+    pub trim: f64,
+    /// Refits after the first fit.
+    pub rounds: usize,
+    /// Covariance ridge, as a fraction of the mean variance.
+    pub shrinkage: f64,
+}
+
+impl PatchConfig {
+    pub fn with_backbone(backbone: PathBuf, trim: f64) -> Self {
+        Self { backbone, tiles: 256, trim, rounds: 3, shrinkage: 0.01 }
+    }
+
+    fn fit(&self) -> RobustFit {
+        RobustFit { trim: self.trim, rounds: self.rounds, shrinkage: self.shrinkage }
+    }
+
+    pub fn validate(&self) -> Result<(), String> {
+        if self.tiles == 0 || self.tiles > 1 << 16 {
+            return Err(format!("the patch model needs 1..=65536 tiles, got {}", self.tiles));
+        }
+        if !self.backbone.is_file() {
+            return Err(format!(
+                "the backbone checkpoint {} is not a file (scripts/fetch-backbone.sh fetches it)",
+                self.backbone.display()
+            ));
+        }
+        self.fit().validate()
+    }
+}
+
+/// Fits the normal-patch model on `tiles` (model-size frames `[C, H, W]`), writes
+/// `patch.onnx` into `staged`, and returns its verified session and manifest section.
+pub fn fit_patch_model(
+    config: &PatchConfig,
+    tiles: &[Vec<f32>],
+    manifest: &Manifest,
+    staged: &Staged,
+    runtime: &RuntimeConfig,
+) -> Result<(OrtDenoiser, PatchArtifact), BundleError> {
+    let inconsistent = |what: String| BundleError::Inconsistent { path: config.backbone.clone(), what };
+    let checkpoint =
+        std::fs::read(&config.backbone).map_err(|source| BundleError::Io { path: config.backbone.clone(), source })?;
+    let backbone = Backbone::load(&config.backbone).map_err(inconsistent)?;
+    let input = manifest.input;
+    let spec = FeatureSpec::for_tile(input.height.max(input.width), sha256_hex(&checkpoint));
+    let version = env!("CARGO_PKG_VERSION");
+    let graph = backbone.features_onnx(&spec, input.channels, version);
+    let label = config.backbone.with_file_name("patch features (derived from the backbone)");
+    let mut features = OrtDenoiser::from_memory(&graph, &label, input.channels, runtime)?;
+    let vectors = patch_vectors(&mut features, tiles, [input.channels, input.height, input.width])?;
+    let gaussian = Gaussian::fit(&vectors, spec.channels, &config.fit()).map_err(inconsistent)?;
+    let onnx = patch_onnx(&backbone, &spec, &gaussian, input.channels, version);
+    staged.write(PATCH_FILE, &onnx)?;
+    let path = staged.path(PATCH_FILE);
+    let mut session = OrtDenoiser::load(&path, 2 * input.channels, runtime)?;
+    let pair = head_input_spec(manifest);
+    let (batch, timesteps) = (2, vec![0.0, 0.0]);
+    let probe = GoldenCheck::probe(batch, &pair);
+    let mut golden = None;
+    session.predict_eps(&probe, [batch, pair.channels, pair.height, pair.width], &timesteps, &mut |out| {
+        golden = Some(GoldenCheck::from_output(batch, timesteps.clone(), out, GOLDEN_TOLERANCE));
+    })?;
+    let fit = PatchFit {
+        tiles: tiles.len(),
+        vectors: vectors.len() / spec.channels,
+        trim: config.trim,
+        rounds: config.rounds,
+        shrinkage: config.shrinkage,
+    };
+    tracing::info!(tiles = fit.tiles, vectors = fit.vectors, trim = fit.trim, "Normal-patch model fitted.");
+    let artifact = PatchArtifact {
+        onnx: PATCH_FILE.to_string(),
+        sha256: sha256_hex(&onnx),
+        features: spec,
+        model: "gaussian".into(),
+        fit,
+        golden: golden.expect("predict_eps hands over its output"),
+    };
+    Ok((session, artifact))
+}
+
+/// The patch vectors of `tiles`, one row of `channels` values per feature cell.
+fn patch_vectors(
+    features: &mut OrtDenoiser,
+    tiles: &[Vec<f32>],
+    [c, h, w]: [usize; 3],
+) -> Result<Vec<f32>, BundleError> {
+    const BATCH: usize = 8;
+    let mut vectors = Vec::new();
+    for chunk in tiles.chunks(BATCH) {
+        let n = chunk.len();
+        features.predict_raw(&chunk.concat(), [n, c, h, w], &vec![0.0; n], &mut |dims, out| {
+            let (channels, cells) = (dims[1], dims[2] * dims[3]);
+            for frame in out.chunks_exact(channels * cells) {
+                for cell in 0..cells {
+                    vectors.extend((0..channels).map(|k| frame[k * cells + cell]));
+                }
+            }
+        })?;
+    }
+    Ok(vectors)
+}
