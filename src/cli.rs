@@ -238,6 +238,9 @@ pub struct EvalArgs {
     /// Run only the primary reconstruction, not the manifest's ensemble members.
     #[arg(long)]
     pub no_ensemble: bool,
+    /// Score the map rule alone, without the manifest's fusion with the patch map.
+    #[arg(long)]
+    pub no_fusion: bool,
     #[command(flatten)]
     pub runtime: RuntimeArgs,
     #[arg(long)]
@@ -495,6 +498,11 @@ pub struct RetrainArgs {
     /// patch model (robustness to the defects in the field frames); 0 = a plain fit.
     #[arg(long, default_value_t = 0.1)]
     pub patch_trim: f64,
+    /// Weight of the patch model's map fused into the shipped rule's map, each map
+    /// standardised on the calibration frames; 0 = no fusion (the patch rule then only
+    /// competes in the search on its own).
+    #[arg(long, default_value_t = 0.5)]
+    pub patch_fusion: f64,
     /// Anomaly-map Gaussian σ in pixels.
     #[arg(long, default_value_t = 2.0)]
     pub smoothing_sigma: f64,

@@ -274,7 +274,7 @@ fn retrain_fits_a_patch_model_that_ships_verified_and_finds_pasted_defects() {
         max_frames: 8,
         ..SearchSpace::with_budget(1)
     });
-    with_patch.patch = Some(PatchConfig { tiles: 16, ..PatchConfig::with_backbone(backbone(), 0.1) });
+    with_patch.patch = Some(PatchConfig { tiles: 16, ..PatchConfig::with_backbone(backbone(), 0.1, 0.0) });
     let Outcome::Finished { bundle, .. } = train(with_patch, &options(&data, &out)).unwrap() else { panic!() };
     let manifest = read_manifest(&bundle).unwrap();
     let patch = manifest.patch.clone().expect("the patch model is in the manifest");
@@ -309,6 +309,40 @@ fn retrain_fits_a_patch_model_that_ships_verified_and_finds_pasted_defects() {
 }
 
 #[test]
+fn retrain_fuses_the_patch_map_into_the_shipped_rule() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    tiny_dataset(&data);
+    let out = tmp.path().join("fused");
+    let mut fused = config(Loss::Huber { delta: 0.2 }, 6);
+    fused.input = InputSpec { width: 32, height: 32, ..InputSpec::default() };
+    fused.patch = Some(PatchConfig { tiles: 16, ..PatchConfig::with_backbone(backbone(), 0.1, 0.5) });
+    let Outcome::Finished { bundle, .. } = train(fused, &options(&data, &out)).unwrap() else { panic!() };
+    let manifest = read_manifest(&bundle).unwrap();
+    assert_eq!(manifest.anomaly.residual, Residual::L1, "the configured rule stays the rule");
+    let fusion = manifest.anomaly.fusion.expect("the patch map is fused in");
+    assert_eq!(fusion.patch_weight, 0.5);
+    assert!(fusion.rule[1] > 0.0 && fusion.patch[1] > fusion.rule[1], "{fusion:?}: patch distances are larger");
+    // Thresholds are calibrated on the fused map: standardised, so about 0 on normal frames.
+    assert!(manifest.thresholds.pixel.value.abs() < 10.0, "{:?}", manifest.thresholds.pixel);
+
+    let loaded = Bundle::load(&bundle, &RuntimeConfig::default()).unwrap();
+    let input = loaded.manifest.input;
+    let mut inspector = Inspector::new(loaded, None).unwrap();
+    let prepared = input.prepare(&image::open(fixture("brick_stain.png")).unwrap());
+    let analysis = inspector.inspect(&[FrameView { tensor: &prepared.tensor, size: prepared.size() }], &[1]).unwrap();
+    let (inside, outside) = inside_outside(&analysis[0].map, 32, "brick_stain_mask.png");
+    assert!(inside > outside + 1.0, "fused map inside {inside:.3}, outside {outside:.3} (standardised units)");
+
+    // A fused manifest without its patch model is refused before anything runs.
+    let text = fs::read_to_string(bundle.join("manifest.toml")).unwrap();
+    let cut = text.find("[patch]").expect("a [patch] section");
+    fs::write(bundle.join("manifest.toml"), &text[..cut]).unwrap();
+    let e = Bundle::load(&bundle, &RuntimeConfig::default()).err().expect("fusion without [patch]").to_string();
+    assert!(e.contains("fusion") && e.contains("[patch]"), "{e}");
+}
+
+#[test]
 fn the_patch_rule_without_a_patch_model_is_refused() {
     let tmp = tempfile::tempdir().unwrap();
     let mut cfg = config(Loss::Mse, 4);
@@ -316,7 +350,7 @@ fn the_patch_rule_without_a_patch_model_is_refused() {
     let e = train(cfg, &options(tmp.path(), &tmp.path().join("out"))).err().unwrap().to_string();
     assert!(e.contains("--patch-model"), "{e}");
     let mut cfg = config(Loss::Mse, 4);
-    cfg.patch = Some(PatchConfig::with_backbone(tmp.path().join("missing.pth"), 0.1));
+    cfg.patch = Some(PatchConfig::with_backbone(tmp.path().join("missing.pth"), 0.1, 0.5));
     let e = train(cfg, &options(tmp.path(), &tmp.path().join("out"))).err().unwrap().to_string();
     assert!(e.contains("missing.pth") && e.contains("fetch-backbone"), "{e}");
 }

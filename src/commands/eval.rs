@@ -24,6 +24,9 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
     let anomaly = bundle.manifest.anomaly;
     let residual = args.anomaly_map.map_or(anomaly.residual, Into::into);
     bundle.use_map_rule(residual, args.feature_t.unwrap_or(anomaly.feature_t), &runtime)?;
+    if args.no_fusion {
+        bundle.manifest.anomaly.fusion = None;
+    }
     let spec = reconstruction_spec(bundle.manifest.reconstruction, &args.reconstruction);
     let mut inspector = Inspector::new(bundle, Some(spec))?.with_tile_batch(args.batch);
     if args.no_ensemble {

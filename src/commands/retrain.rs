@@ -173,7 +173,7 @@ fn patch_config(args: &RetrainArgs) -> anyhow::Result<Option<PatchConfig>> {
             let backbone = args.backbone.clone().context(
                 "--patch-model needs the backbone checkpoint: --backbone or EDGE_INSPECT_BACKBONE (scripts/fetch-backbone.sh)",
             )?;
-            Ok(Some(PatchConfig::with_backbone(backbone, args.patch_trim)))
+            Ok(Some(PatchConfig::with_backbone(backbone, args.patch_trim, args.patch_fusion)))
         }
     }
 }

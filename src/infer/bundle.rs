@@ -107,6 +107,9 @@ pub fn validate(m: &Manifest) -> Result<(), String> {
     }
     match (&m.head, m.anomaly.residual) {
         (None, Residual::Head) => return Err("anomaly.residual = \"head\" but the bundle has no [head]".into()),
+        _ if m.anomaly.fusion.is_some() && m.patch.is_none() => {
+            return Err("anomaly.fusion needs the bundle's normal-patch model ([patch])".into());
+        }
         (_, Residual::Patch) if m.patch.is_none() => {
             return Err("anomaly.residual = \"patch\" but the bundle has no [patch]".into());
         }
@@ -143,6 +146,9 @@ fn check_anomaly(a: &crate::postprocess::anomaly::AnomalySpec) -> Result<(), Str
         && !(fraction > 0.0 && fraction <= 1.0)
     {
         return Err(format!("anomaly.image_score.fraction must be in (0, 1], got {fraction}"));
+    }
+    if let Some(fusion) = &a.fusion {
+        fusion.validate()?;
     }
     if a.min_region_area > 1 << 24 {
         return Err(format!("anomaly.min_region_area must be at most 16777216, got {}", a.min_region_area));
@@ -190,7 +196,8 @@ impl Bundle {
     }
 
     /// Switches the map rule (e.g. `eval --anomaly-map --feature-t`), opening the graph it
-    /// needs: the feature distance is derived from the verified weights.
+    /// needs: the feature distance is derived from the verified weights. Another rule than
+    /// the manifest's is not fused with the patch map.
     pub fn use_map_rule(
         &mut self,
         residual: Residual,
@@ -214,6 +221,10 @@ impl Bundle {
         if residual == Residual::Feature && self.features.is_none() {
             let onnx_path = self.dir.join(&self.manifest.artifact.onnx);
             self.features = Some(feature_session(&onnx_path, &self.manifest, runtime)?);
+        }
+        if residual != self.manifest.anomaly.residual {
+            // Another rule is scored on its own: the manifest's fusion was fitted for its rule.
+            self.manifest.anomaly.fusion = None;
         }
         self.manifest.anomaly.residual = residual;
         self.manifest.anomaly.feature_t = feature_t;

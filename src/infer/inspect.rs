@@ -75,6 +75,22 @@ fn pair_maps(
     Ok(maps)
 }
 
+/// The graphs a map rule may need beside the denoiser.
+#[derive(Default)]
+pub struct MapGraphs<'a> {
+    /// The rule's own graph: the head, the feature distance or the normal-patch model.
+    pub rule: Option<&'a mut dyn Denoiser>,
+    /// The normal-patch model, when the rule fuses its map in (`AnomalySpec::fusion`).
+    pub patch: Option<&'a mut dyn Denoiser>,
+}
+
+impl<'a> MapGraphs<'a> {
+    /// Just the rule's graph.
+    pub fn rule(graph: Option<&'a mut dyn Denoiser>) -> Self {
+        Self { rule: graph, patch: None }
+    }
+}
+
 /// The reconstructions of one operating point: the primary setting and one member per
 /// extra t0 (same sampler, steps and conditioning).
 pub struct Ensemble {
@@ -106,11 +122,12 @@ impl Ensemble {
     /// Per frame of `clean [n, C, H, W]`: the members' averaged raw dissimilarity map under
     /// `anomaly` (the `map_graph` computes it for [`Residual::Head`], the head, and
     /// [`Residual::Feature`], the feature distance, and [`Residual::Patch`], the normal-patch
-    /// model), and their mean reconstruction MSE.
+    /// model), and their mean reconstruction MSE. With `anomaly.fusion`, the patch model's
+    /// map (`graphs.patch`, computed once: it reads only the frame) is fused into the average.
     pub fn raw_maps(
         &mut self,
         denoiser: &mut dyn Denoiser,
-        mut map_graph: Option<&mut dyn Denoiser>,
+        graphs: &mut MapGraphs<'_>,
         clean: &[f32],
         shape: [usize; 4],
         seeds: &[u64],
@@ -123,7 +140,7 @@ impl Ensemble {
         self.recon.resize(clean.len(), 0.0);
         for member in &mut self.members {
             member.reconstruct(denoiser, clean, shape, seeds, &mut self.recon)?;
-            let learned = match (anomaly.residual, map_graph.as_mut()) {
+            let learned = match (anomaly.residual, graphs.rule.as_mut()) {
                 (Residual::Head, Some(head)) => Some(head_maps(&mut **head, clean, &self.recon, shape)?),
                 (Residual::Feature, Some(features)) => {
                     Some(feature_maps(&mut **features, clean, &self.recon, shape, anomaly.feature_t)?)
@@ -144,6 +161,13 @@ impl Ensemble {
                 *mse += reconstruction_mse(&clean[range.clone()], &self.recon[range]) * share as f64;
             }
         }
+        if let Some(fusion) = &anomaly.fusion {
+            let patch = graphs.patch.as_mut().expect("a fused map rule needs the patch model's graph");
+            let patch_maps = pair_maps(&mut **patch, clean, clean, shape, 0, |d| d)?;
+            for ((map, _), patch_map) in out.iter_mut().zip(patch_maps) {
+                fusion.fuse(map, &patch_map);
+            }
+        }
         Ok(out)
     }
 
@@ -152,7 +176,7 @@ impl Ensemble {
     pub fn raw_maps_of(
         &mut self,
         denoiser: &mut dyn Denoiser,
-        mut map_graph: Option<&mut dyn Denoiser>,
+        graphs: &mut MapGraphs<'_>,
         frames: &[Vec<f32>],
         [c, h, w]: [usize; 3],
         seed: u64,
@@ -163,8 +187,7 @@ impl Ensemble {
         for (chunk_index, chunk) in frames.chunks(BATCH).enumerate() {
             let seeds: Vec<u64> =
                 (0..chunk.len()).map(|i| seed.wrapping_add((chunk_index * BATCH + i) as u64)).collect();
-            let graph = map_graph.as_mut().map(|g| &mut **g as &mut dyn Denoiser);
-            out.extend(self.raw_maps(denoiser, graph, &chunk.concat(), [chunk.len(), c, h, w], &seeds, anomaly)?);
+            out.extend(self.raw_maps(denoiser, graphs, &chunk.concat(), [chunk.len(), c, h, w], &seeds, anomaly)?);
         }
         Ok(out)
     }
@@ -186,8 +209,10 @@ pub struct Inspector<D: Denoiser = OrtDenoiser> {
     dir: PathBuf,
     manifest: Manifest,
     denoiser: D,
-    /// Computes the map for the head and feature rules.
+    /// Computes the map for the head, feature and patch rules.
     map_graph: Option<D>,
+    /// The normal-patch model, when the rule fuses its map in.
+    patch_graph: Option<D>,
     ensemble: Ensemble,
     /// Tiles per UNet batch.
     tile_batch: usize,
@@ -203,13 +228,14 @@ impl Inspector<OrtDenoiser> {
     /// ensemble members follow it (same sampler, steps, conditioning). Tiles are
     /// reconstructed 8 at a time unless [`Inspector::with_tile_batch`] says otherwise.
     pub fn new(bundle: Bundle, spec: Option<ReconstructionSpec>) -> Result<Self, BundleError> {
-        let map_graph = match bundle.manifest.anomaly.residual {
-            Residual::Head => bundle.head,
-            Residual::Feature => bundle.features,
-            Residual::Patch => bundle.patch,
-            _ => None,
+        let (map_graph, patch_graph) = match bundle.manifest.anomaly.residual {
+            Residual::Head => (bundle.head, bundle.patch),
+            Residual::Feature => (bundle.features, bundle.patch),
+            Residual::Patch => (bundle.patch, None),
+            _ => (None, bundle.patch),
         };
-        Self::from_parts(bundle.dir, bundle.manifest, bundle.denoiser, map_graph, spec)
+        let patch_graph = patch_graph.filter(|_| bundle.manifest.anomaly.fusion.is_some());
+        Self::from_parts(bundle.dir, bundle.manifest, bundle.denoiser, map_graph, spec)?.with_patch_graph(patch_graph)
     }
 }
 
@@ -232,17 +258,34 @@ impl<D: Denoiser> Inspector<D> {
         let primary = spec.unwrap_or(manifest.reconstruction);
         let ensemble = Ensemble::new(&schedule, primary, manifest.extra_t0())
             .map_err(|e| inconsistent(format!("reconstruction: {e}")))?;
+        if manifest.anomaly.fusion.is_some() && residual == Residual::Patch {
+            return Err(inconsistent("the patch map rule cannot fuse the patch map into itself".into()));
+        }
         Ok(Self {
             dir,
             manifest,
             denoiser,
             map_graph,
+            patch_graph: None,
             ensemble,
             tile_batch: 8,
             batch: Vec::new(),
             tile: Vec::new(),
             progress: None,
         })
+    }
+
+    /// Sets the normal-patch model's graph that a fused rule needs; a fused rule without
+    /// it is an error.
+    pub fn with_patch_graph(mut self, graph: Option<D>) -> Result<Self, BundleError> {
+        if self.manifest.anomaly.fusion.is_some() && graph.is_none() {
+            return Err(BundleError::Inconsistent {
+                path: self.dir.clone(),
+                what: "the fused map rule needs the bundle's normal-patch model ([patch])".into(),
+            });
+        }
+        self.patch_graph = graph;
+        Ok(self)
     }
 
     /// Calls `progress` after every UNet batch of tiles.
@@ -260,10 +303,11 @@ impl<D: Denoiser> Inspector<D> {
     /// The same model at other primary reconstruction settings (the manifest's ensemble
     /// members follow them).
     pub fn with_spec(self, spec: ReconstructionSpec) -> Result<Self, BundleError> {
-        let (tile_batch, progress) = (self.tile_batch, self.progress);
+        let (tile_batch, progress, patch_graph) = (self.tile_batch, self.progress, self.patch_graph);
         let mut rebuilt = Self::from_parts(self.dir, self.manifest, self.denoiser, self.map_graph, Some(spec))?;
         rebuilt.tile_batch = tile_batch;
         rebuilt.progress = progress;
+        rebuilt.patch_graph = patch_graph;
         Ok(rebuilt)
     }
 
@@ -341,9 +385,13 @@ impl<D: Denoiser> Inspector<D> {
                 self.batch.extend_from_slice(&self.tile);
                 tile_seeds.push(tile_seed(seeds[f], t.index));
             }
+            let mut graphs = MapGraphs {
+                rule: self.map_graph.as_mut().map(|g| g as &mut dyn Denoiser),
+                patch: self.patch_graph.as_mut().map(|g| g as &mut dyn Denoiser),
+            };
             let maps = self.ensemble.raw_maps(
                 &mut self.denoiser,
-                self.map_graph.as_mut().map(|g| g as &mut dyn Denoiser),
+                &mut graphs,
                 &self.batch,
                 [chunk.len(), channels, input.height, input.width],
                 &tile_seeds,
@@ -396,12 +444,12 @@ mod tests {
         let (shape, seeds, spec) = ([2, 1, 8, 8], [4, 9], AnomalySpec::default());
         let single = |t0: usize| {
             let mut e = Ensemble::new(&schedule, ReconstructionSpec { t0, ..primary }, &[]).unwrap();
-            e.raw_maps(&mut half(), None, &clean, shape, &seeds, &spec).unwrap()
+            e.raw_maps(&mut half(), &mut MapGraphs::default(), &clean, shape, &seeds, &spec).unwrap()
         };
         let (a, b) = (single(10), single(60));
         let mut both = Ensemble::new(&schedule, primary, &[60]).unwrap();
         assert_eq!(both.unet_calls(), 4);
-        let averaged = both.raw_maps(&mut half(), None, &clean, shape, &seeds, &spec).unwrap();
+        let averaged = both.raw_maps(&mut half(), &mut MapGraphs::default(), &clean, shape, &seeds, &spec).unwrap();
         for frame in 0..2 {
             assert!(a[frame].0 != b[frame].0, "members should differ");
             for p in 0..64 {

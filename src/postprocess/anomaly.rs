@@ -87,6 +87,63 @@ pub struct AnomalySpec {
     /// [`Residual::Feature`].
     #[serde(default)]
     pub feature_t: usize,
+    /// The normal-patch model's map fused into this rule's map (absent: the rule alone).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fusion: Option<Fusion>,
+}
+
+/// Two maps made one: the rule's map and the normal-patch model's, each standardised by
+/// its mean and standard deviation over normal frames (so neither dominates by its units),
+/// then weighted: `(1 − w)·(r − μ_r)/σ_r + w·(p − μ_p)/σ_p`. The reconstruction and the
+/// pretrained features fail on different defects (`docs/results.md`); the sum keeps what
+/// each finds.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Fusion {
+    /// `w`, the patch map's weight in [0, 1].
+    pub patch_weight: f64,
+    /// The rule's map over normal frames: `[mean, standard deviation]`.
+    pub rule: [f64; 2],
+    /// The patch map over normal frames: `[mean, standard deviation]`.
+    pub patch: [f64; 2],
+}
+
+impl Fusion {
+    /// Standardisation statistics of the two maps on normal frames, weighted by `patch_weight`.
+    pub fn from_normal_maps(patch_weight: f64, rule_maps: &[Vec<f32>], patch_maps: &[Vec<f32>]) -> Self {
+        Self { patch_weight, rule: mean_sd(rule_maps), patch: mean_sd(patch_maps) }
+    }
+
+    /// Replaces `rule_map` with the fused map.
+    pub fn fuse(&self, rule_map: &mut [f32], patch_map: &[f32]) {
+        let w = self.patch_weight;
+        let (rule_scale, patch_scale) = ((1.0 - w) / self.rule[1], w / self.patch[1]);
+        for (r, p) in rule_map.iter_mut().zip(patch_map) {
+            *r = ((*r as f64 - self.rule[0]) * rule_scale + (*p as f64 - self.patch[0]) * patch_scale) as f32;
+        }
+    }
+
+    pub fn validate(&self) -> Result<(), String> {
+        if !(0.0..=1.0).contains(&self.patch_weight) {
+            return Err(format!("anomaly.fusion.patch_weight must be in [0, 1], got {}", self.patch_weight));
+        }
+        let finite = self.rule.iter().chain(&self.patch).all(|v| v.is_finite());
+        if !finite || self.rule[1] <= 0.0 || self.patch[1] <= 0.0 {
+            return Err(format!(
+                "anomaly.fusion needs finite means and positive standard deviations, got rule {:?}, patch {:?}",
+                self.rule, self.patch
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// `[mean, standard deviation]` of every value of `maps` (the deviation at least 1e-9).
+fn mean_sd(maps: &[Vec<f32>]) -> [f64; 2] {
+    let n = maps.iter().map(Vec::len).sum::<usize>().max(1) as f64;
+    let mean = maps.iter().flatten().map(|&v| v as f64).sum::<f64>() / n;
+    let var = maps.iter().flatten().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n;
+    [mean, var.sqrt().max(1e-9)]
 }
 
 impl Default for AnomalySpec {
@@ -98,6 +155,7 @@ impl Default for AnomalySpec {
             image_score: ImageScore::TopKMean { fraction: 0.01 },
             min_region_area: 4,
             feature_t: 0,
+            fusion: None,
         }
     }
 }
@@ -453,6 +511,23 @@ pub fn verdict(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fusion_standardises_each_map_before_weighting() {
+        // The rule's map in tiny units, the patch map in large ones: after fusion a pixel
+        // two deviations up in either map counts the same at equal weight.
+        let rule_normal = vec![vec![0.01, 0.03, 0.01, 0.03]];
+        let patch_normal = vec![vec![10.0, 30.0, 10.0, 30.0]];
+        let fusion = Fusion::from_normal_maps(0.5, &rule_normal, &patch_normal);
+        assert!((fusion.rule[0] - 0.02).abs() < 1e-6 && (fusion.patch[0] - 20.0).abs() < 1e-6, "{fusion:?}");
+        let mut rule = vec![0.04, 0.02];
+        fusion.fuse(&mut rule, &[20.0, 40.0]);
+        assert!((rule[0] - rule[1]).abs() < 1e-4, "{rule:?}");
+        assert!((rule[0] - 1.0).abs() < 1e-3, "two deviations × ½ = 1, got {rule:?}");
+        assert!(Fusion { patch_weight: 1.5, ..fusion }.validate().is_err());
+        assert!(Fusion { rule: [0.0, 0.0], ..fusion }.validate().is_err());
+        assert!(fusion.validate().is_ok());
+    }
 
     #[test]
     fn map_of_an_image_against_itself_is_zero() {

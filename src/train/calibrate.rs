@@ -10,7 +10,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::infer::inspect::Ensemble;
+use crate::infer::inspect::{Ensemble, MapGraphs};
 use crate::infer::runtime::{Denoiser, RuntimeError};
 use crate::model::manifest::{Calibration, Manifest, Thresholds};
 use crate::postprocess::anomaly::{Threshold, verdict};
@@ -60,7 +60,7 @@ const REPORTED_QUANTILES: [f64; 6] = [0.5, 0.9, 0.99, 0.999, 0.9999, 1.0];
 /// Computes thresholds for `manifest` from `frames` (`[C, H, W]` each, model space).
 pub fn calibrate(
     denoiser: &mut dyn Denoiser,
-    head: Option<&mut dyn Denoiser>,
+    graphs: &mut MapGraphs<'_>,
     ensemble: &mut Ensemble,
     manifest: &Manifest,
     frames: &[Vec<f32>],
@@ -73,7 +73,7 @@ pub fn calibrate(
     let size = [input.height, input.width];
     let shape = [input.channels, input.height, input.width];
     let mut per_frame: Vec<(f64, Vec<f32>)> = ensemble
-        .raw_maps_of(denoiser, head, frames, shape, seed, &manifest.anomaly)?
+        .raw_maps_of(denoiser, graphs, frames, shape, seed, &manifest.anomaly)?
         .into_iter()
         .map(|(raw, mse)| {
             let a = verdict(raw, mse, size, size[0] * size[1], &manifest.anomaly, &neutral, &neutral);

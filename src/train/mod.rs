@@ -40,7 +40,7 @@ use self::losses::Loss;
 use self::operating_point::{SearchSpace, Validation};
 use self::patch_model::{PatchConfig, fit_patch_model};
 use crate::infer::bundle::{BundleError, Staged, read_manifest};
-use crate::infer::inspect::Ensemble;
+use crate::infer::inspect::{Ensemble, MapGraphs};
 use crate::infer::reconstruct::Reconstructor;
 use crate::infer::runtime::RuntimeConfig;
 use crate::infer::runtime::{Denoiser, OrtDenoiser};
@@ -54,7 +54,7 @@ use crate::model::onnx_export::import_weights;
 use crate::model::preprocess::{InputSpec, Inspection};
 use crate::model::sampling::ReconstructionSpec;
 use crate::model::unet::UNet;
-use crate::postprocess::anomaly::{AnomalySpec, Residual, Threshold};
+use crate::postprocess::anomaly::{AnomalySpec, Fusion, Residual, Threshold};
 use crate::train::export::{export_bundle, export_head};
 
 /// Everything a training run depends on; saved in the checkpoint and the report.
@@ -510,19 +510,71 @@ impl Exporter<'_> {
             manifest.anomaly.residual = chosen.residual;
             manifest.operating_point = Some(point);
         }
-        let graph = match manifest.anomaly.residual {
-            Residual::Head => head_session.as_mut(),
-            Residual::Patch => patch_session.as_mut(),
-            _ => None,
+        let (rule, patch) = match manifest.anomaly.residual {
+            Residual::Head => (head_session.as_mut(), patch_session.as_mut()),
+            Residual::Patch => (patch_session.as_mut(), None),
+            _ => (None, patch_session.as_mut()),
         };
-        self.calibrate(ort, graph.map(|g| g as &mut dyn Denoiser), manifest, &self.options.out)
+        let mut graphs =
+            MapGraphs { rule: rule.map(|g| g as &mut dyn Denoiser), patch: patch.map(|g| g as &mut dyn Denoiser) };
+        let weight = self.config.patch.as_ref().map_or(0.0, |p| p.fusion_weight);
+        if graphs.patch.is_some() && weight > 0.0 {
+            manifest.anomaly.fusion = Some(self.fusion(ort, &mut graphs, manifest, weight)?);
+        }
+        self.calibrate(ort, &mut graphs, manifest, &self.options.out)
+    }
+
+    /// The standardisation of the rule's and the patch model's maps on the held-out
+    /// calibration frames, for fusing them at `weight`.
+    fn fusion(
+        &self,
+        ort: &mut OrtDenoiser,
+        graphs: &mut MapGraphs<'_>,
+        manifest: &Manifest,
+        weight: f64,
+    ) -> Result<Fusion, BundleError> {
+        let schedule = NoiseSchedule::new(&manifest.schedule).expect("validated");
+        let mut ensemble = Ensemble::new(&schedule, manifest.reconstruction, manifest.extra_t0())
+            .map_err(|e| BundleError::Inconsistent { path: self.options.out.clone(), what: e.to_string() })?;
+        let input = manifest.input;
+        let shape = [input.channels, input.height, input.width];
+        let (frames, seed) = (self.calibration_frames, self.config.seed);
+        let rule = AnomalySpec { fusion: None, ..manifest.anomaly };
+        let rule_maps: Vec<Vec<f32>> = ensemble
+            .raw_maps_of(
+                ort,
+                &mut MapGraphs::rule(graphs.rule.as_mut().map(|g| &mut **g as &mut dyn Denoiser)),
+                frames,
+                shape,
+                seed,
+                &rule,
+            )?
+            .into_iter()
+            .map(|(map, _)| map)
+            .collect();
+        let patch_rule = AnomalySpec { residual: Residual::Patch, fusion: None, ..manifest.anomaly };
+        let patch_maps: Vec<Vec<f32>> = ensemble
+            .raw_maps_of(
+                ort,
+                &mut MapGraphs::rule(graphs.patch.as_mut().map(|g| &mut **g as &mut dyn Denoiser)),
+                frames,
+                shape,
+                seed,
+                &patch_rule,
+            )?
+            .into_iter()
+            .map(|(map, _)| map)
+            .collect();
+        let fusion = Fusion::from_normal_maps(weight, &rule_maps, &patch_maps);
+        tracing::info!(rule = manifest.anomaly.residual.name(), weight, ?fusion, "Patch map fused into the rule's.");
+        Ok(fusion)
     }
 
     /// Sets the manifest's thresholds from the held-out frames, scored by its own rule.
     fn calibrate(
         &self,
         ort: &mut OrtDenoiser,
-        head: Option<&mut dyn Denoiser>,
+        graphs: &mut MapGraphs<'_>,
         manifest: &mut Manifest,
         bundle: &Path,
     ) -> Result<(), BundleError> {
@@ -531,7 +583,7 @@ impl Exporter<'_> {
             .map_err(|e| BundleError::Inconsistent { path: bundle.to_path_buf(), what: e.to_string() })?;
         manifest.thresholds = calibrate(
             ort,
-            head,
+            graphs,
             &mut ensemble,
             manifest,
             self.calibration_frames,
@@ -550,7 +602,7 @@ impl Exporter<'_> {
         let ema = ema.clone().to_device(&Device::flex());
         // Overwriting is safe: a resumed run that passes this step again writes the same weights.
         let (bundle, _) = export_bundle(&ema, manifest, &target, &self.options.runtime, true, |ort, m, _| {
-            self.calibrate(ort, None, m, &target)
+            self.calibrate(ort, &mut MapGraphs::default(), m, &target)
         })?;
         Ok(bundle)
     }

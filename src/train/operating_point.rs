@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::eval::metrics::{auroc, average_precision};
 use crate::eval::synth::{DefectKind, TRAINING_DEFECTS, paste_defect, paste_transplant};
-use crate::infer::inspect::Ensemble;
+use crate::infer::inspect::{Ensemble, MapGraphs};
 use crate::infer::reconstruct::Reconstructor;
 use crate::infer::runtime::{Denoiser, RuntimeError};
 use crate::model::diffusion::NoiseSchedule;
@@ -222,11 +222,10 @@ impl Validation<'_> {
         })
     }
 
-    /// Scores the learned `head` at the chosen reconstruction (t0, ensemble, steps,
-    /// conditioning) on the same validation frames and defects as [`search`], adds it to
-    /// `point`'s candidates and re-ranks them: the head becomes the choice only if it wins.
-    /// Scores the map rule `residual` whose graph is `graph` (the head, the normal-patch
-    /// model) at the chosen point's reconstruction, adds it to the candidates and re-ranks.
+    /// Scores the map rule `residual` whose graph is `graph` (the learned head, the
+    /// normal-patch model) at the chosen reconstruction (t0, ensemble, steps, conditioning)
+    /// on the same validation frames and defects as [`search`], adds it to `point`'s
+    /// candidates and re-ranks them: it becomes the choice only if it wins.
     pub fn add_map_candidate(
         &self,
         point: &mut OperatingPoint,
@@ -240,7 +239,7 @@ impl Validation<'_> {
         let spec = base.reconstruction();
         let mut ensemble = Ensemble::new(schedule, spec, &base.extra_t0).expect("a searched candidate is valid");
         let rule = AnomalySpec { residual, ..*anomaly };
-        let raw = ensemble.raw_maps_of(denoiser, Some(graph), &set.frames, shape, seed, &rule)?;
+        let raw = ensemble.raw_maps_of(denoiser, &mut MapGraphs::rule(Some(graph)), &set.frames, shape, seed, &rule)?;
         let maps = raw.into_iter().map(|(map, _)| map).collect();
         let candidate = score(&set, maps, shape, &rule, &spec, &base.extra_t0, base.unet_calls);
         point.candidates.push(candidate.clone());

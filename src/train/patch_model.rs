@@ -31,11 +31,14 @@ pub struct PatchConfig {
     pub rounds: usize,
     /// Covariance ridge, as a fraction of the mean variance.
     pub shrinkage: f64,
+    /// Weight of the patch map fused into the shipped rule's map (0: not fused; the patch
+    /// rule then only competes in the search on its own).
+    pub fusion_weight: f64,
 }
 
 impl PatchConfig {
-    pub fn with_backbone(backbone: PathBuf, trim: f64) -> Self {
-        Self { backbone, tiles: 256, trim, rounds: 3, shrinkage: 0.01 }
+    pub fn with_backbone(backbone: PathBuf, trim: f64, fusion_weight: f64) -> Self {
+        Self { backbone, tiles: 256, trim, rounds: 3, shrinkage: 0.01, fusion_weight }
     }
 
     fn fit(&self) -> RobustFit {
@@ -51,6 +54,9 @@ impl PatchConfig {
                 "the backbone checkpoint {} is not a file (scripts/fetch-backbone.sh fetches it)",
                 self.backbone.display()
             ));
+        }
+        if !(0.0..=1.0).contains(&self.fusion_weight) {
+            return Err(format!("the patch map's fusion weight must be in [0, 1], got {}", self.fusion_weight));
         }
         self.fit().validate()
     }
