@@ -487,8 +487,9 @@ pub struct RetrainArgs {
     #[arg(long, default_value_t = 0)]
     pub head_steps: usize,
     /// Fit a model of normal patches on pretrained features (ImageNet EfficientNet-Lite0)
-    /// of the training frames and ship it in the bundle as the `patch` map rule, chosen if
-    /// it wins the search; `none` = no such model.
+    /// of the training frames and ship it in the bundle: its map fused into the searched
+    /// rule's (--patch-fusion), or with --patch-fusion 0 the `patch` rule, chosen if it
+    /// wins the search; `none` = no such model.
     #[arg(long, value_enum, default_value = "none")]
     pub patch_model: PatchModelArg,
     /// The backbone checkpoint the patch model is built on (scripts/fetch-backbone.sh).
@@ -499,8 +500,8 @@ pub struct RetrainArgs {
     #[arg(long, default_value_t = 0.1)]
     pub patch_trim: f64,
     /// Weight of the patch model's map fused into the shipped rule's map, each map
-    /// standardised on the calibration frames; 0 = no fusion (the patch rule then only
-    /// competes in the search on its own).
+    /// standardised on the calibration frames; 0 = no fusion (the patch rule then
+    /// competes in the search on its own instead).
     #[arg(long, default_value_t = 0.5)]
     pub patch_fusion: f64,
     /// Anomaly-map Gaussian σ in pixels.

@@ -91,8 +91,9 @@ pub struct TrainConfig {
     /// Train a learned defect head after the search and keep it if it wins there.
     #[serde(default)]
     pub head: Option<HeadConfig>,
-    /// Fit a normal-patch model on pretrained features (the `patch` map rule); it is
-    /// shipped in the bundle and becomes the rule if it wins the search.
+    /// Fit a normal-patch model on pretrained features; it is shipped in the bundle, fused
+    /// into the searched rule's map, or (fusion weight 0) the `patch` rule if it wins the
+    /// search.
     #[serde(default)]
     pub patch: Option<PatchConfig>,
 }
@@ -490,7 +491,9 @@ impl Exporter<'_> {
                 seed: self.config.seed,
             };
             let mut point = validation.search(ort)?;
-            if let Some(patch) = patch_session.as_mut() {
+            // A patch map fused into the searched rule does not compete with it.
+            let fused = self.config.patch.as_ref().is_some_and(|p| p.fusion_weight > 0.0);
+            if let Some(patch) = patch_session.as_mut().filter(|_| !fused) {
                 let scored = validation.add_map_candidate(&mut point, ort, patch, Residual::Patch)?;
                 let chosen = point.chosen.residual == Residual::Patch;
                 tracing::info!(
