@@ -1,18 +1,20 @@
 #!/usr/bin/env bash
 # Pretrained patch features on held-out textures (docs/results.md, "Pretrained patch
-# features"). For each texture and seed at CONTAMINATION: `synth` a dataset, then
+# features"). For each texture and seed at CONTAMINATION: `synth` a dataset (its test set
+# with the held-out families wear and dent besides the five usual shapes), then
 #   fused/    `retrain` LOSS (the issue's recipe: STEPS 800 UNet steps, the operating-point
 #             search within 10 UNet calls, a learned head of HEAD_STEPS 400 steps shipped
 #             where it wins) with the normal-patch model (trim 0.1) fused into the chosen
 #             rule at weight 0.5;
-#             `eval` three times on the test set (all five defect shapes):
+#             `eval` three times on the test set (all seven defect shapes):
 #               eval/fused     the manifest as shipped (searched rule + patch map)
 #               eval/recon     --no-fusion: the chosen rule alone (reconstruction or head)
 #               eval/patch     --anomaly-map patch: the patch model alone (trim 0.1)
 #   untrimmed/ the patch model alone fitted without the trim (the contamination's cost),
 #             on a UNet trained only 20 steps (the patch rule does not read it).
 # grass and gravel were never used to choose any parameter of the patch model or the
-# fusion; their recipe comes from ../shared/reference/pretrained-features.md.
+# fusion (their recipe comes from ../shared/reference/pretrained-features.md); wear and dent
+# were never drawn by anything in training, the contamination or the search.
 #
 #   scripts/patch-benchmark.sh
 #   TEXTURES=gravel SEEDS=0 scripts/patch-benchmark.sh
@@ -67,7 +69,7 @@ for texture in $TEXTURES; do
     if [ ! -d "$data" ]; then
       log "synth $data"
       "$BIN" synth --texture "$(texture_path "$texture")" --foreign "$(texture_path "$(foreign_of "$texture")")" \
-        --out "$data" --contamination "$CONTAMINATION" --seed "$seed"
+        --out "$data" --contamination "$CONTAMINATION" --seed "$seed" --held-out-families
     fi
     name="$texture-p$CONTAMINATION-s$seed-$LOSS"
     model="$OUT/models/fused/$name"

@@ -19,7 +19,7 @@ VARIANTS = [
     ("untrimmed", "patch model only (no trim)"),
     ("fused", "fused (shipped: searched rule + patch, w 0.5)"),
 ]
-TYPES = ["scratch", "hole", "stain", "crack", "foreign"]
+TYPES = ["scratch", "hole", "stain", "crack", "foreign", "wear", "dent"]
 
 
 def load(out):

@@ -280,6 +280,11 @@ pub struct SynthArgs {
     /// e.g. 256) and --defect-extent 64, defects are 3–20 px, as on a line camera.
     #[arg(long)]
     pub defect_extent: Option<u32>,
+    /// Also draw the held-out defect families (wear: texture lost, brightness kept; dent:
+    /// texture warped toward or away from a centre, with faint shading) into the test set;
+    /// nothing in training, the contamination or retrain's search ever draws them.
+    #[arg(long)]
+    pub held_out_families: bool,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Replace an existing dataset directory.

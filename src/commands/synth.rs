@@ -13,11 +13,12 @@ pub fn run(args: SynthArgs) -> anyhow::Result<()> {
         contamination: args.contamination,
         seed: args.seed,
         defect_extent: args.defect_extent,
+        held_out_families: args.held_out_families,
     };
     let summary = synthesise(&args.texture, args.foreign.as_deref(), &args.out, &config, args.force)?;
     println!(
         "{}: train/good {} normal + {} defective (contamination {:.3}; {}), test/good {}, \
-         {} per defect type (scratch, hole, stain, crack, foreign); details in synth.json",
+         {} per defect type ({}); details in synth.json",
         args.out.display(),
         summary.train_normal,
         summary.train_defective,
@@ -25,6 +26,7 @@ pub fn run(args: SynthArgs) -> anyhow::Result<()> {
         summary.contamination_definition,
         summary.test_good,
         summary.test_per_type,
+        summary.test_types.join(", "),
     );
     Ok(())
 }

@@ -26,6 +26,12 @@ pub enum DefectKind {
     Stain,
     Crack,
     Foreign,
+    /// Texture lost inside an irregular blob (worn, polished or smeared surface): the
+    /// texture there is blurred to its local mean, brightness unchanged.
+    Wear,
+    /// A dent: the texture inside a disc pulled toward (or pushed from) its centre, with the
+    /// faint shading of a tilted surface.
+    Dent,
 }
 
 impl DefectKind {
@@ -33,6 +39,10 @@ impl DefectKind {
     /// The shapes `retrain` pastes to choose its operating point. Cracks and foreign
     /// patches are kept out, so benchmark scores on them measure shapes the choice never saw.
     pub const SELECTION: [DefectKind; 3] = [Self::Scratch, Self::Hole, Self::Stain];
+    /// Families only `synth --held-out-families` draws, into the test set alone: neither the
+    /// training contamination, nor `retrain`'s search and head, nor any choice of this
+    /// project's parameters ever saw them.
+    pub const HELD_OUT: [DefectKind; 2] = [Self::Wear, Self::Dent];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -41,6 +51,8 @@ impl DefectKind {
             Self::Stain => "stain",
             Self::Crack => "crack",
             Self::Foreign => "foreign",
+            Self::Wear => "wear",
+            Self::Dent => "dent",
         }
     }
 }
@@ -57,6 +69,8 @@ pub struct SynthConfig {
     /// Draw defects as for an image of this side (e.g. 64 in 256-pixel native crops:
     /// defects of 3–20 px); `None`: as for the image itself.
     pub defect_extent: Option<u32>,
+    /// Add the [`DefectKind::HELD_OUT`] families to the test set.
+    pub held_out_families: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -104,6 +118,8 @@ pub struct SynthSummary {
     pub train_defective: usize,
     pub test_good: usize,
     pub test_per_type: usize,
+    /// The defect types of the test set, in order.
+    pub test_types: Vec<&'static str>,
     /// The defective images hidden in train/good (for analysis; never given to training).
     pub contaminated_train: Vec<DefectRecord>,
     pub test_defects: Vec<DefectRecord>,
@@ -230,6 +246,7 @@ fn paint(
     let sign = if rng.random_bool(0.5) { 1.0 } else { -1.0 };
     let centre = (rng.random_range(0.25..0.75) * size, rng.random_range(0.25..0.75) * size);
     let surface_mean = img.pixels().map(|p| p.0[0] as f64).sum::<f64>() / (size * size);
+    let source = img.clone();
     // `inside(x, y)` decides the support; `value(x, y, v)` the new pixel there.
     let mut apply = |inside: &dyn Fn(f64, f64) -> bool, value: &mut dyn FnMut(u32, u32, u8) -> u8| {
         for y in 0..img.height() {
@@ -313,8 +330,63 @@ fn paint(
                 shift(foreign.get_pixel(fx + x, fy + y).0[0], offset)
             });
         }
+        DefectKind::Wear => {
+            let blobs: Vec<((f64, f64), f64)> = (0..rng.random_range(3..6))
+                .map(|_| {
+                    let r = rng.random_range(0.05..0.1) * extent * scale;
+                    let offset = (rng.random_range(-1.0..1.0) * r, rng.random_range(-1.0..1.0) * r);
+                    ((centre.0 + offset.0, centre.1 + offset.1), r.max(2.0))
+                })
+                .collect();
+            let inside = |x: f64, y: f64| blobs.iter().any(|(c, r)| (x - c.0).powi(2) + (y - c.1).powi(2) <= r * r);
+            let radius = (0.05 * extent).max(2.0) as i64;
+            let keep = if high_contrast { 0.0 } else { 0.4 };
+            apply(&inside, &mut |x, y, v| {
+                let local = box_mean(&source, x as i64, y as i64, radius);
+                (keep * v as f64 + (1.0 - keep) * local).round().clamp(0.0, 255.0) as u8
+            });
+        }
+        DefectKind::Dent => {
+            let r = (rng.random_range(0.08..0.14) * extent * scale).max(3.0);
+            let pull = if high_contrast { 0.45 } else { 0.25 } * sign;
+            let light = rng.random_range(0.0..std::f64::consts::TAU);
+            let shade = strength * 0.25;
+            apply(&|x, y| (x - centre.0).hypot(y - centre.1) <= r, &mut |x, y, _| {
+                let (dx, dy) = (x as f64 + 0.5 - centre.0, y as f64 + 0.5 - centre.1);
+                let falloff = 1.0 - (dx * dx + dy * dy) / (r * r);
+                let (sx, sy) = (centre.0 + dx * (1.0 + pull * falloff), centre.1 + dy * (1.0 + pull * falloff));
+                let v = sample(&source, sx - 0.5, sy - 0.5);
+                // The dent's wall facing the light is brighter, the far one darker.
+                let facing = (dx * light.cos() + dy * light.sin()) / r;
+                shift(v.round().clamp(0.0, 255.0) as u8, shade * facing * falloff.sqrt())
+            });
+        }
     }
     mask
+}
+
+/// Mean of `img` over the square of `radius` around `(x, y)`, clipped to the image.
+fn box_mean(img: &GrayImage, x: i64, y: i64, radius: i64) -> f64 {
+    let (w, h) = (img.width() as i64, img.height() as i64);
+    let (mut sum, mut n) = (0.0, 0.0);
+    for yy in (y - radius).max(0)..=(y + radius).min(h - 1) {
+        for xx in (x - radius).max(0)..=(x + radius).min(w - 1) {
+            sum += img.get_pixel(xx as u32, yy as u32).0[0] as f64;
+            n += 1.0;
+        }
+    }
+    sum / n
+}
+
+/// Bilinear sample of `img` at pixel coordinates `(x, y)`, clamped to the image.
+fn sample(img: &GrayImage, x: f64, y: f64) -> f64 {
+    let (w, h) = (img.width() as f64 - 1.0, img.height() as f64 - 1.0);
+    let (x, y) = (x.clamp(0.0, w), y.clamp(0.0, h));
+    let (x0, y0) = (x.floor(), y.floor());
+    let (x1, y1) = ((x0 + 1.0).min(w), (y0 + 1.0).min(h));
+    let (fx, fy) = (x - x0, y - y0);
+    let at = |a: f64, b: f64| img.get_pixel(a as u32, b as u32).0[0] as f64;
+    (at(x0, y0) * (1.0 - fx) + at(x1, y0) * fx) * (1.0 - fy) + (at(x0, y1) * (1.0 - fx) + at(x1, y1) * fx) * fy
 }
 
 fn save(path: &Path, img: &GrayImage) -> Result<(), SynthError> {
@@ -397,7 +469,11 @@ pub fn synthesise(
     };
     let _ = std::fs::remove_dir_all(&staging);
     let mut dirs = vec![staging.join("train/good"), staging.join("test/good")];
-    for kind in DefectKind::ALL {
+    let test_kinds: Vec<DefectKind> = DefectKind::ALL
+        .into_iter()
+        .chain(config.held_out_families.then_some(DefectKind::HELD_OUT).into_iter().flatten())
+        .collect();
+    for kind in &test_kinds {
         dirs.push(staging.join("test").join(kind.name()));
         dirs.push(staging.join("ground_truth").join(kind.name()));
     }
@@ -434,7 +510,9 @@ pub fn synthesise(
         save(&staging.join(format!("test/good/{i:03}.png")), &crop(&texture, &test_area, config, &mut test_rng))?;
     }
     let mut test_defects = Vec::new();
-    for kind in DefectKind::ALL {
+    // Held-out families come after the others, so the first five types' images are the
+    // same with and without them.
+    for &kind in &test_kinds {
         for i in 0..config.test_per_type {
             let (img, mask, scale, high) = defect_image(&texture, &test_area, &foreign, config, kind, &mut test_rng);
             let file = format!("test/{}/{i:03}.png", kind.name());
@@ -457,6 +535,7 @@ pub fn synthesise(
         train_defective: defective,
         test_good: config.test_good,
         test_per_type: config.test_per_type,
+        test_types: test_kinds.iter().map(|k| k.name()).collect(),
         contaminated_train,
         test_defects,
     };
@@ -561,6 +640,7 @@ mod tests {
             contamination: 0.3,
             seed: 9,
             defect_extent: None,
+            held_out_families: false,
         };
         let a = synthesise(&texture_path, None, &dir.path().join("a"), &config, false).unwrap();
         let b = synthesise(&texture_path, None, &dir.path().join("b"), &config, false).unwrap();
@@ -597,8 +677,57 @@ mod tests {
             synthesise(&texture_path, None, &dir.path().join("c"), &bad, false),
             Err(SynthError::Contamination(_))
         ));
+        // The held-out families are added after the others, which stay as they were.
+        let held_out = SynthConfig { held_out_families: true, ..config.clone() };
+        let h = synthesise(&texture_path, None, &dir.path().join("h"), &held_out, false).unwrap();
+        assert_eq!(h.test_types, ["scratch", "hole", "stain", "crack", "foreign", "wear", "dent"]);
+        assert_eq!(a.test_types.len(), 5);
+        for file in ["test/good/001.png", "test/foreign/000.png", "train/good/004.png"] {
+            assert_eq!(
+                std::fs::read(dir.path().join("a").join(file)).unwrap(),
+                std::fs::read(dir.path().join("h").join(file)).unwrap()
+            );
+        }
+        for kind in ["wear", "dent"] {
+            let mask = image::open(dir.path().join(format!("h/ground_truth/{kind}/000_mask.png"))).unwrap();
+            assert!(mask.to_luma8().pixels().any(|p| p.0[0] == 255), "{kind}: empty mask");
+        }
         let big = SynthConfig { crop: 190, ..config };
         let e = synthesise(&texture_path, None, &dir.path().join("d"), &big, false).unwrap_err().to_string();
         assert!(e.contains("200x160"), "{e}");
+    }
+
+    /// Wear and dents change the texture inside their mask and nothing outside it; wear
+    /// keeps the brightness there.
+    #[test]
+    fn held_out_families_change_only_their_mask() {
+        let base = GrayImage::from_fn(64, 64, |x, y| {
+            Luma([(100.0 + 60.0 * ((x as f64 * 0.9).sin() * (y as f64 * 0.7).cos())) as u8])
+        });
+        for kind in DefectKind::HELD_OUT {
+            for seed in 0..6 {
+                let mut img = base.clone();
+                let mut rng = ChaCha8Rng::seed_from_u64(seed);
+                let mask = paint(&mut img, 64.0, kind, 1.0, true, &GrayImage::new(1, 1), &mut rng);
+                let (mut changed, mut before, mut after, mut n) = (0, 0.0, 0.0, 0.0);
+                for (x, y, m) in mask.enumerate_pixels() {
+                    let (a, b) = (base.get_pixel(x, y).0[0], img.get_pixel(x, y).0[0]);
+                    if m.0[0] == 0 {
+                        assert_eq!(a, b, "{kind:?} changed ({x}, {y}) outside its mask");
+                    } else {
+                        changed += usize::from(a != b);
+                        (before, after, n) = (before + a as f64, after + b as f64, n + 1.0);
+                    }
+                }
+                assert!(changed as f64 > 0.3 * n, "{kind:?}: only {changed} of {n} mask pixels changed");
+                if kind == DefectKind::Wear {
+                    assert!(
+                        ((after - before) / n).abs() < 12.0,
+                        "wear shifted the brightness by {}",
+                        (after - before) / n
+                    );
+                }
+            }
+        }
     }
 }
