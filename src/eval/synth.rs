@@ -280,14 +280,8 @@ fn paint(
             });
         }
         DefectKind::Stain => {
-            let blobs: Vec<((f64, f64), f64)> = (0..rng.random_range(3..6))
-                .map(|_| {
-                    let r = rng.random_range(0.04..0.08) * extent * scale;
-                    let offset = (rng.random_range(-1.0..1.0) * r, rng.random_range(-1.0..1.0) * r);
-                    ((centre.0 + offset.0, centre.1 + offset.1), r.max(1.5))
-                })
-                .collect();
-            let inside = |x: f64, y: f64| blobs.iter().any(|(c, r)| (x - c.0).powi(2) + (y - c.1).powi(2) <= r * r);
+            let blobs = blob_cluster(rng, centre, (0.04, 0.08), extent * scale, 1.5);
+            let inside = |x: f64, y: f64| in_blobs(&blobs, x, y);
             // A soft profile inside a hard support: strongest at the centre, never zero.
             let reach = blobs.iter().map(|(c, r)| ((c.0 - centre.0).hypot(c.1 - centre.1)) + r).fold(1.0, f64::max);
             apply(&inside, &mut |x, y, v| {
@@ -331,14 +325,8 @@ fn paint(
             });
         }
         DefectKind::Wear => {
-            let blobs: Vec<((f64, f64), f64)> = (0..rng.random_range(3..6))
-                .map(|_| {
-                    let r = rng.random_range(0.05..0.1) * extent * scale;
-                    let offset = (rng.random_range(-1.0..1.0) * r, rng.random_range(-1.0..1.0) * r);
-                    ((centre.0 + offset.0, centre.1 + offset.1), r.max(2.0))
-                })
-                .collect();
-            let inside = |x: f64, y: f64| blobs.iter().any(|(c, r)| (x - c.0).powi(2) + (y - c.1).powi(2) <= r * r);
+            let blobs = blob_cluster(rng, centre, (0.05, 0.1), extent * scale, 2.0);
+            let inside = |x: f64, y: f64| in_blobs(&blobs, x, y);
             let radius = (0.05 * extent).max(2.0) as i64;
             let keep = if high_contrast { 0.0 } else { 0.4 };
             apply(&inside, &mut |x, y, v| {
@@ -350,7 +338,7 @@ fn paint(
             let r = (rng.random_range(0.08..0.14) * extent * scale).max(3.0);
             let pull = if high_contrast { 0.45 } else { 0.25 } * sign;
             let light = rng.random_range(0.0..std::f64::consts::TAU);
-            let shade = strength * 0.25;
+            let shade = strength * 0.6;
             apply(&|x, y| (x - centre.0).hypot(y - centre.1) <= r, &mut |x, y, _| {
                 let (dx, dy) = (x as f64 + 0.5 - centre.0, y as f64 + 0.5 - centre.1);
                 let falloff = 1.0 - (dx * dx + dy * dy) / (r * r);
@@ -363,6 +351,28 @@ fn paint(
         }
     }
     mask
+}
+
+/// 3–5 discs of radius `fraction × extent` (at least `min`) scattered around `centre`,
+/// each within its own radius of it: an irregular blob.
+fn blob_cluster(
+    rng: &mut ChaCha8Rng,
+    centre: (f64, f64),
+    fraction: (f64, f64),
+    extent: f64,
+    min: f64,
+) -> Vec<((f64, f64), f64)> {
+    (0..rng.random_range(3..6))
+        .map(|_| {
+            let r = rng.random_range(fraction.0..fraction.1) * extent;
+            let offset = (rng.random_range(-1.0..1.0) * r, rng.random_range(-1.0..1.0) * r);
+            ((centre.0 + offset.0, centre.1 + offset.1), r.max(min))
+        })
+        .collect()
+}
+
+fn in_blobs(blobs: &[((f64, f64), f64)], x: f64, y: f64) -> bool {
+    blobs.iter().any(|(c, r)| (x - c.0).powi(2) + (y - c.1).powi(2) <= r * r)
 }
 
 /// Mean of `img` over the square of `radius` around `(x, y)`, clipped to the image.

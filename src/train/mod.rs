@@ -43,7 +43,7 @@ use crate::infer::bundle::{BundleError, Staged, read_manifest};
 use crate::infer::inspect::{Ensemble, MapGraphs};
 use crate::infer::reconstruct::Reconstructor;
 use crate::infer::runtime::RuntimeConfig;
-use crate::infer::runtime::{Denoiser, OrtDenoiser};
+use crate::infer::runtime::{Denoiser, OrtDenoiser, RuntimeError};
 use crate::model::architecture::UNetConfig;
 use crate::model::diffusion::{NoiseSchedule, ScheduleSpec};
 use crate::model::manifest::{
@@ -542,32 +542,13 @@ impl Exporter<'_> {
         let input = manifest.input;
         let shape = [input.channels, input.height, input.width];
         let (frames, seed) = (self.calibration_frames, self.config.seed);
-        let rule = AnomalySpec { fusion: None, ..manifest.anomaly };
-        let rule_maps: Vec<Vec<f32>> = ensemble
-            .raw_maps_of(
-                ort,
-                &mut MapGraphs::rule(graphs.rule.as_mut().map(|g| &mut **g as &mut dyn Denoiser)),
-                frames,
-                shape,
-                seed,
-                &rule,
-            )?
-            .into_iter()
-            .map(|(map, _)| map)
-            .collect();
-        let patch_rule = AnomalySpec { residual: Residual::Patch, fusion: None, ..manifest.anomaly };
-        let patch_maps: Vec<Vec<f32>> = ensemble
-            .raw_maps_of(
-                ort,
-                &mut MapGraphs::rule(graphs.patch.as_mut().map(|g| &mut **g as &mut dyn Denoiser)),
-                frames,
-                shape,
-                seed,
-                &patch_rule,
-            )?
-            .into_iter()
-            .map(|(map, _)| map)
-            .collect();
+        let mut maps = |graph: Option<&mut dyn Denoiser>, residual: Residual| {
+            let rule = AnomalySpec { residual, fusion: None, ..manifest.anomaly };
+            let raw = ensemble.raw_maps_of(ort, &mut MapGraphs::rule(graph), frames, shape, seed, &rule)?;
+            Ok::<Vec<Vec<f32>>, RuntimeError>(raw.into_iter().map(|(map, _)| map).collect())
+        };
+        let rule_maps = maps(graphs.rule.as_mut().map(|g| &mut **g as &mut dyn Denoiser), manifest.anomaly.residual)?;
+        let patch_maps = maps(graphs.patch.as_mut().map(|g| &mut **g as &mut dyn Denoiser), Residual::Patch)?;
         let fusion = Fusion::from_normal_maps(weight, &rule_maps, &patch_maps);
         tracing::info!(rule = manifest.anomaly.residual.name(), weight, ?fusion, "Patch map fused into the rule's.");
         Ok(fusion)
