@@ -489,13 +489,14 @@ pub struct RetrainArgs {
     /// After the search, train a learned defect head (DRAEM-style, on synthetic
     /// scratches, holes and stains pasted on training frames) for this many steps and
     /// ship it if it beats the searched map on the validation defects; 0 = no head.
-    #[arg(long, default_value_t = 0)]
-    pub head_steps: usize,
+    /// Default: 400 when the operating point is searched, 0 with --fixed-operating-point.
+    #[arg(long)]
+    pub head_steps: Option<usize>,
     /// Fit a model of normal patches on pretrained features (ImageNet EfficientNet-Lite0)
     /// of the training frames and ship it in the bundle: its map fused into the searched
     /// rule's (--patch-fusion), or with --patch-fusion 0 the `patch` rule, chosen if it
     /// wins the search; `none` = no such model.
-    #[arg(long, value_enum, default_value = "none")]
+    #[arg(long, value_enum, default_value = "gaussian")]
     pub patch_model: PatchModelArg,
     /// The backbone checkpoint the patch model is built on (scripts/fetch-backbone.sh).
     #[arg(long, env = "EDGE_INSPECT_BACKBONE")]

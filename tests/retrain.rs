@@ -464,6 +464,23 @@ fn retrain_cli_reads_the_mvtec_layout_and_writes_a_report() {
     assert!(manifest.provenance.command.contains("retrain --data"));
     // Line-scale by default: tiles of the input size, ¾ of it apart, at native scale.
     assert_eq!(manifest.inspection, Inspection::Tiled { scale: 1.0, stride: 12 });
+    // The benchmarked recipe by default: a learned head in the search, the normal-patch
+    // model fused into the chosen rule.
+    let point = manifest.operating_point.as_ref().unwrap();
+    assert!(point.candidates.iter().any(|c| c.residual == Residual::Head), "the head is trained and scored");
+    assert!(manifest.patch.is_some() && manifest.anomaly.fusion.is_some(), "{:?}", manifest.anomaly);
+    // Without the backbone, the default says what is missing and how to do without it.
+    let o = Command::new(BIN)
+        .args(["retrain", "--data", category.to_str().unwrap(), "--out", tmp.path().join("x").to_str().unwrap()])
+        .args(["--steps", "2", "--no-progress"])
+        .env_remove("EDGE_INSPECT_BACKBONE")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && stderr.contains("fetch-backbone.sh") && stderr.contains("--patch-model none"),
+        "{stderr}"
+    );
     // Never overwrite without --force.
     let o = Command::new(BIN)
         .args([

@@ -98,7 +98,7 @@ pub fn run(args: RetrainArgs) -> anyhow::Result<()> {
         calibration_fraction: args.calibration_fraction,
         calibration: CalibrationRule { trim: args.calibration_trim, ..CalibrationRule::default() },
         operating_point: (!args.fixed_operating_point).then(|| SearchSpace::with_budget(args.unet_budget)),
-        head: (args.head_steps > 0).then(|| HeadConfig::with_steps(args.head_steps)),
+        head: head_config(&args),
         patch: patch_config(&args)?,
     };
     let interrupt = Arc::new(AtomicBool::new(false));
@@ -165,13 +165,25 @@ pub fn run(args: RetrainArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The learned head's settings: `--head-steps`, else 400 steps where the operating point
+/// is searched (the head is one of the search's candidates).
+fn head_config(args: &RetrainArgs) -> Option<HeadConfig> {
+    let steps = args.head_steps.unwrap_or(if args.fixed_operating_point { 0 } else { DEFAULT_HEAD_STEPS });
+    (steps > 0).then(|| HeadConfig::with_steps(steps))
+}
+
+/// The head's training steps when `--head-steps` is not given (`docs/results.md`: 400 at
+/// 800 UNet steps is the benchmarked recipe).
+const DEFAULT_HEAD_STEPS: usize = 400;
+
 /// The normal-patch model's settings, when `--patch-model` asks for one.
 fn patch_config(args: &RetrainArgs) -> anyhow::Result<Option<PatchConfig>> {
     match args.patch_model {
         PatchModelArg::None => Ok(None),
         PatchModelArg::Gaussian => {
             let backbone = args.backbone.clone().context(
-                "--patch-model needs the backbone checkpoint: --backbone or EDGE_INSPECT_BACKBONE (scripts/fetch-backbone.sh)",
+                "--patch-model gaussian (the default) needs the backbone checkpoint: --backbone or \
+                 EDGE_INSPECT_BACKBONE (scripts/fetch-backbone.sh fetches it), or --patch-model none",
             )?;
             Ok(Some(PatchConfig::with_backbone(backbone, args.patch_trim, args.patch_fusion)))
         }
