@@ -110,6 +110,9 @@ pub fn validate(m: &Manifest) -> Result<(), String> {
         _ if m.anomaly.fusion.is_some() && m.patch.is_none() => {
             return Err("anomaly.fusion needs the bundle's normal-patch model ([patch])".into());
         }
+        (_, Residual::Patch) if m.anomaly.fusion.is_some() => {
+            return Err("anomaly.fusion fuses the patch map into another rule, not into \"patch\"".into());
+        }
         (_, Residual::Patch) if m.patch.is_none() => {
             return Err("anomaly.residual = \"patch\" but the bundle has no [patch]".into());
         }
