@@ -33,12 +33,8 @@ SEED=${SEED:-0}
 # The benchmark UNet and recipe of scripts/heldout-benchmark.sh.
 ARCH=(--size 64 --channels 1 --base-channels 16 --channel-mults 1,2,2 --res-blocks 1)
 
-texture_path() {
-  case "$1" in
-    gravel) echo data/textures/gravel.png ;;
-    *) echo ../shared/data/textures/$1.png ;;
-  esac
-}
+# Texture paths and foreign-texture pairs.
+source scripts/textures.sh
 
 [ -x "$BIN" ] || cargo build --release --locked
 mkdir -p "$OUT/models"

@@ -36,19 +36,8 @@ LOSS=${LOSS:-huber}
 THREADS=${THREADS:-2}
 ARCH=(--size 64 --channels 1 --base-channels 16 --channel-mults 1,2,2 --res-blocks 1)
 
-texture_path() {
-  case "$1" in
-    gravel) echo data/textures/gravel.png ;;
-    *) echo ../shared/data/textures/$1.png ;;
-  esac
-}
-foreign_of() {
-  case "$1" in
-    brick) echo grass ;;
-    grass) echo gravel ;;
-    gravel) echo brick ;;
-  esac
-}
+# Texture paths and foreign-texture pairs.
+source scripts/textures.sh
 
 [ -x "$BIN" ] || cargo build --release --locked
 mkdir -p "$OUT"

@@ -227,15 +227,19 @@ fn retrain_trains_a_head_and_ships_it_only_where_it_wins() {
     assert_eq!(loaded.head.is_some(), shipped);
     if shipped {
         // The head is verified like the denoiser: a flipped byte is refused.
-        let path = bundle.join("head.onnx");
-        let mut bytes = fs::read(&path).unwrap();
-        let last = bytes.len() - 1;
-        bytes[last] ^= 0x55;
-        fs::write(&path, bytes).unwrap();
+        flip_last_byte(&bundle.join("head.onnx"));
         let e =
             Bundle::load(&bundle, &RuntimeConfig::default()).err().expect("a corrupt head must not load").to_string();
         assert!(e.contains("head.onnx") && e.contains("sha256"), "{e}");
     }
+}
+
+/// Corrupts a bundle file the way a bad copy would.
+fn flip_last_byte(path: &Path) {
+    let mut bytes = fs::read(path).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0x55;
+    fs::write(path, bytes).unwrap();
 }
 
 /// The checkpoint `scripts/fetch-backbone.sh` fetched (exported by `scripts/setup.sh`).
@@ -299,11 +303,7 @@ fn retrain_fits_a_patch_model_that_ships_verified_and_finds_pasted_defects() {
     }
 
     // patch.onnx is verified like the denoiser: a flipped byte is refused.
-    let path = bundle.join("patch.onnx");
-    let mut bytes = fs::read(&path).unwrap();
-    let last = bytes.len() - 1;
-    bytes[last] ^= 0x55;
-    fs::write(&path, bytes).unwrap();
+    flip_last_byte(&bundle.join("patch.onnx"));
     let e = Bundle::load(&bundle, &RuntimeConfig::default()).err().expect("a corrupt patch model must not load");
     assert!(e.to_string().contains("patch.onnx") && e.to_string().contains("sha256"), "{e}");
 }

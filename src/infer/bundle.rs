@@ -179,18 +179,11 @@ impl Bundle {
         let mut denoiser = OrtDenoiser::load(&onnx_path, manifest.unet.channels, runtime)?;
         run_golden(&mut denoiser, &manifest).map_err(|what| BundleError::Golden { path: onnx_path, what })?;
         let pair = 2 * manifest.input.channels;
-        let head = match &manifest.head {
-            None => None,
-            Some(artifact) => {
-                Some(pair_graph(dir, &artifact.onnx, &artifact.sha256, &artifact.golden, pair, &manifest, runtime)?)
-            }
+        let graph = |onnx: &str, sha256: &str, golden: &GoldenCheck| {
+            pair_graph(dir, onnx, sha256, golden, pair, &manifest, runtime)
         };
-        let patch = match &manifest.patch {
-            None => None,
-            Some(artifact) => {
-                Some(pair_graph(dir, &artifact.onnx, &artifact.sha256, &artifact.golden, pair, &manifest, runtime)?)
-            }
-        };
+        let head = manifest.head.as_ref().map(|a| graph(&a.onnx, &a.sha256, &a.golden)).transpose()?;
+        let patch = manifest.patch.as_ref().map(|a| graph(&a.onnx, &a.sha256, &a.golden)).transpose()?;
         tracing::info!(bundle = %dir.display(), name = %manifest.name, version = %manifest.version, sha256 = %manifest.artifact.sha256, "Model bundle verified.");
         let (residual, feature_t) = (manifest.anomaly.residual, manifest.anomaly.feature_t);
         let mut bundle = Self { dir: dir.to_path_buf(), manifest, denoiser, head, features: None, patch };

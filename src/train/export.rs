@@ -83,19 +83,29 @@ pub fn export_head(
             what: format!("head export parity failed: max |ORT − burn| = {worst:e} > {PARITY_TOLERANCE:e}"),
         });
     }
-    let mut golden = None;
-    ort.predict_eps(&probe, shape, &timesteps, &mut |out| {
-        golden = Some(GoldenCheck::from_output(batch, timesteps.clone(), out, GOLDEN_TOLERANCE));
-    })?;
+    let golden = pair_golden(&mut ort, manifest)?;
     let artifact = HeadArtifact {
         onnx: HEAD_FILE.to_string(),
         sha256: sha256_hex(&onnx),
         unet: unet.clone(),
         training_steps,
         final_loss,
-        golden: golden.expect("predict_eps hands over its output"),
+        golden,
     };
     Ok((ort, artifact))
+}
+
+/// The golden statistics of a graph of the head's contract (frame ‖ reconstruction in:
+/// the head, the normal-patch model) on a probe batch of two.
+pub fn pair_golden(graph: &mut dyn Denoiser, manifest: &Manifest) -> Result<GoldenCheck, BundleError> {
+    let input = head_input_spec(manifest);
+    let (batch, timesteps) = (2, vec![0.0, 0.0]);
+    let probe = GoldenCheck::probe(batch, &input);
+    let mut golden = None;
+    graph.predict_eps(&probe, [batch, input.channels, input.height, input.width], &timesteps, &mut |out| {
+        golden = Some(GoldenCheck::from_output(batch, timesteps.clone(), out, GOLDEN_TOLERANCE));
+    })?;
+    Ok(golden.expect("predict_eps hands over its output"))
 }
 
 /// Exports `model` as the bundle described by `manifest` (its `artifact` and `golden`

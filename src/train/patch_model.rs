@@ -11,12 +11,12 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use crate::infer::bundle::{BundleError, Staged, head_input_spec, sha256_hex};
-use crate::infer::runtime::{Denoiser, OrtDenoiser, RuntimeConfig};
+use crate::infer::bundle::{BundleError, Staged, sha256_hex};
+use crate::infer::runtime::{OrtDenoiser, RuntimeConfig};
 use crate::model::backbone::{Backbone, FeatureSpec};
-use crate::model::manifest::{GoldenCheck, Manifest, PATCH_FILE, PatchArtifact, PatchFit};
+use crate::model::manifest::{Manifest, PATCH_FILE, PatchArtifact, PatchFit};
 use crate::model::patch::{Gaussian, RobustFit, patch_onnx};
-use crate::train::export::GOLDEN_TOLERANCE;
+use crate::train::export::pair_golden;
 
 /// The normal-patch model's settings; stored in the training configuration.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -87,13 +87,7 @@ pub fn fit_patch_model(
     staged.write(PATCH_FILE, &onnx)?;
     let path = staged.path(PATCH_FILE);
     let mut session = OrtDenoiser::load(&path, 2 * input.channels, runtime)?;
-    let pair = head_input_spec(manifest);
-    let (batch, timesteps) = (2, vec![0.0, 0.0]);
-    let probe = GoldenCheck::probe(batch, &pair);
-    let mut golden = None;
-    session.predict_eps(&probe, [batch, pair.channels, pair.height, pair.width], &timesteps, &mut |out| {
-        golden = Some(GoldenCheck::from_output(batch, timesteps.clone(), out, GOLDEN_TOLERANCE));
-    })?;
+    let golden = pair_golden(&mut session, manifest)?;
     let fit = PatchFit {
         tiles: tiles.len(),
         vectors: vectors.len() / spec.channels,
@@ -108,7 +102,7 @@ pub fn fit_patch_model(
         features: spec,
         model: "gaussian".into(),
         fit,
-        golden: golden.expect("predict_eps hands over its output"),
+        golden,
     };
     Ok((session, artifact))
 }
