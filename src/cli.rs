@@ -224,6 +224,10 @@ pub struct EvalArgs {
     /// Frames per UNet batch.
     #[arg(long, default_value_t = 8)]
     pub batch: usize,
+    /// Give the deployed verdicts, masks and overlays at this sensitivity, as a camera set
+    /// to it would (0.1–10; 2 = half the calibrated thresholds).
+    #[arg(long, default_value_t = 1.0, value_parser = parse_sensitivity)]
+    pub sensitivity: f64,
     #[command(flatten)]
     pub reconstruction: ReconstructionArgs,
     /// Score with this anomaly-map rule instead of the manifest's (the thresholds are not
@@ -584,4 +588,13 @@ pub struct LabelArgs {
 pub enum VerdictArg {
     Defect,
     Normal,
+}
+
+/// A sensitivity within [`crate::controls::SENSITIVITY`].
+fn parse_sensitivity(s: &str) -> Result<f64, String> {
+    let range = crate::controls::SENSITIVITY;
+    match s.parse::<f64>() {
+        Ok(v) if range.contains(&v) => Ok(v),
+        _ => Err(format!("expected a sensitivity in {range:?}, got {s:?}")),
+    }
 }

@@ -47,9 +47,6 @@ pub struct ModelRef {
     pub name: String,
     pub version: String,
     pub sha256: String,
-    /// The bundle's calibrated image threshold (not in payloads).
-    #[serde(skip)]
-    pub image_threshold: f64,
 }
 
 #[cfg(test)]

@@ -1723,6 +1723,19 @@ fn camera_commands_change_a_running_camera_and_persist() {
     set("sensitivity", "10");
     wait_for(Duration::from_secs(10), "alerts at sensitivity 10", || !sub.on("cam0/anomaly").is_empty());
     assert_eq!(last("cam0/sensitivity/state").as_deref(), Some("10"));
+    // One verdict: an alert at sensitivity 10 is at a tenth of the calibrated threshold,
+    // and its normalised score says so (issue 22).
+    let calibrated = edge_inspect::infer::bundle::read_manifest(&repo().join("models/brick-huber"))
+        .unwrap()
+        .thresholds
+        .image
+        .value;
+    for m in sub.on("cam0/anomaly") {
+        let alert: serde_json::Value = serde_json::from_slice(&m.payload).unwrap();
+        let (score, threshold) = (alert["score"].as_f64().unwrap(), alert["threshold"].as_f64().unwrap());
+        assert!((threshold - calibrated / 10.0).abs() < 1e-12, "{alert}");
+        assert!(score >= threshold && alert["normalised_score"].as_f64().unwrap() >= 0.5, "{alert}");
+    }
 
     set("sensitivity", "100");
     set("sensitivity", "abc");

@@ -492,7 +492,7 @@ fn a_bundle_with_a_head_is_verified_and_inspects_through_it() {
     assert!(bundle.head.is_some());
     let mut inspector = Inspector::new(bundle, None).unwrap();
     let frame: Vec<f32> = (0..16 * 16).map(|i| ((i as f32) * 0.37).sin() * 0.8).collect();
-    let analysis = inspector.inspect(&[FrameView { tensor: &frame, size: [16, 16] }], &[1]).unwrap();
+    let analysis = inspector.inspect(&[FrameView::new(&frame, [16, 16])], &[1]).unwrap();
     // Smoothed sigmoid probabilities: strictly inside (0, 1), not all equal.
     let map = &analysis[0].map;
     assert!(map.iter().all(|v| *v > 0.0 && *v < 1.0), "{map:?}");

@@ -296,7 +296,7 @@ fn retrain_fits_a_patch_model_that_ships_verified_and_finds_pasted_defects() {
     {
         let prepared = input.prepare(&image::open(fixture(frame)).unwrap());
         let analysis =
-            inspector.inspect(&[FrameView { tensor: &prepared.tensor, size: prepared.size() }], &[1]).unwrap();
+            inspector.inspect(&[FrameView::new(&prepared.tensor, prepared.size())], &[1]).unwrap();
         let (inside, outside) = inside_outside(&analysis[0].map, 32, mask);
         eprintln!("{frame}: patch distance inside {inside:.3}, outside {outside:.3}");
         assert!(inside > 1.2 * outside, "{frame}: patch distance inside {inside:.3}, outside {outside:.3}");
@@ -330,7 +330,7 @@ fn retrain_fuses_the_patch_map_into_the_shipped_rule() {
     let input = loaded.manifest.input;
     let mut inspector = Inspector::new(loaded, None).unwrap();
     let prepared = input.prepare(&image::open(fixture("brick_stain.png")).unwrap());
-    let analysis = inspector.inspect(&[FrameView { tensor: &prepared.tensor, size: prepared.size() }], &[1]).unwrap();
+    let analysis = inspector.inspect(&[FrameView::new(&prepared.tensor, prepared.size())], &[1]).unwrap();
     let (inside, outside) = inside_outside(&analysis[0].map, 32, "brick_stain_mask.png");
     assert!(inside > outside + 1.0, "fused map inside {inside:.3}, outside {outside:.3} (standardised units)");
 

@@ -60,7 +60,7 @@ fn prepare(inspector: &Inspector, image: &GrayImage) -> Prepared {
 }
 
 fn view(p: &Prepared) -> FrameView<'_> {
-    FrameView { tensor: &p.tensor, size: p.size() }
+    FrameView::new(&p.tensor, p.size())
 }
 
 #[test]

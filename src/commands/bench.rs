@@ -116,7 +116,7 @@ fn bench_frames(
                     image::Luma([(128.0 + 60.0 * ((x as f32) * 0.31).sin() * ((y as f32) * 0.17).cos()) as u8])
                 }));
             let prepared = manifest.input.prepare_for(manifest.inspection, &image);
-            let view = FrameView { tensor: &prepared.tensor, size: prepared.size() };
+            let view = FrameView::new(&prepared.tensor, prepared.size());
             let tiles = inspector.tile_grid(view.size).tiles.len();
             let start = Instant::now();
             inspector.inspect(&[view], &[1])?;

@@ -43,6 +43,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
         seed: args.seed,
         overlays: args.overlays,
         progress: !args.no_progress,
+        sensitivity: args.sensitivity,
     };
     let report = evaluate(&mut inspector, &args.model, &args.data, &out, &options)?;
     let summary = markdown(&report);

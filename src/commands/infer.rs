@@ -125,7 +125,7 @@ pub fn run(args: InferArgs) -> anyhow::Result<()> {
         let preprocess_ms = started.elapsed().as_secs_f64() * 1e3 / frames.len() as f64;
         let n = frames.len();
         let views: Vec<FrameView<'_>> =
-            frames.iter().map(|(_, p)| FrameView { tensor: &p.tensor, size: p.size() }).collect();
+            frames.iter().map(|(_, p)| FrameView::new(&p.tensor, p.size())).collect();
         let seeds: Vec<u64> = frames.iter().map(|(i, _)| args.seed.wrapping_add(*i as u64)).collect();
         let started = Instant::now();
         let analyses = inspector.inspect(&views, &seeds)?;
@@ -147,7 +147,7 @@ pub fn run(args: InferArgs) -> anyhow::Result<()> {
                 image: args.images[*i].display().to_string(),
                 score: analysis.score,
                 normalised_score: analysis.normalised_score,
-                image_threshold: manifest.thresholds.image.value,
+                image_threshold: analysis.image_threshold,
                 label: if analysis.anomalous { "anomalous" } else { "normal" },
                 defect_area,
                 defect_ratio: defect_area as f64 / analysis.mask.len() as f64,

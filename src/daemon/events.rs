@@ -243,7 +243,7 @@ mod tests {
         let new = t.observe(clip.frame(Some(0.6)), || b"b".to_vec());
         assert_eq!(kinds(&new), [Kind::New]);
         assert_eq!(new[0].snapshot.as_deref(), Some(&b"a"[..]), "the streak's best frame");
-        let model = ModelRef { name: "m".into(), version: "1".into(), sha256: "s".into(), image_threshold: 0.1 };
+        let model = ModelRef { name: "m".into(), version: "1".into(), sha256: "s".into() };
         let id = new[0].message("cam", &model, String::new()).id.to_string();
         assert!(id.starts_with("node-cam-") && id.ends_with("-3"), "{id}");
         // A lower frame is no news; a higher one is an update with its snapshot.

@@ -37,7 +37,6 @@ pub fn model_ref(manifest: &Manifest) -> ModelRef {
         name: manifest.name.clone(),
         version: manifest.version.clone(),
         sha256: manifest.artifact.sha256.clone(),
-        image_threshold: manifest.thresholds.image.value,
     }
 }
 

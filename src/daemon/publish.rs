@@ -209,14 +209,11 @@ impl Publisher {
 
     /// Alerts (if per-frame alerts are on), the retained state, metrics, events, and the
     /// recorder's share of one inspected frame.
-    fn frame(&mut self, mut inspected: Inspected) {
+    fn frame(&mut self, inspected: Inspected) {
         self.latest_model = Some(inspected.model.clone());
         let Publisher { ctx, trackers, sampler, .. } = self;
         let index = inspected.frame.camera;
         let camera = ctx.cameras.get(index);
-        // The camera's sensitivity scales the calibrated image threshold (`controls`).
-        let analysis = &mut inspected.analysis;
-        analysis.anomalous = analysis.score >= inspected.model.image_threshold / camera.controls.sensitivity();
         if camera.controls.take_snapshot_request()
             && let Some(mqtt) = &ctx.mqtt
         {
@@ -329,7 +326,7 @@ fn alert(
         camera: &camera.id,
         score: a.score,
         normalised_score: a.normalised_score,
-        threshold: inspected.model.image_threshold,
+        threshold: a.image_threshold,
         defect_area_px: defect_area,
         defect_ratio: defect_area as f64 / a.mask.len().max(1) as f64,
         regions,

@@ -130,7 +130,11 @@ impl<D: Denoiser> Worker<D> {
         }
         let frames: Vec<FrameView<'_>> = batch
             .iter()
-            .map(|f| FrameView { tensor: &f.tensor, size: [f.display.height() as usize, f.display.width() as usize] })
+            .map(|f| FrameView {
+                tensor: &f.tensor,
+                size: [f.display.height() as usize, f.display.width() as usize],
+                sensitivity: self.cameras.get(f.camera).controls.sensitivity(),
+            })
             .collect();
         let seeds: Vec<u64> =
             batch.iter().map(|f| self.seed.wrapping_add((f.camera as u64) << 40).wrapping_add(f.seq)).collect();
@@ -186,11 +190,12 @@ mod tests {
     use crate::infer::bundle::read_manifest;
     use crate::infer::runtime::{FnDenoiser, RuntimeError};
     use crate::model::preprocess::Inspection;
+    use crate::postprocess::anomaly::Analysis;
     use crate::stats::CameraStats;
     use std::path::Path;
 
     fn model_ref() -> Arc<ModelRef> {
-        Arc::new(ModelRef { name: "fake".into(), version: "1".into(), sha256: "f".into(), image_threshold: 0.1 })
+        Arc::new(ModelRef { name: "fake".into(), version: "1".into(), sha256: "f".into() })
     }
 
     /// The demo bundle's manifest as a one-tile (64×64) model.
@@ -283,6 +288,62 @@ mod tests {
         let named: Vec<(usize, String)> = out_rx.try_iter().map(|i| (i.frame.camera, i.model.name.clone())).collect();
         assert_eq!(named, vec![(0, "node".to_string()), (1, "own".to_string())]);
         assert_eq!(stats[1].drops(DropReason::InferenceError), 1);
+    }
+
+    /// One inspection of `frame` at `sensitivity` by a worker whose model has `thresholds`.
+    fn judged(frame: Frame, thresholds: Option<crate::model::manifest::Thresholds>, sensitivity: f64) -> Analysis {
+        let mut m = manifest();
+        if let Some(t) = thresholds {
+            m.thresholds = t;
+        }
+        let inspector = Inspector::from_parts("fake".into(), m, FnDenoiser(|_, x, _| 0.3 * x), None, None).unwrap();
+        let (cameras, _) = cameras(&["a"]);
+        cameras.get(0).controls.set_sensitivity(sensitivity);
+        let mut w = Worker::new(vec![model(0, inspector)], 7, cameras, Arc::default(), Arc::default(), Progress::new());
+        let (out_tx, out_rx) = crossbeam_channel::bounded(1);
+        assert!(w.inspect(vec![frame], &out_tx));
+        out_rx.try_recv().expect("a verdict").analysis
+    }
+
+    /// The camera's sensitivity reaches the one verdict: score, normalised score, mask,
+    /// regions and the flag agree at every sensitivity (issue 22: the flag was once
+    /// overwritten after the mask and normalised score were made at sensitivity 1).
+    #[test]
+    fn every_sensitivity_gives_one_consistent_verdict() {
+        let frame = || {
+            let mut frame = Frame::uniform(0, 1, [64, 64], 0.0);
+            for (i, v) in frame.tensor.iter_mut().enumerate() {
+                *v = ((i % 64) as f32 * 0.37).sin() * ((i / 64) as f32 * 0.21).cos() * 0.8;
+            }
+            frame
+        };
+        // Thresholds placed around this frame's own scores: at sensitivity 1 it is normal,
+        // from 1.5 up it is anomalous; the pixel threshold sits above most of the map.
+        let first = judged(frame(), None, 1.0);
+        let mut sorted = first.map.clone();
+        sorted.sort_by(f32::total_cmp);
+        let mut thresholds = manifest().thresholds;
+        thresholds.image.value = first.score * 1.5;
+        thresholds.pixel.value = f64::from(sorted[sorted.len() * 9 / 10]) * 1.5;
+        let mut masked = Vec::new();
+        for sensitivity in [0.5, 1.0, 1.2, 2.0, 4.0, 10.0] {
+            let a = judged(frame(), Some(thresholds.clone()), sensitivity);
+            let image = thresholds.image.value / sensitivity;
+            let pixel = thresholds.pixel.value / sensitivity;
+            assert!((a.image_threshold - image).abs() < 1e-12, "at {sensitivity}");
+            assert_eq!(a.anomalous, sensitivity >= 1.5, "at {sensitivity}: score {} vs {image}", a.score);
+            assert_eq!(a.anomalous, a.normalised_score >= 0.5, "at {sensitivity}");
+            assert_eq!(a.anomalous, a.score >= image, "at {sensitivity}");
+            for ((m, n), raw) in a.mask.iter().zip(&a.normalised_map).zip(&a.map) {
+                assert_eq!(*m == 1, *n >= 0.5, "at {sensitivity}");
+                assert_eq!(*m == 1, f64::from(*raw) >= pixel - 1e-9, "at {sensitivity}: {raw} vs {pixel}");
+            }
+            let region_area: usize = a.regions.iter().map(|r| r.area).sum();
+            assert!(region_area <= a.mask.iter().filter(|m| **m == 1).count(), "at {sensitivity}");
+            masked.push(a.mask.iter().filter(|m| **m == 1).count());
+        }
+        assert!(masked.windows(2).all(|w| w[0] <= w[1]), "more sensitive, more pixels: {masked:?}");
+        assert!(masked[0] < masked[5], "the mask follows the sensitivity: {masked:?}");
     }
 
     /// Fails every call.

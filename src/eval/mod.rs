@@ -40,6 +40,8 @@ pub struct EvalOptions {
     /// How many overlays to write (spread over the dataset).
     pub overlays: usize,
     pub progress: bool,
+    /// The sensitivity the deployed verdicts are given at (as a camera's, 1 = calibrated).
+    pub sensitivity: f64,
 }
 
 /// Metrics of one subset; `None` where a metric is undefined (the reason is in `notes`).
@@ -51,7 +53,8 @@ pub struct Scores {
     pub image_ap: Option<f64>,
     pub image_best_f1: Option<f64>,
     pub image_best_f1_threshold: Option<f64>,
-    /// Image verdicts at the deployed (calibrated) threshold, as the daemon would alert.
+    /// Image verdicts at the deployed threshold (the calibrated one at the report's
+    /// sensitivity), as the daemon would alert.
     pub deployed: Deployed,
     pub pixel_auroc: Option<f64>,
     pub pixel_ap: Option<f64>,
@@ -125,6 +128,8 @@ pub struct Report {
     /// The anomaly-map settings scored (the manifest's, or `--anomaly-map`'s rule).
     pub anomaly: AnomalySpec,
     pub seed: u64,
+    /// The sensitivity of the deployed verdicts, masks and overlays.
+    pub sensitivity: f64,
     pub unet_calls_per_image: usize,
     /// Reconstruction + post-processing wall time per image (decoding excluded).
     pub ms_per_image: f64,
@@ -139,7 +144,7 @@ pub struct Report {
 struct Record {
     defect_type: String,
     score: f32,
-    /// The verdict at the bundle's calibrated image threshold (what the daemon would say).
+    /// The verdict at the deployed threshold (what the daemon would say).
     flagged: bool,
     reconstruction_mse: f64,
     map: Vec<f32>,
@@ -208,7 +213,7 @@ pub fn evaluate(
             continue;
         }
         let views: Vec<FrameView<'_>> =
-            loaded.iter().map(|(_, l)| FrameView { tensor: &l.tensor, size: l.inspected }).collect();
+            loaded.iter().map(|(_, l)| FrameView { tensor: &l.tensor, size: l.inspected, sensitivity: options.sensitivity }).collect();
         let seeds: Vec<u64> = loaded.iter().map(|(i, _)| options.seed.wrapping_add(*i as u64)).collect();
         let t = Instant::now();
         let analyses = inspector.inspect(&views, &seeds)?;
@@ -277,6 +282,7 @@ pub fn evaluate(
         reconstruction: *inspector.spec(),
         anomaly: inspector.manifest().anomaly,
         seed: options.seed,
+        sensitivity: options.sensitivity,
         unet_calls_per_image: inspector.unet_calls(),
         ms_per_image: inspect_time * 1e3 / records.len() as f64,
         wall_s: started.elapsed().as_secs_f64(),
@@ -355,7 +361,7 @@ pub fn markdown(report: &Report) -> String {
     let mut md = format!(
         "# Evaluation of {} {} on {}\n\n\
          - model: `{}` (sha256 {}…), provider {}\n\
-         - reconstruction: {:?} t0 = {}, condition {}, {} UNet calls per image, seed {}; map {}\n\
+         - reconstruction: {:?} t0 = {}, condition {}, {} UNet calls per image, seed {}; map {}; sensitivity {}\n\
          - {:.1} ms per image, {:.1} s in total; images per type: {}\n\n\
          | subset | images | anomalous | image AUROC | image AP | best F1 | deployed P / R / F1 | pixel AUROC | pixel AUPRC | AUPRO@{} | recon MSE |\n\
          |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
@@ -371,6 +377,7 @@ pub fn markdown(report: &Report) -> String {
         report.unet_calls_per_image,
         report.seed,
         report.anomaly.residual.name(),
+        report.sensitivity,
         report.ms_per_image,
         report.wall_s,
         report.data.images_per_type.iter().map(|(k, v)| format!("{k} {v}")).collect::<Vec<_>>().join(", "),

@@ -21,6 +21,8 @@ use crate::model::manifest::Manifest;
 use crate::model::preprocess::Inspection;
 use crate::model::sampling::{ReconstructionError, ReconstructionSpec};
 use crate::postprocess::anomaly::{Analysis, AnomalySpec, Residual, reconstruction_mse, residual_map, verdict};
+#[cfg(doc)]
+use crate::postprocess::anomaly::Threshold;
 
 /// Stacks frames and reconstructions channel-wise: `[n, 2C, H, W]`, the head's input.
 pub fn head_input(clean: &[f32], recon: &[f32], n: usize) -> Vec<f32> {
@@ -198,6 +200,16 @@ impl Ensemble {
 pub struct FrameView<'a> {
     pub tensor: &'a [f32],
     pub size: [usize; 2],
+    /// The operator's sensitivity for this frame's camera (1 = as calibrated): it scales
+    /// the pixel and image thresholds alike ([`Threshold::at_sensitivity`]).
+    pub sensitivity: f64,
+}
+
+impl<'a> FrameView<'a> {
+    /// A frame at the calibrated thresholds (sensitivity 1).
+    pub fn new(tensor: &'a [f32], size: [usize; 2]) -> Self {
+        Self { tensor, size, sensitivity: 1.0 }
+    }
 }
 
 /// A model (denoiser, the graph of a head or feature map rule, manifest) with its
@@ -416,8 +428,8 @@ impl<D: Denoiser> Inspector<D> {
                     frame.size,
                     input.height * input.width,
                     &manifest.anomaly,
-                    &manifest.thresholds.pixel,
-                    &manifest.thresholds.image,
+                    &manifest.thresholds.pixel.at_sensitivity(frame.sensitivity),
+                    &manifest.thresholds.image.at_sensitivity(frame.sensitivity),
                 )
             })
             .collect())

@@ -175,6 +175,15 @@ impl Threshold {
         let spread = (self.max - self.min).max(f64::EPSILON);
         ((raw - self.value) / spread + 0.5).clamp(0.0, 1.0)
     }
+
+    /// The threshold an operator's sensitivity makes of this calibrated one: the value
+    /// divided by `sensitivity` (2 = half the threshold, more alerts), the spread kept, so
+    /// a normalised score is 0.5 at the threshold actually applied. The one rule for pixel
+    /// and image thresholds alike, so mask, regions and verdict agree at any sensitivity.
+    pub fn at_sensitivity(&self, sensitivity: f64) -> Threshold {
+        assert!(sensitivity > 0.0, "sensitivity {sensitivity} is not positive");
+        Threshold { value: self.value / sensitivity, ..*self }
+    }
 }
 
 /// A connected defect region in model-input pixels.
@@ -200,6 +209,10 @@ pub struct Analysis {
     pub mask: Vec<u8>,
     pub score: f64,
     pub normalised_score: f64,
+    /// The raw image threshold the verdict applied (the calibrated one at the frame's
+    /// sensitivity).
+    pub image_threshold: f64,
+    /// `normalised_score >= 0.5`, i.e. `score >= image_threshold`.
     pub anomalous: bool,
     pub regions: Vec<Region>,
     /// Mean squared reconstruction error in [0, 1] units.
@@ -502,6 +515,7 @@ pub fn verdict(
         mask,
         score,
         normalised_score,
+        image_threshold: image.value,
         anomalous: normalised_score >= 0.5,
         regions,
         reconstruction_mse,
