@@ -1725,11 +1725,8 @@ fn camera_commands_change_a_running_camera_and_persist() {
     assert_eq!(last("cam0/sensitivity/state").as_deref(), Some("10"));
     // One verdict: an alert at sensitivity 10 is at a tenth of the calibrated threshold,
     // and its normalised score says so (issue 22).
-    let calibrated = edge_inspect::infer::bundle::read_manifest(&repo().join("models/brick-huber"))
-        .unwrap()
-        .thresholds
-        .image
-        .value;
+    let calibrated =
+        edge_inspect::infer::bundle::read_manifest(&repo().join("models/brick-huber")).unwrap().thresholds.image.value;
     for m in sub.on("cam0/anomaly") {
         let alert: serde_json::Value = serde_json::from_slice(&m.payload).unwrap();
         let (score, threshold) = (alert["score"].as_f64().unwrap(), alert["threshold"].as_f64().unwrap());

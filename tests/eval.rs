@@ -86,6 +86,21 @@ fn eval_scores_a_generated_benchmark() {
         assert_eq!((img.width(), img.height()), (64, 64));
     }
 
+    // At sensitivity 10 the same scores meet a tenth of the thresholds: the threshold-free
+    // metrics stay, the deployed verdicts flag at least as many images.
+    let (ok, _, stderr) = eval_with(&data, &dir.path().join("s10"), &["--sensitivity", "10"]);
+    assert!(ok, "{stderr}");
+    let s10: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join("s10/report.json")).unwrap()).unwrap();
+    assert_eq!((report["sensitivity"].as_f64(), s10["sensitivity"].as_f64()), (Some(1.0), Some(10.0)));
+    assert_eq!(s10["overall"]["image_auroc"], overall["image_auroc"]);
+    let flagged =
+        |d: &serde_json::Value| d["true_positives"].as_u64().unwrap() + d["false_positives"].as_u64().unwrap();
+    let (at1, at10) = (flagged(&overall["deployed"]), flagged(&s10["overall"]["deployed"]));
+    assert!(at10 >= at1 && at10 > 0, "flagged at 1: {at1}, at 10: {at10}");
+    let (ok, _, stderr) = eval_with(&data, &dir.path().join("s0"), &["--sensitivity", "0"]);
+    assert!(!ok && stderr.contains("\"0\""), "{stderr}");
+
     // The feature map rule: its graph is derived from the bundle's weights on the fly.
     let feature_eval = |out: &Path, t: &str| eval_with(&data, out, &["--anomaly-map", "feature", "--feature-t", t]);
     let (ok, _, stderr) = feature_eval(&dir.path().join("feature"), "10");

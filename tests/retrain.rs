@@ -295,8 +295,7 @@ fn retrain_fits_a_patch_model_that_ships_verified_and_finds_pasted_defects() {
     for (frame, mask) in [("brick_scratch.png", "brick_scratch_mask.png"), ("brick_stain.png", "brick_stain_mask.png")]
     {
         let prepared = input.prepare(&image::open(fixture(frame)).unwrap());
-        let analysis =
-            inspector.inspect(&[FrameView::new(&prepared.tensor, prepared.size())], &[1]).unwrap();
+        let analysis = inspector.inspect(&[FrameView::new(&prepared.tensor, prepared.size())], &[1]).unwrap();
         let (inside, outside) = inside_outside(&analysis[0].map, 32, mask);
         eprintln!("{frame}: patch distance inside {inside:.3}, outside {outside:.3}");
         assert!(inside > 1.2 * outside, "{frame}: patch distance inside {inside:.3}, outside {outside:.3}");

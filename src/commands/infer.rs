@@ -124,8 +124,7 @@ pub fn run(args: InferArgs) -> anyhow::Result<()> {
         }
         let preprocess_ms = started.elapsed().as_secs_f64() * 1e3 / frames.len() as f64;
         let n = frames.len();
-        let views: Vec<FrameView<'_>> =
-            frames.iter().map(|(_, p)| FrameView::new(&p.tensor, p.size())).collect();
+        let views: Vec<FrameView<'_>> = frames.iter().map(|(_, p)| FrameView::new(&p.tensor, p.size())).collect();
         let seeds: Vec<u64> = frames.iter().map(|(i, _)| args.seed.wrapping_add(*i as u64)).collect();
         let started = Instant::now();
         let analyses = inspector.inspect(&views, &seeds)?;

@@ -212,8 +212,10 @@ pub fn evaluate(
             bar.inc(chunk.len() as u64);
             continue;
         }
-        let views: Vec<FrameView<'_>> =
-            loaded.iter().map(|(_, l)| FrameView { tensor: &l.tensor, size: l.inspected, sensitivity: options.sensitivity }).collect();
+        let views: Vec<FrameView<'_>> = loaded
+            .iter()
+            .map(|(_, l)| FrameView { tensor: &l.tensor, size: l.inspected, sensitivity: options.sensitivity })
+            .collect();
         let seeds: Vec<u64> = loaded.iter().map(|(i, _)| options.seed.wrapping_add(*i as u64)).collect();
         let t = Instant::now();
         let analyses = inspector.inspect(&views, &seeds)?;

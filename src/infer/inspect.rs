@@ -20,9 +20,9 @@ use crate::model::diffusion::NoiseSchedule;
 use crate::model::manifest::Manifest;
 use crate::model::preprocess::Inspection;
 use crate::model::sampling::{ReconstructionError, ReconstructionSpec};
-use crate::postprocess::anomaly::{Analysis, AnomalySpec, Residual, reconstruction_mse, residual_map, verdict};
 #[cfg(doc)]
 use crate::postprocess::anomaly::Threshold;
+use crate::postprocess::anomaly::{Analysis, AnomalySpec, Residual, reconstruction_mse, residual_map, verdict};
 
 /// Stacks frames and reconstructions channel-wise: `[n, 2C, H, W]`, the head's input.
 pub fn head_input(clean: &[f32], recon: &[f32], n: usize) -> Vec<f32> {
