@@ -21,6 +21,7 @@ pub struct Cli {
 }
 
 #[derive(Debug, Subcommand)]
+#[expect(clippy::large_enum_variant, reason = "parsed once per process; boxing buys nothing")]
 pub enum Command {
     /// Run a model bundle on image files and write maps, masks, overlays and JSON lines.
     Infer(InferArgs),

@@ -54,7 +54,7 @@ fn relative(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
 /// One batch of noisy frames, their noise and their timesteps, deterministic.
 fn batch(step: usize, device: &Device) -> (Tensor<4>, Tensor<4>, Tensor<1>) {
     let n = 4 * 32 * 32;
-    let wave = |k: usize, f: f32| ((k as f32 * f + step as f32).sin() * 0.8) as f32;
+    let wave = |k: usize, f: f32| (k as f32 * f + step as f32).sin() * 0.8;
     let x: Vec<f32> = (0..n).map(|k| wave(k, 0.37)).collect();
     let eps: Vec<f32> = (0..n).map(|k| wave(k, 1.13)).collect();
     let t = vec![10.0, 250.0, 500.0, 900.0];

@@ -16,12 +16,12 @@ pub enum MetricError {
     NaN { metric: &'static str },
 }
 
+/// `(threshold, false positives, true positives)` after each distinct threshold, then the
+/// totals of negatives and positives.
+type Counts = (Vec<(f32, u64, u64)>, u64, u64);
+
 /// Points `(false positives, true positives)` after each distinct threshold, descending.
-fn cumulative_counts(
-    metric: &'static str,
-    scores: &[f32],
-    labels: &[bool],
-) -> Result<(Vec<(f32, u64, u64)>, u64, u64), MetricError> {
+fn cumulative_counts(metric: &'static str, scores: &[f32], labels: &[bool]) -> Result<Counts, MetricError> {
     if scores.len() != labels.len() {
         return Err(MetricError::Length { metric, scores: scores.len(), labels: labels.len() });
     }

@@ -92,6 +92,7 @@ impl NoiseSchedule {
     }
 
     /// Number of steps `T`.
+    #[expect(clippy::len_without_is_empty, reason = "`new` refuses an empty schedule")]
     pub fn len(&self) -> usize {
         self.betas.len()
     }
