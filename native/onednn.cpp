@@ -11,6 +11,7 @@
 #include <oneapi/dnnl/dnnl.hpp>
 #include <omp.h>
 
+#include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <map>
@@ -32,18 +33,44 @@ using namespace dnnl;
 using tag = memory::format_tag;
 using dt = memory::data_type;
 
-// A cache of primitives built once per key. It holds one entry per shape the process runs
-// (a training run has a handful), and primitives with caller-owned scratchpads are safe to
-// execute from several threads at once.
+// At most this many primitives per kind of operation (`PRIMITIVE_CACHE_CAPACITY` on the
+// Rust side): a training run has a handful of shapes, but a process that sees many (frames
+// of many sizes) must not grow without bound.
+constexpr size_t kCacheCapacity = 64;
+
+// The entries of all caches together, for `ei_cached_primitives`.
+std::atomic<int64_t> cached_total{0};
+
+// A cache of primitives built once per key, the least recently used dropped beyond
+// kCacheCapacity. An entry in use elsewhere survives its eviction (shared_ptr), and
+// primitives with caller-owned scratchpads are safe to execute from several threads at once.
 template <typename Key, typename Value, typename Build>
 std::shared_ptr<const Value> cached(const Key& key, Build&& build) {
+    struct Entry {
+        std::shared_ptr<const Value> value;
+        uint64_t used;
+    };
     static std::mutex lock;
-    static std::map<Key, std::shared_ptr<const Value>> cache;
+    static std::map<Key, Entry> cache;
+    static uint64_t clock = 0;
     std::lock_guard<std::mutex> guard(lock);
     auto found = cache.find(key);
-    if (found != cache.end()) return found->second;
+    if (found != cache.end()) {
+        found->second.used = ++clock;
+        return found->second.value;
+    }
+    if (cache.size() >= kCacheCapacity) {
+        // A linear scan over at most kCacheCapacity entries, only when a new shape arrives.
+        auto oldest = cache.begin();
+        for (auto it = cache.begin(); it != cache.end(); ++it) {
+            if (it->second.used < oldest->second.used) oldest = it;
+        }
+        cache.erase(oldest);
+        --cached_total;
+    }
     auto made = std::make_shared<const Value>(build());
-    cache.emplace(key, made);
+    cache.emplace(key, Entry{made, ++clock});
+    ++cached_total;
     return made;
 }
 
@@ -209,16 +236,25 @@ private:
     std::vector<std::pair<memory, memory>> back_;
 };
 
+// Copies `text` into the caller's buffer of `error_len` bytes, always NUL-terminated.
+void message(char* error, size_t error_len, const char* text) {
+    if (error_len == 0) return;
+    std::strncpy(error, text, error_len - 1);
+    error[error_len - 1] = '\0';
+}
+
+// Runs `body`, turning any exception into a return of 1 and a message.
 template <typename F>
 int guarded(char* error, size_t error_len, F&& body) {
     try {
         body();
         return 0;
     } catch (const std::exception& e) {
-        if (error_len > 0) {
-            std::strncpy(error, e.what(), error_len - 1);
-            error[error_len - 1] = '\0';
-        }
+        message(error, error_len, e.what());
+        return 1;
+    } catch (...) {
+        // Nothing may unwind into Rust: that is undefined behaviour.
+        message(error, error_len, "an exception that is not a std::exception");
         return 1;
     }
 }
@@ -313,4 +349,6 @@ int ei_normalise_backward(int64_t runs, int64_t length, float epsilon, int threa
         call.run(p->backward, p->backward_pd);
     });
 }
+
+int64_t ei_cached_primitives() { return cached_total.load(); }
 }

@@ -45,6 +45,9 @@
 //! - [`logging`]: text, journald-native or JSON logs.
 //! - [`commands`]: the subcommands, thin over the above.
 
+// Unsafe code only where a module allows it: `model::onednn`, the FFI to oneDNN.
+#![deny(unsafe_code)]
+
 pub mod backoff;
 pub mod batch;
 pub mod capture;

@@ -1,6 +1,8 @@
 //! CLI entry: parses arguments, sets up logging, dispatches, maps errors to exit codes
 //! (78 for an invalid daemon config, 70 when a daemon stage panicked, 1 for any other error).
 
+#![forbid(unsafe_code)]
+
 use std::process::ExitCode;
 
 use clap::Parser;

@@ -9,6 +9,8 @@ pub mod backbone;
 pub mod diffusion;
 pub mod manifest;
 #[cfg(feature = "train")]
+// The crate's only unsafe code: the FFI to the oneDNN shim, each call with its SAFETY note.
+#[allow(unsafe_code)]
 pub mod onednn;
 #[cfg(feature = "train")]
 pub mod onnx_export;

@@ -15,7 +15,7 @@ use burn::nn::PaddingConfig2d;
 use burn::nn::conv::Conv2d;
 use burn::tensor::{Shape, Tensor};
 
-use super::{FlexFloat, checked, contiguous, on_flex, output, threads, values};
+use super::{FlexFloat, assert_len, checked, contiguous, on_flex, output, threads, values};
 
 /// The shape of one convolution, as the shim takes it (`ei_conv_geometry`).
 #[repr(C)]
@@ -75,6 +75,8 @@ impl Geometry {
     }
 }
 
+// The shim's functions (`native/onednn.cpp`), declared with the C types it defines them with;
+// a change there must change these.
 unsafe extern "C" {
     fn ei_conv_forward(
         geometry: *const Geometry,
@@ -111,6 +113,14 @@ fn forward(geometry: &Geometry, x: &FlexTensor, weight: &FlexTensor, bias: &Flex
     let (x, weight, bias) = (contiguous(x), contiguous(weight), contiguous(bias));
     let mut out = output(geometry.output_shape());
     let dst = out.storage_mut::<f32>();
+    assert_len("convolution input", values(&x), geometry.input_shape().num_elements());
+    assert_len("convolution weights", values(&weight), geometry.weight_shape().num_elements());
+    assert_len("convolution bias", values(&bias), geometry.out_channels as usize);
+    assert_len("convolution output", dst, geometry.output_shape().num_elements());
+    // SAFETY: `geometry` is a live `#[repr(C)]` struct laid out as `ei_conv_geometry`; each
+    // pointer is to a contiguous f32 buffer whose length the geometry implies (asserted
+    // above), alive and unaliased for the call (`dst` is the only mutable one); the shim
+    // keeps no pointer after it returns.
     checked("convolution forward", |error, len| unsafe {
         ei_conv_forward(
             geometry,
@@ -130,6 +140,11 @@ fn input_gradient(geometry: &Geometry, grad: &FlexTensor, weight: &FlexTensor) -
     let (grad, weight) = (contiguous(grad), contiguous(weight));
     let mut out = output(geometry.input_shape());
     let diff_src = out.storage_mut::<f32>();
+    assert_len("convolution output gradient", values(&grad), geometry.output_shape().num_elements());
+    assert_len("convolution weights", values(&weight), geometry.weight_shape().num_elements());
+    assert_len("convolution input gradient", diff_src, geometry.input_shape().num_elements());
+    // SAFETY: as in `forward`: lengths asserted above, buffers alive for the call,
+    // `diff_src` the only one written.
     checked("convolution input gradient", |error, len| unsafe {
         ei_conv_backward_data(
             geometry,
@@ -149,6 +164,12 @@ fn weight_and_bias_gradients(geometry: &Geometry, x: &FlexTensor, grad: &FlexTen
     let mut weights = output(geometry.weight_shape());
     let mut bias = output(Shape::new([geometry.out_channels as usize]));
     let (diff_weights, diff_bias) = (weights.storage_mut::<f32>(), bias.storage_mut::<f32>());
+    assert_len("convolution input", values(&x), geometry.input_shape().num_elements());
+    assert_len("convolution output gradient", values(&grad), geometry.output_shape().num_elements());
+    assert_len("convolution weight gradient", diff_weights, geometry.weight_shape().num_elements());
+    assert_len("convolution bias gradient", diff_bias, geometry.out_channels as usize);
+    // SAFETY: as in `forward`: lengths asserted above, buffers alive for the call, the two
+    // gradients (distinct tensors) the only ones written.
     checked("convolution weight gradient", |error, len| unsafe {
         ei_conv_backward_weights(
             geometry,

@@ -15,8 +15,10 @@ use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::flex::FlexTensor;
 use burn::tensor::{Shape, Tensor};
 
-use super::{FlexFloat, checked, contiguous, on_flex, output, threads, values};
+use super::{FlexFloat, assert_len, checked, contiguous, on_flex, output, threads, values};
 
+// The shim's functions (`native/onednn.cpp`), declared with the C types it defines them with;
+// a change there must change these.
 unsafe extern "C" {
     fn ei_normalise_forward(
         runs: i64,
@@ -67,6 +69,14 @@ fn forward(runs: Runs, x: &FlexTensor) -> Normalised {
     let (mut mean, mut variance) = (output(statistics.clone()), output(statistics));
     let (dst, mean_values, variance_values) =
         (out.storage_mut::<f32>(), mean.storage_mut::<f32>(), variance.storage_mut::<f32>());
+    let elements = (runs.count * runs.length) as usize;
+    assert_len("GroupNorm input", values(&x), elements);
+    assert_len("GroupNorm output", dst, elements);
+    assert_len("GroupNorm mean", mean_values, runs.count as usize);
+    assert_len("GroupNorm variance", variance_values, runs.count as usize);
+    // SAFETY: each pointer is to a contiguous f32 buffer of the length `runs` implies
+    // (asserted above), alive for the call; the three outputs are distinct tensors and the
+    // only ones written; the shim keeps no pointer after it returns.
     checked("GroupNorm forward", |error, len| unsafe {
         ei_normalise_forward(
             runs.count,
@@ -94,6 +104,14 @@ fn input_gradient(
     let (x, grad) = (contiguous(x), contiguous(grad));
     let mut out = output(x.shape());
     let diff_src = out.storage_mut::<f32>();
+    let elements = (runs.count * runs.length) as usize;
+    assert_len("GroupNorm input", values(&x), elements);
+    assert_len("GroupNorm mean", values(mean), runs.count as usize);
+    assert_len("GroupNorm variance", values(variance), runs.count as usize);
+    assert_len("GroupNorm output gradient", values(&grad), elements);
+    assert_len("GroupNorm input gradient", diff_src, elements);
+    // SAFETY: as in `forward`: lengths asserted above, buffers alive for the call,
+    // `diff_src` the only one written.
     checked("GroupNorm backward", |error, len| unsafe {
         ei_normalise_backward(
             runs.count,

@@ -55,14 +55,47 @@ fn on_flex<const D: usize>(tensor: &Tensor<D>) -> Option<FlexFloat> {
     tensor.clone().try_into_primitive::<Flex>().ok().map(FlexFloat::Plain)
 }
 
-/// Runs one shim call, panicking with oneDNN's message if it fails.
+/// Runs one shim call, panicking with oneDNN's message if it fails. The call gets a
+/// 512-byte message buffer and its length; the shim writes at most `len − 1` bytes and a
+/// NUL into it, whatever it catches (`guarded` in `native/onednn.cpp`).
 fn checked(what: &str, call: impl FnOnce(*mut c_char, usize) -> c_int) {
     let mut error = [0 as c_char; 512];
     if call(error.as_mut_ptr(), error.len()) != 0 {
+        // SAFETY: `error` is NUL-terminated: zero-filled, and the shim's `guarded` writes a
+        // NUL at `len − 1` at the latest.
         let message = unsafe { CStr::from_ptr(error.as_ptr()) }.to_string_lossy();
         panic!("oneDNN {what} failed: {message}");
     }
 }
+
+/// Asserts that `buffer` holds the `expected` f32 values the shape handed to the shim
+/// implies: C++ reads and writes exactly that many through the raw pointer, so a mismatch
+/// must stop here, not become an out-of-bounds access there.
+fn assert_len(what: &str, buffer: &[f32], expected: usize) {
+    assert_eq!(
+        buffer.len(),
+        expected,
+        "oneDNN {what}: a buffer of {} values, the shape needs {expected}",
+        buffer.len()
+    );
+}
+
+/// How many primitives the shim holds in its caches now (at most
+/// [`PRIMITIVE_CACHE_CAPACITY`] per kind of operation).
+#[cfg(test)]
+fn cached_primitives() -> usize {
+    unsafe extern "C" {
+        fn ei_cached_primitives() -> i64;
+    }
+    // SAFETY: takes no arguments and only reads the caches' sizes under their locks.
+    unsafe { ei_cached_primitives() as usize }
+}
+
+/// The shim keeps at most this many primitives per kind of operation, dropping the least
+/// recently used (`kCacheCapacity` in `native/onednn.cpp`; a training run has a handful of
+/// shapes, a process that sees many shapes must not grow without bound).
+#[cfg(test)]
+const PRIMITIVE_CACHE_CAPACITY: usize = 64;
 
 /// oneDNN uses as many threads as burn's rayon pool, so `RAYON_NUM_THREADS` bounds both.
 fn threads() -> c_int {
@@ -86,6 +119,8 @@ fn output(shape: Shape) -> FlexTensor {
 mod tests {
     use burn::tensor::{Device, Distribution, Tensor};
 
+    use super::{PRIMITIVE_CACHE_CAPACITY, cached_primitives};
+
     use crate::model::architecture::UNetConfig;
     use crate::model::unet::UNet;
 
@@ -94,6 +129,26 @@ mod tests {
         let out = model.forward(x.clone(), t.clone());
         let grad = x.grad(&out.clone().sum().backward()).expect("x requires grad");
         (out.into_data().try_to_vec().unwrap(), grad.into_data().try_to_vec().unwrap())
+    }
+
+    /// Each new tensor size is a new SiLU primitive: 4× the cache's capacity of them leave
+    /// at most the capacity per kind behind (the cache was once unbounded), and a size run
+    /// again after eviction is rebuilt and still right.
+    #[test]
+    fn the_primitive_cache_is_bounded() {
+        let device = Device::flex();
+        let silu = |n: usize| {
+            let x = Tensor::<1>::from_floats(vec![1.0f32; n].as_slice(), &device);
+            let y: Vec<f32> = super::silu(&x).expect("f32 on Flex").into_data().try_to_vec().unwrap();
+            assert!(y.len() == n && y.iter().all(|v| (v - 0.731_058_6).abs() < 1e-5), "SiLU of {n} ones");
+        };
+        for n in 0..4 * PRIMITIVE_CACHE_CAPACITY {
+            silu(1000 + n);
+        }
+        // Three kinds of operation (convolution, SiLU, normalisation) share no cache.
+        let held = cached_primitives();
+        assert!(held <= 3 * PRIMITIVE_CACHE_CAPACITY, "{held} primitives cached");
+        silu(1000);
     }
 
     /// The drill for oneDNN's library-managed scratchpad, which belongs to the (cached,

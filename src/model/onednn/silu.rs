@@ -13,8 +13,10 @@ use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::flex::FlexTensor;
 use burn::tensor::Tensor;
 
-use super::{FlexFloat, checked, contiguous, on_flex, output, threads, values};
+use super::{FlexFloat, assert_len, checked, contiguous, on_flex, output, threads, values};
 
+// The shim's functions (`native/onednn.cpp`), declared with the C types it defines them with;
+// a change there must change these.
 unsafe extern "C" {
     fn ei_swish_forward(
         elements: i64,
@@ -40,6 +42,9 @@ fn forward(x: &FlexTensor) -> FlexTensor {
     let src = values(&x);
     let mut out = output(x.shape());
     let dst = out.storage_mut::<f32>();
+    assert_len("SiLU output", dst, src.len());
+    // SAFETY: `src` and `dst` are contiguous f32 buffers of `src.len()` values (asserted
+    // above), alive for the call, `dst` the only one written; the shim keeps no pointer.
     checked("SiLU forward", |error, len| unsafe {
         ei_swish_forward(src.len() as i64, threads(), src.as_ptr(), dst.as_mut_ptr(), error, len)
     });
@@ -51,6 +56,10 @@ fn input_gradient(x: &FlexTensor, grad: &FlexTensor) -> FlexTensor {
     let src = values(&x);
     let mut out = output(x.shape());
     let diff_src = out.storage_mut::<f32>();
+    assert_len("SiLU output gradient", values(&grad), src.len());
+    assert_len("SiLU input gradient", diff_src, src.len());
+    // SAFETY: as in `forward`: lengths asserted above, buffers alive for the call,
+    // `diff_src` the only one written.
     checked("SiLU backward", |error, len| unsafe {
         ei_swish_backward(
             src.len() as i64,
