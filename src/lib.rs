@@ -30,6 +30,7 @@
 //! - [`frame`]: the frames that cross threads. [`batch`]: the cross-camera batcher.
 //! - [`stats`]: counters, drop reasons and stage progress shared by the threads.
 //! - [`backoff`]: retry delays and stop-aware sleeps. [`durable`]: atomic, durable writes.
+//!   [`timestamp`]: RFC 3339, the one way a time is written.
 //! - [`model`]: what a model *is*: architecture, schedule, sampling plan, preprocessing, the
 //!   manifest and (feature `train`) the burn UNet and its ONNX graph.
 //! - [`infer`]: running a model: loading and verifying bundles, ONNX Runtime sessions, the
@@ -65,5 +66,6 @@ pub mod logging;
 pub mod model;
 pub mod postprocess;
 pub mod stats;
+pub mod timestamp;
 #[cfg(feature = "train")]
 pub mod train;

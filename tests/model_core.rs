@@ -544,7 +544,7 @@ fn resize_bilinear(plane: &[f32], [h, w]: [usize; 2], [out_h, out_w]: [usize; 2]
 #[test]
 fn the_feature_graph_is_the_cosine_distance_of_the_encoder_features() {
     use burn::tensor::{Tensor, TensorData};
-    use edge_inspect::infer::inspect::feature_maps;
+    use edge_inspect::infer::ensemble::feature_maps;
     use edge_inspect::model::onnx_export::export_feature_onnx;
     use edge_inspect::model::unet::BurnOps;
 

@@ -72,7 +72,7 @@ pub fn write_label(
         seq,
         store: store.into(),
     })?;
-    let labelled_at = crate::model::manifest::now_rfc3339();
+    let labelled_at = crate::timestamp::now();
     let label = Label { verdict, labelled_at, source: source.into() };
     let path = label_path(&frame);
     let bytes = serde_json::to_vec_pretty(&label).expect("a label serialises");

@@ -24,7 +24,7 @@ pub fn run(args: ExportArgs) -> anyhow::Result<()> {
         schema_version: SCHEMA_VERSION,
         name,
         version: "0.0.0-random".into(),
-        created: crate::model::manifest::now_rfc3339(),
+        created: crate::timestamp::now(),
         input: args.architecture.input(),
         inspection: args.tile_stride.map_or(Inspection::Resize, |stride| Inspection::Tiled { scale: 1.0, stride }),
         unet,

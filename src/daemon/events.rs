@@ -11,9 +11,9 @@ use std::time::{Duration, Instant, SystemTime};
 
 use serde::Serialize;
 
-use super::publish::rfc3339;
 use crate::frame::ModelRef;
 use crate::postprocess::anomaly::Region;
+use crate::timestamp::rfc3339;
 
 /// Version of the event payload.
 pub const EVENT_SCHEMA: u32 = 1;

@@ -92,7 +92,7 @@ fn check_bundle(config: &DaemonConfig, key: String, path: &std::path::Path) -> O
     let m = &config.model;
     let spec = manifest.reconstruction.with_overrides(m.t0, m.steps, m.sampler, m.eta, None);
     let problem = match crate::model::diffusion::NoiseSchedule::new(&manifest.schedule) {
-        Ok(schedule) => match crate::infer::inspect::Ensemble::new(&schedule, spec, manifest.extra_t0()) {
+        Ok(schedule) => match crate::infer::ensemble::Ensemble::new(&schedule, spec, manifest.extra_t0()) {
             Ok(_) => return None,
             Err(e) => ("model.t0/steps/sampler".to_string(), format!("{}: {e}", path.display())),
         },
@@ -782,7 +782,7 @@ impl Running {
         let report = StatsReport {
             schema: stats::STATS_SCHEMA,
             node: self.config.node_id.clone(),
-            timestamp: publish::rfc3339(std::time::SystemTime::now()),
+            timestamp: crate::timestamp::now(),
             uptime_s: self.started.elapsed().as_secs_f64(),
             model: {
                 let current = self.model.current.lock().expect("model lock").clone();

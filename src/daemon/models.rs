@@ -29,7 +29,8 @@ use crate::frame::ModelRef;
 use crate::infer::bundle::{Bundle, BundleError};
 use crate::infer::inspect::Inspector;
 use crate::infer::runtime::OrtDenoiser;
-use crate::model::manifest::{Manifest, now_rfc3339};
+use crate::model::manifest::Manifest;
+use crate::timestamp;
 
 /// How verdicts name the model of `manifest`.
 pub fn model_ref(manifest: &Manifest) -> ModelRef {
@@ -83,7 +84,7 @@ pub struct Loader {
 impl Loader {
     /// Publishes the state, then carries out `requests` until they close.
     pub fn run(mut self, requests: Receiver<Load>) {
-        let (mut path, mut loaded_at) = (self.config.model.path.clone(), now_rfc3339());
+        let (mut path, mut loaded_at) = (self.config.model.path.clone(), timestamp::now());
         self.publish(&path, &loaded_at, None);
         for request in requests {
             let Load { key, path: bundle } = &request;
@@ -95,7 +96,7 @@ impl Loader {
                 self.running.insert(*key, manifest.clone());
                 if *key == NODE_MODEL {
                     *self.current.lock().expect("model lock") = model;
-                    (path, loaded_at) = (bundle.clone(), now_rfc3339());
+                    (path, loaded_at) = (bundle.clone(), timestamp::now());
                 }
                 Ok(manifest)
             });

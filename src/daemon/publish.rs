@@ -20,6 +20,7 @@ use crate::frame::{Inspected, ModelRef};
 use crate::postprocess::anomaly::Region;
 use crate::postprocess::render::{OverlayFormat, mask_png_within, overlay_within};
 use crate::stats::{DropReason, Progress};
+use crate::timestamp::rfc3339;
 
 /// Version of the alert and state payloads (2: regions in camera pixels, inspected area
 /// and mask scale stated; see `docs/mqtt.md`).
@@ -116,10 +117,6 @@ impl CameraMapping {
             max_score: r.max_score,
         }
     }
-}
-
-pub fn rfc3339(t: SystemTime) -> String {
-    time::OffsetDateTime::from(t).format(&time::format_description::well_known::Rfc3339).unwrap_or_default()
 }
 
 pub struct PublisherContext {

@@ -20,7 +20,6 @@ use crossbeam_channel::Receiver;
 use serde::Serialize;
 
 use super::cameras::Cameras;
-use super::publish::rfc3339;
 use crate::config::RecorderConfig;
 use crate::durable::write_atomic;
 use crate::frame::Inspected;
@@ -28,6 +27,7 @@ use crate::frame::ModelRef;
 use crate::postprocess::anomaly::Region;
 use crate::postprocess::render::mask_png;
 use crate::stats::{PipelineStats, Progress};
+use crate::timestamp::rfc3339;
 
 /// The marker file's name (shared with `retrain`'s layout detection).
 pub use crate::capture::STORE_MARKER as MARKER;

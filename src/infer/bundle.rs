@@ -97,7 +97,7 @@ pub fn validate(m: &Manifest) -> Result<(), String> {
     m.inspection.validate([m.input.height, m.input.width])?;
     check_anomaly(&m.anomaly)?;
     let schedule = NoiseSchedule::new(&m.schedule).map_err(|e| format!("schedule: {e}"))?;
-    crate::infer::inspect::Ensemble::new(&schedule, m.reconstruction, m.extra_t0())
+    crate::infer::ensemble::Ensemble::new(&schedule, m.reconstruction, m.extra_t0())
         .map_err(|e| format!("reconstruction: {e}"))?;
     check_feature_t(m.anomaly.feature_t, m.schedule.steps).map_err(|e| format!("anomaly.{e}"))?;
     for (name, t) in [("pixel", &m.thresholds.pixel), ("image", &m.thresholds.image)] {

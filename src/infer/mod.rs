@@ -2,6 +2,7 @@
 //! shared inspection path (reconstruct + post-process), and the tiling of large frames.
 
 pub mod bundle;
+pub mod ensemble;
 pub mod inspect;
 pub mod reconstruct;
 pub mod runtime;

@@ -14,13 +14,6 @@ use super::preprocess::{InputSpec, Inspection};
 use crate::model::sampling::ReconstructionSpec;
 use crate::postprocess::anomaly::{AnomalySpec, Residual, Threshold};
 
-/// The current time as RFC 3339, as manifests record it (`created`).
-pub fn now_rfc3339() -> String {
-    time::OffsetDateTime::now_utc()
-        .format(&time::format_description::well_known::Rfc3339)
-        .expect("RFC 3339 formatting of the current time cannot fail")
-}
-
 /// Bumped on any incompatible change of this file's layout.
 pub const SCHEMA_VERSION: u32 = 1;
 pub const MANIFEST_FILE: &str = "manifest.toml";

@@ -10,7 +10,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::infer::inspect::{Ensemble, MapGraphs};
+use crate::infer::ensemble::{Ensemble, MapGraphs};
 use crate::infer::runtime::{Denoiser, RuntimeError};
 use crate::model::manifest::{Calibration, Manifest, Thresholds};
 use crate::postprocess::anomaly::{Threshold, verdict};

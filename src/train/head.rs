@@ -25,7 +25,7 @@ use serde::{Deserialize, Serialize};
 
 use super::operating_point::{reconstruct_all, validation_set};
 use crate::eval::synth::TRAINING_DEFECTS;
-use crate::infer::inspect::head_input;
+use crate::infer::ensemble::head_input;
 use crate::infer::reconstruct::Reconstructor;
 use crate::infer::runtime::{Denoiser, RuntimeError};
 use crate::model::architecture::UNetConfig;

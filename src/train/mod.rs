@@ -40,7 +40,7 @@ use self::losses::Loss;
 use self::operating_point::{SearchSpace, Validation};
 use self::patch_model::{PatchConfig, fit_patch_model};
 use crate::infer::bundle::{BundleError, Staged, read_manifest};
-use crate::infer::inspect::{Ensemble, MapGraphs};
+use crate::infer::ensemble::{Ensemble, MapGraphs};
 use crate::infer::reconstruct::Reconstructor;
 use crate::infer::runtime::RuntimeConfig;
 use crate::infer::runtime::{Denoiser, OrtDenoiser, RuntimeError};
@@ -425,7 +425,7 @@ impl Exporter<'_> {
             schema_version: SCHEMA_VERSION,
             name: config.name.clone(),
             version: config.version.clone(),
-            created: crate::model::manifest::now_rfc3339(),
+            created: crate::timestamp::now(),
             input: config.input,
             inspection: config.inspection,
             unet: config.unet.clone(),

@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::eval::metrics::{auroc, average_precision};
 use crate::eval::synth::{DefectKind, TRAINING_DEFECTS, paste_defect, paste_transplant};
-use crate::infer::inspect::{Ensemble, MapGraphs};
+use crate::infer::ensemble::{Ensemble, MapGraphs};
 use crate::infer::reconstruct::Reconstructor;
 use crate::infer::runtime::{Denoiser, RuntimeError};
 use crate::model::diffusion::NoiseSchedule;
@@ -155,7 +155,7 @@ impl Validation<'_> {
     /// Candidates are single reconstructions and, within the budget, two-member ensembles of
     /// the same steps and conditioning at two t0 (maps averaged, as [`Ensemble`] does).
     ///
-    /// [`Ensemble`]: crate::infer::inspect::Ensemble
+    /// [`Ensemble`]: crate::infer::ensemble::Ensemble
     pub fn search(&self, denoiser: &mut dyn Denoiser) -> Result<OperatingPoint, RuntimeError> {
         let Validation { schedule, shape, anomaly, frames, space, seed } = *self;
         let used = &frames[..frames.len().min(space.max_frames)];
