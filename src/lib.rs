@@ -11,7 +11,7 @@
 //!         → train::losses → AdamW/EMA → train::export → train::operating_point (search on
 //!         synthetic defects) [→ train::head] → train::calibrate → bundle
 //! run:    config → capture::thread ×N (frame::Frame, bounded queues) → batch → daemon::worker
-//!         (infer::inspect) → daemon::publish (MQTT, daemon::outbox for what cannot go now)
+//!         (infer::inspect) → daemon::mqtt::publish (MQTT, its outbox for what cannot go now)
 //!         → daemon::recorder (capture store, read by retrain); daemon::supervisor owns the
 //!         threads, their progress bounds and the systemd watchdog
 //! eval:   eval::data → infer::inspect → eval::metrics → report; eval::synth builds benchmarks

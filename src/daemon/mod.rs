@@ -12,23 +12,16 @@
 //! ```text
 //! capture::thread (1/camera) → queue (bounded, newest wins) ┐
 //!                                                            ├→ batch (1 open batch/model) → worker (models by key)
-//! capture::thread …          → queue                        ┘     → publish → MQTT (mqtt, outbox)
+//! capture::thread …          → queue                        ┘     → mqtt::publish → MQTT (mqtt::client, outbox)
 //!                                                                           → recorder → capture store
 //! main thread: signals, reloads, supervisor (exits, progress bounds, watchdog), stalls, stats
 //! models thread: loads and verifies bundles, hands them to the worker
 //! ```
 
-#[cfg(feature = "embedded-broker")]
-pub mod broker;
 pub mod cameras;
-pub mod control;
-pub mod events;
-pub mod homeassistant;
 pub mod http;
 pub mod models;
 pub mod mqtt;
-pub mod outbox;
-pub mod publish;
 pub mod recorder;
 pub mod signals;
 pub mod supervisor;
@@ -55,8 +48,8 @@ use crate::stats::{self, CameraStatus, PipelineStats, Progress, RateTracker, Sta
 use cameras::Cameras;
 use http::Endpoint;
 use models::{CurrentModel, Load, NODE_MODEL};
-use mqtt::Mqtt;
-use publish::{PublishOptions, PublisherContext};
+use mqtt::publish::{PublishOptions, PublisherContext};
+use mqtt::{Mqtt, control, homeassistant, publish};
 use signals::Signals;
 use supervisor::{Failure, Health, Role, Supervisor};
 use worker::{Swap, Worker};
@@ -203,7 +196,7 @@ pub fn run(config: DaemonConfig, config_path: &std::path::Path) -> anyhow::Resul
 
     #[cfg(feature = "embedded-broker")]
     if config.mqtt.enabled && config.mqtt.embedded_broker {
-        broker::start(&config.mqtt)?;
+        mqtt::broker::start(&config.mqtt)?;
     }
 
     let mut inspectors = Vec::new();

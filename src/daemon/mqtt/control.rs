@@ -21,11 +21,11 @@ use crossbeam_channel::Receiver;
 use rumqttc::QoS;
 use serde::{Deserialize, Serialize};
 
-use super::cameras::{Camera, Cameras};
-use super::models::{Load, NODE_MODEL};
-use super::mqtt::{Incoming, Mqtt};
+use super::client::{Incoming, Mqtt};
 use crate::capture::labels::{Verdict, write_label};
 use crate::controls::{Controls, SENSITIVITY, save};
+use crate::daemon::cameras::{Camera, Cameras};
+use crate::daemon::models::{Load, NODE_MODEL};
 
 /// The retained `/state` echoes of a camera's controls (at its start and after changes).
 pub fn publish_state(mqtt: &Mqtt, camera: &Camera) {

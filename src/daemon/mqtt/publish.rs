@@ -12,10 +12,10 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use rumqttc::QoS;
 use serde::Serialize;
 
-use super::cameras::Cameras;
+use super::client::Mqtt;
 use super::events::{Emitted, Observation, Tracker};
-use super::mqtt::Mqtt;
 use crate::config::{DaemonConfig, EventsConfig};
+use crate::daemon::cameras::Cameras;
 use crate::frame::{Inspected, ModelRef};
 use crate::postprocess::anomaly::Region;
 use crate::postprocess::render::{OverlayFormat, mask_png_within, overlay_within};
