@@ -206,7 +206,7 @@ struct RawCamera {
 // ---------------------------------------------------------------------------------------
 // Validated config.
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct DaemonConfig {
     pub node_id: String,
     pub state_dir: PathBuf,
@@ -223,7 +223,7 @@ pub struct DaemonConfig {
 }
 
 /// Home Assistant MQTT discovery.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct HomeAssistantConfig {
     pub enabled: bool,
     pub discovery_prefix: String,
@@ -242,33 +242,31 @@ impl DaemonConfig {
     /// Each section other than the model's, and whether `other` differs in it (what a
     /// SIGHUP cannot apply live).
     pub fn differences(&self, other: &DaemonConfig) -> Vec<(&'static str, bool)> {
-        let differ = |a: &dyn std::fmt::Debug, b: &dyn std::fmt::Debug| format!("{a:?}") != format!("{b:?}");
-        let node = (&self.node_id, &self.state_dir, self.drain_timeout);
-        let other_node = (&other.node_id, &other.state_dir, other.drain_timeout);
+        let node = |c: &DaemonConfig| (c.node_id.clone(), c.state_dir.clone(), c.drain_timeout);
         let overrides = |m: &ModelConfig| (m.t0, m.steps, m.sampler, m.eta, m.seed, m.models_dir.clone());
         vec![
-            ("node", differ(&node, &other_node)),
-            ("model overrides", differ(&overrides(&self.model), &overrides(&other.model))),
-            ("runtime", differ(&self.runtime, &other.runtime)),
-            ("pipeline", differ(&self.pipeline, &other.pipeline)),
-            ("mqtt", self.mqtt.differs(&other.mqtt)),
-            ("recorder", differ(&self.recorder, &other.recorder)),
-            ("http", differ(&self.http, &other.http)),
-            ("events", differ(&self.events, &other.events)),
-            ("homeassistant", differ(&self.homeassistant, &other.homeassistant)),
-            ("cameras", differ(&self.cameras, &other.cameras)),
+            ("node", node(self) != node(other)),
+            ("model overrides", overrides(&self.model) != overrides(&other.model)),
+            ("runtime", self.runtime != other.runtime),
+            ("pipeline", self.pipeline != other.pipeline),
+            ("mqtt", self.mqtt != other.mqtt),
+            ("recorder", self.recorder != other.recorder),
+            ("http", self.http != other.http),
+            ("events", self.events != other.events),
+            ("homeassistant", self.homeassistant != other.homeassistant),
+            ("cameras", self.cameras != other.cameras),
         ]
     }
 }
 
 /// The monitoring endpoint (`/metrics`, `/healthz`).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct HttpConfig {
     pub enabled: bool,
     pub listen: std::net::SocketAddr,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ModelConfig {
     pub path: PathBuf,
     /// Bundles `<node>/model/set` may name.
@@ -280,7 +278,7 @@ pub struct ModelConfig {
     pub seed: u64,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct PipelineConfig {
     pub max_batch: usize,
     pub max_wait: Duration,
@@ -290,14 +288,14 @@ pub struct PipelineConfig {
     pub stage_timeout: Duration,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct TlsConfig {
     pub ca_file: Option<PathBuf>,
     /// Client certificate and key (mutual TLS).
     pub client_auth: Option<(PathBuf, PathBuf)>,
 }
 
-#[derive(Clone)]
+#[derive(Clone, PartialEq)]
 pub struct MqttConfig {
     pub enabled: bool,
     pub host: String,
@@ -324,23 +322,6 @@ pub struct MqttConfig {
     pub outbox_max_age: Duration,
 }
 
-impl MqttConfig {
-    /// Whether `other` differs anywhere (its `Debug` leaves the secrets and some settings out).
-    fn differs(&self, other: &MqttConfig) -> bool {
-        let settings = |m: &MqttConfig| {
-            format!(
-                "{:?}",
-                (
-                    (m.enabled, &m.host, m.port, &m.client_id, &m.base_topic, m.keep_alive, m.stats_interval),
-                    (m.max_packet_bytes, &m.tls, m.embedded_broker, m.publish_images, m.commands, m.snapshot_quality),
-                    (m.image_max_width, m.reconnect_max, &m.outbox_dir, m.outbox_max_bytes, m.outbox_max_age),
-                )
-            )
-        };
-        settings(self) != settings(other) || self.credentials != other.credentials
-    }
-}
-
 impl std::fmt::Debug for MqttConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("MqttConfig")
@@ -355,7 +336,7 @@ impl std::fmt::Debug for MqttConfig {
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct RecorderConfig {
     pub enabled: bool,
     pub dir: PathBuf,
@@ -364,6 +345,24 @@ pub struct RecorderConfig {
     pub max_age: Duration,
     /// Recorded frames larger than this (width or height) are scaled down to it.
     pub max_side: u32,
+}
+
+/// The recorder's bounds: what a reload may change while it runs.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RecorderLimits {
+    pub max_bytes: u64,
+    pub max_age: Duration,
+    pub max_side: u32,
+}
+
+impl RecorderConfig {
+    pub fn limits(&self) -> RecorderLimits {
+        RecorderLimits { max_bytes: self.max_bytes, max_age: self.max_age, max_side: self.max_side }
+    }
+
+    pub fn set_limits(&mut self, l: RecorderLimits) {
+        (self.max_bytes, self.max_age, self.max_side) = (l.max_bytes, l.max_age, l.max_side);
+    }
 }
 
 use crate::capture::{CameraConfig, SourceConfig};

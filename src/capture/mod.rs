@@ -21,7 +21,7 @@ use std::time::Duration;
 use image::DynamicImage;
 
 /// Where a camera's frames come from (validated `[[cameras]]` keys).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum SourceConfig {
     Replay {
         path: String,
@@ -34,7 +34,7 @@ pub enum SourceConfig {
 
 /// One camera as the daemon runs it: the validated `[[cameras]]` table (`crate::config`
 /// builds it; the capture thread runs it).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct CameraConfig {
     pub id: String,
     pub enabled: bool,

@@ -23,6 +23,7 @@ pub mod http;
 pub mod models;
 pub mod mqtt;
 pub mod recorder;
+pub mod reload;
 pub mod signals;
 pub mod supervisor;
 pub mod worker;
@@ -50,6 +51,7 @@ use http::Endpoint;
 use models::{CurrentModel, Load, NODE_MODEL};
 use mqtt::publish::{PublishOptions, PublisherContext};
 use mqtt::{Mqtt, control, homeassistant, publish};
+use reload::CameraAction;
 use signals::Signals;
 use supervisor::{Failure, Health, Role, Supervisor};
 use worker::{Swap, Worker};
@@ -263,7 +265,7 @@ struct Running {
     waiting: Vec<crate::capture::CameraConfig>,
     /// New publishing options for the publisher; new limits for the recorder.
     options: Sender<PublishOptions>,
-    recorder_limits: Option<Sender<config::RecorderConfig>>,
+    recorder_limits: Option<Sender<config::RecorderLimits>>,
     /// Set at shutdown: batches reaching the worker after it are dropped.
     drain_deadline: Arc<Mutex<Option<Instant>>>,
     pipeline: Arc<PipelineStats>,
@@ -638,15 +640,20 @@ impl Running {
                 return;
             }
         };
-        self.swap_changed_models(&new);
-        if let Err(e) = self.apply_cameras(&new) {
+        let plan = reload::plan(&self.config, &new);
+        self.swap_changed_models(&plan.running);
+        if let Err(e) = self.apply_cameras(&plan) {
             tracing::error!(error = %e, "SIGHUP: cannot apply the camera changes.");
         }
-        self.apply_options(&new);
-        for (section, changed) in self.config.differences(&new) {
-            if changed {
-                tracing::warn!(section = section, "SIGHUP: this section changed and needs a restart to take effect.");
-            }
+        if let Some(options) = plan.publish {
+            let _ = self.options.try_send(options);
+        }
+        if let (Some(limits), Some(channel)) = (plan.recorder, &self.recorder_limits) {
+            let _ = channel.try_send(limits);
+        }
+        self.config = plan.running;
+        for section in plan.needs_restart {
+            tracing::warn!(section = section, "SIGHUP: this section changed and needs a restart to take effect.");
         }
     }
 
@@ -665,83 +672,48 @@ impl Running {
                 _ => {}
             }
         }
-        self.models[NODE_MODEL].path = node_path.clone();
-        self.config.model.path = node_path;
+        self.models[NODE_MODEL].path = node_path;
     }
 
-    /// Cameras removed, changed (restarted in their slot: a sensitivity alone needs no
-    /// restart) and added.
-    fn apply_cameras(&mut self, new: &DaemonConfig) -> anyhow::Result<()> {
-        use crate::capture::CameraConfig;
-        let old = std::mem::replace(&mut self.config.cameras, new.cameras.clone());
-        let capture_same = |a: &CameraConfig, b: &CameraConfig| {
-            format!("{a:?}") == format!("{:?}", CameraConfig { sensitivity: a.sensitivity, ..b.clone() })
-        };
-        let mut changed = false;
-        for camera in &old {
-            let kept = new.cameras.iter().find(|c| c.id == camera.id);
-            if kept.is_some_and(|c| capture_same(c, camera)) {
-                continue;
-            }
-            changed = true;
-            self.waiting.retain(|c| c.id != camera.id);
-            if let Some((slot, _)) = self.cameras.find(&camera.id) {
-                tracing::info!(camera = %camera.id, "SIGHUP: camera {}.", if kept.is_some() { "changed" } else { "removed" });
-                self.stop_camera(slot, kept.is_none());
-            }
-        }
-        for camera in &new.cameras {
-            let before = old.iter().find(|c| c.id == camera.id);
-            // The config's `enabled` or `sensitivity` changed: the operator's last word.
-            if let (Some(before), Some((_, entry))) = (before, self.cameras.find(&camera.id)) {
-                if before.enabled != camera.enabled {
-                    entry.controls.set_enabled(camera.enabled);
-                }
-                if before.sensitivity != camera.sensitivity {
-                    changed = true;
-                    entry.controls.set_sensitivity(camera.sensitivity);
-                    if let Some(mqtt) = self.mqtt.as_ref().filter(|_| self.config.mqtt.commands) {
-                        control::publish_state(mqtt, &entry);
+    /// Carries out the plan's camera actions, then persists the controls and announces the
+    /// cameras again if any changed.
+    fn apply_cameras(&mut self, plan: &reload::Plan) -> anyhow::Result<()> {
+        self.config.cameras = plan.running.cameras.clone();
+        for action in &plan.cameras {
+            match action {
+                CameraAction::Stop { id, retire } => {
+                    self.waiting.retain(|c| &c.id != id);
+                    if let Some((slot, _)) = self.cameras.find(id) {
+                        tracing::info!(camera = %id, "SIGHUP: camera {}.", if *retire { "removed" } else { "changed" });
+                        self.stop_camera(slot, *retire);
                     }
                 }
+                CameraAction::SetEnabled { id, enabled } => {
+                    if let Some((_, entry)) = self.cameras.find(id) {
+                        entry.controls.set_enabled(*enabled);
+                    }
+                }
+                CameraAction::SetSensitivity { id, sensitivity } => {
+                    if let Some((_, entry)) = self.cameras.find(id) {
+                        entry.controls.set_sensitivity(*sensitivity);
+                        if let Some(mqtt) = self.mqtt.as_ref().filter(|_| self.config.mqtt.commands) {
+                            control::publish_state(mqtt, &entry);
+                        }
+                    }
+                }
+                CameraAction::Start(camera) => {
+                    if self.cameras.find(&camera.id).is_none() {
+                        tracing::info!(camera = %camera.id, "SIGHUP: camera added.");
+                    }
+                    self.start_camera(camera.clone())?;
+                }
             }
-            if before.is_some_and(|c| capture_same(c, camera)) {
-                continue;
-            }
-            changed = true;
-            if before.is_none() {
-                tracing::info!(camera = %camera.id, "SIGHUP: camera added.");
-            }
-            self.start_camera(camera.clone())?;
         }
-        if changed {
+        if plan.cameras_changed() {
             control::persist(&self.cameras, &self.config.state_dir.join(CONTROLS_FILE));
             self.announce()?;
         }
         Ok(())
-    }
-
-    /// Publishing options to the publisher, recorder limits to the recorder (the store's
-    /// place and whether there is one need a restart).
-    fn apply_options(&mut self, new: &DaemonConfig) {
-        let (old_options, new_options) = (PublishOptions::of(&self.config), PublishOptions::of(new));
-        if old_options != new_options {
-            let _ = self.options.try_send(new_options);
-            let (m, n) = (&mut self.config.mqtt, &new.mqtt);
-            (m.publish_images, m.snapshot_quality, m.image_max_width) =
-                (n.publish_images, n.snapshot_quality, n.image_max_width);
-            self.config.events = new.events.clone();
-            self.config.recorder.normal_sample_rate = new.recorder.normal_sample_rate;
-        }
-        let (r, n) = (&mut self.config.recorder, &new.recorder);
-        let limits_changed = (r.max_bytes, r.max_age, r.max_side) != (n.max_bytes, n.max_age, n.max_side);
-        if let Some(limits) = &self.recorder_limits
-            && limits_changed
-            && (r.enabled, &r.dir) == (n.enabled, &n.dir)
-        {
-            (r.max_bytes, r.max_age, r.max_side) = (n.max_bytes, n.max_age, n.max_side);
-            let _ = limits.try_send(r.clone());
-        }
     }
 
     /// A camera online without a frame for longer than its stall timeout is marked offline

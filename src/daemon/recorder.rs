@@ -20,7 +20,7 @@ use crossbeam_channel::Receiver;
 use serde::Serialize;
 
 use super::cameras::Cameras;
-use crate::config::RecorderConfig;
+use crate::config::{RecorderConfig, RecorderLimits};
 use crate::durable::write_atomic;
 use crate::frame::Inspected;
 use crate::frame::ModelRef;
@@ -220,7 +220,7 @@ impl Recorder {
     /// Records until the publisher is gone. New limits (`max_bytes`, `max_age`,
     /// `max_side` of a reloaded config; the store stays where it is) apply from the next
     /// frame on.
-    pub fn run(mut self, input: Receiver<Inspected>, limits: Receiver<RecorderConfig>, progress: Progress) {
+    pub fn run(mut self, input: Receiver<Inspected>, limits: Receiver<RecorderLimits>, progress: Progress) {
         let failures = crate::stats::LogThrottle::new(Duration::from_secs(10));
         while let Some(item) = progress.recv(&input) {
             if let Some(new) = limits.try_iter().last() {
@@ -230,7 +230,7 @@ impl Recorder {
                     max_side = new.max_side,
                     "Recorder limits changed."
                 );
-                self.config = RecorderConfig { dir: self.config.dir.clone(), ..new };
+                self.config.set_limits(new);
             }
             if let Err(e) = self.record(&item) {
                 self.stats.recorder_errors.fetch_add(1, Relaxed);
