@@ -325,6 +325,38 @@ pub struct StatsReport {
     pub recorder_errors: u64,
 }
 
+impl StatsReport {
+    /// The report at this moment: the node's identity and model, the inference figures,
+    /// the cameras' reports, and the pipeline's MQTT, outbox and recorder counters.
+    pub fn now(
+        node: String,
+        uptime: Duration,
+        model: ModelReport,
+        inference: InferenceReport,
+        cameras: BTreeMap<String, CameraReport>,
+        p: &PipelineStats,
+    ) -> Self {
+        Self {
+            schema: STATS_SCHEMA,
+            node,
+            timestamp: crate::timestamp::now(),
+            uptime_s: uptime.as_secs_f64(),
+            model,
+            inference,
+            cameras,
+            mqtt_connects: p.mqtt_connects.load(Relaxed),
+            mqtt_connected: p.mqtt_connected.load(Relaxed),
+            mqtt_failures: p.mqtt_failures.load(Relaxed),
+            outbox_queued: p.outbox_queued.load(Relaxed),
+            outbox_dropped: p.outbox_dropped.load(Relaxed),
+            recorded_flagged: p.recorded_flagged.load(Relaxed),
+            recorded_normal: p.recorded_normal.load(Relaxed),
+            recorder_pruned: p.recorder_pruned.load(Relaxed),
+            recorder_errors: p.recorder_errors.load(Relaxed),
+        }
+    }
+}
+
 /// Remembers the previous counts to turn totals into rates.
 #[derive(Default)]
 pub struct RateTracker {

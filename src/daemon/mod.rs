@@ -1,13 +1,13 @@
 //! `edge-inspect run`: the streaming inspection daemon.
 //!
-//! This module owns the lifecycle: validate the config (exit 78 on error), start the demo
-//! broker if asked, load and warm the models (the node's and the cameras' own, each once),
-//! connect MQTT, wire the stages and hand their threads to the [`supervisor`], tell systemd
-//! READY, then watch (stage exits and progress, camera status and stalls, stats, the systemd
-//! watchdog), apply a reloaded config (SIGHUP: cameras started, stopped and restarted one by
-//! one, models swapped, options handed on), and on SIGTERM/SIGINT, a failed stage or the end
-//! of every source: stop capture, drain (under a deadline unless the sources ended by
-//! themselves), publish `offline`, disconnect.
+//! This module owns the main thread's life: validate the config (exit 78 on error), start
+//! the demo broker if asked, load and warm the models (the node's and the cameras' own,
+//! each once), start the stages (`wiring`) under the [`supervisor`], tell systemd READY,
+//! then watch (stage exits and progress, camera status and stalls, stats, the systemd
+//! watchdog) until SIGTERM/SIGINT, a failed stage or the end of every source: stop
+//! capture, drain (under a deadline unless the sources ended by themselves), publish
+//! `offline`, disconnect. What it does to cameras and models meanwhile — starts, stops,
+//! stalls, a SIGHUP's [`reload::plan`] — is in `lifecycle`.
 //!
 //! ```text
 //! capture::thread (1/camera) → queue (bounded, newest wins) ┐
@@ -20,16 +20,16 @@
 
 pub mod cameras;
 pub mod http;
+mod lifecycle;
 pub mod models;
 pub mod mqtt;
 pub mod recorder;
 pub mod reload;
 pub mod signals;
 pub mod supervisor;
+mod wiring;
 pub mod worker;
 
-use std::sync::atomic::AtomicBool;
-use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -38,23 +38,21 @@ use crossbeam_channel::{Receiver, Sender, bounded, select, tick};
 use rumqttc::QoS;
 use sd_notify::NotifyState;
 
-use crate::batch;
-use crate::capture::thread::CaptureLoop;
 use crate::config::{self, ConfigIssue, DaemonConfig};
 use crate::frame::Frame;
 use crate::infer::bundle::{Bundle, BundleError};
 use crate::infer::inspect::Inspector;
 use crate::infer::runtime::RuntimeError;
-use crate::stats::{self, CameraStatus, PipelineStats, Progress, RateTracker, StatsReport};
+use crate::stats::{self, CameraStatus, PipelineStats, RateTracker, StatsReport};
 use cameras::Cameras;
 use http::Endpoint;
+use lifecycle::{ModelSlot, RunningCamera};
 use models::{CurrentModel, Load, NODE_MODEL};
-use mqtt::publish::{PublishOptions, PublisherContext};
-use mqtt::{Mqtt, control, homeassistant, publish};
-use reload::CameraAction;
+use mqtt::publish::PublishOptions;
+use mqtt::{Mqtt, homeassistant};
 use signals::Signals;
 use supervisor::{Failure, Health, Role, Supervisor};
-use worker::{Swap, Worker};
+use wiring::Wiring;
 
 /// Where the cameras' controls persist, under `node.state_dir`.
 const CONTROLS_FILE: &str = "controls.json";
@@ -155,22 +153,6 @@ struct ModelInfo {
     provider: String,
     fell_back: bool,
     unet_calls: usize,
-}
-
-/// A model the daemon knows, by key (the index in [`Running::models`]; 0 is the node's).
-struct ModelSlot {
-    path: std::path::PathBuf,
-    /// The loaded bundle's manifest; `None` while it loads or after it failed to.
-    manifest: Option<crate::model::manifest::Manifest>,
-}
-
-/// A configured camera whose capture thread runs.
-struct RunningCamera {
-    config: crate::capture::CameraConfig,
-    /// Dropped to stop its capture thread.
-    stop: Sender<()>,
-    /// Set when the camera stalled, so its thread reopens the source.
-    reopen: Arc<AtomicBool>,
 }
 
 /// Runs the daemon until SIGTERM/SIGINT, until every source has ended (finite replays,
@@ -278,7 +260,7 @@ struct Running {
 
 impl Running {
     /// Connects MQTT and starts the pipe from its end: recorder ← publisher ← worker ←
-    /// batcher ← captures. `inspectors` are the config's bundles, the node's first.
+    /// batcher ← captures (`wiring`). `inspectors` are the config's bundles, the node's first.
     fn start(
         config: DaemonConfig,
         mut supervisor: Supervisor,
@@ -294,111 +276,25 @@ impl Running {
             .zip(&inspectors)
             .map(|((_, path), inspector)| ModelSlot { path, manifest: Some(inspector.manifest().clone()) })
             .collect();
-        // Verified models for the worker, from the loader.
+        let mut wiring =
+            Wiring { config: &config, supervisor: &mut supervisor, pipeline: &pipeline, cameras: &cameras };
+        // Verified models for the worker, from the loader; bundles to load, from the
+        // control thread and reloads.
         let (swaps_tx, swaps_rx) = bounded(1);
-        let (loads, loads_rx) = bounded(64);
-        let (loaded_tx, loaded) = bounded(8);
-        let (mqtt, mqtt_stop) = if config.mqtt.enabled {
-            let ha = &config.homeassistant;
-            let (commands_tx, commands_rx) = bounded(64);
-            let subscriptions = mqtt::Subscriptions {
-                birth: ha.enabled.then(|| format!("{}/status", ha.discovery_prefix)),
-                commands: config.mqtt.commands.then(|| (control::filters(&config.mqtt.base_topic), commands_tx)),
-            };
-            let (client, link) = Mqtt::start(&config.mqtt, pipeline.clone(), subscriptions)?;
-            let client = Arc::new(client);
-            let (stop_tx, stop_rx) = bounded::<()>(0);
-            supervisor.spawn("mqtt", Role::Link, None, move || link.run(stop_rx))?;
-            if config.mqtt.commands {
-                let control = control::Control {
-                    mqtt: client.clone(),
-                    cameras: cameras.clone(),
-                    controls_file: config.state_dir.join(CONTROLS_FILE),
-                    store: config.recorder.enabled.then(|| config.recorder.dir.clone()),
-                    models: loads.clone(),
-                    models_dir: config.model.models_dir.clone(),
-                };
-                supervisor.spawn("control", Role::Link, None, move || control.run(commands_rx))?;
-            }
-            (Some(client), Some(stop_tx))
-        } else {
-            (None, None)
-        };
-        let loader = models::Loader {
-            config: config.clone(),
-            mqtt: mqtt.clone(),
-            swaps: swaps_tx,
-            current: model.current.clone(),
-            running: inspectors.iter().enumerate().map(|(key, i)| (key, i.manifest().clone())).collect(),
-            loaded: loaded_tx,
-        };
-        supervisor.spawn("models", Role::Link, None, move || loader.run(loads_rx))?;
-        let watch = |progress: &Progress| Some((progress.clone(), config.pipeline.stage_timeout));
-
-        let recorder = if config.recorder.enabled {
-            let (tx, rx) = bounded(config.pipeline.output_capacity);
-            let (limits_tx, limits_rx) = bounded(4);
-            let recorder = recorder::Recorder::open(config.recorder.clone(), cameras.clone(), pipeline.clone())
-                .with_context(|| format!("{}: cannot create the capture store", config.recorder.dir.display()))?;
-            let progress = Progress::new();
-            supervisor
-                .spawn("recorder", Role::Pipe, watch(&progress), move || recorder.run(rx, limits_rx, progress))?;
-            Some((tx, limits_tx))
-        } else {
-            None
-        };
-
-        let (output_tx, output_rx) = bounded(config.pipeline.output_capacity);
-        let (options, options_rx) = bounded(4);
-        let publisher = PublisherContext {
-            mqtt: mqtt.clone(),
-            cameras: cameras.clone(),
-            node: config.node_id.clone(),
-            options: PublishOptions::of(&config),
-            recorder: recorder.as_ref().map(|(tx, _)| tx.clone()),
-        };
-        let progress = Progress::new();
-        supervisor.spawn("publisher", Role::Pipe, watch(&progress), move || {
-            publish::publisher(publisher, output_rx, options_rx, progress)
-        })?;
-
-        let (batch_tx, batch_rx) = bounded(1);
-        let drain_deadline = Arc::new(Mutex::new(None));
-        let worker_progress = Progress::new();
-        let loaded_models: Vec<Swap<_>> = inspectors
-            .into_iter()
-            .enumerate()
-            .map(|(key, inspector)| {
-                let model = if key == NODE_MODEL {
-                    model.current.lock().expect("model lock").clone()
-                } else {
-                    Arc::new(models::model_ref(inspector.manifest()))
-                };
-                Swap { key, inspector, model }
-            })
-            .collect();
-        let (seed, progress) = (config.model.seed, worker_progress.clone());
-        let worker =
-            Worker::new(loaded_models, seed, cameras.clone(), pipeline.clone(), drain_deadline.clone(), progress);
-        supervisor.spawn("inference", Role::Pipe, watch(&worker_progress), move || {
-            worker.run(batch_rx, output_tx, swaps_rx)
-        })?;
-
-        let (capture_stop, capture_stop_rx) = bounded::<()>(0);
-        let (joins, joins_rx) = bounded(1024);
-        let progress = Progress::new();
-        let (max_batch, max_wait) = (config.pipeline.max_batch, config.pipeline.max_wait);
-        supervisor.spawn("batcher", Role::Pipe, watch(&progress), move || {
-            batch::run(joins_rx, max_batch, max_wait, batch_tx, capture_stop_rx, progress)
-        })?;
-
+        let (loads_tx, loads_rx) = bounded(64);
+        let link = wiring.mqtt(&loads_tx)?;
+        let loader = wiring.loader(&link, swaps_tx, model.current.clone(), &inspectors, loads_tx, loads_rx)?;
+        let recorder = wiring.recorder()?;
+        let (output, options) = wiring.publisher(&link, recorder.as_ref().map(|(tx, _)| tx.clone()))?;
+        let inference = wiring.worker(inspectors, &model, swaps_rx, output)?;
+        let (capture_stop, joins) = wiring.batcher(inference.batches)?;
         if let Some(endpoint) = &endpoint {
             endpoint.ready(http::Report {
                 cameras: cameras.clone(),
                 pipeline: pipeline.clone(),
                 model: model.current.clone(),
                 provider: model.provider.clone(),
-                worker: worker_progress,
+                worker: inference.progress,
                 stage_timeout: config.pipeline.stage_timeout,
             });
         }
@@ -408,11 +304,11 @@ impl Running {
             supervisor,
             endpoint,
             config_path: std::path::PathBuf::new(),
-            loads: Some(loads),
-            loaded,
+            loads: Some(loader.loads),
+            loaded: loader.loaded,
             models,
-            mqtt,
-            mqtt_stop,
+            mqtt: link.client,
+            mqtt_stop: link.stop,
             capture_stop: Some(capture_stop),
             joins: Some(joins),
             status,
@@ -422,7 +318,7 @@ impl Running {
             waiting: Vec::new(),
             options,
             recorder_limits: recorder.map(|(_, limits)| limits),
-            drain_deadline,
+            drain_deadline: inference.drain_deadline,
             pipeline,
             model,
             watchdog: sd_notify::watchdog_enabled(),
@@ -435,88 +331,6 @@ impl Running {
         }
         running.announce()?;
         Ok(running)
-    }
-
-    /// The key of the model `camera` runs: the node's, or its own bundle's (loaded once,
-    /// whichever camera named it first). A bundle not known yet gets a key and is loaded.
-    fn model_key(&mut self, camera: &crate::capture::CameraConfig) -> usize {
-        let Some(path) = &camera.model else { return NODE_MODEL };
-        if let Some(key) = self.models.iter().position(|m| &m.path == path) {
-            return key;
-        }
-        self.models.push(ModelSlot { path: path.clone(), manifest: None });
-        let key = self.models.len() - 1;
-        tracing::info!(camera = %camera.id, key, model = %path.display(), "Loading the camera's model.");
-        self.request_load(Load { key, path: path.clone() });
-        key
-    }
-
-    fn request_load(&self, load: Load) {
-        if let Some(loads) = &self.loads
-            && loads.try_send(load).is_err()
-        {
-            tracing::error!("The model loader is busy or gone; the bundle was not queued. Reload again.");
-        }
-    }
-
-    /// Starts `camera`'s capture thread (in its old slot if it ran before), or parks it
-    /// until its model is loaded.
-    fn start_camera(&mut self, camera: crate::capture::CameraConfig) -> anyhow::Result<()> {
-        let key = self.model_key(&camera);
-        let Some(manifest) = &self.models[key].manifest else {
-            self.waiting.push(camera);
-            return Ok(());
-        };
-        let (input, inspection) = (manifest.input, manifest.inspection);
-        let controls_file = self.config.state_dir.join(CONTROLS_FILE);
-        let configured = [(camera.id.clone(), camera.enabled, camera.sensitivity)];
-        let (slot, created) = self.cameras.activate(&camera.id, self.config.pipeline.queue_capacity, || {
-            crate::controls::load(&controls_file, &configured).remove(0)
-        });
-        let entry = self.cameras.get(slot);
-        if created && let Some(joins) = &self.joins {
-            joins.send(entry.queue_rx.clone()).context("the batcher has stopped")?;
-        }
-        let (stop, stop_rx) = bounded::<()>(0);
-        let reopen = Arc::new(AtomicBool::new(false));
-        let capture = CaptureLoop {
-            slot,
-            config: camera.clone(),
-            model: key,
-            input,
-            inspection,
-            stats: entry.stats.clone(),
-            queue_tx: entry.queue_tx.clone(),
-            queue_rx: entry.queue_rx.clone(),
-            stop: stop_rx,
-            reopen: reopen.clone(),
-            status_tx: self.status_tx.clone(),
-            controls: entry.controls.clone(),
-            enable_at_run_time: self.config.mqtt.enabled && self.config.mqtt.commands,
-        };
-        self.supervisor.spawn(&format!("capture-{}", camera.id), Role::Source, None, move || capture.run())?;
-        let status = if entry.controls.enabled() { CameraStatus::Offline } else { CameraStatus::Disabled };
-        *entry.stats.status.lock().expect("stats lock") = status;
-        self.publish_status(slot, status);
-        if let Some(mqtt) = self.mqtt.as_ref().filter(|_| self.config.mqtt.commands) {
-            control::publish_state(mqtt, &entry);
-        }
-        tracing::info!(camera = %camera.id, slot, model = key, "Camera started.");
-        self.running.insert(slot, RunningCamera { config: camera, stop, reopen });
-        Ok(())
-    }
-
-    /// Stops the capture thread of the camera in `slot` (its queued frames are still
-    /// inspected); `retire` also takes the camera out of the configured ones.
-    fn stop_camera(&mut self, slot: usize, retire: bool) {
-        if let Some(camera) = self.running.remove(&slot) {
-            drop(camera.stop);
-            tracing::info!(camera = %camera.config.id, slot, "Camera stopped.");
-        }
-        if retire {
-            self.cameras.retire(slot);
-            self.publish_status(slot, CameraStatus::Offline);
-        }
     }
 
     /// Home Assistant discovery for the configured cameras (and the removal of others').
@@ -581,207 +395,31 @@ impl Running {
         }
     }
 
-    /// The loader's answer for model `key`: the manifest is recorded and the cameras that
-    /// waited for it start; a model that failed to load keeps them out (published on
-    /// `<node>/error`) until a reload names a bundle that loads.
-    fn model_loaded(&mut self, key: usize, manifest: Result<crate::model::manifest::Manifest, String>) {
-        let (ready, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut self.waiting)
-            .into_iter()
-            .partition(|c| c.model.as_ref() == Some(&self.models[key].path));
-        self.waiting = rest;
-        match manifest {
-            Ok(manifest) => {
-                self.models[key].manifest = Some(manifest);
-                for camera in ready {
-                    if let Err(e) = self.start_camera(camera) {
-                        tracing::error!(error = %e, "Cannot start the camera.");
-                    }
-                }
-            }
-            Err(error) => {
-                if self.models[key].manifest.is_none() {
-                    // A new model that never loaded: forget it, so a reload tries again.
-                    self.models[key].path = std::path::PathBuf::new();
-                }
-                for camera in ready {
-                    tracing::error!(camera = %camera.id, error = %error, "The camera's model did not load; the camera does not start.");
-                    self.publish_error(
-                        serde_json::json!({ "camera": camera.id, "model": camera.model, "error": error }),
-                    );
-                }
-            }
-        }
-    }
-
     fn publish_error(&self, reply: serde_json::Value) {
         if let Some(mqtt) = &self.mqtt {
             mqtt.publish("error", QoS::AtLeastOnce, false, serde_json::to_vec(&reply).expect("serialises"));
         }
     }
 
-    /// SIGHUP: the config file is checked in full first (as `check-config`); an invalid one
-    /// changes nothing and its errors are logged and published on `<node>/error`. A valid
-    /// one is applied as far as it can be while frames flow: cameras added, removed or
-    /// changed (only the changed ones restart their capture; the others are untouched),
-    /// each model whose path now holds another bundle swapped, publishing and recorder
-    /// options handed on. What is left different needs a restart, and is logged as such.
-    fn reload(&mut self) {
-        let path = self.config_path.display().to_string();
-        tracing::info!(config = %path, "SIGHUP: reloading the configuration.");
-        let new = match load_config(&self.config_path) {
-            Ok(new) => new,
-            Err(errors) => {
-                for issue in &errors.issues {
-                    tracing::error!(config = %path, key = %issue.key, error = %issue.message, "Reloaded configuration invalid; nothing changed.");
-                }
-                let issues: Vec<_> =
-                    errors.issues.iter().map(|i| serde_json::json!({ "key": i.key, "message": i.message })).collect();
-                self.publish_error(serde_json::json!({ "reload": path, "errors": issues }));
-                return;
-            }
-        };
-        let plan = reload::plan(&self.config, &new);
-        self.swap_changed_models(&plan.running);
-        if let Err(e) = self.apply_cameras(&plan) {
-            tracing::error!(error = %e, "SIGHUP: cannot apply the camera changes.");
-        }
-        if let Some(options) = plan.publish {
-            let _ = self.options.try_send(options);
-        }
-        if let (Some(limits), Some(channel)) = (plan.recorder, &self.recorder_limits) {
-            let _ = channel.try_send(limits);
-        }
-        self.config = plan.running;
-        for section in plan.needs_restart {
-            tracing::warn!(section = section, "SIGHUP: this section changed and needs a restart to take effect.");
-        }
-    }
-
-    /// Asks the loader to swap each loaded model whose bundle path (the node's `model.path`
-    /// may name another one now) holds another bundle than the one running.
-    fn swap_changed_models(&mut self, new: &DaemonConfig) {
-        let node_path = new.model.path.clone();
-        for (key, slot) in self.models.iter().enumerate() {
-            let path = if key == NODE_MODEL { &node_path } else { &slot.path };
-            let Some(running) = &slot.manifest else { continue };
-            match crate::infer::bundle::read_manifest(path) {
-                Ok(m) if m.artifact.sha256 != running.artifact.sha256 => {
-                    tracing::info!(key, model = %path.display(), "SIGHUP: the bundle changed; swapping.");
-                    self.request_load(Load { key, path: path.clone() });
-                }
-                _ => {}
-            }
-        }
-        self.models[NODE_MODEL].path = node_path;
-    }
-
-    /// Carries out the plan's camera actions, then persists the controls and announces the
-    /// cameras again if any changed.
-    fn apply_cameras(&mut self, plan: &reload::Plan) -> anyhow::Result<()> {
-        self.config.cameras = plan.running.cameras.clone();
-        for action in &plan.cameras {
-            match action {
-                CameraAction::Stop { id, retire } => {
-                    self.waiting.retain(|c| &c.id != id);
-                    if let Some((slot, _)) = self.cameras.find(id) {
-                        tracing::info!(camera = %id, "SIGHUP: camera {}.", if *retire { "removed" } else { "changed" });
-                        self.stop_camera(slot, *retire);
-                    }
-                }
-                CameraAction::SetEnabled { id, enabled } => {
-                    if let Some((_, entry)) = self.cameras.find(id) {
-                        entry.controls.set_enabled(*enabled);
-                    }
-                }
-                CameraAction::SetSensitivity { id, sensitivity } => {
-                    if let Some((_, entry)) = self.cameras.find(id) {
-                        entry.controls.set_sensitivity(*sensitivity);
-                        if let Some(mqtt) = self.mqtt.as_ref().filter(|_| self.config.mqtt.commands) {
-                            control::publish_state(mqtt, &entry);
-                        }
-                    }
-                }
-                CameraAction::Start(camera) => {
-                    if self.cameras.find(&camera.id).is_none() {
-                        tracing::info!(camera = %camera.id, "SIGHUP: camera added.");
-                    }
-                    self.start_camera(camera.clone())?;
-                }
-            }
-        }
-        if plan.cameras_changed() {
-            control::persist(&self.cameras, &self.config.state_dir.join(CONTROLS_FILE));
-            self.announce()?;
-        }
-        Ok(())
-    }
-
-    /// A camera online without a frame for longer than its stall timeout is marked offline
-    /// and told to reopen.
-    fn check_stalls(&self) {
-        for (slot, camera) in &self.running {
-            let s = &self.cameras.get(*slot).stats;
-            if s.status() == CameraStatus::Online && s.since_progress() > camera.config.stall_timeout {
-                tracing::warn!(camera = %camera.config.id, stalled_ms = s.since_progress().as_millis() as u64, "Camera stalled.");
-                s.stalls.fetch_add(1, Relaxed);
-                *s.status.lock().expect("stats lock") = CameraStatus::Offline;
-                camera.reopen.store(true, Relaxed);
-                self.publish_status(*slot, CameraStatus::Offline);
-            }
-        }
-    }
-
-    fn publish_status(&self, slot: usize, status: CameraStatus) {
-        let camera = self.cameras.get(slot);
-        // A camera removed by a reload stays offline, whatever its last thread says.
-        let status = if camera.active() { status } else { CameraStatus::Offline };
-        tracing::info!(camera = %camera.id, status = status.as_str(), "Camera status.");
-        if let Some(mqtt) = &self.mqtt {
-            mqtt.publish(&format!("{}/status", camera.id), QoS::AtLeastOnce, true, status.as_str().into());
-        }
-    }
-
     fn publish_stats(&mut self) {
         self.last_stats = Instant::now();
-        let p = &self.pipeline;
-        let report = StatsReport {
-            schema: stats::STATS_SCHEMA,
-            node: self.config.node_id.clone(),
-            timestamp: crate::timestamp::now(),
-            uptime_s: self.started.elapsed().as_secs_f64(),
-            model: {
-                let current = self.model.current.lock().expect("model lock").clone();
-                stats::ModelReport {
-                    name: current.name.clone(),
-                    version: current.version.clone(),
-                    sha256: current.sha256.clone(),
-                }
-            },
-            inference: stats::inference_report(
-                p,
-                self.model.provider.clone(),
-                self.model.fell_back,
-                self.config.pipeline.max_batch,
-                self.model.unet_calls,
-            ),
-            cameras: self
-                .cameras
-                .active()
-                .into_iter()
-                .map(|(_, c)| {
-                    (c.id.clone(), stats::camera_report(&c.stats, c.queue_rx.len(), self.rates.rates(&c.stats)))
-                })
-                .collect(),
-            mqtt_connects: p.mqtt_connects.load(Relaxed),
-            mqtt_connected: p.mqtt_connected.load(Relaxed),
-            mqtt_failures: p.mqtt_failures.load(Relaxed),
-            outbox_queued: p.outbox_queued.load(Relaxed),
-            outbox_dropped: p.outbox_dropped.load(Relaxed),
-            recorded_flagged: p.recorded_flagged.load(Relaxed),
-            recorded_normal: p.recorded_normal.load(Relaxed),
-            recorder_pruned: p.recorder_pruned.load(Relaxed),
-            recorder_errors: p.recorder_errors.load(Relaxed),
+        let current = self.model.current.lock().expect("model lock").clone();
+        let model = stats::ModelReport {
+            name: current.name.clone(),
+            version: current.version.clone(),
+            sha256: current.sha256.clone(),
         };
+        let (m, p) = (&self.model, &self.pipeline);
+        let inference =
+            stats::inference_report(p, m.provider.clone(), m.fell_back, self.config.pipeline.max_batch, m.unet_calls);
+        let cameras = self
+            .cameras
+            .active()
+            .into_iter()
+            .map(|(_, c)| (c.id.clone(), stats::camera_report(&c.stats, c.queue_rx.len(), self.rates.rates(&c.stats))))
+            .collect();
+        let uptime = self.started.elapsed();
+        let report = StatsReport::now(self.config.node_id.clone(), uptime, model, inference, cameras, p);
         let payload = serde_json::to_vec(&report).expect("stats serialise");
         tracing::debug!(stats = %String::from_utf8_lossy(&payload), "Stats.");
         if let Some(mqtt) = &self.mqtt {
