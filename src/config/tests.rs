@@ -1,0 +1,93 @@
+//! The loader and validator end to end, on files written by each test.
+
+use std::path::{Path, PathBuf};
+
+use super::validate::host_name_id;
+use super::*;
+
+fn write(dir: &Path, text: &str) -> PathBuf {
+    let model = dir.join("model");
+    std::fs::create_dir_all(&model).unwrap();
+    std::fs::write(model.join(crate::model::manifest::MANIFEST_FILE), "").unwrap();
+    let frames = dir.join("frames");
+    std::fs::create_dir_all(&frames).unwrap();
+    let path = dir.join("c.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+const MINIMAL: &str = "[model]\npath = \"model\"\n[[cameras]]\nid = \"c\"\nsource = \"replay\"\npath = \"frames\"\n";
+
+fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+    pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+}
+
+#[test]
+fn defaults_relative_paths_and_environment_overrides() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(dir.path(), MINIMAL);
+    let c = load_with_env(&path, &[]).unwrap();
+    assert_eq!(c.model.path, dir.path().join("model"));
+    // Without node.id the host name is the id.
+    assert_eq!((c.mqtt.port, c.mqtt.base_topic), (1883, format!("edge-inspect/{}", host_name_id())));
+    assert_ne!(host_name_id(), "");
+    assert_eq!(c.pipeline.queue_capacity, 2);
+    assert_eq!(c.recorder.dir, PathBuf::from("/var/lib/edge-inspect/captures"));
+    let c = load_with_env(
+        &path,
+        &env(&[("EDGE_INSPECT__MQTT__PORT", "1884"), ("EDGE_INSPECT__NODE__ID", "line2"), ("OTHER__X", "1")]),
+    )
+    .unwrap();
+    assert_eq!((c.mqtt.port, c.mqtt.base_topic.as_str()), (1884, "edge-inspect/line2"));
+}
+
+#[test]
+fn every_problem_is_reported_with_its_key_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = format!(
+        "{MINIMAL}[pipeline]\nmax_batch = 0\nmax_wait_ms = \"soon\"\n[mqtt]\nport = 0\nusername = \"u\"\n\
+         [mqtt.tls]\nca_file = \"/no/ca.pem\"\n[recorder]\nnormal_sample_rate = 2.0\nsize = 3\n[http]\nlisten = \"nowhere\"\n\
+         [[cameras]]\nid = \"c\"\nsource = \"usb\"\nroi = [1, 2]\n"
+    );
+    let path = write(dir.path(), &text);
+    let errors = load_with_env(&path, &[]).unwrap_err();
+    let keys: Vec<&str> = errors.issues.iter().map(|i| i.key.as_str()).collect();
+    for expected in [
+        "pipeline.max_wait_ms",
+        "mqtt.port",
+        "mqtt.password",
+        "mqtt.tls.ca_file",
+        "recorder.normal_sample_rate",
+        "recorder.size",
+        "http.listen",
+        "cameras[1].id",
+        "cameras[1].roi",
+        "cameras[1].source",
+    ] {
+        assert!(keys.contains(&expected), "no issue for {expected}: {errors}");
+    }
+    // A type error in a section does not hide the other sections' problems.
+    assert!(errors.to_string().contains("invalid type"), "{errors}");
+}
+
+#[test]
+fn secrets_come_from_files_and_systemd_credentials() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("pw"), "s3cret\n").unwrap();
+    let creds = dir.path().join("creds");
+    std::fs::create_dir(&creds).unwrap();
+    std::fs::write(creds.join("mqtt-password"), "from-systemd").unwrap();
+    let file = write(
+        dir.path(),
+        &format!("{MINIMAL}[mqtt]\nusername = \"u\"\npassword_file = \"{}\"\n", dir.path().join("pw").display()),
+    );
+    let c = load_with_env(&file, &[]).unwrap();
+    assert_eq!(c.mqtt.credentials, Some(("u".into(), "s3cret".into())));
+    assert!(!format!("{:?}", c.mqtt).contains("s3cret"), "passwords stay out of debug output");
+    let cred =
+        write(dir.path(), &format!("{MINIMAL}[mqtt]\nusername = \"u\"\npassword_credential = \"mqtt-password\"\n"));
+    let c = load_with_env(&cred, &env(&[("CREDENTIALS_DIRECTORY", creds.to_str().unwrap())])).unwrap();
+    assert_eq!(c.mqtt.credentials, Some(("u".into(), "from-systemd".into())));
+    let e = load_with_env(&cred, &[]).unwrap_err().to_string();
+    assert!(e.contains("mqtt.password_credential") && e.contains("CREDENTIALS_DIRECTORY"), "{e}");
+}
