@@ -213,6 +213,15 @@ mod tests {
         deadline: Arc<Mutex<Option<Instant>>>,
     }
 
+    /// Waits (up to 30 s) until a counter `done` reads says so.
+    fn eventually(what: &str, done: impl Fn() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !done() {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
     /// Cameras `ids` in slots 0, 1, …, and their counters.
     fn cameras(ids: &[&str]) -> (Cameras, Vec<Arc<CameraStats>>) {
         let cameras = Cameras::default();
@@ -246,7 +255,8 @@ mod tests {
         // Three verdicts for a two-slot output: the third is an `output_full` drop.
         batch_tx.send(vec![Frame::uniform(0, 2, [64, 64], 0.0)]).unwrap();
         let thread = std::thread::spawn(move || w.run(batch_rx, out_tx, crossbeam_channel::never()));
-        std::thread::sleep(Duration::from_millis(300));
+        // Nothing is taken from the output until the third verdict is accounted for.
+        eventually("the third verdict dropped", || cameras[0].drops(DropReason::OutputFull) == 1);
         let seqs: Vec<(usize, u64)> = out_rx.try_iter().map(|i| (i.frame.camera, i.frame.seq)).collect();
         assert_eq!(seqs, vec![(0, 1), (1, 1)]);
         assert_eq!(cameras[0].drops(DropReason::OutputFull), 1);
@@ -372,7 +382,7 @@ mod tests {
         }
         let Rig { worker: w, .. } = rig(FnDenoiser(third));
         let (batch_tx, batch_rx) = crossbeam_channel::bounded::<Vec<Frame>>(4);
-        let (out_tx, _out_rx) = crossbeam_channel::bounded(4);
+        let (out_tx, out_rx) = crossbeam_channel::bounded(4);
         let (swap_tx, swap_rx) = crossbeam_channel::bounded(1);
         let thread = std::thread::spawn(move || w.run(batch_rx, out_tx, swap_rx));
         for key in 1..=3 {
@@ -381,10 +391,11 @@ mod tests {
                 .send_timeout(model(key, inspector), Duration::from_secs(5))
                 .expect("the worker takes models while idle");
         }
-        // A stopped loader does not stop the worker; the batcher does.
+        // A stopped loader does not stop the worker: a batch sent after it still gets its
+        // verdict. The batcher does.
         drop(swap_tx);
-        std::thread::sleep(Duration::from_millis(50));
-        assert!(!thread.is_finished());
+        batch_tx.send(vec![Frame::uniform(0, 1, [64, 64], 0.0)]).unwrap();
+        out_rx.recv_timeout(Duration::from_secs(30)).expect("the worker still runs");
         drop(batch_tx);
         thread.join().unwrap();
     }

@@ -364,13 +364,11 @@ fn checkpoint_error(path: &Path) -> impl Fn(String) -> TrainError + '_ {
 
 /// Writes a checkpoint into a fresh directory and swaps it in, so a crash mid-write leaves
 /// the previous checkpoint intact.
-fn save_checkpoint(
-    dir: &Path,
-    model: &UNet,
-    ema: &UNet,
-    optimizer: &ModuleOptimizer,
-    state: &CheckpointState,
-) -> Result<(), TrainError> {
+/// Writes `w` (and the config it was trained with) to `dir`, replacing what was there
+/// only once the new checkpoint is complete.
+fn save_checkpoint(dir: &Path, w: &Weights, config: &TrainConfig) -> Result<(), TrainError> {
+    let (model, ema, optimizer) = (&w.model, &w.ema, &w.optimizer);
+    let state = &CheckpointState { step: w.step, config: config.clone(), losses: w.losses.clone() };
     let err = checkpoint_error(dir);
     let staging = dir.with_extension("writing");
     let _ = std::fs::remove_dir_all(&staging);
@@ -624,7 +622,9 @@ impl Exporter<'_> {
     }
 }
 
-/// Runs (or resumes) a training run.
+/// Runs (or resumes) a training run: the data and its held-out split, the weights (new,
+/// fine-tuned or resumed), the training loop, then the export, whose `Exporter::finish`
+/// fits the patch model, searches the operating point, trains the head and calibrates.
 pub fn train(config: TrainConfig, options: &RunOptions) -> Result<Outcome, TrainError> {
     config.validate().map_err(TrainError::Config)?;
     if options.out.exists() && !options.force {
@@ -633,99 +633,24 @@ pub fn train(config: TrainConfig, options: &RunOptions) -> Result<Outcome, Train
     let started = Instant::now();
     let dataset = Dataset::load(&options.data, options.layout, config.input)?;
     let data_sha256 = dataset.fingerprint().map_err(|e| TrainError::Config(format!("hashing the data: {e}")))?;
-
-    // Held-out calibration slice: a seeded shuffle, never trained on.
-    let mut order: Vec<usize> = (0..dataset.len()).collect();
-    let mut split_rng = ChaCha8Rng::seed_from_u64(config.seed);
-    for i in (1..order.len()).rev() {
-        order.swap(i, split_rng.random_range(0..=i));
-    }
-    let held_out = if dataset.len() >= 2 {
-        ((dataset.len() as f64 * config.calibration_fraction).round() as usize).clamp(1, dataset.len() - 1)
-    } else {
-        0
-    };
-    let (calibration_idx, train_idx) = order.split_at(held_out);
-    // With a single frame there is nothing to hold out: calibrate on the training frame.
-    let calibration_idx: Vec<usize> =
-        if calibration_idx.is_empty() { train_idx.to_vec() } else { calibration_idx.to_vec() };
-    let train_idx = train_idx.to_vec();
-    tracing::info!(layout = ?dataset.layout, loaded = dataset.len(), skipped = dataset.skipped.len(), training = train_idx.len(), calibration = calibration_idx.len(), "Training data loaded.");
+    let split = Split::of(&dataset, &config);
+    tracing::info!(layout = ?dataset.layout, loaded = dataset.len(), skipped = dataset.skipped.len(), training = split.train.len(), calibration = split.calibration.len(), "Training data loaded.");
 
     let device = options.device.open()?.autodiff();
     tracing::info!(device = ?options.device, "Training device ready.");
-    let plain = Device::flex();
     let schedule = NoiseSchedule::new(&config.schedule).map_err(|e| TrainError::Config(e.to_string()))?;
-    let mut model = UNet::init(&config.unet, config.seed, &plain.clone().autodiff())
-        .map_err(|e| TrainError::Config(e.to_string()))?;
-    if let Some(init) = &options.init {
-        let manifest = read_manifest(init)?;
-        if manifest.unet != config.unet || manifest.input.channels != config.input.channels {
-            return Err(TrainError::Config(format!(
-                "{}: --init bundle has architecture {:?}, this run {:?}",
-                init.display(),
-                manifest.unet,
-                config.unet
-            )));
-        }
-        let onnx_path = init.join(&manifest.artifact.onnx);
-        let bytes =
-            std::fs::read(&onnx_path).map_err(|e| TrainError::Config(format!("{}: {e}", onnx_path.display())))?;
-        model =
-            import_weights(model, &bytes).map_err(|e| TrainError::Config(format!("{}: {e}", onnx_path.display())))?;
-        tracing::info!(from = %init.display(), "Fine-tuning from bundle weights.");
-    }
-    if options.device != TrainDevice::Cpu {
-        // Parameters are created lazily: touch them on the CPU, then move them.
-        model.visit(&mut Snapshot(Vec::new()));
-        model = model.fork(&device);
-    }
-    let mut ema = model.valid();
-    let mut optimizer = AdamWConfig::new()
-        .with_weight_decay(config.weight_decay as f32)
-        .with_grad_clipping(Some(GradientClippingConfig::Norm(config.grad_clip_norm as f32)))
-        .init();
-    let mut losses_seen: Vec<f64> = Vec::with_capacity(config.steps);
-    let mut start_step = 0;
-
-    let ckpt = options.checkpoint_dir.clone();
-    if options.resume {
-        let err = checkpoint_error(&ckpt);
-        let state: CheckpointState = serde_json::from_slice(
-            &std::fs::read(ckpt.join(CKPT_STATE)).map_err(|e| err(format!("cannot resume: {e}")))?,
-        )
-        .map_err(|e| err(e.to_string()))?;
-        if state.config != config {
-            return Err(err(
-                "the checkpoint was written with a different configuration; resume with the same flags".into()
-            ));
-        }
-        model = model.try_load_file(ckpt.join(CKPT_MODEL)).map_err(|e| err(e.to_string()))?;
-        ema = ema.try_load_file(ckpt.join(CKPT_EMA)).map_err(|e| err(e.to_string()))?;
-        optimizer = optimizer.load(ckpt.join(CKPT_OPTIMIZER)).map_err(|e| err(e.to_string()))?;
-        start_step = state.step;
-        losses_seen = state.losses;
-        tracing::info!(step = start_step, checkpoint = %ckpt.display(), "Resumed.");
-    }
+    let weights = initial_weights(&config, options, &device)?;
+    let start_step = weights.step;
 
     let augment = Augment { flips: config.flips, random_crop: config.random_crop };
     let calibration_frames: Vec<Vec<f32>> =
-        calibration_idx.iter().flat_map(|&i| dataset.frames_for_calibration(i, &augment)).collect();
-    // The head learns from training frames (random crops at the model's scale), never
-    // from the calibration frames it is then scored on.
-    let head_frames: Vec<Vec<f32>> = config.head.as_ref().map_or_else(Vec::new, |head| {
-        let mut rng = ChaCha8Rng::seed_from_u64(config.seed ^ 0x4845_4144);
-        (0..head.frames)
-            .map(|_| dataset.augmented(train_idx[rng.random_range(0..train_idx.len())], &augment, &mut rng))
-            .collect()
-    });
-    // The normal-patch model, too, is fitted on training frames only.
-    let patch_tiles: Vec<Vec<f32>> = config.patch.as_ref().map_or_else(Vec::new, |patch| {
-        let mut rng = ChaCha8Rng::seed_from_u64(config.seed ^ 0x5041_5443);
-        (0..patch.tiles)
-            .map(|_| dataset.augmented(train_idx[rng.random_range(0..train_idx.len())], &augment, &mut rng))
-            .collect()
-    });
+        split.calibration.iter().flat_map(|&i| dataset.frames_for_calibration(i, &augment)).collect();
+    // The head and the normal-patch model learn from training frames (random crops at the
+    // model's scale), never from the calibration frames they are then scored on.
+    let head_count = config.head.as_ref().map_or(0, |h| h.frames);
+    let head_frames = split.sample(&dataset, &augment, head_count, config.seed ^ 0x4845_4144);
+    let patch_count = config.patch.as_ref().map_or(0, |p| p.tiles);
+    let patch_tiles = split.sample(&dataset, &augment, patch_count, config.seed ^ 0x5041_5443);
     let exporter = Exporter {
         config: &config,
         options,
@@ -735,33 +660,235 @@ pub fn train(config: TrainConfig, options: &RunOptions) -> Result<Outcome, Train
         data_sha256: &data_sha256,
     };
 
-    let frame_len = config.input.frame_len();
-    let shape = [config.batch_size, config.input.channels, config.input.height, config.input.width];
-    let bar = options.progress.then(|| {
-        let bar = indicatif::ProgressBar::new(config.steps as u64).with_position(start_step as u64);
-        bar.set_style(
-            indicatif::ProgressStyle::with_template(
-                "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} {msg} ETA {eta}",
-            )
-            .expect("static template"),
-        );
-        bar
-    });
     let loop_started = Instant::now();
-    let end = options.stop_after.map_or(config.steps, |n| (start_step + n).min(config.steps));
-    for step in start_step..end {
-        if options.interrupt.load(Ordering::SeqCst) {
-            let state = CheckpointState { step, config: config.clone(), losses: losses_seen.clone() };
-            save_checkpoint(&ckpt, &model, &ema, &optimizer, &state)?;
-            return Err(TrainError::Interrupted { step, path: ckpt });
+    let trainer =
+        Trainer { config: &config, options, dataset: &dataset, split: &split, augment, device: &device, schedule };
+    let weights = match trainer.run(weights, &exporter)? {
+        Trained::Done(weights) => *weights,
+        Trained::Stopped(outcome) => return Ok(outcome),
+    };
+    let seconds_per_step = loop_started.elapsed().as_secs_f64() / (config.steps - start_step).max(1) as f64;
+
+    // Finish: export the EMA weights, calibrate on the held-out frames through the graph.
+    let ema = weights.ema.to_device(&Device::flex());
+    let manifest = exporter.draft_manifest(config.steps);
+    let (bundle, manifest) =
+        export_bundle(&ema, manifest, &options.out, &options.runtime, options.force, |ort, m, staged| {
+            exporter.finish(ort, m, staged)
+        })?;
+    let report = Report {
+        config: config.clone(),
+        data: DataReport {
+            layout: dataset.layout,
+            directory: options.data.display().to_string(),
+            loaded: dataset.len(),
+            training_frames: split.train.len(),
+            calibration_frames: split.calibration.len(),
+            skipped: dataset.skipped.clone(),
+            labelled_defect_excluded: dataset.labelled_defect,
+            sha256: data_sha256,
+        },
+        loss: loss_summary(&weights.losses),
+        thresholds: manifest.thresholds.clone(),
+        operating_point: manifest.operating_point.as_ref().map(|p| p.chosen.clone()),
+        bundle: bundle.display().to_string(),
+        sha256: manifest.artifact.sha256.clone(),
+        parity_max_abs_diff: manifest.artifact.parity_max_abs_diff,
+        wall_seconds: started.elapsed().as_secs_f64(),
+        seconds_per_step,
+        resumed_from_step: start_step,
+    };
+    if let Some(path) = &options.report {
+        let json = serde_json::to_vec_pretty(&report).map_err(|e| TrainError::Config(e.to_string()))?;
+        crate::durable::write_atomic(path, &json)
+            .map_err(|e| TrainError::Config(format!("{}: cannot write report: {e}", path.display())))?;
+    }
+    let _ = std::fs::remove_dir_all(&options.checkpoint_dir);
+    Ok(Outcome::Finished { bundle, report: Box::new(report) })
+}
+
+/// The dataset's frames split by a seeded shuffle: the held-out calibration frames are
+/// never trained on.
+struct Split {
+    train: Vec<usize>,
+    calibration: Vec<usize>,
+}
+
+impl Split {
+    fn of(dataset: &Dataset, config: &TrainConfig) -> Self {
+        let mut order: Vec<usize> = (0..dataset.len()).collect();
+        let mut split_rng = ChaCha8Rng::seed_from_u64(config.seed);
+        for i in (1..order.len()).rev() {
+            order.swap(i, split_rng.random_range(0..=i));
         }
+        let held_out = if dataset.len() >= 2 {
+            ((dataset.len() as f64 * config.calibration_fraction).round() as usize).clamp(1, dataset.len() - 1)
+        } else {
+            0
+        };
+        let (calibration, train) = order.split_at(held_out);
+        // With a single frame there is nothing to hold out: calibrate on the training frame.
+        let calibration = if calibration.is_empty() { train.to_vec() } else { calibration.to_vec() };
+        Self { train: train.to_vec(), calibration }
+    }
+
+    /// `count` augmented training frames drawn with `seed`.
+    fn sample(&self, dataset: &Dataset, augment: &Augment, count: usize, seed: u64) -> Vec<Vec<f32>> {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        (0..count)
+            .map(|_| dataset.augmented(self.train[rng.random_range(0..self.train.len())], augment, &mut rng))
+            .collect()
+    }
+}
+
+/// What the training loop carries from step to step (and a checkpoint keeps).
+struct Weights {
+    model: UNet,
+    ema: UNet,
+    optimizer: ModuleOptimizer,
+    losses: Vec<f64>,
+    /// The next step to run.
+    step: usize,
+}
+
+/// New weights from the seed, or a bundle's (`--init`, fine-tuning), on `device`; or the
+/// checkpoint's, with the optimizer and the losses so far (`--resume`).
+fn initial_weights(config: &TrainConfig, options: &RunOptions, device: &Device) -> Result<Weights, TrainError> {
+    let mut model = UNet::init(&config.unet, config.seed, &Device::flex().autodiff())
+        .map_err(|e| TrainError::Config(e.to_string()))?;
+    if let Some(init) = &options.init {
+        model = fine_tune_from(model, init, config)?;
+    }
+    if options.device != TrainDevice::Cpu {
+        // Parameters are created lazily: touch them on the CPU, then move them.
+        model.visit(&mut Snapshot(Vec::new()));
+        model = model.fork(device);
+    }
+    let ema = model.valid();
+    let optimizer = AdamWConfig::new()
+        .with_weight_decay(config.weight_decay as f32)
+        .with_grad_clipping(Some(GradientClippingConfig::Norm(config.grad_clip_norm as f32)))
+        .init();
+    let weights = Weights { model, ema, optimizer, losses: Vec::with_capacity(config.steps), step: 0 };
+    if !options.resume {
+        return Ok(weights);
+    }
+    let ckpt = &options.checkpoint_dir;
+    let err = checkpoint_error(ckpt);
+    let state: CheckpointState =
+        serde_json::from_slice(&std::fs::read(ckpt.join(CKPT_STATE)).map_err(|e| err(format!("cannot resume: {e}")))?)
+            .map_err(|e| err(e.to_string()))?;
+    if state.config != *config {
+        return Err(
+            err("the checkpoint was written with a different configuration; resume with the same flags".into()),
+        );
+    }
+    tracing::info!(step = state.step, checkpoint = %ckpt.display(), "Resumed.");
+    Ok(Weights {
+        model: weights.model.try_load_file(ckpt.join(CKPT_MODEL)).map_err(|e| err(e.to_string()))?,
+        ema: weights.ema.try_load_file(ckpt.join(CKPT_EMA)).map_err(|e| err(e.to_string()))?,
+        optimizer: weights.optimizer.load(ckpt.join(CKPT_OPTIMIZER)).map_err(|e| err(e.to_string()))?,
+        losses: state.losses,
+        step: state.step,
+    })
+}
+
+/// `model` with the weights of the bundle at `init`, which must have this run's architecture.
+fn fine_tune_from(model: UNet, init: &Path, config: &TrainConfig) -> Result<UNet, TrainError> {
+    let manifest = read_manifest(init)?;
+    if manifest.unet != config.unet || manifest.input.channels != config.input.channels {
+        return Err(TrainError::Config(format!(
+            "{}: --init bundle has architecture {:?}, this run {:?}",
+            init.display(),
+            manifest.unet,
+            config.unet
+        )));
+    }
+    let onnx_path = init.join(&manifest.artifact.onnx);
+    let bytes = std::fs::read(&onnx_path).map_err(|e| TrainError::Config(format!("{}: {e}", onnx_path.display())))?;
+    let model =
+        import_weights(model, &bytes).map_err(|e| TrainError::Config(format!("{}: {e}", onnx_path.display())))?;
+    tracing::info!(from = %init.display(), "Fine-tuning from bundle weights.");
+    Ok(model)
+}
+
+/// How the training loop ended.
+enum Trained {
+    /// Every step ran.
+    Done(Box<Weights>),
+    /// Interrupted or paused (`--stop-after`): checkpointed, the run ends here.
+    Stopped(Outcome),
+}
+
+/// The training loop and what it reads.
+struct Trainer<'a> {
+    config: &'a TrainConfig,
+    options: &'a RunOptions,
+    dataset: &'a Dataset,
+    split: &'a Split,
+    augment: Augment,
+    device: &'a Device,
+    schedule: NoiseSchedule,
+}
+
+impl Trainer<'_> {
+    /// Steps from `weights.step` to the end (or `--stop-after`), with progress, periodic
+    /// checkpoints and interim bundles; an interrupt checkpoints and stops.
+    fn run(&self, mut w: Weights, exporter: &Exporter<'_>) -> Result<Trained, TrainError> {
+        let (config, options) = (self.config, self.options);
+        let ckpt = &options.checkpoint_dir;
+        let bar = progress_bar(options.progress, config.steps, w.step);
+        let (start_step, loop_started) = (w.step, Instant::now());
+        let end = options.stop_after.map_or(config.steps, |n| (start_step + n).min(config.steps));
+        while w.step < end {
+            if options.interrupt.load(Ordering::SeqCst) {
+                save_checkpoint(ckpt, &w, config)?;
+                return Err(TrainError::Interrupted { step: w.step, path: ckpt.clone() });
+            }
+            let step = w.step;
+            w = self.step(w)?;
+            let (done, loss) = (w.step, *w.losses.last().expect("a step records its loss"));
+            if let Some(bar) = &bar {
+                let per_second =
+                    (done - start_step) as f64 * config.batch_size as f64 / loop_started.elapsed().as_secs_f64();
+                bar.set_position(done as u64);
+                bar.set_message(format!("loss {loss:.4} · {per_second:.1} img/s"));
+            }
+            if done % config.steps.div_ceil(20).max(1) == 0 {
+                tracing::info!(step = done, loss, lr = learning_rate(config, step), "Training.");
+            }
+            if options.checkpoint_every > 0 && done % options.checkpoint_every == 0 && done < config.steps {
+                save_checkpoint(ckpt, &w, config)?;
+            }
+            if options.export_every > 0 && done % options.export_every == 0 && done < config.steps {
+                let bundle = exporter.export_interim(&w.ema, done)?;
+                tracing::info!(step = done, bundle = %bundle.display(), "Interim bundle exported.");
+            }
+        }
+        if let Some(bar) = &bar {
+            bar.finish_and_clear();
+        }
+        if end < config.steps {
+            save_checkpoint(ckpt, &w, config)?;
+            return Ok(Trained::Stopped(Outcome::Paused { step: end, checkpoint: ckpt.clone() }));
+        }
+        Ok(Trained::Done(Box::new(w)))
+    }
+
+    /// One step: a batch of noised training frames, the robust loss of the predicted
+    /// noise, an AdamW update and the EMA.
+    fn step(&self, w: Weights) -> Result<Weights, TrainError> {
+        let Weights { model, ema, mut optimizer, mut losses, step } = w;
+        let (config, schedule) = (self.config, &self.schedule);
+        let frame_len = config.input.frame_len();
+        let shape = [config.batch_size, config.input.channels, config.input.height, config.input.width];
         let mut rng = step_rng(config.seed, step);
         let mut x_t = Vec::with_capacity(config.batch_size * frame_len);
         let mut noise = Vec::with_capacity(config.batch_size * frame_len);
         let mut timesteps = Vec::with_capacity(config.batch_size);
         for _ in 0..config.batch_size {
-            let index = train_idx[rng.random_range(0..train_idx.len())];
-            let x0 = dataset.augmented(index, &augment, &mut rng);
+            let index = self.split.train[rng.random_range(0..self.split.train.len())];
+            let x0 = self.dataset.augmented(index, &self.augment, &mut rng);
             let k = rng.random_range(0..schedule.len());
             let eps: Vec<f32> = (0..frame_len).map(|_| StandardNormal.sample(&mut rng)).collect();
             let mut noisy = vec![0.0; frame_len];
@@ -770,9 +897,9 @@ pub fn train(config: TrainConfig, options: &RunOptions) -> Result<Outcome, Train
             noise.extend_from_slice(&eps);
             timesteps.push(k as f32);
         }
-        let x_t = Tensor::<4>::from_data(TensorData::new(x_t, shape), &device);
-        let eps = Tensor::<4>::from_data(TensorData::new(noise, shape), &device);
-        let t = Tensor::<1>::from_data(TensorData::new(timesteps, [config.batch_size]), &device);
+        let x_t = Tensor::<4>::from_data(TensorData::new(x_t, shape), self.device);
+        let eps = Tensor::<4>::from_data(TensorData::new(noise, shape), self.device);
+        let t = Tensor::<1>::from_data(TensorData::new(timesteps, [config.batch_size]), self.device);
         let prediction = model.forward(x_t, t);
         let loss = losses::loss(config.loss, prediction, eps)?;
         let loss_value = loss.clone().into_data().as_slice::<f32>().expect("f32 loss")[0] as f64;
@@ -780,77 +907,25 @@ pub fn train(config: TrainConfig, options: &RunOptions) -> Result<Outcome, Train
             return Err(TrainError::Config(format!("loss became {loss_value} at step {step}; lower --learning-rate")));
         }
         let grads = GradientsParams::from_grads(loss.backward(), &model);
-        model = optimizer.step(learning_rate(&config, step), model, grads);
-
+        let model = optimizer.step(learning_rate(config, step), model, grads);
         let decay = config.ema_decay.min((1 + step) as f64 / (10 + step) as f64) as f32;
         let mut snapshot = Snapshot(Vec::new());
         model.visit(&mut snapshot);
-        ema = ema.map(&mut EmaUpdate { sources: snapshot.0.into_iter(), decay });
-        losses_seen.push(loss_value);
+        let ema = ema.map(&mut EmaUpdate { sources: snapshot.0.into_iter(), decay });
+        losses.push(loss_value);
+        Ok(Weights { model, ema, optimizer, losses, step: step + 1 })
+    }
+}
 
-        let done = step + 1;
-        if let Some(bar) = &bar {
-            let per_second =
-                (done - start_step) as f64 * config.batch_size as f64 / loop_started.elapsed().as_secs_f64();
-            bar.set_position(done as u64);
-            bar.set_message(format!("loss {loss_value:.4} · {per_second:.1} img/s"));
-        }
-        if done % config.steps.div_ceil(20).max(1) == 0 {
-            tracing::info!(step = done, loss = loss_value, lr = learning_rate(&config, step), "Training.");
-        }
-        if options.checkpoint_every > 0 && done % options.checkpoint_every == 0 && done < config.steps {
-            let state = CheckpointState { step: done, config: config.clone(), losses: losses_seen.clone() };
-            save_checkpoint(&ckpt, &model, &ema, &optimizer, &state)?;
-        }
-        if options.export_every > 0 && done % options.export_every == 0 && done < config.steps {
-            let bundle = exporter.export_interim(&ema, done)?;
-            tracing::info!(step = done, bundle = %bundle.display(), "Interim bundle exported.");
-        }
-    }
-    if let Some(bar) = &bar {
-        bar.finish_and_clear();
-    }
-    if end < config.steps {
-        let state = CheckpointState { step: end, config: config.clone(), losses: losses_seen.clone() };
-        save_checkpoint(&ckpt, &model, &ema, &optimizer, &state)?;
-        return Ok(Outcome::Paused { step: end, checkpoint: ckpt });
-    }
-
-    // Finish: export the EMA weights, calibrate on the held-out frames through the graph.
-    let ema = ema.to_device(&plain);
-    let manifest = exporter.draft_manifest(config.steps);
-    let (bundle, manifest) =
-        export_bundle(&ema, manifest, &options.out, &options.runtime, options.force, |ort, m, staged| {
-            exporter.finish(ort, m, staged)
-        })?;
-    let wall = started.elapsed().as_secs_f64();
-    let report = Report {
-        config: config.clone(),
-        data: DataReport {
-            layout: dataset.layout,
-            directory: options.data.display().to_string(),
-            loaded: dataset.len(),
-            training_frames: train_idx.len(),
-            calibration_frames: calibration_idx.len(),
-            skipped: dataset.skipped.clone(),
-            labelled_defect_excluded: dataset.labelled_defect,
-            sha256: data_sha256,
-        },
-        loss: loss_summary(&losses_seen),
-        thresholds: manifest.thresholds.clone(),
-        operating_point: manifest.operating_point.as_ref().map(|p| p.chosen.clone()),
-        bundle: bundle.display().to_string(),
-        sha256: manifest.artifact.sha256.clone(),
-        parity_max_abs_diff: manifest.artifact.parity_max_abs_diff,
-        wall_seconds: wall,
-        seconds_per_step: loop_started.elapsed().as_secs_f64() / (config.steps - start_step).max(1) as f64,
-        resumed_from_step: start_step,
-    };
-    if let Some(path) = &options.report {
-        let json = serde_json::to_vec_pretty(&report).map_err(|e| TrainError::Config(e.to_string()))?;
-        crate::durable::write_atomic(path, &json)
-            .map_err(|e| TrainError::Config(format!("{}: cannot write report: {e}", path.display())))?;
-    }
-    let _ = std::fs::remove_dir_all(&ckpt);
-    Ok(Outcome::Finished { bundle, report: Box::new(report) })
+fn progress_bar(enabled: bool, steps: usize, position: usize) -> Option<indicatif::ProgressBar> {
+    enabled.then(|| {
+        let bar = indicatif::ProgressBar::new(steps as u64).with_position(position as u64);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} {msg} ETA {eta}",
+            )
+            .expect("static template"),
+        );
+        bar
+    })
 }
