@@ -2,7 +2,6 @@
 //! on a CPU Vulkan adapter (Mesa's lavapipe in CI), the same tiny UNet with the same
 //! weights and inputs gives the same loss and gradients, stays level through AdamW steps,
 //! and `retrain --device wgpu-cpu` writes a bundle that loads and verifies.
-#![cfg(feature = "gpu-train")]
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

@@ -1006,6 +1006,7 @@ fn alerts_produced_while_the_broker_is_down_for_10_s_arrive_after_it_returns() {
 }
 
 #[test]
+#[ignore = "long drill (70 s): scheduled and release runs, EDGE_INSPECT_LONG_DRILLS=1 ./scripts/test"]
 fn alerts_produced_while_the_broker_is_down_for_60_s_arrive_after_it_returns() {
     broker_outage_drill(Duration::from_secs(60));
 }
