@@ -233,7 +233,9 @@ fn take_queued(
                 Err(TryRecvError::Empty) => {}
             }
         }
-        for i in closed.into_iter().rev() {
+        // Highest index first: the round started at `next`, so `closed` is not in order.
+        closed.sort_unstable_by(|a, b| b.cmp(a));
+        for i in closed {
             queues.queues.remove(i);
         }
         queues.next = (queues.next + 1) % queues.queues.len().max(1);
@@ -315,6 +317,21 @@ mod tests {
         let rest: Vec<Vec<(usize, usize)>> =
             out_rx.try_iter().map(|b| b.iter().map(|f| (f.camera, f.model)).collect()).collect();
         assert_eq!(rest, vec![vec![(0, 0)]], "model 0's frame flushed alone when every queue closed");
+    }
+
+    /// The drill for a panic: a round that starts at queue 1 finds queues 1 and 0 closed,
+    /// in that order; removing them must not shift an index out of range.
+    #[test]
+    fn queues_closed_in_the_same_round_all_leave() {
+        let (a_tx, a_rx) = crossbeam_channel::bounded(1);
+        let (b_tx, b_rx) = crossbeam_channel::bounded(1);
+        let (_joins_tx, joins) = crossbeam_channel::bounded(1);
+        let mut queues = Queues { joins, joining: true, queues: vec![a_rx, b_rx], next: 1 };
+        drop((a_tx, b_tx));
+        let (out_tx, _out_rx) = crossbeam_channel::bounded(1);
+        let mut batcher = PerModel::new(2, Duration::from_secs(1));
+        assert!(take_queued(&mut queues, &mut batcher, &out_tx, &Progress::new()).is_ok());
+        assert!(queues.queues.is_empty());
     }
 
     #[test]
