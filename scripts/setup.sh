@@ -11,9 +11,9 @@ repo_root=$(cd "$(dirname "$0")/.." && pwd)
 # what the daemon's tests publish to and what the README's demo shows traffic with; the tests
 # also make TLS certificates with openssl and signal the daemon with procps' kill; the unit's
 # hardening is scored with systemd's systemd-analyze; patchelf lays out the GPU runtime
-# (`fetch-onnxruntime.sh --gpu`, checked by tests/gpu_runtime.rs); mesa-vulkan-drivers
+# (`fetch-onnxruntime.sh --gpu`, checked by tests/it/gpu_runtime.rs); mesa-vulkan-drivers
 # (lavapipe, a CPU Vulkan driver) and libvulkan1 run the GPU training backend's tests
-# (tests/gpu_train.rs) where there is no GPU; libdnnl-dev (oneDNN 2.6, with g++ to build
+# (tests/it/gpu_train.rs) where there is no GPU; libdnnl-dev (oneDNN 2.6, with g++ to build
 # native/onednn.cpp) runs CPU training's convolutions, SiLU and GroupNorm (model::onednn).
 packages=(curl unzip ca-certificates libclang1-14 mosquitto mosquitto-clients openssl procps systemd patchelf
           mesa-vulkan-drivers libvulkan1 libdnnl-dev g++)

@@ -6,7 +6,7 @@
 //! backend its convolutions, SiLU and GroupNorm run on oneDNN, `model::onednn`) and
 //! `model::onnx_export` emits ONNX nodes. Because both follow the same walk and the same
 //! parameter names, the exported graph cannot drift from the trained model; the parity
-//! test in `tests/model_core.rs` checks the numerics on top of that.
+//! test in `tests/it/model_core.rs` checks the numerics on top of that.
 //!
 //! Layout: conv_in → per level `res_blocks` ResBlocks (each output kept as a skip) and a
 //! stride-2 conv → middle ResBlock, optional self-attention, ResBlock → per level (reversed)
