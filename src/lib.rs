@@ -46,7 +46,8 @@
 //! - [`logging`]: text, journald-native or JSON logs.
 //! - [`commands`]: the subcommands, thin over the above.
 
-// Unsafe code only where a module allows it: `model::onednn`, the FFI to oneDNN.
+// Unsafe code only where it is allowed: `model::onednn` (the FFI to oneDNN) and
+// `infer::runtime::opt_out_of_telemetry` (the environment, set before any thread starts).
 #![deny(unsafe_code)]
 
 pub mod backoff;

@@ -1,7 +1,7 @@
 //! CLI entry: parses arguments, sets up logging, dispatches, maps errors to exit codes
 //! (78 for an invalid daemon config, 70 when a daemon stage panicked, 1 for any other error).
 
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)]
 
 use std::process::ExitCode;
 
@@ -12,6 +12,8 @@ use edge_inspect::config::{ConfigErrors, EXIT_CONFIG};
 use edge_inspect::daemon::{EXIT_SOFTWARE, StageFailed};
 
 fn main() -> ExitCode {
+    // First, while this is the only thread: a line node must not phone home.
+    edge_inspect::infer::runtime::opt_out_of_telemetry();
     let cli = Cli::parse();
     edge_inspect::logging::init(cli.log_format);
     let result = match cli.command {

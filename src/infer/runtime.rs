@@ -111,6 +111,18 @@ fn library_candidates(configured: Option<&Path>) -> Vec<(String, PathBuf)> {
     out
 }
 
+/// Opts the process out of ONNX Runtime's telemetry before the library is loaded:
+/// Microsoft's Linux builds (1.32 here) create a device id and an event queue under
+/// `~/.cache/Microsoft/DeveloperTools` and upload usage events when the environment is
+/// created, before any API call could turn them off; `ORT_DISABLE_TELEMETRY=1`, read at
+/// that moment, stops all of it. `main` calls this first, while it is the only thread.
+#[allow(unsafe_code)]
+pub fn opt_out_of_telemetry() {
+    // SAFETY: called as the first statement of `main`, before any other thread exists
+    // (nothing else can read or write the environment concurrently).
+    unsafe { std::env::set_var("ORT_DISABLE_TELEMETRY", "1") };
+}
+
 /// Loads ONNX Runtime once and returns the process's environment.
 pub fn environment(configured: Option<&Path>) -> Result<&'static Environment, RuntimeError> {
     let candidates = library_candidates(configured);
@@ -129,8 +141,11 @@ pub fn environment(configured: Option<&Path>) -> Result<&'static Environment, Ru
     };
     let builder =
         ort::init_from(&path).map_err(|e| RuntimeError::LibraryLoad { path: path.clone(), reason: e.to_string() })?;
+    // Microsoft's builds send usage telemetry and keep a device id and an event queue under
+    // `~/.cache/Microsoft`; a line node must not phone home (tested: `no_telemetry`).
     let env = builder
         .with_name("edge-inspect")
+        .with_telemetry(false)
         .build()
         .map_err(|e| RuntimeError::LibraryLoad { path: path.clone(), reason: e.to_string() })?;
     tracing::info!(library = %path.display(), source = %source, "ONNX Runtime loaded.");

@@ -118,3 +118,45 @@ fn the_binary_runs_on_the_gpu_runtime_and_never_falls_back_silently() {
     // Everything the provider links resolved: the only library missing is the driver's.
     assert!(text.contains("libcuda.so.1: cannot open shared object file"), "{text}");
 }
+
+/// The drill for ONNX Runtime's telemetry (issue 23): Microsoft's Linux build keeps a
+/// device id and an event queue under `~/.cache/Microsoft` and looks its upload host up.
+/// `infer` and `check-config` with a fresh home leave it empty.
+#[test]
+fn no_telemetry_is_kept_or_sent() {
+    let home = tempfile::tempdir().unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let run = |args: &[&std::ffi::OsStr]| {
+        let status = Command::new(env!("CARGO_BIN_EXE_edge-inspect"))
+            .args(args)
+            .env("HOME", home.path())
+            .env_remove("XDG_CACHE_HOME")
+            .env_remove("ORT_DISABLE_TELEMETRY")
+            .output()
+            .unwrap();
+        assert!(status.status.success(), "{}", String::from_utf8_lossy(&status.stderr));
+    };
+    let model = repo().join("models/brick-huber");
+    let image = repo().join("tests/fixtures/brick_clean.png");
+    run(&[
+        "infer".as_ref(),
+        "--model".as_ref(),
+        model.as_os_str(),
+        "--out".as_ref(),
+        out.path().as_os_str(),
+        image.as_os_str(),
+    ]);
+    run(&["check-config".as_ref(), "--config".as_ref(), repo().join("config/edge-inspect.toml").as_os_str()]);
+    let kept: Vec<_> = walkdir(home.path());
+    assert!(kept.is_empty(), "ONNX Runtime wrote under $HOME: {kept:?}");
+}
+
+/// Every file below `dir`.
+fn walkdir(dir: &Path) -> Vec<PathBuf> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap().flatten() {
+        let path = entry.path();
+        if path.is_dir() { files.extend(walkdir(&path)) } else { files.push(path) }
+    }
+    files
+}
