@@ -71,6 +71,8 @@ pub enum DropReason {
     QueueFull,
     /// The frame could not be decoded.
     DecodeError,
+    /// The frame had more pixels than the camera's `max_frame_pixels`; it was not decoded.
+    TooLarge,
     /// The region of interest lies outside the frame.
     RoiOutside,
     /// The publisher was behind; the inspected frame was not published.
@@ -91,6 +93,7 @@ impl DropReason {
         match self {
             Self::QueueFull => "queue_full",
             Self::DecodeError => "decode_error",
+            Self::TooLarge => "too_large",
             Self::RoiOutside => "roi_outside",
             Self::OutputFull => "output_full",
             Self::MqttBacklog => "mqtt_backlog",
@@ -100,9 +103,10 @@ impl DropReason {
         }
     }
 
-    pub const ALL: [DropReason; 8] = [
+    pub const ALL: [DropReason; 9] = [
         Self::QueueFull,
         Self::DecodeError,
+        Self::TooLarge,
         Self::RoiOutside,
         Self::OutputFull,
         Self::MqttBacklog,

@@ -45,6 +45,8 @@ pub struct CameraConfig {
     pub sensitivity: f64,
     /// `[x, y, width, height]` in source pixels.
     pub roi: Option<[u32; 4]>,
+    /// A frame with more pixels than this is counted as `too_large` and never decoded.
+    pub max_frame_pixels: u64,
     pub stall_timeout: Duration,
     pub backoff_initial: Duration,
     pub backoff_max: Duration,
@@ -61,6 +63,8 @@ pub enum CaptureError {
     Corrupt { camera: String, what: String, reason: String },
     #[error("camera '{camera}': no more frames")]
     Ended { camera: String },
+    #[error("camera '{camera}': frame {what} is {width}x{height}, over the limit of {limit} pixels; not decoded")]
+    TooLarge { camera: String, what: String, width: u32, height: u32, limit: u64 },
     #[error("camera '{camera}': cannot decode a {format} frame of {width}x{height} from {bytes} bytes: {reason}")]
     Decode { camera: String, format: String, width: u32, height: u32, bytes: usize, reason: String },
 }
@@ -69,7 +73,7 @@ pub enum CaptureError {
 pub trait FrameSource {
     /// The camera id frames are attributed to.
     fn camera(&self) -> &str;
-    /// The next frame. `Corrupt`/`Decode` errors are one bad frame (count and skip);
+    /// The next frame. `Corrupt`/`Decode`/`TooLarge` errors are one bad frame (count and skip);
     /// `Open`/`Read` mean the source is gone (reopen with backoff); `Ended` means a finite
     /// source has no more frames.
     fn next_frame(&mut self) -> Result<DynamicImage, CaptureError>;

@@ -14,6 +14,8 @@ use crate::image_files::{is_image, list_images};
 
 pub struct ReplaySource {
     camera: String,
+    /// Frames with more pixels are refused from their header, before any decoding.
+    max_pixels: u64,
     files: Vec<PathBuf>,
     next: usize,
     /// The file the last frame came from.
@@ -22,7 +24,7 @@ pub struct ReplaySource {
 
 impl ReplaySource {
     /// Lists the frames of `path`: a folder, or a glob pattern if it contains `*`, `?` or `[`.
-    pub fn open(camera: &str, path: &str) -> Result<Self, CaptureError> {
+    pub fn open(camera: &str, path: &str, max_pixels: u64) -> Result<Self, CaptureError> {
         let open_error = |reason: String| CaptureError::Open { camera: camera.into(), device: path.into(), reason };
         let files = if path.contains(['*', '?', '[']) {
             let mut files: Vec<PathBuf> = glob::glob(path)
@@ -38,7 +40,7 @@ impl ReplaySource {
         if files.is_empty() {
             return Err(open_error("no image files".into()));
         }
-        Ok(Self { camera: camera.into(), files, next: 0, current: None })
+        Ok(Self { camera: camera.into(), max_pixels, files, next: 0, current: None })
     }
 }
 
@@ -59,15 +61,40 @@ impl FrameSource for ReplaySource {
             camera: self.camera.clone(),
             reason: format!("{}: {e}", path.display()),
         })?;
-        image::load_from_memory(&bytes).map_err(|e| CaptureError::Corrupt {
-            camera: self.camera.clone(),
-            what: path.display().to_string(),
-            reason: e.to_string(),
-        })
+        self.decode(&bytes, &path.display().to_string())
     }
 
     fn current_file(&self) -> Option<&PathBuf> {
         self.current.as_ref()
+    }
+}
+
+impl ReplaySource {
+    /// Decodes a file's bytes, refusing from the header alone a frame over the pixel
+    /// limit (a 389 KB PNG may declare 20000×20000), with the decoder's own allocation
+    /// limit behind it.
+    fn decode(&self, bytes: &[u8], what: &str) -> Result<DynamicImage, CaptureError> {
+        let corrupt = |e: image::ImageError| CaptureError::Corrupt {
+            camera: self.camera.clone(),
+            what: what.to_string(),
+            reason: e.to_string(),
+        };
+        let reader = || {
+            image::ImageReader::new(std::io::Cursor::new(bytes))
+                .with_guessed_format()
+                .map_err(|e| corrupt(image::ImageError::IoError(e)))
+        };
+        let (width, height) = reader()?.into_dimensions().map_err(corrupt)?;
+        if u64::from(width) * u64::from(height) > self.max_pixels {
+            let (camera, limit) = (self.camera.clone(), self.max_pixels);
+            return Err(CaptureError::TooLarge { camera, what: what.to_string(), width, height, limit });
+        }
+        let mut limits = image::Limits::default();
+        // 16-bit RGBA is the widest layout a decoder allocates.
+        limits.max_alloc = Some(self.max_pixels * 8);
+        let mut reader = reader()?;
+        reader.limits(limits);
+        reader.decode().map_err(corrupt)
     }
 }
 
@@ -83,7 +110,7 @@ mod tests {
         }
         std::fs::write(dir.path().join("c.png"), b"not a png").unwrap();
         std::fs::write(dir.path().join("notes.txt"), b"ignored").unwrap();
-        let mut source = ReplaySource::open("cam", dir.path().to_str().unwrap()).unwrap();
+        let mut source = ReplaySource::open("cam", dir.path().to_str().unwrap(), 1 << 20).unwrap();
         assert_eq!(source.next_frame().unwrap().to_luma8().get_pixel(0, 0).0[0], 100);
         assert_eq!(source.next_frame().unwrap().to_luma8().get_pixel(0, 0).0[0], 200);
         assert!(matches!(source.next_frame(), Err(CaptureError::Corrupt { .. })));
@@ -98,12 +125,12 @@ mod tests {
             image::GrayImage::new(2, 2).save(dir.path().join(name)).unwrap();
         }
         let pattern = format!("{}/x*.png", dir.path().display());
-        let source = ReplaySource::open("cam", &pattern).unwrap();
+        let source = ReplaySource::open("cam", &pattern, 1 << 20).unwrap();
         assert_eq!(source.files.len(), 2);
-        let missing = ReplaySource::open("cam", "/nonexistent/frames").err().unwrap().to_string();
+        let missing = ReplaySource::open("cam", "/nonexistent/frames", 1 << 20).err().unwrap().to_string();
         assert!(missing.contains("camera 'cam'") && missing.contains("/nonexistent/frames"), "{missing}");
         let empty = tempfile::tempdir().unwrap();
-        let e = ReplaySource::open("cam", empty.path().to_str().unwrap()).err().unwrap().to_string();
+        let e = ReplaySource::open("cam", empty.path().to_str().unwrap(), 1 << 20).err().unwrap().to_string();
         assert!(e.contains("no image files"), "{e}");
     }
 
@@ -111,8 +138,37 @@ mod tests {
     fn a_vanished_file_is_a_read_error() {
         let dir = tempfile::tempdir().unwrap();
         image::GrayImage::new(2, 2).save(dir.path().join("a.png")).unwrap();
-        let mut source = ReplaySource::open("cam", dir.path().to_str().unwrap()).unwrap();
+        let mut source = ReplaySource::open("cam", dir.path().to_str().unwrap(), 1 << 20).unwrap();
         std::fs::remove_file(dir.path().join("a.png")).unwrap();
         assert!(matches!(source.next_frame(), Err(CaptureError::Read { .. })));
+    }
+
+    /// The drill for unbounded frames (issue 23): a 67-byte PNG that declares 20000×20000
+    /// (400 MP; decoding it took 12.8 GB) is refused from its header, and so is a real
+    /// frame one pixel over the limit; frames within it still decode.
+    #[test]
+    fn a_frame_over_the_pixel_limit_is_refused_before_decoding() {
+        let dir = tempfile::tempdir().unwrap();
+        image::GrayImage::new(64, 64).save(dir.path().join("a_fits.png")).unwrap();
+        image::GrayImage::new(65, 64).save(dir.path().join("b_one_column_over.png")).unwrap();
+        std::fs::write(dir.path().join("c_huge.png"), png_header(20_000, 20_000)).unwrap();
+        let mut source = ReplaySource::open("cam", dir.path().to_str().unwrap(), 64 * 64).unwrap();
+        assert_eq!(source.next_frame().unwrap().width(), 64);
+        let over = source.next_frame().err().unwrap();
+        assert!(matches!(over, CaptureError::TooLarge { width: 65, height: 64, limit: 4096, .. }), "{over}");
+        let huge = source.next_frame().err().unwrap();
+        assert!(matches!(huge, CaptureError::TooLarge { width: 20_000, height: 20_000, .. }), "{huge}");
+        assert!(huge.to_string().contains("c_huge.png") && huge.to_string().contains("20000x20000"), "{huge}");
+    }
+
+    /// A PNG signature, an IHDR chunk (8-bit grey) for `width`×`height`, an empty IDAT and
+    /// the end: no pixel data at all.
+    fn png_header(width: u32, height: u32) -> Vec<u8> {
+        let chunk = |kind: &[u8], data: &[u8]| {
+            let body = [kind, data].concat();
+            [&(data.len() as u32).to_be_bytes()[..], &body, &crc32fast::hash(&body).to_be_bytes()].concat()
+        };
+        let ihdr = [&width.to_be_bytes()[..], &height.to_be_bytes(), &[8, 0, 0, 0, 0]].concat();
+        [&b"\x89PNG\r\n\x1a\n"[..], &chunk(b"IHDR", &ihdr), &chunk(b"IDAT", &[]), &chunk(b"IEND", &[])].concat()
     }
 }

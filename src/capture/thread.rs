@@ -57,7 +57,9 @@ const CORRUPT_REOPEN: u32 = 10;
 /// Opened inside the capture thread: camera handles are not `Send`.
 fn open_source(config: &CameraConfig) -> Result<Box<dyn FrameSource>, CaptureError> {
     match &config.source {
-        SourceConfig::Replay { path, .. } => Ok(Box::new(super::replay::ReplaySource::open(&config.id, path)?)),
+        SourceConfig::Replay { path, .. } => {
+            Ok(Box::new(super::replay::ReplaySource::open(&config.id, path, config.max_frame_pixels)?))
+        }
         #[cfg(feature = "camera")]
         SourceConfig::Camera(settings) => Ok(Box::new(super::camera::CameraSource::open(&config.id, settings)?)),
     }
@@ -219,9 +221,13 @@ impl CaptureLoop {
                             self.enqueue(frame);
                         }
                     }
-                    Err(e @ (CaptureError::Corrupt { .. } | CaptureError::Decode { .. })) => {
+                    Err(
+                        e
+                        @ (CaptureError::Corrupt { .. } | CaptureError::Decode { .. } | CaptureError::TooLarge { .. }),
+                    ) => {
                         self.stats.frames_in.fetch_add(1, Relaxed);
-                        self.stats.drop_frame(DropReason::DecodeError);
+                        let too_large = matches!(e, CaptureError::TooLarge { .. });
+                        self.stats.drop_frame(if too_large { DropReason::TooLarge } else { DropReason::DecodeError });
                         self.stats.touch();
                         if let Some(suppressed) = self.stats.warnings.admit() {
                             tracing::warn!(camera = %id, error = %e, suppressed, "Corrupt frame skipped.");

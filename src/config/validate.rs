@@ -8,6 +8,10 @@ use std::time::Duration;
 
 use super::raw::*;
 use super::*;
+
+/// A frame larger than this (32 MP: a 5 MP line camera six times over) is not decoded unless
+/// a camera's `max_frame_pixels` says so.
+const DEFAULT_MAX_FRAME_PIXELS: u64 = 32_000_000;
 use crate::capture::SourceConfig;
 
 pub(super) struct Validator {
@@ -480,6 +484,12 @@ impl Validator {
             model,
             sensitivity: self.within(&key("sensitivity"), c.sensitivity.unwrap_or(1.0), crate::controls::SENSITIVITY),
             roi,
+            // Decoding allocates width × height × channels up front: a bound, not a wish.
+            max_frame_pixels: self.within(
+                &key("max_frame_pixels"),
+                c.max_frame_pixels.unwrap_or(DEFAULT_MAX_FRAME_PIXELS),
+                4096..=256 << 20,
+            ),
             stall_timeout: Duration::from_millis(self.within(
                 &key("stall_timeout_ms"),
                 c.stall_timeout_ms.unwrap_or(10_000),
