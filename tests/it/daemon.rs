@@ -1691,6 +1691,16 @@ fn recorded(store: &Path, seq: u64) -> bool {
 }
 
 /// `mosquitto_pub` one message.
+/// Publishes the bytes of `file` (a payload no command line can carry).
+fn mqtt_send_file(port: u16, topic: &str, file: &Path) {
+    let ok = Command::new("mosquitto_pub")
+        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-q", "1", "-t", topic, "-f"])
+        .arg(file)
+        .status()
+        .unwrap();
+    assert!(ok.success());
+}
+
 fn mqtt_send(port: u16, topic: &str, payload: &str) {
     let ok = Command::new("mosquitto_pub")
         .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-q", "1", "-t", topic, "-m", payload])
@@ -1746,6 +1756,20 @@ fn camera_commands_change_a_running_camera_and_persist() {
     mqtt_send(broker.port, "edge-inspect/test/cam9/enabled/set", "ON");
     wait_for(Duration::from_secs(10), "four refusals", || sub.on("test/error").len() == 4);
     assert_eq!(last("cam0/sensitivity/state").as_deref(), Some("10"), "a refused value changes nothing");
+    // Hostile payloads (issue 23): 3 MB of 0xFF once echoed into a 19 MB error; 7 KB of `a`
+    // was taken as a bundle name. Refused with a short excerpt, the link stays up.
+    let junk = dir.path().join("junk");
+    std::fs::write(&junk, vec![0xFFu8; 3 << 20]).unwrap();
+    mqtt_send_file(broker.port, "edge-inspect/test/cam0/sensitivity/set", &junk);
+    mqtt_send(broker.port, "edge-inspect/test/model/set", &"a".repeat(3000));
+    wait_for(Duration::from_secs(20), "six refusals", || sub.on("test/error").len() == 6);
+    for m in sub.on("test/error") {
+        assert!(m.payload.len() < 1024, "an error of {} bytes", m.payload.len());
+    }
+    let reports = sub.on("/stats").len();
+    wait_for(Duration::from_secs(10), "a stats report after them", || sub.on("/stats").len() > reports);
+    let stats = sub.last_stats().unwrap();
+    assert_eq!(stats["mqtt_connects"].as_u64(), Some(1), "the hostile payloads cost no reconnect: {stats}");
 
     set("enabled", "OFF");
     wait_for(Duration::from_secs(10), "the camera disabled", || {

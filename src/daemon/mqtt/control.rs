@@ -65,6 +65,21 @@ struct LabelState<'a> {
     file: &'a str,
 }
 
+/// The largest command payload parsed: every command is a few bytes (a label is a small
+/// JSON object); anything longer is refused unread.
+pub const MAX_COMMAND_BYTES: usize = 4096;
+/// The longest bundle name `<node>/model/set` takes.
+pub const MAX_BUNDLE_NAME: usize = 128;
+/// How much of a refused payload an error echoes.
+const EXCERPT_BYTES: usize = 64;
+
+/// A short, escaped excerpt of `payload` for logs and error replies: a hostile payload is
+/// never echoed in full.
+fn excerpt(payload: &[u8]) -> String {
+    let head = String::from_utf8_lossy(&payload[..payload.len().min(EXCERPT_BYTES)]);
+    if payload.len() > EXCERPT_BYTES { format!("{head:?}… ({} bytes)", payload.len()) } else { format!("{head:?}") }
+}
+
 /// What the commands act on.
 pub struct Control {
     pub mqtt: Arc<Mqtt>,
@@ -88,7 +103,7 @@ impl Control {
                 tracing::warn!(topic = %command.topic, error = %error, "Command refused.");
                 let reply = serde_json::json!({
                     "topic": command.topic,
-                    "payload": String::from_utf8_lossy(&command.payload),
+                    "payload": excerpt(&command.payload),
                     "error": error,
                 });
                 self.mqtt.publish("error", QoS::AtLeastOnce, false, serde_json::to_vec(&reply).expect("serialises"));
@@ -98,12 +113,19 @@ impl Control {
     }
 
     fn handle(&self, command: &Incoming) -> Result<(), String> {
+        if command.payload.len() > MAX_COMMAND_BYTES {
+            let size = command.payload.len();
+            return Err(format!("a payload of {size} bytes; a command has at most {MAX_COMMAND_BYTES}"));
+        }
         let path = command.topic.strip_prefix(&format!("{}/", self.mqtt.base)).unwrap_or(&command.topic);
         if path == "model/set" {
             let name = String::from_utf8_lossy(&command.payload).trim().to_string();
             let safe = !name.starts_with('.') && name.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c));
-            if name.is_empty() || !safe {
-                return Err(format!("not a bundle name (letters, digits, . _ -, not starting with .): {name:?}"));
+            if name.is_empty() || name.len() > MAX_BUNDLE_NAME || !safe {
+                return Err(format!(
+                    "not a bundle name (1–{MAX_BUNDLE_NAME} letters, digits, . _ -, not starting with .): {}",
+                    excerpt(name.as_bytes())
+                ));
             }
             let load = Load { key: NODE_MODEL, path: self.models_dir.join(&name) };
             return self.models.try_send(load).map_err(|_| "a model swap is already queued; try again".to_string());
@@ -125,11 +147,13 @@ impl Control {
             "enabled" => match payload.trim() {
                 "ON" => controls.set_enabled(true),
                 "OFF" => controls.set_enabled(false),
-                other => return Err(format!("expected ON or OFF, got {other:?}")),
+                other => return Err(format!("expected ON or OFF, got {}", excerpt(other.as_bytes()))),
             },
             "sensitivity" => match payload.trim().parse::<f64>() {
                 Ok(s) if SENSITIVITY.contains(&s) => controls.set_sensitivity(s),
-                _ => return Err(format!("expected a sensitivity in {SENSITIVITY:?}, got {payload:?}")),
+                _ => {
+                    return Err(format!("expected a sensitivity in {SENSITIVITY:?}, got {}", excerpt(&command.payload)));
+                }
             },
             other => return Err(format!("unknown command '{other}'")),
         }
