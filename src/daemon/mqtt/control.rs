@@ -152,7 +152,10 @@ impl Control {
             "sensitivity" => match payload.trim().parse::<f64>() {
                 Ok(s) if SENSITIVITY.contains(&s) => controls.set_sensitivity(s),
                 _ => {
-                    return Err(format!("expected a sensitivity in {SENSITIVITY:?}, got {}", excerpt(&command.payload)));
+                    return Err(format!(
+                        "expected a sensitivity in {SENSITIVITY:?}, got {}",
+                        excerpt(&command.payload)
+                    ));
                 }
             },
             other => return Err(format!("unknown command '{other}'")),
