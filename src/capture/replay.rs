@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use image::DynamicImage;
 
 use super::{CaptureError, FrameSource};
-use crate::image_files::{is_image, list_images};
+use crate::image_files::{DecodeError, decode_within, is_image, list_images};
 
 pub struct ReplaySource {
     camera: String,
@@ -70,31 +70,17 @@ impl FrameSource for ReplaySource {
 }
 
 impl ReplaySource {
-    /// Decodes a file's bytes, refusing from the header alone a frame over the pixel
-    /// limit (a 389 KB PNG may declare 20000×20000), with the decoder's own allocation
-    /// limit behind it.
+    /// Decodes a file's bytes within the camera's pixel limit: over it, the frame is refused
+    /// from its header (`TooLarge`); undecodable, it is `Corrupt`.
     fn decode(&self, bytes: &[u8], what: &str) -> Result<DynamicImage, CaptureError> {
-        let corrupt = |e: image::ImageError| CaptureError::Corrupt {
-            camera: self.camera.clone(),
-            what: what.to_string(),
-            reason: e.to_string(),
-        };
-        let reader = || {
-            image::ImageReader::new(std::io::Cursor::new(bytes))
-                .with_guessed_format()
-                .map_err(|e| corrupt(image::ImageError::IoError(e)))
-        };
-        let (width, height) = reader()?.into_dimensions().map_err(corrupt)?;
-        if u64::from(width) * u64::from(height) > self.max_pixels {
-            let (camera, limit) = (self.camera.clone(), self.max_pixels);
-            return Err(CaptureError::TooLarge { camera, what: what.to_string(), width, height, limit });
-        }
-        let mut limits = image::Limits::default();
-        // 16-bit RGBA is the widest layout a decoder allocates.
-        limits.max_alloc = Some(self.max_pixels * 8);
-        let mut reader = reader()?;
-        reader.limits(limits);
-        reader.decode().map_err(corrupt)
+        decode_within(bytes, self.max_pixels).map_err(|e| match e {
+            DecodeError::TooLarge { width, height, limit } => {
+                CaptureError::TooLarge { camera: self.camera.clone(), what: what.to_string(), width, height, limit }
+            }
+            DecodeError::Image(e) => {
+                CaptureError::Corrupt { camera: self.camera.clone(), what: what.to_string(), reason: e.to_string() }
+            }
+        })
     }
 }
 
@@ -151,7 +137,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         image::GrayImage::new(64, 64).save(dir.path().join("a_fits.png")).unwrap();
         image::GrayImage::new(65, 64).save(dir.path().join("b_one_column_over.png")).unwrap();
-        std::fs::write(dir.path().join("c_huge.png"), png_header(20_000, 20_000)).unwrap();
+        std::fs::write(dir.path().join("c_huge.png"), crate::image_files::png_header(20_000, 20_000)).unwrap();
         let mut source = ReplaySource::open("cam", dir.path().to_str().unwrap(), 64 * 64).unwrap();
         assert_eq!(source.next_frame().unwrap().width(), 64);
         let over = source.next_frame().err().unwrap();
@@ -159,16 +145,5 @@ mod tests {
         let huge = source.next_frame().err().unwrap();
         assert!(matches!(huge, CaptureError::TooLarge { width: 20_000, height: 20_000, .. }), "{huge}");
         assert!(huge.to_string().contains("c_huge.png") && huge.to_string().contains("20000x20000"), "{huge}");
-    }
-
-    /// A PNG signature, an IHDR chunk (8-bit grey) for `width`×`height`, an empty IDAT and
-    /// the end: no pixel data at all.
-    fn png_header(width: u32, height: u32) -> Vec<u8> {
-        let chunk = |kind: &[u8], data: &[u8]| {
-            let body = [kind, data].concat();
-            [&(data.len() as u32).to_be_bytes()[..], &body, &crc32fast::hash(&body).to_be_bytes()].concat()
-        };
-        let ihdr = [&width.to_be_bytes()[..], &height.to_be_bytes(), &[8, 0, 0, 0, 0]].concat();
-        [&b"\x89PNG\r\n\x1a\n"[..], &chunk(b"IHDR", &ihdr), &chunk(b"IDAT", &[]), &chunk(b"IEND", &[])].concat()
     }
 }

@@ -18,7 +18,7 @@ use image::GrayImage;
 use serde::Serialize;
 
 use crate::capture::labels::{Verdict, verdict_of};
-use crate::image_files::list_images;
+use crate::image_files::{MAX_FILE_PIXELS, list_images, open_within};
 use crate::model::preprocess::{InputSpec, Inspection};
 
 /// The defect type of normal images.
@@ -226,7 +226,7 @@ fn discover_folder(dir: &Path, normal: &Path, abnormal: &Path) -> Result<Vec<Sam
 
 fn read_mask(path: &Path) -> Result<GrayImage, EvalDataError> {
     let reason = |e: &dyn std::fmt::Display| EvalDataError::Mask { path: path.to_path_buf(), reason: e.to_string() };
-    Ok(image::ImageReader::open(path).map_err(|e| reason(&e))?.decode().map_err(|e| reason(&e))?.to_luma8())
+    Ok(open_within(path, MAX_FILE_PIXELS).map_err(|e| reason(&e))?.to_luma8())
 }
 
 /// Checks an image's (and its mask's) size from the file headers, before any inference.
@@ -296,11 +296,7 @@ pub fn load(
     input: &InputSpec,
     inspection: Inspection,
 ) -> Result<Result<Loaded, String>, EvalDataError> {
-    let image = match image::ImageReader::open(&sample.image)
-        .map_err(|e| e.to_string())
-        .and_then(|r| r.with_guessed_format().map_err(|e| e.to_string()))
-        .and_then(|r| r.decode().map_err(|e| e.to_string()))
-    {
+    let image = match open_within(&sample.image, MAX_FILE_PIXELS).map_err(|e| e.to_string()) {
         Ok(image) => image,
         Err(reason) => return Ok(Err(reason)),
     };

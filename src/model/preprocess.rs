@@ -89,6 +89,8 @@ pub enum PreprocessError {
     Read { path: String, source: image::ImageError },
     #[error("{path}: image is empty (0×0)")]
     Empty { path: String },
+    #[error("{path}: {width}x{height} is over the limit of {limit} pixels; not decoded")]
+    TooLarge { path: String, width: u32, height: u32, limit: u64 },
 }
 
 /// A frame ready for the model, plus the resized picture for overlays.
@@ -158,12 +160,13 @@ impl InputSpec {
     /// Reads, decodes and prepares an image file as `inspection` says.
     pub fn prepare_file(&self, inspection: Inspection, path: &Path) -> Result<Prepared, PreprocessError> {
         let shown = path.display().to_string();
-        let image = image::ImageReader::open(path)
-            .map_err(|e| PreprocessError::Read { path: shown.clone(), source: image::ImageError::IoError(e) })?
-            .with_guessed_format()
-            .map_err(|e| PreprocessError::Read { path: shown.clone(), source: image::ImageError::IoError(e) })?
-            .decode()
-            .map_err(|source| PreprocessError::Read { path: shown.clone(), source })?;
+        use crate::image_files::{DecodeError, MAX_FILE_PIXELS, open_within};
+        let image = open_within(path, MAX_FILE_PIXELS).map_err(|e| match e {
+            DecodeError::TooLarge { width, height, limit } => {
+                PreprocessError::TooLarge { path: shown.clone(), width, height, limit }
+            }
+            DecodeError::Image(source) => PreprocessError::Read { path: shown.clone(), source },
+        })?;
         if image.width() == 0 || image.height() == 0 {
             return Err(PreprocessError::Empty { path: shown });
         }

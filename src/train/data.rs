@@ -21,7 +21,7 @@ use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 
 use crate::capture::labels::{Verdict, verdict_of};
-use crate::image_files::list_images;
+use crate::image_files::{MAX_FILE_PIXELS, list_images, open_within};
 use crate::model::preprocess::InputSpec;
 
 /// File the daemon's recorder writes at the root of its capture store.
@@ -140,10 +140,7 @@ impl Dataset {
         let mut images = Vec::new();
         let mut skipped = Vec::new();
         for path in candidates {
-            match image::ImageReader::open(&path)
-                .map_err(image::ImageError::IoError)
-                .and_then(|r| r.with_guessed_format().map_err(image::ImageError::IoError)?.decode())
-            {
+            match open_within(&path, MAX_FILE_PIXELS) {
                 Ok(img) if img.width() > 0 && img.height() > 0 => {
                     files.push(path);
                     images.push(img);
