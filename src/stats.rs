@@ -77,8 +77,10 @@ pub enum DropReason {
     RoiOutside,
     /// The publisher was behind; the inspected frame was not published.
     OutputFull,
-    /// The MQTT client's queue was full (broker unreachable or slow).
-    MqttBacklog,
+    /// The frame's alert, mask or event could neither be kept in the outbox nor handed to
+    /// the broker (a failing disk while the broker is away, or a message over the broker's
+    /// packet limit).
+    AlertLost,
     /// The recorder was behind; the frame was not recorded.
     RecorderFull,
     /// Still queued when the shutdown deadline passed.
@@ -96,7 +98,7 @@ impl DropReason {
             Self::TooLarge => "too_large",
             Self::RoiOutside => "roi_outside",
             Self::OutputFull => "output_full",
-            Self::MqttBacklog => "mqtt_backlog",
+            Self::AlertLost => "alert_lost",
             Self::RecorderFull => "recorder_full",
             Self::Shutdown => "shutdown",
             Self::InferenceError => "inference_error",
@@ -109,7 +111,7 @@ impl DropReason {
         Self::TooLarge,
         Self::RoiOutside,
         Self::OutputFull,
-        Self::MqttBacklog,
+        Self::AlertLost,
         Self::RecorderFull,
         Self::Shutdown,
         Self::InferenceError,
@@ -248,6 +250,11 @@ pub struct PipelineStats {
     pub outbox_dropped: AtomicU64,
     /// Connection attempts that failed.
     pub mqtt_failures: AtomicU64,
+    /// Connections dropped because the broker stopped answering (no PINGRESP, or a publish
+    /// unacknowledged past the keep-alive).
+    pub mqtt_unresponsive: AtomicU64,
+    /// Durable messages that could not be written to the outbox (a full or failing disk).
+    pub outbox_write_failures: AtomicU64,
 }
 
 impl Default for PipelineStats {
@@ -268,6 +275,8 @@ impl Default for PipelineStats {
             outbox_queued: AtomicU64::default(),
             outbox_dropped: AtomicU64::default(),
             mqtt_failures: AtomicU64::default(),
+            mqtt_unresponsive: AtomicU64::default(),
+            outbox_write_failures: AtomicU64::default(),
         }
     }
 }
@@ -321,8 +330,10 @@ pub struct StatsReport {
     pub mqtt_connects: u64,
     pub mqtt_connected: bool,
     pub mqtt_failures: u64,
+    pub mqtt_unresponsive: u64,
     pub outbox_queued: u64,
     pub outbox_dropped: u64,
+    pub outbox_write_failures: u64,
     pub recorded_flagged: u64,
     pub recorded_normal: u64,
     pub recorder_pruned: u64,
@@ -351,8 +362,10 @@ impl StatsReport {
             mqtt_connects: p.mqtt_connects.load(Relaxed),
             mqtt_connected: p.mqtt_connected.load(Relaxed),
             mqtt_failures: p.mqtt_failures.load(Relaxed),
+            mqtt_unresponsive: p.mqtt_unresponsive.load(Relaxed),
             outbox_queued: p.outbox_queued.load(Relaxed),
             outbox_dropped: p.outbox_dropped.load(Relaxed),
+            outbox_write_failures: p.outbox_write_failures.load(Relaxed),
             recorded_flagged: p.recorded_flagged.load(Relaxed),
             recorded_normal: p.recorded_normal.load(Relaxed),
             recorder_pruned: p.recorder_pruned.load(Relaxed),

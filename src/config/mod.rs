@@ -151,6 +151,9 @@ pub struct MqttConfig {
     /// `<topic_prefix>/<node>`: every topic starts with this.
     pub base_topic: String,
     pub keep_alive: Duration,
+    /// How long the broker keeps the node's session (subscriptions, queued commands) while
+    /// it is away.
+    pub session_expiry: Duration,
     pub stats_interval: Duration,
     pub max_packet_bytes: usize,
     pub credentials: Option<(String, String)>,

@@ -61,6 +61,7 @@ pub(super) struct RawMqtt {
     pub(super) client_id: Option<String>,
     pub(super) topic_prefix: Option<String>,
     pub(super) keep_alive_s: Option<u64>,
+    pub(super) session_expiry_s: Option<u64>,
     pub(super) stats_interval_s: Option<u64>,
     pub(super) max_packet_bytes: Option<usize>,
     pub(super) username: Option<String>,

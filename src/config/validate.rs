@@ -232,11 +232,19 @@ impl Validator {
             port: port.clamp(1, 65535) as u16,
             client_id: mqtt.client_id.unwrap_or_else(|| format!("edge-inspect-{node_id}")),
             base_topic: format!("{topic_prefix}/{node_id}"),
-            // MQTT carries the keep-alive in 16 bits.
+            // MQTT carries the keep-alive in 16 bits; the client pings no more often than 5 s.
             keep_alive: Duration::from_secs(self.within(
                 "mqtt.keep_alive_s",
                 mqtt.keep_alive_s.unwrap_or(30),
-                1..=65_535,
+                5..=65_535,
+            )),
+            // The broker keeps the session (subscriptions, commands queued at QoS 1) this
+            // long while the node is away: an hour bridges a broker restart or a partition;
+            // commands queued for longer than a week would be stale.
+            session_expiry: Duration::from_secs(self.within(
+                "mqtt.session_expiry_s",
+                mqtt.session_expiry_s.unwrap_or(3_600),
+                0..=7 * 86_400,
             )),
             stats_interval: Duration::from_secs(self.within(
                 "mqtt.stats_interval_s",

@@ -205,6 +205,11 @@ impl Collector for Report {
             ("edge_inspect_mqtt_failures", "Failed connection attempts", Counter),
             &count(&p.mqtt_failures),
         )?;
+        single(
+            &mut encoder,
+            ("edge_inspect_mqtt_unresponsive", "Connections dropped because the broker stopped answering", Counter),
+            &count(&p.mqtt_unresponsive),
+        )?;
         let outbox = ConstGauge::new(p.outbox_queued.load(Relaxed) as i64);
         single(
             &mut encoder,
@@ -213,8 +218,13 @@ impl Collector for Report {
         )?;
         single(
             &mut encoder,
-            ("edge_inspect_outbox_dropped", "Outbox messages dropped (size cap, age)", Counter),
+            ("edge_inspect_outbox_dropped", "Outbox messages dropped (size cap, age, refused)", Counter),
             &count(&p.outbox_dropped),
+        )?;
+        single(
+            &mut encoder,
+            ("edge_inspect_outbox_write_failures", "Durable messages the outbox could not keep", Counter),
+            &count(&p.outbox_write_failures),
         )?;
         single(
             &mut encoder,

@@ -10,7 +10,7 @@ use std::sync::atomic::Ordering::Relaxed;
 
 use anyhow::Context;
 use crossbeam_channel::{Sender, bounded};
-use rumqttc::QoS;
+use rumqttc::v5::mqttbytes::QoS;
 
 use super::models::{Load, NODE_MODEL};
 use super::mqtt::control;

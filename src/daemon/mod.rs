@@ -35,7 +35,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use crossbeam_channel::{Receiver, Sender, bounded, select, tick};
-use rumqttc::QoS;
+use rumqttc::v5::mqttbytes::QoS;
 use sd_notify::NotifyState;
 
 use crate::config::{self, ConfigIssue, DaemonConfig};

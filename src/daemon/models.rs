@@ -19,7 +19,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use crossbeam_channel::{Receiver, Sender};
-use rumqttc::QoS;
+use rumqttc::v5::mqttbytes::QoS;
 use serde::Serialize;
 
 use super::mqtt::Mqtt;

@@ -39,6 +39,7 @@ const KEYS: &[(&str, &str)] = &[
     ("runtime", "intra_threads"),
     ("mqtt", "port"),
     ("mqtt", "keep_alive_s"),
+    ("mqtt", "session_expiry_s"),
     ("mqtt", "reconnect_max_s"),
     ("mqtt", "outbox_max_bytes"),
     ("mqtt", "topic_prefix"),

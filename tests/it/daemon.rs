@@ -59,6 +59,12 @@ impl Broker {
         self.child.wait().unwrap();
     }
 
+    /// SIGSTOP freezes it (a hung VM, a partition without a reset), SIGCONT thaws it.
+    fn signal(&self, signal: &str) {
+        let status = Command::new("kill").arg(format!("-{signal}")).arg(self.child.id().to_string()).status().unwrap();
+        assert!(status.success());
+    }
+
     /// A fresh broker on the same port and config (persistence off: it remembers nothing).
     fn restart(&mut self) {
         self.child = Self::spawn(&self._dir.path().join("mosquitto.conf"));
@@ -1074,6 +1080,98 @@ fn broker_outage_drill(outage: Duration) {
 }
 
 #[test]
+fn a_broker_frozen_for_45_s_loses_no_alert_and_is_noticed_within_two_keep_alives() {
+    frozen_broker_drill(Duration::from_secs(45), false);
+}
+
+#[test]
+fn a_daemon_killed_while_the_broker_is_frozen_for_20_s_loses_no_alert() {
+    frozen_broker_drill(Duration::from_secs(20), true);
+}
+
+/// The ids of the alerts a daemon log says were kept (`Anomaly.` lines carry `alert=<id>`).
+fn kept_alert_ids(log: &str) -> Vec<String> {
+    log.lines()
+        .filter(|l| l.contains("Anomaly."))
+        .filter_map(|l| l.split_once("alert=").map(|(_, rest)| rest))
+        .map(|rest| rest.split_whitespace().next().unwrap().trim_matches('"').to_string())
+        .collect()
+}
+
+/// The broker freezes (SIGSTOP) for `freeze` while defect frames keep coming — and the
+/// daemon is SIGKILLed at its end when `kill_daemon` (then started again). After the thaw
+/// every alert the daemon kept reaches the subscriber (by id; duplicates allowed).
+fn frozen_broker_drill(freeze: Duration, kill_daemon: bool) {
+    let (broker, sub, dir) = rig();
+    let frames = repo().join("data/brick/test/scratch");
+    let config = write_config(
+        dir.path(),
+        broker.port,
+        "max_batch = 1\nmax_wait_ms = 10\nqueue_capacity = 2",
+        &camera("cam0", &frames.display().to_string(), 2.0, true, ""),
+    );
+    let addr = format!("127.0.0.1:{}", free_port());
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("listen = \"127.0.0.1:0\"", &format!("listen = \"{addr}\""))
+        .replace("stats_interval_s = 1", "stats_interval_s = 1\nkeep_alive_s = 5");
+    std::fs::write(&config, text).unwrap();
+    let metric = |name: &str| {
+        let (_, body) = http_get(&addr, "/metrics")?;
+        samples(&body).into_iter().find(|(series, _)| series == name).map(|(_, v)| v)
+    };
+    let mut daemon = Daemon::start(&config);
+    wait_for(Duration::from_secs(60), "alerts before the freeze", || sub.on("cam0/anomaly").len() >= 2);
+
+    broker.signal("STOP");
+    let frozen = Instant::now();
+    if !kill_daemon {
+        // No PINGRESP within a keep-alive, or an alert unacknowledged past it: ≤ 2 × 5 s.
+        wait_for(Duration::from_secs(15), "the daemon to notice the frozen broker", || {
+            metric("edge_inspect_mqtt_connected") == Some(0.0)
+        });
+        let noticed = frozen.elapsed();
+        assert!(noticed < Duration::from_secs(11), "noticed after {noticed:?}; log:\n{}", daemon.log_text());
+        assert!(metric("edge_inspect_mqtt_unresponsive_total").is_some_and(|n| n >= 1.0));
+    }
+    std::thread::sleep(freeze.saturating_sub(frozen.elapsed()));
+    let mut first_log = String::new();
+    if kill_daemon {
+        daemon.child.kill().unwrap();
+        daemon.child.wait().unwrap();
+        first_log = daemon.log_text();
+    }
+    let stats_before = sub.on("/stats").len();
+    broker.signal("CONT");
+    if kill_daemon {
+        daemon = Daemon::start(&config);
+    }
+    wait_for(Duration::from_secs(60), "the outbox to empty after the thaw", || {
+        sub.on("/stats").len() > stats_before + 1
+            && sub.last_stats().is_some_and(|s| s["outbox_queued"] == 0 && s["mqtt_connected"] == true)
+    });
+    daemon.signal("TERM");
+    assert!(daemon.wait_exit(Duration::from_secs(15)).success(), "{}", daemon.log_text());
+
+    let kept: Vec<String> = kept_alert_ids(&first_log).into_iter().chain(kept_alert_ids(&daemon.log_text())).collect();
+    let received: std::collections::BTreeSet<String> = sub
+        .on("cam0/anomaly")
+        .iter()
+        .map(|m| serde_json::from_slice::<serde_json::Value>(&m.payload).unwrap()["id"].as_str().unwrap().to_string())
+        .collect();
+    let lost: Vec<&String> = kept.iter().filter(|id| !received.contains(*id)).collect();
+    // 2 fps of defect frames: most of the freeze's seconds × 2 alerts were raised.
+    assert!(kept.len() as u64 >= freeze.as_secs(), "only {} alerts kept in a {freeze:?} freeze", kept.len());
+    assert!(
+        lost.is_empty(),
+        "{} of {} alerts lost: {lost:?}; log:\n{first_log}\n{}",
+        lost.len(),
+        kept.len(),
+        daemon.log_text()
+    );
+}
+
+#[test]
 fn the_outbox_survives_a_daemon_restart() {
     let broker = Broker::start();
     let open = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -1692,9 +1790,11 @@ fn recorded(store: &Path, seq: u64) -> bool {
 
 /// `mosquitto_pub` one message.
 /// Publishes the bytes of `file` (a payload no command line can carry).
-fn mqtt_send_file(port: u16, topic: &str, file: &Path) {
+fn mqtt_send_file(port: u16, topic: &str, file: &Path, retain: bool) {
     let ok = Command::new("mosquitto_pub")
-        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-q", "1", "-t", topic, "-f"])
+        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-q", "1", "-t", topic])
+        .args(retain.then_some("-r"))
+        .arg("-f")
         .arg(file)
         .status()
         .unwrap();
@@ -1756,11 +1856,16 @@ fn camera_commands_change_a_running_camera_and_persist() {
     mqtt_send(broker.port, "edge-inspect/test/cam9/enabled/set", "ON");
     wait_for(Duration::from_secs(10), "four refusals", || sub.on("test/error").len() == 4);
     assert_eq!(last("cam0/sensitivity/state").as_deref(), Some("10"), "a refused value changes nothing");
-    // Hostile payloads (issue 23): 3 MB of 0xFF once echoed into a 19 MB error; 7 KB of `a`
-    // was taken as a bundle name. Refused with a short excerpt, the link stays up.
+    // Hostile payloads (issue 23). A retained 10 MB `model/set` once cost a reconnect on
+    // every subscribe (116 in 30 s): the node's CONNECT says it takes 64 KiB at most, so the
+    // broker keeps it. 3 MB of 0xFF once echoed into a 19 MB error, 7 KB of `a` was taken as
+    // a bundle name: what does arrive is refused with a short excerpt, the link stays up.
+    let huge = dir.path().join("huge");
+    std::fs::write(&huge, vec![0xFFu8; 10 << 20]).unwrap();
+    mqtt_send_file(broker.port, "edge-inspect/test/model/set", &huge, true);
     let junk = dir.path().join("junk");
-    std::fs::write(&junk, vec![0xFFu8; 3 << 20]).unwrap();
-    mqtt_send_file(broker.port, "edge-inspect/test/cam0/sensitivity/set", &junk);
+    std::fs::write(&junk, vec![0xFFu8; 10 << 10]).unwrap();
+    mqtt_send_file(broker.port, "edge-inspect/test/cam0/sensitivity/set", &junk, false);
     mqtt_send(broker.port, "edge-inspect/test/model/set", &"a".repeat(3000));
     wait_for(Duration::from_secs(20), "six refusals", || sub.on("test/error").len() == 6);
     for m in sub.on("test/error") {
@@ -1797,6 +1902,10 @@ fn camera_commands_change_a_running_camera_and_persist() {
     wait_for(Duration::from_secs(30), "the camera back", || {
         fresh.texts("cam0/status").last().map(String::as_str) == Some("online") && !fresh.on("cam0/anomaly").is_empty()
     });
+    // It subscribed with the 10 MB message retained on `model/set`: still its first connection.
+    let reports = fresh.on("/stats").len();
+    wait_for(Duration::from_secs(10), "a stats report", || fresh.on("/stats").len() > reports);
+    assert_eq!(fresh.last_stats().unwrap()["mqtt_connects"].as_u64(), Some(1), "{}", daemon.log_text());
     daemon.signal("TERM");
     assert!(daemon.wait_exit(Duration::from_secs(30)).success(), "{}", daemon.log_text());
 }

@@ -2,11 +2,17 @@
 //! demo: `mqtt.embedded_broker = true` serves plain MQTT on `mqtt.host:mqtt.port`, so a new
 //! user needs nothing else installed. Production nodes talk to the plant's broker.
 //!
+//! Users' clients (MQTT 3.1.1 or 5) connect on the configured port. The daemon's own client
+//! speaks MQTT 5 and rumqttd serves each protocol version on a listener of its own, so the
+//! broker also listens for MQTT 5 on a free loopback port, which [`client_address`] gives.
+//!
 //! rumqttd's `Broker::start` blocks for good and has no stop call, so its thread lives as
-//! long as the process; the daemon exits right after its own clean MQTT disconnect.
+//! long as the process (and so does its address); the daemon exits right after its own
+//! clean MQTT disconnect.
 
 use std::collections::HashMap;
 use std::net::{SocketAddr, ToSocketAddrs};
+use std::sync::OnceLock;
 
 use rumqttd::{Broker, Config, ConnectionSettings, RouterConfig, ServerSettings};
 
@@ -19,7 +25,16 @@ pub struct BrokerError {
     reason: String,
 }
 
-/// Starts the broker on `config.host:config.port` and returns once it accepts connections.
+/// The embedded broker's MQTT 5 listener, once it is started.
+static CLIENT_ADDRESS: OnceLock<SocketAddr> = OnceLock::new();
+
+/// Where the daemon's own client connects to the embedded broker.
+pub fn client_address() -> Option<SocketAddr> {
+    CLIENT_ADDRESS.get().copied()
+}
+
+/// Starts the broker on `config.host:config.port` (and an MQTT 5 listener on a free
+/// loopback port) and returns once both accept connections.
 pub fn start(config: &MqttConfig) -> Result<(), BrokerError> {
     let address = format!("{}:{}", config.host, config.port);
     let fail = |reason: String| BrokerError { address: address.clone(), reason };
@@ -30,8 +45,12 @@ pub fn start(config: &MqttConfig) -> Result<(), BrokerError> {
         .ok_or_else(|| fail("host does not resolve".into()))?;
     // Fail early and clearly if the port is taken (rumqttd would only log it).
     drop(std::net::TcpListener::bind(listen).map_err(|e| fail(e.to_string()))?);
-    let server = ServerSettings {
-        name: "edge-inspect-demo".into(),
+    // A free loopback port for the daemon's MQTT 5 client (freed here, bound by rumqttd).
+    let v5 = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map_err(|e| fail(format!("no free loopback port for the MQTT 5 listener: {e}")))?;
+    let server = |name: &str, listen: SocketAddr| ServerSettings {
+        name: name.into(),
         listen,
         tls: None,
         next_connection_delay_ms: 1,
@@ -53,7 +72,8 @@ pub fn start(config: &MqttConfig) -> Result<(), BrokerError> {
             max_segment_count: 4,
             ..RouterConfig::default()
         },
-        v4: Some(HashMap::from([("demo".to_string(), server)])),
+        v4: Some(HashMap::from([("demo".to_string(), server("edge-inspect-demo", listen))])),
+        v5: Some(HashMap::from([("daemon".to_string(), server("edge-inspect-daemon", v5))])),
         ..Config::default()
     };
     let mut broker = Broker::new(broker_config);
@@ -67,8 +87,9 @@ pub fn start(config: &MqttConfig) -> Result<(), BrokerError> {
         .map_err(|e| fail(e.to_string()))?;
     // Wait until it accepts connections (it binds asynchronously).
     for _ in 0..50 {
-        if std::net::TcpStream::connect(listen).is_ok() {
-            tracing::info!(%listen, "Embedded MQTT broker listening (demo use).");
+        if std::net::TcpStream::connect(listen).is_ok() && std::net::TcpStream::connect(v5).is_ok() {
+            tracing::info!(%listen, mqtt5 = %v5, "Embedded MQTT broker listening (demo use).");
+            let _ = CLIENT_ADDRESS.set(v5);
             return Ok(());
         }
         std::thread::sleep(std::time::Duration::from_millis(100));

@@ -1,28 +1,47 @@
-//! The MQTT side: connection options (Last Will, credentials, TLS, packet size), the
-//! connection thread (reconnect with backoff, re-publish retained state on every connect),
-//! and non-blocking publishing.
+//! The MQTT side: connection options (Last Will, credentials, TLS, packet sizes, a
+//! persistent session), the connection thread (reconnect with backoff, re-publish retained
+//! state on every connect), and non-blocking publishing.
+//!
+//! The client speaks MQTT 5: its CONNECT states the largest packet the node accepts
+//! ([`MAX_INCOMING_PACKET`]), so a broker never sends it a message it would have to refuse
+//! (a huge retained command would otherwise drop the connection on every subscribe), and
+//! it asks for a session that outlives a reconnect (`session_expiry_s`).
 //!
 //! Retained topics are remembered in a [`RetainedState`] so that a reconnect — or a
 //! broker that lost its store — gets the latest `status`, `state` and `snapshot` of every
 //! camera and then `available = online`, in that order (dashboards see state before the
-//! node claims to be up). Publishing never blocks the pipeline. Alerts and masks are
-//! durable: while disconnected, behind an outbox that is not empty, or when the client
-//! queue is full they go to the on-disk [`Outbox`], which the connection thread empties
-//! after `online` and the retained state, in order. Other messages are not queued while
-//! disconnected (retained ones are re-sent on connect; `stats` is superseded).
+//! node claims to be up). Publishing never blocks the pipeline. Alerts, masks and events
+//! are durable: each is written to the on-disk [`Outbox`] first, handed to the client when
+//! it can take it, and deleted only on its PUBACK ([`Handoff`] maps packet ids to outbox
+//! entries); a connection lost before the PUBACK sends it again. Other messages are not
+//! queued while disconnected (retained ones are re-sent on connect; `stats` is superseded).
 
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::{AtomicBool, AtomicUsize};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::Receiver;
-use rumqttc::{Client, Connection, Event, LastWill, MqttOptions, Packet, QoS, Transport};
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::mqttbytes::v5::{ConnAck, LastWill, Packet, PubAck, PubAckReason};
+use rumqttc::v5::{Client, Connection, ConnectionError, Event, MqttOptions, Request, StateError};
+use rumqttc::{Outgoing, Transport};
 
+use super::handoff::{Handoff, Tag};
 use super::outbox::Outbox;
 use crate::backoff::{Backoff, pause};
 use crate::config::{MqttConfig, TlsConfig};
 use crate::stats::PipelineStats;
+
+/// The largest packet the node accepts from the broker. Commands are at most 4 KiB
+/// (`control::MAX_COMMAND_BYTES`) and Home Assistant's birth message is a word; the broker
+/// is told this in CONNECT and must not send anything larger.
+pub const MAX_INCOMING_PACKET: u32 = 64 << 10;
+
+/// Bytes a PUBLISH needs beside its topic and payload (fixed header, topic length, packet
+/// id, properties), rounded up.
+const PUBLISH_OVERHEAD: usize = 16;
 
 /// Latest payload of each retained topic, re-published on every connect.
 #[derive(Default)]
@@ -31,14 +50,41 @@ pub struct RetainedState {
     /// Set (under the outbox lock) when `go_offline` has queued the DISCONNECT: nothing may
     /// be taken from the outbox after that, it would be queued behind the DISCONNECT and
     /// lost; it stays on disk for the next run instead.
-    closing: std::sync::atomic::AtomicBool,
+    closing: AtomicBool,
 }
 
-/// Requests queued in the client before publishing counts as a backlog drop.
+/// Requests queued in the client before a hand-off waits for the next turn.
 const CLIENT_QUEUE: usize = 64;
 
-pub struct Mqtt {
+/// The client and what it holds unacknowledged: every QoS-1 hand-off goes through
+/// [`Wire::hand`], so that [`Handoff`]'s order is the client's queue order.
+struct Wire {
     client: Client,
+    handoff: Mutex<Handoff>,
+    /// The largest PUBLISH the broker and the config allow (the broker's CONNACK may lower
+    /// the config's `max_packet_bytes`).
+    max_packet: AtomicUsize,
+    configured_max: usize,
+}
+
+impl Wire {
+    fn fits(&self, topic: &str, payload: usize) -> bool {
+        topic.len() + payload + PUBLISH_OVERHEAD <= self.max_packet.load(Relaxed)
+    }
+
+    /// Hands a publish to the client without blocking; `false` if its queue is full.
+    fn hand(&self, topic: String, qos: QoS, retain: bool, payload: Vec<u8>, tag: Tag) -> bool {
+        let mut handoff = self.handoff.lock().expect("handoff lock");
+        let handed = self.client.try_publish(topic, qos, retain, payload).is_ok();
+        if handed && qos != QoS::AtMostOnce {
+            handoff.handed(tag);
+        }
+        handed
+    }
+}
+
+pub struct Mqtt {
+    wire: Arc<Wire>,
     pub base: String,
     retained: Arc<RetainedState>,
     outbox: Arc<Mutex<Outbox>>,
@@ -90,13 +136,18 @@ fn tls_transport(tls: &TlsConfig) -> Result<Transport, MqttSetupError> {
     Ok(Transport::tls_with_config(rumqttc::TlsConfiguration::Rustls(Arc::new(config))))
 }
 
-/// Client options from the config: Last Will `available = offline` (retained, QoS 1).
+/// Client options from the config: MQTT 5, Last Will `available = offline` (retained,
+/// QoS 1), a session that survives `session_expiry_s` of absence, incoming packets of at
+/// most [`MAX_INCOMING_PACKET`].
 pub fn options(config: &MqttConfig) -> Result<MqttOptions, MqttSetupError> {
-    let mut options = MqttOptions::new(&config.client_id, &config.host, config.port);
+    let (host, port) = broker_address(config);
+    let mut options = MqttOptions::new(&config.client_id, host, port);
     options.set_keep_alive(config.keep_alive);
-    options.set_max_packet_size(config.max_packet_bytes, config.max_packet_bytes);
-    options.set_clean_session(true);
-    options.set_last_will(LastWill::new(format!("{}/available", config.base_topic), "offline", QoS::AtLeastOnce, true));
+    options.set_max_packet_size(Some(MAX_INCOMING_PACKET));
+    options.set_clean_start(false);
+    options.set_session_expiry_interval(Some(config.session_expiry.as_secs().min(u32::MAX as u64) as u32));
+    let will_topic = format!("{}/available", config.base_topic);
+    options.set_last_will(LastWill::new(will_topic, "offline", QoS::AtLeastOnce, true, None));
     if let Some((user, password)) = &config.credentials {
         options.set_credentials(user, password);
     }
@@ -104,6 +155,17 @@ pub fn options(config: &MqttConfig) -> Result<MqttOptions, MqttSetupError> {
         options.set_transport(tls_transport(tls)?);
     }
     Ok(options)
+}
+
+/// The broker to connect to: the config's, or the embedded broker's MQTT 5 listener.
+fn broker_address(config: &MqttConfig) -> (String, u16) {
+    #[cfg(feature = "embedded-broker")]
+    if config.embedded_broker
+        && let Some(address) = super::broker::client_address()
+    {
+        return (address.ip().to_string(), address.port());
+    }
+    (config.host.clone(), config.port)
 }
 
 impl Mqtt {
@@ -115,18 +177,32 @@ impl Mqtt {
         subscriptions: Subscriptions,
     ) -> Result<(Self, MqttLink), MqttSetupError> {
         let (client, connection) = Client::new(options(config)?, CLIENT_QUEUE);
+        let wire = Arc::new(Wire {
+            client,
+            handoff: Mutex::default(),
+            max_packet: AtomicUsize::new(config.max_packet_bytes),
+            configured_max: config.max_packet_bytes,
+        });
         let retained = Arc::new(RetainedState::default());
         let outbox = Outbox::open(&config.outbox_dir, config.outbox_max_bytes, config.outbox_max_age, stats.clone())
             .map_err(|source| MqttSetupError::Outbox { path: config.outbox_dir.display().to_string(), source })?;
         let outbox = Arc::new(Mutex::new(outbox));
         let mqtt = Self {
-            client: client.clone(),
+            wire: wire.clone(),
             base: config.base_topic.clone(),
             retained: retained.clone(),
             outbox: outbox.clone(),
             stats: stats.clone(),
         };
-        let link = Link { client, base: config.base_topic.clone(), retained, outbox, stats, subscriptions };
+        let link = Link {
+            wire,
+            base: config.base_topic.clone(),
+            retained,
+            outbox,
+            stats,
+            subscriptions,
+            ack_timeout: config.keep_alive,
+        };
         Ok((mqtt, MqttLink { link, connection, reconnect_max: config.reconnect_max }))
     }
 
@@ -143,39 +219,50 @@ impl Mqtt {
 
     /// [`Mqtt::publish`] to a topic outside the node's own (Home Assistant discovery).
     pub fn publish_at(&self, topic: String, qos: QoS, retain: bool, payload: Vec<u8>) -> bool {
+        if !self.wire.fits(&topic, payload.len()) {
+            tracing::warn!(topic = %topic, bytes = payload.len(), "Message larger than the broker takes; not sent.");
+            return false;
+        }
         if retain {
             self.retained.topics.lock().expect("retained lock").insert(topic.clone(), payload.clone());
         }
         if !self.stats.mqtt_connected.load(Relaxed) {
             return retain;
         }
-        self.client.try_publish(topic, qos, retain, payload).is_ok()
+        self.wire.hand(topic, qos, retain, payload, None)
     }
 
-    /// Publishes at QoS 1 or, where that cannot happen now, appends to the outbox (JSON
-    /// payloads then carry `"delayed": true`). `false` only if the outbox cannot be written.
+    /// Writes the message to the outbox, then hands it to the client at QoS 1 if nothing
+    /// older waits (otherwise the link sends it in turn, with `"delayed": true`). It leaves
+    /// the outbox on its PUBACK. `false` when it could neither be kept nor handed over (too
+    /// large for the broker, or the outbox cannot be written while the broker is away).
     pub fn publish_durable(&self, suffix: &str, payload: Vec<u8>) -> bool {
         let topic = self.topic(suffix);
-        let mut outbox = self.outbox.lock().expect("outbox lock");
-        if self.stats.mqtt_connected.load(Relaxed)
-            && !self.retained.closing.load(Relaxed)
-            && outbox.is_empty()
-            && self.client.try_publish(topic.clone(), QoS::AtLeastOnce, false, payload.clone()).is_ok()
-        {
-            return true;
+        if !self.wire.fits(&topic, payload.len()) {
+            tracing::error!(topic = %topic, bytes = payload.len(), limit = self.wire.max_packet.load(Relaxed), "Message larger than the broker takes; lost.");
+            return false;
         }
-        match outbox.push(&topic, false, &mark_delayed(payload)) {
-            Ok(()) => true,
+        let mut outbox = self.outbox.lock().expect("outbox lock");
+        let now =
+            self.stats.mqtt_connected.load(Relaxed) && !self.retained.closing.load(Relaxed) && !outbox.has_unsent();
+        match outbox.push(&topic, false, &payload) {
+            Ok(seq) => {
+                if now && self.wire.hand(topic, QoS::AtLeastOnce, false, payload, Some(seq)) {
+                    outbox.handed(seq);
+                }
+                true
+            }
             Err(e) => {
-                tracing::error!(topic = %topic, error = %e, "Cannot write to the MQTT outbox; message lost.");
-                false
+                self.stats.outbox_write_failures.fetch_add(1, Relaxed);
+                tracing::error!(topic = %topic, error = %e, "Cannot write to the MQTT outbox; the message is sent unkept if the broker takes it now.");
+                now && self.wire.hand(topic, QoS::AtLeastOnce, false, payload, None)
             }
         }
     }
 
-    /// Waits, at most until `deadline`, for the link to be connected and the outbox empty:
-    /// at shutdown, what waited for a broker (or a connect still in progress) goes out before
-    /// `offline`. Whatever is left stays on disk for the next run.
+    /// Waits, at most until `deadline`, for the link to be connected and every outbox
+    /// entry acknowledged: at shutdown, what waited for a broker (or a connect still in
+    /// progress) goes out before `offline`. Whatever is left stays on disk for the next run.
     pub fn flush(&self, deadline: Instant) {
         while Instant::now() < deadline {
             let empty = self.outbox.lock().expect("outbox lock").is_empty();
@@ -197,7 +284,7 @@ impl Mqtt {
         }
         self.publish("available", QoS::AtLeastOnce, true, b"offline".to_vec());
         self.retained.closing.store(true, Relaxed);
-        let _ = self.client.try_disconnect();
+        let _ = self.wire.client.try_disconnect();
     }
 }
 
@@ -214,12 +301,14 @@ fn mark_delayed(payload: Vec<u8>) -> Vec<u8> {
 
 /// The connection thread's side: the client, what is re-sent on connect, the outbox.
 struct Link {
-    client: Client,
+    wire: Arc<Wire>,
     base: String,
     retained: Arc<RetainedState>,
     outbox: Arc<Mutex<Outbox>>,
     stats: Arc<PipelineStats>,
     subscriptions: Subscriptions,
+    /// A publish unacknowledged for longer than this means the broker hangs.
+    ack_timeout: Duration,
 }
 
 /// A message that arrived on a command topic.
@@ -257,6 +346,14 @@ impl MqttLink {
 /// Outbox messages handed to the client per event-loop turn.
 const OUTBOX_BATCH: usize = 16;
 
+/// What the event loop does after an event.
+enum Next {
+    Continue,
+    /// The connection failed (or was dropped as hung): back off, then reconnect.
+    Retry,
+    Stop,
+}
+
 impl Link {
     /// After a connect: the retained state, then `online` (unless stopping).
     fn announce(&self, stopping: bool) {
@@ -264,45 +361,137 @@ impl Link {
             self.retained.topics.lock().expect("retained lock").iter().map(|(t, p)| (t.clone(), p.clone())).collect();
         let available = format!("{}/available", self.base);
         for (topic, payload) in snapshot.into_iter().filter(|(t, _)| *t != available) {
-            let _ = self.client.try_publish(topic, QoS::AtLeastOnce, true, payload);
+            self.wire.hand(topic, QoS::AtLeastOnce, true, payload, None);
         }
         if !stopping {
-            let _ = self.client.try_publish(available, QoS::AtLeastOnce, true, "online");
+            self.wire.hand(available, QoS::AtLeastOnce, true, b"online".to_vec(), None);
         }
     }
 
     /// Home Assistant's birth message, or a command for the control thread.
-    fn incoming(&self, p: rumqttc::Publish, stopping: bool) {
-        if self.subscriptions.birth.as_deref() == Some(p.topic.as_str()) {
+    fn incoming(&self, p: rumqttc::v5::mqttbytes::v5::Publish, stopping: bool) {
+        let topic = String::from_utf8_lossy(&p.topic).into_owned();
+        if self.subscriptions.birth.as_deref() == Some(topic.as_str()) {
             if &p.payload[..] == b"online" {
                 // Home Assistant (re)started: it needs the discovery configs and the state again.
-                tracing::info!(topic = %p.topic, "Home Assistant is online; announcing again.");
+                tracing::info!(topic = %topic, "Home Assistant is online; announcing again.");
                 self.announce(stopping);
             }
         } else if let Some((_, commands)) = &self.subscriptions.commands
-            && commands.try_send(Incoming { topic: p.topic.clone(), payload: p.payload.to_vec() }).is_err()
+            && commands.try_send(Incoming { topic: topic.clone(), payload: p.payload.to_vec() }).is_err()
         {
-            tracing::warn!(topic = %p.topic, "Command queue full; command dropped.");
+            tracing::warn!(topic = %topic, "Command queue full; command dropped.");
         }
     }
 
-    /// Hands the oldest outbox messages to the client while it takes them.
+    /// Hands the oldest unsent outbox messages to the client while it takes them.
     fn drain_outbox(&self) {
         let mut outbox = self.outbox.lock().expect("outbox lock");
         if self.retained.closing.load(Relaxed) {
             return;
         }
         for _ in 0..OUTBOX_BATCH {
-            let Some(message) = outbox.front() else { break };
-            if self.client.try_publish(message.topic, QoS::AtLeastOnce, message.retain, message.payload).is_err() {
+            let Some((seq, message)) = outbox.next_unsent() else { break };
+            if !self.wire.fits(&message.topic, message.payload.len()) {
+                outbox.drop_entry(seq, "larger than the broker takes");
+                continue;
+            }
+            let payload = mark_delayed(message.payload);
+            if !self.wire.hand(message.topic, QoS::AtLeastOnce, message.retain, payload, Some(seq)) {
                 break;
             }
-            outbox.pop_front();
+            outbox.handed(seq);
         }
     }
 
+    /// CONNACK: the broker's packet limit, what a lost session took with it, subscriptions,
+    /// the retained state and `online`, then the outbox.
+    fn connected(&self, ack: &ConnAck, stopping: bool) {
+        self.stats.mqtt_connects.fetch_add(1, Relaxed);
+        self.stats.mqtt_connected.store(true, Relaxed);
+        let broker_max = ack.properties.as_ref().and_then(|p| p.max_packet_size).map_or(usize::MAX, |m| m as usize);
+        self.wire.max_packet.store(self.wire.configured_max.min(broker_max), Relaxed);
+        let lost = self.wire.handoff.lock().expect("handoff lock").reconnected(ack.session_present, Instant::now());
+        self.outbox.lock().expect("outbox lock").unhand(&lost);
+        tracing::info!(code = ?ack.code, session_present = ack.session_present, resending = lost.len(), "MQTT connected.");
+        let commands = self.subscriptions.commands.iter().flat_map(|(filters, _)| filters.iter());
+        for filter in self.subscriptions.birth.iter().chain(commands) {
+            let _ = self.wire.client.try_subscribe(filter.clone(), QoS::AtLeastOnce);
+        }
+        self.announce(stopping);
+        self.drain_outbox();
+    }
+
+    /// A PUBACK: the outbox entry it acknowledges is delivered — or refused by the broker
+    /// (an ACL, a quota), which no retry changes: dropped, counted.
+    fn acked(&self, ack: &PubAck) {
+        let Some(seq) = self.wire.handoff.lock().expect("handoff lock").acked(ack.pkid) else { return };
+        let mut outbox = self.outbox.lock().expect("outbox lock");
+        match ack.reason {
+            PubAckReason::Success | PubAckReason::NoMatchingSubscribers => outbox.ack(seq),
+            reason => {
+                tracing::error!(?reason, "The broker refused an outbox message.");
+                outbox.drop_entry(seq, "refused by the broker");
+            }
+        }
+    }
+
+    /// The connection failed: the client moved what it held to its pending list (kept by
+    /// [`Handoff`] for a resumed session, given back to the outbox otherwise).
+    fn lost(&self, connection: &Connection, error: &ConnectionError) {
+        self.stats.mqtt_connected.store(false, Relaxed);
+        self.stats.mqtt_failures.fetch_add(1, Relaxed);
+        if matches!(error, ConnectionError::MqttState(StateError::AwaitPingResp)) {
+            self.stats.mqtt_unresponsive.fetch_add(1, Relaxed);
+        }
+        let fresh = connection
+            .eventloop
+            .pending
+            .iter()
+            .filter(|r| matches!(r, Request::Publish(p) if p.qos != QoS::AtMostOnce && p.pkid == 0))
+            .count();
+        self.wire.handoff.lock().expect("handoff lock").connection_lost(fresh);
+    }
+
+    /// A publish unacknowledged for longer than the ack timeout: the broker hangs (frozen,
+    /// or a partition without a reset). The connection is dropped, counted, and reconnected.
+    fn hung(&self, connection: &mut Connection) -> bool {
+        let waited = self.wire.handoff.lock().expect("handoff lock").oldest_wait(Instant::now());
+        let Some(waited) = waited.filter(|w| *w > self.ack_timeout) else { return false };
+        tracing::warn!(waited_ms = waited.as_millis() as u64, "No PUBACK from the broker; dropping the connection.");
+        self.stats.mqtt_unresponsive.fetch_add(1, Relaxed);
+        connection.eventloop.clean();
+        true
+    }
+
+    fn on_event(&self, connection: &mut Connection, event: Event, stopping: bool) -> Next {
+        match event {
+            Event::Incoming(Packet::ConnAck(ack)) => self.connected(&ack, stopping),
+            Event::Incoming(Packet::PubAck(ack)) => {
+                self.acked(&ack);
+                self.drain_outbox();
+            }
+            Event::Incoming(Packet::Publish(p)) => self.incoming(p, stopping),
+            Event::Outgoing(Outgoing::Publish(pkid)) => {
+                self.wire.handoff.lock().expect("handoff lock").sent(pkid, Instant::now());
+            }
+            Event::Outgoing(Outgoing::Disconnect) => {
+                tracing::info!("MQTT disconnected cleanly.");
+                // Let the DISCONNECT reach the socket before the event loop is dropped.
+                let _ = connection.recv_timeout(Duration::from_millis(100));
+                return Next::Stop;
+            }
+            _ if self.stats.mqtt_connected.load(Relaxed) => self.drain_outbox(),
+            _ => {}
+        }
+        if self.stats.mqtt_connected.load(Relaxed) && self.hung(connection) {
+            self.lost(connection, &ConnectionError::RequestsDone);
+            return Next::Retry;
+        }
+        Next::Continue
+    }
+
     fn run(self, mut connection: Connection, stop: Receiver<()>, reconnect_max: Duration) {
-        let stats = self.stats.clone();
         let mut backoff = Backoff::new(Duration::from_millis(250), reconnect_max);
         let mut stopping_since: Option<Instant> = None;
         loop {
@@ -318,47 +507,32 @@ impl Link {
             // broker 150 ms away never got connected, and every cancelled attempt left a Last
             // Will on it). Shutdown still gets through: `go_offline` queues requests that wake
             // the poll, and a failing connect returns within rumqttc's connection timeout.
-            match connection.recv() {
-                Err(rumqttc::RecvError) => break,
-                Ok(Ok(Event::Incoming(Packet::ConnAck(ack)))) => {
-                    backoff.reset();
-                    stats.mqtt_connects.fetch_add(1, Relaxed);
-                    stats.mqtt_connected.store(true, Relaxed);
-                    tracing::info!(code = ?ack.code, "MQTT connected.");
-                    let commands = self.subscriptions.commands.iter().flat_map(|(filters, _)| filters.iter());
-                    for filter in self.subscriptions.birth.iter().chain(commands) {
-                        let _ = self.client.try_subscribe(filter.clone(), QoS::AtLeastOnce);
-                    }
-                    self.announce(stopping_since.is_some());
-                    self.drain_outbox();
-                }
-                // Home Assistant (re)started: it needs the discovery configs and the state again.
-                Ok(Ok(Event::Incoming(Packet::Publish(p)))) => self.incoming(p, stopping_since.is_some()),
-                Ok(Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect))) => {
-                    tracing::info!("MQTT disconnected cleanly.");
-                    // Let the DISCONNECT reach the socket before the event loop is dropped.
-                    let _ = connection.recv_timeout(Duration::from_millis(100));
-                    break;
-                }
-                Ok(Ok(_)) => {
-                    if stats.mqtt_connected.load(Relaxed) {
-                        self.drain_outbox();
-                    }
-                }
+            let next = match connection.recv() {
+                Err(rumqttc::v5::RecvError) => Next::Stop,
+                Ok(Ok(event)) => self.on_event(&mut connection, event, stopping_since.is_some()),
                 Ok(Err(e)) => {
-                    stats.mqtt_connected.store(false, Relaxed);
-                    stats.mqtt_failures.fetch_add(1, Relaxed);
-                    if stopping_since.is_some() {
-                        break;
+                    self.lost(&connection, &e);
+                    tracing::warn!(error = %e, "MQTT connection failed.");
+                    Next::Retry
+                }
+            };
+            match next {
+                Next::Continue => {
+                    if self.stats.mqtt_connected.load(Relaxed) {
+                        backoff.reset();
                     }
+                }
+                Next::Stop => break,
+                Next::Retry if stopping_since.is_some() => break,
+                Next::Retry => {
                     let delay = backoff.next_delay();
-                    tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "MQTT connection failed.");
+                    tracing::info!(retry_in_ms = delay.as_millis() as u64, "MQTT reconnecting.");
                     if !pause(&stop, delay) {
                         stopping_since = Some(Instant::now());
                     }
                 }
             }
         }
-        stats.mqtt_connected.store(false, Relaxed);
+        self.stats.mqtt_connected.store(false, Relaxed);
     }
 }

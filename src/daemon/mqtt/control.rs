@@ -18,7 +18,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use crossbeam_channel::Receiver;
-use rumqttc::QoS;
+use rumqttc::v5::mqttbytes::QoS;
 use serde::{Deserialize, Serialize};
 
 use super::client::{Incoming, Mqtt};

@@ -17,6 +17,7 @@ pub mod broker;
 pub mod client;
 pub mod control;
 pub mod events;
+pub mod handoff;
 pub mod homeassistant;
 pub mod outbox;
 pub mod publish;

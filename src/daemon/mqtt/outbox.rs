@@ -1,15 +1,18 @@
-//! Alerts and masks that could not be handed to the broker, kept on disk until they can.
+//! Alerts, masks and events kept on disk until the broker has acknowledged them.
 //!
-//! A broker restart or a link that drops must not lose an alert. While MQTT is down (or the
-//! client queue is full) the publisher appends each QoS-1 message to this outbox, one file
-//! per message under `<state_dir>/outbox/` (`<seq>.msg`: a JSON header line with the topic
-//! and the time it was queued, then the payload), written atomically. After a reconnect the
-//! connection thread hands them to the client oldest first — behind `online` and the
-//! retained state — and deletes each once the client has taken it. The outbox is bounded in
-//! bytes and age; the oldest entries go first, counted. It survives a daemon restart.
+//! A broker restart, a broker that hangs, a link that drops or a daemon that is killed must
+//! not lose an alert. The publisher writes every durable message here first — one file per
+//! message under `<state_dir>/outbox/` (`<seq>.msg`: a JSON header line with the topic and
+//! the time it was queued, then the payload), written atomically — and only then hands it
+//! to the MQTT client. An entry is deleted when its PUBACK arrives ([`Outbox::ack`]); until
+//! then it is *handed*. A connection that fails before the PUBACK makes it unsent again
+//! ([`Outbox::unhand`]) and the connection thread hands it once more, oldest first, after
+//! `online` and the retained state: at least once, possibly twice. The outbox is bounded in
+//! bytes and age; the oldest entries go first, counted. It survives a daemon restart, where
+//! every entry starts unsent.
 //!
-//! Hand-written: the MQTT crates keep unsent messages in memory only, and a queue of files
-//! with a size cap is a few dozen lines over `std::fs`.
+//! Hand-written: the MQTT crates keep unacknowledged messages in memory only, and a queue
+//! of files with a size cap is a few dozen lines over `std::fs`.
 
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
@@ -38,12 +41,20 @@ pub struct Queued {
     pub payload: Vec<u8>,
 }
 
+struct Entry {
+    seq: u64,
+    path: PathBuf,
+    size: u64,
+    /// Handed to the client, its PUBACK not seen yet.
+    handed: bool,
+}
+
 pub struct Outbox {
     dir: PathBuf,
     max_bytes: u64,
     max_age: Duration,
-    /// Sequence number, path and size of every entry, oldest first.
-    entries: VecDeque<(u64, PathBuf, u64)>,
+    /// Every entry, oldest (lowest sequence number) first.
+    entries: VecDeque<Entry>,
     total: u64,
     next: u64,
     stats: Arc<PipelineStats>,
@@ -58,74 +69,119 @@ impl Outbox {
             let path = entry?.path();
             let seq = path.file_stem().and_then(|s| s.to_str()).and_then(|s| s.parse::<u64>().ok());
             if let (Some(seq), Some("msg")) = (seq, path.extension().and_then(|e| e.to_str())) {
-                entries.push((seq, path.clone(), std::fs::metadata(&path)?.len()));
+                let size = std::fs::metadata(&path)?.len();
+                entries.push(Entry { seq, path, size, handed: false });
             }
         }
-        entries.sort();
-        let total = entries.iter().map(|e| e.2).sum();
-        let next = entries.last().map_or(0, |e| e.0 + 1);
+        entries.sort_by_key(|e| e.seq);
+        let total = entries.iter().map(|e| e.size).sum();
+        let next = entries.last().map_or(0, |e| e.seq + 1);
         stats.outbox_queued.store(entries.len() as u64, Relaxed);
         Ok(Self { dir: dir.to_path_buf(), max_bytes, max_age, entries: entries.into(), total, next, stats })
     }
 
+    /// Nothing waits, handed or not.
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
     }
 
-    /// Appends a message; the oldest entries are dropped (counted) to stay under the cap.
-    pub fn push(&mut self, topic: &str, retain: bool, payload: &[u8]) -> std::io::Result<()> {
+    /// Some entry waits to be handed to the client.
+    pub fn has_unsent(&self) -> bool {
+        self.entries.iter().any(|e| !e.handed)
+    }
+
+    /// Appends a message and returns its sequence number; the oldest entries are dropped
+    /// (counted) to stay under the cap.
+    pub fn push(&mut self, topic: &str, retain: bool, payload: &[u8]) -> std::io::Result<u64> {
         let queued_at = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_secs_f64();
         let mut bytes = serde_json::to_vec(&Header { topic: topic.into(), retain, queued_at }).expect("header");
         bytes.push(b'\n');
         bytes.extend_from_slice(payload);
         let size = bytes.len() as u64;
         while self.total + size > self.max_bytes && !self.entries.is_empty() {
-            self.drop_front("outbox full");
+            self.drop_at(0, "outbox full");
         }
-        let path = self.dir.join(format!("{:020}.msg", self.next));
+        let seq = self.next;
+        let path = self.dir.join(format!("{seq:020}.msg"));
         write_atomic(&path, &bytes)?;
-        self.entries.push_back((self.next, path, size));
+        self.entries.push_back(Entry { seq, path, size, handed: false });
         self.next += 1;
         self.total += size;
         self.stats.outbox_queued.store(self.entries.len() as u64, Relaxed);
-        Ok(())
+        Ok(seq)
     }
 
-    /// The oldest message still within the age limit (older and unreadable ones are
-    /// dropped, counted).
-    pub fn front(&mut self) -> Option<Queued> {
-        while let Some((_, path, _)) = self.entries.front() {
-            match read(path) {
+    /// The oldest unsent message still within the age limit, with its sequence number
+    /// (older and unreadable ones are dropped, counted).
+    pub fn next_unsent(&mut self) -> Option<(u64, Queued)> {
+        while let Some(index) = self.entries.iter().position(|e| !e.handed) {
+            match read(&self.entries[index].path) {
                 Ok((header, payload)) => {
                     let queued = SystemTime::UNIX_EPOCH + Duration::from_secs_f64(header.queued_at.max(0.0));
                     if SystemTime::now().duration_since(queued).unwrap_or_default() > self.max_age {
-                        self.drop_front("expired");
+                        self.drop_at(index, "expired");
                         continue;
                     }
-                    return Some(Queued { topic: header.topic, retain: header.retain, payload });
+                    let message = Queued { topic: header.topic, retain: header.retain, payload };
+                    return Some((self.entries[index].seq, message));
                 }
                 Err(e) => {
-                    tracing::warn!(path = %path.display(), error = %e, "Unreadable outbox entry dropped.");
-                    self.drop_front("unreadable");
+                    let path = self.entries[index].path.display().to_string();
+                    tracing::warn!(path, error = %e, "Unreadable outbox entry dropped.");
+                    self.drop_at(index, "unreadable");
                 }
             }
         }
         None
     }
 
-    /// Deletes the oldest entry after the client has taken it.
-    pub fn pop_front(&mut self) {
-        if let Some((_, path, size)) = self.entries.pop_front() {
-            self.total -= size;
-            if let Err(e) = std::fs::remove_file(&path) {
-                tracing::warn!(path = %path.display(), error = %e, "Cannot delete a delivered outbox entry.");
-            }
-            self.stats.outbox_queued.store(self.entries.len() as u64, Relaxed);
+    /// Entry `seq` was handed to the client.
+    pub fn handed(&mut self, seq: u64) {
+        if let Some(index) = self.index(seq) {
+            self.entries[index].handed = true;
         }
     }
 
-    fn drop_front(&mut self, reason: &str) {
-        self.pop_front();
+    /// Entries the client no longer holds (a connection lost before their PUBACK): they
+    /// are unsent again.
+    pub fn unhand(&mut self, seqs: &[u64]) {
+        for seq in seqs {
+            if let Some(index) = self.index(*seq) {
+                self.entries[index].handed = false;
+            }
+        }
+    }
+
+    /// Entry `seq` was acknowledged by the broker: it is deleted. Unknown sequence numbers
+    /// (an entry the cap already dropped) are ignored.
+    pub fn ack(&mut self, seq: u64) {
+        if let Some(index) = self.index(seq) {
+            self.remove(index);
+        }
+    }
+
+    /// Drops entry `seq` unsent, counted, with `reason` (a message the broker cannot take).
+    pub fn drop_entry(&mut self, seq: u64, reason: &str) {
+        if let Some(index) = self.index(seq) {
+            self.drop_at(index, reason);
+        }
+    }
+
+    fn index(&self, seq: u64) -> Option<usize> {
+        self.entries.binary_search_by_key(&seq, |e| e.seq).ok()
+    }
+
+    fn remove(&mut self, index: usize) {
+        let Some(entry) = self.entries.remove(index) else { return };
+        self.total -= entry.size;
+        if let Err(e) = std::fs::remove_file(&entry.path) {
+            tracing::warn!(path = %entry.path.display(), error = %e, "Cannot delete an outbox entry.");
+        }
+        self.stats.outbox_queued.store(self.entries.len() as u64, Relaxed);
+    }
+
+    fn drop_at(&mut self, index: usize, reason: &str) {
+        self.remove(index);
         self.stats.outbox_dropped.fetch_add(1, Relaxed);
         tracing::warn!(reason, "Outbox entry dropped.");
     }
@@ -142,6 +198,16 @@ fn read(path: &Path) -> std::io::Result<(Header, Vec<u8>)> {
 mod tests {
     use super::*;
 
+    fn drain(outbox: &mut Outbox) -> Vec<String> {
+        let mut topics = Vec::new();
+        while let Some((seq, q)) = outbox.next_unsent() {
+            topics.push(q.topic);
+            outbox.handed(seq);
+            outbox.ack(seq);
+        }
+        topics
+    }
+
     #[test]
     fn messages_survive_a_reopen_in_order_and_the_cap_drops_the_oldest() {
         let dir = tempfile::tempdir().unwrap();
@@ -152,15 +218,12 @@ mod tests {
         }
         drop(outbox);
         let mut outbox = Outbox::open(dir.path(), 1 << 20, Duration::from_secs(60), stats.clone()).unwrap();
-        assert_eq!(outbox.front(), Some(Queued { topic: "t/0".into(), retain: false, payload: vec![0; 10] }));
-        outbox.pop_front();
+        let (seq, first) = outbox.next_unsent().unwrap();
+        assert_eq!(first, Queued { topic: "t/0".into(), retain: false, payload: vec![0; 10] });
+        outbox.handed(seq);
+        outbox.ack(seq);
         outbox.push("t/3", true, b"x").unwrap();
-        let mut topics = Vec::new();
-        while let Some(q) = outbox.front() {
-            topics.push(q.topic);
-            outbox.pop_front();
-        }
-        assert_eq!(topics, ["t/1", "t/2", "t/3"]);
+        assert_eq!(drain(&mut outbox), ["t/1", "t/2", "t/3"]);
         assert!(outbox.is_empty() && std::fs::read_dir(dir.path()).unwrap().next().is_none());
 
         // A cap of two entries' size: the third push drops the first, counted.
@@ -172,8 +235,33 @@ mod tests {
         for i in 0..3u8 {
             small.push(&format!("t/{i}"), false, &[i; 10]).unwrap();
         }
-        assert_eq!(small.front().unwrap().topic, "t/1");
+        assert_eq!(small.next_unsent().unwrap().1.topic, "t/1");
         assert_eq!(stats.outbox_dropped.load(Relaxed), 1);
+    }
+
+    #[test]
+    fn a_handed_entry_stays_on_disk_until_its_ack_and_returns_when_unhanded() {
+        let dir = tempfile::tempdir().unwrap();
+        let stats = Arc::new(PipelineStats::default());
+        let mut outbox = Outbox::open(dir.path(), 1 << 20, Duration::from_secs(60), stats.clone()).unwrap();
+        let a = outbox.push("a", false, b"1").unwrap();
+        let b = outbox.push("b", false, b"2").unwrap();
+        outbox.handed(a);
+        outbox.handed(b);
+        assert!(outbox.next_unsent().is_none() && !outbox.has_unsent());
+        outbox.ack(b); // acknowledged out of order
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1, "only the unacknowledged one is kept");
+        // The connection failed before a's PUBACK: it is sent again, and so is it after a restart.
+        outbox.unhand(&[a]);
+        assert_eq!(
+            outbox.next_unsent().unwrap(),
+            (a, Queued { topic: "a".into(), retain: false, payload: b"1".to_vec() })
+        );
+        outbox.handed(a);
+        drop(outbox);
+        let mut reopened = Outbox::open(dir.path(), 1 << 20, Duration::from_secs(60), stats.clone()).unwrap();
+        assert_eq!(reopened.next_unsent().map(|(seq, _)| seq), Some(a), "a restart sends what was never acknowledged");
+        assert_eq!(stats.outbox_queued.load(Relaxed), 1);
     }
 
     #[test]
@@ -183,11 +271,11 @@ mod tests {
         let mut outbox = Outbox::open(dir.path(), 1 << 20, Duration::ZERO, stats.clone()).unwrap();
         outbox.push("old", false, b"1").unwrap();
         std::thread::sleep(Duration::from_millis(5));
-        assert_eq!(outbox.front(), None, "older than max_age");
+        assert_eq!(outbox.next_unsent(), None, "older than max_age");
         let mut outbox = Outbox::open(dir.path(), 1 << 20, Duration::from_secs(60), stats.clone()).unwrap();
         outbox.push("bad", false, b"1").unwrap();
         std::fs::write(dir.path().join(format!("{:020}.msg", 0)), b"no header").unwrap();
-        assert_eq!(outbox.front(), None);
+        assert_eq!(outbox.next_unsent(), None);
         assert_eq!(stats.outbox_dropped.load(Relaxed), 2);
     }
 }

@@ -9,7 +9,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::time::SystemTime;
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
-use rumqttc::QoS;
+use rumqttc::v5::mqttbytes::QoS;
 use serde::Serialize;
 
 use super::client::Mqtt;
@@ -224,10 +224,11 @@ impl Publisher {
         let now = SystemTime::now();
         if a.anomalous {
             camera.stats.anomalies.fetch_add(1, Relaxed);
-            tracing::info!(camera = %camera.id, seq = f.seq, score = a.normalised_score, regions = a.regions.len(), source = ?f.source_file, "Anomaly.");
-            if ctx.options.events.frame_alerts {
-                alert(ctx, &inspected, &to_camera, &regions, defect_area, now);
-            }
+            // Logged once the alert is in the outbox: a crash after this line loses nothing.
+            let alert =
+                ctx.options.events.frame_alerts.then(|| alert(ctx, &inspected, &to_camera, &regions, defect_area, now));
+            let id = alert.flatten();
+            tracing::info!(camera = %camera.id, seq = f.seq, alert = id.as_deref(), score = a.normalised_score, regions = a.regions.len(), source = ?f.source_file, "Anomaly.");
         }
         if let Some(mqtt) = &ctx.mqtt {
             let state = State {
@@ -293,7 +294,7 @@ impl Publisher {
     }
 }
 
-/// The per-frame alert, its mask and snapshot.
+/// The per-frame alert, its mask and snapshot; the alert's id once it is kept (or sent).
 fn alert(
     ctx: &PublisherContext,
     inspected: &Inspected,
@@ -301,8 +302,8 @@ fn alert(
     regions: &[Region],
     defect_area: usize,
     now: SystemTime,
-) {
-    let Some(mqtt) = &ctx.mqtt else { return };
+) -> Option<String> {
+    let mqtt = ctx.mqtt.as_ref()?;
     let (a, f) = (&inspected.analysis, &inspected.frame);
     let camera = ctx.cameras.get(f.camera);
     let id = format!(
@@ -316,7 +317,7 @@ fn alert(
     let [inspected_w, inspected_h] = [to_camera.size[0] as f64, to_camera.size[1] as f64];
     let alert = Alert {
         schema: PAYLOAD_SCHEMA,
-        id,
+        id: id.clone(),
         timestamp: rfc3339(now),
         captured_at: rfc3339(f.captured),
         seq: f.seq,
@@ -338,14 +339,17 @@ fn alert(
     };
     let payload = serde_json::to_vec(&alert).expect("alert serialises");
     // Alerts and masks are durable: what cannot go now waits in the outbox.
-    let mut sent = mqtt.publish_durable(&format!("{}/anomaly", camera.id), payload);
+    let mut kept = mqtt.publish_durable(&format!("{}/anomaly", camera.id), payload);
     if ctx.options.publish_images {
-        sent &= mqtt.publish_durable(&format!("{}/mask", camera.id), mask);
-        sent &= mqtt.publish(&format!("{}/snapshot", camera.id), QoS::AtMostOnce, true, snapshot(ctx, inspected));
+        kept &= mqtt.publish_durable(&format!("{}/mask", camera.id), mask);
+        // The snapshot is QoS 0 and retained: a newer one supersedes it, a reconnect re-sends it.
+        mqtt.publish(&format!("{}/snapshot", camera.id), QoS::AtMostOnce, true, snapshot(ctx, inspected));
     }
-    if !sent {
-        camera.stats.drop_frame(DropReason::MqttBacklog);
+    if !kept {
+        camera.stats.drop_frame(DropReason::AlertLost);
+        return None;
     }
+    Some(id)
 }
 
 /// The frame with its heat map and mask outline, as JPEG (empty when images are off).
@@ -368,12 +372,12 @@ fn publish_event(ctx: &PublisherContext, model: &ModelRef, camera: usize, event:
     tracing::info!(camera = %id, event = %message.id, kind = ?message.kind, frames = message.frames, "Event.");
     let Some(mqtt) = &ctx.mqtt else { return };
     let payload = serde_json::to_vec(&message).expect("event serialises");
-    let mut sent = mqtt.publish_durable(&format!("{id}/events"), payload);
+    let kept = mqtt.publish_durable(&format!("{id}/events"), payload);
     if let Some(jpeg) = event.snapshot.filter(|j| !j.is_empty()) {
-        sent &= mqtt.publish(&format!("{id}/events/snapshot"), QoS::AtMostOnce, true, jpeg);
+        mqtt.publish(&format!("{id}/events/snapshot"), QoS::AtMostOnce, true, jpeg);
     }
-    if !sent {
-        camera.stats.drop_frame(DropReason::MqttBacklog);
+    if !kept {
+        camera.stats.drop_frame(DropReason::AlertLost);
     }
 }
 
