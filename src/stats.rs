@@ -244,6 +244,11 @@ pub struct PipelineStats {
     pub recorded_normal: AtomicU64,
     pub recorder_pruned: AtomicU64,
     pub recorder_errors: AtomicU64,
+    /// Frames not recorded because free space was under the recorder's floor.
+    pub recorder_low_disk: AtomicU64,
+    /// The last durable message could not be written to the outbox (cleared by the next
+    /// that could): `/healthz` says degraded.
+    pub outbox_failing: std::sync::atomic::AtomicBool,
     /// Messages waiting in the outbox for the broker.
     pub outbox_queued: AtomicU64,
     /// Outbox entries given up (cap, age, unreadable).
@@ -272,6 +277,8 @@ impl Default for PipelineStats {
             recorded_normal: AtomicU64::default(),
             recorder_pruned: AtomicU64::default(),
             recorder_errors: AtomicU64::default(),
+            recorder_low_disk: AtomicU64::default(),
+            outbox_failing: std::sync::atomic::AtomicBool::default(),
             outbox_queued: AtomicU64::default(),
             outbox_dropped: AtomicU64::default(),
             mqtt_failures: AtomicU64::default(),
@@ -338,6 +345,7 @@ pub struct StatsReport {
     pub recorded_normal: u64,
     pub recorder_pruned: u64,
     pub recorder_errors: u64,
+    pub recorder_low_disk: u64,
 }
 
 impl StatsReport {
@@ -370,6 +378,7 @@ impl StatsReport {
             recorded_normal: p.recorded_normal.load(Relaxed),
             recorder_pruned: p.recorder_pruned.load(Relaxed),
             recorder_errors: p.recorder_errors.load(Relaxed),
+            recorder_low_disk: p.recorder_low_disk.load(Relaxed),
         }
     }
 }

@@ -195,6 +195,9 @@ pub struct RecorderConfig {
     pub max_age: Duration,
     /// Recorded frames larger than this (width or height) are scaled down to it.
     pub max_side: u32,
+    /// The recorder pauses while its filesystem has less than this free (and never takes
+    /// the outbox's `mqtt.outbox_max_bytes` where they share a filesystem).
+    pub min_free_bytes: u64,
 }
 
 /// The recorder's bounds: what a reload may change while it runs.

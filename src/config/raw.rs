@@ -89,6 +89,7 @@ pub(super) struct RawRecorder {
     pub(super) max_bytes: Option<u64>,
     pub(super) max_age_days: Option<f64>,
     pub(super) max_side: Option<u32>,
+    pub(super) min_free_bytes: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -371,6 +371,11 @@ impl Validator {
                 if max_age_days.is_finite() { max_age_days.clamp(0.0, 36_500.0) } else { 30.0 } * 86_400.0,
             ),
             max_side,
+            min_free_bytes: self.within(
+                "recorder.min_free_bytes",
+                recorder.min_free_bytes.unwrap_or(512 << 20),
+                0..=1 << 40,
+            ),
         }
     }
 

@@ -5,8 +5,10 @@
 //! a refused connection; once the pipeline runs, [`Endpoint::ready`] hands it what to
 //! report. Metrics are read at scrape time from the counters and histograms the stages
 //! keep anyway (`stats`), so `/metrics` and the MQTT `stats` payload cannot disagree.
-//! `/healthz` is `200` while the model is loaded and the inference worker turns (its
-//! progress within `pipeline.stage_timeout_ms`), `503` otherwise. `tiny_http` serves it on
+//! `/healthz` is `200` while the model is loaded, the inference worker turns (its progress
+//! within `pipeline.stage_timeout_ms`) and — with MQTT on — alerts can be kept in the outbox
+//! and published; `503` with the reason otherwise (`degraded: …` for the last two).
+//! `tiny_http` serves it on
 //! one thread: scrapes are rare and small, and the daemon has no async runtime to share.
 
 use std::net::SocketAddr;
@@ -36,13 +38,23 @@ pub struct Report {
     /// The inference worker's progress and the bound it must keep.
     pub worker: Progress,
     pub stage_timeout: Duration,
+    /// Alerts go to MQTT: health says degraded while they cannot be kept or published.
+    pub mqtt: bool,
+}
+
+/// What `/healthz` watches.
+struct Health {
+    worker: Progress,
+    bound: Duration,
+    pipeline: Arc<PipelineStats>,
+    mqtt: bool,
 }
 
 /// The listening socket and, once set, the report.
 pub struct Endpoint {
     server: tiny_http::Server,
     report: OnceLock<Registry>,
-    health: OnceLock<(Progress, Duration)>,
+    health: OnceLock<Health>,
 }
 
 impl Endpoint {
@@ -55,7 +67,12 @@ impl Endpoint {
 
     /// From now on `/metrics` reports `report` and `/healthz` watches its worker.
     pub fn ready(&self, report: Report) {
-        let health = (report.worker.clone(), report.stage_timeout);
+        let health = Health {
+            worker: report.worker.clone(),
+            bound: report.stage_timeout,
+            pipeline: report.pipeline.clone(),
+            mqtt: report.mqtt,
+        };
         let mut registry = Registry::default();
         registry.register_collector(Box::new(report));
         let _ = self.report.set(registry);
@@ -101,12 +118,21 @@ impl Endpoint {
         tiny_http::Response::from_string(body).with_status_code(status).with_header(header)
     }
 
+    /// `200 ok`, or `503` with what is wrong: loading, a stuck worker, or — degraded —
+    /// alerts that cannot be kept (the outbox cannot be written) or published (no broker).
     fn health(&self) -> (u16, String) {
-        let Some((worker, bound)) = self.health.get() else { return (503, "loading model\n".into()) };
-        match worker.stuck_past(*bound) {
-            Some(since) => (503, format!("inference worker stuck for {:.1} s\n", since.as_secs_f64())),
-            None => (200, "ok: model loaded, inference worker turning\n".into()),
+        let Some(health) = self.health.get() else { return (503, "loading model\n".into()) };
+        if let Some(since) = health.worker.stuck_past(health.bound) {
+            return (503, format!("inference worker stuck for {:.1} s\n", since.as_secs_f64()));
         }
+        let p = &health.pipeline;
+        if health.mqtt && p.outbox_failing.load(Relaxed) {
+            return (503, "degraded: the MQTT outbox cannot be written; alerts are not kept\n".into());
+        }
+        if health.mqtt && !p.mqtt_connected.load(Relaxed) {
+            return (503, "degraded: the MQTT broker is not connected; alerts wait in the outbox\n".into());
+        }
+        (200, "ok: model loaded, inference worker turning\n".into())
     }
 }
 
@@ -230,6 +256,11 @@ impl Collector for Report {
             &mut encoder,
             ("edge_inspect_recorder_errors", "Failed recordings and deletes", Counter),
             &count(&p.recorder_errors),
+        )?;
+        single(
+            &mut encoder,
+            ("edge_inspect_recorder_low_disk", "Frames not recorded: free space under the recorder's floor", Counter),
+            &count(&p.recorder_low_disk),
         )?;
         let model = self.model.lock().expect("model lock").clone();
         let labels = [

@@ -296,6 +296,7 @@ impl Running {
                 provider: model.provider.clone(),
                 worker: inference.progress,
                 stage_timeout: config.pipeline.stage_timeout,
+                mqtt: config.mqtt.enabled,
             });
         }
         let (status_tx, status) = bounded(64);

@@ -9,6 +9,12 @@
 //! exceeds it; every 30 s recordings older than `max_age` go. A file that cannot be deleted
 //! is logged, counted (`recorder_errors`) and skipped, and pruning goes on with the next.
 //! Frames larger than `max_side` are recorded scaled down.
+//!
+//! Disk pressure spares alerts: before each write the recorder checks the free space of
+//! its filesystem and pauses — counting every frame it does not record
+//! (`recorder_low_disk`), logging when it pauses and when it resumes — while that is under
+//! its floor: `min_free_bytes`, and at least the outbox's cap where the outbox shares the
+//! filesystem, so the recorder never takes the space alerts are kept in.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -53,6 +59,21 @@ pub struct Recorder {
     stats: Arc<PipelineStats>,
     store: Store,
     last_age_prune: Option<Instant>,
+    /// Free bytes the recorder leaves on its filesystem.
+    floor: u64,
+    /// Paused for lack of space (logged on each change).
+    paused: bool,
+}
+
+/// Bytes available to an unprivileged writer on the filesystem holding `dir`.
+fn free_bytes(dir: &Path) -> std::io::Result<u64> {
+    let stat = rustix::fs::statvfs(dir)?;
+    Ok(stat.f_bavail.saturating_mul(stat.f_frsize))
+}
+
+/// Whether `a` and `b` (both existing) lie on the same filesystem.
+fn same_filesystem(a: &Path, b: &Path) -> std::io::Result<bool> {
+    Ok(rustix::fs::stat(a)?.st_dev == rustix::fs::stat(b)?.st_dev)
 }
 
 /// How often the store is checked against its age limit (size is kept on every write).
@@ -146,14 +167,42 @@ fn group_key(path: &Path) -> PathBuf {
 
 impl Recorder {
     /// Creates the store (and its marker) if needed and indexes what is already in it.
-    pub fn open(config: RecorderConfig, cameras: Cameras, stats: Arc<PipelineStats>) -> std::io::Result<Self> {
+    /// `outbox` is the MQTT outbox's directory and cap: where it shares the filesystem, the
+    /// recorder leaves at least that much free.
+    pub fn open(
+        config: RecorderConfig,
+        cameras: Cameras,
+        stats: Arc<PipelineStats>,
+        outbox: Option<(&Path, u64)>,
+    ) -> std::io::Result<Self> {
         std::fs::create_dir_all(&config.dir)?;
         let marker = config.dir.join(MARKER);
         if !marker.is_file() {
             write_atomic(&marker, b"# edge-inspect capture store: <camera>/{normal,flagged}/; read by `edge-inspect retrain`\nversion = 1\n")?;
         }
         let store = Store::scan(&config.dir)?;
-        Ok(Self { config, cameras, stats, store, last_age_prune: None })
+        let reserve = match outbox {
+            Some((dir, cap)) if same_filesystem(&config.dir, dir)? => cap,
+            _ => 0,
+        };
+        let floor = config.min_free_bytes.max(reserve);
+        Ok(Self { config, cameras, stats, store, last_age_prune: None, floor, paused: false })
+    }
+
+    /// Whether `bytes` more leave the floor free; logs when the recorder pauses or resumes.
+    fn room_on_disk(&mut self, bytes: u64) -> std::io::Result<bool> {
+        let free = free_bytes(&self.config.dir)?;
+        let room = free >= self.floor.saturating_add(bytes);
+        if room == self.paused {
+            self.paused = !room;
+            let (dir, floor) = (self.config.dir.display(), self.floor);
+            if room {
+                tracing::info!(dir = %dir, free, floor, "Recorder resumed: free space is above its floor again.");
+            } else {
+                tracing::warn!(dir = %dir, free, floor, "Recorder paused: free space is under its floor (kept for alerts).");
+            }
+        }
+        Ok(room)
     }
 
     /// The frame as recorded: as captured, scaled down to `max_side` if larger.
@@ -199,6 +248,10 @@ impl Recorder {
             ));
         }
         let bytes: u64 = files.iter().map(|(_, b)| b.len() as u64).sum();
+        if !self.room_on_disk(bytes)? {
+            self.stats.recorder_low_disk.fetch_add(1, Relaxed);
+            return Ok(());
+        }
         if !self.store.make_room(bytes, self.config.max_bytes, &self.stats) {
             return Err(std::io::Error::other(format!(
                 "a {bytes}-byte recording does not fit in recorder.max_bytes = {}",
@@ -280,6 +333,7 @@ mod tests {
             max_bytes,
             max_age: Duration::from_secs(3600),
             max_side: 4096,
+            min_free_bytes: 0,
         }
     }
 
@@ -307,7 +361,7 @@ mod tests {
         put(&store, "b.json", 30, Duration::from_secs(90));
         put(&store, "c.png", 100, Duration::from_secs(80));
         let stats = Arc::new(PipelineStats::default());
-        let mut recorder = Recorder::open(config(dir.path(), 400), one_camera(), stats.clone()).unwrap();
+        let mut recorder = Recorder::open(config(dir.path(), 400), one_camera(), stats.clone(), None).unwrap();
         assert_eq!(recorder.store.total, 350);
         recorder.store.prune_age(Duration::from_secs(3600), &stats);
         assert_eq!(left(&store), ["b.json", "b.png", "b_mask.png", "c.png"]);
@@ -321,12 +375,35 @@ mod tests {
     }
 
     #[test]
+    fn the_recorder_leaves_its_floor_and_the_outbox_cap_free() {
+        let dir = tempfile::tempdir().unwrap();
+        let outbox = dir.path().join("outbox");
+        std::fs::create_dir_all(&outbox).unwrap();
+        // The outbox shares the filesystem and its cap is more than any disk has: paused.
+        let stats = Arc::new(PipelineStats::default());
+        let cap = u64::MAX / 2;
+        let mut recorder =
+            Recorder::open(config(dir.path(), 1 << 30), one_camera(), stats.clone(), Some((&outbox, cap))).unwrap();
+        assert_eq!(recorder.floor, cap);
+        assert!(!recorder.room_on_disk(1).unwrap() && recorder.paused);
+        // A floor that leaves room: it resumes.
+        recorder.floor = 0;
+        assert!(recorder.room_on_disk(1).unwrap() && !recorder.paused);
+        // The cap of an outbox on another filesystem (/dev/shm is a tmpfs) is not reserved.
+        let elsewhere = tempfile::tempdir_in("/dev/shm").unwrap();
+        let other =
+            Recorder::open(config(dir.path(), 1 << 30), one_camera(), stats, Some((elsewhere.path(), u64::MAX)));
+        assert_eq!(other.unwrap().floor, 0);
+    }
+
+    #[test]
     fn large_frames_are_recorded_scaled_down_to_max_side() {
         let dir = tempfile::tempdir().unwrap();
         let recorder = Recorder::open(
             RecorderConfig { max_side: 64, ..config(dir.path(), 1 << 20) },
             one_camera(),
             Arc::default(),
+            None,
         )
         .unwrap();
         let decoded = |png: Vec<u8>| {
@@ -355,7 +432,7 @@ mod tests {
         };
         chattr("+i");
         let stats = Arc::new(PipelineStats::default());
-        let mut recorder = Recorder::open(config(dir.path(), 300), one_camera(), stats.clone()).unwrap();
+        let mut recorder = Recorder::open(config(dir.path(), 300), one_camera(), stats.clone(), None).unwrap();
         let fits = recorder.store.make_room(100, 300, &stats);
         chattr("-i");
         assert!(fits, "b went instead of a");

@@ -121,7 +121,8 @@ impl Wiring<'_> {
         }
         let (tx, rx) = bounded(config.pipeline.output_capacity);
         let (limits_tx, limits_rx) = bounded(4);
-        let recorder = Recorder::open(config.recorder.clone(), self.cameras.clone(), self.pipeline.clone())
+        let outbox = config.mqtt.enabled.then_some((config.mqtt.outbox_dir.as_path(), config.mqtt.outbox_max_bytes));
+        let recorder = Recorder::open(config.recorder.clone(), self.cameras.clone(), self.pipeline.clone(), outbox)
             .with_context(|| format!("{}: cannot create the capture store", config.recorder.dir.display()))?;
         let progress = Progress::new();
         let watch = self.watch(&progress);

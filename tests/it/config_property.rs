@@ -46,6 +46,7 @@ const KEYS: &[(&str, &str)] = &[
     ("recorder", "max_bytes"),
     ("recorder", "max_age_days"),
     ("recorder", "max_side"),
+    ("recorder", "min_free_bytes"),
     ("recorder", "normal_sample_rate"),
     ("model", "t0"),
     ("model", "steps"),

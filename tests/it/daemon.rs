@@ -1171,6 +1171,115 @@ fn frozen_broker_drill(freeze: Duration, kill_daemon: bool) {
     );
 }
 
+/// A tmpfs of `size` mounted on `dir` for a test; unmounted when dropped.
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn mount(dir: &Path, size: &str) -> Self {
+        std::fs::create_dir_all(dir).unwrap();
+        let ok = Command::new("mount").args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"]).arg(dir).status();
+        assert!(ok.unwrap().success(), "mount a tmpfs (tests run as root)");
+        Self(dir.to_path_buf())
+    }
+
+    /// Fills it with a file until `left` bytes are free; the file's path.
+    fn fill_until(&self, name: &str, left: u64) -> PathBuf {
+        let out = Command::new("df").args(["-B1", "--output=avail"]).arg(&self.0).output().unwrap();
+        let avail: u64 = String::from_utf8_lossy(&out.stdout).lines().nth(1).unwrap().trim().parse().unwrap();
+        let path = self.0.join(name);
+        std::fs::write(&path, vec![0u8; avail.saturating_sub(left) as usize]).unwrap_or_default();
+        path
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// Issue 23.4: the outbox and the recorder share a 2 MiB state filesystem. The recorder
+/// stops at its floor (the outbox's cap), so a broker outage loses no alert; a disk that is
+/// full all the same makes `/healthz` say so and counts the alerts it could not keep.
+#[test]
+fn a_full_disk_spares_alerts_and_health_says_degraded() {
+    let mut broker = Broker::start();
+    let open = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let proxy = gated_proxy(broker.port, Duration::ZERO, open.clone());
+    let sub = Subscriber::start(broker.port);
+    let dir = tempfile::tempdir().unwrap();
+    let tmpfs = Tmpfs::mount(&dir.path().join("state"), "2m");
+    let frames = repo().join("data/brick/test/scratch");
+    let config = write_config(
+        dir.path(),
+        proxy,
+        "max_batch = 1\nmax_wait_ms = 10\nqueue_capacity = 2",
+        &camera("cam0", &frames.display().to_string(), 4.0, true, ""),
+    );
+    let addr = format!("127.0.0.1:{}", free_port());
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("listen = \"127.0.0.1:0\"", &format!("listen = \"{addr}\""))
+        .replace("stats_interval_s = 1", "stats_interval_s = 1\noutbox_max_bytes = 524288")
+        .replace("normal_sample_rate = 1.0", "normal_sample_rate = 1.0\nmin_free_bytes = 0");
+    std::fs::write(&config, text).unwrap();
+    let health = || http_get(&addr, "/healthz").unwrap_or_default();
+    let metric = |name: &str| {
+        let (_, body) = http_get(&addr, "/metrics")?;
+        samples(&body).into_iter().find(|(series, _)| series == name).map(|(_, v)| v)
+    };
+    // Little room beside the outbox's 512 KiB: the recorder reaches its floor within seconds.
+    let filler = tmpfs.fill_until("filler", 700 << 10);
+    let mut daemon = Daemon::start(&config);
+    wait_for(Duration::from_secs(60), "alerts and health", || sub.on("cam0/anomaly").len() >= 2 && health().0 == 200);
+    broker.kill();
+    open.store(false, std::sync::atomic::Ordering::SeqCst);
+    wait_for(Duration::from_secs(15), "health to say the broker is away", || {
+        health().1.starts_with("degraded: the MQTT broker is not connected")
+    });
+    wait_for(Duration::from_secs(30), "the recorder to pause at its floor", || {
+        metric("edge_inspect_recorder_low_disk_total").is_some_and(|n| n >= 4.0)
+    });
+    let queued = metric("edge_inspect_outbox_messages").unwrap();
+    wait_for(Duration::from_secs(30), "alerts to keep going to the outbox", || {
+        metric("edge_inspect_outbox_messages").is_some_and(|n| n >= queued + 8.0)
+    });
+    // Full all the same (something else wrote the disk full): alerts cannot be kept.
+    let hog = tmpfs.fill_until("hog", 0);
+    wait_for(Duration::from_secs(15), "health to say the outbox cannot be written", || {
+        health().1.starts_with("degraded: the MQTT outbox cannot be written")
+    });
+    let failures = metric("edge_inspect_outbox_write_failures_total").unwrap();
+    assert!(failures >= 1.0);
+    std::fs::remove_file(hog).unwrap();
+    std::fs::remove_file(filler).unwrap();
+    wait_for(Duration::from_secs(15), "the outbox writable again", || {
+        health().1.starts_with("degraded: the MQTT broker is not connected")
+    });
+    broker.restart();
+    let fresh = Subscriber::start(broker.port);
+    open.store(true, std::sync::atomic::Ordering::SeqCst);
+    wait_for(Duration::from_secs(30), "health back and the outbox empty", || {
+        health().0 == 200 && metric("edge_inspect_outbox_messages") == Some(0.0)
+    });
+    daemon.signal("TERM");
+    assert!(daemon.wait_exit(Duration::from_secs(15)).success(), "{}", daemon.log_text());
+
+    let kept = kept_alert_ids(&daemon.log_text());
+    let received: std::collections::BTreeSet<String> = sub
+        .on("cam0/anomaly")
+        .iter()
+        .chain(fresh.on("cam0/anomaly").iter())
+        .map(|m| serde_json::from_slice::<serde_json::Value>(&m.payload).unwrap()["id"].as_str().unwrap().to_string())
+        .collect();
+    let lost: Vec<&String> = kept.iter().filter(|id| !received.contains(*id)).collect();
+    assert!(lost.is_empty(), "{} of {} kept alerts lost: {lost:?}", lost.len(), kept.len());
+    let stats = fresh.last_stats().unwrap();
+    assert!(stats["outbox_write_failures"].as_u64().unwrap() >= 1, "{stats}");
+    // What could not be kept while the disk was full is counted, not silently gone.
+    assert!(stats["cameras"]["cam0"]["drops"]["alert_lost"].as_u64().unwrap_or(0) >= 1, "{stats}");
+}
+
 #[test]
 fn the_outbox_survives_a_daemon_restart() {
     let broker = Broker::start();

@@ -32,7 +32,7 @@ use super::handoff::{Handoff, Tag};
 use super::outbox::Outbox;
 use crate::backoff::{Backoff, pause};
 use crate::config::{MqttConfig, TlsConfig};
-use crate::stats::PipelineStats;
+use crate::stats::{LogThrottle, PipelineStats};
 
 /// The largest packet the node accepts from the broker. Commands are at most 4 KiB
 /// (`control::MAX_COMMAND_BYTES`) and Home Assistant's birth message is a word; the broker
@@ -89,6 +89,8 @@ pub struct Mqtt {
     retained: Arc<RetainedState>,
     outbox: Arc<Mutex<Outbox>>,
     stats: Arc<PipelineStats>,
+    /// One log line per 10 s for a failing outbox (a full disk fails every message).
+    write_failures: LogThrottle,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -193,6 +195,7 @@ impl Mqtt {
             retained: retained.clone(),
             outbox: outbox.clone(),
             stats: stats.clone(),
+            write_failures: LogThrottle::new(Duration::from_secs(10)),
         };
         let link = Link {
             wire,
@@ -245,7 +248,9 @@ impl Mqtt {
         let mut outbox = self.outbox.lock().expect("outbox lock");
         let now =
             self.stats.mqtt_connected.load(Relaxed) && !self.retained.closing.load(Relaxed) && !outbox.has_unsent();
-        match outbox.push(&topic, false, &payload) {
+        let written = outbox.push(&topic, false, &payload);
+        self.stats.outbox_failing.store(written.is_err(), Relaxed);
+        match written {
             Ok(seq) => {
                 if now && self.wire.hand(topic, QoS::AtLeastOnce, false, payload, Some(seq)) {
                     outbox.handed(seq);
@@ -254,7 +259,9 @@ impl Mqtt {
             }
             Err(e) => {
                 self.stats.outbox_write_failures.fetch_add(1, Relaxed);
-                tracing::error!(topic = %topic, error = %e, "Cannot write to the MQTT outbox; the message is sent unkept if the broker takes it now.");
+                if let Some(suppressed) = self.write_failures.admit() {
+                    tracing::error!(topic = %topic, error = %e, suppressed, "Cannot write to the MQTT outbox; the message is sent unkept if the broker takes it now.");
+                }
                 now && self.wire.hand(topic, QoS::AtLeastOnce, false, payload, None)
             }
         }
