@@ -8,14 +8,22 @@
 //! `/healthz` is `200` while the model is loaded, the inference worker turns (its progress
 //! within `pipeline.stage_timeout_ms`) and — with MQTT on — alerts can be kept in the outbox
 //! and published; `503` with the reason otherwise (`degraded: …` for the last two).
-//! `tiny_http` serves it on
-//! one thread: scrapes are rare and small, and the daemon has no async runtime to share.
+//!
+//! It cannot be starved: hyper's HTTP/1 server on a current-thread tokio runtime serves at
+//! most [`MAX_CONNECTIONS`] at once (a connection beyond them is closed at once, counted),
+//! one request per connection, and a connection that has not sent its request head within
+//! [`HEADER_TIMEOUT`] or is not done within [`CONNECTION_TIMEOUT`] is closed. An accept
+//! that fails (out of descriptors) is counted and retried after a pause; the listener
+//! never ends before [`Endpoint::shutdown`].
 
 use std::net::SocketAddr;
+use std::sync::atomic::AtomicU64;
 use std::sync::atomic::Ordering::Relaxed;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
+use http_body_util::Full;
+use hyper::body::Bytes;
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::MetricType;
@@ -25,7 +33,25 @@ use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::Registry;
 
 use super::cameras::{Camera, Cameras};
-use crate::stats::{CameraStatus, DropReason, PipelineStats, Progress};
+use crate::stats::{CameraStatus, DropReason, LogThrottle, PipelineStats, Progress};
+
+/// Connections served at once; more are closed on accept.
+pub const MAX_CONNECTIONS: usize = 32;
+/// Time a client has to send its request head.
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+/// Time a connection may take in all.
+pub const CONNECTION_TIMEOUT: Duration = Duration::from_secs(30);
+/// Pause after an accept that failed (out of descriptors), before the next.
+const ACCEPT_PAUSE: Duration = Duration::from_millis(200);
+
+/// The endpoint's own counters (also in `/metrics`).
+#[derive(Default)]
+pub struct HttpStats {
+    /// Connections closed on accept because [`MAX_CONNECTIONS`] were being served.
+    pub rejected: AtomicU64,
+    /// Accepts that failed (`EMFILE` and the like).
+    pub accept_errors: AtomicU64,
+}
 
 /// What the endpoint reports once the pipeline runs.
 pub struct Report {
@@ -40,6 +66,8 @@ pub struct Report {
     pub stage_timeout: Duration,
     /// Alerts go to MQTT: health says degraded while they cannot be kept or published.
     pub mqtt: bool,
+    /// The endpoint's own counters.
+    pub http: Arc<HttpStats>,
 }
 
 /// What `/healthz` watches.
@@ -52,17 +80,38 @@ struct Health {
 
 /// The listening socket and, once set, the report.
 pub struct Endpoint {
-    server: tiny_http::Server,
+    /// Taken by [`Endpoint::serve`].
+    listener: Mutex<Option<std::net::TcpListener>>,
+    addr: SocketAddr,
     report: OnceLock<Registry>,
     health: OnceLock<Health>,
+    stats: Arc<HttpStats>,
+    stop: tokio::sync::watch::Sender<bool>,
 }
+
+type Response = hyper::Response<Full<Bytes>>;
 
 impl Endpoint {
     /// Binds `addr`; the error names the address.
     pub fn bind(addr: SocketAddr) -> Result<Arc<Self>, String> {
-        let server = tiny_http::Server::http(addr).map_err(|e| format!("cannot listen on {addr}: {e}"))?;
-        tracing::info!(addr = %server.server_addr(), "HTTP endpoint listening (/metrics, /healthz).");
-        Ok(Arc::new(Self { server, report: OnceLock::new(), health: OnceLock::new() }))
+        let fail = |e: std::io::Error| format!("cannot listen on {addr}: {e}");
+        let listener = std::net::TcpListener::bind(addr).map_err(fail)?;
+        listener.set_nonblocking(true).map_err(fail)?;
+        let addr = listener.local_addr().map_err(fail)?;
+        tracing::info!(addr = %addr, "HTTP endpoint listening (/metrics, /healthz).");
+        Ok(Arc::new(Self {
+            listener: Mutex::new(Some(listener)),
+            addr,
+            report: OnceLock::new(),
+            health: OnceLock::new(),
+            stats: Arc::default(),
+            stop: tokio::sync::watch::channel(false).0,
+        }))
+    }
+
+    /// The endpoint's counters, for the metrics it reports.
+    pub fn stats(&self) -> Arc<HttpStats> {
+        self.stats.clone()
     }
 
     /// From now on `/metrics` reports `report` and `/healthz` watches its worker.
@@ -79,24 +128,73 @@ impl Endpoint {
         let _ = self.health.set(health);
     }
 
-    /// Serves requests until [`Endpoint::shutdown`].
-    pub fn serve(&self) {
-        while let Ok(request) = self.server.recv() {
-            let response = self.respond(request.url());
-            if let Err(e) = request.respond(response) {
-                tracing::debug!(error = %e, "HTTP response not delivered.");
-            }
+    /// Serves requests until [`Endpoint::shutdown`], on a runtime of its own.
+    pub fn serve(self: &Arc<Self>) -> std::io::Result<()> {
+        let Some(listener) = self.listener.lock().expect("listener lock").take() else { return Ok(()) };
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        runtime.block_on(self.clone().accept_loop(listener))?;
+        tracing::debug!(addr = %self.addr, "HTTP endpoint stopped.");
+        Ok(())
+    }
+
+    async fn accept_loop(self: Arc<Self>, listener: std::net::TcpListener) -> std::io::Result<()> {
+        let listener = tokio::net::TcpListener::from_std(listener)?;
+        let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+        let mut stop = self.stop.subscribe();
+        let failures = LogThrottle::new(Duration::from_secs(10));
+        loop {
+            let accepted = tokio::select! {
+                _ = stop.wait_for(|stopped| *stopped) => return Ok(()),
+                accepted = listener.accept() => accepted,
+            };
+            let stream = match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    self.stats.accept_errors.fetch_add(1, Relaxed);
+                    if let Some(suppressed) = failures.admit() {
+                        tracing::warn!(error = %e, suppressed, "HTTP accept failed; retrying.");
+                    }
+                    tokio::time::sleep(ACCEPT_PAUSE).await;
+                    continue;
+                }
+            };
+            let Ok(slot) = slots.clone().try_acquire_owned() else {
+                self.stats.rejected.fetch_add(1, Relaxed);
+                drop(stream);
+                continue;
+            };
+            let endpoint = self.clone();
+            tokio::spawn(async move {
+                let _ = tokio::time::timeout(CONNECTION_TIMEOUT, endpoint.connection(stream)).await;
+                drop(slot);
+            });
         }
-        tracing::debug!("HTTP endpoint stopped.");
+    }
+
+    /// One request on `stream`, then the connection closes.
+    async fn connection(self: Arc<Self>, stream: tokio::net::TcpStream) {
+        let service = hyper::service::service_fn(move |request: hyper::Request<hyper::body::Incoming>| {
+            let response = self.respond(request.uri().path());
+            async move { Ok::<_, std::convert::Infallible>(response) }
+        });
+        let served = hyper::server::conn::http1::Builder::new()
+            .timer(hyper_util::rt::TokioTimer::new())
+            .header_read_timeout(HEADER_TIMEOUT)
+            .keep_alive(false)
+            .max_buf_size(16 << 10)
+            .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+            .await;
+        if let Err(e) = served {
+            tracing::debug!(error = %e, "HTTP connection ended with an error.");
+        }
     }
 
     /// Makes [`Endpoint::serve`] return.
     pub fn shutdown(&self) {
-        self.server.unblock();
+        self.stop.send_replace(true);
     }
 
-    fn respond(&self, url: &str) -> tiny_http::Response<std::io::Cursor<Vec<u8>>> {
-        let path = url.split('?').next().unwrap_or_default();
+    fn respond(&self, path: &str) -> Response {
         let (status, content_type, body) = match path {
             "/metrics" => match self.report.get() {
                 Some(registry) => {
@@ -114,8 +212,11 @@ impl Endpoint {
             }
             _ => (404, "text/plain", "not found: try /metrics or /healthz\n".into()),
         };
-        let header = tiny_http::Header::from_bytes("Content-Type", content_type).expect("a valid header");
-        tiny_http::Response::from_string(body).with_status_code(status).with_header(header)
+        hyper::Response::builder()
+            .status(status)
+            .header(hyper::header::CONTENT_TYPE, content_type)
+            .body(Full::new(Bytes::from(body)))
+            .expect("a valid response")
     }
 
     /// `200 ok`, or `503` with what is wrong: loading, a stuck worker, or — degraded —
@@ -261,6 +362,16 @@ impl Collector for Report {
             &mut encoder,
             ("edge_inspect_recorder_low_disk", "Frames not recorded: free space under the recorder's floor", Counter),
             &count(&p.recorder_low_disk),
+        )?;
+        single(
+            &mut encoder,
+            ("edge_inspect_http_rejected", "HTTP connections closed on accept: too many at once", Counter),
+            &count(&self.http.rejected),
+        )?;
+        single(
+            &mut encoder,
+            ("edge_inspect_http_accept_errors", "HTTP accepts that failed (out of descriptors)", Counter),
+            &count(&self.http.accept_errors),
         )?;
         let model = self.model.lock().expect("model lock").clone();
         let labels = [

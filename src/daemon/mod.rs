@@ -168,7 +168,11 @@ pub fn run(config: DaemonConfig, config_path: &std::path::Path) -> anyhow::Resul
             issues: vec![ConfigIssue { key: "http.listen".into(), message }],
         })?;
         let serving = endpoint.clone();
-        supervisor.spawn("http", Role::Link, None, move || serving.serve())?;
+        supervisor.spawn("http", Role::Link, None, move || {
+            if let Err(e) = serving.serve() {
+                tracing::error!(error = %e, "HTTP endpoint failed.");
+            }
+        })?;
         Some(endpoint)
     } else {
         None
@@ -297,6 +301,7 @@ impl Running {
                 worker: inference.progress,
                 stage_timeout: config.pipeline.stage_timeout,
                 mqtt: config.mqtt.enabled,
+                http: endpoint.stats(),
             });
         }
         let (status_tx, status) = bounded(64);

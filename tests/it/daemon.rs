@@ -925,7 +925,8 @@ fn the_systemd_unit_is_hardened_and_has_no_restart_loop() {
     assert!(out.status.success(), "exposure above 2.5:\n{}", text.lines().last().unwrap_or_default());
     let unit_text = std::fs::read_to_string(&unit).unwrap();
     assert!(!unit_text.lines().any(|l| l.starts_with("ExecStartPre=")), "no control-process config check");
-    for needed in ["RestartPreventExitStatus=78", "StartLimitBurst=", "CapabilityBoundingSet=", "SystemCallFilter="] {
+    let needed = ["RestartPreventExitStatus=78", "StartLimitBurst=", "CapabilityBoundingSet=", "SystemCallFilter="];
+    for needed in needed.into_iter().chain(["LimitNOFILE=", "IPAddressDeny=any", "IPAddressAllow=localhost"]) {
         assert!(unit_text.contains(needed), "the unit lacks {needed}");
     }
 }
@@ -1578,6 +1579,101 @@ fn finite_run_logs(dir: &Path, extra_env: &[(&str, String)], stderr: &Path) -> s
         .stderr(std::fs::File::create(stderr).unwrap())
         .status()
         .unwrap()
+}
+
+/// A daemon on clean frames with its HTTP endpoint at a known address.
+fn http_rig() -> (Broker, Subscriber, tempfile::TempDir, Daemon, String) {
+    let (broker, sub, dir) = rig();
+    let frames = repo().join("data/brick/test/good");
+    let config = write_config(
+        dir.path(),
+        broker.port,
+        "max_batch = 1\nmax_wait_ms = 10",
+        &camera("cam0", &frames.display().to_string(), 5.0, true, ""),
+    );
+    let addr = format!("127.0.0.1:{}", free_port());
+    let text =
+        std::fs::read_to_string(&config).unwrap().replace("listen = \"127.0.0.1:0\"", &format!("listen = \"{addr}\""));
+    std::fs::write(&config, text).unwrap();
+    let daemon = Daemon::start(&config);
+    wait_for(Duration::from_secs(60), "/healthz ready", || http_get(&addr, "/healthz").is_some_and(|(s, _)| s == 200));
+    (broker, sub, dir, daemon, addr)
+}
+
+fn metric_at(addr: &str, name: &str) -> Option<f64> {
+    let (_, body) = http_get(addr, "/metrics")?;
+    samples(&body).into_iter().find(|(series, _)| series == name).map(|(_, v)| v)
+}
+
+/// Issue 23.5: 900 idle connections, and a daemon out of descriptors, once made the HTTP
+/// accept thread panic and both endpoints stayed dead. Now extra connections are closed on
+/// accept (counted), idle ones time out, a failed accept is waited out (counted), and the
+/// endpoint answers again.
+#[test]
+fn the_http_endpoint_survives_idle_connection_floods_and_running_out_of_descriptors() {
+    let (_broker, _sub, _dir, mut daemon, addr) = http_rig();
+    let pid = daemon.child.id().to_string();
+    let flood = |n: usize| -> Vec<TcpStream> { (0..n).filter_map(|_| TcpStream::connect(&addr).ok()).collect() };
+    let idle = flood(900);
+    assert!(idle.len() >= 800, "the test opened {} connections", idle.len());
+    // While all 900 stay open, the endpoint answers again once its idle ones timed out (5 s).
+    wait_for(Duration::from_secs(20), "/healthz through the flood", || {
+        http_get(&addr, "/healthz").is_some_and(|(s, _)| s == 200)
+    });
+    assert!(metric_at(&addr, "edge_inspect_http_rejected_total").is_some_and(|n| n >= 500.0));
+    drop(idle);
+
+    // Out of descriptors: a soft limit a few above what the daemon holds now.
+    let held = std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count();
+    let limit = |n: usize| {
+        let ok = Command::new("prlimit").args(["--pid", &pid, &format!("--nofile={n}:")]).status().unwrap();
+        assert!(ok.success());
+    };
+    limit(held + 4);
+    let starved = flood(64);
+    wait_for(Duration::from_secs(10), "an accept to fail", || daemon.log_text().contains("HTTP accept failed"));
+    limit(1024);
+    drop(starved);
+    wait_for(Duration::from_secs(20), "/healthz after running out of descriptors", || {
+        http_get(&addr, "/healthz").is_some_and(|(s, _)| s == 200)
+    });
+    assert!(metric_at(&addr, "edge_inspect_http_accept_errors_total").is_some_and(|n| n >= 1.0));
+    daemon.signal("TERM");
+    assert!(daemon.wait_exit(Duration::from_secs(15)).success(), "{}", daemon.log_text());
+}
+
+/// Issue 23.5: 20 clients pipelining requests once timed `/metrics` out and grew the daemon
+/// by 400 MB. One request per connection now: the rest of a pipeline is not read.
+#[test]
+fn pipelining_clients_neither_starve_the_endpoint_nor_grow_the_daemon() {
+    let (_broker, _sub, _dir, mut daemon, addr) = http_rig();
+    let rss = daemon.rss_kib();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flooders: Vec<_> = (0..20)
+        .map(|_| {
+            let (addr, stop) = (addr.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let pipeline = "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n".repeat(200);
+                while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                    let Ok(mut stream) = TcpStream::connect(&addr) else { continue };
+                    let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+                    let _ = stream.write_all(pipeline.as_bytes());
+                    let _ = std::io::Read::read_to_end(&mut stream, &mut Vec::new());
+                }
+            })
+        })
+        .collect();
+    for _ in 0..30 {
+        let answer = http_get(&addr, "/metrics");
+        assert!(answer.is_some_and(|(s, body)| s == 200 && body.contains("edge_inspect_frames")), "a scrape failed");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    flooders.into_iter().for_each(|f| f.join().unwrap());
+    let grown = daemon.rss_kib().saturating_sub(rss);
+    assert!(grown < 100 << 10, "RSS grew by {grown} KiB");
+    daemon.signal("TERM");
+    assert!(daemon.wait_exit(Duration::from_secs(15)).success(), "{}", daemon.log_text());
 }
 
 #[test]
