@@ -42,6 +42,27 @@ fn defaults_relative_paths_and_environment_overrides() {
 }
 
 #[test]
+fn a_file_as_state_dir_an_empty_glob_and_a_missing_models_dir_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = "[node]\nstate_dir = \"/etc/passwd\"\n[model]\npath = \"model\"\nmodels_dir = \"bundles\"\n\
+                [[cameras]]\nid = \"c\"\nsource = \"replay\"\npath = \"frames/*.png\"\n";
+    let path = write(dir.path(), text);
+    let errors = load_with_env(&path, &[]).unwrap_err();
+    let messages: Vec<String> = errors.issues.iter().map(|i| format!("{}: {}", i.key, i.message)).collect();
+    for expected in
+        ["node.state_dir: /etc/passwd: exists and is not a directory", "model.models_dir: ", "cameras[0].path: "]
+    {
+        assert!(messages.iter().any(|m| m.starts_with(expected)), "no issue {expected}: {messages:?}");
+    }
+    assert!(errors.to_string().contains("the pattern matches no file"), "{errors}");
+    // With a frame for the pattern and the folder there, both are accepted.
+    std::fs::write(dir.path().join("frames/0.png"), b"").unwrap();
+    std::fs::create_dir(dir.path().join("bundles")).unwrap();
+    let text = text.replace("/etc/passwd", "state");
+    assert!(load_with_env(&write(dir.path(), &text), &[]).is_ok());
+}
+
+#[test]
 fn every_problem_is_reported_with_its_key_path() {
     let dir = tempfile::tempdir().unwrap();
     let text = format!(

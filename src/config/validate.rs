@@ -128,6 +128,10 @@ impl Validator {
         let node_id = node.id.unwrap_or_else(host_name_id);
         self.identifier("node.id", &node_id);
         let state_dir = resolve(node.state_dir.unwrap_or_else(|| "/var/lib/edge-inspect".into()));
+        // Created at start when missing; a file there would fail every write (a restart loop).
+        if state_dir.exists() && !state_dir.is_dir() {
+            self.fail("node.state_dir", format!("{}: exists and is not a directory", state_dir.display()));
+        }
         let drain_ms = self.within("node.drain_timeout_ms", node.drain_timeout_ms.unwrap_or(5000), 1..=600_000);
         let drain_timeout = Duration::from_millis(drain_ms);
         (node_id, state_dir, drain_timeout)
@@ -156,10 +160,15 @@ impl Validator {
         {
             self.fail("model.eta", format!("must be in [0, 1], got {eta}"));
         }
-        let models_dir = model
-            .models_dir
-            .map(resolve)
-            .unwrap_or_else(|| model_path.parent().map_or_else(|| PathBuf::from("."), |p| p.to_path_buf()));
+        let models_dir = match model.models_dir.map(resolve) {
+            Some(dir) => {
+                if !dir.is_dir() {
+                    self.fail("model.models_dir", format!("{}: folder not found", dir.display()));
+                }
+                dir
+            }
+            None => model_path.parent().map_or_else(|| PathBuf::from("."), |p| p.to_path_buf()),
+        };
         ModelConfig {
             path: model_path,
             models_dir,
@@ -462,8 +471,17 @@ impl Validator {
                     return None;
                 };
                 let path = resolve(PathBuf::from(path)).display().to_string();
-                if !path.contains(['*', '?', '[']) && !Path::new(&path).is_dir() {
-                    self.fail(key("path"), format!("{path}: folder not found"));
+                if !path.contains(['*', '?', '[']) {
+                    if !Path::new(&path).is_dir() {
+                        self.fail(key("path"), format!("{path}: folder not found"));
+                    }
+                } else {
+                    // A pattern that matches nothing would leave the camera without a frame for good.
+                    match glob::glob(&path).map(|mut matches| matches.any(|m| m.is_ok_and(|p| p.is_file()))) {
+                        Ok(true) => {}
+                        Ok(false) => self.fail(key("path"), format!("{path}: the pattern matches no file")),
+                        Err(e) => self.fail(key("path"), format!("{path}: not a glob pattern: {e}")),
+                    }
                 }
                 // Bounded both ways: 1e-20 fps is a pacing interval no clock can hold.
                 let fps = self.within(&key("fps"), c.fps.unwrap_or(5.0), 0.001..=1000.0);

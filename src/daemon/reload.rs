@@ -129,7 +129,8 @@ mod tests {
     }
 
     fn camera(id: &str, more: &str) -> String {
-        format!("[[cameras]]\nid = \"{id}\"\nsource = \"replay\"\npath = \"/frames/*.png\"\n{more}\n")
+        let frames = concat!(env!("CARGO_MANIFEST_DIR"), "/data/brick/test/good/*.png");
+        format!("[[cameras]]\nid = \"{id}\"\nsource = \"replay\"\npath = \"{frames}\"\n{more}\n")
     }
 
     #[test]
