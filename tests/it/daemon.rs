@@ -634,6 +634,72 @@ fn readable_by_all(dir: &Path) {
     }
 }
 
+/// The Mosquitto ACL docs/deploy.md gives, verbatim: the node reads its five command topics
+/// and the dashboard user may send them (issue 23: the old example blocked four of five).
+#[test]
+fn the_documented_acl_lets_the_dashboard_send_all_five_commands() {
+    let deploy = std::fs::read_to_string(repo().join("docs/deploy.md")).unwrap();
+    let acl = deploy.split("# /etc/mosquitto/acl").nth(1).unwrap().split("```").next().unwrap().to_string();
+    let acl_port = free_port();
+    let broker = Broker::start_with(|port, dir| {
+        let passwd = dir.join("passwd");
+        for (i, user) in ["edge-inspect-line3", "line3-dashboard"].into_iter().enumerate() {
+            let mut add = Command::new("mosquitto_passwd");
+            add.args(if i == 0 { ["-c", "-b"].as_slice() } else { ["-b"].as_slice() });
+            assert!(add.arg(&passwd).args([user, "pw"]).status().unwrap().success());
+        }
+        std::fs::write(dir.join("acl"), format!("# /etc/mosquitto/acl{acl}")).unwrap();
+        readable_by_all(dir);
+        format!(
+            "per_listener_settings true\nlistener {port} 127.0.0.1\nallow_anonymous true\n\
+             listener {acl_port} 127.0.0.1\npassword_file {}\nacl_file {}\nallow_anonymous false\n",
+            passwd.display(),
+            dir.join("acl").display()
+        )
+    });
+    wait_for(Duration::from_secs(10), "the ACL listener", || TcpStream::connect(("127.0.0.1", acl_port)).is_ok());
+    let sub = Subscriber::start(broker.port);
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("password"), "pw\n").unwrap();
+    let frames = repo().join("data/brick/test/good").display().to_string();
+    let config = write_config(dir.path(), acl_port, "", &camera("cam0", &frames, 2.0, true, ""));
+    let text = std::fs::read_to_string(&config).unwrap().replace("id = \"test\"", "id = \"line3-station2\"").replace(
+        "[mqtt]\n",
+        &format!(
+            "[mqtt]\nusername = \"edge-inspect-line3\"\npassword_file = \"{}\"\n",
+            dir.path().join("password").display()
+        ),
+    );
+    std::fs::write(&config, text).unwrap();
+    let mut daemon = Daemon::start(&config);
+    let last = |suffix: &str| sub.texts(&format!("line3-station2/{suffix}")).last().cloned();
+    wait_for(Duration::from_secs(60), "online through the ACL", || last("available").as_deref() == Some("online"));
+    let send = |suffix: &str, payload: &str| {
+        let ok = Command::new("mosquitto_pub")
+            .args(["-h", "127.0.0.1", "-p", &acl_port.to_string(), "-u", "line3-dashboard", "-P", "pw", "-q", "1"])
+            .args(["-t", &format!("edge-inspect/line3-station2/{suffix}"), "-m", payload])
+            .status()
+            .unwrap();
+        assert!(ok.success());
+    };
+    let refused = |topic: &str| sub.texts("line3-station2/error").iter().any(|e| e.contains(topic));
+    send("cam0/sensitivity/set", "2");
+    wait_for(Duration::from_secs(10), "sensitivity", || last("cam0/sensitivity/state").as_deref() == Some("2"));
+    send("cam0/snapshot/set", "");
+    wait_for(Duration::from_secs(10), "a snapshot", || !sub.on("line3-station2/cam0/snapshot").is_empty());
+    // Heard and answered: no such recording (on `error`), no such bundle (the `model` state).
+    send("cam0/label/set", r#"{"seq": 999999, "verdict": "normal"}"#);
+    wait_for(Duration::from_secs(10), "the label command answered", || refused("cam0/label/set"));
+    send("model/set", "no-such-bundle");
+    wait_for(Duration::from_secs(10), "the model command answered", || {
+        last("model").is_some_and(|m| m.contains("no-such-bundle") && m.contains("last_error"))
+    });
+    send("cam0/enabled/set", "OFF");
+    wait_for(Duration::from_secs(10), "the camera disabled", || last("cam0/enabled/state").as_deref() == Some("OFF"));
+    daemon.signal("TERM");
+    assert!(daemon.wait_exit(Duration::from_secs(15)).success(), "{}", daemon.log_text());
+}
+
 #[test]
 fn connects_with_mutual_tls_and_a_password_from_a_file() {
     let certs = tempfile::tempdir().unwrap();
@@ -1113,16 +1179,10 @@ fn frozen_broker_drill(freeze: Duration, kill_daemon: bool) {
         "max_batch = 1\nmax_wait_ms = 10\nqueue_capacity = 2",
         &camera("cam0", &frames.display().to_string(), 2.0, true, ""),
     );
-    let addr = format!("127.0.0.1:{}", free_port());
-    let text = std::fs::read_to_string(&config)
-        .unwrap()
-        .replace("listen = \"127.0.0.1:0\"", &format!("listen = \"{addr}\""))
-        .replace("stats_interval_s = 1", "stats_interval_s = 1\nkeep_alive_s = 5");
-    std::fs::write(&config, text).unwrap();
-    let metric = |name: &str| {
-        let (_, body) = http_get(&addr, "/metrics")?;
-        samples(&body).into_iter().find(|(series, _)| series == name).map(|(_, v)| v)
-    };
+    let addr = http_at_known_port(&config);
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&config, text.replace("stats_interval_s = 1", "stats_interval_s = 1\nkeep_alive_s = 5")).unwrap();
+    let metric = |name: &str| metric_at(&addr, name);
     let mut daemon = Daemon::start(&config);
     wait_for(Duration::from_secs(60), "alerts before the freeze", || sub.on("cam0/anomaly").len() >= 2);
 
@@ -1219,18 +1279,14 @@ fn a_full_disk_spares_alerts_and_health_says_degraded() {
         "max_batch = 1\nmax_wait_ms = 10\nqueue_capacity = 2",
         &camera("cam0", &frames.display().to_string(), 4.0, true, ""),
     );
-    let addr = format!("127.0.0.1:{}", free_port());
+    let addr = http_at_known_port(&config);
     let text = std::fs::read_to_string(&config)
         .unwrap()
-        .replace("listen = \"127.0.0.1:0\"", &format!("listen = \"{addr}\""))
         .replace("stats_interval_s = 1", "stats_interval_s = 1\noutbox_max_bytes = 524288")
         .replace("normal_sample_rate = 1.0", "normal_sample_rate = 1.0\nmin_free_bytes = 0");
     std::fs::write(&config, text).unwrap();
     let health = || http_get(&addr, "/healthz").unwrap_or_default();
-    let metric = |name: &str| {
-        let (_, body) = http_get(&addr, "/metrics")?;
-        samples(&body).into_iter().find(|(series, _)| series == name).map(|(_, v)| v)
-    };
+    let metric = |name: &str| metric_at(&addr, name);
     // Little room beside the outbox's 512 KiB: the recorder reaches its floor within seconds.
     let filler = tmpfs.fill_until("filler", 700 << 10);
     let mut daemon = Daemon::start(&config);
@@ -1480,6 +1536,21 @@ fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
     Some((status, body))
 }
 
+/// Moves the daemon's HTTP endpoint of `config` to a free port this test knows; its address.
+fn http_at_known_port(config: &Path) -> String {
+    let addr = format!("127.0.0.1:{}", free_port());
+    let text =
+        std::fs::read_to_string(config).unwrap().replace("listen = \"127.0.0.1:0\"", &format!("listen = \"{addr}\""));
+    std::fs::write(config, text).unwrap();
+    addr
+}
+
+/// One sample of `/metrics` at `addr`, `None` if the endpoint or the series is not there.
+fn metric_at(addr: &str, name: &str) -> Option<f64> {
+    let (_, body) = http_get(addr, "/metrics")?;
+    samples(&body).into_iter().find(|(series, _)| series == name).map(|(_, v)| v)
+}
+
 /// Prometheus text: `name{labels} value` samples, comments skipped; every line must parse.
 fn samples(text: &str) -> Vec<(String, f64)> {
     assert!(text.trim_end().ends_with("# EOF"), "OpenMetrics text ends with # EOF");
@@ -1502,11 +1573,7 @@ fn metrics_are_scraped_and_health_follows_the_worker() {
         "max_batch = 1\nmax_wait_ms = 10",
         &camera("cam0", &frames.display().to_string(), 5.0, true, ""),
     );
-    // The one test that scrapes: a port it knows (the others let the OS pick one).
-    let addr = format!("127.0.0.1:{}", free_port());
-    let text =
-        std::fs::read_to_string(&config).unwrap().replace("listen = \"127.0.0.1:0\"", &format!("listen = \"{addr}\""));
-    std::fs::write(&config, text).unwrap();
+    let addr = http_at_known_port(&config);
     let mut daemon = Daemon::start(&config);
     wait_for(Duration::from_secs(60), "/healthz ready", || http_get(&addr, "/healthz").is_some_and(|(s, _)| s == 200));
     wait_for(Duration::from_secs(60), "frames counted in /metrics", || {
@@ -1593,18 +1660,10 @@ fn http_rig() -> (Broker, Subscriber, tempfile::TempDir, Daemon, String) {
         "max_batch = 1\nmax_wait_ms = 10",
         &camera("cam0", &frames.display().to_string(), 5.0, true, ""),
     );
-    let addr = format!("127.0.0.1:{}", free_port());
-    let text =
-        std::fs::read_to_string(&config).unwrap().replace("listen = \"127.0.0.1:0\"", &format!("listen = \"{addr}\""));
-    std::fs::write(&config, text).unwrap();
+    let addr = http_at_known_port(&config);
     let daemon = Daemon::start(&config);
     wait_for(Duration::from_secs(60), "/healthz ready", || http_get(&addr, "/healthz").is_some_and(|(s, _)| s == 200));
     (broker, sub, dir, daemon, addr)
-}
-
-fn metric_at(addr: &str, name: &str) -> Option<f64> {
-    let (_, body) = http_get(addr, "/metrics")?;
-    samples(&body).into_iter().find(|(series, _)| series == name).map(|(_, v)| v)
 }
 
 /// Issue 23.5: 900 idle connections, and a daemon out of descriptors, once made the HTTP
