@@ -464,7 +464,14 @@ impl Running {
             // Only a blocking device read keeps a capture thread; its queue is drained anyway.
             tracing::warn!(thread = %name, "Capture thread did not stop before the deadline; leaving it.");
         }
-        let (panicked, undrained) = self.supervisor.wait_for(Role::Pipe, deadline + Duration::from_secs(1));
+        // A frame of thousands of tiles can take minutes: past the deadline, the inference in
+        // flight is terminated, and the stages drain right after.
+        let (_, busy) = self.supervisor.wait_for(Role::Pipe, deadline);
+        if !busy.is_empty() {
+            tracing::info!(stages = ?busy, "Drain deadline reached; terminating the inference in flight.");
+            crate::infer::runtime::terminate_runs();
+        }
+        let (panicked, undrained) = self.supervisor.wait_for(Role::Pipe, deadline + Duration::from_secs(2));
         note_panics(panicked, &mut failures);
         for name in undrained {
             tracing::error!(stage = %name, "Stage did not finish before the drain deadline.");

@@ -122,9 +122,12 @@ impl<D: Denoiser> Worker<D> {
     }
 
     /// Inspects one batch and hands its verdicts on; `false` when the publisher is gone.
+    fn past_deadline(&self) -> bool {
+        self.drain_deadline.lock().expect("deadline lock").is_some_and(|d| Instant::now() > d)
+    }
+
     fn inspect(&mut self, batch: Vec<Frame>, output: &Sender<Inspected>) -> bool {
-        let past_deadline = self.drain_deadline.lock().expect("deadline lock").is_some_and(|d| Instant::now() > d);
-        if past_deadline {
+        if self.past_deadline() {
             self.drop_all(&batch, DropReason::Shutdown);
             return true;
         }
@@ -157,6 +160,11 @@ impl<D: Denoiser> Worker<D> {
         self.pipeline.batch_frames.observe(batch.len() as f64);
         let analyses = match result {
             Ok(analyses) => analyses,
+            // The stop terminated the run at its drain deadline: a shutdown, not a failure.
+            Err(_) if self.past_deadline() => {
+                self.drop_all(&batch, DropReason::Shutdown);
+                return true;
+            }
             Err(e) => {
                 if let Some(suppressed) = self.failures.admit() {
                     tracing::error!(error = %e, frames = batch.len(), suppressed, "Inference failed; batch dropped.");

@@ -8,13 +8,17 @@
 //! a missing CUDA never silently turns into CPU (ORT's default). CPU is used only if it is
 //! listed or `allow_cpu_fallback` is set, and then with a warning; the provider that really
 //! runs is reported in [`OrtDenoiser::provider`] for logs and stats.
+//!
+//! Every call runs with the process's [`RunOptions`], so that a stop past its drain deadline
+//! can end the calls in flight ([`terminate_runs`]) instead of waiting minutes for a frame
+//! of thousands of tiles.
 
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use ort::environment::Environment;
 use ort::ep;
-use ort::session::Session;
+use ort::session::{RunOptions, Session};
 use ort::value::{TensorRef, ValueType};
 use serde::{Deserialize, Serialize};
 
@@ -121,6 +125,27 @@ pub fn opt_out_of_telemetry() {
     // SAFETY: called as the first statement of `main`, before any other thread exists
     // (nothing else can read or write the environment concurrently).
     unsafe { std::env::set_var("ORT_DISABLE_TELEMETRY", "1") };
+}
+
+/// The run options of every session call in the process (see [`terminate_runs`]).
+static RUN_OPTIONS: OnceLock<RunOptions> = OnceLock::new();
+
+fn run_options() -> Result<&'static RunOptions, RuntimeError> {
+    if let Some(options) = RUN_OPTIONS.get() {
+        return Ok(options);
+    }
+    let options = RunOptions::new().map_err(|e| RuntimeError::Run(e.to_string()))?;
+    Ok(RUN_OPTIONS.get_or_init(|| options))
+}
+
+/// Ends every ONNX Runtime call in flight (they fail with "terminate flag set") and makes
+/// later ones fail at once: the daemon's drain deadline has passed and nothing more will
+/// be inspected. Process-wide, as a stop is.
+pub fn terminate_runs() {
+    match run_options().and_then(|o| o.terminate().map_err(|e| RuntimeError::Run(e.to_string()))) {
+        Ok(()) => tracing::info!("ONNX Runtime calls in flight terminated."),
+        Err(e) => tracing::warn!(error = %e, "Cannot terminate the ONNX Runtime calls in flight."),
+    }
 }
 
 /// Loads ONNX Runtime once and returns the process's environment.
@@ -344,7 +369,8 @@ impl OrtDenoiser {
         let run = |e: ort::Error| RuntimeError::Run(e.to_string());
         let image = TensorRef::from_array_view((shape, x)).map_err(run)?;
         let time = TensorRef::from_array_view(([t.len()], t)).map_err(run)?;
-        let outputs = self.session.run(ort::inputs![INPUT_IMAGE => image, INPUT_TIME => time]).map_err(run)?;
+        let inputs = ort::inputs![INPUT_IMAGE => image, INPUT_TIME => time];
+        let outputs = self.session.run_with_options(inputs, run_options()?).map_err(run)?;
         let (out_shape, out) = outputs[OUTPUT_EPS].try_extract_tensor::<f32>().map_err(run)?;
         let dims: Vec<usize> = out_shape.iter().map(|&d| d as usize).collect();
         consume(&dims, out);

@@ -439,6 +439,40 @@ fn a_tiled_model_reports_a_line_frame_defect_in_camera_pixels() {
     assert!(daemon.wait_exit(Duration::from_secs(15)).success(), "{}", daemon.log_text());
 }
 
+/// Issue 23 (smaller): an ordinary stop while a native-resolution frame is being inspected
+/// (1280×1024 in 594 tiles of 10 UNet calls: minutes on 2 cores) once missed the drain
+/// deadline — exit 70 and an ONNX Runtime error from a session torn down under its call. The
+/// drain now terminates the call in flight: exit 0, the frame a `shutdown` drop.
+#[test]
+fn a_stop_during_a_long_inspection_terminates_the_run_and_exits_zero() {
+    let (broker, _sub, dir) = rig();
+    let frames = dir.path().join("line");
+    std::fs::create_dir_all(&frames).unwrap();
+    line_frame(&frames.join("line.png"));
+    let config = write_config(
+        dir.path(),
+        broker.port,
+        "max_batch = 8\nmax_wait_ms = 50\nqueue_capacity = 2",
+        &camera("line", &frames.display().to_string(), 1.0, true, ""),
+    );
+    let addr = http_at_known_port(&config);
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&config, text.replace("drain_timeout_ms = 2000", "drain_timeout_ms = 500")).unwrap();
+    let mut daemon = Daemon::start(&config);
+    // The second frame waits in the queue: the first is in the worker, minutes from done.
+    wait_for(Duration::from_secs(60), "the first frame in the worker", || {
+        metric_at(&addr, "edge_inspect_frames_in_total{camera=\"line\"}").is_some_and(|n| n >= 2.0)
+    });
+    assert_eq!(metric_at(&addr, "edge_inspect_frames_processed_total{camera=\"line\"}"), Some(0.0));
+    let stopping = Instant::now();
+    daemon.signal("TERM");
+    let status = daemon.wait_exit(Duration::from_secs(15));
+    let log = daemon.log_text();
+    assert!(status.success(), "an ordinary stop exits 0, after {:?}:\n{log}", stopping.elapsed());
+    assert!(log.contains("ONNX Runtime calls in flight terminated."), "{log}");
+    assert!(!log.contains("missed the drain deadline") && !log.contains("Inference failed"), "{log}");
+}
+
 #[test]
 fn a_finite_replay_is_inspected_to_the_last_frame_then_the_daemon_exits_zero() {
     let (broker, sub, dir) = rig();
@@ -1547,7 +1581,7 @@ fn http_at_known_port(config: &Path) -> String {
 
 /// One sample of `/metrics` at `addr`, `None` if the endpoint or the series is not there.
 fn metric_at(addr: &str, name: &str) -> Option<f64> {
-    let (_, body) = http_get(addr, "/metrics")?;
+    let (200, body) = http_get(addr, "/metrics")? else { return None };
     samples(&body).into_iter().find(|(series, _)| series == name).map(|(_, v)| v)
 }
 
