@@ -89,7 +89,8 @@ pub struct Mqtt {
     retained: Arc<RetainedState>,
     outbox: Arc<Mutex<Outbox>>,
     stats: Arc<PipelineStats>,
-    /// One log line per 10 s for a failing outbox (a full disk fails every message).
+    /// One log line per 10 s for messages that cannot be kept or sent (a full disk fails
+    /// every message, an oversized mask every frame).
     write_failures: LogThrottle,
 }
 
@@ -205,6 +206,7 @@ impl Mqtt {
             stats,
             subscriptions,
             ack_timeout: config.keep_alive,
+            warnings: LogThrottle::new(Duration::from_secs(10)),
         };
         Ok((mqtt, MqttLink { link, connection, reconnect_max: config.reconnect_max }))
     }
@@ -223,7 +225,9 @@ impl Mqtt {
     /// [`Mqtt::publish`] to a topic outside the node's own (Home Assistant discovery).
     pub fn publish_at(&self, topic: String, qos: QoS, retain: bool, payload: Vec<u8>) -> bool {
         if !self.wire.fits(&topic, payload.len()) {
-            tracing::warn!(topic = %topic, bytes = payload.len(), "Message larger than the broker takes; not sent.");
+            if let Some(suppressed) = self.write_failures.admit() {
+                tracing::warn!(topic = %topic, bytes = payload.len(), suppressed, "Message larger than the broker takes; not sent.");
+            }
             return false;
         }
         if retain {
@@ -242,7 +246,10 @@ impl Mqtt {
     pub fn publish_durable(&self, suffix: &str, payload: Vec<u8>) -> bool {
         let topic = self.topic(suffix);
         if !self.wire.fits(&topic, payload.len()) {
-            tracing::error!(topic = %topic, bytes = payload.len(), limit = self.wire.max_packet.load(Relaxed), "Message larger than the broker takes; lost.");
+            if let Some(suppressed) = self.write_failures.admit() {
+                let limit = self.wire.max_packet.load(Relaxed);
+                tracing::error!(topic = %topic, bytes = payload.len(), limit, suppressed, "Message larger than the broker takes; lost.");
+            }
             return false;
         }
         let mut outbox = self.outbox.lock().expect("outbox lock");
@@ -316,6 +323,8 @@ struct Link {
     subscriptions: Subscriptions,
     /// A publish unacknowledged for longer than this means the broker hangs.
     ack_timeout: Duration,
+    /// Per-message warnings (commands dropped, messages refused): a line per 10 s.
+    warnings: LogThrottle,
 }
 
 /// A message that arrived on a command topic.
@@ -386,8 +395,9 @@ impl Link {
             }
         } else if let Some((_, commands)) = &self.subscriptions.commands
             && commands.try_send(Incoming { topic: topic.clone(), payload: p.payload.to_vec() }).is_err()
+            && let Some(suppressed) = self.warnings.admit()
         {
-            tracing::warn!(topic = %topic, "Command queue full; command dropped.");
+            tracing::warn!(topic = %topic, suppressed, "Command queue full; command dropped.");
         }
     }
 
@@ -437,7 +447,9 @@ impl Link {
         match ack.reason {
             PubAckReason::Success | PubAckReason::NoMatchingSubscribers => outbox.ack(seq),
             reason => {
-                tracing::error!(?reason, "The broker refused an outbox message.");
+                if let Some(suppressed) = self.warnings.admit() {
+                    tracing::error!(?reason, suppressed, "The broker refused an outbox message.");
+                }
                 outbox.drop_entry(seq, "refused by the broker");
             }
         }

@@ -16,6 +16,7 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use crossbeam_channel::Receiver;
 use rumqttc::v5::mqttbytes::QoS;
@@ -26,6 +27,7 @@ use crate::capture::labels::{Verdict, write_label};
 use crate::controls::{Controls, SENSITIVITY, save};
 use crate::daemon::cameras::{Camera, Cameras};
 use crate::daemon::models::{Load, NODE_MODEL};
+use crate::stats::LogThrottle;
 
 /// The retained `/state` echoes of a camera's controls (at its start and after changes).
 pub fn publish_state(mqtt: &Mqtt, camera: &Camera) {
@@ -97,10 +99,15 @@ pub struct Control {
 
 impl Control {
     /// Carries out commands until the link is gone.
+    /// Every refusal is answered on `error`; the log gets one line per 10 s (a flood of bad
+    /// commands must not flood the journal).
     pub fn run(self, incoming: Receiver<Incoming>) {
+        let refusals = LogThrottle::new(Duration::from_secs(10));
         for command in incoming {
             if let Err(error) = self.handle(&command) {
-                tracing::warn!(topic = %command.topic, error = %error, "Command refused.");
+                if let Some(suppressed) = refusals.admit() {
+                    tracing::warn!(topic = %command.topic, error = %error, suppressed, "Command refused.");
+                }
                 let reply = serde_json::json!({
                     "topic": command.topic,
                     "payload": excerpt(&command.payload),

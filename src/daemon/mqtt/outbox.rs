@@ -23,7 +23,7 @@ use std::time::{Duration, SystemTime};
 use serde::{Deserialize, Serialize};
 
 use crate::durable::write_atomic;
-use crate::stats::PipelineStats;
+use crate::stats::{LogThrottle, PipelineStats};
 
 #[derive(Serialize, Deserialize)]
 struct Header {
@@ -58,6 +58,9 @@ pub struct Outbox {
     total: u64,
     next: u64,
     stats: Arc<PipelineStats>,
+    /// Drops are counted each; logged once per 10 s (a small cap in a long outage drops
+    /// one entry per alert).
+    drops: LogThrottle,
 }
 
 impl Outbox {
@@ -77,7 +80,8 @@ impl Outbox {
         let total = entries.iter().map(|e| e.size).sum();
         let next = entries.last().map_or(0, |e| e.seq + 1);
         stats.outbox_queued.store(entries.len() as u64, Relaxed);
-        Ok(Self { dir: dir.to_path_buf(), max_bytes, max_age, entries: entries.into(), total, next, stats })
+        let drops = LogThrottle::new(Duration::from_secs(10));
+        Ok(Self { dir: dir.to_path_buf(), max_bytes, max_age, entries: entries.into(), total, next, stats, drops })
     }
 
     /// Nothing waits, handed or not.
@@ -183,7 +187,9 @@ impl Outbox {
     fn drop_at(&mut self, index: usize, reason: &str) {
         self.remove(index);
         self.stats.outbox_dropped.fetch_add(1, Relaxed);
-        tracing::warn!(reason, "Outbox entry dropped.");
+        if let Some(suppressed) = self.drops.admit() {
+            tracing::warn!(reason, suppressed, "Outbox entry dropped.");
+        }
     }
 }
 
