@@ -67,7 +67,15 @@ struct Wire {
     configured_max: usize,
 }
 
+/// QoS-0 messages are held back while a QoS-1 publish has waited this long for its PUBACK.
+const QOS0_HOLD: Duration = Duration::from_secs(2);
+
 impl Wire {
+    /// How long the oldest publish on the wire has waited for its PUBACK (zero if none).
+    fn unacknowledged_for(&self) -> Duration {
+        self.handoff.lock().expect("handoff lock").oldest_wait(Instant::now()).unwrap_or_default()
+    }
+
     fn fits(&self, topic: &str, payload: usize) -> bool {
         topic.len() + payload + PUBLISH_OVERHEAD <= self.max_packet.load(Relaxed)
     }
@@ -234,6 +242,12 @@ impl Mqtt {
             self.retained.topics.lock().expect("retained lock").insert(topic.clone(), payload.clone());
         }
         if !self.stats.mqtt_connected.load(Relaxed) {
+            return retain;
+        }
+        // A broker that has not acknowledged for a while may hang: QoS-0 images would fill
+        // the socket (and block the link in its flush) before the hang is noticed. Retained
+        // ones are re-sent on the next connect.
+        if qos == QoS::AtMostOnce && self.wire.unacknowledged_for() > QOS0_HOLD {
             return retain;
         }
         self.wire.hand(topic, qos, retain, payload, None)
