@@ -90,9 +90,10 @@ fn collect(dir: &Path, recursive: bool, out: &mut Vec<PathBuf>) -> Result<(), (P
 }
 
 /// A PNG signature, an IHDR chunk (8-bit grey) for `width`×`height`, an empty IDAT and the
-/// end: a file that declares a size and has no pixel data (for the decoding drills).
-#[cfg(test)]
-pub(crate) fn png_header(width: u32, height: u32) -> Vec<u8> {
+/// end: a file that declares a size and has no pixel data (for the decoding drills, the
+/// daemon's included).
+#[doc(hidden)]
+pub fn png_header(width: u32, height: u32) -> Vec<u8> {
     let chunk = |kind: &[u8], data: &[u8]| {
         let body = [kind, data].concat();
         [&(data.len() as u32).to_be_bytes()[..], &body, &crc32fast::hash(&body).to_be_bytes()].concat()

@@ -473,6 +473,34 @@ fn a_stop_during_a_long_inspection_terminates_the_run_and_exits_zero() {
     assert!(!log.contains("missed the drain deadline") && !log.contains("Inference failed"), "{log}");
 }
 
+/// Issue 23.3: a 389 KB PNG that declared 20000×20000 once took 12.8 GB. Refused from its
+/// header, counted as `too_large`, never decoded; the frames around it are inspected.
+#[test]
+fn a_frame_that_declares_20000_squared_pixels_is_counted_and_skipped() {
+    let (broker, sub, dir) = rig();
+    let frames = dir.path().join("frames");
+    std::fs::create_dir_all(&frames).unwrap();
+    let good = repo().join("data/brick/test/good");
+    std::fs::copy(good.join("000.png"), frames.join("a.png")).unwrap();
+    std::fs::write(frames.join("b_huge.png"), edge_inspect::image_files::png_header(20_000, 20_000)).unwrap();
+    std::fs::copy(good.join("001.png"), frames.join("c.png")).unwrap();
+    let config = write_config(
+        dir.path(),
+        broker.port,
+        "max_batch = 1\nmax_wait_ms = 10",
+        &camera("cam0", &frames.display().to_string(), 5.0, false, ""),
+    );
+    let mut daemon = Daemon::start(&config);
+    assert!(daemon.wait_exit(Duration::from_secs(60)).success(), "{}", daemon.log_text());
+    wait_for(Duration::from_secs(10), "the last stats", || {
+        sub.last_stats().is_some_and(|s| stat(&s, "cam0", "processed") == 2)
+    });
+    let stats = sub.last_stats().unwrap();
+    assert_eq!(stats["cameras"]["cam0"]["drops"]["too_large"].as_u64(), Some(1), "{stats}");
+    let log = daemon.log_text();
+    assert!(log.contains("b_huge.png") && log.contains("20000x20000"), "{log}");
+}
+
 #[test]
 fn a_finite_replay_is_inspected_to_the_last_frame_then_the_daemon_exits_zero() {
     let (broker, sub, dir) = rig();
