@@ -456,8 +456,7 @@ fn a_stop_during_a_long_inspection_terminates_the_run_and_exits_zero() {
         &camera("line", &frames.display().to_string(), 1.0, true, ""),
     );
     let addr = http_at_known_port(&config);
-    let text = std::fs::read_to_string(&config).unwrap();
-    std::fs::write(&config, text.replace("drain_timeout_ms = 2000", "drain_timeout_ms = 500")).unwrap();
+    edit_config(&config, &[("drain_timeout_ms = 2000", "drain_timeout_ms = 500")]);
     let mut daemon = Daemon::start(&config);
     // The second frame waits in the queue: the first is in the worker, minutes from done.
     wait_for(Duration::from_secs(60), "the first frame in the worker", || {
@@ -725,14 +724,11 @@ fn the_documented_acl_lets_the_dashboard_send_all_five_commands() {
     std::fs::write(dir.path().join("password"), "pw\n").unwrap();
     let frames = repo().join("data/brick/test/good").display().to_string();
     let config = write_config(dir.path(), acl_port, "", &camera("cam0", &frames, 2.0, true, ""));
-    let text = std::fs::read_to_string(&config).unwrap().replace("id = \"test\"", "id = \"line3-station2\"").replace(
-        "[mqtt]\n",
-        &format!(
-            "[mqtt]\nusername = \"edge-inspect-line3\"\npassword_file = \"{}\"\n",
-            dir.path().join("password").display()
-        ),
+    let credentials = format!(
+        "[mqtt]\nusername = \"edge-inspect-line3\"\npassword_file = \"{}\"\n",
+        dir.path().join("password").display()
     );
-    std::fs::write(&config, text).unwrap();
+    edit_config(&config, &[("id = \"test\"", "id = \"line3-station2\""), ("[mqtt]\n", &credentials)]);
     let mut daemon = Daemon::start(&config);
     let last = |suffix: &str| sub.texts(&format!("line3-station2/{suffix}")).last().cloned();
     wait_for(Duration::from_secs(60), "online through the ACL", || last("available").as_deref() == Some("online"));
@@ -1242,8 +1238,7 @@ fn frozen_broker_drill(freeze: Duration, kill_daemon: bool) {
         &camera("cam0", &frames.display().to_string(), 2.0, true, ""),
     );
     let addr = http_at_known_port(&config);
-    let text = std::fs::read_to_string(&config).unwrap();
-    std::fs::write(&config, text.replace("stats_interval_s = 1", "stats_interval_s = 1\nkeep_alive_s = 5")).unwrap();
+    edit_config(&config, &[("stats_interval_s = 1", "stats_interval_s = 1\nkeep_alive_s = 5")]);
     let metric = |name: &str| metric_at(&addr, name);
     let mut daemon = Daemon::start(&config);
     wait_for(Duration::from_secs(60), "alerts before the freeze", || sub.on("cam0/anomaly").len() >= 2);
@@ -1342,11 +1337,13 @@ fn a_full_disk_spares_alerts_and_health_says_degraded() {
         &camera("cam0", &frames.display().to_string(), 4.0, true, ""),
     );
     let addr = http_at_known_port(&config);
-    let text = std::fs::read_to_string(&config)
-        .unwrap()
-        .replace("stats_interval_s = 1", "stats_interval_s = 1\noutbox_max_bytes = 524288")
-        .replace("normal_sample_rate = 1.0", "normal_sample_rate = 1.0\nmin_free_bytes = 0");
-    std::fs::write(&config, text).unwrap();
+    edit_config(
+        &config,
+        &[
+            ("stats_interval_s = 1", "stats_interval_s = 1\noutbox_max_bytes = 524288"),
+            ("normal_sample_rate = 1.0", "normal_sample_rate = 1.0\nmin_free_bytes = 0"),
+        ],
+    );
     let health = || http_get(&addr, "/healthz").unwrap_or_default();
     let metric = |name: &str| metric_at(&addr, name);
     // Little room beside the outbox's 512 KiB: the recorder reaches its floor within seconds.
@@ -1598,12 +1595,16 @@ fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
     Some((status, body))
 }
 
+/// Rewrites `config` with each `(from, to)` replaced.
+fn edit_config(config: &Path, edits: &[(&str, &str)]) {
+    let text = edits.iter().fold(std::fs::read_to_string(config).unwrap(), |text, (from, to)| text.replace(from, to));
+    std::fs::write(config, text).unwrap();
+}
+
 /// Moves the daemon's HTTP endpoint of `config` to a free port this test knows; its address.
 fn http_at_known_port(config: &Path) -> String {
     let addr = format!("127.0.0.1:{}", free_port());
-    let text =
-        std::fs::read_to_string(config).unwrap().replace("listen = \"127.0.0.1:0\"", &format!("listen = \"{addr}\""));
-    std::fs::write(config, text).unwrap();
+    edit_config(config, &[("listen = \"127.0.0.1:0\"", &format!("listen = \"{addr}\""))]);
     addr
 }
 
