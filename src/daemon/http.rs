@@ -45,7 +45,7 @@ pub const CONNECTION_TIMEOUT: Duration = Duration::from_secs(30);
 const ACCEPT_PAUSE: Duration = Duration::from_millis(200);
 
 /// The endpoint's own counters (also in `/metrics`).
-#[derive(Default)]
+#[derive(Debug, Default)]
 pub struct HttpStats {
     /// Connections closed on accept because [`MAX_CONNECTIONS`] were being served.
     pub rejected: AtomicU64,
@@ -66,8 +66,6 @@ pub struct Report {
     pub stage_timeout: Duration,
     /// Alerts go to MQTT: health says degraded while they cannot be kept or published.
     pub mqtt: bool,
-    /// The endpoint's own counters.
-    pub http: Arc<HttpStats>,
 }
 
 /// What `/healthz` watches.
@@ -109,11 +107,6 @@ impl Endpoint {
         }))
     }
 
-    /// The endpoint's counters, for the metrics it reports.
-    pub fn stats(&self) -> Arc<HttpStats> {
-        self.stats.clone()
-    }
-
     /// From now on `/metrics` reports `report` and `/healthz` watches its worker.
     pub fn ready(&self, report: Report) {
         let health = Health {
@@ -124,6 +117,7 @@ impl Endpoint {
         };
         let mut registry = Registry::default();
         registry.register_collector(Box::new(report));
+        registry.register_collector(Box::new(HttpCounters(self.stats.clone())));
         let _ = self.report.set(registry);
         let _ = self.health.set(health);
     }
@@ -267,6 +261,23 @@ fn single(
     metric.encode(encoder.encode_descriptor(name, help, None, kind)?)
 }
 
+/// The endpoint's own counters in `/metrics`.
+#[derive(Debug)]
+struct HttpCounters(Arc<HttpStats>);
+
+impl Collector for HttpCounters {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> std::fmt::Result {
+        let counters = [
+            ("edge_inspect_http_rejected", "HTTP connections closed on accept: too many at once", &self.0.rejected),
+            ("edge_inspect_http_accept_errors", "HTTP accepts that failed (out of descriptors)", &self.0.accept_errors),
+        ];
+        for (name, help, value) in counters {
+            single(&mut encoder, (name, help, MetricType::Counter), &ConstCounter::new(value.load(Relaxed)))?;
+        }
+        Ok(())
+    }
+}
+
 impl Collector for Report {
     fn encode(&self, mut encoder: DescriptorEncoder) -> std::fmt::Result {
         use MetricType::{Counter, Gauge, Histogram};
@@ -322,57 +333,36 @@ impl Collector for Report {
         single(&mut encoder, ("edge_inspect_batch_frames", "Frames per inference batch", Histogram), &p.batch_frames)?;
         let connected = ConstGauge::new(i64::from(p.mqtt_connected.load(Relaxed)));
         single(&mut encoder, ("edge_inspect_mqtt_connected", "1 while connected to the broker", Gauge), &connected)?;
-        single(
-            &mut encoder,
-            ("edge_inspect_mqtt_connects", "Connections made to the broker", Counter),
-            &count(&p.mqtt_connects),
-        )?;
-        single(
-            &mut encoder,
-            ("edge_inspect_mqtt_failures", "Failed connection attempts", Counter),
-            &count(&p.mqtt_failures),
-        )?;
-        single(
-            &mut encoder,
-            ("edge_inspect_mqtt_unresponsive", "Connections dropped because the broker stopped answering", Counter),
-            &count(&p.mqtt_unresponsive),
-        )?;
         let outbox = ConstGauge::new(p.outbox_queued.load(Relaxed) as i64);
         single(
             &mut encoder,
             ("edge_inspect_outbox_messages", "Messages waiting in the on-disk outbox", Gauge),
             &outbox,
         )?;
-        single(
-            &mut encoder,
-            ("edge_inspect_outbox_dropped", "Outbox messages dropped (size cap, age, refused)", Counter),
-            &count(&p.outbox_dropped),
-        )?;
-        single(
-            &mut encoder,
-            ("edge_inspect_outbox_write_failures", "Durable messages the outbox could not keep", Counter),
-            &count(&p.outbox_write_failures),
-        )?;
-        single(
-            &mut encoder,
-            ("edge_inspect_recorder_errors", "Failed recordings and deletes", Counter),
-            &count(&p.recorder_errors),
-        )?;
-        single(
-            &mut encoder,
-            ("edge_inspect_recorder_low_disk", "Frames not recorded: free space under the recorder's floor", Counter),
-            &count(&p.recorder_low_disk),
-        )?;
-        single(
-            &mut encoder,
-            ("edge_inspect_http_rejected", "HTTP connections closed on accept: too many at once", Counter),
-            &count(&self.http.rejected),
-        )?;
-        single(
-            &mut encoder,
-            ("edge_inspect_http_accept_errors", "HTTP accepts that failed (out of descriptors)", Counter),
-            &count(&self.http.accept_errors),
-        )?;
+        let counters = [
+            ("edge_inspect_mqtt_connects", "Connections made to the broker", &p.mqtt_connects),
+            ("edge_inspect_mqtt_failures", "Failed connection attempts", &p.mqtt_failures),
+            (
+                "edge_inspect_mqtt_unresponsive",
+                "Connections dropped because the broker stopped answering",
+                &p.mqtt_unresponsive,
+            ),
+            ("edge_inspect_outbox_dropped", "Outbox messages dropped (size cap, age, refused)", &p.outbox_dropped),
+            (
+                "edge_inspect_outbox_write_failures",
+                "Durable messages the outbox could not keep",
+                &p.outbox_write_failures,
+            ),
+            ("edge_inspect_recorder_errors", "Failed recordings and deletes", &p.recorder_errors),
+            (
+                "edge_inspect_recorder_low_disk",
+                "Frames not recorded: free space under the recorder's floor",
+                &p.recorder_low_disk,
+            ),
+        ];
+        for (name, help, value) in counters {
+            single(&mut encoder, (name, help, Counter), &count(value))?;
+        }
         let model = self.model.lock().expect("model lock").clone();
         let labels = [
             ("name", model.name.clone()),

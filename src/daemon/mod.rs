@@ -301,7 +301,6 @@ impl Running {
                 worker: inference.progress,
                 stage_timeout: config.pipeline.stage_timeout,
                 mqtt: config.mqtt.enabled,
-                http: endpoint.stats(),
             });
         }
         let (status_tx, status) = bounded(64);

@@ -121,11 +121,12 @@ impl<D: Denoiser> Worker<D> {
         tracing::debug!("Inference worker stopped.");
     }
 
-    /// Inspects one batch and hands its verdicts on; `false` when the publisher is gone.
+    /// The stop's drain deadline has passed.
     fn past_deadline(&self) -> bool {
         self.drain_deadline.lock().expect("deadline lock").is_some_and(|d| Instant::now() > d)
     }
 
+    /// Inspects one batch and hands its verdicts on; `false` when the publisher is gone.
     fn inspect(&mut self, batch: Vec<Frame>, output: &Sender<Inspected>) -> bool {
         if self.past_deadline() {
             self.drop_all(&batch, DropReason::Shutdown);
@@ -402,6 +403,41 @@ mod tests {
         out_rx.recv_timeout(Duration::from_secs(30)).expect("the worker still runs");
         drop(batch_tx);
         thread.join().unwrap();
+    }
+
+    /// A run the stop terminates: the drain deadline has passed when the call fails.
+    struct Terminated(Arc<Mutex<Option<Instant>>>);
+    impl Denoiser for Terminated {
+        fn channels(&self) -> usize {
+            1
+        }
+        fn predict_eps(
+            &mut self,
+            _: &[f32],
+            _: [usize; 4],
+            _: &[f32],
+            _: &mut dyn FnMut(&[f32]),
+        ) -> Result<(), RuntimeError> {
+            *self.0.lock().unwrap() = Some(Instant::now() - Duration::from_millis(1));
+            Err(RuntimeError::Run("Exiting due to terminate flag being set to true.".into()))
+        }
+    }
+
+    #[test]
+    fn a_run_terminated_at_the_drain_deadline_is_a_shutdown_not_a_failure() {
+        let deadline = Arc::new(Mutex::new(None));
+        let inspector =
+            Inspector::from_parts("fake".into(), manifest(), Terminated(deadline.clone()), None, None).unwrap();
+        let (registry, cameras) = cameras(&["a", "b"]);
+        let w = Worker::new(vec![model(0, inspector)], 7, registry, Arc::default(), deadline, Progress::new());
+        let (batch_tx, batch_rx) = crossbeam_channel::bounded(4);
+        let (out_tx, out_rx) = crossbeam_channel::bounded(4);
+        batch_tx.send(vec![Frame::uniform(0, 1, [64, 64], 0.0), Frame::uniform(1, 1, [64, 64], 0.0)]).unwrap();
+        drop(batch_tx);
+        w.run(batch_rx, out_tx, crossbeam_channel::never());
+        assert_eq!((cameras[0].drops(DropReason::Shutdown), cameras[1].drops(DropReason::Shutdown)), (1, 1));
+        assert_eq!(cameras[0].drops(DropReason::InferenceError) + cameras[1].drops(DropReason::InferenceError), 0);
+        assert!(out_rx.try_recv().is_err());
     }
 
     #[test]

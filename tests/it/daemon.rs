@@ -1254,6 +1254,7 @@ fn frozen_broker_drill(freeze: Duration, kill_daemon: bool) {
         assert!(noticed < Duration::from_secs(11), "noticed after {noticed:?}; log:\n{}", daemon.log_text());
         assert!(metric("edge_inspect_mqtt_unresponsive_total").is_some_and(|n| n >= 1.0));
     }
+    // The fault itself lasts `freeze` (not a wait for something to happen).
     std::thread::sleep(freeze.saturating_sub(frozen.elapsed()));
     let mut first_log = String::new();
     if kill_daemon {
@@ -1773,9 +1774,11 @@ fn pipelining_clients_neither_starve_the_endpoint_nor_grow_the_daemon() {
     let (_broker, _sub, _dir, mut daemon, addr) = http_rig();
     let rss = daemon.rss_kib();
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // Pipelines the flooders have sent and had answered (or cut off) so far.
+    let pipelines = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let flooders: Vec<_> = (0..20)
         .map(|_| {
-            let (addr, stop) = (addr.clone(), stop.clone());
+            let (addr, stop, pipelines) = (addr.clone(), stop.clone(), pipelines.clone());
             std::thread::spawn(move || {
                 let pipeline = "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n".repeat(200);
                 while !stop.load(std::sync::atomic::Ordering::SeqCst) {
@@ -1783,14 +1786,17 @@ fn pipelining_clients_neither_starve_the_endpoint_nor_grow_the_daemon() {
                     let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
                     let _ = stream.write_all(pipeline.as_bytes());
                     let _ = std::io::Read::read_to_end(&mut stream, &mut Vec::new());
+                    pipelines.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 }
             })
         })
         .collect();
-    for _ in 0..30 {
+    // Scrapes while the flood goes on, until 400 pipelines (80,000 requests) have been sent.
+    let mut scrapes = 0;
+    while pipelines.load(std::sync::atomic::Ordering::SeqCst) < 400 || scrapes < 10 {
         let answer = http_get(&addr, "/metrics");
         assert!(answer.is_some_and(|(s, body)| s == 200 && body.contains("edge_inspect_frames")), "a scrape failed");
-        std::thread::sleep(Duration::from_millis(100));
+        scrapes += 1;
     }
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
     flooders.into_iter().for_each(|f| f.join().unwrap());

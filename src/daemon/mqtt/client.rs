@@ -80,6 +80,24 @@ impl Wire {
         topic.len() + payload + PUBLISH_OVERHEAD <= self.max_packet.load(Relaxed)
     }
 
+    /// Whether a message is over the packet limit; says so in the log (throttled by `log`).
+    fn too_large(&self, topic: &str, payload: usize, log: &LogThrottle) -> bool {
+        if self.fits(topic, payload) {
+            return false;
+        }
+        if let Some(suppressed) = log.admit() {
+            let limit = self.max_packet.load(Relaxed);
+            tracing::error!(
+                topic,
+                bytes = payload,
+                limit,
+                suppressed,
+                "Message larger than the broker takes; not sent."
+            );
+        }
+        true
+    }
+
     /// Hands a publish to the client without blocking; `false` if its queue is full.
     fn hand(&self, topic: String, qos: QoS, retain: bool, payload: Vec<u8>, tag: Tag) -> bool {
         let mut handoff = self.handoff.lock().expect("handoff lock");
@@ -232,10 +250,7 @@ impl Mqtt {
 
     /// [`Mqtt::publish`] to a topic outside the node's own (Home Assistant discovery).
     pub fn publish_at(&self, topic: String, qos: QoS, retain: bool, payload: Vec<u8>) -> bool {
-        if !self.wire.fits(&topic, payload.len()) {
-            if let Some(suppressed) = self.write_failures.admit() {
-                tracing::warn!(topic = %topic, bytes = payload.len(), suppressed, "Message larger than the broker takes; not sent.");
-            }
+        if self.wire.too_large(&topic, payload.len(), &self.write_failures) {
             return false;
         }
         if retain {
@@ -259,11 +274,7 @@ impl Mqtt {
     /// large for the broker, or the outbox cannot be written while the broker is away).
     pub fn publish_durable(&self, suffix: &str, payload: Vec<u8>) -> bool {
         let topic = self.topic(suffix);
-        if !self.wire.fits(&topic, payload.len()) {
-            if let Some(suppressed) = self.write_failures.admit() {
-                let limit = self.wire.max_packet.load(Relaxed);
-                tracing::error!(topic = %topic, bytes = payload.len(), limit, suppressed, "Message larger than the broker takes; lost.");
-            }
+        if self.wire.too_large(&topic, payload.len(), &self.write_failures) {
             return false;
         }
         let mut outbox = self.outbox.lock().expect("outbox lock");
@@ -423,7 +434,7 @@ impl Link {
         }
         for _ in 0..OUTBOX_BATCH {
             let Some((seq, message)) = outbox.next_unsent() else { break };
-            if !self.wire.fits(&message.topic, message.payload.len()) {
+            if self.wire.too_large(&message.topic, message.payload.len(), &self.warnings) {
                 outbox.drop_entry(seq, "larger than the broker takes");
                 continue;
             }
@@ -471,10 +482,11 @@ impl Link {
 
     /// The connection failed: the client moved what it held to its pending list (kept by
     /// [`Handoff`] for a resumed session, given back to the outbox otherwise).
-    fn lost(&self, connection: &Connection, error: &ConnectionError) {
+    /// `unresponsive`: the broker stopped answering (counted as such).
+    fn lost(&self, connection: &Connection, unresponsive: bool) {
         self.stats.mqtt_connected.store(false, Relaxed);
         self.stats.mqtt_failures.fetch_add(1, Relaxed);
-        if matches!(error, ConnectionError::MqttState(StateError::AwaitPingResp)) {
+        if unresponsive {
             self.stats.mqtt_unresponsive.fetch_add(1, Relaxed);
         }
         let fresh = connection
@@ -489,10 +501,11 @@ impl Link {
     /// A publish unacknowledged for longer than the ack timeout: the broker hangs (frozen,
     /// or a partition without a reset). The connection is dropped, counted, and reconnected.
     fn hung(&self, connection: &mut Connection) -> bool {
-        let waited = self.wire.handoff.lock().expect("handoff lock").oldest_wait(Instant::now());
-        let Some(waited) = waited.filter(|w| *w > self.ack_timeout) else { return false };
+        let waited = self.wire.unacknowledged_for();
+        if waited <= self.ack_timeout {
+            return false;
+        }
         tracing::warn!(waited_ms = waited.as_millis() as u64, "No PUBACK from the broker; dropping the connection.");
-        self.stats.mqtt_unresponsive.fetch_add(1, Relaxed);
         connection.eventloop.clean();
         true
     }
@@ -518,7 +531,7 @@ impl Link {
             _ => {}
         }
         if self.stats.mqtt_connected.load(Relaxed) && self.hung(connection) {
-            self.lost(connection, &ConnectionError::RequestsDone);
+            self.lost(connection, true);
             return Next::Retry;
         }
         Next::Continue
@@ -544,7 +557,7 @@ impl Link {
                 Err(rumqttc::v5::RecvError) => Next::Stop,
                 Ok(Ok(event)) => self.on_event(&mut connection, event, stopping_since.is_some()),
                 Ok(Err(e)) => {
-                    self.lost(&connection, &e);
+                    self.lost(&connection, matches!(e, ConnectionError::MqttState(StateError::AwaitPingResp)));
                     tracing::warn!(error = %e, "MQTT connection failed.");
                     Next::Retry
                 }

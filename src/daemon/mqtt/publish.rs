@@ -225,9 +225,12 @@ impl Publisher {
         if a.anomalous {
             camera.stats.anomalies.fetch_add(1, Relaxed);
             // Logged once the alert is in the outbox: a crash after this line loses nothing.
-            let alert =
-                ctx.options.events.frame_alerts.then(|| alert(ctx, &inspected, &to_camera, &regions, defect_area, now));
-            let id = alert.flatten();
+            let id = ctx
+                .options
+                .events
+                .frame_alerts
+                .then(|| alert(ctx, &inspected, &to_camera, &regions, defect_area, now))
+                .flatten();
             tracing::info!(camera = %camera.id, seq = f.seq, alert = id.as_deref(), score = a.normalised_score, regions = a.regions.len(), source = ?f.source_file, "Anomaly.");
         }
         if let Some(mqtt) = &ctx.mqtt {
@@ -338,7 +341,7 @@ fn alert(
         snapshot_topic: mqtt.topic(&format!("{}/snapshot", camera.id)),
     };
     let payload = serde_json::to_vec(&alert).expect("alert serialises");
-    // Alerts and masks are durable: what cannot go now waits in the outbox.
+    // Alerts and masks are durable: on disk first, sent, deleted on their PUBACK.
     let mut kept = mqtt.publish_durable(&format!("{}/anomaly", camera.id), payload);
     if ctx.options.publish_images {
         kept &= mqtt.publish_durable(&format!("{}/mask", camera.id), mask);
