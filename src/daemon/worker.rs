@@ -361,8 +361,9 @@ mod tests {
         assert!(masked[0] < masked[5], "the mask follows the sensitivity: {masked:?}");
     }
 
-    /// Fails every call.
-    struct Broken;
+    /// Fails every call; with a drain deadline, it sets it in the past first (a run the
+    /// stop terminated).
+    struct Broken(Option<Arc<Mutex<Option<Instant>>>>);
     impl Denoiser for Broken {
         fn channels(&self) -> usize {
             1
@@ -374,6 +375,9 @@ mod tests {
             _: &[f32],
             _: &mut dyn FnMut(&[f32]),
         ) -> Result<(), RuntimeError> {
+            if let Some(deadline) = &self.0 {
+                *deadline.lock().unwrap() = Some(Instant::now() - Duration::from_millis(1));
+            }
             Err(RuntimeError::Run("injected".into()))
         }
     }
@@ -405,29 +409,11 @@ mod tests {
         thread.join().unwrap();
     }
 
-    /// A run the stop terminates: the drain deadline has passed when the call fails.
-    struct Terminated(Arc<Mutex<Option<Instant>>>);
-    impl Denoiser for Terminated {
-        fn channels(&self) -> usize {
-            1
-        }
-        fn predict_eps(
-            &mut self,
-            _: &[f32],
-            _: [usize; 4],
-            _: &[f32],
-            _: &mut dyn FnMut(&[f32]),
-        ) -> Result<(), RuntimeError> {
-            *self.0.lock().unwrap() = Some(Instant::now() - Duration::from_millis(1));
-            Err(RuntimeError::Run("Exiting due to terminate flag being set to true.".into()))
-        }
-    }
-
     #[test]
     fn a_run_terminated_at_the_drain_deadline_is_a_shutdown_not_a_failure() {
         let deadline = Arc::new(Mutex::new(None));
         let inspector =
-            Inspector::from_parts("fake".into(), manifest(), Terminated(deadline.clone()), None, None).unwrap();
+            Inspector::from_parts("fake".into(), manifest(), Broken(Some(deadline.clone())), None, None).unwrap();
         let (registry, cameras) = cameras(&["a", "b"]);
         let w = Worker::new(vec![model(0, inspector)], 7, registry, Arc::default(), deadline, Progress::new());
         let (batch_tx, batch_rx) = crossbeam_channel::bounded(4);
@@ -442,7 +428,7 @@ mod tests {
 
     #[test]
     fn a_failed_batch_is_counted_and_the_worker_goes_on() {
-        let Rig { worker: w, cameras, .. } = rig(Broken);
+        let Rig { worker: w, cameras, .. } = rig(Broken(None));
         let (batch_tx, batch_rx) = crossbeam_channel::bounded(4);
         let (out_tx, out_rx) = crossbeam_channel::bounded(4);
         batch_tx.send(vec![Frame::uniform(0, 1, [64, 64], 0.0), Frame::uniform(1, 1, [64, 64], 0.0)]).unwrap();
