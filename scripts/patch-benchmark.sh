@@ -33,6 +33,11 @@ CONTAMINATION=${CONTAMINATION:-0.2}
 STEPS=${STEPS:-800}
 HEAD_STEPS=${HEAD_STEPS:-400}
 LOSS=${LOSS:-huber}
+# The patch map's fusion weight: `auto` (searched on the family groups, the default since
+# the leave-one-group-out round) or a fixed weight (0.5 in the round before).
+FUSION=${FUSION:-auto}
+# 0 skips the untrimmed patch models (the trim's cost, measured in the round before).
+UNTRIMMED=${UNTRIMMED:-1}
 THREADS=${THREADS:-2}
 ARCH=(--size 64 --channels 1 --base-channels 16 --channel-mults 1,2,2 --res-blocks 1)
 
@@ -67,13 +72,14 @@ for texture in $TEXTURES; do
       start=$(date +%s)
       RAYON_NUM_THREADS=$THREADS "$BIN" retrain --data "$data" --loss "$LOSS" --out "$model" --force \
         "${ARCH[@]}" --steps "$STEPS" --batch-size 8 --learning-rate 5e-4 --seed "$seed" --no-progress \
-        --threads "$THREADS" --unet-budget 10 --head-steps "$HEAD_STEPS" --patch-model gaussian --patch-trim 0.1 --patch-fusion 0.5 \
+        --threads "$THREADS" --unet-budget 10 --head-steps "$HEAD_STEPS" --patch-model gaussian --patch-trim 0.1 --patch-fusion "$FUSION" \
         >>"$OUT/benchmark.log" 2>&1
       log "retrain $model took $(( $(date +%s) - start )) s"
     fi
     evaluate "$OUT/eval/fused/$name" "$model" "$data"
     evaluate "$OUT/eval/recon/$name" "$model" "$data" --no-fusion
     evaluate "$OUT/eval/patch/$name" "$model" "$data" --anomaly-map patch
+    [ "$UNTRIMMED" = 1 ] || continue
     untrimmed="$OUT/models/untrimmed/$name"
     if [ ! -f "$untrimmed/manifest.toml" ]; then
       log "retrain $untrimmed"

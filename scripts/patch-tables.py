@@ -1,23 +1,28 @@
 #!/usr/bin/env python3
 """Markdown tables for docs/results.md from scripts/patch-benchmark.sh's reports.
 
-Usage: scripts/patch-tables.py bench-patch
+Usage: scripts/patch-tables.py bench-patch [OLD]
 Reads <out>/eval/<variant>/<texture>-p<level>-s<seed>-<loss>/report.json for the variants
 fused, recon, patch and untrimmed, and prints per texture the mean ± sd over seeds of pixel
-AUROC, pixel AUPRC and image AUROC, then pixel AUROC per defect type.
+AUROC, pixel AUPRC and image AUROC, then pixel AUROC per defect type. Where the bundles'
+search chose the fusion weight, it then compares the criterion with the test set's truth per
+weight (scripts/fusion-ranking.sh scores the weights in between) and, given OLD (the same
+benchmark made by an earlier criterion on the same data and UNets), the head's criterion then
+and now.
 """
 import json
 import os
 import re
 import statistics
 import sys
+import tomllib
 
 NAME = re.compile(r"^(?P<texture>[a-z]+)-p(?P<level>[0-9.]+)-s(?P<seed>[0-9]+)-(?P<loss>[a-z]+)$")
 VARIANTS = [
     ("recon", "reconstruction only (searched rule)"),
     ("patch", "patch model only (trim 0.1)"),
     ("untrimmed", "patch model only (no trim)"),
-    ("fused", "fused (shipped: searched rule + patch, w 0.5)"),
+    ("fused", "fused (as shipped: searched rule + patch map)"),
 ]
 TYPES = ["scratch", "hole", "stain", "crack", "foreign", "wear", "dent"]
 
@@ -74,5 +79,76 @@ def main(out):
                 print(f"| {label} | {texture} | " + " | ".join(cells) + " |")
 
 
+def spearman(xs, ys):
+    def ranks(values):
+        order = sorted(range(len(values)), key=lambda i: values[i])
+        out = [0.0] * len(values)
+        for rank, i in enumerate(order):
+            out[i] = float(rank)
+        return out
+    rx, ry = ranks(xs), ranks(ys)
+    mx, my = statistics.mean(rx), statistics.mean(ry)
+    num = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
+    den = (sum((a - mx) ** 2 for a in rx) * sum((b - my) ** 2 for b in ry)) ** 0.5
+    return num / den if den else float("nan")
+
+
+def manifest(out, name):
+    path = os.path.join(out, "models", "fused", name, "manifest.toml")
+    if not os.path.isfile(path):
+        return None
+    with open(path, "rb") as f:
+        return tomllib.load(f)
+
+
+def truth(out, name, weight, chosen):
+    variant = {0.0: "recon", 1.0: "patch"}.get(weight, "fused" if weight == chosen else f"w{weight:g}")
+    path = os.path.join(out, "eval", variant, name, "report.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)["overall"]["pixel_ap"]
+
+
+def ranking(out, old):
+    names = sorted(os.listdir(os.path.join(out, "models", "fused")))
+    rows = []
+    for name in names:
+        m = manifest(out, name)
+        point = (m or {}).get("operating_point", {})
+        fusion = point.get("fusion_candidates", [])
+        if not fusion or not NAME.match(name):
+            continue
+        chosen = fusion[0]["patch_weight"]
+        weights = sorted(f["patch_weight"] for f in fusion)
+        criterion = {f["patch_weight"]: f["pixel_auprc"] for f in fusion}
+        test = {w: truth(out, name, w, chosen) for w in weights}
+        scored = [w for w in weights if test[w] is not None]
+        rho = spearman([criterion[w] for w in scored], [test[w] for w in scored]) if len(scored) > 2 else None
+        best = max((test[w] for w in scored), default=None)
+        regret = best - test[chosen] if best is not None and test[chosen] is not None else None
+        head = [c["pixel_auprc"] for c in point.get("candidates", []) if c["residual"] == "head"]
+        old_m = manifest(old, name) if old else None
+        old_head = [c["pixel_auprc"] for c in (old_m or {}).get("operating_point", {}).get("candidates", [])
+                    if c["residual"] == "head"]
+        rows.append((name, chosen, weights, criterion, test, rho, regret, head, old_head, point["chosen"]["residual"]))
+    if not rows:
+        return
+    print("\n| bundle | rule | chosen w | criterion AUPRC at w = " + " / ".join(f"{w:g}" for w in rows[0][2])
+          + " | test AUPRC at w = " + " / ".join(f"{w:g}" for w in rows[0][2]) + " | Spearman ρ | regret |")
+    print("|---|---|---|---|---|---|---|")
+    fmt = lambda v: "–" if v is None else f"{v:.3f}"
+    for name, chosen, weights, criterion, test, rho, regret, *_, rule in rows:
+        print(f"| {name} | {rule} | {chosen:g} | " + " / ".join(fmt(criterion[w]) for w in weights) + " | "
+              + " / ".join(fmt(test[w]) for w in weights) + f" | {fmt(rho)} | {fmt(regret)} |")
+    if old:
+        print("\n| bundle | head criterion, same families (old) | head criterion, unseen groups (new) |")
+        print("|---|---|---|")
+        for name, *_, head, old_head, _ in rows:
+            print(f"| {name} | {fmt(old_head[0] if old_head else None)} | {fmt(head[0] if head else None)} |")
+
+
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "bench-patch")
+    out = sys.argv[1] if len(sys.argv) > 1 else "bench-patch"
+    main(out)
+    ranking(out, sys.argv[2] if len(sys.argv) > 2 else None)

@@ -244,8 +244,12 @@ pub struct EvalArgs {
     #[arg(long)]
     pub no_ensemble: bool,
     /// Score the map rule alone, without the manifest's fusion with the patch map.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "fusion_weight")]
     pub no_fusion: bool,
+    /// Fuse the patch map at this weight (0–1) instead of the manifest's, with the
+    /// manifest's standardisation of the two maps (thresholds are not recalibrated).
+    #[arg(long, value_name = "W", value_parser = parse_unit_weight)]
+    pub fusion_weight: Option<f64>,
     #[command(flatten)]
     pub runtime: RuntimeArgs,
     #[arg(long)]
@@ -511,10 +515,11 @@ pub struct RetrainArgs {
     #[arg(long, default_value_t = 0.1)]
     pub patch_trim: f64,
     /// Weight of the patch model's map fused into the shipped rule's map, each map
-    /// standardised on the calibration frames; 0 = no fusion (the patch rule then
-    /// competes in the search on its own instead).
-    #[arg(long, default_value_t = 0.5)]
-    pub patch_fusion: f64,
+    /// standardised on the calibration frames: `auto` = chosen by the operating-point search
+    /// among 0, ¼, ½, ¾ and 1 (½ with --fixed-operating-point); 0 = no fusion (the patch
+    /// rule then competes in the search on its own instead).
+    #[arg(long, default_value = "auto", value_parser = parse_fusion_weight)]
+    pub patch_fusion: FusionWeightArg,
     /// Anomaly-map Gaussian σ in pixels.
     #[arg(long, default_value_t = 2.0)]
     pub smoothing_sigma: f64,
@@ -597,5 +602,23 @@ fn parse_sensitivity(s: &str) -> Result<f64, String> {
     match s.parse::<f64>() {
         Ok(v) if range.contains(&v) => Ok(v),
         _ => Err(format!("expected a sensitivity in {range:?}, got {s:?}")),
+    }
+}
+
+/// `--patch-fusion`: `auto` (searched) or a weight in [0, 1].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct FusionWeightArg(pub Option<f64>);
+
+fn parse_fusion_weight(s: &str) -> Result<FusionWeightArg, String> {
+    match s {
+        "auto" => Ok(FusionWeightArg(None)),
+        _ => parse_unit_weight(s).map(|w| FusionWeightArg(Some(w))).map_err(|e| format!("`auto` or {e}")),
+    }
+}
+
+fn parse_unit_weight(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(w) if (0.0..=1.0).contains(&w) => Ok(w),
+        _ => Err(format!("expected a weight in [0, 1], got {s:?}")),
     }
 }

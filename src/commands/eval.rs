@@ -27,6 +27,12 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
     if args.no_fusion {
         bundle.manifest.anomaly.fusion = None;
     }
+    if let Some(weight) = args.fusion_weight {
+        let Some(fusion) = bundle.manifest.anomaly.fusion.as_mut() else {
+            bail!("--fusion-weight {weight}: {} fuses no patch map (no [anomaly.fusion])", args.model.display());
+        };
+        fusion.patch_weight = weight;
+    }
     let spec = reconstruction_spec(bundle.manifest.reconstruction, &args.reconstruction);
     let mut inspector = Inspector::new(bundle, Some(spec))?.with_tile_batch(args.batch);
     if args.no_ensemble {

@@ -185,7 +185,7 @@ fn patch_config(args: &RetrainArgs) -> anyhow::Result<Option<PatchConfig>> {
                 "--patch-model gaussian (the default) needs the backbone checkpoint: --backbone or \
                  EDGE_INSPECT_BACKBONE (scripts/fetch-backbone.sh fetches it), or --patch-model none",
             )?;
-            Ok(Some(PatchConfig::with_backbone(backbone, args.patch_trim, args.patch_fusion)))
+            Ok(Some(PatchConfig::with_backbone(backbone, args.patch_trim, args.patch_fusion.0)))
         }
     }
 }

@@ -36,9 +36,6 @@ pub enum DefectKind {
 
 impl DefectKind {
     pub const ALL: [DefectKind; 5] = [Self::Scratch, Self::Hole, Self::Stain, Self::Crack, Self::Foreign];
-    /// The shapes `retrain` pastes to choose its operating point. Cracks and foreign
-    /// patches are kept out, so benchmark scores on them measure shapes the choice never saw.
-    pub const SELECTION: [DefectKind; 3] = [Self::Scratch, Self::Hole, Self::Stain];
     /// Families only `synth --held-out-families` draws, into the test set alone: neither the
     /// training contamination, nor `retrain`'s search and head, nor any choice of this
     /// project's parameters ever saw them.
@@ -153,15 +150,16 @@ fn shift(v: u8, delta: f64) -> u8 {
 }
 
 /// Distance from `p` to the segment `a`–`b`.
-fn segment_distance(p: (f64, f64), a: (f64, f64), b: (f64, f64)) -> f64 {
+pub(crate) fn segment_distance(p: (f64, f64), a: (f64, f64), b: (f64, f64)) -> f64 {
     let (dx, dy) = (b.0 - a.0, b.1 - a.1);
     let len2 = (dx * dx + dy * dy).max(1e-12);
     let t = (((p.0 - a.0) * dx + (p.1 - a.1) * dy) / len2).clamp(0.0, 1.0);
     ((p.0 - a.0 - t * dx).powi(2) + (p.1 - a.1 - t * dy).powi(2)).sqrt()
 }
 
-/// Paints one defect of `kind` (one of [`DefectKind::SELECTION`]: no foreign texture) at a
-/// random scale and contrast onto `img`; returns the exact mask (0/255).
+/// Paints one defect of `kind` (any but foreign texture, which needs a second photograph) at
+/// a random scale and contrast onto `img`; returns the exact mask (0/255). `retrain` paints
+/// scratches, holes and stains with it (`train::defects`); cracks are never among them.
 pub fn paste_defect(img: &mut GrayImage, kind: DefectKind, rng: &mut ChaCha8Rng) -> GrayImage {
     assert!(kind != DefectKind::Foreign, "paste_defect: foreign patches need a texture");
     let scale = [0.6, 1.0, 1.6][rng.random_range(0..3)];
@@ -169,11 +167,6 @@ pub fn paste_defect(img: &mut GrayImage, kind: DefectKind, rng: &mut ChaCha8Rng)
     let extent = img.width() as f64;
     paint(img, extent, kind, scale, high_contrast, &GrayImage::new(1, 1), rng)
 }
-
-/// The synthetic defects `retrain` pastes on its own frames (to choose the operating point
-/// and to train the head): the painted [`DefectKind::SELECTION`] shapes and transplants
-/// ([`paste_transplant`]). Cracks and foreign-photograph patches are never among them.
-pub const TRAINING_DEFECTS: [&str; 4] = ["scratch", "hole", "stain", "transplant"];
 
 /// Replaces an irregular blob of `img` with texture from `donor` (another frame of the same
 /// surface) turned by a multiple of 90°, flipped or not, and resampled at half or twice its
@@ -389,7 +382,7 @@ fn box_mean(img: &GrayImage, x: i64, y: i64, radius: i64) -> f64 {
 }
 
 /// Bilinear sample of `img` at pixel coordinates `(x, y)`, clamped to the image.
-fn sample(img: &GrayImage, x: f64, y: f64) -> f64 {
+pub(crate) fn sample(img: &GrayImage, x: f64, y: f64) -> f64 {
     let (w, h) = (img.width() as f64 - 1.0, img.height() as f64 - 1.0);
     let (x, y) = (x.clamp(0.0, w), y.clamp(0.0, h));
     let (x0, y0) = (x.floor(), y.floor());

@@ -154,8 +154,13 @@ impl Ensemble {
             }
         }
         if let Some(fusion) = &anomaly.fusion {
-            let patch = graphs.patch.as_mut().expect("a fused map rule needs the patch model's graph");
-            let patch_maps = pair_maps(&mut **patch, clean, clean, shape, 0, |d| d)?;
+            let patch_maps = if fusion.patch_weight > 0.0 {
+                let patch = graphs.patch.as_mut().expect("a fused map rule needs the patch model's graph");
+                pair_maps(&mut **patch, clean, clean, shape, 0, |d| d)?
+            } else {
+                // At weight 0 the patch map counts for nothing: it is not computed.
+                vec![vec![0.0; h * w]; n]
+            };
             for ((map, _), patch_map) in out.iter_mut().zip(patch_maps) {
                 fusion.fuse(map, &patch_map);
             }

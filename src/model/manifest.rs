@@ -150,6 +150,20 @@ pub struct OperatingPoint {
     pub chosen: CandidateScore,
     /// Every candidate, best first.
     pub candidates: Vec<CandidateScore>,
+    /// The weights tried for fusing the patch map into the chosen rule's, best first; empty
+    /// when the weight was given, not searched.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub fusion_candidates: Vec<FusionScore>,
+}
+
+/// One fusion weight of the patch map and its validation figures (as a candidate's).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FusionScore {
+    pub patch_weight: f64,
+    pub pixel_auprc: f64,
+    pub pixel_auroc: f64,
+    pub image_auroc: f64,
 }
 
 impl CandidateScore {

@@ -94,7 +94,8 @@ pub struct AnomalySpec {
 
 /// Two maps made one: the rule's map and the normal-patch model's, each standardised by
 /// its mean and standard deviation over normal frames (so neither dominates by its units),
-/// then weighted: `(1 − w)·(r − μ_r)/σ_r + w·(p − μ_p)/σ_p`. The reconstruction and the
+/// then weighted: `(1 − w)·(r − μ_r)/σ_r + w·(p − μ_p)/σ_p` (at `w` = 0 the patch map is
+/// not computed; the statistics are kept so `eval --fusion-weight` can try others). The reconstruction and the
 /// pretrained features fail on different defects (`docs/results.md`); the sum keeps what
 /// each finds.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]

@@ -4,9 +4,10 @@
 //!
 //! The pixel residual of a reconstruction is a weak map on irregular textures: the model
 //! redraws *a* plausible texture, not *this* one. The head learns which differences matter
-//! from synthetic defects ([`TRAINING_DEFECTS`]: scratches, holes, stains, and transplants
-//! of other training frames' texture) pasted on training frames, and the bundle's own
-//! reconstructions of them. Cracks and foreign-photograph patches are never pasted here, so
+//! from synthetic defects of the given families ([`crate::train::defects`]) pasted on
+//! training frames, and the bundle's own reconstructions of them; `retrain` trains one head
+//! per family group without that group (to score it on shapes it never saw) and the shipped
+//! one on every family. Cracks, foreign photographs, wear and dents are never pasted here, so
 //! benchmark scores on them measure shapes the head never saw. Training frames are
 //! contaminated; their own defects count as normal pixels here, which only makes the head
 //! more conservative.
@@ -23,8 +24,8 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use super::operating_point::{reconstruct_all, validation_set};
-use crate::eval::synth::TRAINING_DEFECTS;
+use super::defects::{Family, names};
+use super::operating_point::{pasted_set, reconstruct_all};
 use crate::infer::ensemble::head_input;
 use crate::infer::reconstruct::Reconstructor;
 use crate::infer::runtime::{Denoiser, RuntimeError};
@@ -76,8 +77,8 @@ impl HeadConfig {
 }
 
 /// Trains the head on `frames` (`[C, H, W]` each, model space; training frames, never the
-/// calibration ones the head is then scored on), each used clean and with a pasted defect,
-/// reconstructed by `denoiser` with `reconstructor` (the operating point's primary setting).
+/// calibration ones the head is then scored on), each used clean and with a pasted defect
+/// of one of `families`, reconstructed by `denoiser` with `reconstructor` (the operating point's primary setting).
 /// Returns the trained head and its mean loss over the last tenth of the steps.
 pub fn train_head(
     denoiser: &mut dyn Denoiser,
@@ -86,12 +87,13 @@ pub fn train_head(
     [channels, height, width]: [usize; 3],
     config: &HeadConfig,
     seed: u64,
+    families: &[Family],
 ) -> Result<(UNet, f64), RuntimeError> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     rng.set_stream(3);
-    let set = validation_set(frames, [channels, height, width], seed.wrapping_add(1));
+    let set = pasted_set(frames, [channels, height, width], seed.wrapping_add(1), &[families]);
     let recon = reconstruct_all(denoiser, reconstructor, &set.frames, [channels, height, width], seed)?;
-    tracing::info!(pairs = set.frames.len(), kinds = ?TRAINING_DEFECTS, "Head training pairs reconstructed.");
+    tracing::info!(pairs = set.frames.len(), families = ?names(families), "Head training pairs reconstructed.");
 
     let device = Device::flex().autodiff();
     let architecture = config.unet(channels);

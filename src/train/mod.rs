@@ -4,8 +4,9 @@
 //! Flow: `data` (frames, held-out calibration slice) → the explicit loop below (seeded
 //! per-step sampling, q-sample, UNet, `losses`, AdamW with warm-up + cosine learning rate
 //! and gradient clipping, EMA of the weights) → checkpoints → `train::export` of the EMA
-//! weights with `operating_point` (the search for t0, steps, conditioning and map rule on
-//! synthetic defects) and `calibrate` run on the exported graph → JSON report.
+//! weights with `operating_point` (the search for t0, steps, conditioning, map rule and
+//! fusion weight on the synthetic defect families of `defects`) and `calibrate` run on the
+//! exported graph → JSON report.
 //!
 //! Determinism: every step draws its batch, timesteps and noise from a ChaCha8 stream
 //! seeded by `(seed, step)`, and parameter ids are fixed by construction order, so a run
@@ -13,6 +14,7 @@
 
 pub mod calibrate;
 pub mod data;
+pub mod defects;
 pub mod export;
 pub mod head;
 pub mod losses;
@@ -35,10 +37,11 @@ use serde::{Deserialize, Serialize};
 
 use self::calibrate::{CalibrationRule, calibrate};
 use self::data::{Augment, Dataset, Layout, Skipped};
+use self::defects::{FOLDS, Family};
 use self::head::HeadConfig;
 use self::losses::Loss;
 use self::operating_point::{SearchSpace, Validation};
-use self::patch_model::{PatchConfig, fit_patch_model};
+use self::patch_model::{DEFAULT_FUSION_WEIGHT, PatchConfig, fit_patch_model};
 use crate::infer::bundle::{BundleError, Staged, read_manifest};
 use crate::infer::ensemble::{Ensemble, MapGraphs};
 use crate::infer::reconstruct::Reconstructor;
@@ -50,7 +53,7 @@ use crate::model::manifest::{
     Artifact, Calibration, EnsembleSpec, GoldenCheck, HEAD_FILE, Manifest, OperatingPoint, Provenance, SCHEMA_VERSION,
     Thresholds,
 };
-use crate::model::onnx_export::import_weights;
+use crate::model::onnx_export::{export_onnx, import_weights};
 use crate::model::preprocess::{InputSpec, Inspection};
 use crate::model::sampling::ReconstructionSpec;
 use crate::model::unet::UNet;
@@ -92,8 +95,8 @@ pub struct TrainConfig {
     #[serde(default)]
     pub head: Option<HeadConfig>,
     /// Fit a normal-patch model on pretrained features; it is shipped in the bundle, fused
-    /// into the searched rule's map, or (fusion weight 0) the `patch` rule if it wins the
-    /// search.
+    /// into the searched rule's map at the searched or given weight, or (given weight 0) the
+    /// `patch` rule if it wins the search.
     #[serde(default)]
     pub patch: Option<PatchConfig>,
 }
@@ -464,8 +467,8 @@ impl Exporter<'_> {
         }
     }
 
-    /// The final bundle's exported graph: the search and the head where configured, then
-    /// calibration by the chosen rule.
+    /// The final bundle's exported graph: the patch model, the search, the head and the
+    /// fusion weight where configured, then calibration by the chosen rule.
     fn finish(&self, ort: &mut OrtDenoiser, manifest: &mut Manifest, staged: &Staged) -> Result<(), BundleError> {
         let schedule = NoiseSchedule::new(&manifest.schedule).expect("validated");
         let input = manifest.input;
@@ -478,6 +481,8 @@ impl Exporter<'_> {
             manifest.patch = Some(artifact);
             patch_session = Some(session);
         }
+        let given_weight = self.config.patch.as_ref().and_then(|p| p.fusion_weight);
+        let mut weight = self.config.patch.as_ref().map_or(0.0, |_| given_weight.unwrap_or(DEFAULT_FUSION_WEIGHT));
         if let Some(space) = &self.config.operating_point {
             let anomaly = manifest.anomaly;
             let validation = Validation {
@@ -490,9 +495,8 @@ impl Exporter<'_> {
             };
             let mut point = validation.search(ort)?;
             // A patch map fused into the searched rule does not compete with it.
-            let fused = self.config.patch.as_ref().is_some_and(|p| p.fusion_weight > 0.0);
-            if let Some(patch) = patch_session.as_mut().filter(|_| !fused) {
-                let scored = validation.add_map_candidate(&mut point, ort, patch, Residual::Patch)?;
+            if let Some(patch) = patch_session.as_mut().filter(|_| given_weight == Some(0.0)) {
+                let scored = validation.add_map_candidate(&mut point, ort, &mut [patch], Residual::Patch)?;
                 let chosen = point.chosen.residual == Residual::Patch;
                 tracing::info!(
                     pixel_auprc = scored.pixel_auprc,
@@ -500,8 +504,20 @@ impl Exporter<'_> {
                     "Patch model scored on the validation defects."
                 );
             }
-            if let Some(head_config) = &self.config.head {
-                head_session = self.try_head(head_config, &validation, &mut point, ort, manifest, staged)?;
+            let mut fold_heads = Vec::new();
+            if let Some(head_config) = &self.config.head
+                && let Some((head, folds)) =
+                    self.try_head(head_config, &validation, &mut point, ort, manifest, staged)?
+            {
+                head_session = Some(head);
+                fold_heads = folds;
+            }
+            if let Some(patch) = patch_session.as_mut().filter(|_| given_weight.is_none()) {
+                let mut rule_graphs: Vec<&mut dyn Denoiser> =
+                    fold_heads.iter_mut().map(|g| g as &mut dyn Denoiser).collect();
+                point.fusion_candidates = validation.fusion_scores(&point, ort, &mut rule_graphs, patch)?;
+                weight = point.fusion_candidates[0].patch_weight;
+                tracing::info!(weight, scores = ?point.fusion_candidates, "Fusion weight chosen.");
             }
             let chosen = &point.chosen;
             tracing::info!(t0 = chosen.t0, extra_t0 = ?chosen.extra_t0, steps = chosen.steps, condition = chosen.condition, residual = chosen.residual.name(), pixel_auprc = chosen.pixel_auprc, candidates = point.candidates.len(), "Operating point chosen.");
@@ -511,6 +527,10 @@ impl Exporter<'_> {
             manifest.anomaly.residual = chosen.residual;
             manifest.operating_point = Some(point);
         }
+        if weight >= 1.0 && patch_session.is_some() {
+            // The patch map alone won: it is the rule, and nothing is fused into it.
+            manifest.anomaly.residual = Residual::Patch;
+        }
         let (rule, patch) = match manifest.anomaly.residual {
             Residual::Head => (head_session.as_mut(), patch_session.as_mut()),
             Residual::Patch => (patch_session.as_mut(), None),
@@ -518,8 +538,9 @@ impl Exporter<'_> {
         };
         let mut graphs =
             MapGraphs { rule: rule.map(|g| g as &mut dyn Denoiser), patch: patch.map(|g| g as &mut dyn Denoiser) };
-        let weight = self.config.patch.as_ref().map_or(0.0, |p| p.fusion_weight);
-        if graphs.patch.is_some() && weight > 0.0 {
+        // A searched weight of 0 still records the standardisation (`eval --fusion-weight`
+        // can then fuse at any weight); a given 0 means no fusion at all.
+        if graphs.patch.is_some() && (weight > 0.0 || given_weight.is_none()) {
             manifest.anomaly.fusion = Some(self.fusion(ort, &mut graphs, manifest, weight)?);
         }
         self.calibrate(ort, &mut graphs, manifest, &self.options.out)
@@ -589,9 +610,11 @@ impl Exporter<'_> {
         Ok(bundle)
     }
 
-    /// Trains the head at the searched point, exports it into the staged bundle and scores
-    /// it on the search's validation defects; keeps it (session returned, `[head]` in the
-    /// manifest) only if it becomes the choice, else removes its file again.
+    /// Trains the head at the searched point: one per family group without that group's
+    /// families (scored on them: the head's figures are on shapes it never saw), and the
+    /// one to ship on every family, exported into the staged bundle. Keeps it (`[head]` in
+    /// the manifest; its session and the group heads' returned) only if it becomes the
+    /// choice, else removes its file again.
     fn try_head(
         &self,
         config: &HeadConfig,
@@ -600,25 +623,35 @@ impl Exporter<'_> {
         ort: &mut OrtDenoiser,
         manifest: &mut Manifest,
         staged: &Staged,
-    ) -> Result<Option<OrtDenoiser>, BundleError> {
+    ) -> Result<Option<(OrtDenoiser, Vec<OrtDenoiser>)>, BundleError> {
         let spec = point.chosen.reconstruction();
         let mut reconstructor =
             Reconstructor::new(validation.schedule.clone(), spec).expect("a searched candidate is valid");
-        let seed = self.config.seed;
-        let (model, final_loss) =
-            head::train_head(ort, &mut reconstructor, self.head_frames, validation.shape, config, seed)?;
-        let unet = config.unet(manifest.input.channels);
-        let (mut session, artifact) =
+        let (seed, channels) = (self.config.seed, manifest.input.channels);
+        let unet = config.unet(channels);
+        let mut train = |families: &[Family]| {
+            head::train_head(ort, &mut reconstructor, self.head_frames, validation.shape, config, seed, families)
+        };
+        let mut group_heads = Vec::with_capacity(FOLDS.len());
+        for k in 0..FOLDS.len() {
+            let (model, _) = train(&defects::outside_fold(k))?;
+            let label = staged.path(&format!("head-without-group-{k}.onnx"));
+            let onnx = export_onnx(&model, &unet, env!("CARGO_PKG_VERSION"));
+            group_heads.push(OrtDenoiser::from_memory(&onnx, &label, unet.channels, &self.options.runtime)?);
+        }
+        let (model, final_loss) = train(&Family::ALL)?;
+        let (session, artifact) =
             export_head(&model, &unet, manifest, staged, &self.options.runtime, final_loss, config.steps)?;
-        let scored = validation.add_map_candidate(point, ort, &mut session, Residual::Head)?;
+        let mut graphs: Vec<&mut dyn Denoiser> = group_heads.iter_mut().map(|g| g as &mut dyn Denoiser).collect();
+        let scored = validation.add_map_candidate(point, ort, &mut graphs, Residual::Head)?;
         let chosen = point.chosen.residual == Residual::Head;
-        tracing::info!(pixel_auprc = scored.pixel_auprc, chosen, "Head scored on the validation defects.");
+        tracing::info!(pixel_auprc = scored.pixel_auprc, chosen, "Head scored on the family groups it never saw.");
         if !chosen {
             staged.remove(HEAD_FILE)?;
             return Ok(None);
         }
         manifest.head = Some(artifact);
-        Ok(Some(session))
+        Ok(Some((session, group_heads)))
     }
 }
 

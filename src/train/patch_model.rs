@@ -32,12 +32,18 @@ pub struct PatchConfig {
     /// Covariance ridge, as a fraction of the mean variance.
     pub shrinkage: f64,
     /// Weight of the patch map fused into the shipped rule's map (0: not fused; the patch
-    /// rule then only competes in the search on its own).
-    pub fusion_weight: f64,
+    /// rule then only competes in the search on its own). `None`: chosen by the
+    /// operating-point search among `operating_point::FUSION_WEIGHTS`, or
+    /// [`DEFAULT_FUSION_WEIGHT`] when the operating point is fixed.
+    pub fusion_weight: Option<f64>,
 }
 
+/// The fusion weight of a model whose operating point is not searched: equal weight to two
+/// standardised maps.
+pub const DEFAULT_FUSION_WEIGHT: f64 = 0.5;
+
 impl PatchConfig {
-    pub fn with_backbone(backbone: PathBuf, trim: f64, fusion_weight: f64) -> Self {
+    pub fn with_backbone(backbone: PathBuf, trim: f64, fusion_weight: Option<f64>) -> Self {
         Self { backbone, tiles: 256, trim, rounds: 3, shrinkage: 0.01, fusion_weight }
     }
 
@@ -55,8 +61,8 @@ impl PatchConfig {
                 self.backbone.display()
             ));
         }
-        if !(0.0..=1.0).contains(&self.fusion_weight) {
-            return Err(format!("the patch map's fusion weight must be in [0, 1], got {}", self.fusion_weight));
+        if let Some(weight) = self.fusion_weight.filter(|w| !(0.0..=1.0).contains(w)) {
+            return Err(format!("the patch map's fusion weight must be in [0, 1], got {weight}"));
         }
         self.fit().validate()
     }

@@ -113,6 +113,11 @@ fn eval_scores_a_generated_benchmark() {
     assert!((0.0..=1.0).contains(&auroc) && auroc != overall["pixel_auroc"].as_f64().unwrap(), "{auroc}");
     let (ok, _, stderr) = feature_eval(&dir.path().join("bad"), "1000");
     assert!(!ok && stderr.contains("feature_t = 1000"), "{stderr}");
+    // A fusion weight needs a bundle that fuses a patch map; the demo model has none.
+    let (ok, _, stderr) = eval_with(&data, &dir.path().join("fw"), &["--fusion-weight", "0.5"]);
+    assert!(!ok && stderr.contains("--fusion-weight 0.5") && stderr.contains("brick-huber"), "{stderr}");
+    let (ok, _, stderr) = eval_with(&data, &dir.path().join("fw"), &["--fusion-weight", "2"]);
+    assert!(!ok && stderr.contains("\"2\""), "{stderr}");
 }
 
 #[test]

@@ -180,7 +180,13 @@ fn retrain_chooses_the_operating_point_within_the_budget() {
     assert_eq!(point.chosen, point.candidates[0]);
     assert_eq!(point.chosen.pixel_auprc, best);
     assert!(point.candidates.iter().all(|c| (0.0..=1.0).contains(&c.pixel_auprc)));
-    assert_eq!(point.defect_kinds, ["scratch", "hole", "stain", "transplant"], "never crack or foreign");
+    assert_eq!(
+        point.defect_kinds,
+        ["scratch", "hole", "stain", "lines", "shift", "transplant", "patch"],
+        "never the benchmark's test-only crack, foreign, wear or dent"
+    );
+    assert!(point.rule.contains("scratch/lines | hole/stain/shift | transplant/patch"), "{}", point.rule);
+    assert!(point.fusion_candidates.is_empty(), "no patch model, no fusion weight to search");
     assert_eq!(
         (manifest.reconstruction.t0, manifest.reconstruction.steps, manifest.reconstruction.condition),
         (point.chosen.t0, point.chosen.steps, point.chosen.condition)
@@ -278,7 +284,7 @@ fn retrain_fits_a_patch_model_that_ships_verified_and_finds_pasted_defects() {
         max_frames: 8,
         ..SearchSpace::with_budget(1)
     });
-    with_patch.patch = Some(PatchConfig { tiles: 16, ..PatchConfig::with_backbone(backbone(), 0.1, 0.0) });
+    with_patch.patch = Some(PatchConfig { tiles: 16, ..PatchConfig::with_backbone(backbone(), 0.1, Some(0.0)) });
     let Outcome::Finished { bundle, .. } = train(with_patch, &options(&data, &out)).unwrap() else { panic!() };
     let manifest = read_manifest(&bundle).unwrap();
     let patch = manifest.patch.clone().expect("the patch model is in the manifest");
@@ -315,7 +321,7 @@ fn retrain_fuses_the_patch_map_into_the_shipped_rule() {
     let out = tmp.path().join("fused");
     let mut fused = config(Loss::Huber { delta: 0.2 }, 6);
     fused.input = InputSpec { width: 32, height: 32, ..InputSpec::default() };
-    fused.patch = Some(PatchConfig { tiles: 16, ..PatchConfig::with_backbone(backbone(), 0.1, 0.5) });
+    fused.patch = Some(PatchConfig { tiles: 16, ..PatchConfig::with_backbone(backbone(), 0.1, Some(0.5)) });
     let Outcome::Finished { bundle, .. } = train(fused, &options(&data, &out)).unwrap() else { panic!() };
     let manifest = read_manifest(&bundle).unwrap();
     assert_eq!(manifest.anomaly.residual, Residual::L1, "the configured rule stays the rule");
@@ -349,7 +355,7 @@ fn the_patch_rule_without_a_patch_model_is_refused() {
     let e = train(cfg, &options(tmp.path(), &tmp.path().join("out"))).err().unwrap().to_string();
     assert!(e.contains("--patch-model"), "{e}");
     let mut cfg = config(Loss::Mse, 4);
-    cfg.patch = Some(PatchConfig::with_backbone(tmp.path().join("missing.pth"), 0.1, 0.5));
+    cfg.patch = Some(PatchConfig::with_backbone(tmp.path().join("missing.pth"), 0.1, None));
     let e = train(cfg, &options(tmp.path(), &tmp.path().join("out"))).err().unwrap().to_string();
     assert!(e.contains("missing.pth") && e.contains("fetch-backbone"), "{e}");
 }
@@ -464,10 +470,44 @@ fn retrain_cli_reads_the_mvtec_layout_and_writes_a_report() {
     // Line-scale by default: tiles of the input size, ¾ of it apart, at native scale.
     assert_eq!(manifest.inspection, Inspection::Tiled { scale: 1.0, stride: 12 });
     // The benchmarked recipe by default: a learned head in the search, the normal-patch
-    // model fused into the chosen rule.
+    // model fused into the chosen rule at the weight the search chose.
     let point = manifest.operating_point.as_ref().unwrap();
     assert!(point.candidates.iter().any(|c| c.residual == Residual::Head), "the head is trained and scored");
-    assert!(manifest.patch.is_some() && manifest.anomaly.fusion.is_some(), "{:?}", manifest.anomaly);
+    assert!(manifest.patch.is_some(), "{:?}", manifest.anomaly);
+    let weights: Vec<f64> = point.fusion_candidates.iter().map(|f| f.patch_weight).collect();
+    assert_eq!(weights.len(), 5, "every fusion weight is scored: {weights:?}");
+    let best = point.fusion_candidates[0].patch_weight;
+    assert!(point.fusion_candidates.iter().all(|f| f.pixel_auprc <= point.fusion_candidates[0].pixel_auprc));
+    match manifest.anomaly.fusion {
+        Some(fusion) => assert_eq!(fusion.patch_weight, best, "{:?}", point.fusion_candidates),
+        None => assert!(best == 1.0 && manifest.anomaly.residual == Residual::Patch, "{:?}", manifest.anomaly),
+    }
+    if manifest.anomaly.fusion.is_some() {
+        // `eval --fusion-weight` re-weights the shipped standardisation.
+        let bench = tmp.path().join("bench");
+        let texture = fixture("brick_texture.png");
+        let o = Command::new(BIN)
+            .args(["synth", "--texture", texture.to_str().unwrap(), "--out", bench.to_str().unwrap(), "--size", "32"])
+            .args(["--train", "4", "--test-good", "4", "--test-per-type", "1", "--seed", "1"])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let scored = |weight: &str| {
+            let report = tmp.path().join(format!("eval-{weight}"));
+            let o = Command::new(BIN)
+                .args(["eval", "--model", out.to_str().unwrap(), "--data", bench.to_str().unwrap()])
+                .args(["--out", report.to_str().unwrap(), "--resize", "--overlays", "0", "--no-progress"])
+                .args(["--fusion-weight", weight])
+                .output()
+                .unwrap();
+            assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+            let report: serde_json::Value =
+                serde_json::from_slice(&fs::read(report.join("report.json")).unwrap()).unwrap();
+            assert_eq!(report["anomaly"]["fusion"]["patch_weight"].as_f64(), Some(weight.parse().unwrap()));
+            report["overall"]["pixel_auroc"].as_f64().unwrap()
+        };
+        assert_ne!(scored("0"), scored("1"), "the rule's map and the patch map differ");
+    }
     // Without the backbone, the default says what is missing and how to do without it.
     let o = Command::new(BIN)
         .args(["retrain", "--data", category.to_str().unwrap(), "--out", tmp.path().join("x").to_str().unwrap()])
