@@ -135,6 +135,9 @@ pub enum PatchModelArg {
     None,
     /// One Gaussian of all patch vectors, fitted robustly (trimmed refits).
     Gaussian,
+    /// One Gaussian per feature cell (PaDiM), for parts in the same place in every frame;
+    /// needs --inspection resize.
+    PerPosition,
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]

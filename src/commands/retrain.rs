@@ -15,7 +15,7 @@ use crate::train::calibrate::CalibrationRule;
 use crate::train::head::HeadConfig;
 use crate::train::losses::Loss;
 use crate::train::operating_point::SearchSpace;
-use crate::train::patch_model::PatchConfig;
+use crate::train::patch_model::{PatchConfig, PatchKind};
 use crate::train::{Outcome, RunOptions, TrainConfig, train};
 
 /// The OpenMP wait policy training runs under, running this process again with
@@ -180,12 +180,17 @@ const DEFAULT_HEAD_STEPS: usize = 400;
 fn patch_config(args: &RetrainArgs) -> anyhow::Result<Option<PatchConfig>> {
     match args.patch_model {
         PatchModelArg::None => Ok(None),
-        PatchModelArg::Gaussian => {
+        PatchModelArg::Gaussian | PatchModelArg::PerPosition => {
             let backbone = args.backbone.clone().context(
-                "--patch-model gaussian (the default) needs the backbone checkpoint: --backbone or \
+                "--patch-model (gaussian by default) needs the backbone checkpoint: --backbone or \
                  EDGE_INSPECT_BACKBONE (scripts/fetch-backbone.sh fetches it), or --patch-model none",
             )?;
-            Ok(Some(PatchConfig::with_backbone(backbone, args.patch_trim, args.patch_fusion.0)))
+            let model = match args.patch_model {
+                PatchModelArg::PerPosition => PatchKind::PerPosition,
+                _ => PatchKind::Gaussian,
+            };
+            let config = PatchConfig::with_backbone(backbone, args.patch_trim, args.patch_fusion.0);
+            Ok(Some(PatchConfig { model, ..config }))
         }
     }
 }

@@ -41,7 +41,7 @@ use self::defects::{FOLDS, Family};
 use self::head::HeadConfig;
 use self::losses::Loss;
 use self::operating_point::{SearchSpace, Validation};
-use self::patch_model::{DEFAULT_FUSION_WEIGHT, PatchConfig, fit_patch_model};
+use self::patch_model::{DEFAULT_FUSION_WEIGHT, PatchConfig, PatchKind, fit_patch_model};
 use crate::infer::bundle::{BundleError, Staged, read_manifest};
 use crate::infer::ensemble::{Ensemble, MapGraphs};
 use crate::infer::reconstruct::Reconstructor;
@@ -308,6 +308,11 @@ impl TrainConfig {
         }
         if let Some(patch) = &self.patch {
             patch.validate()?;
+            if patch.model == PatchKind::PerPosition && self.inspection != Inspection::Resize {
+                return Err("--patch-model per-position models each feature cell at its place in the frame: it \
+                     needs whole frames, --inspection resize (aligned parts), not tiles"
+                    .into());
+            }
         }
         if self.anomaly.residual == Residual::Patch && self.patch.is_none() {
             return Err("--anomaly-map patch needs the normal-patch model (--patch-model gaussian)".into());
@@ -682,8 +687,11 @@ pub fn train(config: TrainConfig, options: &RunOptions) -> Result<Outcome, Train
     // model's scale), never from the calibration frames they are then scored on.
     let head_count = config.head.as_ref().map_or(0, |h| h.frames);
     let head_frames = split.sample(&dataset, &augment, head_count, config.seed ^ 0x4845_4144);
-    let patch_count = config.patch.as_ref().map_or(0, |p| p.tiles);
-    let patch_tiles = split.sample(&dataset, &augment, patch_count, config.seed ^ 0x5041_5443);
+    let patch_tiles = match &config.patch {
+        None => Vec::new(),
+        Some(p) if p.model == PatchKind::PerPosition => split.whole(&dataset, p.tiles),
+        Some(p) => split.sample(&dataset, &augment, p.tiles, config.seed ^ 0x5041_5443),
+    };
     let exporter = Exporter {
         config: &config,
         options,
@@ -763,6 +771,14 @@ impl Split {
         // With a single frame there is nothing to hold out: calibrate on the training frame.
         let calibration = if calibration.is_empty() { train.to_vec() } else { calibration.to_vec() };
         Self { train: train.to_vec(), calibration }
+    }
+
+    /// The first `count` training frames whole (resized to the model input), unflipped: each
+    /// once, every part where the camera saw it.
+    fn whole(&self, dataset: &Dataset, count: usize) -> Vec<Vec<f32>> {
+        let whole = Augment { flips: false, random_crop: None };
+        let mut rng = ChaCha8Rng::seed_from_u64(0);
+        self.train.iter().take(count).map(|&i| dataset.augmented(i, &whole, &mut rng)).collect()
     }
 
     /// `count` augmented training frames drawn with `seed`.

@@ -2,10 +2,12 @@
 //! Gaussian fitted on them (`model::patch`), and the `patch.onnx` graph written into the
 //! staged bundle with its golden check.
 //!
-//! The tiles are random crops of the training frames at the model's scale, as the head's
-//! are; the calibration frames stay held out. The frames are contaminated, and nothing
-//! labels which patches are defects: the trim of the most distant vectors between refits
-//! is what keeps them out of the model (`model::patch`).
+//! For the global Gaussian the tiles are random crops of the training frames at the model's
+//! scale, as the head's are; for the per-position model (aligned parts, frames seen whole)
+//! they are the training frames themselves, unflipped. The calibration frames stay held
+//! out. The frames are contaminated, and nothing labels which patches are defects: the trim
+//! of the most distant vectors between refits is what keeps them out of the model
+//! (`model::patch`).
 
 use std::path::PathBuf;
 
@@ -15,14 +17,36 @@ use crate::infer::bundle::{BundleError, Staged, sha256_hex};
 use crate::infer::runtime::{OrtDenoiser, RuntimeConfig};
 use crate::model::backbone::{Backbone, FeatureSpec};
 use crate::model::manifest::{Manifest, PATCH_FILE, PatchArtifact, PatchFit};
-use crate::model::patch::{Gaussian, RobustFit, patch_onnx};
+use crate::model::patch::{Gaussian, PerPosition, RobustFit, patch_onnx, per_position_onnx};
 use crate::train::export::pair_golden;
+
+/// Which model of normal patch features is fitted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PatchKind {
+    /// One Gaussian of every patch vector: textures, parts anywhere in the frame.
+    #[default]
+    Gaussian,
+    /// One Gaussian per feature cell (PaDiM): parts in the same place in every frame.
+    PerPosition,
+}
+
+impl PatchKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Gaussian => "gaussian",
+            Self::PerPosition => "per-position",
+        }
+    }
+}
 
 /// The normal-patch model's settings; stored in the training configuration.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PatchConfig {
     /// The backbone checkpoint (`scripts/fetch-backbone.sh`).
     pub backbone: PathBuf,
+    #[serde(default)]
+    pub model: PatchKind,
     /// Training tiles whose features are modelled.
     pub tiles: usize,
     /// Fraction of patch vectors trimmed as the most distant before each refit.
@@ -44,7 +68,7 @@ pub const DEFAULT_FUSION_WEIGHT: f64 = 0.5;
 
 impl PatchConfig {
     pub fn with_backbone(backbone: PathBuf, trim: f64, fusion_weight: Option<f64>) -> Self {
-        Self { backbone, tiles: 256, trim, rounds: 3, shrinkage: 0.01, fusion_weight }
+        Self { backbone, model: PatchKind::Gaussian, tiles: 256, trim, rounds: 3, shrinkage: 0.01, fusion_weight }
     }
 
     fn fit(&self) -> RobustFit {
@@ -87,9 +111,17 @@ pub fn fit_patch_model(
     let graph = backbone.features_onnx(&spec, input.channels, version);
     let label = config.backbone.with_file_name("patch features (derived from the backbone)");
     let mut features = OrtDenoiser::from_memory(&graph, &label, input.channels, runtime)?;
-    let vectors = patch_vectors(&mut features, tiles, [input.channels, input.height, input.width])?;
-    let gaussian = Gaussian::fit(&vectors, spec.channels, &config.fit()).map_err(inconsistent)?;
-    let onnx = patch_onnx(&backbone, &spec, &gaussian, input.channels, version);
+    let (vectors, cells) = patch_vectors(&mut features, tiles, [input.channels, input.height, input.width])?;
+    let onnx = match config.model {
+        PatchKind::Gaussian => {
+            let gaussian = Gaussian::fit(&vectors, spec.channels, &config.fit()).map_err(inconsistent)?;
+            patch_onnx(&backbone, &spec, &gaussian, input.channels, version)
+        }
+        PatchKind::PerPosition => {
+            let model = PerPosition::fit(&vectors, spec.channels, cells, &config.fit()).map_err(inconsistent)?;
+            per_position_onnx(&backbone, &spec, &model, input.channels, version)
+        }
+    };
     staged.write(PATCH_FILE, &onnx)?;
     let path = staged.path(PATCH_FILE);
     let mut session = OrtDenoiser::load(&path, 2 * input.channels, runtime)?;
@@ -101,29 +133,33 @@ pub fn fit_patch_model(
         rounds: config.rounds,
         shrinkage: config.shrinkage,
     };
-    tracing::info!(tiles = fit.tiles, vectors = fit.vectors, trim = fit.trim, "Normal-patch model fitted.");
+    let model = config.model.name();
+    tracing::info!(model, tiles = fit.tiles, vectors = fit.vectors, trim = fit.trim, "Normal-patch model fitted.");
     let artifact = PatchArtifact {
         onnx: PATCH_FILE.to_string(),
         sha256: sha256_hex(&onnx),
         features: spec,
-        model: "gaussian".into(),
+        model: model.into(),
         fit,
         golden,
     };
     Ok((session, artifact))
 }
 
-/// The patch vectors of `tiles`, one row of `channels` values per feature cell.
+/// The patch vectors of `tiles`, one row of `channels` values per feature cell (each
+/// tile's cells in order), and the feature cells `[h, w]` of a tile.
 fn patch_vectors(
     features: &mut OrtDenoiser,
     tiles: &[Vec<f32>],
     [c, h, w]: [usize; 3],
-) -> Result<Vec<f32>, BundleError> {
+) -> Result<(Vec<f32>, [usize; 2]), BundleError> {
     const BATCH: usize = 8;
     let mut vectors = Vec::new();
+    let mut grid = [0, 0];
     for chunk in tiles.chunks(BATCH) {
         let n = chunk.len();
         features.predict_raw(&chunk.concat(), [n, c, h, w], &vec![0.0; n], &mut |dims, out| {
+            grid = [dims[2], dims[3]];
             let (channels, cells) = (dims[1], dims[2] * dims[3]);
             for frame in out.chunks_exact(channels * cells) {
                 for cell in 0..cells {
@@ -132,5 +168,5 @@ fn patch_vectors(
             }
         })?;
     }
-    Ok(vectors)
+    Ok((vectors, grid))
 }

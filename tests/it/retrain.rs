@@ -22,8 +22,9 @@ use edge_inspect::train::calibrate::CalibrationRule;
 use edge_inspect::train::head::HeadConfig;
 use edge_inspect::train::losses::Loss;
 use edge_inspect::train::operating_point::SearchSpace;
-use edge_inspect::train::patch_model::PatchConfig;
+use edge_inspect::train::patch_model::{PatchConfig, PatchKind};
 use edge_inspect::train::{Outcome, RunOptions, TrainConfig, TrainDevice, TrainError, train};
+use rand::{Rng, SeedableRng};
 
 const BIN: &str = env!("CARGO_BIN_EXE_edge-inspect");
 
@@ -538,4 +539,69 @@ fn retrain_cli_reads_the_mvtec_layout_and_writes_a_report() {
     let stderr = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && stderr.contains("--force"), "{stderr}");
     assert!(stderr.contains("openmp_wait_policy=active"), "a policy the environment chose is kept: {stderr}");
+}
+
+/// Aligned parts: 100 frames of one brick crop, each with its own sensor noise, and a
+/// bright square always at the top left. `misplaced` adds the same square at the bottom
+/// right: normal in appearance, a defect by its place.
+fn aligned_frame(seed: u64, misplaced: bool) -> image::GrayImage {
+    let texture = image::open(fixture("brick_texture.png")).unwrap().to_luma8();
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    image::GrayImage::from_fn(32, 32, |x, y| {
+        let square = (3..9).contains(&x) && (3..9).contains(&y);
+        let moved = misplaced && (22..28).contains(&x) && (22..28).contains(&y);
+        let base = if square || moved { 235.0 } else { texture.get_pixel(40 + x, 40 + y)[0] as f64 * 0.6 };
+        image::Luma([(base + rng.random_range(-4.0..4.0)).clamp(0.0, 255.0) as u8])
+    })
+}
+
+#[test]
+fn a_per_position_model_finds_a_normal_pattern_in_the_wrong_place() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    fs::create_dir_all(&data).unwrap();
+    for i in 0..100 {
+        aligned_frame(i, false).save(data.join(format!("part_{i:03}.png"))).unwrap();
+    }
+    let ratio = |kind: PatchKind| {
+        let mut cfg = config(Loss::Huber { delta: 0.2 }, 4);
+        cfg.input = InputSpec { width: 32, height: 32, ..InputSpec::default() };
+        (cfg.inspection, cfg.random_crop, cfg.flips) = (Inspection::Resize, None, false);
+        cfg.anomaly.residual = Residual::Patch;
+        cfg.patch =
+            Some(PatchConfig { model: kind, tiles: 100, ..PatchConfig::with_backbone(backbone(), 0.1, Some(0.0)) });
+        let out = tmp.path().join(kind.name());
+        let Outcome::Finished { bundle, .. } = train(cfg, &options(&data, &out)).unwrap() else { panic!() };
+        let manifest = read_manifest(&bundle).unwrap();
+        let patch = manifest.patch.clone().unwrap();
+        assert_eq!(patch.model, kind.name());
+        // Per position: each of the 80 training frames once (a fifth is held out for
+        // calibration); globally: 100 frames drawn. 32×32 cells each.
+        let frames = if kind == PatchKind::PerPosition { 80 } else { 100 };
+        assert_eq!((patch.fit.tiles, patch.fit.vectors), (frames, frames * 32 * 32));
+        let loaded = Bundle::load(&bundle, &RuntimeConfig::default()).unwrap();
+        let input = loaded.manifest.input;
+        let mut inspector = Inspector::new(loaded, None).unwrap();
+        let frame = image::DynamicImage::ImageLuma8(aligned_frame(1000, true));
+        let prepared = input.prepare(&frame);
+        let map = &inspector.inspect(&[FrameView::new(&prepared.tensor, prepared.size())], &[1]).unwrap()[0].map;
+        let (mut inside, mut outside) = ((0.0, 0), (0.0, 0));
+        for (i, v) in map.iter().enumerate() {
+            let (x, y) = (i % 32, i / 32);
+            let bucket = if (22..28).contains(&x) && (22..28).contains(&y) { &mut inside } else { &mut outside };
+            (bucket.0, bucket.1) = (bucket.0 + *v as f64, bucket.1 + 1);
+        }
+        inside.0 / inside.1 as f64 / (outside.0 / outside.1 as f64)
+    };
+    let (global, per_position) = (ratio(PatchKind::Gaussian), ratio(PatchKind::PerPosition));
+    eprintln!("misplaced square, inside / outside: global {global:.2}, per position {per_position:.2}");
+    assert!(per_position > 2.0 && per_position > 1.5 * global, "global {global:.2}, per position {per_position:.2}");
+
+    // Tiles have no fixed place in the frame: the per-position model refuses them.
+    let mut tiled = config(Loss::Huber { delta: 0.2 }, 4);
+    tiled.inspection = Inspection::Tiled { scale: 1.0, stride: 12 };
+    tiled.patch =
+        Some(PatchConfig { model: PatchKind::PerPosition, ..PatchConfig::with_backbone(backbone(), 0.1, None) });
+    let e = train(tiled, &options(&data, &tmp.path().join("tiled"))).err().unwrap().to_string();
+    assert!(e.contains("per-position") && e.contains("--inspection resize"), "{e}");
 }
