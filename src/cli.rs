@@ -504,6 +504,10 @@ pub struct RetrainArgs {
     /// Default: 400 when the operating point is searched, 0 with --fixed-operating-point.
     #[arg(long)]
     pub head_steps: Option<usize>,
+    /// Fraction of the normal-labelled pixels of each head batch left out of its loss, the
+    /// highest-loss ones (where the field frames' own unlabelled defects are likeliest).
+    #[arg(long, default_value_t = 0.0)]
+    pub head_trim: f64,
     /// Fit a model of normal patches on pretrained features (ImageNet EfficientNet-Lite0)
     /// of the training frames and ship it in the bundle: its map fused into the searched
     /// rule's (--patch-fusion), or with --patch-fusion 0 the `patch` rule, chosen if it

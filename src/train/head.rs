@@ -43,11 +43,24 @@ pub struct HeadConfig {
     pub frames: usize,
     /// Weight of defect pixels in the binary cross-entropy (they are a few % of pixels).
     pub positive_weight: f64,
+    /// Fraction of the normal-labelled pixels of each batch left out of the loss: those
+    /// with the highest loss, where an unlabelled defect of the contaminated frames is the
+    /// likeliest reason (LTS on the head's loss); 0 = every pixel counts.
+    #[serde(default)]
+    pub trim: f64,
 }
 
 impl HeadConfig {
     pub fn with_steps(steps: usize) -> Self {
-        Self { steps, batch_size: 8, learning_rate: 1e-3, base_channels: 16, frames: 128, positive_weight: 4.0 }
+        Self {
+            steps,
+            batch_size: 8,
+            learning_rate: 1e-3,
+            base_channels: 16,
+            frames: 128,
+            positive_weight: 4.0,
+            trim: 0.0,
+        }
     }
 
     pub fn validate(&self) -> Result<(), String> {
@@ -59,6 +72,9 @@ impl HeadConfig {
         }
         if !(self.learning_rate > 0.0 && self.positive_weight > 0.0) {
             return Err("the head's learning rate and positive weight must be > 0".into());
+        }
+        if !(0.0..0.5).contains(&self.trim) {
+            return Err(format!("the head's trim must be in [0, 0.5), got {}", self.trim));
         }
         Ok(())
     }
@@ -115,7 +131,7 @@ pub fn train_head(
         let y = Tensor::<4>::from_data(TensorData::new(target, [n, 1, height, width]), &device);
         let t = Tensor::<1>::from_data(TensorData::new(vec![0.0f32; n], [n]), &device);
         let logits = model.forward(x, t).narrow(1, 0, 1);
-        let loss = weighted_bce_with_logits(logits, y, config.positive_weight);
+        let loss = weighted_bce_with_logits(logits, y, config.positive_weight, config.trim);
         losses.push(loss.clone().into_data().as_slice::<f32>().expect("f32 loss")[0] as f64);
         let grads = GradientsParams::from_grads(loss.backward(), &model);
         model = optimizer.step(config.learning_rate, model, grads);
@@ -128,12 +144,32 @@ pub fn train_head(
 
 /// Mean binary cross-entropy of `logits` against 0/1 `target`, defect pixels weighted by
 /// `positive_weight`: `w·(softplus(z) − y·z)` with the stable
-/// `softplus(z) = max(z, 0) + ln(1 + e^{−|z|})`.
-fn weighted_bce_with_logits(logits: Tensor<4>, target: Tensor<4>, positive_weight: f64) -> Tensor<1> {
+/// `softplus(z) = max(z, 0) + ln(1 + e^{−|z|})`. With `trim` > 0 the `trim` fraction of
+/// normal-labelled pixels with the highest loss is left out, and the mean is over the rest.
+fn weighted_bce_with_logits(logits: Tensor<4>, target: Tensor<4>, positive_weight: f64, trim: f64) -> Tensor<1> {
     let softplus = logits.clone().clamp_min(0.0).add(logits.clone().abs().neg().exp().add_scalar(1.0).log());
     let per_pixel = softplus.sub(target.clone().mul(logits));
-    let weight = target.mul_scalar((positive_weight - 1.0) as f32).add_scalar(1.0);
-    per_pixel.mul(weight).mean()
+    let weight = target.clone().mul_scalar((positive_weight - 1.0) as f32).add_scalar(1.0);
+    let weighted = per_pixel.mul(weight);
+    if trim <= 0.0 {
+        return weighted.mean();
+    }
+    let values = weighted.clone().into_data().into_vec::<f32>().expect("f32 loss");
+    let labels = target.into_data().into_vec::<f32>().expect("f32 target");
+    let mut normal: Vec<f32> = values.iter().zip(&labels).filter(|(_, y)| **y == 0.0).map(|(v, _)| *v).collect();
+    let dropped = (trim * normal.len() as f64).floor() as usize;
+    if dropped == 0 {
+        return weighted.mean();
+    }
+    let cut = normal.len() - dropped;
+    normal.select_nth_unstable_by(cut, f32::total_cmp);
+    let limit = normal[cut];
+    // Ties at the limit are all dropped: at most a few pixels more than `dropped`.
+    let keep: Vec<f32> = values.iter().zip(&labels).map(|(v, y)| f32::from(*y != 0.0 || *v < limit)).collect();
+    let kept = keep.iter().sum::<f32>().max(1.0);
+    let shape = weighted.shape();
+    let mask = Tensor::<4>::from_data(TensorData::new(keep, shape), &weighted.device());
+    weighted.mul(mask).sum().div_scalar(kept)
 }
 
 #[cfg(test)]
@@ -145,11 +181,30 @@ mod tests {
         let device = Device::flex();
         let z = Tensor::<4>::from_data(TensorData::new(vec![-2.0f32, 0.0, 3.0, 40.0], [1, 1, 2, 2]), &device);
         let y = Tensor::<4>::from_data(TensorData::new(vec![0.0f32, 1.0, 1.0, 0.0], [1, 1, 2, 2]), &device);
-        let got = weighted_bce_with_logits(z, y, 3.0).into_data().as_slice::<f32>().unwrap()[0] as f64;
+        let got = weighted_bce_with_logits(z, y, 3.0, 0.0).into_data().as_slice::<f32>().unwrap()[0] as f64;
         let bce =
             |z: f64, y: f64| -(y * (1.0 / (1.0 + (-z).exp())).ln() + (1.0 - y) * (1.0 - 1.0 / (1.0 + (-z).exp())).ln());
         // z = 40, y = 0: softplus(40) = 40 (the naive formula overflows to inf).
         let want = (bce(-2.0, 0.0) + 3.0 * bce(0.0, 1.0) + 3.0 * bce(3.0, 1.0) + 40.0) / 4.0;
         assert!((got - want).abs() < 1e-4, "{got} vs {want}");
+    }
+
+    #[test]
+    fn the_trim_leaves_out_the_worst_normal_pixels_and_their_gradient() {
+        // Four normal pixels, one of them (z = 40) a defect nobody labelled; one defect pixel.
+        let device = Device::flex().autodiff();
+        let z = Tensor::<4>::from_data(TensorData::new(vec![-2.0f32, -1.0, 40.0, -3.0, 0.5], [1, 1, 1, 5]), &device)
+            .require_grad();
+        let y = Tensor::<4>::from_data(TensorData::new(vec![0.0f32, 0.0, 0.0, 0.0, 1.0], [1, 1, 1, 5]), &device);
+        let loss = weighted_bce_with_logits(z.clone(), y, 2.0, 0.25);
+        let got = loss.clone().into_data().as_slice::<f32>().unwrap()[0] as f64;
+        let softplus = |z: f64| (1.0 + z.exp()).ln();
+        // The pixel at z = 40 is a quarter of the normal ones: out; the defect pixel stays.
+        let want = (softplus(-2.0) + softplus(-1.0) + softplus(-3.0) + 2.0 * (softplus(0.5) - 0.5)) / 4.0;
+        assert!((got - want).abs() < 1e-5, "{got} vs {want}");
+        let grads = loss.backward();
+        let dz = z.grad(&grads).unwrap().into_data().into_vec::<f32>().unwrap();
+        assert_eq!(dz[2], 0.0, "no gradient from the trimmed pixel: {dz:?}");
+        assert!(dz.iter().enumerate().all(|(i, g)| i == 2 || *g != 0.0), "{dz:?}");
     }
 }
