@@ -154,8 +154,8 @@ fn weighted_bce_with_logits(logits: Tensor<4>, target: Tensor<4>, positive_weigh
     if trim <= 0.0 {
         return weighted.mean();
     }
-    let values = weighted.clone().into_data().into_vec::<f32>().expect("f32 loss");
-    let labels = target.into_data().into_vec::<f32>().expect("f32 target");
+    let values = weighted.clone().into_data().try_into_vec::<f32>().expect("f32 loss");
+    let labels = target.into_data().try_into_vec::<f32>().expect("f32 target");
     let mut normal: Vec<f32> = values.iter().zip(&labels).filter(|(_, y)| **y == 0.0).map(|(v, _)| *v).collect();
     let dropped = (trim * normal.len() as f64).floor() as usize;
     if dropped == 0 {
@@ -203,7 +203,7 @@ mod tests {
         let want = (softplus(-2.0) + softplus(-1.0) + softplus(-3.0) + 2.0 * (softplus(0.5) - 0.5)) / 4.0;
         assert!((got - want).abs() < 1e-5, "{got} vs {want}");
         let grads = loss.backward();
-        let dz = z.grad(&grads).unwrap().into_data().into_vec::<f32>().unwrap();
+        let dz = z.grad(&grads).unwrap().into_data().try_into_vec::<f32>().unwrap();
         assert_eq!(dz[2], 0.0, "no gradient from the trimmed pixel: {dz:?}");
         assert!(dz.iter().enumerate().all(|(i, g)| i == 2 || *g != 0.0), "{dz:?}");
     }
