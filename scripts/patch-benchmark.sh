@@ -38,6 +38,12 @@ LOSS=${LOSS:-huber}
 FUSION=${FUSION:-auto}
 # 0 skips the untrimmed patch models (the trim's cost, measured in the round before).
 UNTRIMMED=${UNTRIMMED:-1}
+# 1: native resolution: 256×256 frames with defects drawn as for a 64-pixel image (3–20 px),
+# inspected in 64-pixel tiles (stride 48, retrain's default); 20 good and 6 per defect type
+# in the test set. Use an OUT of its own.
+NATIVE=${NATIVE:-0}
+SYNTH_SIZE=()
+[ "$NATIVE" = 1 ] && SYNTH_SIZE=(--size 256 --crop 256 --defect-extent 64 --test-good 20 --test-per-type 6)
 THREADS=${THREADS:-2}
 ARCH=(--size 64 --channels 1 --base-channels 16 --channel-mults 1,2,2 --res-blocks 1)
 
@@ -63,7 +69,7 @@ for texture in $TEXTURES; do
     if [ ! -d "$data" ]; then
       log "synth $data"
       "$BIN" synth --texture "$(texture_path "$texture")" --foreign "$(texture_path "$(foreign_of "$texture")")" \
-        --out "$data" --contamination "$CONTAMINATION" --seed "$seed" --held-out-families
+        --out "$data" --contamination "$CONTAMINATION" --seed "$seed" --held-out-families "${SYNTH_SIZE[@]}"
     fi
     name="$texture-p$CONTAMINATION-s$seed-$LOSS"
     model="$OUT/models/fused/$name"

@@ -142,10 +142,40 @@ def ranking(out, old):
         print(f"| {name} | {rule} | {chosen:g} | " + " / ".join(fmt(criterion[w]) for w in weights) + " | "
               + " / ".join(fmt(test[w]) for w in weights) + f" | {fmt(rho)} | {fmt(regret)} |")
     if old:
-        print("\n| bundle | head criterion, same families (old) | head criterion, unseen groups (new) |")
-        print("|---|---|---|")
-        for name, *_, head, old_head, _ in rows:
-            print(f"| {name} | {fmt(old_head[0] if old_head else None)} | {fmt(head[0] if head else None)} |")
+        head_against_pixel(out, old, [r[0] for r in rows])
+
+
+def pixel_auprc(out, variant, name):
+    path = os.path.join(out, "eval", variant, name, "report.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)["overall"]["pixel_ap"]
+
+
+def head_against_pixel(out, old, names):
+    """Head against the best single pixel candidate: each criterion's figures and the truth.
+
+    The UNets are the same in both runs (same seed and data), so the pixel candidate's truth
+    (eval/pixel) holds for both; the heads differ (trained on other families), so each run's
+    head is scored by its own eval/recon (the shipped rule, where the head was chosen).
+    """
+    fmt = lambda v: "–" if v is None else f"{v:.3f}"
+    print("\n| bundle | criterion: head / best pixel rule, old | new (unseen groups) | test AUPRC: old head / new head / pixel rule |")
+    print("|---|---|---|---|")
+    key = lambda c: (c["t0"], c["steps"], c["condition"], c["residual"])
+    for name in names:
+        new_m, old_m = manifest(out, name), manifest(old, name)
+        if not new_m or not old_m:
+            continue
+        new_c, old_c = new_m["operating_point"]["candidates"], old_m["operating_point"]["candidates"]
+        pixel = next(c for c in new_c if c["residual"] in ("l1", "ssim", "msgms") and not c.get("extra_t0"))
+        old_pixel = next((c for c in old_c if key(c) == key(pixel) and not c.get("extra_t0")), None)
+        head = lambda cs: next((c["pixel_auprc"] for c in cs if c["residual"] == "head"), None)
+        truth = lambda run, m: pixel_auprc(run, "recon", name) if m["anomaly"]["residual"] == "head" else None
+        print(f"| {name} | {fmt(head(old_c))} / {fmt(old_pixel and old_pixel['pixel_auprc'])} | "
+              f"{fmt(head(new_c))} / {fmt(pixel['pixel_auprc'])} | {fmt(truth(old, old_m))} / "
+              f"{fmt(truth(out, new_m))} / {fmt(pixel_auprc(out, 'pixel', name))} |")
 
 
 if __name__ == "__main__":
