@@ -508,6 +508,10 @@ pub struct RetrainArgs {
     /// highest-loss ones (where the field frames' own unlabelled defects are likeliest).
     #[arg(long, default_value_t = 0.0)]
     pub head_trim: f64,
+    /// The head also reads the normal-patch model's map as a third input (needs
+    /// --patch-model).
+    #[arg(long)]
+    pub head_patch_channel: bool,
     /// Fit a model of normal patches on pretrained features (ImageNet EfficientNet-Lite0)
     /// of the training frames and ship it in the bundle: its map fused into the searched
     /// rule's (--patch-fusion), or with --patch-fusion 0 the `patch` rule, chosen if it

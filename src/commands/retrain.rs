@@ -169,7 +169,11 @@ pub fn run(args: RetrainArgs) -> anyhow::Result<()> {
 /// is searched (the head is one of the search's candidates).
 fn head_config(args: &RetrainArgs) -> Option<HeadConfig> {
     let steps = args.head_steps.unwrap_or(if args.fixed_operating_point { 0 } else { DEFAULT_HEAD_STEPS });
-    (steps > 0).then(|| HeadConfig { trim: args.head_trim, ..HeadConfig::with_steps(steps) })
+    (steps > 0).then(|| HeadConfig {
+        trim: args.head_trim,
+        patch_channel: args.head_patch_channel,
+        ..HeadConfig::with_steps(steps)
+    })
 }
 
 /// The head's training steps when `--head-steps` is not given (`docs/results.md`: 400 at

@@ -116,11 +116,18 @@ pub fn validate(m: &Manifest) -> Result<(), String> {
         (_, Residual::Patch) if m.patch.is_none() => {
             return Err("anomaly.residual = \"patch\" but the bundle has no [patch]".into());
         }
-        (Some(h), _) if h.unet.channels != 2 * m.input.channels => {
+        (Some(h), _) if h.patch_channel.is_some() && m.patch.is_none() => {
+            return Err("head.patch_channel: the head reads the patch map, but the bundle has no [patch]".into());
+        }
+        (Some(h), _) if h.patch_channel.is_some_and(|[mean, sd]| !(mean.is_finite() && sd > 0.0)) => {
+            return Err(format!("head.patch_channel needs a finite mean and a positive sd, got {:?}", h.patch_channel));
+        }
+        (Some(h), _) if h.unet.channels != h.input_channels(m.input.channels) => {
             return Err(format!(
-                "head.unet.channels = {}, need 2 × input.channels = {}",
+                "head.unet.channels = {}, need 2 × input.channels{} = {}",
                 h.unet.channels,
-                2 * m.input.channels
+                if h.patch_channel.is_some() { " + 1 (the patch map)" } else { "" },
+                h.input_channels(m.input.channels)
             ));
         }
         _ => {}
@@ -179,11 +186,12 @@ impl Bundle {
         let mut denoiser = OrtDenoiser::load(&onnx_path, manifest.unet.channels, runtime)?;
         run_golden(&mut denoiser, &manifest).map_err(|what| BundleError::Golden { path: onnx_path, what })?;
         let pair = 2 * manifest.input.channels;
-        let graph = |onnx: &str, sha256: &str, golden: &GoldenCheck| {
-            pair_graph(dir, onnx, sha256, golden, pair, &manifest, runtime)
+        let graph = |onnx: &str, sha256: &str, golden: &GoldenCheck, channels: usize| {
+            pair_graph(dir, onnx, sha256, golden, channels, &manifest, runtime)
         };
-        let head = manifest.head.as_ref().map(|a| graph(&a.onnx, &a.sha256, &a.golden)).transpose()?;
-        let patch = manifest.patch.as_ref().map(|a| graph(&a.onnx, &a.sha256, &a.golden)).transpose()?;
+        let head = manifest.head.as_ref();
+        let head = head.map(|a| graph(&a.onnx, &a.sha256, &a.golden, a.unet.channels)).transpose()?;
+        let patch = manifest.patch.as_ref().map(|a| graph(&a.onnx, &a.sha256, &a.golden, pair)).transpose()?;
         tracing::info!(bundle = %dir.display(), name = %manifest.name, version = %manifest.version, sha256 = %manifest.artifact.sha256, "Model bundle verified.");
         let (residual, feature_t) = (manifest.anomaly.residual, manifest.anomaly.feature_t);
         let mut bundle = Self { dir: dir.to_path_buf(), manifest, denoiser, head, features: None, patch };
@@ -261,21 +269,23 @@ fn feature_session(onnx_path: &Path, _: &Manifest, _: &RuntimeConfig) -> Result<
     })
 }
 
-/// A graph of the head's contract (frame ‖ reconstruction in, `pair` channels), its file
-/// checked against the manifest's sha256 and its output against the golden statistics.
+/// A graph of the head's contract (frame ‖ reconstruction (‖ patch map) in, `channels`
+/// channels), its file checked against the manifest's sha256 and its output against the
+/// golden statistics.
 fn pair_graph(
     dir: &Path,
     file: &str,
     sha256: &str,
     golden: &GoldenCheck,
-    pair: usize,
+    channels: usize,
     manifest: &Manifest,
     runtime: &RuntimeConfig,
 ) -> Result<OrtDenoiser, BundleError> {
     let path = dir.join(file);
     verify_sha(&path, sha256)?;
-    let mut graph = OrtDenoiser::load(&path, pair, runtime)?;
-    check_golden(&mut graph, golden, &head_input_spec(manifest)).map_err(|what| BundleError::Golden { path, what })?;
+    let mut graph = OrtDenoiser::load(&path, channels, runtime)?;
+    check_golden(&mut graph, golden, &pair_input_spec(manifest, channels))
+        .map_err(|what| BundleError::Golden { path, what })?;
     Ok(graph)
 }
 
@@ -296,9 +306,10 @@ pub fn run_golden(denoiser: &mut dyn Denoiser, manifest: &Manifest) -> Result<()
     check_golden(denoiser, &manifest.golden, &manifest.input)
 }
 
-/// The head's input: frame and reconstruction stacked, `2·C` channels.
-pub fn head_input_spec(manifest: &Manifest) -> InputSpec {
-    InputSpec { channels: 2 * manifest.input.channels, ..manifest.input }
+/// The input of a graph of the head's contract with `channels` channels (frame ‖
+/// reconstruction: `2·C`; a head that reads the patch map: `2·C + 1`).
+pub fn pair_input_spec(manifest: &Manifest, channels: usize) -> InputSpec {
+    InputSpec { channels, ..manifest.input }
 }
 
 /// Runs the golden probe for frames of `input` through `denoiser` and compares.

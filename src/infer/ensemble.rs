@@ -14,26 +14,35 @@ use crate::model::diffusion::NoiseSchedule;
 use crate::model::sampling::{ReconstructionError, ReconstructionSpec};
 use crate::postprocess::anomaly::{AnomalySpec, Residual, reconstruction_mse, residual_map};
 
-/// Stacks frames and reconstructions channel-wise: `[n, 2C, H, W]`, the head's input.
-pub fn head_input(clean: &[f32], recon: &[f32], n: usize) -> Vec<f32> {
+/// Stacks frames, reconstructions and, for a head that reads it, the standardised patch map
+/// channel-wise: `[n, 2C (+ 1), H, W]`, the head's input.
+pub fn head_input(clean: &[f32], recon: &[f32], patch: Option<&[f32]>, n: usize) -> Vec<f32> {
     let frame_len = clean.len() / n;
-    let mut out = Vec::with_capacity(2 * clean.len());
+    let plane = patch.map_or(0, |p| p.len() / n);
+    let mut out = Vec::with_capacity(2 * clean.len() + plane * n);
     for i in 0..n {
         out.extend_from_slice(&clean[i * frame_len..(i + 1) * frame_len]);
         out.extend_from_slice(&recon[i * frame_len..(i + 1) * frame_len]);
+        if let Some(patch) = patch {
+            out.extend_from_slice(&patch[i * plane..(i + 1) * plane]);
+        }
     }
     out
 }
 
 /// Per frame of `clean`/`recon` (`[n, C, H, W]`), the head's defect probability: the
-/// sigmoid of its output channel 0 (timestep input 0).
+/// sigmoid of its output channel 0 (timestep input 0). `patch`: the standardised patch map
+/// per frame (`[n, H, W]`), for a head that reads it as a third input.
 pub fn head_maps(
     head: &mut dyn Denoiser,
     clean: &[f32],
     recon: &[f32],
-    shape: [usize; 4],
+    patch: Option<&[f32]>,
+    [n, c, h, w]: [usize; 4],
 ) -> Result<Vec<Vec<f32>>, RuntimeError> {
-    pair_maps(head, clean, recon, shape, 0, |z| 1.0 / (1.0 + (-z).exp()))
+    let channels = 2 * c + usize::from(patch.is_some());
+    let input = head_input(clean, recon, patch, n);
+    pair_maps(head, &input, [n, channels, h, w], 0, |z| 1.0 / (1.0 + (-z).exp()))
 }
 
 /// Per frame of `clean`/`recon` (`[n, C, H, W]`), the feature distance computed by the
@@ -42,26 +51,34 @@ pub fn feature_maps(
     features: &mut dyn Denoiser,
     clean: &[f32],
     recon: &[f32],
-    shape: [usize; 4],
+    [n, c, h, w]: [usize; 4],
     t: usize,
 ) -> Result<Vec<Vec<f32>>, RuntimeError> {
-    pair_maps(features, clean, recon, shape, t, |d| d)
+    pair_maps(features, &head_input(clean, recon, None, n), [n, 2 * c, h, w], t, |d| d)
 }
 
-/// Runs a graph of the head's contract (frame ‖ reconstruction in, the map in output
+/// Per frame of `clean` (`[n, C, H, W]`), the normal-patch model's map (it reads only the
+/// frame half of its pair input).
+pub fn patch_maps(
+    patch: &mut dyn Denoiser,
+    clean: &[f32],
+    [n, c, h, w]: [usize; 4],
+) -> Result<Vec<Vec<f32>>, RuntimeError> {
+    pair_maps(patch, &head_input(clean, clean, None, n), [n, 2 * c, h, w], 0, |d| d)
+}
+
+/// Runs a graph of the head's contract (`input [n, channels, H, W]`, the map in output
 /// channel 0) at timestep `t` and maps channel 0 of each frame through `value`.
 fn pair_maps(
     graph: &mut dyn Denoiser,
-    clean: &[f32],
-    recon: &[f32],
-    [n, c, h, w]: [usize; 4],
+    input: &[f32],
+    [n, channels, h, w]: [usize; 4],
     t: usize,
     value: impl Fn(f32) -> f32,
 ) -> Result<Vec<Vec<f32>>, RuntimeError> {
-    let input = head_input(clean, recon, n);
     let mut maps = Vec::with_capacity(n);
-    graph.predict_eps(&input, [n, 2 * c, h, w], &vec![t as f32; n], &mut |out| {
-        let frame_out = 2 * c * h * w;
+    graph.predict_eps(input, [n, channels, h, w], &vec![t as f32; n], &mut |out| {
+        let frame_out = channels * h * w;
         maps.extend((0..n).map(|i| out[i * frame_out..i * frame_out + h * w].iter().map(|&v| value(v)).collect()));
     })?;
     Ok(maps)
@@ -72,14 +89,18 @@ fn pair_maps(
 pub struct MapGraphs<'a> {
     /// The rule's own graph: the head, the feature distance or the normal-patch model.
     pub rule: Option<&'a mut dyn Denoiser>,
-    /// The normal-patch model, when the rule fuses its map in (`AnomalySpec::fusion`).
+    /// The normal-patch model, when the rule fuses its map in (`AnomalySpec::fusion`) or
+    /// the head reads it.
     pub patch: Option<&'a mut dyn Denoiser>,
+    /// For a head that reads the patch map: the map's mean and standard deviation on
+    /// normal frames, which standardise it (`HeadArtifact::patch_channel`).
+    pub head_patch: Option<[f64; 2]>,
 }
 
 impl<'a> MapGraphs<'a> {
     /// Just the rule's graph.
     pub fn rule(graph: Option<&'a mut dyn Denoiser>) -> Self {
-        Self { rule: graph, patch: None }
+        Self { rule: graph, patch: None, head_patch: None }
     }
 }
 
@@ -129,15 +150,28 @@ impl Ensemble {
         let frame_len = c * h * w;
         let mut out = vec![(vec![0.0f32; h * w], 0.0f64); n];
         let share = 1.0 / self.members.len() as f32;
+        // The patch map reads only the frame: computed once, for the fusion and for a head
+        // that reads it.
+        let fused = anomaly.fusion.filter(|f| f.patch_weight > 0.0);
+        let head_patch = graphs.head_patch.filter(|_| anomaly.residual == Residual::Head);
+        let patch = match graphs.patch.as_mut() {
+            Some(graph) if fused.is_some() || head_patch.is_some() => Some(patch_maps(&mut **graph, clean, shape)?),
+            _ if fused.is_some() || head_patch.is_some() => panic!("the map rule needs the patch model's graph"),
+            _ => None,
+        };
+        let head_extra: Option<Vec<f32>> = head_patch
+            .map(|[mean, sd]| patch.iter().flatten().flatten().map(|&v| ((v as f64 - mean) / sd) as f32).collect());
         self.recon.resize(clean.len(), 0.0);
         for member in &mut self.members {
             member.reconstruct(denoiser, clean, shape, seeds, &mut self.recon)?;
             let learned = match (anomaly.residual, graphs.rule.as_mut()) {
-                (Residual::Head, Some(head)) => Some(head_maps(&mut **head, clean, &self.recon, shape)?),
+                (Residual::Head, Some(head)) => {
+                    Some(head_maps(&mut **head, clean, &self.recon, head_extra.as_deref(), shape)?)
+                }
                 (Residual::Feature, Some(features)) => {
                     Some(feature_maps(&mut **features, clean, &self.recon, shape, anomaly.feature_t)?)
                 }
-                (Residual::Patch, Some(patch)) => Some(pair_maps(&mut **patch, clean, &self.recon, shape, 0, |d| d)?),
+                (Residual::Patch, Some(patch)) => Some(patch_maps(&mut **patch, clean, shape)?),
                 (rule @ (Residual::Head | Residual::Feature | Residual::Patch), None) => {
                     panic!("the {} map rule needs its graph", rule.name())
                 }
@@ -154,15 +188,11 @@ impl Ensemble {
             }
         }
         if let Some(fusion) = &anomaly.fusion {
-            let patch_maps = if fusion.patch_weight > 0.0 {
-                let patch = graphs.patch.as_mut().expect("a fused map rule needs the patch model's graph");
-                pair_maps(&mut **patch, clean, clean, shape, 0, |d| d)?
-            } else {
-                // At weight 0 the patch map counts for nothing: it is not computed.
-                vec![vec![0.0; h * w]; n]
-            };
+            // At weight 0 the patch map counts for nothing (and was not computed).
+            let zeros = vec![vec![0.0; h * w]; n];
+            let patch_maps = if fused.is_some() { patch.as_ref().expect("computed above") } else { &zeros };
             for ((map, _), patch_map) in out.iter_mut().zip(patch_maps) {
-                fusion.fuse(map, &patch_map);
+                fusion.fuse(map, patch_map);
             }
         }
         Ok(out)
@@ -196,6 +226,15 @@ mod tests {
     use crate::infer::runtime::FnDenoiser;
     use crate::model::diffusion::ScheduleSpec;
     use crate::model::sampling::Sampler;
+
+    #[test]
+    fn the_head_input_stacks_frame_reconstruction_and_patch_map() {
+        // Two frames of one 1×2 channel each, and a 1×2 patch map per frame.
+        let (clean, recon, patch) = ([1.0f32, 2.0, 3.0, 4.0], [5.0f32, 6.0, 7.0, 8.0], [9.0f32, 10.0, 11.0, 12.0]);
+        assert_eq!(head_input(&clean, &recon, None, 2), [1.0, 2.0, 5.0, 6.0, 3.0, 4.0, 7.0, 8.0]);
+        let with_patch = head_input(&clean, &recon, Some(&patch), 2);
+        assert_eq!(with_patch, [1.0, 2.0, 5.0, 6.0, 9.0, 10.0, 3.0, 4.0, 7.0, 8.0, 11.0, 12.0]);
+    }
 
     /// Predicts half the noisy input as noise: deterministic, input-dependent, cheap.
     fn half() -> FnDenoiser<impl FnMut(usize, f32, usize) -> f32> {

@@ -72,7 +72,7 @@ impl Inspector<OrtDenoiser> {
             Residual::Patch => (bundle.patch, None),
             _ => (None, bundle.patch),
         };
-        let patch_graph = patch_graph.filter(|_| bundle.manifest.anomaly.fusion.is_some());
+        let patch_graph = patch_graph.filter(|_| needs_patch_graph(&bundle.manifest));
         Self::from_parts(bundle.dir, bundle.manifest, bundle.denoiser, map_graph, spec)?.with_patch_graph(patch_graph)
     }
 }
@@ -113,13 +113,15 @@ impl<D: Denoiser> Inspector<D> {
         })
     }
 
-    /// Sets the normal-patch model's graph that a fused rule needs; a fused rule without
-    /// it is an error.
+    /// Sets the normal-patch model's graph that a fused rule or a head that reads the patch
+    /// map needs; such a rule without it is an error.
     pub fn with_patch_graph(mut self, graph: Option<D>) -> Result<Self, BundleError> {
-        if self.manifest.anomaly.fusion.is_some() && graph.is_none() {
+        if needs_patch_graph(&self.manifest) && graph.is_none() {
             return Err(BundleError::Inconsistent {
                 path: self.dir.clone(),
-                what: "the fused map rule needs the bundle's normal-patch model ([patch])".into(),
+                what: "the map rule (fused, or a head that reads the patch map) needs the bundle's \
+                       normal-patch model ([patch])"
+                    .into(),
             });
         }
         self.patch_graph = graph;
@@ -226,6 +228,7 @@ impl<D: Denoiser> Inspector<D> {
             let mut graphs = MapGraphs {
                 rule: self.map_graph.as_mut().map(|g| g as &mut dyn Denoiser),
                 patch: self.patch_graph.as_mut().map(|g| g as &mut dyn Denoiser),
+                head_patch: head_patch(&self.manifest),
             };
             let maps = self.ensemble.raw_maps(
                 &mut self.denoiser,
@@ -260,4 +263,14 @@ impl<D: Denoiser> Inspector<D> {
             })
             .collect())
     }
+}
+/// The patch map's standardisation where the manifest's rule is a head that reads it.
+fn head_patch(manifest: &Manifest) -> Option<[f64; 2]> {
+    manifest.head.as_ref().and_then(|h| h.patch_channel).filter(|_| manifest.anomaly.residual == Residual::Head)
+}
+
+/// Whether the manifest's rule needs the normal-patch model's graph beside its own: fused
+/// with the patch map, or a head that reads it.
+fn needs_patch_graph(manifest: &Manifest) -> bool {
+    manifest.anomaly.fusion.is_some() || head_patch(manifest).is_some()
 }

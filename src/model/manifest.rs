@@ -116,6 +116,18 @@ pub struct HeadArtifact {
     /// Mean loss over the last tenth of the head's training steps.
     pub final_loss: f64,
     pub golden: GoldenCheck,
+    /// For a head that reads the normal-patch model's map as a third input: that map's mean
+    /// and standard deviation on normal frames, which standardise it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub patch_channel: Option<[f64; 2]>,
+}
+
+impl HeadArtifact {
+    /// The head's input channels for frames of `channels`: frame, reconstruction and, where
+    /// it reads it, the patch map.
+    pub fn input_channels(&self, channels: usize) -> usize {
+        2 * channels + usize::from(self.patch_channel.is_some())
+    }
 }
 
 /// Ensemble members beyond `reconstruction`: the same sampler, steps and conditioning at

@@ -140,7 +140,7 @@ impl Fusion {
 }
 
 /// `[mean, standard deviation]` of every value of `maps` (the deviation at least 1e-9).
-fn mean_sd(maps: &[Vec<f32>]) -> [f64; 2] {
+pub fn mean_sd(maps: &[Vec<f32>]) -> [f64; 2] {
     let n = maps.iter().map(Vec::len).sum::<usize>().max(1) as f64;
     let mean = maps.iter().flatten().map(|&v| v as f64).sum::<f64>() / n;
     let var = maps.iter().flatten().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n;

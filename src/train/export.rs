@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use burn::tensor::{Tensor, TensorData};
 
-use crate::infer::bundle::{BundleError, Staged, head_input_spec, run_golden, sha256_hex};
+use crate::infer::bundle::{BundleError, Staged, pair_input_spec, run_golden, sha256_hex};
 use crate::infer::runtime::{Denoiser, OrtDenoiser, RuntimeConfig};
 use crate::model::architecture::UNetConfig;
 use crate::model::manifest::{GoldenCheck, HEAD_FILE, HeadArtifact, MANIFEST_FILE, Manifest, ONNX_FILE};
@@ -57,22 +57,30 @@ pub fn keep_thresholds(_: &mut OrtDenoiser, _: &mut Manifest, _: &Staged) -> Res
     Ok(())
 }
 
+/// A trained head and what its artifact records of the training.
+pub struct TrainedHead {
+    pub model: UNet,
+    pub unet: UNetConfig,
+    pub final_loss: f64,
+    pub training_steps: usize,
+    /// The patch map's standardisation, for a head that reads it.
+    pub patch_channel: Option<[f64; 2]>,
+}
+
 /// Writes the learned head into the staged bundle: ONNX export, ORT parity with burn on
 /// the probe (as for the denoiser), golden statistics. Returns its session and artifact.
 pub fn export_head(
-    head: &UNet,
-    unet: &UNetConfig,
+    trained: &TrainedHead,
     manifest: &Manifest,
     staged: &Staged,
     runtime: &RuntimeConfig,
-    final_loss: f64,
-    training_steps: usize,
 ) -> Result<(OrtDenoiser, HeadArtifact), BundleError> {
+    let TrainedHead { model: head, unet, final_loss, training_steps, patch_channel } = trained;
     let onnx = export_onnx(head, unet, env!("CARGO_PKG_VERSION"));
     staged.write(HEAD_FILE, &onnx)?;
     let path = staged.path(HEAD_FILE);
     let mut ort = OrtDenoiser::load(&path, unet.channels, runtime)?;
-    let input = head_input_spec(manifest);
+    let input = pair_input_spec(manifest, unet.channels);
     let (batch, timesteps) = (2, vec![0.0, 0.0]);
     let probe = GoldenCheck::probe(batch, &input);
     let shape = [batch, input.channels, input.height, input.width];
@@ -83,22 +91,24 @@ pub fn export_head(
             what: format!("head export parity failed: max |ORT − burn| = {worst:e} > {PARITY_TOLERANCE:e}"),
         });
     }
-    let golden = pair_golden(&mut ort, manifest)?;
+    let golden = pair_golden(&mut ort, manifest, unet.channels)?;
     let artifact = HeadArtifact {
         onnx: HEAD_FILE.to_string(),
         sha256: sha256_hex(&onnx),
         unet: unet.clone(),
-        training_steps,
-        final_loss,
+        training_steps: *training_steps,
+        final_loss: *final_loss,
         golden,
+        patch_channel: *patch_channel,
     };
     Ok((ort, artifact))
 }
 
-/// The golden statistics of a graph of the head's contract (frame ‖ reconstruction in:
-/// the head, the normal-patch model) on a probe batch of two.
-pub fn pair_golden(graph: &mut dyn Denoiser, manifest: &Manifest) -> Result<GoldenCheck, BundleError> {
-    let input = head_input_spec(manifest);
+/// The golden statistics of a graph of the head's contract with `channels` input channels
+/// (frame ‖ reconstruction (‖ patch map): the head, the normal-patch model) on a probe
+/// batch of two.
+pub fn pair_golden(graph: &mut dyn Denoiser, manifest: &Manifest, channels: usize) -> Result<GoldenCheck, BundleError> {
+    let input = pair_input_spec(manifest, channels);
     let (batch, timesteps) = (2, vec![0.0, 0.0]);
     let probe = GoldenCheck::probe(batch, &input);
     let mut golden = None;

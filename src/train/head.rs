@@ -26,11 +26,13 @@ use serde::{Deserialize, Serialize};
 
 use super::defects::{Family, names};
 use super::operating_point::{pasted_set, reconstruct_all};
-use crate::infer::ensemble::head_input;
+use crate::infer::ensemble::{head_input, patch_maps};
 use crate::infer::reconstruct::Reconstructor;
 use crate::infer::runtime::{Denoiser, RuntimeError};
 use crate::model::architecture::UNetConfig;
 use crate::model::unet::UNet;
+use crate::postprocess::anomaly::mean_sd;
+use crate::train::export::TrainedHead;
 
 /// How the head is trained; stored in the training configuration.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -48,6 +50,10 @@ pub struct HeadConfig {
     /// likeliest reason (LTS on the head's loss); 0 = every pixel counts.
     #[serde(default)]
     pub trim: f64,
+    /// The head also reads the normal-patch model's map (standardised) as a third input,
+    /// so it can learn where to trust the pretrained features.
+    #[serde(default)]
+    pub patch_channel: bool,
 }
 
 impl HeadConfig {
@@ -60,6 +66,7 @@ impl HeadConfig {
             frames: 128,
             positive_weight: 4.0,
             trim: 0.0,
+            patch_channel: false,
         }
     }
 
@@ -82,7 +89,7 @@ impl HeadConfig {
     /// The head's architecture for frames of `channels` channels.
     pub fn unet(&self, channels: usize) -> UNetConfig {
         UNetConfig {
-            channels: 2 * channels,
+            channels: 2 * channels + usize::from(self.patch_channel),
             base_channels: self.base_channels,
             channel_mults: vec![1, 2],
             res_blocks: 1,
@@ -94,22 +101,31 @@ impl HeadConfig {
 
 /// Trains the head on `frames` (`[C, H, W]` each, model space; training frames, never the
 /// calibration ones the head is then scored on), each used clean and with a pasted defect
-/// of one of `families`, reconstructed by `denoiser` with `reconstructor` (the operating point's primary setting).
-/// Returns the trained head and its mean loss over the last tenth of the steps.
+/// of one of `families`, reconstructed by `denoiser` with `reconstructor` (the operating
+/// point's primary setting); `patch` computes the patch map a head with
+/// [`HeadConfig::patch_channel`] reads. Returns the trained head with its mean loss over
+/// the last tenth of the steps.
+#[allow(clippy::too_many_arguments)] // the head's inputs, all needed, none derivable from another
 pub fn train_head(
     denoiser: &mut dyn Denoiser,
     reconstructor: &mut Reconstructor,
+    patch: Option<&mut dyn Denoiser>,
     frames: &[Vec<f32>],
     [channels, height, width]: [usize; 3],
     config: &HeadConfig,
     seed: u64,
     families: &[Family],
-) -> Result<(UNet, f64), RuntimeError> {
+) -> Result<TrainedHead, RuntimeError> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     rng.set_stream(3);
     let set = pasted_set(frames, [channels, height, width], seed.wrapping_add(1), &[families]);
     let recon = reconstruct_all(denoiser, reconstructor, &set.frames, [channels, height, width], seed)?;
     tracing::info!(pairs = set.frames.len(), families = ?names(families), "Head training pairs reconstructed.");
+    let patch = match patch.filter(|_| config.patch_channel) {
+        Some(graph) => Some(standardised_patch_maps(graph, &set.frames, set.clean_count, [channels, height, width])?),
+        None if config.patch_channel => panic!("a head that reads the patch map needs the patch model's graph"),
+        None => None,
+    };
 
     let device = Device::flex().autodiff();
     let architecture = config.unet(channels);
@@ -117,17 +133,19 @@ pub fn train_head(
     let mut optimizer =
         AdamWConfig::new().with_weight_decay(0.0).with_grad_clipping(Some(GradientClippingConfig::Norm(1.0))).init();
     let plane = height * width;
+    let in_channels = architecture.channels;
     let mut losses = Vec::with_capacity(config.steps);
     for _ in 0..config.steps {
-        let mut input = Vec::with_capacity(config.batch_size * 2 * channels * plane);
+        let mut input = Vec::with_capacity(config.batch_size * in_channels * plane);
         let mut target = Vec::with_capacity(config.batch_size * plane);
         for _ in 0..config.batch_size {
             let i = rng.random_range(0..set.frames.len());
-            input.extend(head_input(&set.frames[i], &recon[i], 1));
+            let extra = patch.as_ref().map(|(maps, _)| maps[i].as_slice());
+            input.extend(head_input(&set.frames[i], &recon[i], extra, 1));
             target.extend(set.truth[i].iter().map(|t| *t as f32));
         }
         let n = config.batch_size;
-        let x = Tensor::<4>::from_data(TensorData::new(input, [n, 2 * channels, height, width]), &device);
+        let x = Tensor::<4>::from_data(TensorData::new(input, [n, in_channels, height, width]), &device);
         let y = Tensor::<4>::from_data(TensorData::new(target, [n, 1, height, width]), &device);
         let t = Tensor::<1>::from_data(TensorData::new(vec![0.0f32; n], [n]), &device);
         let logits = model.forward(x, t).narrow(1, 0, 1);
@@ -139,7 +157,32 @@ pub fn train_head(
     let tail = &losses[losses.len() - (losses.len() / 10).max(1)..];
     let final_loss = tail.iter().sum::<f64>() / tail.len() as f64;
     tracing::info!(steps = config.steps, first = losses[0], last = final_loss, "Head trained.");
-    Ok((model.valid(), final_loss))
+    Ok(TrainedHead {
+        model: model.valid(),
+        unet: architecture,
+        final_loss,
+        training_steps: config.steps,
+        patch_channel: patch.map(|(_, stats)| stats),
+    })
+}
+
+/// The patch map of each of `frames`, standardised by its mean and standard deviation over
+/// the first `clean` (the clean frames); returns the maps and those statistics.
+fn standardised_patch_maps(
+    graph: &mut dyn Denoiser,
+    frames: &[Vec<f32>],
+    clean: usize,
+    [c, h, w]: [usize; 3],
+) -> Result<(Vec<Vec<f32>>, [f64; 2]), RuntimeError> {
+    let mut maps = Vec::with_capacity(frames.len());
+    for chunk in frames.chunks(8) {
+        maps.extend(patch_maps(graph, &chunk.concat(), [chunk.len(), c, h, w])?);
+    }
+    let [mean, sd] = mean_sd(&maps[..clean]);
+    for map in &mut maps {
+        map.iter_mut().for_each(|v| *v = ((*v as f64 - mean) / sd) as f32);
+    }
+    Ok((maps, [mean, sd]))
 }
 
 /// Mean binary cross-entropy of `logits` against 0/1 `target`, defect pixels weighted by

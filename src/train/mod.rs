@@ -305,6 +305,9 @@ impl TrainConfig {
             if self.operating_point.is_none() {
                 return Err("the learned head is chosen by the operating-point search; it needs the search".into());
             }
+            if head.patch_channel && self.patch.is_none() {
+                return Err("--head-patch-channel: the head reads the patch map, which needs --patch-model".into());
+            }
         }
         if let Some(patch) = &self.patch {
             patch.validate()?;
@@ -501,7 +504,7 @@ impl Exporter<'_> {
             let mut point = validation.search(ort)?;
             // A patch map fused into the searched rule does not compete with it.
             if let Some(patch) = patch_session.as_mut().filter(|_| given_weight == Some(0.0)) {
-                let scored = validation.add_map_candidate(&mut point, ort, &mut [patch], Residual::Patch)?;
+                let scored = validation.add_map_candidate(&mut point, ort, &mut [patch], Residual::Patch, None)?;
                 let chosen = point.chosen.residual == Residual::Patch;
                 tracing::info!(
                     pixel_auprc = scored.pixel_auprc,
@@ -512,7 +515,7 @@ impl Exporter<'_> {
             let mut fold_heads = Vec::new();
             if let Some(head_config) = &self.config.head
                 && let Some((head, folds)) =
-                    self.try_head(head_config, &validation, &mut point, ort, manifest, staged)?
+                    self.try_head(head_config, &validation, &mut point, ort, patch_session.as_mut(), manifest, staged)?
             {
                 head_session = Some(head);
                 fold_heads = folds;
@@ -520,7 +523,8 @@ impl Exporter<'_> {
             if let Some(patch) = patch_session.as_mut().filter(|_| given_weight.is_none()) {
                 let mut rule_graphs: Vec<&mut dyn Denoiser> =
                     fold_heads.iter_mut().map(|g| g as &mut dyn Denoiser).collect();
-                point.fusion_candidates = validation.fusion_scores(&point, ort, &mut rule_graphs, patch)?;
+                let head_patch = manifest.head.as_ref().and_then(|h| h.patch_channel);
+                point.fusion_candidates = validation.fusion_scores(&point, ort, &mut rule_graphs, patch, head_patch)?;
                 weight = point.fusion_candidates[0].patch_weight;
                 tracing::info!(weight, scores = ?point.fusion_candidates, "Fusion weight chosen.");
             }
@@ -541,8 +545,11 @@ impl Exporter<'_> {
             Residual::Patch => (patch_session.as_mut(), None),
             _ => (None, patch_session.as_mut()),
         };
-        let mut graphs =
-            MapGraphs { rule: rule.map(|g| g as &mut dyn Denoiser), patch: patch.map(|g| g as &mut dyn Denoiser) };
+        let mut graphs = MapGraphs {
+            rule: rule.map(|g| g as &mut dyn Denoiser),
+            patch: patch.map(|g| g as &mut dyn Denoiser),
+            head_patch: manifest.head.as_ref().and_then(|h| h.patch_channel),
+        };
         // A searched weight of 0 still records the standardisation (`eval --fusion-weight`
         // can then fuse at any weight); a given 0 means no fusion at all.
         if graphs.patch.is_some() && (weight > 0.0 || given_weight.is_none()) {
@@ -566,13 +573,14 @@ impl Exporter<'_> {
         let input = manifest.input;
         let shape = [input.channels, input.height, input.width];
         let (frames, seed) = (self.calibration_frames, self.config.seed);
-        let mut maps = |graph: Option<&mut dyn Denoiser>, residual: Residual| {
+        let mut maps = |graphs: &mut MapGraphs<'_>, residual: Residual| {
             let rule = AnomalySpec { residual, fusion: None, ..manifest.anomaly };
-            let raw = ensemble.raw_maps_of(ort, &mut MapGraphs::rule(graph), frames, shape, seed, &rule)?;
+            let raw = ensemble.raw_maps_of(ort, graphs, frames, shape, seed, &rule)?;
             Ok::<Vec<Vec<f32>>, RuntimeError>(raw.into_iter().map(|(map, _)| map).collect())
         };
-        let rule_maps = maps(graphs.rule.as_mut().map(|g| &mut **g as &mut dyn Denoiser), manifest.anomaly.residual)?;
-        let patch_maps = maps(graphs.patch.as_mut().map(|g| &mut **g as &mut dyn Denoiser), Residual::Patch)?;
+        let rule_maps = maps(graphs, manifest.anomaly.residual)?;
+        let patch = graphs.patch.as_mut().map(|g| &mut **g as &mut dyn Denoiser);
+        let patch_maps = maps(&mut MapGraphs::rule(patch), Residual::Patch)?;
         let fusion = Fusion::from_normal_maps(weight, &rule_maps, &patch_maps);
         tracing::info!(rule = manifest.anomaly.residual.name(), weight, ?fusion, "Patch map fused into the rule's.");
         Ok(fusion)
@@ -620,35 +628,37 @@ impl Exporter<'_> {
     /// one to ship on every family, exported into the staged bundle. Keeps it (`[head]` in
     /// the manifest; its session and the group heads' returned) only if it becomes the
     /// choice, else removes its file again.
+    #[allow(clippy::too_many_arguments)] // the export's state, all needed
     fn try_head(
         &self,
         config: &HeadConfig,
         validation: &Validation<'_>,
         point: &mut OperatingPoint,
         ort: &mut OrtDenoiser,
+        mut patch: Option<&mut OrtDenoiser>,
         manifest: &mut Manifest,
         staged: &Staged,
     ) -> Result<Option<(OrtDenoiser, Vec<OrtDenoiser>)>, BundleError> {
         let spec = point.chosen.reconstruction();
         let mut reconstructor =
             Reconstructor::new(validation.schedule.clone(), spec).expect("a searched candidate is valid");
-        let (seed, channels) = (self.config.seed, manifest.input.channels);
-        let unet = config.unet(channels);
-        let mut train = |families: &[Family]| {
-            head::train_head(ort, &mut reconstructor, self.head_frames, validation.shape, config, seed, families)
+        let seed = self.config.seed;
+        let mut train = |families: &[Family], patch: Option<&mut dyn Denoiser>| {
+            let (frames, shape) = (self.head_frames, validation.shape);
+            head::train_head(ort, &mut reconstructor, patch, frames, shape, config, seed, families)
         };
         let mut group_heads = Vec::with_capacity(FOLDS.len());
         for k in 0..FOLDS.len() {
-            let (model, _) = train(&defects::outside_fold(k))?;
+            let trained = train(&defects::outside_fold(k), patch.as_deref_mut().map(|g| g as &mut dyn Denoiser))?;
             let label = staged.path(&format!("head-without-group-{k}.onnx"));
-            let onnx = export_onnx(&model, &unet, env!("CARGO_PKG_VERSION"));
-            group_heads.push(OrtDenoiser::from_memory(&onnx, &label, unet.channels, &self.options.runtime)?);
+            let onnx = export_onnx(&trained.model, &trained.unet, env!("CARGO_PKG_VERSION"));
+            group_heads.push(OrtDenoiser::from_memory(&onnx, &label, trained.unet.channels, &self.options.runtime)?);
         }
-        let (model, final_loss) = train(&Family::ALL)?;
-        let (session, artifact) =
-            export_head(&model, &unet, manifest, staged, &self.options.runtime, final_loss, config.steps)?;
+        let trained = train(&Family::ALL, patch.as_deref_mut().map(|g| g as &mut dyn Denoiser))?;
+        let (session, artifact) = export_head(&trained, manifest, staged, &self.options.runtime)?;
         let mut graphs: Vec<&mut dyn Denoiser> = group_heads.iter_mut().map(|g| g as &mut dyn Denoiser).collect();
-        let scored = validation.add_map_candidate(point, ort, &mut graphs, Residual::Head)?;
+        let patch = patch.map(|g| g as &mut dyn Denoiser).zip(trained.patch_channel);
+        let scored = validation.add_map_candidate(point, ort, &mut graphs, Residual::Head, patch)?;
         let chosen = point.chosen.residual == Residual::Head;
         tracing::info!(pixel_auprc = scored.pixel_auprc, chosen, "Head scored on the family groups it never saw.");
         if !chosen {

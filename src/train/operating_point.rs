@@ -256,18 +256,18 @@ impl Validation<'_> {
     }
 
     /// The raw maps of `frames` at `point`'s reconstruction (ensemble included) under `rule`,
-    /// `graph` computing learnt maps.
+    /// `graphs` computing learnt maps.
     fn maps(
         &self,
         denoiser: &mut dyn Denoiser,
-        graph: Option<&mut dyn Denoiser>,
+        graphs: &mut MapGraphs<'_>,
         frames: &[Vec<f32>],
         point: &CandidateScore,
         rule: &AnomalySpec,
     ) -> Result<Vec<Vec<f32>>, RuntimeError> {
         let mut ensemble = Ensemble::new(self.schedule, point.reconstruction(), &point.extra_t0)
             .expect("a searched candidate is valid");
-        let raw = ensemble.raw_maps_of(denoiser, &mut MapGraphs::rule(graph), frames, self.shape, self.seed, rule)?;
+        let raw = ensemble.raw_maps_of(denoiser, graphs, frames, self.shape, self.seed, rule)?;
         Ok(raw.into_iter().map(|(map, _)| map).collect())
     }
 
@@ -276,13 +276,15 @@ impl Validation<'_> {
     /// on the same validation frames and defects as [`search`], adds it to `point`'s
     /// candidates and re-ranks them: it becomes the choice only if it wins. `graphs` is
     /// one graph for every group, or one per group ([`FOLDS`]) trained without that group's
-    /// families and scored on them only.
+    /// families and scored on them only. `head_patch`: the patch model's graph and its
+    /// standardisation, for a head that reads the patch map.
     pub fn add_map_candidate(
         &self,
         point: &mut OperatingPoint,
         denoiser: &mut dyn Denoiser,
         graphs: &mut [&mut dyn Denoiser],
         residual: Residual,
+        mut head_patch: Option<(&mut dyn Denoiser, [f64; 2])>,
     ) -> Result<CandidateScore, RuntimeError> {
         assert!(graphs.len() == 1 || graphs.len() == FOLDS.len(), "one graph, or one per family group");
         let set = self.set();
@@ -291,8 +293,12 @@ impl Validation<'_> {
         let mut per_group = Vec::with_capacity(set.groups.len());
         for k in 0..set.groups.len() {
             let indices = set.subset(k);
-            let graph = &mut *graphs[k % graphs.len()];
-            let maps = self.maps(denoiser, Some(graph), &set.frames_of(&indices), &base, &rule)?;
+            let (patch, stats) = match head_patch.as_mut() {
+                Some((graph, stats)) => (Some(&mut **graph as &mut dyn Denoiser), Some(*stats)),
+                None => (None, None),
+            };
+            let mut map_graphs = MapGraphs { rule: Some(&mut *graphs[k % graphs.len()]), patch, head_patch: stats };
+            let maps = self.maps(denoiser, &mut map_graphs, &set.frames_of(&indices), &base, &rule)?;
             per_group.push(figures(&set, &indices, maps, self.shape, &rule));
         }
         let candidate =
@@ -306,26 +312,30 @@ impl Validation<'_> {
     /// Scores the chosen rule's map fused with the patch map at each of [`FUSION_WEIGHTS`],
     /// both standardised on the clean frames as the shipped fusion is, per family group and
     /// averaged; `rule_graphs` computes the rule's map (none for a pixel rule, one per group
-    /// for the head, each scored on the group it never trained on). Best first, ties to the
-    /// weight nearest ½.
+    /// for the head, each scored on the group it never trained on; `head_patch` is the
+    /// patch map's standardisation for a head that reads it). Best first, ties to the weight
+    /// nearest ½.
     pub fn fusion_scores(
         &self,
         point: &OperatingPoint,
         denoiser: &mut dyn Denoiser,
         rule_graphs: &mut [&mut dyn Denoiser],
         patch: &mut dyn Denoiser,
+        head_patch: Option<[f64; 2]>,
     ) -> Result<Vec<FusionScore>, RuntimeError> {
         let set = self.set();
         let chosen = &point.chosen;
         let rule = AnomalySpec { residual: chosen.residual, fusion: None, ..*self.anomaly };
         let patch_rule = AnomalySpec { residual: Residual::Patch, ..rule };
-        let patch_maps = self.maps(denoiser, Some(patch), &set.frames, chosen, &patch_rule)?;
+        let patch_maps =
+            self.maps(denoiser, &mut MapGraphs::rule(Some(&mut *patch)), &set.frames, chosen, &patch_rule)?;
         let mut per_weight = vec![Vec::with_capacity(set.groups.len()); FUSION_WEIGHTS.len()];
         for k in 0..set.groups.len() {
             let indices = set.subset(k);
             let n = rule_graphs.len().max(1);
             let graph: Option<&mut dyn Denoiser> = rule_graphs.get_mut(k % n).map(|g| &mut **g as &mut dyn Denoiser);
-            let rule_maps = self.maps(denoiser, graph, &set.frames_of(&indices), chosen, &rule)?;
+            let mut graphs = MapGraphs { rule: graph, patch: Some(&mut *patch), head_patch };
+            let rule_maps = self.maps(denoiser, &mut graphs, &set.frames_of(&indices), chosen, &rule)?;
             let patch_maps: Vec<Vec<f32>> = indices.iter().map(|&i| patch_maps[i].clone()).collect();
             let clean = set.clean_count;
             for (&weight, figs) in FUSION_WEIGHTS.iter().zip(&mut per_weight) {
@@ -527,14 +537,15 @@ mod tests {
         };
         let (mut g0, mut g1, mut g2) = (counter(0), counter(1), counter(2));
         let mut graphs: Vec<&mut dyn Denoiser> = vec![&mut g0, &mut g1, &mut g2];
-        let scored = validation.add_map_candidate(&mut point, &mut denoiser, &mut graphs, Residual::Head).unwrap();
+        let scored =
+            validation.add_map_candidate(&mut point, &mut denoiser, &mut graphs, Residual::Head, None).unwrap();
         assert_eq!(seen.iter().map(Cell::get).collect::<Vec<_>>(), vec![2 * count; 3], "clean + the group's copies");
         assert_eq!(point.candidates.len(), 2);
         assert!(point.candidates.contains(&scored));
 
         // Fusion weights: all five scored, best first, each a mean over the groups.
         let mut patch = FnDenoiser(|_, x, _| x.abs());
-        let scores = validation.fusion_scores(&point, &mut denoiser, &mut graphs, &mut patch).unwrap();
+        let scores = validation.fusion_scores(&point, &mut denoiser, &mut graphs, &mut patch, None).unwrap();
         let mut weights: Vec<f64> = scores.iter().map(|s| s.patch_weight).collect();
         assert!(scores.windows(2).all(|w| w[0].pixel_auprc >= w[1].pixel_auprc), "{scores:?}");
         weights.sort_by(f64::total_cmp);

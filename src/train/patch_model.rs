@@ -125,7 +125,7 @@ pub fn fit_patch_model(
     staged.write(PATCH_FILE, &onnx)?;
     let path = staged.path(PATCH_FILE);
     let mut session = OrtDenoiser::load(&path, 2 * input.channels, runtime)?;
-    let golden = pair_golden(&mut session, manifest)?;
+    let golden = pair_golden(&mut session, manifest, 2 * input.channels)?;
     let fit = PatchFit {
         tiles: tiles.len(),
         vectors: vectors.len() / spec.channels,

@@ -21,7 +21,7 @@ use edge_inspect::model::preprocess::{InputSpec, Inspection};
 use edge_inspect::model::sampling::{ReconstructionSpec, Sampler};
 use edge_inspect::model::unet::UNet;
 use edge_inspect::postprocess::anomaly::{AnomalySpec, Residual, Threshold};
-use edge_inspect::train::export::{export_bundle, export_head, keep_thresholds, parity};
+use edge_inspect::train::export::{TrainedHead, export_bundle, export_head, keep_thresholds, parity};
 
 const BIN: &str = env!("CARGO_BIN_EXE_edge-inspect");
 
@@ -481,8 +481,10 @@ fn a_bundle_with_a_head_is_verified_and_inspects_through_it() {
     let head = UNet::init(&head_config, 8, &Device::flex()).unwrap();
     let mut manifest = manifest_for(&config, 16);
     manifest.anomaly.residual = Residual::Head;
+    let trained =
+        TrainedHead { model: head, unet: head_config, final_loss: 0.5, training_steps: 3, patch_channel: None };
     export_bundle(&model, manifest, &dir, &runtime(), false, |_, manifest, staged| {
-        let (_, artifact) = export_head(&head, &head_config, manifest, staged, &runtime(), 0.5, 3)?;
+        let (_, artifact) = export_head(&trained, manifest, staged, &runtime())?;
         manifest.head = Some(artifact);
         Ok(())
     })

@@ -605,3 +605,52 @@ fn a_per_position_model_finds_a_normal_pattern_in_the_wrong_place() {
     let e = train(tiled, &options(&data, &tmp.path().join("tiled"))).err().unwrap().to_string();
     assert!(e.contains("per-position") && e.contains("--inspection resize"), "{e}");
 }
+
+#[test]
+fn a_head_can_read_the_patch_map_as_a_third_input() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    tiny_dataset(&data);
+    let mut cfg = config(Loss::Huber { delta: 0.2 }, 6);
+    cfg.input = InputSpec { width: 32, height: 32, ..InputSpec::default() };
+    // At t0 = 2 the reconstruction is nearly the frame: its L1 map is weak, and the head,
+    // which also reads the patch map, wins the search and ships.
+    cfg.operating_point = Some(SearchSpace {
+        t0: vec![2],
+        steps: vec![1],
+        condition: vec![0.0],
+        residual: vec![Residual::L1],
+        max_frames: 8,
+        ..SearchSpace::with_budget(1)
+    });
+    cfg.head = Some(HeadConfig { frames: 16, patch_channel: true, ..HeadConfig::with_steps(40) });
+    // Without the patch model there is no map to read.
+    let e = train(cfg.clone(), &options(&data, &tmp.path().join("x"))).err().unwrap().to_string();
+    assert!(e.contains("--head-patch-channel") && e.contains("--patch-model"), "{e}");
+    cfg.patch = Some(PatchConfig { tiles: 16, ..PatchConfig::with_backbone(backbone(), 0.1, Some(0.5)) });
+    let out = tmp.path().join("head-patch");
+    let Outcome::Finished { bundle, .. } = train(cfg, &options(&data, &out)).unwrap() else { panic!() };
+    let manifest = read_manifest(&bundle).unwrap();
+    let point = manifest.operating_point.clone().unwrap();
+    assert!(point.candidates.iter().any(|c| c.residual == Residual::Head), "the head is scored");
+    let head = manifest.head.clone().unwrap_or_else(|| panic!("the head should win: {:?}", point.candidates));
+    let [mean, sd] = head.patch_channel.expect("the patch map's standardisation is recorded");
+    assert!(mean.is_finite() && sd > 0.0);
+    assert_eq!(head.unet.channels, 3, "frame, reconstruction and patch map");
+    // It inspects through the bundle: the patch graph runs for the head and the fusion.
+    let loaded = Bundle::load(&bundle, &RuntimeConfig::default()).unwrap();
+    let input = loaded.manifest.input;
+    let mut inspector = Inspector::new(loaded, None).unwrap();
+    let prepared = input.prepare(&image::open(fixture("brick_stain.png")).unwrap());
+    let analysis = inspector.inspect(&[FrameView::new(&prepared.tensor, prepared.size())], &[1]).unwrap();
+    assert!(analysis[0].map.iter().all(|v| v.is_finite()));
+    // A head that reads the patch map without the bundle's patch model is refused.
+    let text = fs::read_to_string(bundle.join("manifest.toml")).unwrap();
+    let fusion = text.find("[anomaly.fusion]").expect("fused at 0.5");
+    let after = fusion + text[fusion..].find("\n[").expect("a section after the fusion") + 1;
+    let text = format!("{}{}", &text[..fusion], &text[after..]);
+    let cut = text.find("[patch]").expect("a [patch] section");
+    fs::write(bundle.join("manifest.toml"), &text[..cut]).unwrap();
+    let e = Bundle::load(&bundle, &RuntimeConfig::default()).err().expect("no [patch]").to_string();
+    assert!(e.contains("head.patch_channel") && e.contains("[patch]"), "{e}");
+}
