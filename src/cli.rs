@@ -617,9 +617,11 @@ fn parse_sensitivity(s: &str) -> Result<f64, String> {
 }
 
 /// `--patch-fusion`: `auto` (searched) or a weight in [0, 1].
+#[cfg(feature = "train")]
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct FusionWeightArg(pub Option<f64>);
 
+#[cfg(feature = "train")]
 fn parse_fusion_weight(s: &str) -> Result<FusionWeightArg, String> {
     match s {
         "auto" => Ok(FusionWeightArg(None)),
