@@ -42,6 +42,9 @@ UNTRIMMED=${UNTRIMMED:-1}
 # inspected in 64-pixel tiles (stride 48, retrain's default); 20 good and 6 per defect type
 # in the test set. Use an OUT of its own.
 NATIVE=${NATIVE:-0}
+# More retrain flags for a variant of the recipe (e.g. --head-patch-channel); use an OUT of
+# its own.
+read -r -a EXTRA <<< "${EXTRA:-}"
 SYNTH_SIZE=()
 [ "$NATIVE" = 1 ] && SYNTH_SIZE=(--size 256 --crop 256 --defect-extent 64 --test-good 20 --test-per-type 6)
 THREADS=${THREADS:-2}
@@ -78,7 +81,7 @@ for texture in $TEXTURES; do
       start=$(date +%s)
       RAYON_NUM_THREADS=$THREADS "$BIN" retrain --data "$data" --loss "$LOSS" --out "$model" --force \
         "${ARCH[@]}" --steps "$STEPS" --batch-size 8 --learning-rate 5e-4 --seed "$seed" --no-progress \
-        --threads "$THREADS" --unet-budget 10 --head-steps "$HEAD_STEPS" --patch-model gaussian --patch-trim 0.1 --patch-fusion "$FUSION" \
+        --threads "$THREADS" --unet-budget 10 --head-steps "$HEAD_STEPS" --patch-model gaussian --patch-trim 0.1 --patch-fusion "$FUSION" "${EXTRA[@]}" \
         >>"$OUT/benchmark.log" 2>&1
       log "retrain $model took $(( $(date +%s) - start )) s"
     fi
