@@ -241,6 +241,19 @@ fn retrain_trains_a_head_and_ships_it_only_where_it_wins() {
     }
 }
 
+/// A search of one candidate: t0 `t0`, one DDIM step, no conditioning, the L1 map, on at
+/// most 8 frames.
+fn one_candidate(t0: usize) -> SearchSpace {
+    SearchSpace {
+        t0: vec![t0],
+        steps: vec![1],
+        condition: vec![0.0],
+        residual: vec![Residual::L1],
+        max_frames: 8,
+        ..SearchSpace::with_budget(1)
+    }
+}
+
 /// Corrupts a bundle file the way a bad copy would.
 fn flip_last_byte(path: &Path) {
     let mut bytes = fs::read(path).unwrap();
@@ -277,14 +290,7 @@ fn retrain_fits_a_patch_model_that_ships_verified_and_finds_pasted_defects() {
     let out = tmp.path().join("with-patch");
     let mut with_patch = config(Loss::Huber { delta: 0.2 }, 6);
     with_patch.input = InputSpec { width: 32, height: 32, ..InputSpec::default() };
-    with_patch.operating_point = Some(SearchSpace {
-        t0: vec![20],
-        steps: vec![1],
-        condition: vec![0.0],
-        residual: vec![Residual::L1],
-        max_frames: 8,
-        ..SearchSpace::with_budget(1)
-    });
+    with_patch.operating_point = Some(one_candidate(20));
     with_patch.patch = Some(PatchConfig { tiles: 16, ..PatchConfig::with_backbone(backbone(), 0.1, Some(0.0)) });
     let Outcome::Finished { bundle, .. } = train(with_patch, &options(&data, &out)).unwrap() else { panic!() };
     let manifest = read_manifest(&bundle).unwrap();
@@ -615,14 +621,7 @@ fn a_head_can_read_the_patch_map_as_a_third_input() {
     cfg.input = InputSpec { width: 32, height: 32, ..InputSpec::default() };
     // At t0 = 2 the reconstruction is nearly the frame: its L1 map is weak, and the head,
     // which also reads the patch map, wins the search and ships.
-    cfg.operating_point = Some(SearchSpace {
-        t0: vec![2],
-        steps: vec![1],
-        condition: vec![0.0],
-        residual: vec![Residual::L1],
-        max_frames: 8,
-        ..SearchSpace::with_budget(1)
-    });
+    cfg.operating_point = Some(one_candidate(2));
     cfg.head = Some(HeadConfig { frames: 16, patch_channel: true, ..HeadConfig::with_steps(40) });
     // Without the patch model there is no map to read.
     let e = train(cfg.clone(), &options(&data, &tmp.path().join("x"))).err().unwrap().to_string();
