@@ -5,7 +5,8 @@
 #   fused/    `retrain` LOSS (the issue's recipe: STEPS 800 UNet steps, the operating-point
 #             search within 10 UNet calls, a learned head of HEAD_STEPS 400 steps shipped
 #             where it wins) with the normal-patch model (trim 0.1) fused into the chosen
-#             rule at weight 0.5;
+#             rule at weight FUSION (`auto`: the search's choice; 0.5 in the round that
+#             introduced the patch model);
 #             `eval` three times on the test set (all seven defect shapes):
 #               eval/fused     the manifest as shipped (searched rule + patch map)
 #               eval/recon     --no-fusion: the chosen rule alone (reconstruction or head)
@@ -18,6 +19,9 @@
 #
 #   scripts/patch-benchmark.sh
 #   TEXTURES=gravel SEEDS=0 scripts/patch-benchmark.sh
+#   OUT=bench-lofo UNTRIMMED=0 scripts/patch-benchmark.sh      (the leave-one-group-out round)
+#   OUT=bench-headpatch UNTRIMMED=0 EXTRA=--head-patch-channel scripts/patch-benchmark.sh
+#   OUT=bench-native-lofo UNTRIMMED=0 NATIVE=1 TEXTURES=gravel scripts/patch-benchmark.sh
 #
 # Re-running skips datasets, models and reports that already exist. Everything lands in
 # $OUT; the tables: python3 scripts/patch-tables.py $OUT
