@@ -5,8 +5,7 @@
 #   fused/    `retrain` LOSS (the issue's recipe: STEPS 800 UNet steps, the operating-point
 #             search within 10 UNet calls, a learned head of HEAD_STEPS 400 steps shipped
 #             where it wins) with the normal-patch model (trim 0.1) fused into the chosen
-#             rule at weight FUSION (`auto`: the search's choice; 0.5 in the round that
-#             introduced the patch model);
+#             rule at weight FUSION (0.5, or `auto`: the search's choice);
 #             `eval` three times on the test set (all seven defect shapes):
 #               eval/fused     the manifest as shipped (searched rule + patch map)
 #               eval/recon     --no-fusion: the chosen rule alone (reconstruction or head)
@@ -19,7 +18,7 @@
 #
 #   scripts/patch-benchmark.sh
 #   TEXTURES=gravel SEEDS=0 scripts/patch-benchmark.sh
-#   OUT=bench-lofo UNTRIMMED=0 scripts/patch-benchmark.sh      (the leave-one-group-out round)
+#   OUT=bench-lofo UNTRIMMED=0 FUSION=auto scripts/patch-benchmark.sh  (leave-one-group-out round)
 #   OUT=bench-headpatch UNTRIMMED=0 EXTRA=--head-patch-channel scripts/patch-benchmark.sh
 #   OUT=bench-native-lofo UNTRIMMED=0 NATIVE=1 TEXTURES=gravel scripts/patch-benchmark.sh
 #
@@ -37,9 +36,9 @@ CONTAMINATION=${CONTAMINATION:-0.2}
 STEPS=${STEPS:-800}
 HEAD_STEPS=${HEAD_STEPS:-400}
 LOSS=${LOSS:-huber}
-# The patch map's fusion weight: `auto` (searched on the family groups, the default since
-# the leave-one-group-out round) or a fixed weight (0.5 in the round before).
-FUSION=${FUSION:-auto}
+# The patch map's fusion weight: 0.5 (retrain's default) or `auto` (searched on the family
+# groups; measured worse in the leave-one-group-out round, docs/results.md).
+FUSION=${FUSION:-0.5}
 # 0 skips the untrimmed patch models (the trim's cost, measured in the round before).
 UNTRIMMED=${UNTRIMMED:-1}
 # 1: native resolution: 256×256 frames with defects drawn as for a 64-pixel image (3–20 px),

@@ -526,10 +526,11 @@ pub struct RetrainArgs {
     #[arg(long, default_value_t = 0.1)]
     pub patch_trim: f64,
     /// Weight of the patch model's map fused into the shipped rule's map, each map
-    /// standardised on the calibration frames: `auto` = chosen by the operating-point search
-    /// among 0, ¼, ½, ¾ and 1 (½ with --fixed-operating-point); 0 = no fusion (the patch
-    /// rule then competes in the search on its own instead).
-    #[arg(long, default_value = "auto", value_parser = parse_fusion_weight)]
+    /// standardised on the calibration frames; `auto` = chosen by the operating-point search
+    /// among 0, ¼, ½, ¾ and 1 (½ with --fixed-operating-point; measured worse than ½ on
+    /// held-out data, docs/results.md); 0 = no fusion (the patch rule then competes in the
+    /// search on its own instead).
+    #[arg(long, default_value = "0.5", value_parser = parse_fusion_weight)]
     pub patch_fusion: FusionWeightArg,
     /// Anomaly-map Gaussian σ in pixels.
     #[arg(long, default_value_t = 2.0)]

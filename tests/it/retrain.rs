@@ -216,9 +216,20 @@ fn retrain_trains_a_head_and_ships_it_only_where_it_wins() {
         ..SearchSpace::with_budget(1)
     });
     with_head.head = Some(HeadConfig { frames: 16, ..HeadConfig::with_steps(60) });
+    // The fusion weight searched too (`--patch-fusion auto`), with the group heads where the
+    // head wins.
+    with_head.patch = Some(PatchConfig { tiles: 16, ..PatchConfig::with_backbone(backbone(), 0.1, None) });
     let Outcome::Finished { bundle, .. } = train(with_head, &options(&data, &out)).unwrap() else { panic!() };
     let manifest = read_manifest(&bundle).unwrap();
     let point = manifest.operating_point.clone().unwrap();
+    let weights: Vec<f64> = point.fusion_candidates.iter().map(|f| f.patch_weight).collect();
+    assert_eq!(weights.len(), 5, "every fusion weight is scored: {weights:?}");
+    let best = &point.fusion_candidates[0];
+    assert!(point.fusion_candidates.iter().all(|f| f.pixel_auprc <= best.pixel_auprc), "{weights:?}");
+    match manifest.anomaly.fusion {
+        Some(fusion) => assert_eq!(fusion.patch_weight, best.patch_weight, "{:?}", point.fusion_candidates),
+        None => assert!(best.patch_weight == 1.0 && manifest.anomaly.residual == Residual::Patch),
+    }
     let head_score = point.candidates.iter().find(|c| c.residual == Residual::Head).expect("the head is scored");
     let best_pixel_rule = point.candidates.iter().find(|c| c.residual != Residual::Head).unwrap();
     assert_eq!(
@@ -477,19 +488,13 @@ fn retrain_cli_reads_the_mvtec_layout_and_writes_a_report() {
     // Line-scale by default: tiles of the input size, ¾ of it apart, at native scale.
     assert_eq!(manifest.inspection, Inspection::Tiled { scale: 1.0, stride: 12 });
     // The benchmarked recipe by default: a learned head in the search, the normal-patch
-    // model fused into the chosen rule at the weight the search chose.
+    // model fused into the chosen rule at weight ½ (not searched).
     let point = manifest.operating_point.as_ref().unwrap();
     assert!(point.candidates.iter().any(|c| c.residual == Residual::Head), "the head is trained and scored");
     assert!(manifest.patch.is_some(), "{:?}", manifest.anomaly);
-    let weights: Vec<f64> = point.fusion_candidates.iter().map(|f| f.patch_weight).collect();
-    assert_eq!(weights.len(), 5, "every fusion weight is scored: {weights:?}");
-    let best = point.fusion_candidates[0].patch_weight;
-    assert!(point.fusion_candidates.iter().all(|f| f.pixel_auprc <= point.fusion_candidates[0].pixel_auprc));
-    match manifest.anomaly.fusion {
-        Some(fusion) => assert_eq!(fusion.patch_weight, best, "{:?}", point.fusion_candidates),
-        None => assert!(best == 1.0 && manifest.anomaly.residual == Residual::Patch, "{:?}", manifest.anomaly),
-    }
-    if manifest.anomaly.fusion.is_some() {
+    assert!(point.fusion_candidates.is_empty(), "{:?}", point.fusion_candidates);
+    assert_eq!(manifest.anomaly.fusion.map(|f| f.patch_weight), Some(0.5), "{:?}", manifest.anomaly);
+    {
         // `eval --fusion-weight` re-weights the shipped standardisation.
         let bench = tmp.path().join("bench");
         let texture = fixture("brick_texture.png");
