@@ -23,6 +23,7 @@ VARIANTS = [
     ("patch", "patch model only (trim 0.1)"),
     ("untrimmed", "patch model only (no trim)"),
     ("fused", "fused (as shipped: searched rule + patch map)"),
+    ("w0.5", "fused at ½ (eval --fusion-weight 0.5)"),
 ]
 TYPES = ["scratch", "hole", "stain", "crack", "foreign", "wear", "dent"]
 
