@@ -1640,9 +1640,17 @@ fn metrics_are_scraped_and_health_follows_the_worker() {
     let addr = http_at_known_port(&config);
     let mut daemon = Daemon::start(&config);
     wait_for(Duration::from_secs(60), "/healthz ready", || http_get(&addr, "/healthz").is_some_and(|(s, _)| s == 200));
+    // The anomaly counter moves before the alert's durable write, the score and the latency
+    // are observed after it: wait for all three, not the first.
+    let counted = [
+        "edge_inspect_anomalies_total{camera=\"cam0\"}",
+        "edge_inspect_capture_to_publish_seconds_count{camera=\"cam0\"}",
+        "edge_inspect_score_bucket{le=\"+Inf\",camera=\"cam0\"}",
+    ];
     wait_for(Duration::from_secs(60), "frames counted in /metrics", || {
         http_get(&addr, "/metrics").is_some_and(|(_, body)| {
-            samples(&body).iter().any(|(n, v)| n == "edge_inspect_anomalies_total{camera=\"cam0\"}" && *v >= 3.0)
+            let all = samples(&body);
+            counted.iter().all(|series| all.iter().any(|(n, v)| n == series && *v >= 3.0))
         })
     });
     let (status, body) = http_get(&addr, "/metrics").unwrap();
