@@ -67,6 +67,20 @@ pub fn patch_maps(
     pair_maps(patch, &head_input(clean, clean, None, n), [n, 2 * c, h, w], 0, |d| d)
 }
 
+/// [`patch_maps`] over a list of model-size frames (`[C, H, W]` each), in batches of 8. No
+/// reconstruction is run: the patch map reads only the frame.
+pub fn patch_maps_of(
+    patch: &mut dyn Denoiser,
+    frames: &[Vec<f32>],
+    [c, h, w]: [usize; 3],
+) -> Result<Vec<Vec<f32>>, RuntimeError> {
+    let mut maps = Vec::with_capacity(frames.len());
+    for chunk in frames.chunks(8) {
+        maps.extend(patch_maps(patch, &chunk.concat(), [chunk.len(), c, h, w])?);
+    }
+    Ok(maps)
+}
+
 /// Runs a graph of the head's contract (`input [n, channels, H, W]`, the map in output
 /// channel 0) at timestep `t` and maps channel 0 of each frame through `value`.
 fn pair_maps(

@@ -26,7 +26,7 @@ use serde::{Deserialize, Serialize};
 
 use super::defects::{Family, names};
 use super::operating_point::{pasted_set, reconstruct_all};
-use crate::infer::ensemble::{head_input, patch_maps};
+use crate::infer::ensemble::{head_input, patch_maps_of};
 use crate::infer::reconstruct::Reconstructor;
 use crate::infer::runtime::{Denoiser, RuntimeError};
 use crate::model::architecture::UNetConfig;
@@ -174,10 +174,7 @@ fn standardised_patch_maps(
     clean: usize,
     [c, h, w]: [usize; 3],
 ) -> Result<(Vec<Vec<f32>>, [f64; 2]), RuntimeError> {
-    let mut maps = Vec::with_capacity(frames.len());
-    for chunk in frames.chunks(8) {
-        maps.extend(patch_maps(graph, &chunk.concat(), [chunk.len(), c, h, w])?);
-    }
+    let mut maps = patch_maps_of(graph, frames, [c, h, w])?;
     let [mean, sd] = mean_sd(&maps[..clean]);
     for map in &mut maps {
         map.iter_mut().for_each(|v| *v = ((*v as f64 - mean) / sd) as f32);

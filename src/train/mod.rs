@@ -43,7 +43,7 @@ use self::losses::Loss;
 use self::operating_point::{SearchSpace, Validation};
 use self::patch_model::{DEFAULT_FUSION_WEIGHT, PatchConfig, PatchKind, fit_patch_model};
 use crate::infer::bundle::{BundleError, Staged, read_manifest};
-use crate::infer::ensemble::{Ensemble, MapGraphs};
+use crate::infer::ensemble::{Ensemble, MapGraphs, patch_maps_of};
 use crate::infer::reconstruct::Reconstructor;
 use crate::infer::runtime::RuntimeConfig;
 use crate::infer::runtime::{Denoiser, OrtDenoiser, RuntimeError};
@@ -579,8 +579,8 @@ impl Exporter<'_> {
             Ok::<Vec<Vec<f32>>, RuntimeError>(raw.into_iter().map(|(map, _)| map).collect())
         };
         let rule_maps = maps(graphs, manifest.anomaly.residual)?;
-        let patch = graphs.patch.as_mut().map(|g| &mut **g as &mut dyn Denoiser);
-        let patch_maps = maps(&mut MapGraphs::rule(patch), Residual::Patch)?;
+        let patch = graphs.patch.as_mut().expect("fusion needs the patch model's graph");
+        let patch_maps = patch_maps_of(&mut **patch, frames, shape)?;
         let fusion = Fusion::from_normal_maps(weight, &rule_maps, &patch_maps);
         tracing::info!(rule = manifest.anomaly.residual.name(), weight, ?fusion, "Patch map fused into the rule's.");
         Ok(fusion)

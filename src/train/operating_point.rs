@@ -21,7 +21,7 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use crate::eval::metrics::{auroc, average_precision};
-use crate::infer::ensemble::{Ensemble, MapGraphs};
+use crate::infer::ensemble::{Ensemble, MapGraphs, patch_maps_of};
 use crate::infer::reconstruct::Reconstructor;
 use crate::infer::runtime::{Denoiser, RuntimeError};
 use crate::model::diffusion::NoiseSchedule;
@@ -326,9 +326,7 @@ impl Validation<'_> {
         let set = self.set();
         let chosen = &point.chosen;
         let rule = AnomalySpec { residual: chosen.residual, fusion: None, ..*self.anomaly };
-        let patch_rule = AnomalySpec { residual: Residual::Patch, ..rule };
-        let patch_maps =
-            self.maps(denoiser, &mut MapGraphs::rule(Some(&mut *patch)), &set.frames, chosen, &patch_rule)?;
+        let patch_maps = patch_maps_of(&mut *patch, &set.frames, self.shape)?;
         let mut per_weight = vec![Vec::with_capacity(set.groups.len()); FUSION_WEIGHTS.len()];
         for k in 0..set.groups.len() {
             let indices = set.subset(k);
