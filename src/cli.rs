@@ -312,20 +312,25 @@ pub struct BenchArgs {
     /// Batch sizes to measure.
     #[arg(long, default_value = "1,8", value_delimiter = ',')]
     pub batches: Vec<usize>,
-    /// DDIM reverse step counts to measure.
-    #[arg(long, default_value = "5,10,50", value_delimiter = ',')]
-    pub ddim_steps: Vec<usize>,
-    /// Forward noising steps for the reconstructions.
-    #[arg(long, default_value_t = 100)]
-    pub t0: usize,
+    /// DDIM reverse step counts to measure (UNet calls per reconstruction); default: the
+    /// bundle's operating point.
+    #[arg(long, value_delimiter = ',')]
+    pub ddim_steps: Option<Vec<usize>>,
+    /// Forward noising steps for the reconstructions; default: the bundle's operating point.
+    #[arg(long)]
+    pub t0: Option<usize>,
     /// Timed UNet calls per batch size (after 3 warm-up calls).
     #[arg(long, default_value_t = 15)]
     pub repeats: usize,
     /// Whole camera frames to time through the inspection path (tiles for a tiled
-    /// model), as WIDTHxHEIGHT, e.g. 640x480,1280x1024; at each --ddim-steps count (UNet
-    /// calls per tile) and --t0.
+    /// model), as WIDTHxHEIGHT, e.g. 640x480,1280x1024: at the bundle's shipped operating
+    /// point (its ensemble, map rule and fusion), or at each --ddim-steps count and --t0
+    /// where they are given.
     #[arg(long, value_delimiter = ',')]
     pub frames: Vec<String>,
+    /// Timed passes per frame size (after one warm-up pass), for the latency percentiles.
+    #[arg(long, default_value_t = 5)]
+    pub frame_repeats: usize,
     #[command(flatten)]
     pub runtime: RuntimeArgs,
 }

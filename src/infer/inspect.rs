@@ -65,16 +65,23 @@ impl Inspector<OrtDenoiser> {
     /// `spec` overrides the manifest's primary reconstruction settings; the manifest's
     /// ensemble members follow it (same sampler, steps, conditioning). Tiles are
     /// reconstructed 8 at a time unless [`Inspector::with_tile_batch`] says otherwise.
-    pub fn new(bundle: Bundle, spec: Option<ReconstructionSpec>) -> Result<Self, BundleError> {
-        let (map_graph, patch_graph) = match bundle.manifest.anomaly.residual {
-            Residual::Head => (bundle.head, bundle.patch),
-            Residual::Feature => (bundle.features, bundle.patch),
-            Residual::Patch => (bundle.patch, None),
-            _ => (None, bundle.patch),
-        };
-        let patch_graph = patch_graph.filter(|_| needs_patch_graph(&bundle.manifest));
+    pub fn new(mut bundle: Bundle, spec: Option<ReconstructionSpec>) -> Result<Self, BundleError> {
+        let (map_graph, patch_graph) = rule_graphs(&mut bundle);
         Self::from_parts(bundle.dir, bundle.manifest, bundle.denoiser, map_graph, spec)?.with_patch_graph(patch_graph)
     }
+}
+
+/// Takes out of `bundle` the graphs its map rule runs beside the denoiser: the rule's own
+/// graph (head, feature distance or patch model) and the patch model where the rule fuses
+/// its map or the head reads it.
+pub fn rule_graphs(bundle: &mut Bundle) -> (Option<OrtDenoiser>, Option<OrtDenoiser>) {
+    let (map_graph, patch_graph) = match bundle.manifest.anomaly.residual {
+        Residual::Head => (bundle.head.take(), bundle.patch.take()),
+        Residual::Feature => (bundle.features.take(), bundle.patch.take()),
+        Residual::Patch => (bundle.patch.take(), None),
+        _ => (None, bundle.patch.take()),
+    };
+    (map_graph, patch_graph.filter(|_| needs_patch_graph(&bundle.manifest)))
 }
 
 impl<D: Denoiser> Inspector<D> {

@@ -277,6 +277,12 @@ impl OrtDenoiser {
                 .with_execution_providers([dispatch])
                 .map_err(|e| e.to_string())?
                 .with_intra_threads(config.intra_threads.max(1))
+                .map_err(|e| e.to_string())?
+                // ORT's workers spin after each run by default: with the UNet, the head and
+                // the patch model in turn, each session's spinning threads took the cores
+                // from the next one, and a 640x480 frame took twice as long (performance.md).
+                // Nothing here busy-waits.
+                .with_intra_op_spinning(false)
                 .map_err(|e| e.to_string())?;
             let session = match in_memory {
                 Some(graph) => builder.commit_from_memory(graph),

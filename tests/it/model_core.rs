@@ -464,6 +464,17 @@ fn bench_prints_a_row_per_configuration() {
     assert_eq!(frame_rows.len(), 4, "two frames × two step counts: {stdout}");
     assert_eq!((frame_rows[0][1], frame_rows[0][2]), ("6", "2"), "{stdout}");
     assert_eq!((frame_rows[1][1], frame_rows[3][2]), ("1", "1"), "{stdout}");
+    // Without --ddim-steps and --t0 the frames run at the bundle's own operating point (3
+    // DDIM steps here), with the time of each stage: the UNet's is part of the frame's.
+    let shipped = ["bench", "--model", tiled.to_str().unwrap(), "--batches", "4", "--repeats", "1"];
+    let out = run_cli(&[&shipped[..], &["--frames", "160x100", "--frame-repeats", "2"]].concat(), false);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("operating point: t0 30 × 3"), "{stdout}");
+    let row: Vec<&str> = stdout.lines().find(|l| l.starts_with("| 160×100 |")).expect(&stdout).split(" | ").collect();
+    assert_eq!((row[1], row[2]), ("6", "3"), "{stdout}");
+    let [p50, unet]: [f64; 2] = [row[3], row[7]].map(|v| v.parse().unwrap());
+    assert!(unet > 0.0 && unet <= p50 * 1.5, "UNet {unet} s of a {p50} s frame: {stdout}");
     let bad = run_cli(&[&args[..], &["--frames", "160by100"]].concat(), false);
     assert!(!bad.status.success() && String::from_utf8_lossy(&bad.stderr).contains("WIDTHxHEIGHT"));
 }
