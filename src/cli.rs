@@ -253,6 +253,9 @@ pub struct EvalArgs {
     /// manifest's standardisation of the two maps (thresholds are not recalibrated).
     #[arg(long, value_name = "W", value_parser = parse_unit_weight)]
     pub fusion_weight: Option<f64>,
+    /// Reconstruct every tile: no cascade screen, even where the manifest has one.
+    #[arg(long)]
+    pub no_screen: bool,
     #[command(flatten)]
     pub runtime: RuntimeArgs,
     #[arg(long)]
@@ -331,6 +334,14 @@ pub struct BenchArgs {
     /// Timed passes per frame size (after one warm-up pass), for the latency percentiles.
     #[arg(long, default_value_t = 5)]
     pub frame_repeats: usize,
+    /// An image to inspect as the frames (resized to each --frames size) instead of a
+    /// synthetic pattern: the cascade screens tiles by content, so its speed-up shows only
+    /// on frames like the line's.
+    #[arg(long)]
+    pub frame_image: Option<PathBuf>,
+    /// Reconstruct every tile: no cascade screen, even where the manifest has one.
+    #[arg(long)]
+    pub no_screen: bool,
     #[command(flatten)]
     pub runtime: RuntimeArgs,
 }
@@ -537,6 +548,12 @@ pub struct RetrainArgs {
     /// search on its own instead).
     #[arg(long, default_value = "0.5", value_parser = parse_fusion_weight)]
     pub patch_fusion: FusionWeightArg,
+    /// The cascade: a tile whose patch map stays below a screen threshold is declared clean
+    /// without its reconstruction and head; the threshold is the highest that keeps this
+    /// share of the validation defects' pixels in tiles that go on (needs a fused patch
+    /// map); `none` = reconstruct every tile.
+    #[arg(long, default_value = "0.99", value_parser = parse_screen_recall)]
+    pub screen_recall: ScreenRecallArg,
     /// Anomaly-map Gaussian σ in pixels.
     #[arg(long, default_value_t = 2.0)]
     pub smoothing_sigma: f64,
@@ -632,6 +649,20 @@ fn parse_fusion_weight(s: &str) -> Result<FusionWeightArg, String> {
     match s {
         "auto" => Ok(FusionWeightArg(None)),
         _ => parse_unit_weight(s).map(|w| FusionWeightArg(Some(w))).map_err(|e| format!("`auto` or {e}")),
+    }
+}
+
+/// `--screen-recall`: `none` or a recall in (0, 1].
+#[cfg(feature = "train")]
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ScreenRecallArg(pub Option<f64>);
+
+#[cfg(feature = "train")]
+fn parse_screen_recall(s: &str) -> Result<ScreenRecallArg, String> {
+    match (s, s.parse::<f64>()) {
+        ("none", _) => Ok(ScreenRecallArg(None)),
+        (_, Ok(r)) if r > 0.0 && r <= 1.0 => Ok(ScreenRecallArg(Some(r))),
+        _ => Err(format!("`none` or a recall in (0, 1], got {s:?}")),
     }
 }
 

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
-use anyhow::bail;
+use anyhow::{Context, bail};
 
 use crate::cli::BenchArgs;
 use crate::infer::bundle::Bundle;
@@ -26,6 +26,9 @@ use crate::model::sampling::{ReconstructionSpec, Sampler};
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let frames = args.frames.iter().map(|f| parse_frame(f)).collect::<anyhow::Result<Vec<_>>>()?;
     let mut bundle = Bundle::load(&args.model, &args.runtime.to_config())?;
+    if args.no_screen {
+        bundle.manifest.anomaly.screen = None;
+    }
     let shipped = bundle.manifest.reconstruction;
     let t0 = args.t0.unwrap_or(shipped.t0);
     let ddim_steps = args.ddim_steps.clone().unwrap_or(vec![shipped.steps]);
@@ -83,7 +86,11 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             vec![None]
         };
         let tile_batch = *args.batches.iter().max().expect("default batches");
-        bench_frames(bundle, &frames, &specs, tile_batch, args.frame_repeats)?;
+        let image = match &args.frame_image {
+            Some(path) => Some(image::open(path).with_context(|| format!("--frame-image {}", path.display()))?),
+            None => None,
+        };
+        bench_frames(bundle, &frames, image.as_ref(), &specs, tile_batch, args.frame_repeats)?;
     }
     Ok(())
 }
@@ -183,11 +190,13 @@ fn split_timed<D: Denoiser>(graph: Option<D>) -> (Option<Timed<D>>, Arc<AtomicU6
     }
 }
 
-/// Whole frames through `Inspector` at each of `specs` (None: the shipped operating
-/// point), `tile_batch` tiles per UNet batch, one warm-up and `repeats` timed passes each.
+/// Whole frames (`image` resized, else a synthetic pattern) through `Inspector` at each of
+/// `specs` (None: the shipped operating point), `tile_batch` tiles per UNet batch, one
+/// warm-up and `repeats` timed passes each.
 fn bench_frames(
     bundle: Bundle,
     frames: &[[usize; 2]],
+    image: Option<&image::DynamicImage>,
     specs: &[Option<ReconstructionSpec>],
     tile_batch: usize,
     repeats: usize,
@@ -200,25 +209,31 @@ fn bench_frames(
         manifest.inspection
     );
     println!("operating point: {}", operating_point(&manifest));
+    println!("frames: {}", image.map_or("a synthetic pattern".into(), |_| "--frame-image, resized".to_string()));
     println!();
     println!(
-        "| frame | tiles | UNet calls per tile | s/frame p50 | p99 | MP/s | tiles/s | UNet s | map graph s | patch graph s | rest s | peak RSS MiB |"
+        "| frame | tiles | UNet calls per tile | s/frame p50 | p99 | MP/s | tiles/s | screened | UNet s | map graph s | patch graph s | rest s | peak RSS MiB |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     for spec in specs {
         if let Some(spec) = spec {
             inspector = inspector.with_spec(*spec)?;
         }
         for &[height, width] in frames {
-            let image =
-                image::DynamicImage::ImageLuma8(image::GrayImage::from_fn(width as u32, height as u32, |x, y| {
-                    image::Luma([(128.0 + 60.0 * ((x as f32) * 0.31).sin() * ((y as f32) * 0.17).cos()) as u8])
-                }));
-            let prepared = manifest.input.prepare_for(manifest.inspection, &image);
+            let frame = match image {
+                Some(image) => image.resize_exact(width as u32, height as u32, image::imageops::FilterType::Triangle),
+                None => {
+                    image::DynamicImage::ImageLuma8(image::GrayImage::from_fn(width as u32, height as u32, |x, y| {
+                        image::Luma([(128.0 + 60.0 * ((x as f32) * 0.31).sin() * ((y as f32) * 0.17).cos()) as u8])
+                    }))
+                }
+            };
+            let prepared = manifest.input.prepare_for(manifest.inspection, &frame);
             let view = FrameView::new(&prepared.tensor, prepared.size());
             let tiles = inspector.tile_grid(view.size).tiles.len();
             inspector.inspect(&[view], &[1])?;
             clocks.take();
+            let before = inspector.tile_counts();
             let mut seconds = Vec::with_capacity(repeats);
             for pass in 0..repeats {
                 let start = Instant::now();
@@ -226,14 +241,17 @@ fn bench_frames(
                 seconds.push(start.elapsed().as_secs_f64());
             }
             let stages = clocks.take().map(|s| s / repeats as f64);
+            let after = inspector.tile_counts();
+            let screened = (after[1] - before[1]) as f64 / (after[0] - before[0]).max(1) as f64;
             let mean = seconds.iter().sum::<f64>() / repeats as f64;
             seconds.sort_by(f64::total_cmp);
             let [p50, p99] = [0.5, 0.99].map(|q| seconds[((q * repeats as f64).ceil() as usize).clamp(1, repeats) - 1]);
             println!(
-                "| {width}×{height} | {tiles} | {} | {p50:.3} | {p99:.3} | {:.3} | {:.1} | {:.3} | {:.3} | {:.3} | {:.3} | {} |",
+                "| {width}×{height} | {tiles} | {} | {p50:.3} | {p99:.3} | {:.3} | {:.1} | {:.2} | {:.3} | {:.3} | {:.3} | {:.3} | {} |",
                 inspector.unet_calls(),
                 (width * height) as f64 / 1e6 / mean,
                 tiles as f64 / mean,
+                screened,
                 stages[0],
                 stages[1],
                 stages[2],
@@ -250,8 +268,11 @@ fn operating_point(m: &Manifest) -> String {
     let r = m.reconstruction;
     let extra = m.extra_t0();
     let fusion = m.anomaly.fusion.as_ref().map_or("none".into(), |f| format!("patch weight {}", f.patch_weight));
+    let screen = m.anomaly.screen.as_ref().map_or("none".into(), |s| {
+        format!("patch map ≥ {:.3} (recall {:.3} on validation defects)", s.threshold, s.recall)
+    });
     format!(
-        "t0 {}{} × {} {:?} step(s), map rule {}, fusion {fusion}",
+        "t0 {}{} × {} {:?} step(s), map rule {}, fusion {fusion}, screen {screen}",
         r.t0,
         if extra.is_empty() { String::new() } else { format!(" (+ members at t0 {extra:?})") },
         r.steps,

@@ -27,6 +27,9 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
     if args.no_fusion {
         bundle.manifest.anomaly.fusion = None;
     }
+    if args.no_fusion || args.no_screen {
+        bundle.manifest.anomaly.screen = None;
+    }
     if let Some(weight) = args.fusion_weight {
         let Some(fusion) = bundle.manifest.anomaly.fusion.as_mut() else {
             bail!("--fusion-weight {weight}: {} fuses no patch map (no [anomaly.fusion])", args.model.display());

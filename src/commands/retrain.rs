@@ -194,7 +194,7 @@ fn patch_config(args: &RetrainArgs) -> anyhow::Result<Option<PatchConfig>> {
                 _ => PatchKind::Gaussian,
             };
             let config = PatchConfig::with_backbone(backbone, args.patch_trim, args.patch_fusion.0);
-            Ok(Some(PatchConfig { model, ..config }))
+            Ok(Some(PatchConfig { model, screen_recall: args.screen_recall.0, ..config }))
         }
     }
 }

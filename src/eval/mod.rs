@@ -131,6 +131,10 @@ pub struct Report {
     /// The sensitivity of the deployed verdicts, masks and overlays.
     pub sensitivity: f64,
     pub unet_calls_per_image: usize,
+    /// Tiles inspected, and of those the cascade's screen declared clean without a
+    /// reconstruction (`anomaly.screen`).
+    pub tiles_inspected: usize,
+    pub tiles_screened: usize,
     /// Reconstruction + post-processing wall time per image (decoding excluded).
     pub ms_per_image: f64,
     pub wall_s: f64,
@@ -286,6 +290,8 @@ pub fn evaluate(
         seed: options.seed,
         sensitivity: options.sensitivity,
         unet_calls_per_image: inspector.unet_calls(),
+        tiles_inspected: inspector.tile_counts()[0],
+        tiles_screened: inspector.tile_counts()[1],
         ms_per_image: inspect_time * 1e3 / records.len() as f64,
         wall_s: started.elapsed().as_secs_f64(),
         overall,
@@ -401,6 +407,14 @@ pub fn markdown(report: &Report) -> String {
             fmt(s.pixel_ap),
             fmt(s.pixel_aupro),
             s.reconstruction_mse
+        );
+    }
+    if report.tiles_screened > 0 {
+        md += &format!(
+            "\n{} of {} tiles ({:.1} %) screened out as clean without a reconstruction.\n",
+            report.tiles_screened,
+            report.tiles_inspected,
+            100.0 * report.tiles_screened as f64 / report.tiles_inspected.max(1) as f64
         );
     }
     let notes: Vec<&String> = report.overall.notes.iter().collect();

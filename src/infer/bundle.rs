@@ -160,6 +160,14 @@ fn check_anomaly(a: &crate::postprocess::anomaly::AnomalySpec) -> Result<(), Str
     if let Some(fusion) = &a.fusion {
         fusion.validate()?;
     }
+    if let Some(screen) = &a.screen {
+        screen.validate()?;
+        if a.fusion.is_none_or(|f| f.patch_weight <= 0.0) {
+            return Err("anomaly.screen screens tiles on the patch map: it needs anomaly.fusion with a \
+                        patch_weight above 0"
+                .into());
+        }
+    }
     if a.min_region_area > 1 << 24 {
         return Err(format!("anomaly.min_region_area must be at most 16777216, got {}", a.min_region_area));
     }

@@ -123,6 +123,8 @@ impl<'a> MapGraphs<'a> {
 pub struct Ensemble {
     members: Vec<Reconstructor>,
     recon: Vec<f32>,
+    /// Frames the screen declared clean so far (`anomaly.screen`).
+    screened: usize,
 }
 
 impl Ensemble {
@@ -133,7 +135,7 @@ impl Ensemble {
     ) -> Result<Self, ReconstructionError> {
         let specs = std::iter::once(primary).chain(extra_t0.iter().map(|&t0| ReconstructionSpec { t0, ..primary }));
         let members = specs.map(|spec| Reconstructor::new(schedule.clone(), spec)).collect::<Result<_, _>>()?;
-        Ok(Self { members, recon: Vec::new() })
+        Ok(Self { members, recon: Vec::new(), screened: 0 })
     }
 
     /// The primary member's settings.
@@ -146,11 +148,18 @@ impl Ensemble {
         self.members.iter().map(Reconstructor::unet_calls).sum()
     }
 
+    /// Frames (tiles) the screen has declared clean since this ensemble was made.
+    pub fn screened(&self) -> usize {
+        self.screened
+    }
+
     /// Per frame of `clean [n, C, H, W]`: the members' averaged raw dissimilarity map under
     /// `anomaly` (the `map_graph` computes it for [`Residual::Head`], the head, and
     /// [`Residual::Feature`], the feature distance, and [`Residual::Patch`], the normal-patch
     /// model), and their mean reconstruction MSE. With `anomaly.fusion`, the patch model's
-    /// map (`graphs.patch`, computed once: it reads only the frame) is fused into the average.
+    /// map (`graphs.patch`, computed once: it reads only the frame) is fused into the average;
+    /// with `anomaly.screen` as well, a frame the screen declares clean is not reconstructed:
+    /// its rule map is the rule's mean on normal frames and its MSE 0.
     pub fn raw_maps(
         &mut self,
         denoiser: &mut dyn Denoiser,
@@ -161,9 +170,6 @@ impl Ensemble {
         anomaly: &AnomalySpec,
     ) -> Result<Vec<(Vec<f32>, f64)>, RuntimeError> {
         let [n, c, h, w] = shape;
-        let frame_len = c * h * w;
-        let mut out = vec![(vec![0.0f32; h * w], 0.0f64); n];
-        let share = 1.0 / self.members.len() as f32;
         // The patch map reads only the frame: computed once, for the fusion and for a head
         // that reads it.
         let fused = anomaly.fusion.filter(|f| f.patch_weight > 0.0);
@@ -173,15 +179,63 @@ impl Ensemble {
             _ if fused.is_some() || head_patch.is_some() => panic!("the map rule needs the patch model's graph"),
             _ => None,
         };
-        let head_extra: Option<Vec<f32>> = head_patch
-            .map(|[mean, sd]| patch.iter().flatten().flatten().map(|&v| ((v as f64 - mean) / sd) as f32).collect());
+        let passing: Vec<usize> = match (anomaly.screen, fused, &patch) {
+            (Some(screen), Some(_), Some(maps)) => (0..n).filter(|&i| screen.passes(&maps[i])).collect(),
+            _ => (0..n).collect(),
+        };
+        self.screened += n - passing.len();
+        let rule_mean = fused.map_or(0.0, |f| f.rule[0]) as f32;
+        let mut out = vec![(vec![rule_mean; h * w], 0.0f64); n];
+        if !passing.is_empty() {
+            let (frame_len, plane) = (c * h * w, h * w);
+            let sub_clean: Vec<f32> =
+                passing.iter().flat_map(|&i| &clean[i * frame_len..(i + 1) * frame_len]).copied().collect();
+            let sub_seeds: Vec<u64> = passing.iter().map(|&i| seeds[i]).collect();
+            let head_extra: Option<Vec<f32>> = head_patch.map(|[mean, sd]| {
+                let maps = patch.as_ref().expect("computed above");
+                passing.iter().flat_map(|&i| &maps[i]).map(|&v| ((v as f64 - mean) / sd) as f32).collect()
+            });
+            debug_assert!(head_extra.as_ref().is_none_or(|e| e.len() == passing.len() * plane));
+            let sub_shape = [passing.len(), c, h, w];
+            let maps =
+                self.member_maps(denoiser, graphs, &sub_clean, sub_shape, &sub_seeds, head_extra.as_deref(), anomaly)?;
+            for (&i, map) in passing.iter().zip(maps) {
+                out[i] = map;
+            }
+        }
+        if let Some(fusion) = &anomaly.fusion {
+            // At weight 0 the patch map counts for nothing (and was not computed).
+            let zeros = vec![vec![0.0; h * w]; n];
+            let patch_maps = if fused.is_some() { patch.as_ref().expect("computed above") } else { &zeros };
+            for ((map, _), patch_map) in out.iter_mut().zip(patch_maps) {
+                fusion.fuse(map, patch_map);
+            }
+        }
+        Ok(out)
+    }
+
+    /// The members' averaged map by the rule (before any fusion) and mean reconstruction MSE
+    /// per frame of `clean`; `head_extra`: the standardised patch map for a head that reads it.
+    #[allow(clippy::too_many_arguments)] // one batch's inputs and the graphs it runs
+    fn member_maps(
+        &mut self,
+        denoiser: &mut dyn Denoiser,
+        graphs: &mut MapGraphs<'_>,
+        clean: &[f32],
+        shape: [usize; 4],
+        seeds: &[u64],
+        head_extra: Option<&[f32]>,
+        anomaly: &AnomalySpec,
+    ) -> Result<Vec<(Vec<f32>, f64)>, RuntimeError> {
+        let [n, c, h, w] = shape;
+        let frame_len = c * h * w;
+        let mut out = vec![(vec![0.0f32; h * w], 0.0f64); n];
+        let share = 1.0 / self.members.len() as f32;
         self.recon.resize(clean.len(), 0.0);
         for member in &mut self.members {
             member.reconstruct(denoiser, clean, shape, seeds, &mut self.recon)?;
             let learned = match (anomaly.residual, graphs.rule.as_mut()) {
-                (Residual::Head, Some(head)) => {
-                    Some(head_maps(&mut **head, clean, &self.recon, head_extra.as_deref(), shape)?)
-                }
+                (Residual::Head, Some(head)) => Some(head_maps(&mut **head, clean, &self.recon, head_extra, shape)?),
                 (Residual::Feature, Some(features)) => {
                     Some(feature_maps(&mut **features, clean, &self.recon, shape, anomaly.feature_t)?)
                 }
@@ -199,14 +253,6 @@ impl Ensemble {
                 };
                 map.iter_mut().zip(member_map).for_each(|(m, v)| *m += share * v);
                 *mse += reconstruction_mse(&clean[range.clone()], &self.recon[range]) * share as f64;
-            }
-        }
-        if let Some(fusion) = &anomaly.fusion {
-            // At weight 0 the patch map counts for nothing (and was not computed).
-            let zeros = vec![vec![0.0; h * w]; n];
-            let patch_maps = if fused.is_some() { patch.as_ref().expect("computed above") } else { &zeros };
-            for ((map, _), patch_map) in out.iter_mut().zip(patch_maps) {
-                fusion.fuse(map, patch_map);
             }
         }
         Ok(out)

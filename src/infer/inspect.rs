@@ -59,6 +59,8 @@ pub struct Inspector<D: Denoiser = OrtDenoiser> {
     /// Called after every UNet batch of tiles: a long frame shows progress (the daemon's
     /// watchdog) while it is still being inspected.
     progress: Option<Box<dyn FnMut() + Send>>,
+    /// Tiles inspected since this inspector was made or its spec changed.
+    tiles: usize,
 }
 
 impl Inspector<OrtDenoiser> {
@@ -117,6 +119,7 @@ impl<D: Denoiser> Inspector<D> {
             batch: Vec::new(),
             tile: Vec::new(),
             progress: None,
+            tiles: 0,
         })
     }
 
@@ -184,6 +187,12 @@ impl<D: Denoiser> Inspector<D> {
         self.ensemble.unet_calls()
     }
 
+    /// Tiles inspected, and of those the screen declared clean (`anomaly.screen`: not
+    /// reconstructed), since this inspector was made or its spec changed.
+    pub fn tile_counts(&self) -> [usize; 2] {
+        [self.tiles, self.ensemble.screened()]
+    }
+
     /// The tiles of a prepared frame of `size`: one for a model-size frame; overlapping
     /// tiles `stride` apart for a tiled model.
     pub fn tile_grid(&self, size: [usize; 2]) -> TileGrid {
@@ -245,6 +254,7 @@ impl<D: Denoiser> Inspector<D> {
                 &tile_seeds,
                 &self.manifest.anomaly,
             )?;
+            self.tiles += chunk.len();
             for (&(f, t), (map, tile_mse)) in chunk.iter().zip(maps) {
                 stitchers[f].add(t, &map);
                 mse[f] += tile_mse / grids[f].tiles.len() as f64;

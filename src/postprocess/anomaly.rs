@@ -12,6 +12,7 @@
 //! Scores are normalised as anomalib does: `clamp((x − threshold)/(max − min) + 0.5, 0, 1)`,
 //! putting the calibrated threshold at exactly 0.5.
 
+use super::screen::Screen;
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -90,6 +91,10 @@ pub struct AnomalySpec {
     /// The normal-patch model's map fused into this rule's map (absent: the rule alone).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fusion: Option<Fusion>,
+    /// The cascade's screen on the patch map (needs a fusion): tiles it declares clean skip
+    /// the reconstruction and the rule's graph (absent: every tile is reconstructed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub screen: Option<Screen>,
 }
 
 /// Two maps made one: the rule's map and the normal-patch model's, each standardised by
@@ -157,6 +162,7 @@ impl Default for AnomalySpec {
             min_region_area: 4,
             feature_t: 0,
             fusion: None,
+            screen: None,
         }
     }
 }

@@ -40,7 +40,7 @@ use self::data::{Augment, Dataset, Layout, Skipped};
 use self::defects::{FOLDS, Family};
 use self::head::HeadConfig;
 use self::losses::Loss;
-use self::operating_point::{SearchSpace, Validation};
+use self::operating_point::{SearchSpace, Validation, pasted_set};
 use self::patch_model::{DEFAULT_FUSION_WEIGHT, PatchConfig, PatchKind, fit_patch_model};
 use crate::infer::bundle::{BundleError, Staged, read_manifest};
 use crate::infer::ensemble::{Ensemble, MapGraphs, patch_maps_of};
@@ -58,6 +58,7 @@ use crate::model::preprocess::{InputSpec, Inspection};
 use crate::model::sampling::ReconstructionSpec;
 use crate::model::unet::UNet;
 use crate::postprocess::anomaly::{AnomalySpec, Fusion, Residual, Threshold};
+use crate::postprocess::screen::{Screen, screen_score};
 use crate::train::export::{export_bundle, export_head};
 
 /// Everything a training run depends on; saved in the checkpoint and the report.
@@ -555,7 +556,41 @@ impl Exporter<'_> {
         if graphs.patch.is_some() && (weight > 0.0 || given_weight.is_none()) {
             manifest.anomaly.fusion = Some(self.fusion(ort, &mut graphs, manifest, weight)?);
         }
+        let recall = self.config.patch.as_ref().and_then(|p| p.screen_recall);
+        if let (Some(recall), Some(patch)) = (recall, graphs.patch.as_mut())
+            && manifest.anomaly.fusion.is_some_and(|f| f.patch_weight > 0.0)
+        {
+            manifest.anomaly.screen = self.screen(&mut **patch, manifest, recall)?;
+        }
         self.calibrate(ort, &mut graphs, manifest, &self.options.out)
+    }
+
+    /// The cascade's screen for `recall`: chosen on the patch maps of the calibration
+    /// frames and of copies with every family group's defects pasted (as the search's).
+    fn screen(
+        &self,
+        patch: &mut dyn Denoiser,
+        manifest: &Manifest,
+        recall: f64,
+    ) -> Result<Option<Screen>, BundleError> {
+        let input = manifest.input;
+        let shape = [input.channels, input.height, input.width];
+        let set = pasted_set(self.calibration_frames, shape, self.config.seed, &FOLDS);
+        let scores: Vec<f64> = patch_maps_of(patch, &set.frames, shape)?.iter().map(|m| screen_score(m)).collect();
+        let defective: Vec<(f64, usize)> = (set.clean_count..set.frames.len())
+            .map(|i| (scores[i], set.truth[i].iter().filter(|&&t| t > 0).count()))
+            .collect();
+        let screen = Screen::choose(&defective, &scores[..set.clean_count], recall);
+        match &screen {
+            Some(s) => tracing::info!(
+                threshold = s.threshold,
+                recall = s.recall,
+                clean_screened = s.clean_screened,
+                "Cascade screen chosen."
+            ),
+            None => tracing::info!(recall, "No cascade screen: at this recall it would screen out no clean tile."),
+        }
+        Ok(screen)
     }
 
     /// The standardisation of the rule's and the patch model's maps on the held-out

@@ -60,7 +60,13 @@ pub struct PatchConfig {
     /// operating-point search among `operating_point::FUSION_WEIGHTS`, or
     /// [`DEFAULT_FUSION_WEIGHT`] when the operating point is fixed.
     pub fusion_weight: Option<f64>,
+    /// The recall on the validation defects that the cascade's screen on the patch map is
+    /// chosen for (`postprocess::screen`); `None`: no screen, every tile is reconstructed.
+    #[serde(default)]
+    pub screen_recall: Option<f64>,
 }
+
+pub use crate::postprocess::screen::DEFAULT_RECALL;
 
 /// The fusion weight of a model whose operating point is not searched: equal weight to two
 /// standardised maps.
@@ -68,7 +74,16 @@ pub const DEFAULT_FUSION_WEIGHT: f64 = 0.5;
 
 impl PatchConfig {
     pub fn with_backbone(backbone: PathBuf, trim: f64, fusion_weight: Option<f64>) -> Self {
-        Self { backbone, model: PatchKind::Gaussian, tiles: 256, trim, rounds: 3, shrinkage: 0.01, fusion_weight }
+        Self {
+            backbone,
+            model: PatchKind::Gaussian,
+            tiles: 256,
+            trim,
+            rounds: 3,
+            shrinkage: 0.01,
+            fusion_weight,
+            screen_recall: Some(DEFAULT_RECALL),
+        }
     }
 
     fn fit(&self) -> RobustFit {

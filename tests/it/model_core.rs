@@ -473,7 +473,7 @@ fn bench_prints_a_row_per_configuration() {
     assert!(stdout.contains("operating point: t0 30 × 3"), "{stdout}");
     let row: Vec<&str> = stdout.lines().find(|l| l.starts_with("| 160×100 |")).expect(&stdout).split(" | ").collect();
     assert_eq!((row[1], row[2]), ("6", "3"), "{stdout}");
-    let [p50, unet]: [f64; 2] = [row[3], row[7]].map(|v| v.parse().unwrap());
+    let [p50, unet]: [f64; 2] = [row[3], row[8]].map(|v| v.parse().unwrap());
     assert!(unet > 0.0 && unet <= p50 * 1.5, "UNet {unet} s of a {p50} s frame: {stdout}");
     let bad = run_cli(&[&args[..], &["--frames", "160by100"]].concat(), false);
     assert!(!bad.status.success() && String::from_utf8_lossy(&bad.stderr).contains("WIDTHxHEIGHT"));

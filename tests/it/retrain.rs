@@ -10,14 +10,16 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 
 use edge_inspect::infer::bundle::{Bundle, read_manifest};
+use edge_inspect::infer::ensemble::{Ensemble, MapGraphs, patch_maps};
 use edge_inspect::infer::inspect::{FrameView, Inspector};
 use edge_inspect::infer::runtime::RuntimeConfig;
 use edge_inspect::model::architecture::UNetConfig;
-use edge_inspect::model::diffusion::ScheduleSpec;
+use edge_inspect::model::diffusion::{NoiseSchedule, ScheduleSpec};
 use edge_inspect::model::manifest::ONNX_FILE;
 use edge_inspect::model::preprocess::{InputSpec, Inspection};
 use edge_inspect::model::sampling::{ReconstructionSpec, Sampler};
 use edge_inspect::postprocess::anomaly::{AnomalySpec, Residual};
+use edge_inspect::postprocess::screen::{Screen, screen_score};
 use edge_inspect::train::calibrate::CalibrationRule;
 use edge_inspect::train::head::HeadConfig;
 use edge_inspect::train::losses::Loss;
@@ -310,6 +312,7 @@ fn retrain_fits_a_patch_model_that_ships_verified_and_finds_pasted_defects() {
     assert_eq!((patch.features.input_scale, patch.features.channels), (4, 64));
     let point = manifest.operating_point.clone().unwrap();
     assert!(point.candidates.iter().any(|c| c.residual == Residual::Patch), "the patch rule is scored");
+    assert_eq!(manifest.anomaly.screen, None, "no fused patch map, no screen on it");
 
     // The patch rule, on frames it never saw, is higher inside pasted defects than outside.
     let mut loaded = Bundle::load(&bundle, &RuntimeConfig::default()).unwrap();
@@ -339,6 +342,8 @@ fn retrain_fuses_the_patch_map_into_the_shipped_rule() {
     let out = tmp.path().join("fused");
     let mut fused = config(Loss::Huber { delta: 0.2 }, 6);
     fused.input = InputSpec { width: 32, height: 32, ..InputSpec::default() };
+    // Three calibration frames: the screen is chosen on them and their pasted copies.
+    fused.calibration_fraction = 0.5;
     fused.patch = Some(PatchConfig { tiles: 16, ..PatchConfig::with_backbone(backbone(), 0.1, Some(0.5)) });
     let Outcome::Finished { bundle, .. } = train(fused, &options(&data, &out)).unwrap() else { panic!() };
     let manifest = read_manifest(&bundle).unwrap();
@@ -357,12 +362,60 @@ fn retrain_fuses_the_patch_map_into_the_shipped_rule() {
     let (inside, outside) = inside_outside(&analysis[0].map, 32, "brick_stain_mask.png");
     assert!(inside > outside + 1.0, "fused map inside {inside:.3}, outside {outside:.3} (standardised units)");
 
+    the_screen_skips_exactly_the_tiles_below_it(&bundle);
+
     // A fused manifest without its patch model is refused before anything runs.
     let text = fs::read_to_string(bundle.join("manifest.toml")).unwrap();
     let cut = text.find("[patch]").expect("a [patch] section");
     fs::write(bundle.join("manifest.toml"), &text[..cut]).unwrap();
     let e = Bundle::load(&bundle, &RuntimeConfig::default()).err().expect("fusion without [patch]").to_string();
     assert!(e.contains("fusion") && e.contains("[patch]"), "{e}");
+}
+
+/// The cascade on `bundle` (fused, with the screen `retrain` chose): frames whose patch map
+/// reaches the threshold get exactly the maps they get without a screen; the others are not
+/// reconstructed, and their map is the patch map's share alone.
+fn the_screen_skips_exactly_the_tiles_below_it(bundle: &Path) {
+    let mut loaded = Bundle::load(bundle, &RuntimeConfig::default()).unwrap();
+    let chosen = loaded.manifest.anomaly.screen.expect("retrain chose a screen at recall 0.99");
+    assert!(chosen.recall >= 0.99 && chosen.clean_screened > 0.0, "{chosen:?}");
+    let (input, anomaly) = (loaded.manifest.input, loaded.manifest.anomaly);
+    let fusion = anomaly.fusion.unwrap();
+    let names = ["brick_clean.png", "brick_scratch.png", "brick_stain.png", "brick_clean.png"];
+    let frames: Vec<f32> = names.iter().flat_map(|n| input.prepare(&image::open(fixture(n)).unwrap()).tensor).collect();
+    let shape = [names.len(), 1, input.height, input.width];
+    let patch_graph = loaded.patch.as_mut().unwrap();
+    let patch = patch_maps(patch_graph, &frames, shape).unwrap();
+    let mut scores: Vec<f64> = patch.iter().map(|m| screen_score(m)).collect();
+    let maps = |loaded: &mut Bundle, screen: Option<Screen>| {
+        let schedule = NoiseSchedule::new(&loaded.manifest.schedule).unwrap();
+        let mut ensemble = Ensemble::new(&schedule, loaded.manifest.reconstruction, &[]).unwrap();
+        let mut graphs = MapGraphs { rule: None, patch: loaded.patch.as_mut().map(|g| g as _), head_patch: None };
+        let anomaly = AnomalySpec { screen, ..anomaly };
+        let maps = ensemble.raw_maps(&mut loaded.denoiser, &mut graphs, &frames, shape, &[1, 2, 3, 4], &anomaly);
+        (maps.unwrap(), ensemble.screened())
+    };
+    let (all, none_screened) = maps(&mut loaded, None);
+    assert_eq!(none_screened, 0);
+    // A threshold between the frames' scores: some pass, some do not.
+    let threshold = {
+        let mut sorted = scores.clone();
+        sorted.sort_by(f64::total_cmp);
+        (sorted[1] + sorted[2]) / 2.0
+    };
+    let (cascaded, screened) = maps(&mut loaded, Some(Screen { threshold, ..chosen }));
+    assert_eq!(screened, 2, "{scores:?} around {threshold}");
+    for (i, score) in scores.drain(..).enumerate() {
+        if score >= threshold {
+            let diff = all[i].0.iter().zip(&cascaded[i].0).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+            assert!(diff < 1e-4, "frame {i} passes the screen: its map must not change ({diff})");
+        } else {
+            let mut alone = vec![fusion.rule[0] as f32; patch[i].len()];
+            fusion.fuse(&mut alone, &patch[i]);
+            assert_eq!(cascaded[i].0, alone, "frame {i} is screened out: the patch map's share alone");
+            assert_eq!(cascaded[i].1, 0.0, "a screened frame is not reconstructed");
+        }
+    }
 }
 
 #[test]

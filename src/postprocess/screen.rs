@@ -1,0 +1,102 @@
+//! The cascade's first stage: which tiles are worth a reconstruction.
+//!
+//! The normal-patch model's map is computed for every tile anyway (it is fused into the
+//! shipped rule's map) and costs less than the reconstruction and the head together. A tile
+//! whose patch map stays below the screen's threshold everywhere is declared clean without
+//! them: the rule's map there is the rule's mean on normal frames, so the fused map is the
+//! patch map's share alone. `retrain` chooses the threshold on its validation defects
+//! ([`Screen::choose`]) for a recall target, and records what it keeps and saves.
+
+use serde::{Deserialize, Serialize};
+
+/// The recall the shipped screen is chosen for: the share of the validation defects' pixels
+/// that must lie in tiles that go on to the reconstruction.
+pub const DEFAULT_RECALL: f64 = 0.99;
+
+/// A screen on the patch map's maximum over a tile; stored in the manifest (`anomaly.screen`).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Screen {
+    /// A tile whose raw patch map reaches this anywhere is reconstructed; others are not.
+    pub threshold: f64,
+    /// The recall the threshold was chosen for.
+    pub recall_target: f64,
+    /// On the validation defects: the share of their pixels in tiles that pass.
+    pub recall: f64,
+    /// On the clean validation tiles: the share screened out (the work saved on clean frames).
+    pub clean_screened: f64,
+}
+
+impl Screen {
+    /// Whether a tile with this raw patch map goes on to the reconstruction.
+    pub fn passes(&self, patch_map: &[f32]) -> bool {
+        screen_score(patch_map) >= self.threshold
+    }
+
+    /// The highest threshold that keeps at least `recall_target` of the defect pixels of
+    /// `defective` (per tile: its screen score and its defect pixel count) in tiles that
+    /// pass; `clean` are the clean tiles' screen scores. None where there is nothing to keep
+    /// (no defect pixel) or nothing to save (no clean tile would be screened out).
+    pub fn choose(defective: &[(f64, usize)], clean: &[f64], recall_target: f64) -> Option<Self> {
+        let total: usize = defective.iter().map(|(_, pixels)| pixels).sum();
+        if total == 0 || clean.is_empty() {
+            return None;
+        }
+        let mut by_score: Vec<(f64, usize)> = defective.iter().copied().filter(|(_, p)| *p > 0).collect();
+        by_score.sort_by(|a, b| b.0.total_cmp(&a.0));
+        let needed = recall_target * total as f64;
+        let mut kept = 0usize;
+        let mut threshold = f64::NEG_INFINITY;
+        for (score, pixels) in by_score {
+            kept += pixels;
+            threshold = score;
+            if kept as f64 >= needed {
+                break;
+            }
+        }
+        let recall =
+            defective.iter().filter(|(s, _)| *s >= threshold).map(|(_, p)| p).sum::<usize>() as f64 / total as f64;
+        let clean_screened = clean.iter().filter(|&&s| s < threshold).count() as f64 / clean.len() as f64;
+        (clean_screened > 0.0).then_some(Self { threshold, recall_target, recall, clean_screened })
+    }
+
+    pub fn validate(&self) -> Result<(), String> {
+        if !self.threshold.is_finite() {
+            return Err(format!("anomaly.screen.threshold must be finite, got {}", self.threshold));
+        }
+        if !(self.recall_target > 0.0 && self.recall_target <= 1.0) {
+            return Err(format!("anomaly.screen.recall_target must be in (0, 1], got {}", self.recall_target));
+        }
+        Ok(())
+    }
+}
+
+/// A tile's screen score: the maximum of its raw patch map.
+pub fn screen_score(patch_map: &[f32]) -> f64 {
+    patch_map.iter().fold(f64::NEG_INFINITY, |m, &v| m.max(v as f64))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_screen_keeps_the_recall_target_of_defect_pixels_and_no_more() {
+        // Defective tiles (score, defect pixels): 100 pixels in all.
+        let defective = [(9.0, 50), (7.0, 30), (5.0, 15), (3.0, 4), (1.0, 1)];
+        let clean = [0.5, 2.0, 4.0, 6.0];
+        // 95 % needs the tiles down to 5.0: clean tiles below it are screened out.
+        let s = Screen::choose(&defective, &clean, 0.95).unwrap();
+        assert_eq!((s.threshold, s.recall), (5.0, 0.95));
+        assert_eq!(s.clean_screened, 0.75);
+        // 96 % needs the tile at 3.0 as well: a threshold between would lose it.
+        let s = Screen::choose(&defective, &clean, 0.96).unwrap();
+        assert_eq!((s.threshold, s.recall, s.clean_screened), (3.0, 0.99, 0.5));
+        assert!(s.passes(&[0.0, 3.0]) && !s.passes(&[2.9, 1.0]));
+        // Full recall keeps every defective tile; if no clean tile is then saved, no screen.
+        assert_eq!(Screen::choose(&defective, &clean, 1.0).unwrap().threshold, 1.0);
+        assert!(Screen::choose(&defective, &[0.5, 2.0], 1.0).is_some());
+        assert!(Screen::choose(&defective, &[1.0, 2.0], 1.0).is_none(), "nothing saved");
+        assert!(Screen::choose(&[(4.0, 0)], &clean, 0.99).is_none(), "nothing to keep");
+    }
+}
