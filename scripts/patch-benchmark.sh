@@ -7,7 +7,9 @@
 #             where it wins) with the normal-patch model (trim 0.1) fused into the chosen
 #             rule at weight FUSION (0.5, or `auto`: the search's choice);
 #             `eval` three times on the test set (all seven defect shapes):
-#               eval/fused     the manifest as shipped (searched rule + patch map)
+#               eval/fused     the manifest as shipped (searched rule + patch map, the
+#                              cascade's screen where retrain chose one)
+#               eval/noscreen  --no-screen: every tile reconstructed (the screen's cost)
 #               eval/recon     --no-fusion: the chosen rule alone (reconstruction or head)
 #               eval/patch     --anomaly-map patch: the patch model alone (trim 0.1)
 #   untrimmed/ the patch model alone fitted without the trim (the contamination's cost),
@@ -20,6 +22,7 @@
 #   TEXTURES=gravel SEEDS=0 scripts/patch-benchmark.sh
 #   OUT=bench-lofo UNTRIMMED=0 FUSION=auto scripts/patch-benchmark.sh  (leave-one-group-out round)
 #   OUT=bench-headpatch UNTRIMMED=0 EXTRA=--head-patch-channel scripts/patch-benchmark.sh
+#   OUT=bench-cascade UNTRIMMED=0 NATIVE=1 TEXTURES=gravel scripts/patch-benchmark.sh  (the cascade)
 #   OUT=bench-native-lofo UNTRIMMED=0 NATIVE=1 TEXTURES=gravel scripts/patch-benchmark.sh
 #
 # Re-running skips datasets, models and reports that already exist. Everything lands in
@@ -89,6 +92,7 @@ for texture in $TEXTURES; do
       log "retrain $model took $(( $(date +%s) - start )) s"
     fi
     evaluate "$OUT/eval/fused/$name" "$model" "$data"
+    evaluate "$OUT/eval/noscreen/$name" "$model" "$data" --no-screen
     evaluate "$OUT/eval/recon/$name" "$model" "$data" --no-fusion
     evaluate "$OUT/eval/patch/$name" "$model" "$data" --anomaly-map patch
     [ "$UNTRIMMED" = 1 ] || continue

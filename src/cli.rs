@@ -256,6 +256,10 @@ pub struct EvalArgs {
     /// Reconstruct every tile: no cascade screen, even where the manifest has one.
     #[arg(long)]
     pub no_screen: bool,
+    /// Inspect a tiled model's frames with tiles this many pixels apart instead of the
+    /// manifest's stride (the cost of less overlap; thresholds are not recalibrated).
+    #[arg(long, value_name = "PIXELS")]
+    pub tile_stride: Option<usize>,
     #[command(flatten)]
     pub runtime: RuntimeArgs,
     #[arg(long)]
@@ -562,7 +566,8 @@ pub struct RetrainArgs {
     /// A tiled model trains on random input-size crops at --scale (unless --random-crop).
     #[arg(long, value_enum, default_value = "tiled")]
     pub inspection: InspectionArg,
-    /// Tiled: tile starts this many model pixels apart (default: ¾ of the input size).
+    /// Tiled: tile starts this many model pixels apart (default: the input size, tiles side
+    /// by side; less overlaps them, at more tiles per frame).
     #[arg(long)]
     pub tile_stride: Option<usize>,
     /// Tiled: model pixels per camera pixel (1 = native resolution).

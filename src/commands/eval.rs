@@ -12,6 +12,7 @@ use crate::durable::write_atomic;
 use crate::eval::{EvalOptions, evaluate, markdown};
 use crate::infer::bundle::Bundle;
 use crate::infer::inspect::Inspector;
+use crate::model::preprocess::Inspection;
 
 pub fn run(args: EvalArgs) -> anyhow::Result<()> {
     if args.batch == 0 {
@@ -35,6 +36,16 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
             bail!("--fusion-weight {weight}: {} fuses no patch map (no [anomaly.fusion])", args.model.display());
         };
         fusion.patch_weight = weight;
+    }
+    if let Some(stride) = args.tile_stride {
+        let Inspection::Tiled { scale, .. } = bundle.manifest.inspection else {
+            bail!("--tile-stride {stride}: {} is not a tiled model", args.model.display());
+        };
+        let tile = bundle.manifest.input.width.min(bundle.manifest.input.height);
+        if stride == 0 || stride > tile {
+            bail!("--tile-stride {stride}: must be in 1..={tile} (the tile size), or tiles would leave gaps");
+        }
+        bundle.manifest.inspection = Inspection::Tiled { scale, stride };
     }
     let spec = reconstruction_spec(bundle.manifest.reconstruction, &args.reconstruction);
     let mut inspector = Inspector::new(bundle, Some(spec))?.with_tile_batch(args.batch);

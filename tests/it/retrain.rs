@@ -538,8 +538,8 @@ fn retrain_cli_reads_the_mvtec_layout_and_writes_a_report() {
     assert_eq!(read_manifest(&interim).unwrap().provenance.training_steps, 3);
     let manifest = read_manifest(&out).unwrap();
     assert!(manifest.provenance.command.contains("retrain --data"));
-    // Line-scale by default: tiles of the input size, ¾ of it apart, at native scale.
-    assert_eq!(manifest.inspection, Inspection::Tiled { scale: 1.0, stride: 12 });
+    // Line-scale by default: tiles of the input size side by side, at native scale.
+    assert_eq!(manifest.inspection, Inspection::Tiled { scale: 1.0, stride: 16 });
     // The benchmarked recipe by default: a learned head in the search, the normal-patch
     // model fused into the chosen rule at weight ½ (not searched).
     let point = manifest.operating_point.as_ref().unwrap();
