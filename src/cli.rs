@@ -343,6 +343,10 @@ pub struct BenchArgs {
     /// on frames like the line's.
     #[arg(long)]
     pub frame_image: Option<PathBuf>,
+    /// Also write each frame inspected as `<DIR>/frame-WIDTHxHEIGHT.png` (to replay the
+    /// same frames through the daemon: scripts/throughput.sh).
+    #[arg(long, value_name = "DIR")]
+    pub save_frames: Option<PathBuf>,
     /// Reconstruct every tile: no cascade screen, even where the manifest has one.
     #[arg(long)]
     pub no_screen: bool,

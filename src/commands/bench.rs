@@ -90,7 +90,8 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             Some(path) => Some(image::open(path).with_context(|| format!("--frame-image {}", path.display()))?),
             None => None,
         };
-        bench_frames(bundle, &frames, image.as_ref(), &specs, tile_batch, args.frame_repeats)?;
+        let frame_source = FrameSource { image: image.as_ref(), save_to: args.save_frames.as_deref() };
+        bench_frames(bundle, &frames, frame_source, &specs, tile_batch, args.frame_repeats)?;
     }
     Ok(())
 }
@@ -190,13 +191,38 @@ fn split_timed<D: Denoiser>(graph: Option<D>) -> (Option<Timed<D>>, Arc<AtomicU6
     }
 }
 
-/// Whole frames (`image` resized, else a synthetic pattern) through `Inspector` at each of
-/// `specs` (None: the shipped operating point), `tile_batch` tiles per UNet batch, one
-/// warm-up and `repeats` timed passes each.
+/// Where the benchmark's frames come from and go.
+struct FrameSource<'a> {
+    /// Resized to each frame size; else a synthetic pattern.
+    image: Option<&'a image::DynamicImage>,
+    /// A directory to write each frame into as PNG.
+    save_to: Option<&'a std::path::Path>,
+}
+
+impl FrameSource<'_> {
+    fn frame(&self, [height, width]: [usize; 2]) -> anyhow::Result<image::DynamicImage> {
+        let frame = match self.image {
+            Some(image) => image.resize_exact(width as u32, height as u32, image::imageops::FilterType::Triangle),
+            None => image::DynamicImage::ImageLuma8(image::GrayImage::from_fn(width as u32, height as u32, |x, y| {
+                image::Luma([(128.0 + 60.0 * ((x as f32) * 0.31).sin() * ((y as f32) * 0.17).cos()) as u8])
+            })),
+        };
+        if let Some(dir) = self.save_to {
+            let path = dir.join(format!("frame-{width}x{height}.png"));
+            std::fs::create_dir_all(dir)
+                .and_then(|_| frame.save(&path).map_err(std::io::Error::other))
+                .with_context(|| format!("--save-frames: cannot write {}", path.display()))?;
+        }
+        Ok(frame)
+    }
+}
+
+/// Whole frames through `Inspector` at each of `specs` (None: the shipped operating
+/// point), `tile_batch` tiles per UNet batch, one warm-up and `repeats` timed passes each.
 fn bench_frames(
     bundle: Bundle,
     frames: &[[usize; 2]],
-    image: Option<&image::DynamicImage>,
+    source: FrameSource<'_>,
     specs: &[Option<ReconstructionSpec>],
     tile_batch: usize,
     repeats: usize,
@@ -209,7 +235,7 @@ fn bench_frames(
         manifest.inspection
     );
     println!("operating point: {}", operating_point(&manifest));
-    println!("frames: {}", image.map_or("a synthetic pattern".into(), |_| "--frame-image, resized".to_string()));
+    println!("frames: {}", source.image.map_or("a synthetic pattern", |_| "--frame-image, resized"));
     println!();
     println!(
         "| frame | tiles | UNet calls per tile | s/frame p50 | p99 | MP/s | tiles/s | screened | UNet s | map graph s | patch graph s | rest s | peak RSS MiB |"
@@ -220,14 +246,7 @@ fn bench_frames(
             inspector = inspector.with_spec(*spec)?;
         }
         for &[height, width] in frames {
-            let frame = match image {
-                Some(image) => image.resize_exact(width as u32, height as u32, image::imageops::FilterType::Triangle),
-                None => {
-                    image::DynamicImage::ImageLuma8(image::GrayImage::from_fn(width as u32, height as u32, |x, y| {
-                        image::Luma([(128.0 + 60.0 * ((x as f32) * 0.31).sin() * ((y as f32) * 0.17).cos()) as u8])
-                    }))
-                }
-            };
+            let frame = source.frame([height, width])?;
             let prepared = manifest.input.prepare_for(manifest.inspection, &frame);
             let view = FrameView::new(&prepared.tensor, prepared.size());
             let tiles = inspector.tile_grid(view.size).tiles.len();
