@@ -256,6 +256,10 @@ pub struct EvalArgs {
     /// Reconstruct every tile: no cascade screen, even where the manifest has one.
     #[arg(long)]
     pub no_screen: bool,
+    /// Take the cascade screen `retrain` chose for this recall (the manifest's
+    /// `screen_curve`) instead of the shipped one.
+    #[arg(long, value_name = "RECALL", conflicts_with = "no_screen")]
+    pub screen_recall: Option<f64>,
     /// Inspect a tiled model's frames with tiles this many pixels apart instead of the
     /// manifest's stride (the cost of less overlap; thresholds are not recalibrated).
     #[arg(long, value_name = "PIXELS")]
@@ -350,6 +354,10 @@ pub struct BenchArgs {
     /// Reconstruct every tile: no cascade screen, even where the manifest has one.
     #[arg(long)]
     pub no_screen: bool,
+    /// Take the cascade screen `retrain` chose for this recall (the manifest's
+    /// `screen_curve`) instead of the shipped one.
+    #[arg(long, value_name = "RECALL", conflicts_with = "no_screen")]
+    pub screen_recall: Option<f64>,
     #[command(flatten)]
     pub runtime: RuntimeArgs,
 }

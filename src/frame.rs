@@ -31,6 +31,8 @@ pub struct Frame {
     pub original: DynamicImage,
     /// Camera-frame pixel of `original`'s top-left corner (the ROI's origin, else 0, 0).
     pub origin: [u32; 2],
+    /// The camera's inspection mask at inspection resolution (1 = inspected), if it has one.
+    pub inspect: Option<Arc<Vec<u8>>>,
 }
 
 /// A frame and the model's verdict on it.
@@ -64,6 +66,7 @@ impl Frame {
             display: RgbImage::new(w, h),
             original: DynamicImage::new_luma8(w, h),
             origin: [0, 0],
+            inspect: None,
         }
     }
 }

@@ -75,6 +75,8 @@ pub enum DropReason {
     TooLarge,
     /// The region of interest lies outside the frame.
     RoiOutside,
+    /// The camera's inspection mask is not the size of the frame (after the ROI).
+    MaskSize,
     /// The publisher was behind; the inspected frame was not published.
     OutputFull,
     /// The frame's alert, mask or event could neither be kept in the outbox nor handed to
@@ -97,6 +99,7 @@ impl DropReason {
             Self::DecodeError => "decode_error",
             Self::TooLarge => "too_large",
             Self::RoiOutside => "roi_outside",
+            Self::MaskSize => "mask_size",
             Self::OutputFull => "output_full",
             Self::AlertLost => "alert_lost",
             Self::RecorderFull => "recorder_full",
@@ -105,11 +108,12 @@ impl DropReason {
         }
     }
 
-    pub const ALL: [DropReason; 9] = [
+    pub const ALL: [DropReason; 10] = [
         Self::QueueFull,
         Self::DecodeError,
         Self::TooLarge,
         Self::RoiOutside,
+        Self::MaskSize,
         Self::OutputFull,
         Self::AlertLost,
         Self::RecorderFull,

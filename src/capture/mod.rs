@@ -8,6 +8,7 @@
 #[cfg(feature = "camera")]
 pub mod camera;
 pub mod labels;
+pub mod mask;
 pub mod replay;
 pub mod thread;
 
@@ -45,6 +46,8 @@ pub struct CameraConfig {
     pub sensitivity: f64,
     /// `[x, y, width, height]` in source pixels.
     pub roi: Option<[u32; 4]>,
+    /// Which pixels of a frame (after the ROI) are inspected (`capture::mask`).
+    pub mask: Option<mask::InspectMask>,
     /// A frame with more pixels than this is counted as `too_large` and never decoded.
     pub max_frame_pixels: u64,
     pub stall_timeout: Duration,

@@ -46,6 +46,8 @@ pub struct CaptureLoop {
     /// Whether a disabled camera can be enabled at run time (MQTT commands are on): its
     /// thread then waits instead of ending.
     pub enable_at_run_time: bool,
+    /// The camera's mask at inspection resolution, made at the first frame it fits.
+    pub inspect_mask: std::cell::OnceCell<Arc<Vec<u8>>>,
 }
 
 /// How often a disabled camera looks whether it was enabled again.
@@ -107,7 +109,20 @@ impl CaptureLoop {
                 image.crop_imm(x, y, w, h)
             }
         };
+        if let Some(mask) = &self.config.mask
+            && mask.size() != [original.width(), original.height()]
+        {
+            self.stats.drop_frame(DropReason::MaskSize);
+            if let Some(suppressed) = self.stats.warnings.admit() {
+                tracing::warn!(camera = %self.config.id, mask = %mask.path().display(), mask_size = ?mask.size(), width = original.width(), height = original.height(), suppressed, "The inspection mask is not the size of the frame (after the ROI); frame dropped.");
+            }
+            return None;
+        }
         let prepared = self.input.prepare_for(self.inspection, &original);
+        let inspect = self.config.mask.as_ref().map(|mask| {
+            let size = [prepared.display.height() as usize, prepared.display.width() as usize];
+            self.inspect_mask.get_or_init(|| Arc::new(mask.at(size))).clone()
+        });
         Some(Frame {
             camera: self.slot,
             model: self.model,
@@ -119,6 +134,7 @@ impl CaptureLoop {
             display: prepared.display,
             original,
             origin,
+            inspect,
         })
     }
 

@@ -29,6 +29,10 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     if args.no_screen {
         bundle.manifest.anomaly.screen = None;
     }
+    if let Some(recall) = args.screen_recall {
+        let screen = bundle.manifest.screen_at(recall).map_err(|e| anyhow::anyhow!("--screen-recall: {e}"))?;
+        bundle.manifest.anomaly.screen = Some(screen);
+    }
     let shipped = bundle.manifest.reconstruction;
     let t0 = args.t0.unwrap_or(shipped.t0);
     let ddim_steps = args.ddim_steps.clone().unwrap_or(vec![shipped.steps]);

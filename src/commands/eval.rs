@@ -31,6 +31,10 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
     if args.no_fusion || args.no_screen {
         bundle.manifest.anomaly.screen = None;
     }
+    if let Some(recall) = args.screen_recall {
+        let screen = bundle.manifest.screen_at(recall).map_err(|e| anyhow::anyhow!("--screen-recall: {e}"))?;
+        bundle.manifest.anomaly.screen = Some(screen);
+    }
     if let Some(weight) = args.fusion_weight {
         let Some(fusion) = bundle.manifest.anomaly.fusion.as_mut() else {
             bail!("--fusion-weight {weight}: {} fuses no patch map (no [anomaly.fusion])", args.model.display());

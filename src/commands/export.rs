@@ -62,6 +62,7 @@ pub fn run(args: ExportArgs) -> anyhow::Result<()> {
         ensemble: None,
         head: None,
         patch: None,
+        screen_curve: Vec::new(),
     };
     let (path, manifest) =
         export_bundle(&model, manifest, &args.out, &args.runtime.to_config(), args.force, keep_thresholds)?;

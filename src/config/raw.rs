@@ -157,6 +157,7 @@ pub(super) struct RawCamera {
     pub(super) model: Option<PathBuf>,
     pub(super) sensitivity: Option<f64>,
     pub(super) roi: Option<Vec<u32>>,
+    pub(super) mask: Option<PathBuf>,
     pub(super) max_frame_pixels: Option<u64>,
     pub(super) stall_timeout_ms: Option<u64>,
     pub(super) backoff_initial_ms: Option<u64>,

@@ -112,3 +112,19 @@ fn secrets_come_from_files_and_systemd_credentials() {
     let e = load_with_env(&cred, &[]).unwrap_err().to_string();
     assert!(e.contains("mqtt.password_credential") && e.contains("CREDENTIALS_DIRECTORY"), "{e}");
 }
+
+#[test]
+fn a_cameras_inspection_mask_is_read_and_checked_against_its_roi() {
+    let dir = tempfile::tempdir().unwrap();
+    image::GrayImage::from_pixel(40, 30, image::Luma([255])).save(dir.path().join("mask.png")).unwrap();
+    let with = |extra: &str| load_with_env(&write(dir.path(), &format!("{MINIMAL}{extra}")), &[]);
+    let c = with("mask = \"mask.png\"\nroi = [5, 5, 40, 30]\n").unwrap();
+    assert_eq!(c.cameras[0].mask.as_ref().map(|m| m.size()), Some([40, 30]), "relative to the config file");
+    let issue = |extra: &str| {
+        let errors = with(extra).unwrap_err();
+        let issue = errors.issues.iter().find(|i| i.key == "cameras[0].mask").unwrap_or_else(|| panic!("{errors}"));
+        issue.to_string()
+    };
+    assert!(issue("mask = \"mask.png\"\nroi = [0, 0, 64, 30]\n").contains("40x30, but the ROI is 64x30"));
+    assert!(issue("mask = \"nowhere.png\"\n").contains("nowhere.png"));
+}

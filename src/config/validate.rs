@@ -13,6 +13,7 @@ use super::*;
 /// a camera's `max_frame_pixels` says so.
 const DEFAULT_MAX_FRAME_PIXELS: u64 = 32_000_000;
 use crate::capture::SourceConfig;
+use crate::capture::mask::InspectMask;
 
 pub(super) struct Validator {
     pub(super) issues: Vec<ConfigIssue>,
@@ -464,6 +465,19 @@ impl Validator {
                 None
             }
         });
+        let mask = c.mask.clone().map(resolve).and_then(|path| match InspectMask::load(&path) {
+            Ok(mask) => Some(mask),
+            Err(e) => {
+                self.fail(key("mask"), e);
+                None
+            }
+        });
+        if let (Some(mask), Some([_, _, w, h])) = (&mask, roi)
+            && mask.size() != [w, h]
+        {
+            let [mw, mh] = mask.size();
+            self.fail(key("mask"), format!("{}: {mw}x{mh}, but the ROI is {w}x{h}", mask.path().display()));
+        }
         let source = match c.source.as_deref() {
             Some("replay") => {
                 let Some(path) = c.path else {
@@ -515,6 +529,7 @@ impl Validator {
             model,
             sensitivity: self.within(&key("sensitivity"), c.sensitivity.unwrap_or(1.0), crate::controls::SENSITIVITY),
             roi,
+            mask,
             // Decoding allocates width × height × channels up front: a bound, not a wish.
             max_frame_pixels: self.within(
                 &key("max_frame_pixels"),

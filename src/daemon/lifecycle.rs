@@ -95,6 +95,7 @@ impl Running {
             status_tx: self.status_tx.clone(),
             controls: entry.controls.clone(),
             enable_at_run_time: self.config.mqtt.enabled && self.config.mqtt.commands,
+            inspect_mask: Default::default(),
         };
         self.supervisor.spawn(&format!("capture-{}", camera.id), Role::Source, None, move || capture.run())?;
         let status = if entry.controls.enabled() { CameraStatus::Offline } else { CameraStatus::Disabled };

@@ -138,6 +138,7 @@ impl<D: Denoiser> Worker<D> {
                 tensor: &f.tensor,
                 size: [f.display.height() as usize, f.display.width() as usize],
                 sensitivity: self.cameras.get(f.camera).controls.sensitivity(),
+                inspect: f.inspect.as_deref().map(Vec::as_slice),
             })
             .collect();
         let seeds: Vec<u64> =

@@ -218,7 +218,7 @@ pub fn evaluate(
         }
         let views: Vec<FrameView<'_>> = loaded
             .iter()
-            .map(|(_, l)| FrameView { tensor: &l.tensor, size: l.inspected, sensitivity: options.sensitivity })
+            .map(|(_, l)| FrameView { sensitivity: options.sensitivity, ..FrameView::new(&l.tensor, l.inspected) })
             .collect();
         let seeds: Vec<u64> = loaded.iter().map(|(i, _)| options.seed.wrapping_add(*i as u64)).collect();
         let t = Instant::now();

@@ -29,12 +29,15 @@ pub struct FrameView<'a> {
     /// The operator's sensitivity for this frame's camera (1 = as calibrated): it scales
     /// the pixel and image thresholds alike ([`Threshold::at_sensitivity`]).
     pub sensitivity: f64,
+    /// The camera's inspection mask at `size` (1 = inspected): tiles without an inspected
+    /// pixel are not computed, and pixels outside it score the calibration's lowest.
+    pub inspect: Option<&'a [u8]>,
 }
 
 impl<'a> FrameView<'a> {
-    /// A frame at the calibrated thresholds (sensitivity 1).
+    /// A whole frame at the calibrated thresholds (sensitivity 1).
     pub fn new(tensor: &'a [f32], size: [usize; 2]) -> Self {
-        Self { tensor, size, sensitivity: 1.0 }
+        Self { tensor, size, sensitivity: 1.0, inspect: None }
     }
 }
 
@@ -227,12 +230,20 @@ impl<D: Denoiser> Inspector<D> {
                 "inspect: tensor is not {channels}x{:?}",
                 f.size
             );
+            assert!(f.inspect.is_none_or(|m| m.len() == f.size[0] * f.size[1]), "inspect: mask is not {:?}", f.size);
         }
         let grids: Vec<TileGrid> = frames.iter().map(|f| self.tile_grid(f.size)).collect();
         let mut stitchers: Vec<_> = grids.iter().map(TileGrid::stitcher).collect();
         let mut mse = vec![0.0f64; frames.len()];
-        let jobs: Vec<(usize, Tile)> =
-            grids.iter().enumerate().flat_map(|(f, g)| g.tiles.iter().map(move |t| (f, *t))).collect();
+        let jobs: Vec<(usize, Tile)> = grids
+            .iter()
+            .zip(frames)
+            .enumerate()
+            .flat_map(|(f, (g, frame))| {
+                let inspected = move |t: &&Tile| frame.inspect.is_none_or(|mask| g.inspects(**t, mask));
+                g.tiles.iter().filter(inspected).map(move |t| (f, *t))
+            })
+            .collect();
         for chunk in jobs.chunks(self.tile_batch) {
             self.batch.clear();
             let mut tile_seeds = Vec::with_capacity(chunk.len());
@@ -264,12 +275,18 @@ impl<D: Denoiser> Inspector<D> {
             }
         }
         let manifest = &self.manifest;
+        // Outside a mask, the lowest pixel score of the calibration's normal frames.
+        let fill = manifest.thresholds.pixel.min as f32;
         Ok(stitchers
             .into_iter()
             .zip(frames.iter().zip(mse))
             .map(|(stitcher, (frame, mse))| {
+                let map = match frame.inspect {
+                    Some(mask) => stitcher.finish_masked(mask, fill),
+                    None => stitcher.finish(),
+                };
                 verdict(
-                    stitcher.finish(),
+                    map,
                     mse,
                     frame.size,
                     input.height * input.width,

@@ -63,6 +63,13 @@ impl TileGrid {
         }
     }
 
+    /// Whether tile `t` holds a pixel that `mask` (`[H, W]` of the frame, 1 = inspected)
+    /// inspects.
+    pub fn inspects(&self, t: Tile, mask: &[u8]) -> bool {
+        let ([_, w], [th, tw]) = (self.frame, self.tile);
+        (t.y..t.y + th).any(|row| mask[row * w + t.x..row * w + t.x + tw].iter().any(|&m| m != 0))
+    }
+
     /// An accumulator that averages per-tile maps into one frame map.
     pub fn stitcher(&self) -> Stitcher {
         let [h, w] = self.frame;
@@ -97,6 +104,14 @@ impl Stitcher {
     pub fn finish(self) -> Vec<f32> {
         assert!(self.count.iter().all(|n| *n > 0), "stitch: a pixel no tile covered");
         self.sum.iter().zip(&self.count).map(|(s, n)| s / *n as f32).collect()
+    }
+
+    /// The averaged frame map where `mask` (1 = inspected) inspects, `fill` elsewhere (and
+    /// where no tile was computed: tiles the mask excludes are skipped).
+    pub fn finish_masked(self, mask: &[u8], fill: f32) -> Vec<f32> {
+        assert_eq!(mask.len(), self.sum.len(), "stitch: the mask is not the frame's size");
+        let cells = self.sum.iter().zip(&self.count).zip(mask);
+        cells.map(|((s, n), m)| if *m == 0 || *n == 0 { fill } else { s / *n as f32 }).collect()
     }
 }
 

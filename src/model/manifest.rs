@@ -13,6 +13,7 @@ use super::diffusion::ScheduleSpec;
 use super::preprocess::{InputSpec, Inspection};
 use crate::model::sampling::ReconstructionSpec;
 use crate::postprocess::anomaly::{AnomalySpec, Residual, Threshold};
+use crate::postprocess::screen::Screen;
 
 /// Bumped on any incompatible change of this file's layout.
 pub const SCHEMA_VERSION: u32 = 1;
@@ -54,6 +55,21 @@ pub struct Manifest {
     /// The normal-patch model on pretrained features, when `retrain` fitted one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub patch: Option<PatchArtifact>,
+    /// The cascade's screen at other recall targets than `anomaly.screen`'s (`retrain`
+    /// chose each on the same validation defects): `eval`, `bench` and the daemon can take
+    /// one instead, trading recall for speed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub screen_curve: Vec<Screen>,
+}
+
+impl Manifest {
+    /// The screen chosen for `recall` on the manifest's curve; an error lists the recalls it has.
+    pub fn screen_at(&self, recall: f64) -> Result<Screen, String> {
+        self.screen_curve.iter().find(|s| s.recall_target == recall).copied().ok_or_else(|| {
+            let have: Vec<f64> = self.screen_curve.iter().map(|s| s.recall_target).collect();
+            format!("the bundle has no cascade screen for recall {recall} (it has {have:?})")
+        })
+    }
 }
 
 /// How a bundle's pretrained patch features are taken (`model::backbone`).

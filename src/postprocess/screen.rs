@@ -13,6 +13,10 @@ use serde::{Deserialize, Serialize};
 /// that must lie in tiles that go on to the reconstruction.
 pub const DEFAULT_RECALL: f64 = 0.99;
 
+/// The recalls `retrain` records a screen for besides the shipped one (the manifest's
+/// `screen_curve`), so a faster or safer screen can be taken without retraining.
+pub const SCREEN_RECALLS: [f64; 6] = [0.8, 0.9, 0.95, 0.98, 0.99, 0.999];
+
 /// A screen on the patch map's maximum over a tile; stored in the manifest (`anomaly.screen`).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -58,7 +58,7 @@ use crate::model::preprocess::{InputSpec, Inspection};
 use crate::model::sampling::ReconstructionSpec;
 use crate::model::unet::UNet;
 use crate::postprocess::anomaly::{AnomalySpec, Fusion, Residual, Threshold};
-use crate::postprocess::screen::{Screen, screen_score};
+use crate::postprocess::screen::{SCREEN_RECALLS, Screen, screen_score};
 use crate::train::export::{export_bundle, export_head};
 
 /// Everything a training run depends on; saved in the checkpoint and the report.
@@ -473,6 +473,7 @@ impl Exporter<'_> {
             ensemble: None,
             head: None,
             patch: None,
+            screen_curve: Vec::new(),
         }
     }
 
@@ -560,19 +561,22 @@ impl Exporter<'_> {
         if let (Some(recall), Some(patch)) = (recall, graphs.patch.as_mut())
             && manifest.anomaly.fusion.is_some_and(|f| f.patch_weight > 0.0)
         {
-            manifest.anomaly.screen = self.screen(&mut **patch, manifest, recall)?;
+            manifest.screen_curve = self.screen_curve(&mut **patch, manifest, recall)?;
+            manifest.anomaly.screen = manifest.screen_at(recall).ok();
         }
         self.calibrate(ort, &mut graphs, manifest, &self.options.out)
     }
 
-    /// The cascade's screen for `recall`: chosen on the patch maps of the calibration
-    /// frames and of copies with every family group's defects pasted (as the search's).
-    fn screen(
+    /// The cascade's screen at `recall` and at each of [`SCREEN_RECALLS`], chosen on the
+    /// patch maps of the calibration frames and of copies with every family group's defects
+    /// pasted (as the search's); recalls at which no clean tile would be screened out are left
+    /// out.
+    fn screen_curve(
         &self,
         patch: &mut dyn Denoiser,
         manifest: &Manifest,
         recall: f64,
-    ) -> Result<Option<Screen>, BundleError> {
+    ) -> Result<Vec<Screen>, BundleError> {
         let input = manifest.input;
         let shape = [input.channels, input.height, input.width];
         let set = pasted_set(self.calibration_frames, shape, self.config.seed, &FOLDS);
@@ -580,17 +584,27 @@ impl Exporter<'_> {
         let defective: Vec<(f64, usize)> = (set.clean_count..set.frames.len())
             .map(|i| (scores[i], set.truth[i].iter().filter(|&&t| t > 0).count()))
             .collect();
-        let screen = Screen::choose(&defective, &scores[..set.clean_count], recall);
-        match &screen {
-            Some(s) => tracing::info!(
+        let mut targets = SCREEN_RECALLS.to_vec();
+        if !targets.contains(&recall) {
+            targets.push(recall);
+            targets.sort_by(f64::total_cmp);
+        }
+        let curve: Vec<Screen> =
+            targets.iter().filter_map(|&r| Screen::choose(&defective, &scores[..set.clean_count], r)).collect();
+        for s in &curve {
+            tracing::info!(
+                recall_target = s.recall_target,
                 threshold = s.threshold,
                 recall = s.recall,
                 clean_screened = s.clean_screened,
-                "Cascade screen chosen."
-            ),
-            None => tracing::info!(recall, "No cascade screen: at this recall it would screen out no clean tile."),
+                shipped = s.recall_target == recall,
+                "Cascade screen."
+            );
         }
-        Ok(screen)
+        if !curve.iter().any(|s| s.recall_target == recall) {
+            tracing::info!(recall, "No cascade screen: at this recall it would screen out no clean tile.");
+        }
+        Ok(curve)
     }
 
     /// The standardisation of the rule's and the patch model's maps on the held-out

@@ -80,6 +80,7 @@ fn manifest_for(unet: &UNetConfig, size: usize) -> Manifest {
         ensemble: None,
         head: None,
         patch: None,
+        screen_curve: Vec::new(),
     }
 }
 

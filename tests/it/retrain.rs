@@ -379,6 +379,15 @@ fn the_screen_skips_exactly_the_tiles_below_it(bundle: &Path) {
     let mut loaded = Bundle::load(bundle, &RuntimeConfig::default()).unwrap();
     let chosen = loaded.manifest.anomaly.screen.expect("retrain chose a screen at recall 0.99");
     assert!(chosen.recall >= 0.99 && chosen.clean_screened > 0.0, "{chosen:?}");
+    // The screens at other recalls: a higher recall never screens out more.
+    let curve = &loaded.manifest.screen_curve;
+    assert_eq!(loaded.manifest.screen_at(0.99), Ok(chosen));
+    assert!(loaded.manifest.screen_at(0.5).unwrap_err().contains("no cascade screen for recall 0.5"));
+    for pair in curve.windows(2) {
+        let (lower, higher) = (pair[0], pair[1]);
+        assert!(lower.recall_target < higher.recall_target && higher.recall >= higher.recall_target, "{curve:?}");
+        assert!(higher.threshold <= lower.threshold && higher.clean_screened <= lower.clean_screened, "{curve:?}");
+    }
     let (input, anomaly) = (loaded.manifest.input, loaded.manifest.anomaly);
     let fusion = anomaly.fusion.unwrap();
     let names = ["brick_clean.png", "brick_scratch.png", "brick_stain.png", "brick_clean.png"];

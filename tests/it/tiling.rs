@@ -137,3 +137,37 @@ fn tiled_results_do_not_depend_on_the_batch_and_one_tile_frames_are_unchanged() 
     assert_eq!(old[0].regions, alone[1].regions);
     assert_eq!(old[0].score, alone[1].score);
 }
+
+/// A camera's inspection mask: tiles without an inspected pixel are never computed, pixels
+/// outside it score the calibration's lowest (so a defect there raises nothing), and inside
+/// it the map is the unmasked one.
+#[test]
+fn tiles_outside_the_inspection_mask_are_not_computed_and_score_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let bundle = demo_copy(tmp.path(), "side-by-side", "mode = \"tiled\"\nscale = 1.0\nstride = 64");
+    let (mut whole, mut masked) = (load(&bundle), load(&bundle));
+    let frame = prepare(&whole, &frame_with_defect());
+    let [h, w] = frame.size();
+    // Only the left half (x < 64) is inspected; the defect is at x = 100..106.
+    let mask: Vec<u8> = (0..h * w).map(|i| u8::from(i % w < 64)).collect();
+    let unmasked = whole.inspect(&[view(&frame)], &[5]).unwrap().remove(0);
+    let cut = masked.inspect(&[FrameView { inspect: Some(&mask), ..view(&frame) }], &[5]).unwrap().remove(0);
+    assert_eq!((whole.tile_counts()[0], masked.tile_counts()[0]), (4, 2), "two of four tiles computed");
+    let fill = masked.manifest().thresholds.pixel.min as f32;
+    let (mut right, mut left) = (0.0f32, 0.0f32);
+    for y in 0..h {
+        for x in 0..w {
+            let (a, b) = (unmasked.map[y * w + x], cut.map[y * w + x]);
+            if x >= 80 {
+                assert!((b - fill).abs() < 1e-4, "({x}, {y}) outside the mask scores {b}, not {fill}");
+                right = right.max(a);
+            } else if x < 48 {
+                left = left.max((a - b).abs());
+            }
+        }
+    }
+    assert!(left < 1e-5, "inside the mask the map changed by {left}");
+    let threshold = masked.manifest().thresholds.pixel.value as f32;
+    assert!(right > threshold && unmasked.anomalous, "the defect at x = 100 scores {right} unmasked ({threshold})");
+    assert!(cut.score < unmasked.score, "masked out, the defect no longer sets the image score");
+}
