@@ -342,9 +342,9 @@ pub struct BenchArgs {
     /// Timed passes per frame size (after one warm-up pass), for the latency percentiles.
     #[arg(long, default_value_t = 5)]
     pub frame_repeats: usize,
-    /// An image to inspect as the frames (resized to each --frames size) instead of a
-    /// synthetic pattern: the cascade screens tiles by content, so its speed-up shows only
-    /// on frames like the line's.
+    /// An image to inspect as the frames (repeated in mirror image up to each --frames
+    /// size, at its own scale) instead of a synthetic pattern: the cascade screens tiles by
+    /// content, so its speed-up shows only on frames like the line's.
     #[arg(long)]
     pub frame_image: Option<PathBuf>,
     /// Also write each frame inspected as `<DIR>/frame-WIDTHxHEIGHT.png` (to replay the

@@ -206,7 +206,7 @@ struct FrameSource<'a> {
 impl FrameSource<'_> {
     fn frame(&self, [height, width]: [usize; 2]) -> anyhow::Result<image::DynamicImage> {
         let frame = match self.image {
-            Some(image) => image.resize_exact(width as u32, height as u32, image::imageops::FilterType::Triangle),
+            Some(image) => mirrored(image, [height, width]),
             None => image::DynamicImage::ImageLuma8(image::GrayImage::from_fn(width as u32, height as u32, |x, y| {
                 image::Luma([(128.0 + 60.0 * ((x as f32) * 0.31).sin() * ((y as f32) * 0.17).cos()) as u8])
             })),
@@ -219,6 +219,18 @@ impl FrameSource<'_> {
         }
         Ok(frame)
     }
+}
+
+/// `image` repeated in mirror image up to `[height, width]`: a line-like frame at the
+/// image's own scale (resizing would change the texture's scale, which the model and its
+/// screen are sensitive to), without seams.
+fn mirrored(image: &image::DynamicImage, [height, width]: [usize; 2]) -> image::DynamicImage {
+    let source = image.to_luma8();
+    let (w, h) = source.dimensions();
+    let fold = |v: u32, n: u32| if (v / n) % 2 == 0 { v % n } else { n - 1 - v % n };
+    image::DynamicImage::ImageLuma8(image::GrayImage::from_fn(width as u32, height as u32, |x, y| {
+        *source.get_pixel(fold(x, w), fold(y, h))
+    }))
 }
 
 /// Whole frames through `Inspector` at each of `specs` (None: the shipped operating
@@ -239,7 +251,7 @@ fn bench_frames(
         manifest.inspection
     );
     println!("operating point: {}", operating_point(&manifest));
-    println!("frames: {}", source.image.map_or("a synthetic pattern", |_| "--frame-image, resized"));
+    println!("frames: {}", source.image.map_or("a synthetic pattern", |_| "--frame-image, mirrored to size"));
     println!();
     println!(
         "| frame | tiles | UNet calls per tile | s/frame p50 | p99 | MP/s | tiles/s | screened | UNet s | map graph s | patch graph s | rest s | peak RSS MiB |"
