@@ -227,7 +227,7 @@ impl FrameSource<'_> {
 fn mirrored(image: &image::DynamicImage, [height, width]: [usize; 2]) -> image::DynamicImage {
     let source = image.to_luma8();
     let (w, h) = source.dimensions();
-    let fold = |v: u32, n: u32| if (v / n) % 2 == 0 { v % n } else { n - 1 - v % n };
+    let fold = |v: u32, n: u32| if (v / n).is_multiple_of(2) { v % n } else { n - 1 - v % n };
     image::DynamicImage::ImageLuma8(image::GrayImage::from_fn(width as u32, height as u32, |x, y| {
         *source.get_pixel(fold(x, w), fold(y, h))
     }))
