@@ -14,9 +14,16 @@ repo_root=$(cd "$(dirname "$0")/.." && pwd)
 # (`fetch-onnxruntime.sh --gpu`, checked by tests/it/gpu_runtime.rs); mesa-vulkan-drivers
 # (lavapipe, a CPU Vulkan driver) and libvulkan1 run the GPU training backend's tests
 # (tests/it/gpu_train.rs) where there is no GPU; libdnnl-dev (oneDNN 2.6, with g++ to build
-# native/onednn.cpp) runs CPU training's convolutions, SiLU and GroupNorm (model::onednn).
+# native/onednn.cpp) runs CPU training's convolutions, SiLU and GroupNorm (model::onednn);
+# GStreamer sources (feature `gstreamer`) build against libgstreamer1.0-dev and
+# libgstreamer-plugins-base1.0-dev (found by pkg-config), and their tests decode H.264 over
+# RTSP (plugins-good: rtspsrc; libav: the decoder; plugins-bad: the parser) from a real RTSP
+# server (gst-rtsp-server through python3-gi, encoding with plugins-ugly's x264enc).
 packages=(curl unzip ca-certificates libclang1-14 mosquitto mosquitto-clients openssl procps systemd patchelf
-          mesa-vulkan-drivers libvulkan1 libdnnl-dev g++)
+          mesa-vulkan-drivers libvulkan1 libdnnl-dev g++
+          pkg-config libgstreamer1.0-dev libgstreamer-plugins-base1.0-dev gstreamer1.0-plugins-base
+          gstreamer1.0-plugins-good gstreamer1.0-plugins-bad gstreamer1.0-plugins-ugly gstreamer1.0-libav
+          python3-gi gir1.2-gst-rtsp-server-1.0)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -9,6 +9,7 @@ use std::time::{Instant, SystemTime};
 use image::{DynamicImage, RgbImage};
 use serde::Serialize;
 
+use crate::capture::trigger::Part;
 use crate::postprocess::anomaly::Analysis;
 
 /// A captured frame on its way through the pipeline.
@@ -33,6 +34,8 @@ pub struct Frame {
     pub origin: [u32; 2],
     /// The camera's inspection mask at inspection resolution (1 = inspected), if it has one.
     pub inspect: Option<Arc<Vec<u8>>>,
+    /// The part a triggered frame shows (`capture::trigger`); `None` when free-running.
+    pub part: Option<Part>,
 }
 
 /// A frame and the model's verdict on it.
@@ -67,6 +70,7 @@ impl Frame {
             original: DynamicImage::new_luma8(w, h),
             origin: [0, 0],
             inspect: None,
+            part: None,
         }
     }
 }

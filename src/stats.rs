@@ -69,6 +69,9 @@ impl Default for Progress {
 pub enum DropReason {
     /// The camera's queue was full; the oldest queued frame gave way to the newest.
     QueueFull,
+    /// The source delivered frames faster than its capture thread took them; the oldest
+    /// gave way inside the source (a GStreamer appsink's queue).
+    SourceQueue,
     /// The frame could not be decoded.
     DecodeError,
     /// The frame had more pixels than the camera's `max_frame_pixels`; it was not decoded.
@@ -96,6 +99,7 @@ impl DropReason {
     pub fn as_str(self) -> &'static str {
         match self {
             Self::QueueFull => "queue_full",
+            Self::SourceQueue => "source_queue",
             Self::DecodeError => "decode_error",
             Self::TooLarge => "too_large",
             Self::RoiOutside => "roi_outside",
@@ -108,8 +112,9 @@ impl DropReason {
         }
     }
 
-    pub const ALL: [DropReason; 10] = [
+    pub const ALL: [DropReason; 11] = [
         Self::QueueFull,
+        Self::SourceQueue,
         Self::DecodeError,
         Self::TooLarge,
         Self::RoiOutside,
@@ -161,6 +166,10 @@ pub struct CameraStats {
     pub latency: Histogram,
     /// Normalised scores (1 = the image threshold): a drift shows here first.
     pub scores: Histogram,
+    /// Seconds from a trigger to its verdict's publication (triggered cameras).
+    pub trigger_latency: Histogram,
+    /// Verdicts of triggered cameras: pass, fail, missed.
+    pub verdicts: [AtomicU64; 3],
 }
 
 /// At most one log line per `every` for a problem that repeats with every frame; the
@@ -208,11 +217,17 @@ impl CameraStats {
             warnings: LogThrottle::new(Duration::from_secs(10)),
             latency: Histogram::new(exponential_buckets(0.005, 2.0, 14)),
             scores: Histogram::new((1..=20).map(|tenths| f64::from(tenths) / 10.0)),
+            trigger_latency: Histogram::new(exponential_buckets(0.005, 2.0, 14)),
+            verdicts: Default::default(),
         }
     }
 
     pub fn drop_frame(&self, reason: DropReason) {
-        self.drops[reason as usize].fetch_add(1, Relaxed);
+        self.drop_frames(reason, 1);
+    }
+
+    pub fn drop_frames(&self, reason: DropReason, count: u64) {
+        self.drops[reason as usize].fetch_add(count, Relaxed);
     }
 
     pub fn drops(&self, reason: DropReason) -> u64 {

@@ -3,14 +3,18 @@
 //!
 //! The daemon drives every source the same way (one thread per camera, reopen with
 //! backoff on error); tests and `eval` use sources that need no hardware. Cameras
-//! (`camera`, feature `camera`) decode their raw buffers through nokhwa.
+//! (`camera`, feature `camera`) decode their raw buffers through nokhwa; any GStreamer
+//! pipeline (`gstreamer`, feature `gstreamer`: RTSP, files, test patterns) ends in an appsink.
 
 #[cfg(feature = "camera")]
 pub mod camera;
+#[cfg(feature = "gstreamer")]
+pub mod gstreamer;
 pub mod labels;
 pub mod mask;
 pub mod replay;
 pub mod thread;
+pub mod trigger;
 
 /// The file at the root of a capture store (frames the daemon recorded for retraining):
 /// the daemon's recorder writes it, `retrain` recognises the layout by it.
@@ -31,6 +35,8 @@ pub enum SourceConfig {
     },
     #[cfg(feature = "camera")]
     Camera(camera::CameraSettings),
+    #[cfg(feature = "gstreamer")]
+    Gstreamer(gstreamer::GstSettings),
 }
 
 /// One camera as the daemon runs it: the validated `[[cameras]]` table (`crate::config`
@@ -53,6 +59,8 @@ pub struct CameraConfig {
     pub stall_timeout: Duration,
     pub backoff_initial: Duration,
     pub backoff_max: Duration,
+    /// Free-running, or one frame per trigger (`capture::trigger`).
+    pub trigger: trigger::TriggerMode,
 }
 
 /// A capture failure, naming the camera and what went wrong.
@@ -66,6 +74,8 @@ pub enum CaptureError {
     Corrupt { camera: String, what: String, reason: String },
     #[error("camera '{camera}': no more frames")]
     Ended { camera: String },
+    #[error("camera '{camera}': stopped")]
+    Stopped { camera: String },
     #[error("camera '{camera}': frame {what} is {width}x{height}, over the limit of {limit} pixels; not decoded")]
     TooLarge { camera: String, what: String, width: u32, height: u32, limit: u64 },
     #[error("camera '{camera}': cannot decode a {format} frame of {width}x{height} from {bytes} bytes: {reason}")]
@@ -78,8 +88,13 @@ pub trait FrameSource {
     fn camera(&self) -> &str;
     /// The next frame. `Corrupt`/`Decode`/`TooLarge` errors are one bad frame (count and skip);
     /// `Open`/`Read` mean the source is gone (reopen with backoff); `Ended` means a finite
-    /// source has no more frames.
+    /// source has no more frames; `Stopped` that the capture thread was told to stop while
+    /// the source waited for a frame.
     fn next_frame(&mut self) -> Result<DynamicImage, CaptureError>;
+    /// Frames the source itself dropped (newest wins) since the last call.
+    fn take_dropped(&mut self) -> u64 {
+        0
+    }
     /// The file the last frame came from, for sources that read files.
     fn current_file(&self) -> Option<&std::path::PathBuf> {
         None

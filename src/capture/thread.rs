@@ -13,6 +13,7 @@ use std::time::{Duration, Instant, SystemTime};
 use crossbeam_channel::{Receiver, Sender, TrySendError};
 use image::DynamicImage;
 
+use super::trigger::{Part, TriggerMode, Triggers};
 use super::{CameraConfig, CaptureError, FrameSource, SourceConfig};
 use crate::backoff::{Backoff, pause};
 use crate::controls::Controls;
@@ -43,6 +44,8 @@ pub struct CaptureLoop {
     pub status_tx: Sender<(usize, CameraStatus)>,
     /// Enabled or not, as the operator last said (or the config).
     pub controls: Arc<Controls>,
+    /// The camera's open triggers, when it is triggered (`config.trigger`).
+    pub triggers: Arc<Triggers>,
     /// Whether a disabled camera can be enabled at run time (MQTT commands are on): its
     /// thread then waits instead of ending.
     pub enable_at_run_time: bool,
@@ -56,14 +59,30 @@ const DISABLED_POLL: Duration = Duration::from_millis(250);
 /// Consecutive corrupt frames after which a source is reopened.
 const CORRUPT_REOPEN: u32 = 10;
 
-/// Opened inside the capture thread: camera handles are not `Send`.
-fn open_source(config: &CameraConfig) -> Result<Box<dyn FrameSource>, CaptureError> {
+/// Opened inside the capture thread: camera handles are not `Send`. `channels` are the
+/// model's (a source that can negotiate its pixel format delivers them); `stop` ends a
+/// source's wait for a frame.
+fn open_source(
+    config: &CameraConfig,
+    channels: usize,
+    stop: &Receiver<()>,
+) -> Result<Box<dyn FrameSource>, CaptureError> {
+    let _ = (channels, stop); // used by some sources only
     match &config.source {
         SourceConfig::Replay { path, .. } => {
             Ok(Box::new(super::replay::ReplaySource::open(&config.id, path, config.max_frame_pixels)?))
         }
         #[cfg(feature = "camera")]
         SourceConfig::Camera(settings) => Ok(Box::new(super::camera::CameraSource::open(&config.id, settings)?)),
+        #[cfg(feature = "gstreamer")]
+        SourceConfig::Gstreamer(settings) => Ok(Box::new(super::gstreamer::GstSource::open(
+            &config.id,
+            settings,
+            channels,
+            config.max_frame_pixels,
+            config.stall_timeout,
+            stop.clone(),
+        )?)),
     }
 }
 
@@ -92,9 +111,8 @@ impl CaptureLoop {
         }
     }
 
-    fn prepare(&self, image: DynamicImage, seq: u64, source_file: Option<String>) -> Option<Frame> {
-        let captured = SystemTime::now();
-        let captured_at = Instant::now();
+    fn prepare(&self, image: DynamicImage, taken: Taken, source_file: Option<String>) -> Option<Frame> {
+        let Taken { seq, captured, captured_at, part } = taken;
         let origin = self.config.roi.map_or([0, 0], |[x, y, _, _]| [x, y]);
         let original = match self.config.roi {
             None => image,
@@ -135,7 +153,37 @@ impl CaptureLoop {
             original,
             origin,
             inspect,
+            part,
         })
+    }
+
+    /// Numbers a frame the source delivered; a triggered camera keeps only a frame that a
+    /// waiting trigger claims (the others show no part: neither numbered nor counted).
+    fn take(&self) -> Option<Taken> {
+        let (captured, captured_at) = (SystemTime::now(), Instant::now());
+        let triggered = self.config.trigger != TriggerMode::Free;
+        if triggered && !self.triggers.claimable(captured_at) {
+            return None;
+        }
+        // From the camera's counter: a thread restarted by a reload goes on where the last
+        // one stopped, never repeating a number.
+        let seq = self.stats.last_seq.fetch_add(1, Relaxed) + 1;
+        let part = if triggered { Some(self.triggers.claim(seq, captured_at)?) } else { None };
+        Some(Taken { seq, captured, captured_at, part })
+    }
+
+    /// A triggered replay takes its next file only when a trigger waits (a stream is read
+    /// all the time and keeps what a trigger claims); `false` at shutdown.
+    fn wait_for_trigger(&self) -> bool {
+        while !self.triggers.waiting() {
+            crossbeam_channel::select! {
+                recv(self.triggers.bell()) -> _ => {}
+                recv(self.stop) -> _ => return false,
+            }
+        }
+        // Idle until now by design: the stall watchdog counts from the trigger on.
+        self.stats.touch();
+        true
     }
 
     /// While the camera is disabled: status `disabled`, wait to be enabled; `false` at
@@ -165,10 +213,15 @@ impl CaptureLoop {
             self.set_status(CameraStatus::Disabled);
             return;
         }
+        self.triggers.configure(self.config.trigger);
+        let triggered = self.config.trigger != TriggerMode::Free;
         let pacing = match &self.config.source {
+            SourceConfig::Replay { .. } if triggered => None,
             SourceConfig::Replay { fps, .. } => Some(Duration::from_secs_f64(1.0 / fps)),
             #[cfg(feature = "camera")]
             SourceConfig::Camera(_) => None,
+            #[cfg(feature = "gstreamer")]
+            SourceConfig::Gstreamer(_) => None,
         };
         let repeat = matches!(self.config.source, SourceConfig::Replay { repeat: true, .. });
         let mut backoff = Backoff::new(self.config.backoff_initial, self.config.backoff_max);
@@ -189,7 +242,7 @@ impl CaptureLoop {
             }
             first_open = false;
             self.reopen.store(false, Relaxed);
-            let mut source = match open_source(&self.config) {
+            let mut source = match open_source(&self.config, self.input.channels, &self.stop) {
                 Ok(s) => s,
                 Err(e) => {
                     tracing::warn!(camera = %id, error = %e, "Cannot open source.");
@@ -217,7 +270,14 @@ impl CaptureLoop {
                 } else if !pause(&self.stop, Duration::ZERO) {
                     break 'reopen;
                 }
+                if triggered && matches!(self.config.source, SourceConfig::Replay { .. }) && !self.wait_for_trigger() {
+                    break 'reopen;
+                }
                 let result = source.next_frame();
+                // Frames a source dropped were captured, so they count as frames in.
+                let dropped = source.take_dropped();
+                self.stats.frames_in.fetch_add(dropped, Relaxed);
+                self.stats.drop_frames(DropReason::SourceQueue, dropped);
                 if self.reopen.load(Relaxed) {
                     tracing::warn!(camera = %id, "Source stalled; reopening.");
                     continue 'reopen;
@@ -227,13 +287,11 @@ impl CaptureLoop {
                         corrupt_run = 0;
                         backoff.reset();
                         self.stats.touch();
-                        self.stats.frames_in.fetch_add(1, Relaxed);
                         self.set_status(CameraStatus::Online);
-                        // From the camera's counter: a thread restarted by a reload goes
-                        // on where the last one stopped, never repeating a number.
-                        let seq = self.stats.last_seq.fetch_add(1, Relaxed) + 1;
+                        let Some(taken) = self.take() else { continue };
+                        self.stats.frames_in.fetch_add(1, Relaxed);
                         let file = source_file(&*source);
-                        if let Some(frame) = self.prepare(image, seq, file) {
+                        if let Some(frame) = self.prepare(image, taken, file) {
                             self.enqueue(frame);
                         }
                     }
@@ -254,6 +312,7 @@ impl CaptureLoop {
                             continue 'reopen;
                         }
                     }
+                    Err(CaptureError::Stopped { .. }) => break 'reopen,
                     Err(CaptureError::Ended { .. }) if repeat => {
                         first_open = true; // looping is not a failure: no backoff
                         continue 'reopen;
@@ -273,6 +332,14 @@ impl CaptureLoop {
         }
         tracing::debug!(camera = %id, "Capture thread stopped.");
     }
+}
+
+/// A frame's number, capture times and part, given when the source delivered it.
+struct Taken {
+    seq: u64,
+    captured: SystemTime,
+    captured_at: Instant,
+    part: Option<Part>,
 }
 
 /// The replayed file a frame came from (replay sources only).

@@ -153,7 +153,14 @@ pub(super) struct RawCamera {
     pub(super) width: Option<u32>,
     pub(super) height: Option<u32>,
     pub(super) pixel_format: Option<String>,
-    // both
+    // gstreamer
+    pub(super) uri: Option<String>,
+    pub(super) pipeline: Option<String>,
+    pub(super) username: Option<String>,
+    pub(super) password_file: Option<PathBuf>,
+    pub(super) password_credential: Option<String>,
+    pub(super) buffers: Option<usize>,
+    // all
     pub(super) model: Option<PathBuf>,
     pub(super) sensitivity: Option<f64>,
     pub(super) roi: Option<Vec<u32>>,
@@ -162,4 +169,7 @@ pub(super) struct RawCamera {
     pub(super) stall_timeout_ms: Option<u64>,
     pub(super) backoff_initial_ms: Option<u64>,
     pub(super) backoff_max_ms: Option<u64>,
+    pub(super) trigger: Option<String>,
+    pub(super) trigger_timeout_ms: Option<u64>,
+    pub(super) verdict_timeout_ms: Option<u64>,
 }

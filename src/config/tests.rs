@@ -128,3 +128,39 @@ fn a_cameras_inspection_mask_is_read_and_checked_against_its_roi() {
     assert!(issue("mask = \"mask.png\"\nroi = [0, 0, 64, 30]\n").contains("40x30, but the ROI is 64x30"));
     assert!(issue("mask = \"nowhere.png\"\n").contains("nowhere.png"));
 }
+
+#[cfg(feature = "gstreamer")]
+#[test]
+fn gstreamer_sources_take_a_uri_or_a_pipeline_and_a_password_only_from_a_file() {
+    use crate::capture::SourceConfig;
+    use crate::capture::gstreamer::Input;
+    let dir = tempfile::tempdir().unwrap();
+    let camera =
+        |keys: &str| format!("[model]\npath = \"model\"\n[[cameras]]\nid = \"c\"\nsource = \"gstreamer\"\n{keys}\n");
+    let messages = |keys: &str| -> Vec<String> {
+        let path = write(dir.path(), &camera(keys));
+        let errors = load_with_env(&path, &[]).unwrap_err();
+        errors.issues.iter().map(|i| format!("{}: {}", i.key, i.message)).collect()
+    };
+    let refused = [
+        ("", "cameras[0].source: a gstreamer source takes one of uri and pipeline"),
+        ("uri = \"rtsp://x\"\npipeline = \"videotestsrc\"", "cameras[0].source: a gstreamer source takes one"),
+        ("uri = \"rtsp://u:pw@cam/1\"", "cameras[0].uri: holds user information"),
+        ("uri = \"not a uri\"", "cameras[0].uri: 'not a uri' is not a URI"),
+        ("pipeline = \"nosuchsrc-abc ! decodebin\"", "cameras[0].pipeline: no element \"nosuchsrc-abc\""),
+        ("uri = \"rtsp://cam/1\"\nusername = \"u\"", "cameras[0].username: username and a password"),
+        ("uri = \"rtsp://cam/1\"\nbuffers = 0", "cameras[0].buffers: must be in 1..=64"),
+    ];
+    for (keys, expected) in refused {
+        let found = messages(keys);
+        assert!(found.iter().any(|m| m.starts_with(expected)), "{keys}: no issue {expected}: {found:?}");
+    }
+    std::fs::write(dir.path().join("pw"), "s3cret\n").unwrap();
+    let keys =
+        format!("uri = \"rtsp://cam/1\"\nusername = \"u\"\npassword_file = \"{}\"", dir.path().join("pw").display());
+    let c = load_with_env(&write(dir.path(), &camera(&keys)), &[]).unwrap();
+    let SourceConfig::Gstreamer(settings) = &c.cameras[0].source else { panic!("{:?}", c.cameras[0].source) };
+    assert_eq!(settings.input, Input::Uri("rtsp://cam/1".into()));
+    assert_eq!(settings.credentials, Some(("u".into(), "s3cret".into())));
+    assert_eq!(settings.buffers, 2);
+}

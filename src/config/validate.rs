@@ -14,6 +14,7 @@ use super::*;
 const DEFAULT_MAX_FRAME_PIXELS: u64 = 32_000_000;
 use crate::capture::SourceConfig;
 use crate::capture::mask::InspectMask;
+use crate::capture::trigger::TriggerMode;
 
 pub(super) struct Validator {
     pub(super) issues: Vec<ConfigIssue>,
@@ -105,6 +106,12 @@ impl Validator {
         let mqtt = self.mqtt(mqtt, &node_id, &state_dir);
         let recorder = self.recorder(recorder, &state_dir);
         let cameras = self.cameras(cameras, resolve);
+        for (i, camera) in cameras.iter().enumerate() {
+            if camera.trigger != TriggerMode::Free && !(mqtt.enabled && mqtt.commands) {
+                let key = format!("cameras[{i}].trigger");
+                self.fail(key, "\"mqtt\" needs [mqtt] enabled = true and commands = true: the triggers are commands");
+            }
+        }
         let (http, events, homeassistant) = (self.http(http), self.events(events), self.homeassistant(homeassistant));
         DaemonConfig {
             node_id,
@@ -480,7 +487,7 @@ impl Validator {
         }
         let source = match c.source.as_deref() {
             Some("replay") => {
-                let Some(path) = c.path else {
+                let Some(path) = c.path.clone() else {
                     self.fail(key("path"), "missing: a folder of images or a glob pattern");
                     return None;
                 };
@@ -502,12 +509,13 @@ impl Validator {
                 SourceConfig::Replay { path, fps, repeat: c.repeat.unwrap_or(true) }
             }
             Some("camera") => self.camera_source(&key, &c)?,
+            Some("gstreamer") => self.gstreamer_source(&key, &c)?,
             Some(other) => {
-                self.fail(key("source"), format!("'{other}' is not a source type (replay, camera)"));
+                self.fail(key("source"), format!("'{other}' is not a source type (replay, camera, gstreamer)"));
                 return None;
             }
             None => {
-                self.fail(key("source"), "missing: replay or camera");
+                self.fail(key("source"), "missing: replay, camera or gstreamer");
                 return None;
             }
         };
@@ -522,6 +530,7 @@ impl Validator {
         if backoff_max < backoff_initial {
             self.fail(key("backoff_max_ms"), "must not be below backoff_initial_ms");
         }
+        let trigger = self.trigger(&key, &c);
         Some(CameraConfig {
             id,
             enabled: c.enabled.unwrap_or(true),
@@ -543,7 +552,25 @@ impl Validator {
             )),
             backoff_initial,
             backoff_max,
+            trigger,
         })
+    }
+
+    /// `trigger = "free"` (default) or `"mqtt"` with its two timeouts.
+    fn trigger(&mut self, key: &dyn Fn(&str) -> String, c: &RawCamera) -> TriggerMode {
+        let ms = |v: &mut Self, field: &str, given: Option<u64>, default: u64| {
+            Duration::from_millis(v.within(&key(field), given.unwrap_or(default), 1..=3_600_000))
+        };
+        let frame_timeout = ms(self, "trigger_timeout_ms", c.trigger_timeout_ms, 2000);
+        let verdict_timeout = ms(self, "verdict_timeout_ms", c.verdict_timeout_ms, 60_000);
+        match c.trigger.as_deref().unwrap_or("free") {
+            "free" => TriggerMode::Free,
+            "mqtt" => TriggerMode::Mqtt { frame_timeout, verdict_timeout },
+            other => {
+                self.fail(key("trigger"), format!("'{other}' is not one of free, mqtt"));
+                TriggerMode::Free
+            }
+        }
     }
 
     #[cfg(feature = "camera")]
@@ -571,6 +598,55 @@ impl Validator {
             fps: fps.max(1.0) as u32,
             pixel_format,
         }))
+    }
+
+    #[cfg(feature = "gstreamer")]
+    fn gstreamer_source(&mut self, key: &dyn Fn(&str) -> String, c: &RawCamera) -> Option<SourceConfig> {
+        use crate::capture::gstreamer::{GstSettings, Input, check_pipeline};
+        let input = match (c.uri.clone(), c.pipeline.clone()) {
+            (Some(uri), None) => {
+                let Ok(parsed) = url::Url::parse(&uri) else {
+                    self.fail(key("uri"), format!("'{uri}' is not a URI"));
+                    return None;
+                };
+                // A password in the URI would be in every log line and `ps` listing.
+                if !parsed.username().is_empty() || parsed.password().is_some() {
+                    self.fail(key("uri"), "holds user information: give username and password_credential instead");
+                    return None;
+                }
+                Input::Uri(uri)
+            }
+            (None, Some(pipeline)) if !pipeline.trim().is_empty() => Input::Pipeline(pipeline),
+            (None, Some(_)) => {
+                self.fail(key("pipeline"), "empty");
+                return None;
+            }
+            _ => {
+                self.fail(key("source"), "a gstreamer source takes one of uri and pipeline");
+                return None;
+            }
+        };
+        let password = self.secret(&key("password"), None, c.password_file.clone(), c.password_credential.clone());
+        let credentials = match (c.username.clone(), password) {
+            (Some(user), Some(password)) => Some((user, password)),
+            (None, None) => None,
+            _ => {
+                self.fail(key("username"), "username and a password (_file or _credential) go together");
+                None
+            }
+        };
+        let buffers = self.within(&key("buffers"), c.buffers.unwrap_or(2), 1..=64);
+        let settings = GstSettings { input, credentials, buffers };
+        if let Err(e) = check_pipeline(&settings) {
+            self.fail(key(if c.uri.is_some() { "uri" } else { "pipeline" }), e);
+        }
+        Some(SourceConfig::Gstreamer(settings))
+    }
+
+    #[cfg(not(feature = "gstreamer"))]
+    fn gstreamer_source(&mut self, key: &dyn Fn(&str) -> String, _: &RawCamera) -> Option<SourceConfig> {
+        self.fail(key("source"), "this build has no GStreamer support (cargo feature `gstreamer`)");
+        None
     }
 
     #[cfg(not(feature = "camera"))]

@@ -13,6 +13,7 @@ use std::sync::{Arc, RwLock};
 
 use crossbeam_channel::{Receiver, Sender, bounded};
 
+use crate::capture::trigger::Triggers;
 use crate::controls::Controls;
 use crate::frame::Frame;
 use crate::stats::CameraStats;
@@ -26,6 +27,9 @@ pub struct Camera {
     /// slot for the daemon's life, so a restarted capture thread feeds the same queue.
     pub queue_tx: Sender<Frame>,
     pub queue_rx: Receiver<Frame>,
+    /// Open triggers (`capture::trigger`): the command handler adds, capture claims, the
+    /// publisher answers.
+    pub triggers: Arc<Triggers>,
     active: AtomicBool,
 }
 
@@ -72,6 +76,7 @@ impl Cameras {
             controls: Arc::new(controls()),
             queue_tx,
             queue_rx,
+            triggers: Arc::default(),
             active: AtomicBool::new(true),
         }));
         (slots.len() - 1, true)

@@ -324,6 +324,25 @@ impl Collector for Report {
             ("edge_inspect_score", "Normalised anomaly score per frame (1 = image threshold)", Histogram),
             |c| c.stats.scores.clone(),
         )?;
+        per_camera(
+            &mut encoder,
+            cams,
+            ("edge_inspect_trigger_to_verdict_seconds", "From a trigger to its published verdict", Histogram),
+            |c| c.stats.trigger_latency.clone(),
+        )?;
+        let mut verdicts = encoder.encode_descriptor(
+            "edge_inspect_verdicts",
+            "Verdicts on triggered parts, by verdict",
+            None,
+            Counter,
+        )?;
+        for camera in cams {
+            for (i, verdict) in crate::capture::trigger::VERDICTS.iter().enumerate() {
+                let labels = [("camera", camera.id.as_str()), ("verdict", *verdict)];
+                let count = camera.stats.verdicts[i].load(Relaxed);
+                ConstCounter::new(count).encode(verdicts.encode_family(&labels)?)?;
+            }
+        }
         let p = &self.pipeline;
         single(
             &mut encoder,

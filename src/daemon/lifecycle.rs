@@ -4,6 +4,7 @@
 //! [`reload::plan`] is carried out. Beside the registry of cameras (`cameras`), which
 //! the other threads read.
 
+use crate::capture::trigger::TriggerMode;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::sync::atomic::Ordering::Relaxed;
@@ -94,6 +95,7 @@ impl Running {
             reopen: reopen.clone(),
             status_tx: self.status_tx.clone(),
             controls: entry.controls.clone(),
+            triggers: entry.triggers.clone(),
             enable_at_run_time: self.config.mqtt.enabled && self.config.mqtt.commands,
             inspect_mask: Default::default(),
         };
@@ -240,7 +242,7 @@ impl Running {
                     if self.cameras.find(&camera.id).is_none() {
                         tracing::info!(camera = %camera.id, "SIGHUP: camera added.");
                     }
-                    self.start_camera(camera.clone())?;
+                    self.start_camera(*camera.clone())?;
                 }
             }
         }
@@ -252,10 +254,16 @@ impl Running {
     }
 
     /// A camera online without a frame for longer than its stall timeout is marked offline
-    /// and told to reopen.
+    /// and told to reopen (a triggered replay waiting for its next trigger is idle, not stalled).
     pub(super) fn check_stalls(&self) {
         for (slot, camera) in &self.running {
-            let s = &self.cameras.get(*slot).stats;
+            let entry = self.cameras.get(*slot);
+            let s = &entry.stats;
+            let triggered_replay = camera.config.trigger != TriggerMode::Free
+                && matches!(camera.config.source, crate::capture::SourceConfig::Replay { .. });
+            if triggered_replay && !entry.triggers.waiting() {
+                continue;
+            }
             if s.status() == CameraStatus::Online && s.since_progress() > camera.config.stall_timeout {
                 tracing::warn!(camera = %camera.config.id, stalled_ms = s.since_progress().as_millis() as u64, "Camera stalled.");
                 s.stalls.fetch_add(1, Relaxed);

@@ -50,6 +50,9 @@ struct Sidecar<'a> {
     model: &'a ModelRef,
     #[serde(skip_serializing_if = "Option::is_none")]
     source_file: Option<&'a str>,
+    /// The part a triggered camera was triggered for.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    part_id: Option<&'a str>,
 }
 
 pub struct Recorder {
@@ -240,6 +243,7 @@ impl Recorder {
                 regions: &a.regions,
                 model: &item.model,
                 source_file: f.source_file.as_deref(),
+                part_id: f.part.as_ref().map(|p| p.id.as_str()),
             };
             files.push((dir.join(format!("{id}_mask.png")), mask_png(a)));
             files.push((

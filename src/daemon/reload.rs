@@ -31,7 +31,7 @@ pub enum CameraAction {
         sensitivity: f64,
     },
     /// Start the camera (added, or changed and stopped above) in its old slot if it had one.
-    Start(CameraConfig),
+    Start(Box<CameraConfig>),
 }
 
 /// What a reload does.
@@ -107,7 +107,7 @@ fn camera_actions(old: &[CameraConfig], new: &[CameraConfig]) -> Vec<CameraActio
             }
         }
         if !before.as_ref().is_some_and(|b| capture_same(b, camera)) {
-            actions.push(CameraAction::Start(camera.clone()));
+            actions.push(CameraAction::Start(Box::new(camera.clone())));
         }
     }
     actions
@@ -160,8 +160,8 @@ mod tests {
                 Stop { id: "c".into(), retire: false },
                 SetSensitivity { id: "a".into(), sensitivity: 2.5 },
                 SetEnabled { id: "c".into(), enabled: false },
-                Start(c),
-                Start(new.cameras[2].clone()),
+                Start(Box::new(c)),
+                Start(Box::new(new.cameras[2].clone())),
             ]
         );
         let plan = plan(&old, &new);

@@ -11,18 +11,18 @@ use std::time::{Duration, Instant};
 
 use rumqttc::{Client, Event, MqttOptions, Packet, QoS};
 
-fn repo() -> PathBuf {
+pub(crate) fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 /// A Mosquitto broker on a free port; killed (SIGKILL to its PID) when dropped.
-struct Broker {
+pub(crate) struct Broker {
     child: Child,
-    port: u16,
+    pub(crate) port: u16,
     _dir: tempfile::TempDir,
 }
 
@@ -60,7 +60,7 @@ impl Broker {
     }
 
     /// SIGSTOP freezes it (a hung VM, a partition without a reset), SIGCONT thaws it.
-    fn signal(&self, signal: &str) {
+    pub(crate) fn signal(&self, signal: &str) {
         let status = Command::new("kill").arg(format!("-{signal}")).arg(self.child.id().to_string()).status().unwrap();
         assert!(status.success());
     }
@@ -82,7 +82,7 @@ impl Drop for Broker {
     }
 }
 
-fn wait_for(timeout: Duration, what: &str, mut ready: impl FnMut() -> bool) {
+pub(crate) fn wait_for(timeout: Duration, what: &str, mut ready: impl FnMut() -> bool) {
     let started = Instant::now();
     while !ready() {
         assert!(started.elapsed() < timeout, "timed out after {timeout:?} waiting for {what}");
@@ -91,14 +91,14 @@ fn wait_for(timeout: Duration, what: &str, mut ready: impl FnMut() -> bool) {
 }
 
 #[derive(Debug, Clone)]
-struct Message {
+pub(crate) struct Message {
     topic: String,
-    payload: Vec<u8>,
+    pub(crate) payload: Vec<u8>,
     retain: bool,
 }
 
 /// Subscribes to `edge-inspect/#` (or another filter) and keeps everything it receives.
-struct Subscriber {
+pub(crate) struct Subscriber {
     messages: Arc<Mutex<Vec<Message>>>,
     subscribed: Arc<std::sync::atomic::AtomicBool>,
 }
@@ -139,31 +139,31 @@ impl Subscriber {
         sub
     }
 
-    fn on(&self, topic_suffix: &str) -> Vec<Message> {
+    pub(crate) fn on(&self, topic_suffix: &str) -> Vec<Message> {
         self.messages.lock().unwrap().iter().filter(|m| m.topic.ends_with(topic_suffix)).cloned().collect()
     }
 
-    fn texts(&self, topic_suffix: &str) -> Vec<String> {
+    pub(crate) fn texts(&self, topic_suffix: &str) -> Vec<String> {
         self.on(topic_suffix).iter().map(|m| String::from_utf8_lossy(&m.payload).into_owned()).collect()
     }
 
-    fn last_stats(&self) -> Option<serde_json::Value> {
+    pub(crate) fn last_stats(&self) -> Option<serde_json::Value> {
         self.on("/stats").last().map(|m| serde_json::from_slice(&m.payload).unwrap())
     }
 }
 
 /// The daemon as a child process; its log goes to a file shown when a test fails.
-struct Daemon {
+pub(crate) struct Daemon {
     child: Child,
     log: PathBuf,
 }
 
 impl Daemon {
-    fn start(config: &Path) -> Self {
+    pub(crate) fn start(config: &Path) -> Self {
         Self::start_with_env(config, &[])
     }
 
-    fn start_with_env(config: &Path, env: &[(&str, &str)]) -> Self {
+    pub(crate) fn start_with_env(config: &Path, env: &[(&str, &str)]) -> Self {
         let log = config.with_extension("log");
         let child = Command::new(env!("CARGO_BIN_EXE_edge-inspect"))
             .args(["run", "--config"])
@@ -177,12 +177,12 @@ impl Daemon {
         Self { child, log }
     }
 
-    fn signal(&self, signal: &str) {
+    pub(crate) fn signal(&self, signal: &str) {
         let status = Command::new("kill").arg(format!("-{signal}")).arg(self.child.id().to_string()).status().unwrap();
         assert!(status.success());
     }
 
-    fn wait_exit(&mut self, timeout: Duration) -> std::process::ExitStatus {
+    pub(crate) fn wait_exit(&mut self, timeout: Duration) -> std::process::ExitStatus {
         let started = Instant::now();
         loop {
             if let Some(status) = self.child.try_wait().unwrap() {
@@ -193,7 +193,7 @@ impl Daemon {
         }
     }
 
-    fn log_text(&self) -> String {
+    pub(crate) fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
@@ -216,7 +216,7 @@ impl Drop for Daemon {
 }
 
 /// A config for `port` with the demo model and the given `[[cameras]]` tables.
-fn write_config(dir: &Path, port: u16, pipeline: &str, cameras: &str) -> PathBuf {
+pub(crate) fn write_config(dir: &Path, port: u16, pipeline: &str, cameras: &str) -> PathBuf {
     write_config_for(&repo().join("models/brick-huber"), "", dir, port, pipeline, cameras)
 }
 
@@ -262,20 +262,20 @@ listen = "127.0.0.1:0"
     path
 }
 
-fn camera(id: &str, path: &str, fps: f64, repeat: bool, extra: &str) -> String {
+pub(crate) fn camera(id: &str, path: &str, fps: f64, repeat: bool, extra: &str) -> String {
     format!(
         "[[cameras]]\nid = \"{id}\"\nsource = \"replay\"\npath = \"{path}\"\nfps = {fps}\nloop = {repeat}\n{extra}\n"
     )
 }
 
 /// A test's broker, a subscriber to everything on it, and a scratch directory.
-fn rig() -> (Broker, Subscriber, tempfile::TempDir) {
+pub(crate) fn rig() -> (Broker, Subscriber, tempfile::TempDir) {
     let broker = Broker::start();
     let sub = Subscriber::start(broker.port);
     (broker, sub, tempfile::tempdir().unwrap())
 }
 
-fn stat(stats: &serde_json::Value, camera: &str, field: &str) -> u64 {
+pub(crate) fn stat(stats: &serde_json::Value, camera: &str, field: &str) -> u64 {
     stats["cameras"][camera][field].as_u64().unwrap_or(0)
 }
 
@@ -2144,7 +2144,7 @@ fn mqtt_send_file(port: u16, topic: &str, file: &Path, retain: bool) {
     assert!(ok.success());
 }
 
-fn mqtt_send(port: u16, topic: &str, payload: &str) {
+pub(crate) fn mqtt_send(port: u16, topic: &str, payload: &str) {
     let ok = Command::new("mosquitto_pub")
         .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-q", "1", "-t", topic, "-m", payload])
         .status()

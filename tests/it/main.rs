@@ -14,6 +14,9 @@ mod eval;
 mod gpu_runtime;
 #[cfg(feature = "gpu-train")]
 mod gpu_train;
+#[cfg(feature = "gstreamer")]
+mod gstreamer;
 mod model_core;
 mod retrain;
 mod tiling;
+mod trigger;

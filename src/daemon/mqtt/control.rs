@@ -7,7 +7,9 @@
 //!   retained `<camera>/enabled/state` and `<camera>/sensitivity/state`;
 //! - `<camera>/snapshot/set` publishes the next inspected frame's overlay on `<camera>/snapshot`;
 //! - `<node>/model/set` with a bundle name hands it to the model loader (`daemon::models`),
-//!   which answers on the retained `<node>/model`.
+//!   which answers on the retained `<node>/model`;
+//! - `<camera>/trigger` (empty, a part id, or `{"part_id": "…"}`) opens a trigger on a
+//!   triggered camera (`capture::trigger`), answered on `<camera>/verdict`.
 //!
 //! A payload that cannot be carried out — bad JSON or value, an unknown camera, command or
 //! verdict, no such recording, recording switched off — is answered on `<node>/error` with
@@ -50,7 +52,7 @@ pub fn persist(cameras: &Cameras, file: &std::path::Path) {
 /// The command topic filters of a node whose topics start with `base`.
 pub fn filters(base: &str) -> Vec<String> {
     let camera = ["label", "enabled", "sensitivity", "snapshot"].iter().map(|f| format!("{base}/+/{f}/set"));
-    std::iter::once(format!("{base}/model/set")).chain(camera).collect()
+    [format!("{base}/model/set"), format!("{base}/+/trigger")].into_iter().chain(camera).collect()
 }
 
 #[derive(Debug, Deserialize)]
@@ -58,6 +60,12 @@ pub fn filters(base: &str) -> Vec<String> {
 struct LabelCommand {
     seq: u64,
     verdict: Verdict,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TriggerCommand {
+    part_id: Option<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -137,6 +145,9 @@ impl Control {
             let load = Load { key: NODE_MODEL, path: self.models_dir.join(&name) };
             return self.models.try_send(load).map_err(|_| "a model swap is already queued; try again".to_string());
         }
+        if let Some(camera) = path.strip_suffix("/trigger") {
+            return self.trigger(camera, &command.payload);
+        }
         let Some((camera, feature)) = path.strip_suffix("/set").and_then(|p| p.rsplit_once('/')) else {
             return Err(format!("unknown command topic {}", command.topic));
         };
@@ -170,6 +181,24 @@ impl Control {
         tracing::info!(camera = %camera, feature = %feature, value = %payload.trim(), "Camera control changed.");
         persist(&self.cameras, &self.controls_file);
         publish_state(&self.mqtt, &entry);
+        Ok(())
+    }
+
+    /// A part to inspect: an empty payload, the part id as text, or `{"part_id": "…"}`.
+    fn trigger(&self, camera: &str, payload: &[u8]) -> Result<(), String> {
+        let Some((_, entry)) = self.cameras.find(camera) else {
+            return Err(format!("unknown camera '{camera}'"));
+        };
+        let text = std::str::from_utf8(payload).map_err(|_| "a part id is UTF-8 text".to_string())?.trim();
+        let id = if text.starts_with('{') {
+            let command: TriggerCommand =
+                serde_json::from_str(text).map_err(|e| format!("expected {{\"part_id\": \"…\"}}: {e}"))?;
+            command.part_id
+        } else {
+            (!text.is_empty()).then(|| text.to_string())
+        };
+        let part = entry.triggers.trigger(camera, id.as_deref())?;
+        tracing::debug!(camera = %camera, part = %part, "Triggered.");
         Ok(())
     }
 

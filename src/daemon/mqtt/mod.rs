@@ -21,5 +21,6 @@ pub mod handoff;
 pub mod homeassistant;
 pub mod outbox;
 pub mod publish;
+pub mod verdict;
 
 pub use client::{Incoming, Mqtt, Subscriptions};

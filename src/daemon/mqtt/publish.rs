@@ -55,6 +55,9 @@ pub struct Alert<'a> {
     /// The replayed file, for replay sources.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub source_file: Option<&'a str>,
+    /// The part a triggered camera was triggered for.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub part_id: Option<&'a str>,
     pub mask_topic: String,
     pub snapshot_topic: String,
 }
@@ -71,6 +74,8 @@ pub struct State<'a> {
     pub normalised_score: f64,
     pub defect_area_px: usize,
     pub model: &'a ModelRef,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub part_id: Option<&'a str>,
 }
 
 /// From inspection pixels (the analysis) to camera-frame pixels: the ROI's origin plus
@@ -180,8 +185,10 @@ pub fn publisher(
             Err(RecvTimeoutError::Timeout) => publisher.expire_events(),
             Err(RecvTimeoutError::Disconnected) => break,
         }
+        publisher.expire_triggers();
     }
     publisher.finish_events();
+    publisher.abandon_triggers();
     tracing::debug!("Publisher stopped.");
 }
 
@@ -243,9 +250,13 @@ impl Publisher {
                 normalised_score: a.normalised_score,
                 defect_area_px: defect_area,
                 model: &inspected.model,
+                part_id: f.part.as_ref().map(|p| p.id.as_str()),
             };
             let payload = serde_json::to_vec(&state).expect("state serialises");
             mqtt.publish(&format!("{}/state", camera.id), QoS::AtMostOnce, true, payload);
+        }
+        if let Some(part) = &f.part {
+            super::verdict::inspected(ctx, &camera, &inspected, part);
         }
         camera.stats.scores.observe(a.normalised_score);
         camera.stats.latency.observe(f.captured_at.elapsed().as_secs_f64());
@@ -282,6 +293,25 @@ impl Publisher {
         for (index, tracker) in &mut self.trackers {
             if let Some(end) = tracker.expire(now) {
                 publish_event(&self.ctx, model, *index, end);
+            }
+        }
+    }
+
+    /// Answers `missed` to the triggers past their deadlines (within a turn of them).
+    fn expire_triggers(&self) {
+        let now = std::time::Instant::now();
+        for (_, camera) in self.ctx.cameras.active() {
+            for missed in camera.triggers.expire(now) {
+                super::verdict::missed(&self.ctx, &camera, &missed);
+            }
+        }
+    }
+
+    /// Answers `missed` to every trigger still open when the daemon stops.
+    fn abandon_triggers(&self) {
+        for (_, camera) in self.ctx.cameras.active() {
+            for missed in camera.triggers.abandon("the daemon stopped before the part was inspected") {
+                super::verdict::missed(&self.ctx, &camera, &missed);
             }
         }
     }
@@ -337,6 +367,7 @@ fn alert(
         model: &inspected.model,
         latency_ms: f.captured_at.elapsed().as_secs_f64() * 1e3,
         source_file: f.source_file.as_deref(),
+        part_id: f.part.as_ref().map(|p| p.id.as_str()),
         mask_topic: mqtt.topic(&format!("{}/mask", camera.id)),
         snapshot_topic: mqtt.topic(&format!("{}/snapshot", camera.id)),
     };

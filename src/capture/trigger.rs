@@ -1,0 +1,257 @@
+//! Triggered capture: one inspected frame per part, and exactly one verdict per trigger.
+//!
+//! On a conveyor the camera is triggered once per part (here: by software, a message on
+//! `<camera>/trigger` with the part's id); the line diverts the part by the verdict published
+//! for that id. The [`Triggers`] ledger of a camera owns the life of each trigger:
+//! `pending` (waiting for a frame) → `captured` (its frame is in the pipeline) → answered.
+//! The capture thread claims the oldest pending trigger for the next frame it takes; the
+//! publisher answers a captured one with the frame's verdict; a trigger whose frame does not
+//! arrive within `frame_timeout`, or whose frame gets no verdict within `verdict_timeout`
+//! (dropped on the way: a full queue, a failed inference, the shutdown deadline), is answered
+//! `missed` with the reason. Whichever comes first removes the entry, so a late verdict never
+//! answers a trigger twice.
+
+use std::collections::VecDeque;
+use std::sync::Mutex;
+use std::time::{Duration, Instant, SystemTime};
+
+use crossbeam_channel::{Receiver, Sender, bounded};
+
+/// Triggers a camera holds at most (waiting or in the pipeline); one more is refused.
+pub const MAX_TRIGGERS: usize = 256;
+/// The longest part id taken.
+pub const MAX_PART_ID: usize = 128;
+
+/// The verdicts a trigger gets, in the order `CameraStats::verdicts` counts them.
+pub const VERDICTS: [&str; 3] = ["pass", "fail", "missed"];
+
+/// How a camera's frames are taken.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum TriggerMode {
+    /// Every frame the source delivers (as before triggers existed).
+    Free,
+    /// One frame per `<camera>/trigger` message.
+    Mqtt { frame_timeout: Duration, verdict_timeout: Duration },
+}
+
+/// The part a triggered frame shows, carried with the frame to its verdict.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Part {
+    pub id: String,
+    pub triggered: SystemTime,
+    pub triggered_at: Instant,
+}
+
+/// A trigger that ended without a verdict, and why.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Missed {
+    pub part: Part,
+    pub reason: String,
+    /// The frame it claimed, if one arrived.
+    pub seq: Option<u64>,
+}
+
+#[derive(Debug)]
+struct Entry {
+    part: Part,
+    /// The frame's sequence number once a frame claimed it.
+    seq: Option<u64>,
+    deadline: Instant,
+}
+
+/// One camera's triggers (shared by the command handler, the capture thread and the
+/// publisher for the daemon's life, like the camera's slot).
+pub struct Triggers {
+    state: Mutex<State>,
+    /// Rung by every new trigger: a replay camera waits on it instead of pacing.
+    bell_tx: Sender<()>,
+    bell_rx: Receiver<()>,
+}
+
+struct State {
+    mode: TriggerMode,
+    entries: VecDeque<Entry>,
+    /// For part ids made up when a trigger names none.
+    counter: u64,
+}
+
+impl Default for Triggers {
+    fn default() -> Self {
+        let (bell_tx, bell_rx) = bounded(1);
+        let state = State { mode: TriggerMode::Free, entries: VecDeque::new(), counter: 0 };
+        Self { state: Mutex::new(state), bell_tx, bell_rx }
+    }
+}
+
+impl Triggers {
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().expect("triggers lock")
+    }
+
+    /// Set by the camera's capture thread at its start (the config may change on reload).
+    pub fn configure(&self, mode: TriggerMode) {
+        self.state().mode = mode;
+    }
+
+    pub fn mode(&self) -> TriggerMode {
+        self.state().mode
+    }
+
+    /// Receives a ring for each new trigger (at most one ring waits).
+    pub fn bell(&self) -> &Receiver<()> {
+        &self.bell_rx
+    }
+
+    /// A trigger for part `id` (or, without one, `<camera>-<n>`); refused for a free-running
+    /// camera, an id that is not printable text of at most [`MAX_PART_ID`] bytes, and when
+    /// [`MAX_TRIGGERS`] are already open. Returns the part id.
+    pub fn trigger(&self, camera: &str, id: Option<&str>) -> Result<String, String> {
+        let mut state = self.state();
+        let TriggerMode::Mqtt { frame_timeout, .. } = state.mode else {
+            return Err(format!("camera '{camera}' is free-running (trigger = \"free\"): it takes no triggers"));
+        };
+        if state.entries.len() >= MAX_TRIGGERS {
+            return Err(format!("camera '{camera}' already holds {MAX_TRIGGERS} open triggers"));
+        }
+        state.counter += 1;
+        let id = match id {
+            Some(id) if id.is_empty() || id.len() > MAX_PART_ID || id.chars().any(char::is_control) => {
+                return Err(format!("a part id is 1–{MAX_PART_ID} bytes of printable text"));
+            }
+            Some(id) => id.to_string(),
+            None => format!("{camera}-{}", state.counter),
+        };
+        let now = Instant::now();
+        let part = Part { id: id.clone(), triggered: SystemTime::now(), triggered_at: now };
+        state.entries.push_back(Entry { part, seq: None, deadline: now + frame_timeout });
+        let _ = self.bell_tx.try_send(());
+        Ok(id)
+    }
+
+    /// Whether a trigger waits for a frame.
+    pub fn waiting(&self) -> bool {
+        self.state().entries.iter().any(|e| e.seq.is_none())
+    }
+
+    /// Whether a frame captured at `captured_at` would show a waiting trigger's part.
+    pub fn claimable(&self, captured_at: Instant) -> bool {
+        let state = self.state();
+        state.entries.iter().find(|e| e.seq.is_none()).is_some_and(|e| e.part.triggered_at <= captured_at)
+    }
+
+    /// The oldest trigger still waiting for a frame, given to frame `seq` captured at
+    /// `captured_at` (a frame taken before the trigger came does not show the part).
+    pub fn claim(&self, seq: u64, captured_at: Instant) -> Option<Part> {
+        let mut state = self.state();
+        let TriggerMode::Mqtt { verdict_timeout, .. } = state.mode else { return None };
+        let entry = state.entries.iter_mut().find(|e| e.seq.is_none())?;
+        if entry.part.triggered_at > captured_at {
+            return None;
+        }
+        entry.seq = Some(seq);
+        entry.deadline = captured_at + verdict_timeout;
+        Some(entry.part.clone())
+    }
+
+    /// The verdict of frame `seq` answers its trigger; `false` if the trigger was already
+    /// answered `missed` (its verdict then goes unpublished).
+    pub fn answer(&self, seq: u64) -> bool {
+        let mut state = self.state();
+        let Some(at) = state.entries.iter().position(|e| e.seq == Some(seq)) else { return false };
+        state.entries.remove(at);
+        true
+    }
+
+    /// Removes and returns the triggers past their deadline at `now`.
+    pub fn expire(&self, now: Instant) -> Vec<Missed> {
+        let mut state = self.state();
+        let (late, open): (Vec<Entry>, Vec<Entry>) = state.entries.drain(..).partition(|e| e.deadline <= now);
+        state.entries = open.into();
+        late.into_iter().map(missed).collect()
+    }
+
+    /// Removes and returns every open trigger (the camera stops, or the daemon does).
+    pub fn abandon(&self, reason: &str) -> Vec<Missed> {
+        let mut state = self.state();
+        state.entries.drain(..).map(|e| Missed { reason: reason.to_string(), seq: e.seq, part: e.part }).collect()
+    }
+}
+
+fn missed(entry: Entry) -> Missed {
+    let waited = entry.deadline.saturating_duration_since(entry.part.triggered_at).as_millis();
+    let reason = match entry.seq {
+        None => format!("no frame within {waited} ms of the trigger"),
+        Some(seq) => format!("frame {seq} got no verdict (dropped on the way; see stats)"),
+    };
+    Missed { part: entry.part, reason, seq: entry.seq }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn triggered(frame_ms: u64, verdict_ms: u64) -> Triggers {
+        let t = Triggers::default();
+        let mode = TriggerMode::Mqtt {
+            frame_timeout: Duration::from_millis(frame_ms),
+            verdict_timeout: Duration::from_millis(verdict_ms),
+        };
+        t.configure(mode);
+        t
+    }
+
+    #[test]
+    fn each_trigger_takes_one_later_frame_and_is_answered_once() {
+        let t = triggered(1000, 5000);
+        let before = Instant::now();
+        assert_eq!(t.trigger("cam", Some("P-1")).unwrap(), "P-1");
+        assert_eq!(t.trigger("cam", None).unwrap(), "cam-2");
+        assert!(t.bell().try_recv().is_ok() && t.bell().try_recv().is_err(), "one ring waits");
+        assert_eq!(t.claim(7, before), None, "a frame from before the trigger");
+        assert!(!t.claimable(before) && t.claimable(Instant::now()));
+        let now = Instant::now();
+        assert_eq!(t.claim(8, now).unwrap().id, "P-1");
+        assert_eq!(t.claim(9, now).unwrap().id, "cam-2");
+        assert!(!t.waiting());
+        assert_eq!(t.claim(10, now), None, "no trigger, no part");
+        assert!(t.answer(9) && t.answer(8));
+        assert!(!t.answer(8), "answered once");
+    }
+
+    #[test]
+    fn a_trigger_without_a_frame_or_a_verdict_is_missed_once() {
+        let t = triggered(100, 200);
+        t.trigger("cam", Some("no-frame")).unwrap();
+        t.trigger("cam", Some("no-verdict")).unwrap();
+        let start = Instant::now();
+        // The first is answered; the second's frame comes and is then lost; a third waits.
+        assert_eq!(t.claim(1, start).unwrap().id, "no-frame");
+        assert!(t.answer(1));
+        assert_eq!(t.claim(2, start).unwrap().id, "no-verdict");
+        t.trigger("cam", Some("late")).unwrap();
+        let missed = t.expire(start + Duration::from_millis(150));
+        assert_eq!(missed.len(), 1, "{missed:?}");
+        assert_eq!((missed[0].part.id.as_str(), missed[0].seq), ("late", None));
+        assert!(missed[0].reason.starts_with("no frame within 100 ms"), "{}", missed[0].reason);
+        let missed = t.expire(start + Duration::from_millis(250));
+        assert_eq!((missed[0].part.id.as_str(), missed[0].seq), ("no-verdict", Some(2)));
+        assert!(!t.answer(2), "a verdict after `missed` answers nothing");
+        assert!(t.expire(start + Duration::from_secs(10)).is_empty());
+    }
+
+    #[test]
+    fn triggers_are_refused_on_free_cameras_bad_ids_and_a_full_ledger() {
+        let free = Triggers::default();
+        assert!(free.trigger("cam", None).unwrap_err().contains("free-running"));
+        let t = triggered(1000, 1000);
+        assert!(t.trigger("cam", Some("")).is_err());
+        assert!(t.trigger("cam", Some("a\nb")).is_err());
+        assert!(t.trigger("cam", Some(&"x".repeat(MAX_PART_ID + 1))).is_err());
+        for _ in 0..MAX_TRIGGERS {
+            t.trigger("cam", None).unwrap();
+        }
+        assert!(t.trigger("cam", None).unwrap_err().contains("256 open triggers"));
+        assert_eq!(t.abandon("stopping").len(), MAX_TRIGGERS);
+        assert!(!t.waiting());
+    }
+}
