@@ -18,12 +18,15 @@ repo_root=$(cd "$(dirname "$0")/.." && pwd)
 # GStreamer sources (feature `gstreamer`) build against libgstreamer1.0-dev and
 # libgstreamer-plugins-base1.0-dev (found by pkg-config), and their tests decode H.264 over
 # RTSP (plugins-good: rtspsrc; libav: the decoder; plugins-bad: the parser) from a real RTSP
-# server (gst-rtsp-server through python3-gi, encoding with plugins-ugly's x264enc).
+# server (gst-rtsp-server through python3-gi, encoding with plugins-ugly's x264enc);
+# GenICam cameras (feature `genicam`) build against libaravis-dev (its .pc file needs
+# libusb-1.0-0-dev) and are tested against
+# aravis-tools' arv-fake-gv-camera-0.8, a GigE Vision camera on loopback.
 packages=(curl unzip ca-certificates libclang1-14 mosquitto mosquitto-clients openssl procps systemd patchelf
           mesa-vulkan-drivers libvulkan1 libdnnl-dev g++
           pkg-config libgstreamer1.0-dev libgstreamer-plugins-base1.0-dev gstreamer1.0-plugins-base
           gstreamer1.0-plugins-good gstreamer1.0-plugins-bad gstreamer1.0-plugins-ugly gstreamer1.0-libav
-          python3-gi gir1.2-gst-rtsp-server-1.0)
+          python3-gi gir1.2-gst-rtsp-server-1.0 libaravis-dev libusb-1.0-0-dev aravis-tools)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

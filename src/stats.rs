@@ -74,6 +74,9 @@ pub enum DropReason {
     SourceQueue,
     /// The frame could not be decoded.
     DecodeError,
+    /// The camera delivered the frame incomplete (lost GVSP packets, a timeout, a size
+    /// mismatch).
+    Incomplete,
     /// The frame had more pixels than the camera's `max_frame_pixels`; it was not decoded.
     TooLarge,
     /// The region of interest lies outside the frame.
@@ -101,6 +104,7 @@ impl DropReason {
             Self::QueueFull => "queue_full",
             Self::SourceQueue => "source_queue",
             Self::DecodeError => "decode_error",
+            Self::Incomplete => "incomplete",
             Self::TooLarge => "too_large",
             Self::RoiOutside => "roi_outside",
             Self::MaskSize => "mask_size",
@@ -112,10 +116,11 @@ impl DropReason {
         }
     }
 
-    pub const ALL: [DropReason; 11] = [
+    pub const ALL: [DropReason; 12] = [
         Self::QueueFull,
         Self::SourceQueue,
         Self::DecodeError,
+        Self::Incomplete,
         Self::TooLarge,
         Self::RoiOutside,
         Self::MaskSize,

@@ -8,6 +8,8 @@
 
 #[cfg(feature = "camera")]
 pub mod camera;
+#[cfg(feature = "genicam")]
+pub mod genicam;
 #[cfg(feature = "gstreamer")]
 pub mod gstreamer;
 pub mod labels;
@@ -37,6 +39,23 @@ pub enum SourceConfig {
     Camera(camera::CameraSettings),
     #[cfg(feature = "gstreamer")]
     Gstreamer(gstreamer::GstSettings),
+    #[cfg(feature = "genicam")]
+    Genicam(genicam::GenicamSettings),
+}
+
+impl SourceConfig {
+    /// Whether the source delivers a frame when asked (a replay's next file, a camera's
+    /// software trigger): a triggered camera then asks once per trigger instead of reading
+    /// all the time.
+    pub fn on_demand(&self) -> bool {
+        match self {
+            Self::Replay { .. } => true,
+            #[cfg(feature = "genicam")]
+            Self::Genicam(settings) => settings.software_trigger(),
+            #[allow(unreachable_patterns)] // the other sources, where built
+            _ => false,
+        }
+    }
 }
 
 /// One camera as the daemon runs it: the validated `[[cameras]]` table (`crate::config`
@@ -76,6 +95,8 @@ pub enum CaptureError {
     Ended { camera: String },
     #[error("camera '{camera}': stopped")]
     Stopped { camera: String },
+    #[error("camera '{camera}': incomplete frame ({status})")]
+    Incomplete { camera: String, status: String },
     #[error("camera '{camera}': frame {what} is {width}x{height}, over the limit of {limit} pixels; not decoded")]
     TooLarge { camera: String, what: String, width: u32, height: u32, limit: u64 },
     #[error("camera '{camera}': cannot decode a {format} frame of {width}x{height} from {bytes} bytes: {reason}")]
@@ -94,6 +115,11 @@ pub trait FrameSource {
     /// Frames the source itself dropped (newest wins) since the last call.
     fn take_dropped(&mut self) -> u64 {
         0
+    }
+    /// Asks an on-demand source for a frame (`SourceConfig::on_demand`): a camera's
+    /// software trigger. A replay needs no asking.
+    fn fire(&mut self) -> Result<(), CaptureError> {
+        Ok(())
     }
     /// The file the last frame came from, for sources that read files.
     fn current_file(&self) -> Option<&std::path::PathBuf> {

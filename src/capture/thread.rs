@@ -83,6 +83,15 @@ fn open_source(
             config.stall_timeout,
             stop.clone(),
         )?)),
+        #[cfg(feature = "genicam")]
+        SourceConfig::Genicam(settings) => Ok(Box::new(super::genicam::GenicamSource::open(
+            &config.id,
+            settings,
+            channels,
+            config.max_frame_pixels,
+            config.stall_timeout,
+            stop.clone(),
+        )?)),
     }
 }
 
@@ -222,6 +231,8 @@ impl CaptureLoop {
             SourceConfig::Camera(_) => None,
             #[cfg(feature = "gstreamer")]
             SourceConfig::Gstreamer(_) => None,
+            #[cfg(feature = "genicam")]
+            SourceConfig::Genicam(_) => None,
         };
         let repeat = matches!(self.config.source, SourceConfig::Replay { repeat: true, .. });
         let mut backoff = Backoff::new(self.config.backoff_initial, self.config.backoff_max);
@@ -270,8 +281,15 @@ impl CaptureLoop {
                 } else if !pause(&self.stop, Duration::ZERO) {
                     break 'reopen;
                 }
-                if triggered && matches!(self.config.source, SourceConfig::Replay { .. }) && !self.wait_for_trigger() {
-                    break 'reopen;
+                if triggered && self.config.source.on_demand() {
+                    if !self.wait_for_trigger() {
+                        break 'reopen;
+                    }
+                    if let Err(e) = source.fire() {
+                        tracing::warn!(camera = %id, error = %e, "Source failed.");
+                        self.set_status(CameraStatus::Offline);
+                        continue 'reopen;
+                    }
                 }
                 let result = source.next_frame();
                 // Frames a source dropped were captured, so they count as frames in.
@@ -296,12 +314,17 @@ impl CaptureLoop {
                         }
                     }
                     Err(
-                        e
-                        @ (CaptureError::Corrupt { .. } | CaptureError::Decode { .. } | CaptureError::TooLarge { .. }),
+                        e @ (CaptureError::Corrupt { .. }
+                        | CaptureError::Decode { .. }
+                        | CaptureError::TooLarge { .. }
+                        | CaptureError::Incomplete { .. }),
                     ) => {
                         self.stats.frames_in.fetch_add(1, Relaxed);
-                        let too_large = matches!(e, CaptureError::TooLarge { .. });
-                        self.stats.drop_frame(if too_large { DropReason::TooLarge } else { DropReason::DecodeError });
+                        self.stats.drop_frame(match e {
+                            CaptureError::TooLarge { .. } => DropReason::TooLarge,
+                            CaptureError::Incomplete { .. } => DropReason::Incomplete,
+                            _ => DropReason::DecodeError,
+                        });
                         self.stats.touch();
                         if let Some(suppressed) = self.stats.warnings.admit() {
                             tracing::warn!(camera = %id, error = %e, suppressed, "Corrupt frame skipped.");

@@ -160,6 +160,12 @@ pub(super) struct RawCamera {
     pub(super) password_file: Option<PathBuf>,
     pub(super) password_credential: Option<String>,
     pub(super) buffers: Option<usize>,
+    // genicam
+    pub(super) exposure_us: Option<f64>,
+    pub(super) gain_db: Option<f64>,
+    pub(super) region: Option<Vec<u32>>,
+    pub(super) features: Option<std::collections::BTreeMap<String, RawFeature>>,
+    pub(super) trigger_source: Option<String>,
     // all
     pub(super) model: Option<PathBuf>,
     pub(super) sensitivity: Option<f64>,
@@ -172,4 +178,14 @@ pub(super) struct RawCamera {
     pub(super) trigger: Option<String>,
     pub(super) trigger_timeout_ms: Option<u64>,
     pub(super) verdict_timeout_ms: Option<u64>,
+}
+
+/// A GenICam feature value as TOML gives it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub(super) enum RawFeature {
+    Bool(bool),
+    Int(i64),
+    Float(f64),
+    Text(String),
 }

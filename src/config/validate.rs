@@ -510,12 +510,16 @@ impl Validator {
             }
             Some("camera") => self.camera_source(&key, &c)?,
             Some("gstreamer") => self.gstreamer_source(&key, &c)?,
+            Some("genicam") => self.genicam_source(&key, &c)?,
             Some(other) => {
-                self.fail(key("source"), format!("'{other}' is not a source type (replay, camera, gstreamer)"));
+                self.fail(
+                    key("source"),
+                    format!("'{other}' is not a source type (replay, camera, gstreamer, genicam)"),
+                );
                 return None;
             }
             None => {
-                self.fail(key("source"), "missing: replay, camera or gstreamer");
+                self.fail(key("source"), "missing: replay, camera, gstreamer or genicam");
                 return None;
             }
         };
@@ -641,6 +645,49 @@ impl Validator {
             self.fail(key(if c.uri.is_some() { "uri" } else { "pipeline" }), e);
         }
         Some(SourceConfig::Gstreamer(settings))
+    }
+
+    #[cfg(feature = "genicam")]
+    fn genicam_source(&mut self, key: &dyn Fn(&str) -> String, c: &RawCamera) -> Option<SourceConfig> {
+        use crate::capture::genicam::{Feature, GenicamSettings};
+        let region = c.region.clone().and_then(|r| match r[..] {
+            [x, y, w, h] if w > 0 && h > 0 => Some([x, y, w, h]),
+            _ => {
+                self.fail(key("region"), format!("must be [x, y, width, height] with width, height > 0, got {r:?}"));
+                None
+            }
+        });
+        let positive =
+            |v: &mut Self, field: &str, value: Option<f64>| value.map(|x| v.within(&key(field), x, 1e-3..=1e9));
+        let exposure_us = positive(self, "exposure_us", c.exposure_us);
+        let frame_rate = positive(self, "fps", c.fps);
+        let gain_db = c.gain_db.map(|g| self.within(&key("gain_db"), g, -100.0..=100.0));
+        let features = c.features.clone().unwrap_or_default().into_iter().map(|(name, value)| {
+            let value = match value {
+                RawFeature::Bool(b) => Feature::Bool(b),
+                RawFeature::Int(i) => Feature::Int(i),
+                RawFeature::Float(f) => Feature::Float(f),
+                RawFeature::Text(t) => Feature::Text(t),
+            };
+            (name, value)
+        });
+        Some(SourceConfig::Genicam(GenicamSettings {
+            device: c.device.clone(),
+            pixel_format: c.pixel_format.clone(),
+            exposure_us,
+            gain_db,
+            frame_rate,
+            region,
+            features: features.collect(),
+            trigger_source: c.trigger_source.clone(),
+            buffers: self.within(&key("buffers"), c.buffers.unwrap_or(4), 1..=64),
+        }))
+    }
+
+    #[cfg(not(feature = "genicam"))]
+    fn genicam_source(&mut self, key: &dyn Fn(&str) -> String, _: &RawCamera) -> Option<SourceConfig> {
+        self.fail(key("source"), "this build has no GenICam support (cargo feature `genicam`)");
+        None
     }
 
     #[cfg(not(feature = "gstreamer"))]

@@ -259,9 +259,8 @@ impl Running {
         for (slot, camera) in &self.running {
             let entry = self.cameras.get(*slot);
             let s = &entry.stats;
-            let triggered_replay = camera.config.trigger != TriggerMode::Free
-                && matches!(camera.config.source, crate::capture::SourceConfig::Replay { .. });
-            if triggered_replay && !entry.triggers.waiting() {
+            let on_demand = camera.config.trigger != TriggerMode::Free && camera.config.source.on_demand();
+            if on_demand && !entry.triggers.waiting() {
                 continue;
             }
             if s.status() == CameraStatus::Online && s.since_progress() > camera.config.stall_timeout {
