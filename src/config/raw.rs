@@ -183,6 +183,7 @@ pub(super) struct RawCamera {
 /// A GenICam feature value as TOML gives it.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(untagged)]
+#[cfg_attr(not(feature = "genicam"), allow(dead_code))] // read only where GenICam is built
 pub(super) enum RawFeature {
     Bool(bool),
     Int(i64),
