@@ -11,6 +11,8 @@ mod backbone;
 mod config_property;
 mod daemon;
 mod eval;
+#[cfg(feature = "genicam")]
+mod genicam;
 mod gpu_runtime;
 #[cfg(feature = "gpu-train")]
 mod gpu_train;

@@ -1,0 +1,84 @@
+//! GenICam cameras against a real GigE Vision camera: Aravis' `arv-fake-gv-camera-0.8`
+//! (Debian's aravis-tools) on loopback, started and killed by PID. The daemon opens it with
+//! `source = "genicam"`, fires its software trigger once per `<camera>/trigger`, answers each
+//! part on `<camera>/verdict`, and after the camera is killed and started again reopens it
+//! with backoff, without leaking the threads of the lost connection.
+
+use std::process::{Child, Command};
+use std::time::Duration;
+
+use crate::daemon::{Daemon, mqtt_send, rig, stat, wait_for, write_config};
+
+struct FakeCamera(Child);
+
+impl FakeCamera {
+    fn start() -> Self {
+        let child = Command::new("arv-fake-gv-camera-0.8")
+            .args(["-i", "127.0.0.1", "-s", "EI-LINE"])
+            .spawn()
+            .expect("arv-fake-gv-camera-0.8 (scripts/setup.sh installs aravis-tools)");
+        Self(child)
+    }
+}
+
+impl Drop for FakeCamera {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn threads(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/task")).unwrap().count()
+}
+
+fn verdicts(sub: &crate::daemon::Subscriber) -> Vec<serde_json::Value> {
+    sub.on("gige/verdict").iter().map(|m| serde_json::from_slice(&m.payload).unwrap()).collect()
+}
+
+#[test]
+fn a_software_triggered_gige_camera_answers_each_part_and_is_reopened_after_it_restarts() {
+    let (broker, sub, dir) = rig();
+    let mut camera = FakeCamera::start();
+    let table = "[[cameras]]\nid = \"gige\"\nsource = \"genicam\"\ndevice = \"127.0.0.1\"\n\
+                 pixel_format = \"Mono8\"\nregion = [0, 0, 128, 128]\nexposure_us = 2000.0\n\
+                 features = { GevSCPSPacketSize = 1400 }\n\
+                 trigger = \"mqtt\"\ntrigger_source = \"Software\"\ntrigger_timeout_ms = 20000\n\
+                 backoff_initial_ms = 200\nbackoff_max_ms = 1000\nstall_timeout_ms = 3000\n";
+    let config = write_config(dir.path(), broker.port, "max_batch = 2\nmax_wait_ms = 20", table);
+    let mut daemon = Daemon::start(&config);
+    let trigger = |part: &str| mqtt_send(broker.port, "edge-inspect/test/gige/trigger", part);
+    // The command path is live once a refusal comes back.
+    wait_for(Duration::from_secs(60), "the refusal of a trigger to an unknown camera", || {
+        mqtt_send(broker.port, "edge-inspect/test/nosuch/trigger", "X");
+        sub.texts("test/error").iter().any(|e| e.contains("unknown camera"))
+    });
+    trigger("G-1");
+    wait_for(Duration::from_secs(120), "the verdict on G-1", || !verdicts(&sub).is_empty());
+    trigger("G-2");
+    wait_for(Duration::from_secs(60), "the verdict on G-2", || verdicts(&sub).len() >= 2);
+    let steady = threads(daemon.pid());
+    let answered = verdicts(&sub);
+    let ids: Vec<&str> = answered.iter().map(|v| v["part_id"].as_str().unwrap()).collect();
+    assert_eq!(ids, ["G-1", "G-2"], "{answered:#?}");
+    for v in &answered {
+        assert!(v["verdict"] == "pass" || v["verdict"] == "fail", "{v}");
+    }
+
+    // The camera goes away and comes back: the next trigger finds the lost connection,
+    // the source is reopened with backoff, and the part is inspected on the new one.
+    drop(camera);
+    camera = FakeCamera::start();
+    trigger("G-3");
+    wait_for(Duration::from_secs(60), "the verdict on G-3", || verdicts(&sub).len() >= 3);
+    let third = &verdicts(&sub)[2];
+    assert_eq!(third["part_id"], "G-3");
+    assert!(third["verdict"] == "pass" || third["verdict"] == "fail", "{third}\n{}", daemon.log_text());
+    wait_for(Duration::from_secs(10), "the reopen counted", || {
+        sub.last_stats().is_some_and(|s| stat(&s, "gige", "reopens") >= 1)
+    });
+    assert!(threads(daemon.pid()) <= steady, "threads: {} after the reopen, {steady} before", threads(daemon.pid()));
+    daemon.signal("TERM");
+    assert!(daemon.wait_exit(Duration::from_secs(15)).success(), "{}", daemon.log_text());
+    drop(camera);
+}
