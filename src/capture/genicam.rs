@@ -18,10 +18,10 @@ use std::time::{Duration, Instant};
 
 use aravis::prelude::*;
 use aravis::{AcquisitionMode, Buffer, BufferPayloadType, BufferStatus, Camera, PixelFormat, Stream};
-use crossbeam_channel::{Receiver, TryRecvError};
+use crossbeam_channel::TryRecvError;
 use image::{DynamicImage, GrayImage, RgbImage};
 
-use super::{CaptureError, FrameSource};
+use super::{CaptureError, FrameSource, StreamContext};
 
 /// How long one wait for a buffer lasts before the source looks at its stop channel again.
 const POLL: Duration = Duration::from_millis(200);
@@ -64,29 +64,19 @@ impl GenicamSettings {
 
 /// An open, streaming GenICam camera.
 pub struct GenicamSource {
-    id: String,
+    context: StreamContext,
     camera: Camera,
     stream: Stream,
     /// Set by Aravis when the control channel is lost (the camera disappeared).
     lost: Arc<AtomicBool>,
-    stop: Receiver<()>,
-    stall: Duration,
-    max_pixels: u64,
-    channels: usize,
     /// Aravis' underrun count already reported.
     reported: u64,
 }
 
 impl GenicamSource {
     /// Opens `settings.device`, configures it and starts acquisition.
-    pub fn open(
-        id: &str,
-        settings: &GenicamSettings,
-        channels: usize,
-        max_pixels: u64,
-        stall: Duration,
-        stop: Receiver<()>,
-    ) -> Result<Self, CaptureError> {
+    pub fn open(settings: &GenicamSettings, context: StreamContext) -> Result<Self, CaptureError> {
+        let id = context.camera.as_str();
         let device = settings.device.clone().unwrap_or_else(|| "the first camera found".into());
         let open_error = |reason: String| CaptureError::Open { camera: id.to_string(), device: device.clone(), reason };
         let camera = Camera::new(settings.device.as_deref()).map_err(|e| open_error(e.to_string()))?;
@@ -105,11 +95,11 @@ impl GenicamSource {
         camera.start_acquisition().map_err(|e| open_error(format!("cannot start acquisition: {e}")))?;
         let model = camera.model_name().map(|m| m.to_string()).unwrap_or_default();
         tracing::info!(camera = id, device = %device, model = %model, payload, "GenICam camera opened.");
-        Ok(Self { id: id.to_string(), camera, stream, lost, stop, stall, max_pixels, channels, reported: 0 })
+        Ok(Self { context, camera, stream, lost, reported: 0 })
     }
 
     fn read_error(&self, reason: String) -> CaptureError {
-        CaptureError::Read { camera: self.id.clone(), reason }
+        CaptureError::Read { camera: self.context.camera.clone(), reason }
     }
 }
 
@@ -151,25 +141,26 @@ fn configure(camera: &Camera, s: &GenicamSettings) -> Result<(), String> {
 
 impl FrameSource for GenicamSource {
     fn camera(&self) -> &str {
-        &self.id
+        &self.context.camera
     }
 
     fn next_frame(&mut self) -> Result<DynamicImage, CaptureError> {
-        let deadline = Instant::now() + self.stall;
+        let c = &self.context;
+        let deadline = Instant::now() + c.stall;
         loop {
-            if self.stop.try_recv() == Err(TryRecvError::Disconnected) {
-                return Err(CaptureError::Stopped { camera: self.id.clone() });
+            if c.stop.try_recv() == Err(TryRecvError::Disconnected) {
+                return Err(CaptureError::Stopped { camera: c.camera.clone() });
             }
             if self.lost.load(Relaxed) {
                 return Err(self.read_error("the camera's control channel is lost".into()));
             }
             if let Some(buffer) = self.stream.timeout_pop_buffer(POLL.as_micros() as u64) {
-                let frame = to_image(&self.id, &buffer, self.channels, self.max_pixels);
+                let frame = to_image(&c.camera, &buffer, c.channels, c.max_pixels);
                 self.stream.push_buffer(buffer); // back to the pool
                 return frame;
             }
             if Instant::now() >= deadline {
-                return Err(self.read_error(format!("no frame for {:.1} s", self.stall.as_secs_f64())));
+                return Err(self.read_error(format!("no frame for {:.1} s", c.stall.as_secs_f64())));
             }
         }
     }
@@ -189,7 +180,7 @@ impl FrameSource for GenicamSource {
 impl Drop for GenicamSource {
     fn drop(&mut self) {
         if let Err(e) = self.camera.stop_acquisition() {
-            tracing::warn!(camera = %self.id, error = %e, "GenICam acquisition did not stop cleanly.");
+            tracing::warn!(camera = %self.context.camera, error = %e, "GenICam acquisition did not stop cleanly.");
         }
     }
 }
@@ -278,6 +269,7 @@ fn debayer(width: u32, height: u32, filter: bayer::CFA, mut raw: &[u8]) -> Resul
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crossbeam_channel::Receiver;
     use std::process::{Child, Command};
 
     /// The one loopback address the fake camera listens on (it takes an interface's own
@@ -321,11 +313,15 @@ mod tests {
         }
     }
 
+    fn context(stop: Receiver<()>) -> StreamContext {
+        StreamContext { camera: "gige".into(), channels: 1, max_pixels: 1 << 22, stall: Duration::from_secs(5), stop }
+    }
+
     /// Opens the fake camera, retrying while it starts (it answers once it listens).
     fn open(address: &str, s: &GenicamSettings, stop: Receiver<()>) -> GenicamSource {
         let started = Instant::now();
         loop {
-            match GenicamSource::open("gige", s, 1, 1 << 22, Duration::from_secs(5), stop.clone()) {
+            match GenicamSource::open(s, context(stop.clone())) {
                 Ok(source) => return source,
                 Err(_) if started.elapsed() < Duration::from_secs(10) => std::thread::sleep(Duration::from_millis(100)),
                 Err(e) => panic!("{address}: {e}"),
@@ -362,7 +358,7 @@ mod tests {
         let mut s = settings(address);
         s.trigger_source = Some("Software".into());
         let mut source = open(address, &s, stop);
-        source.stall = Duration::from_millis(800);
+        source.context.stall = Duration::from_millis(800);
         assert!(matches!(source.next_frame(), Err(CaptureError::Read { .. })), "no frame without a trigger");
         source.fire().unwrap();
         assert_eq!(source.next_frame().unwrap().width(), 320);
@@ -377,7 +373,7 @@ mod tests {
         s.features = vec![("NoSuchFeature".into(), Feature::Int(1))];
         let started = Instant::now();
         let e = loop {
-            let e = GenicamSource::open("gige", &s, 1, 1 << 22, Duration::from_secs(5), stop.clone()).err().unwrap();
+            let e = GenicamSource::open(&s, context(stop.clone())).err().unwrap();
             if e.to_string().contains("NoSuchFeature") || started.elapsed() > Duration::from_secs(10) {
                 break e;
             }
@@ -385,7 +381,7 @@ mod tests {
         };
         assert!(e.to_string().contains("gige") && e.to_string().contains("NoSuchFeature"), "{e}");
         let nobody = settings("EI-NO-SUCH-CAMERA");
-        let e = GenicamSource::open("gige", &nobody, 1, 1 << 22, Duration::from_secs(5), stop).err().unwrap();
+        let e = GenicamSource::open(&nobody, context(stop)).err().unwrap();
         assert!(e.to_string().contains("EI-NO-SUCH-CAMERA"), "{e}");
     }
 }

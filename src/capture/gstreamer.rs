@@ -12,7 +12,6 @@
 use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::time::Duration;
 
 use crossbeam_channel::{Receiver, Sender, TrySendError, bounded, select};
 use gstreamer as gst;
@@ -21,7 +20,7 @@ use gstreamer_app as gst_app;
 use gstreamer_video as gst_video;
 use image::{DynamicImage, GrayImage, RgbImage};
 
-use super::{CaptureError, FrameSource};
+use super::{CaptureError, FrameSource, StreamContext};
 
 /// The appsink's name inside the pipeline this module builds.
 const SINK: &str = "edge_inspect_sink";
@@ -88,16 +87,12 @@ type Item = Result<DynamicImage, CaptureError>;
 
 /// A running pipeline and the receiving end of its bounded queue.
 pub struct GstSource {
-    id: String,
+    context: StreamContext,
     pipeline: gst::Pipeline,
     items: Receiver<Item>,
     /// Frames that gave way to newer ones before the capture thread took them.
     dropped: Arc<AtomicU64>,
     reported: u64,
-    /// Disconnected when the capture thread is told to stop.
-    stop: Receiver<()>,
-    /// How long to wait for a frame before calling the stream stalled.
-    stall: Duration,
 }
 
 /// The queue's sending side: newest wins, the item that gives way is counted if a frame.
@@ -125,16 +120,9 @@ impl Queue {
 }
 
 impl GstSource {
-    /// Builds and starts the pipeline. `channels` is the model's (1: GRAY8, 3: RGB);
-    /// a frame over `max_pixels` is refused as `TooLarge`.
-    pub fn open(
-        id: &str,
-        settings: &GstSettings,
-        channels: usize,
-        max_pixels: u64,
-        stall: Duration,
-        stop: Receiver<()>,
-    ) -> Result<Self, CaptureError> {
+    /// Builds and starts the pipeline, in the model's pixel format (GRAY8 or RGB).
+    pub fn open(settings: &GstSettings, context: StreamContext) -> Result<Self, CaptureError> {
+        let (id, channels, max_pixels) = (context.camera.as_str(), context.channels, context.max_pixels);
         let open_error =
             |reason: String| CaptureError::Open { camera: id.to_string(), device: describe(settings), reason };
         gst::init().map_err(|e| open_error(format!("GStreamer cannot start: {e}")))?;
@@ -155,25 +143,27 @@ impl GstSource {
         forward_errors(id, &pipeline, &queue);
         pipeline.set_state(gst::State::Playing).map_err(|e| open_error(format!("cannot start: {e}")))?;
         tracing::info!(camera = id, source = %describe(settings), "GStreamer pipeline started.");
-        Ok(Self { id: id.to_string(), pipeline, items: rx, dropped, reported: 0, stop, stall })
+        Ok(Self { context, pipeline, items: rx, dropped, reported: 0 })
     }
 
     fn read_error(&self, reason: String) -> CaptureError {
-        CaptureError::Read { camera: self.id.clone(), reason }
+        CaptureError::Read { camera: self.context.camera.clone(), reason }
     }
 }
 
 impl FrameSource for GstSource {
     fn camera(&self) -> &str {
-        &self.id
+        &self.context.camera
     }
 
     /// The next frame, an error, or `Stopped` when the capture thread is told to stop.
     fn next_frame(&mut self) -> Item {
         select! {
             recv(self.items) -> item => item.unwrap_or_else(|_| Err(self.read_error("the pipeline is gone".into()))),
-            recv(self.stop) -> _ => Err(CaptureError::Stopped { camera: self.id.clone() }),
-            default(self.stall) => Err(self.read_error(format!("no frame for {:.1} s", self.stall.as_secs_f64()))),
+            recv(self.context.stop) -> _ => Err(CaptureError::Stopped { camera: self.context.camera.clone() }),
+            default(self.context.stall) => {
+                Err(self.read_error(format!("no frame for {:.1} s", self.context.stall.as_secs_f64())))
+            }
         }
     }
 
@@ -191,7 +181,7 @@ impl Drop for GstSource {
             bus.unset_sync_handler();
         }
         if let Err(e) = self.pipeline.set_state(gst::State::Null) {
-            tracing::warn!(camera = %self.id, error = %e, "GStreamer pipeline did not stop cleanly.");
+            tracing::warn!(camera = %self.context.camera, error = %e, "GStreamer pipeline did not stop cleanly.");
         }
     }
 }
@@ -302,15 +292,20 @@ fn to_image(camera: &str, sample: &gst::Sample, max_pixels: u64) -> Item {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     fn settings(pipeline: &str, buffers: usize) -> GstSettings {
         GstSettings { input: Input::Pipeline(pipeline.into()), credentials: None, buffers }
     }
 
+    fn context(camera: &str, channels: usize, max_pixels: u64, stall_s: u64, stop: Receiver<()>) -> StreamContext {
+        StreamContext { camera: camera.into(), channels, max_pixels, stall: Duration::from_secs(stall_s), stop }
+    }
+
     fn open(pipeline: &str, buffers: usize, channels: usize, max_pixels: u64) -> (GstSource, Sender<()>) {
         let (stop_tx, stop_rx) = bounded(0);
         let s = settings(pipeline, buffers);
-        (GstSource::open("cam", &s, channels, max_pixels, Duration::from_secs(30), stop_rx).unwrap(), stop_tx)
+        (GstSource::open(&s, context("cam", channels, max_pixels, 30, stop_rx)).unwrap(), stop_tx)
     }
 
     #[test]
@@ -358,14 +353,14 @@ mod tests {
     fn a_missing_element_and_a_refused_connection_name_the_camera_and_the_cause() {
         let (_tx, stop) = bounded(0);
         let bad = settings("nosuchsource-xyz ! decodebin", 2);
-        let e = GstSource::open("line-3", &bad, 1, 1 << 20, Duration::from_secs(5), stop.clone()).err().unwrap();
+        let e = GstSource::open(&bad, context("line-3", 1, 1 << 20, 5, stop.clone())).err().unwrap();
         assert!(e.to_string().contains("line-3") && e.to_string().contains("nosuchsource-xyz"), "{e}");
         assert!(check_pipeline(&bad).unwrap_err().contains("nosuchsource-xyz"));
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let closed =
             GstSettings { input: Input::Uri(format!("rtsp://127.0.0.1:{port}/x")), credentials: None, buffers: 2 };
         assert!(check_pipeline(&closed).is_ok());
-        let mut source = GstSource::open("line-3", &closed, 1, 1 << 20, Duration::from_secs(20), stop).unwrap();
+        let mut source = GstSource::open(&closed, context("line-3", 1, 1 << 20, 20, stop)).unwrap();
         let e = source.next_frame().unwrap_err();
         assert!(matches!(e, CaptureError::Read { .. }), "{e}");
     }

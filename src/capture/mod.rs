@@ -82,6 +82,22 @@ pub struct CameraConfig {
     pub trigger: trigger::TriggerMode,
 }
 
+/// What a source that delivers frames on its own (a stream, a GenICam camera) is opened
+/// with besides its settings.
+#[cfg(any(feature = "gstreamer", feature = "genicam"))]
+pub struct StreamContext {
+    /// The camera id frames and errors are attributed to.
+    pub camera: String,
+    /// The model's channels (1: grey, 3: RGB): the pixel format delivered.
+    pub channels: usize,
+    /// A frame with more pixels is refused as `TooLarge`.
+    pub max_pixels: u64,
+    /// How long to wait for a frame before the source counts as stalled.
+    pub stall: Duration,
+    /// Disconnected when the capture thread is told to stop.
+    pub stop: crossbeam_channel::Receiver<()>,
+}
+
 /// A capture failure, naming the camera and what went wrong.
 #[derive(Debug, thiserror::Error)]
 pub enum CaptureError {

@@ -67,6 +67,14 @@ fn open_source(
     channels: usize,
     stop: &Receiver<()>,
 ) -> Result<Box<dyn FrameSource>, CaptureError> {
+    #[cfg(any(feature = "gstreamer", feature = "genicam"))]
+    let context = || super::StreamContext {
+        camera: config.id.clone(),
+        channels,
+        max_pixels: config.max_frame_pixels,
+        stall: config.stall_timeout,
+        stop: stop.clone(),
+    };
     let _ = (channels, stop); // used by some sources only
     match &config.source {
         SourceConfig::Replay { path, .. } => {
@@ -75,23 +83,9 @@ fn open_source(
         #[cfg(feature = "camera")]
         SourceConfig::Camera(settings) => Ok(Box::new(super::camera::CameraSource::open(&config.id, settings)?)),
         #[cfg(feature = "gstreamer")]
-        SourceConfig::Gstreamer(settings) => Ok(Box::new(super::gstreamer::GstSource::open(
-            &config.id,
-            settings,
-            channels,
-            config.max_frame_pixels,
-            config.stall_timeout,
-            stop.clone(),
-        )?)),
+        SourceConfig::Gstreamer(settings) => Ok(Box::new(super::gstreamer::GstSource::open(settings, context())?)),
         #[cfg(feature = "genicam")]
-        SourceConfig::Genicam(settings) => Ok(Box::new(super::genicam::GenicamSource::open(
-            &config.id,
-            settings,
-            channels,
-            config.max_frame_pixels,
-            config.stall_timeout,
-            stop.clone(),
-        )?)),
+        SourceConfig::Genicam(settings) => Ok(Box::new(super::genicam::GenicamSource::open(settings, context())?)),
     }
 }
 

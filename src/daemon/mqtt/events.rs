@@ -28,6 +28,8 @@ pub struct Observation {
     pub normalised_score: f64,
     /// Camera-pixel regions.
     pub regions: Vec<Region>,
+    /// The part a triggered camera was triggered for.
+    pub part_id: Option<String>,
 }
 
 /// The best frame of an episode.
@@ -38,6 +40,7 @@ struct Best {
     score: f64,
     normalised_score: f64,
     regions: Vec<Region>,
+    part_id: Option<String>,
     snapshot: Vec<u8>,
 }
 
@@ -89,6 +92,9 @@ pub struct EventMessage<'a> {
     /// The best frame's snapshot (JPEG, retained): the latest event's.
     pub snapshot_topic: String,
     pub model: &'a ModelRef,
+    /// The best frame's part (triggered cameras).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub best_part_id: Option<&'a str>,
 }
 
 impl Emitted {
@@ -109,6 +115,7 @@ impl Emitted {
             regions: &e.best.regions,
             snapshot_topic,
             model,
+            best_part_id: e.best.part_id.as_deref(),
         }
     }
 }
@@ -150,6 +157,7 @@ impl Tracker {
             score: frame.score,
             normalised_score: frame.normalised_score,
             regions: frame.regions,
+            part_id: frame.part_id,
             snapshot,
         };
         let (captured, captured_at) = (frame.captured, frame.captured_at);
@@ -223,6 +231,7 @@ mod tests {
                 score: score.unwrap_or(0.01),
                 normalised_score: score.unwrap_or(0.01) * 10.0,
                 regions: Vec::new(),
+                part_id: None,
             }
         }
     }
@@ -272,5 +281,19 @@ mod tests {
         assert!(t.finish().is_none(), "nothing left open");
         assert_eq!(kinds(&t.observe(clip.frame(Some(0.5)), Vec::new)), [Kind::New]);
         assert_eq!(t.finish().map(|e| e.kind), Some(Kind::End));
+    }
+
+    #[test]
+    fn an_event_names_the_part_of_its_best_frame() {
+        let mut clip = Clip { t0: (SystemTime::now(), Instant::now()), seq: 0 };
+        let mut t = Tracker::new("n", "c", 1, Duration::from_secs(2));
+        let model = ModelRef { name: "m".into(), version: "1".into(), sha256: "s".into() };
+        let part = |frame: Observation, id: &str| Observation { part_id: Some(id.into()), ..frame };
+        let new = t.observe(part(clip.frame(Some(0.5)), "A-1"), Vec::new);
+        assert_eq!(new[0].message("c", &model, String::new()).best_part_id, Some("A-1"));
+        let update = t.observe(part(clip.frame(Some(0.8)), "A-2"), Vec::new);
+        assert_eq!(update[0].message("c", &model, String::new()).best_part_id, Some("A-2"));
+        let json = serde_json::to_value(update[0].message("c", &model, String::new())).unwrap();
+        assert_eq!(json["best_part_id"], "A-2");
     }
 }

@@ -270,6 +270,7 @@ impl Publisher {
                 score: a.score,
                 normalised_score: a.normalised_score,
                 regions,
+                part_id: f.part.as_ref().map(|p| p.id.clone()),
             };
             let tracker = trackers
                 .entry(index)
