@@ -103,6 +103,29 @@ impl GenicamSource {
     }
 }
 
+/// `check-config` against the camera where it can be reached, changing nothing on it: the
+/// pixel format is one the camera offers and every named feature exists. `Ok(false)`: the
+/// camera is not reachable from here (checked offline only); `Err` lists what it refuses.
+pub fn check_camera(settings: &GenicamSettings) -> Result<bool, Vec<String>> {
+    let Ok(camera) = Camera::new(settings.device.as_deref()) else { return Ok(false) };
+    let mut problems = Vec::new();
+    if let Some(format) = &settings.pixel_format {
+        let offered: Vec<String> = camera
+            .dup_available_pixel_formats_as_strings()
+            .map(|all| all.iter().map(|f| f.to_string()).collect())
+            .unwrap_or_default();
+        if !offered.contains(format) {
+            problems.push(format!("pixel_format '{format}' is not one the camera offers ({})", offered.join(", ")));
+        }
+    }
+    for (name, _) in &settings.features {
+        if !camera.is_feature_available(name).unwrap_or(false) {
+            problems.push(format!("features.{name}: the camera has no such feature"));
+        }
+    }
+    if problems.is_empty() { Ok(true) } else { Err(problems) }
+}
+
 /// Applies the settings in a fixed order; an error names the feature and the value.
 fn configure(camera: &Camera, s: &GenicamSettings) -> Result<(), String> {
     let named = |what: &str, value: String, r: Result<(), aravis::glib::Error>| {
@@ -380,7 +403,16 @@ mod tests {
             std::thread::sleep(Duration::from_millis(100));
         };
         assert!(e.to_string().contains("gige") && e.to_string().contains("NoSuchFeature"), "{e}");
+        // check-config against the reachable camera: the same feature is named, nothing set.
+        let problems = check_camera(&s).unwrap_err();
+        assert_eq!(problems, ["features.NoSuchFeature: the camera has no such feature"]);
+        s.features = vec![("GevSCPSPacketSize".into(), Feature::Int(1400))];
+        s.pixel_format = Some("Mono8".into());
+        assert_eq!(check_camera(&s), Ok(true));
+        s.pixel_format = Some("BayerXY99".into());
+        assert!(check_camera(&s).unwrap_err()[0].starts_with("pixel_format 'BayerXY99' is not one"));
         let nobody = settings("EI-NO-SUCH-CAMERA");
+        assert_eq!(check_camera(&nobody), Ok(false), "unreachable: checked offline only");
         let e = GenicamSource::open(&nobody, context(stop)).err().unwrap();
         assert!(e.to_string().contains("EI-NO-SUCH-CAMERA"), "{e}");
     }

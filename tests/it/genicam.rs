@@ -45,7 +45,31 @@ fn a_software_triggered_gige_camera_answers_each_part_and_is_reopened_after_it_r
                  features = { GevSCPSPacketSize = 1400 }\n\
                  trigger = \"mqtt\"\ntrigger_source = \"Software\"\ntrigger_timeout_ms = 20000\n\
                  backoff_initial_ms = 200\nbackoff_max_ms = 1000\nstall_timeout_ms = 3000\n";
+    // check-config asks the reachable camera: a feature it lacks exits 78 naming it.
+    let wrong = dir.path().join("wrong");
+    std::fs::create_dir(&wrong).unwrap();
+    let bad_table = table.replace("GevSCPSPacketSize = 1400", "GevSCPSPacketSize = 1400, NoSuchFeature = 1");
+    let bad = write_config(&wrong, broker.port, "", &bad_table);
+    let check = |config: &std::path::Path| {
+        Command::new(env!("CARGO_BIN_EXE_edge-inspect"))
+            .arg("check-config")
+            .arg("--config")
+            .arg(config)
+            .output()
+            .unwrap()
+    };
+    // The fake camera answers once it listens: until then the check is offline only.
+    let mut said = String::new();
+    wait_for(Duration::from_secs(20), "check-config to reach the camera", || {
+        let refused = check(&bad);
+        said = String::from_utf8_lossy(&refused.stderr).to_string() + &String::from_utf8_lossy(&refused.stdout);
+        refused.status.code() == Some(78)
+    });
+    assert!(said.contains("features.NoSuchFeature: the camera has no such feature"), "{said}");
     let config = write_config(dir.path(), broker.port, "max_batch = 2\nmax_wait_ms = 20", table);
+    let accepted = check(&config);
+    assert!(accepted.status.success(), "{}", String::from_utf8_lossy(&accepted.stderr));
+    assert!(String::from_utf8_lossy(&accepted.stdout).contains("camera 'gige': checked against the camera"));
     let mut daemon = Daemon::start(&config);
     let trigger = |part: &str| mqtt_send(broker.port, "edge-inspect/test/gige/trigger", part);
     // The command path is live once a refusal comes back.
