@@ -164,14 +164,15 @@ impl CaptureLoop {
     /// waiting trigger claims (the others show no part: neither numbered nor counted).
     fn take(&self) -> Option<Taken> {
         let (captured, captured_at) = (SystemTime::now(), Instant::now());
-        let triggered = self.config.trigger != TriggerMode::Free;
-        if triggered && !self.triggers.claimable(captured_at) {
-            return None;
-        }
         // From the camera's counter: a thread restarted by a reload goes on where the last
         // one stopped, never repeating a number.
-        let seq = self.stats.last_seq.fetch_add(1, Relaxed) + 1;
-        let part = if triggered { Some(self.triggers.claim(seq, captured_at)?) } else { None };
+        let number = || self.stats.last_seq.fetch_add(1, Relaxed) + 1;
+        let (seq, part) = match self.config.trigger {
+            TriggerMode::Free => (number(), None),
+            TriggerMode::Mqtt { .. } => {
+                self.triggers.claim(captured_at, number).map(|(seq, part)| (seq, Some(part)))?
+            }
+        };
         Some(Taken { seq, captured, captured_at, part })
     }
 

@@ -133,24 +133,21 @@ impl Triggers {
         self.state().entries.iter().any(|e| e.seq.is_none())
     }
 
-    /// Whether a frame captured at `captured_at` would show a waiting trigger's part.
-    pub fn claimable(&self, captured_at: Instant) -> bool {
-        let state = self.state();
-        state.entries.iter().find(|e| e.seq.is_none()).is_some_and(|e| e.part.triggered_at <= captured_at)
-    }
-
-    /// The oldest trigger still waiting for a frame, given to frame `seq` captured at
-    /// `captured_at` (a frame taken before the trigger came does not show the part).
-    pub fn claim(&self, seq: u64, captured_at: Instant) -> Option<Part> {
+    /// The oldest trigger still waiting for a frame, given to the frame captured at
+    /// `captured_at` (a frame taken before the trigger came does not show the part); the
+    /// frame is numbered by `number` only when it is claimed, so frames between triggers
+    /// leave no gaps. Returns the frame's number and part.
+    pub fn claim(&self, captured_at: Instant, number: impl FnOnce() -> u64) -> Option<(u64, Part)> {
         let mut state = self.state();
         let TriggerMode::Mqtt { verdict_timeout, .. } = state.mode else { return None };
         let entry = state.entries.iter_mut().find(|e| e.seq.is_none())?;
         if entry.part.triggered_at > captured_at {
             return None;
         }
+        let seq = number();
         entry.seq = Some(seq);
         entry.deadline = captured_at + verdict_timeout;
-        Some(entry.part.clone())
+        Some((seq, entry.part.clone()))
     }
 
     /// The verdict of frame `seq` answers its trigger; `false` if the trigger was already
@@ -207,13 +204,12 @@ mod tests {
         assert_eq!(t.trigger("cam", Some("P-1")).unwrap(), "P-1");
         assert_eq!(t.trigger("cam", None).unwrap(), "cam-2");
         assert!(t.bell().try_recv().is_ok() && t.bell().try_recv().is_err(), "one ring waits");
-        assert_eq!(t.claim(7, before), None, "a frame from before the trigger");
-        assert!(!t.claimable(before) && t.claimable(Instant::now()));
+        assert_eq!(t.claim(before, || unreachable!("not numbered")), None, "a frame from before the trigger");
         let now = Instant::now();
-        assert_eq!(t.claim(8, now).unwrap().id, "P-1");
-        assert_eq!(t.claim(9, now).unwrap().id, "cam-2");
+        assert_eq!(t.claim(now, || 8).unwrap().1.id, "P-1");
+        assert_eq!(t.claim(now, || 9).unwrap().1.id, "cam-2");
         assert!(!t.waiting());
-        assert_eq!(t.claim(10, now), None, "no trigger, no part");
+        assert_eq!(t.claim(now, || unreachable!("not numbered")), None, "no trigger, no part");
         assert!(t.answer(9) && t.answer(8));
         assert!(!t.answer(8), "answered once");
     }
@@ -225,9 +221,9 @@ mod tests {
         t.trigger("cam", Some("no-verdict")).unwrap();
         let start = Instant::now();
         // The first is answered; the second's frame comes and is then lost; a third waits.
-        assert_eq!(t.claim(1, start).unwrap().id, "no-frame");
+        assert_eq!(t.claim(start, || 1).unwrap().1.id, "no-frame");
         assert!(t.answer(1));
-        assert_eq!(t.claim(2, start).unwrap().id, "no-verdict");
+        assert_eq!(t.claim(start, || 2).unwrap().1.id, "no-verdict");
         t.trigger("cam", Some("late")).unwrap();
         let missed = t.expire(start + Duration::from_millis(150));
         assert_eq!(missed.len(), 1, "{missed:?}");
