@@ -21,12 +21,15 @@ repo_root=$(cd "$(dirname "$0")/.." && pwd)
 # server (gst-rtsp-server through python3-gi, encoding with plugins-ugly's x264enc);
 # GenICam cameras (feature `genicam`) build against libaravis-dev (its .pc file needs
 # libusb-1.0-0-dev) and are tested against
-# aravis-tools' arv-fake-gv-camera-0.8, a GigE Vision camera on loopback.
+# aravis-tools' arv-fake-gv-camera-0.8, a GigE Vision camera on loopback; the Debian packages
+# are built with dpkg-deb and dpkg-shlibdeps (dpkg-dev) from stripped binaries (binutils), and
+# tests/package.rs installs them with apt and checks the service user (passwd).
 packages=(curl unzip ca-certificates libclang1-14 mosquitto mosquitto-clients openssl procps systemd patchelf
           mesa-vulkan-drivers libvulkan1 libdnnl-dev g++
           pkg-config libgstreamer1.0-dev libgstreamer-plugins-base1.0-dev gstreamer1.0-plugins-base
           gstreamer1.0-plugins-good gstreamer1.0-plugins-bad gstreamer1.0-plugins-ugly gstreamer1.0-libav
-          python3-gi gir1.2-gst-rtsp-server-1.0 libaravis-dev libusb-1.0-0-dev aravis-tools)
+          python3-gi gir1.2-gst-rtsp-server-1.0 libaravis-dev libusb-1.0-0-dev aravis-tools
+          dpkg-dev binutils passwd)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

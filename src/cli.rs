@@ -10,7 +10,7 @@ use crate::model::sampling::Sampler;
 use crate::postprocess::anomaly::Residual;
 
 #[derive(Debug, Parser)]
-#[command(name = "edge-inspect", version, about = "Visual inspection with robust diffusion (RDDPM) anomaly maps")]
+#[command(name = "edge-inspect", version = env!("EDGE_INSPECT_VERSION_LINE"), about = "Visual inspection with robust diffusion (RDDPM) anomaly maps")]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,

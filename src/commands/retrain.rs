@@ -182,14 +182,23 @@ fn head_config(args: &RetrainArgs) -> Option<HeadConfig> {
 /// 800 UNet steps is the benchmarked recipe).
 const DEFAULT_HEAD_STEPS: usize = 400;
 
+/// The backbone checkpoint the `edge-inspect-train` package installs
+/// (`/usr/share/edge-inspect/backbone/`, found from the binary's own directory), if there.
+fn installed_backbone() -> Option<PathBuf> {
+    let exe = std::env::current_exe().ok()?;
+    let path = exe.parent()?.join("../share/edge-inspect/backbone/efficientnet-lite0-57934424.pth");
+    path.is_file().then_some(path)
+}
+
 /// The normal-patch model's settings, when `--patch-model` asks for one.
 fn patch_config(args: &RetrainArgs) -> anyhow::Result<Option<PatchConfig>> {
     match args.patch_model {
         PatchModelArg::None => Ok(None),
         PatchModelArg::Gaussian | PatchModelArg::PerPosition => {
-            let backbone = args.backbone.clone().context(
+            let backbone = args.backbone.clone().or_else(installed_backbone).context(
                 "--patch-model (gaussian by default) needs the backbone checkpoint: --backbone or \
-                 EDGE_INSPECT_BACKBONE (scripts/fetch-backbone.sh fetches it), or --patch-model none",
+                 EDGE_INSPECT_BACKBONE (scripts/fetch-backbone.sh fetches it; the edge-inspect-train \
+                 package installs it), or --patch-model none",
             )?;
             let model = match args.patch_model {
                 PatchModelArg::PerPosition => PatchKind::PerPosition,

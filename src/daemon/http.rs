@@ -274,7 +274,9 @@ impl Collector for HttpCounters {
         for (name, help, value) in counters {
             single(&mut encoder, (name, help, MetricType::Counter), &ConstCounter::new(value.load(Relaxed)))?;
         }
-        Ok(())
+        // The build this process runs (a package upgrade that did not restart shows here).
+        let build = [("version", env!("EDGE_INSPECT_VERSION")), ("commit", env!("EDGE_INSPECT_COMMIT"))];
+        single(&mut encoder, ("edge_inspect_build", "The running build", MetricType::Info), &Info::new(build))
     }
 }
 

@@ -1,8 +1,11 @@
 //! ONNX Runtime: finding the library, choosing the execution provider, running the UNet.
 //!
 //! ORT is loaded at run time (`load-dynamic`), from the first of: the configured path,
-//! `ORT_DYLIB_PATH`, `libonnxruntime.so` beside the executable. Every path is checked to
-//! exist before `dlopen`, because ort's own error says only "dlopen failed".
+//! `ORT_DYLIB_PATH`, `libonnxruntime.so` beside the executable, `../lib/edge-inspect/
+//! libonnxruntime.so` from it (where the Debian package puts it: an alternative pointing at
+//! the CPU or the GPU runtime). Every path is checked to exist before `dlopen`, because
+//! ort's own error says only "dlopen failed"; symbolic links are resolved first, so that ORT
+//! finds its provider libraries beside the real file.
 //!
 //! Execution providers are registered with `error_on_failure`, in the configured order, so
 //! a missing CUDA never silently turns into CPU (ORT's default). CPU is used only if it is
@@ -111,6 +114,7 @@ fn library_candidates(configured: Option<&Path>) -> Vec<(String, PathBuf)> {
     }
     if let Some(dir) = std::env::current_exe().ok().and_then(|e| e.parent().map(Path::to_path_buf)) {
         out.push(("beside the binary".to_string(), dir.join("libonnxruntime.so")));
+        out.push(("installed with the binary".to_string(), dir.join("../lib/edge-inspect/libonnxruntime.so")));
     }
     out
 }
@@ -164,8 +168,11 @@ pub fn environment(configured: Option<&Path>) -> Result<&'static Environment, Ru
         let tried = candidates.iter().map(|(why, p)| format!("{} ({why})", p.display())).collect();
         return Err(RuntimeError::LibraryMissing { tried });
     };
+    // ORT looks for its provider libraries (CUDA, TensorRT) beside the file it was loaded
+    // from: load the real file, not an alternatives link to it.
+    let real = std::fs::canonicalize(&path).unwrap_or_else(|_| path.clone());
     let builder =
-        ort::init_from(&path).map_err(|e| RuntimeError::LibraryLoad { path: path.clone(), reason: e.to_string() })?;
+        ort::init_from(&real).map_err(|e| RuntimeError::LibraryLoad { path: real.clone(), reason: e.to_string() })?;
     // Microsoft's builds send usage telemetry and keep a device id and an event queue under
     // `~/.cache/Microsoft`; a line node must not phone home (tested: `no_telemetry`).
     let env = builder
@@ -173,7 +180,7 @@ pub fn environment(configured: Option<&Path>) -> Result<&'static Environment, Ru
         .with_telemetry(false)
         .build()
         .map_err(|e| RuntimeError::LibraryLoad { path: path.clone(), reason: e.to_string() })?;
-    tracing::info!(library = %path.display(), source = %source, "ONNX Runtime loaded.");
+    tracing::info!(library = %real.display(), source = %source, "ONNX Runtime loaded.");
     let (_, env) = ENVIRONMENT.get_or_init(|| (path, env));
     Ok(env)
 }

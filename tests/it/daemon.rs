@@ -1668,6 +1668,13 @@ fn metrics_are_scraped_and_health_follows_the_worker() {
     assert!(value("edge_inspect_frames_dropped_total{camera=\"cam0\",reason=\"queue_full\"}").is_some(), "{body}");
     assert!(value("edge_inspect_queue_depth{camera=\"cam0\"}").is_some(), "{body}");
     assert!(value("edge_inspect_inference_seconds_count").unwrap() >= 3.0, "{body}");
+    // The build it runs: the version and commit that build.rs stamped (issue 27).
+    let build = format!(
+        "edge_inspect_build_info{{version=\"{}\",commit=\"{}\"}}",
+        env!("EDGE_INSPECT_VERSION"),
+        env!("EDGE_INSPECT_COMMIT")
+    );
+    assert_eq!(value(&build), Some(1.0), "{body}");
     assert!(value("edge_inspect_capture_to_publish_seconds_count{camera=\"cam0\"}").unwrap() >= 3.0, "{body}");
     assert!(value("edge_inspect_score_bucket{le=\"+Inf\",camera=\"cam0\"}").unwrap() >= 3.0, "{body}");
     let sha = std::fs::read_to_string(repo().join("models/brick-huber/manifest.toml")).unwrap();

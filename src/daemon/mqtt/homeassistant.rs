@@ -42,7 +42,7 @@ pub fn configs(config: &DaemonConfig, camera: &str) -> Vec<(String, Vec<u8>)> {
         "name": format!("{node} {camera}"),
         "manufacturer": "edge-inspect",
         "model": "RDDPM visual inspection",
-        "sw_version": env!("CARGO_PKG_VERSION"),
+        "sw_version": env!("EDGE_INSPECT_VERSION"),
     });
     let availability = json!([{ "topic": format!("{base}/available"), "payload_available": "online", "payload_not_available": "offline" }]);
     let state_topic = format!("{base}/{camera}/state");
