@@ -95,9 +95,9 @@ shlib_depends() {
 }
 
 # Writes DEBIAN/control (fields on stdin after the common ones), md5sums and the maintainer
-# scripts of $1, then builds the package.
+# scripts of $1 (architecture $2), then builds the package, compressed with $3 (default xz).
 finish_package() {
-    local name=$1 root=$work/$1 pkg_arch=$2
+    local name=$1 root=$work/$1 pkg_arch=$2 compression=${3:-xz}
     mkdir -p "$root/DEBIAN" "$root/usr/share/doc/$name"
     install -m 0644 "$repo/packaging/copyright" "$root/usr/share/doc/$name/copyright"
     {
@@ -114,7 +114,7 @@ finish_package() {
     (cd "$root" && find . -path ./DEBIAN -prune -o -type f -printf '%P\0' | sort -z | xargs -0 -r md5sum) \
         > "$root/DEBIAN/md5sums"
     local deb=$out/${name}_${version}_${pkg_arch}.deb
-    dpkg-deb --root-owner-group --build "$root" "$deb" >&2
+    dpkg-deb --root-owner-group -Z"$compression" --build "$root" "$deb" >&2
     echo "$deb"
 }
 
@@ -189,7 +189,9 @@ build_gpu() {
     lib=$("$repo/scripts/fetch-onnxruntime.sh" --gpu)
     mkdir -p "$root/usr/lib/edge-inspect/gpu"
     cp -a "$(dirname "$lib")"/. "$root/usr/lib/edge-inspect/gpu/"
-    finish_package edge-inspect-gpu "$arch" <<EOF
+    # zstd: xz takes many minutes over 2 GB of libraries on a small builder (dpkg >= 1.21.18,
+    # Debian 12, reads it).
+    finish_package edge-inspect-gpu "$arch" zstd <<EOF
 Depends: edge-inspect
 Description: edge-inspect GPU runtime: ONNX Runtime with CUDA and TensorRT providers
  ONNX Runtime with its CUDA and TensorRT execution providers and the CUDA libraries they

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 const CONF: &str = "/etc/edge-inspect/edge-inspect.toml";
-const PACKAGES: [&str; 3] = ["edge-inspect-train", "edge-inspect-demo", "edge-inspect"];
+const PACKAGES: [&str; 4] = ["edge-inspect-gpu", "edge-inspect-train", "edge-inspect-demo", "edge-inspect"];
 const SECOND: &str = concat!(env!("CARGO_PKG_VERSION"), "+test2");
 
 fn repo() -> PathBuf {
@@ -104,8 +104,9 @@ fn packages_install_upgrade_downgrade_and_purge() {
     }
     let _cleanup = Cleanup;
     let tmp = tempfile::tempdir().unwrap();
-    let first = build(&tmp.path().join("v1"), &[]);
-    assert_eq!(first.len(), 3, "{first:?}");
+    // With --gpu: the GPU runtime set is in the cache already (tests/it/gpu_runtime.rs).
+    let first = build(&tmp.path().join("v1"), &["--gpu"]);
+    assert_eq!(first.len(), 4, "{first:?}");
     let conf = std::fs::read_to_string(repo().join("packaging/edge-inspect.toml")).unwrap();
     let changed = conf.replace("max_age_days = 30", "max_age_days = 14");
     assert_ne!(changed, conf, "the shipped config keeps recordings 30 days");
@@ -119,6 +120,7 @@ fn packages_install_upgrade_downgrade_and_purge() {
     let mut install = vec!["install", "-y", "--no-install-recommends"];
     install.extend(first.iter().map(String::as_str));
     ok("apt-get", &install);
+    gpu_runtime_chosen_then_handed_back(tmp.path());
     installed_as_packaged(tmp.path());
 
     let state = write_state();
@@ -138,6 +140,31 @@ fn packages_install_upgrade_downgrade_and_purge() {
     assert_state(&state, "after the downgrade");
 
     purged();
+}
+
+/// With edge-inspect-gpu installed the binary loads its runtime (CPU provider here: no GPU);
+/// removing it hands the node back to the CPU library.
+fn gpu_runtime_chosen_then_handed_back(tmp: &Path) {
+    let runtime = || std::fs::canonicalize("/usr/lib/edge-inspect/libonnxruntime.so").unwrap();
+    assert!(runtime().starts_with("/usr/lib/edge-inspect/gpu"), "the GPU runtime is preferred: {:?}", runtime());
+    let log = infer(&tmp.join("infer-gpu"));
+    assert!(
+        log.contains("/usr/lib/edge-inspect/gpu/libonnxruntime.so.1.31.1"),
+        "the GPU package's runtime ran it:\n{log}"
+    );
+    ok("apt-get", &["remove", "-y", "edge-inspect-gpu"]);
+    assert!(runtime().starts_with("/usr/lib/edge-inspect/cpu"), "back to the CPU runtime: {:?}", runtime());
+}
+
+/// `infer` with the installed binary on a demo frame, without anything from the source tree;
+/// returns its log.
+fn infer(out: &Path) -> String {
+    let frame = "/usr/share/edge-inspect/demo/frames/scratch-000.png";
+    let model = "/usr/share/edge-inspect/models/brick-huber";
+    let log = ok("edge-inspect", &["infer", "--model", model, "--out", out.to_str().unwrap(), frame]);
+    let results = std::fs::read_to_string(out.join("results.jsonl")).unwrap();
+    assert!(results.contains("scratch-000.png") && results.contains("\"score\""), "{results}");
+    log
 }
 
 /// Files, user, unit, and the installed binaries running on the installed runtime.
@@ -184,15 +211,8 @@ fn installed_as_packaged(tmp: &Path) {
     assert_eq!(ok("edge-inspect", &["--version"]).trim(), format!("edge-inspect {stamp}"));
     assert!(ok("edge-inspect-train", &["--version"]).contains(&stamp));
     ok("runuser", &["-u", "edge-inspect", "--", "edge-inspect", "check-config", "--config", CONF]);
-    let out = tmp.join("infer");
-    let frame = "/usr/share/edge-inspect/demo/frames/scratch-000.png";
-    let log = ok(
-        "edge-inspect",
-        &["infer", "--model", "/usr/share/edge-inspect/models/brick-huber", "--out", out.to_str().unwrap(), frame],
-    );
-    assert!(log.contains("/usr/lib/edge-inspect/cpu/libonnxruntime.so"), "the installed runtime ran it:\n{log}");
-    let results = std::fs::read_to_string(out.join("results.jsonl")).unwrap();
-    assert!(results.contains("scratch-000.png") && results.contains("\"score\""), "{results}");
+    let log = infer(&tmp.join("infer"));
+    assert!(log.contains("/usr/lib/edge-inspect/cpu/libonnxruntime.so.1.32.0"), "the installed runtime ran it:\n{log}");
 }
 
 /// A downgrade whose binary refuses the config is not restarted and fails; with the config
