@@ -9,6 +9,7 @@ use std::time::{Instant, SystemTime};
 use image::{DynamicImage, RgbImage};
 use serde::Serialize;
 
+use crate::capture::CameraStamp;
 use crate::capture::trigger::Part;
 use crate::postprocess::anomaly::Analysis;
 
@@ -36,6 +37,8 @@ pub struct Frame {
     pub inspect: Option<Arc<Vec<u8>>>,
     /// The part a triggered frame shows (`capture::trigger`); `None` when free-running.
     pub part: Option<Part>,
+    /// The camera's own number and time for it, where the camera gives them.
+    pub stamp: CameraStamp,
 }
 
 /// A frame and the model's verdict on it.
@@ -70,6 +73,7 @@ impl Frame {
             original: DynamicImage::new_luma8(w, h),
             origin: [0, 0],
             inspect: None,
+            stamp: CameraStamp::default(),
             part: None,
         }
     }

@@ -21,7 +21,7 @@ use aravis::{AcquisitionMode, Buffer, BufferPayloadType, BufferStatus, Camera, P
 use crossbeam_channel::TryRecvError;
 use image::{DynamicImage, GrayImage, RgbImage};
 
-use super::{CaptureError, FrameSource, StreamContext};
+use super::{CameraStamp, CaptureError, FrameSource, StreamContext};
 
 /// How long one wait for a buffer lasts before the source looks at its stop channel again.
 const POLL: Duration = Duration::from_millis(200);
@@ -71,6 +71,8 @@ pub struct GenicamSource {
     lost: Arc<AtomicBool>,
     /// Aravis' underrun count already reported.
     reported: u64,
+    /// The camera's number and time of the last buffer.
+    last: CameraStamp,
 }
 
 impl GenicamSource {
@@ -95,7 +97,7 @@ impl GenicamSource {
         camera.start_acquisition().map_err(|e| open_error(format!("cannot start acquisition: {e}")))?;
         let model = camera.model_name().map(|m| m.to_string()).unwrap_or_default();
         tracing::info!(camera = id, device = %device, model = %model, payload, "GenICam camera opened.");
-        Ok(Self { context, camera, stream, lost, reported: 0 })
+        Ok(Self { context, camera, stream, lost, reported: 0, last: CameraStamp::default() })
     }
 
     fn read_error(&self, reason: String) -> CaptureError {
@@ -178,6 +180,11 @@ impl FrameSource for GenicamSource {
                 return Err(self.read_error("the camera's control channel is lost".into()));
             }
             if let Some(buffer) = self.stream.timeout_pop_buffer(POLL.as_micros() as u64) {
+                let timestamp = buffer.timestamp();
+                self.last = CameraStamp {
+                    frame_id: Some(buffer.frame_id()),
+                    timestamp_ns: (timestamp > 0).then_some(timestamp),
+                };
                 let frame = to_image(&c.camera, &buffer, c.channels, c.max_pixels);
                 self.stream.push_buffer(buffer); // back to the pool
                 return frame;
@@ -197,6 +204,10 @@ impl FrameSource for GenicamSource {
 
     fn fire(&mut self) -> Result<(), CaptureError> {
         self.camera.software_trigger().map_err(|e| self.read_error(format!("software trigger: {e}")))
+    }
+
+    fn stamp(&self) -> CameraStamp {
+        self.last
     }
 }
 
@@ -385,6 +396,23 @@ mod tests {
         assert!(matches!(source.next_frame(), Err(CaptureError::Read { .. })), "no frame without a trigger");
         source.fire().unwrap();
         assert_eq!(source.next_frame().unwrap().width(), 320);
+    }
+
+    #[test]
+    fn the_camera_numbers_and_times_its_frames() {
+        let address = ADDRESS;
+        let _fake = FakeCamera::start();
+        let (_stop_tx, stop) = crossbeam_channel::bounded::<()>(0);
+        let mut source = open(address, &settings(address), stop);
+        let mut stamps = Vec::new();
+        for _ in 0..3 {
+            source.next_frame().unwrap();
+            stamps.push(source.stamp());
+        }
+        let ids: Vec<u64> = stamps.iter().map(|s| s.frame_id.unwrap()).collect();
+        assert!(ids.windows(2).all(|w| w[1] > w[0]), "{stamps:?}");
+        let times: Vec<u64> = stamps.iter().map(|s| s.timestamp_ns.unwrap()).collect();
+        assert!(times.windows(2).all(|w| w[1] > w[0]), "{stamps:?}");
     }
 
     #[test]

@@ -141,4 +141,18 @@ pub trait FrameSource {
     fn current_file(&self) -> Option<&std::path::PathBuf> {
         None
     }
+    /// What the camera itself said about the last frame, where it says anything.
+    fn stamp(&self) -> CameraStamp {
+        CameraStamp::default()
+    }
+}
+
+/// A frame as the camera numbered and timed it (GenICam: the stream's block id, the
+/// camera's clock), beside the daemon's own sequence number and wall-clock time.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct CameraStamp {
+    /// The camera's frame counter.
+    pub frame_id: Option<u64>,
+    /// The camera's timestamp of the exposure, in nanoseconds of its own clock.
+    pub timestamp_ns: Option<u64>,
 }

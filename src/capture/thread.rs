@@ -14,7 +14,7 @@ use crossbeam_channel::{Receiver, Sender, TrySendError};
 use image::DynamicImage;
 
 use super::trigger::{Part, TriggerMode, Triggers};
-use super::{CameraConfig, CaptureError, FrameSource, SourceConfig};
+use super::{CameraConfig, CameraStamp, CaptureError, FrameSource, SourceConfig};
 use crate::backoff::{Backoff, pause};
 use crate::controls::Controls;
 use crate::frame::Frame;
@@ -115,7 +115,7 @@ impl CaptureLoop {
     }
 
     fn prepare(&self, image: DynamicImage, taken: Taken, source_file: Option<String>) -> Option<Frame> {
-        let Taken { seq, captured, captured_at, part } = taken;
+        let Taken { seq, captured, captured_at, part, stamp } = taken;
         let origin = self.config.roi.map_or([0, 0], |[x, y, _, _]| [x, y]);
         let original = match self.config.roi {
             None => image,
@@ -157,12 +157,13 @@ impl CaptureLoop {
             origin,
             inspect,
             part,
+            stamp,
         })
     }
 
     /// Numbers a frame the source delivered; a triggered camera keeps only a frame that a
     /// waiting trigger claims (the others show no part: neither numbered nor counted).
-    fn take(&self) -> Option<Taken> {
+    fn take(&self, stamp: CameraStamp) -> Option<Taken> {
         let (captured, captured_at) = (SystemTime::now(), Instant::now());
         // From the camera's counter: a thread restarted by a reload goes on where the last
         // one stopped, never repeating a number.
@@ -172,8 +173,18 @@ impl CaptureLoop {
             TriggerMode::Mqtt { .. } => {
                 self.triggers.claim(captured_at, number).map(|(seq, part)| (seq, Some(part)))?
             }
+            TriggerMode::Camera { .. } => {
+                // Validated: only a GenICam source is line-triggered, and it numbers frames.
+                let id = stamp.frame_id.map_or_else(|| "unnumbered".to_string(), |n| n.to_string());
+                let Some((seq, part)) = self.triggers.arrived(id, captured, captured_at, number) else {
+                    self.stats.frames_in.fetch_add(1, Relaxed);
+                    self.stats.drop_frame(DropReason::QueueFull);
+                    return None;
+                };
+                (seq, Some(part))
+            }
         };
-        Some(Taken { seq, captured, captured_at, part })
+        Some(Taken { seq, captured, captured_at, part, stamp })
     }
 
     /// A triggered replay takes its next file only when a trigger waits (a stream is read
@@ -301,7 +312,7 @@ impl CaptureLoop {
                         backoff.reset();
                         self.stats.touch();
                         self.set_status(CameraStatus::Online);
-                        let Some(taken) = self.take() else { continue };
+                        let Some(taken) = self.take(source.stamp()) else { continue };
                         self.stats.frames_in.fetch_add(1, Relaxed);
                         let file = source_file(&*source);
                         if let Some(frame) = self.prepare(image, taken, file) {
@@ -358,6 +369,7 @@ struct Taken {
     captured: SystemTime,
     captured_at: Instant,
     part: Option<Part>,
+    stamp: CameraStamp,
 }
 
 /// The replayed file a frame came from (replay sources only).

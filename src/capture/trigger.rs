@@ -1,8 +1,9 @@
 //! Triggered capture: one inspected frame per part, and exactly one verdict per trigger.
 //!
-//! On a conveyor the camera is triggered once per part (here: by software, a message on
-//! `<camera>/trigger` with the part's id); the line diverts the part by the verdict published
-//! for that id. The [`Triggers`] ledger of a camera owns the life of each trigger:
+//! On a conveyor the camera is triggered once per part — by software, a message on
+//! `<camera>/trigger` with the part's id, or by the line itself, wired to the camera's trigger
+//! input (then every frame the camera delivers is a part, numbered by the camera's frame
+//! counter); the line diverts the part by the verdict published for that id. The [`Triggers`] ledger of a camera owns the life of each trigger:
 //! `pending` (waiting for a frame) → `captured` (its frame is in the pipeline) → answered.
 //! The capture thread claims the oldest pending trigger for the next frame it takes; the
 //! publisher answers a captured one with the frame's verdict; a trigger whose frame does not
@@ -32,6 +33,9 @@ pub enum TriggerMode {
     Free,
     /// One frame per `<camera>/trigger` message.
     Mqtt { frame_timeout: Duration, verdict_timeout: Duration },
+    /// The camera is triggered by the line (GenICam `TriggerSource=Line0`…): every frame it
+    /// delivers is a part, its id the camera's frame counter.
+    Camera { verdict_timeout: Duration },
 }
 
 /// The part a triggered frame shows, carried with the frame to its verdict.
@@ -107,8 +111,16 @@ impl Triggers {
     /// [`MAX_TRIGGERS`] are already open. Returns the part id.
     pub fn trigger(&self, camera: &str, id: Option<&str>) -> Result<String, String> {
         let mut state = self.state();
-        let TriggerMode::Mqtt { frame_timeout, .. } = state.mode else {
-            return Err(format!("camera '{camera}' is free-running (trigger = \"free\"): it takes no triggers"));
+        let frame_timeout = match state.mode {
+            TriggerMode::Mqtt { frame_timeout, .. } => frame_timeout,
+            TriggerMode::Free => {
+                return Err(format!("camera '{camera}' is free-running (trigger = \"free\"): it takes no triggers"));
+            }
+            TriggerMode::Camera { .. } => {
+                return Err(format!(
+                    "camera '{camera}' is triggered by the line (trigger = \"camera\"), not over MQTT"
+                ));
+            }
         };
         if state.entries.len() >= MAX_TRIGGERS {
             return Err(format!("camera '{camera}' already holds {MAX_TRIGGERS} open triggers"));
@@ -148,6 +160,27 @@ impl Triggers {
         entry.seq = Some(seq);
         entry.deadline = captured_at + verdict_timeout;
         Some((seq, entry.part.clone()))
+    }
+
+    /// A frame that a line-triggered camera delivered is part `id` (its frame counter),
+    /// numbered by `number`; `None` when [`MAX_TRIGGERS`] parts already wait for verdicts
+    /// (the frame is then dropped: the verdicts are not keeping up).
+    pub fn arrived(
+        &self,
+        id: String,
+        captured: SystemTime,
+        captured_at: Instant,
+        number: impl FnOnce() -> u64,
+    ) -> Option<(u64, Part)> {
+        let mut state = self.state();
+        let TriggerMode::Camera { verdict_timeout } = state.mode else { return None };
+        if state.entries.len() >= MAX_TRIGGERS {
+            return None;
+        }
+        let seq = number();
+        let part = Part { id, triggered: captured, triggered_at: captured_at };
+        state.entries.push_back(Entry { part: part.clone(), seq: Some(seq), deadline: captured_at + verdict_timeout });
+        Some((seq, part))
     }
 
     /// The verdict of frame `seq` answers its trigger; `false` if the trigger was already
@@ -233,6 +266,25 @@ mod tests {
         assert_eq!((missed[0].part.id.as_str(), missed[0].seq), ("no-verdict", Some(2)));
         assert!(!t.answer(2), "a verdict after `missed` answers nothing");
         assert!(t.expire(start + Duration::from_secs(10)).is_empty());
+    }
+
+    #[test]
+    fn a_line_triggered_camera_makes_every_frame_a_part_and_takes_no_mqtt_trigger() {
+        let t = Triggers::default();
+        t.configure(TriggerMode::Camera { verdict_timeout: Duration::from_millis(100) });
+        assert!(t.trigger("cam", Some("P-1")).unwrap_err().contains("triggered by the line"));
+        let now = Instant::now();
+        let (seq, part) = t.arrived("17".into(), SystemTime::now(), now, || 4).unwrap();
+        assert_eq!((seq, part.id.as_str()), (4, "17"));
+        assert!(!t.waiting(), "nothing waits for a frame");
+        t.arrived("18".into(), SystemTime::now(), now, || 5).unwrap();
+        assert!(t.answer(4));
+        let missed = t.expire(now + Duration::from_millis(150));
+        assert_eq!((missed.len(), missed[0].seq), (1, Some(5)), "{missed:?}");
+        for n in 0..MAX_TRIGGERS as u64 {
+            t.arrived(n.to_string(), SystemTime::now(), now, || n).unwrap();
+        }
+        assert_eq!(t.arrived("full".into(), SystemTime::now(), now, || unreachable!("not numbered")), None);
     }
 
     #[test]

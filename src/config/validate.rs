@@ -107,9 +107,15 @@ impl Validator {
         let recorder = self.recorder(recorder, &state_dir);
         let cameras = self.cameras(cameras, resolve);
         for (i, camera) in cameras.iter().enumerate() {
-            if camera.trigger != TriggerMode::Free && !(mqtt.enabled && mqtt.commands) {
-                let key = format!("cameras[{i}].trigger");
-                self.fail(key, "\"mqtt\" needs [mqtt] enabled = true and commands = true: the triggers are commands");
+            let key = || format!("cameras[{i}].trigger");
+            match camera.trigger {
+                TriggerMode::Free => {}
+                TriggerMode::Mqtt { .. } if !(mqtt.enabled && mqtt.commands) => self
+                    .fail(key(), "\"mqtt\" needs [mqtt] enabled = true and commands = true: the triggers are commands"),
+                TriggerMode::Camera { .. } if !mqtt.enabled => {
+                    self.fail(key(), "\"camera\" needs [mqtt] enabled = true: the verdicts go there")
+                }
+                TriggerMode::Mqtt { .. } | TriggerMode::Camera { .. } => {}
             }
         }
         let (http, events, homeassistant) = (self.http(http), self.events(events), self.homeassistant(homeassistant));
@@ -560,7 +566,8 @@ impl Validator {
         })
     }
 
-    /// `trigger = "free"` (default) or `"mqtt"` with its two timeouts.
+    /// `trigger = "free"` (default), `"mqtt"` with its two timeouts, or `"camera"` (a
+    /// GenICam camera triggered by the line) with its verdict timeout.
     fn trigger(&mut self, key: &dyn Fn(&str) -> String, c: &RawCamera) -> TriggerMode {
         let ms = |v: &mut Self, field: &str, given: Option<u64>, default: u64| {
             Duration::from_millis(v.within(&key(field), given.unwrap_or(default), 1..=3_600_000))
@@ -570,8 +577,16 @@ impl Validator {
         match c.trigger.as_deref().unwrap_or("free") {
             "free" => TriggerMode::Free,
             "mqtt" => TriggerMode::Mqtt { frame_timeout, verdict_timeout },
+            "camera" if c.source.as_deref() == Some("genicam") => TriggerMode::Camera { verdict_timeout },
+            "camera" => {
+                self.fail(
+                    key("trigger"),
+                    "\"camera\" (triggered by the line, numbered by its frame counter) needs source = \"genicam\"",
+                );
+                TriggerMode::Free
+            }
             other => {
-                self.fail(key("trigger"), format!("'{other}' is not one of free, mqtt"));
+                self.fail(key("trigger"), format!("'{other}' is not one of free, mqtt, camera"));
                 TriggerMode::Free
             }
         }

@@ -53,6 +53,9 @@ struct Sidecar<'a> {
     /// The part a triggered camera was triggered for.
     #[serde(skip_serializing_if = "Option::is_none")]
     part_id: Option<&'a str>,
+    /// The camera's own timestamp of the frame (ns of its clock), where it gives one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    camera_timestamp_ns: Option<u64>,
 }
 
 pub struct Recorder {
@@ -244,6 +247,7 @@ impl Recorder {
                 model: &item.model,
                 source_file: f.source_file.as_deref(),
                 part_id: f.part.as_ref().map(|p| p.id.as_str()),
+                camera_timestamp_ns: f.stamp.timestamp_ns,
             };
             files.push((dir.join(format!("{id}_mask.png")), mask_png(a)));
             files.push((

@@ -9,6 +9,9 @@ use std::time::Duration;
 
 use crate::daemon::{Daemon, mqtt_send, rig, stat, wait_for, write_config};
 
+/// The fake camera serves the one loopback address: the tests take turns.
+static TURN: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 struct FakeCamera(Child);
 
 impl FakeCamera {
@@ -19,6 +22,10 @@ impl FakeCamera {
             .expect("arv-fake-gv-camera-0.8 (scripts/setup.sh installs aravis-tools)");
         Self(child)
     }
+}
+
+fn turn() -> std::sync::MutexGuard<'static, ()> {
+    TURN.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 impl Drop for FakeCamera {
@@ -38,6 +45,7 @@ fn verdicts(sub: &crate::daemon::Subscriber) -> Vec<serde_json::Value> {
 
 #[test]
 fn a_software_triggered_gige_camera_answers_each_part_and_is_reopened_after_it_restarts() {
+    let _turn = turn();
     let (broker, sub, dir) = rig();
     let mut camera = FakeCamera::start();
     let table = "[[cameras]]\nid = \"gige\"\nsource = \"genicam\"\ndevice = \"127.0.0.1\"\n\
@@ -105,4 +113,37 @@ fn a_software_triggered_gige_camera_answers_each_part_and_is_reopened_after_it_r
     daemon.signal("TERM");
     assert!(daemon.wait_exit(Duration::from_secs(15)).success(), "{}", daemon.log_text());
     drop(camera);
+}
+
+/// A camera triggered by the line (`trigger = "camera"`): every frame it delivers is a part,
+/// named by the camera's frame counter and carrying the camera's timestamp. The fake camera
+/// cannot be wired to a line, so it runs free at 4 frames/s: each frame stands for a pulse.
+#[test]
+fn a_line_triggered_gige_camera_answers_every_frame_by_its_frame_counter() {
+    let _turn = turn();
+    let (broker, sub, dir) = rig();
+    let _camera = FakeCamera::start();
+    let table = "[[cameras]]\nid = \"gige\"\nsource = \"genicam\"\ndevice = \"127.0.0.1\"\n\
+                 pixel_format = \"Mono8\"\nregion = [0, 0, 64, 64]\nfps = 4.0\ntrigger = \"camera\"\n\
+                 verdict_timeout_ms = 60000\nbackoff_initial_ms = 200\nstall_timeout_ms = 3000\n";
+    let config = write_config(dir.path(), broker.port, "max_batch = 2\nmax_wait_ms = 20", table);
+    let mut daemon = Daemon::start(&config);
+    wait_for(Duration::from_secs(120), "three verdicts", || verdicts(&sub).len() >= 3);
+    let answered = verdicts(&sub);
+    let ids: Vec<u64> = answered.iter().map(|v| v["part_id"].as_str().unwrap().parse().unwrap()).collect();
+    let stamps: Vec<u64> = answered.iter().map(|v| v["camera_timestamp_ns"].as_u64().unwrap()).collect();
+    assert!(ids.windows(2).all(|w| w[1] > w[0]), "part ids from the frame counter: {answered:#?}");
+    assert!(stamps.windows(2).all(|w| w[1] > w[0]), "the camera's clock: {answered:#?}");
+    for v in &answered {
+        assert!(v["verdict"] == "pass" || v["verdict"] == "fail", "{v}");
+    }
+    let state: serde_json::Value = serde_json::from_slice(&sub.on("gige/state").last().unwrap().payload).unwrap();
+    assert!(state["part_id"].is_string() && state["camera_timestamp_ns"].is_u64(), "{state}");
+    // The line triggers this camera: an MQTT trigger is refused, by name.
+    mqtt_send(broker.port, "edge-inspect/test/gige/trigger", "X-1");
+    wait_for(Duration::from_secs(30), "the refusal", || {
+        sub.texts("test/error").iter().any(|e| e.contains("triggered by the line"))
+    });
+    daemon.signal("TERM");
+    assert!(daemon.wait_exit(Duration::from_secs(15)).success(), "{}", daemon.log_text());
 }

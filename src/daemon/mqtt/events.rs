@@ -30,6 +30,8 @@ pub struct Observation {
     pub regions: Vec<Region>,
     /// The part a triggered camera was triggered for.
     pub part_id: Option<String>,
+    /// The camera's own timestamp of the frame, where it gives one.
+    pub camera_timestamp_ns: Option<u64>,
 }
 
 /// The best frame of an episode.
@@ -41,6 +43,7 @@ struct Best {
     normalised_score: f64,
     regions: Vec<Region>,
     part_id: Option<String>,
+    camera_timestamp_ns: Option<u64>,
     snapshot: Vec<u8>,
 }
 
@@ -95,6 +98,9 @@ pub struct EventMessage<'a> {
     /// The best frame's part (triggered cameras).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub best_part_id: Option<&'a str>,
+    /// The camera's own timestamp of the best frame, where it gives one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub best_camera_timestamp_ns: Option<u64>,
 }
 
 impl Emitted {
@@ -116,6 +122,7 @@ impl Emitted {
             snapshot_topic,
             model,
             best_part_id: e.best.part_id.as_deref(),
+            best_camera_timestamp_ns: e.best.camera_timestamp_ns,
         }
     }
 }
@@ -158,6 +165,7 @@ impl Tracker {
             normalised_score: frame.normalised_score,
             regions: frame.regions,
             part_id: frame.part_id,
+            camera_timestamp_ns: frame.camera_timestamp_ns,
             snapshot,
         };
         let (captured, captured_at) = (frame.captured, frame.captured_at);
@@ -232,6 +240,7 @@ mod tests {
                 normalised_score: score.unwrap_or(0.01) * 10.0,
                 regions: Vec::new(),
                 part_id: None,
+                camera_timestamp_ns: None,
             }
         }
     }

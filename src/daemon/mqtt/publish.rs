@@ -58,6 +58,9 @@ pub struct Alert<'a> {
     /// The part a triggered camera was triggered for.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub part_id: Option<&'a str>,
+    /// The camera's own timestamp of the frame (ns of its clock), where it gives one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub camera_timestamp_ns: Option<u64>,
     pub mask_topic: String,
     pub snapshot_topic: String,
 }
@@ -76,6 +79,9 @@ pub struct State<'a> {
     pub model: &'a ModelRef,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub part_id: Option<&'a str>,
+    /// The camera's own timestamp of the frame (ns of its clock), where it gives one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub camera_timestamp_ns: Option<u64>,
 }
 
 /// From inspection pixels (the analysis) to camera-frame pixels: the ROI's origin plus
@@ -251,6 +257,7 @@ impl Publisher {
                 defect_area_px: defect_area,
                 model: &inspected.model,
                 part_id: f.part.as_ref().map(|p| p.id.as_str()),
+                camera_timestamp_ns: f.stamp.timestamp_ns,
             };
             let payload = serde_json::to_vec(&state).expect("state serialises");
             mqtt.publish(&format!("{}/state", camera.id), QoS::AtMostOnce, true, payload);
@@ -271,6 +278,7 @@ impl Publisher {
                 normalised_score: a.normalised_score,
                 regions,
                 part_id: f.part.as_ref().map(|p| p.id.clone()),
+                camera_timestamp_ns: f.stamp.timestamp_ns,
             };
             let tracker = trackers
                 .entry(index)
@@ -369,6 +377,7 @@ fn alert(
         latency_ms: f.captured_at.elapsed().as_secs_f64() * 1e3,
         source_file: f.source_file.as_deref(),
         part_id: f.part.as_ref().map(|p| p.id.as_str()),
+        camera_timestamp_ns: f.stamp.timestamp_ns,
         mask_topic: mqtt.topic(&format!("{}/mask", camera.id)),
         snapshot_topic: mqtt.topic(&format!("{}/snapshot", camera.id)),
     };

@@ -31,6 +31,9 @@ struct Verdict<'a> {
     seq: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     captured_at: Option<String>,
+    /// The camera's own timestamp of the frame (ns of its clock), where it gives one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    camera_timestamp_ns: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     score: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -55,6 +58,7 @@ impl<'a> Verdict<'a> {
             latency_ms: part.triggered_at.elapsed().as_secs_f64() * 1e3,
             seq: None,
             captured_at: None,
+            camera_timestamp_ns: None,
             score: None,
             normalised_score: None,
             threshold: None,
@@ -75,6 +79,7 @@ pub fn inspected(ctx: &PublisherContext, camera: &Camera, inspected: &Inspected,
     let mut verdict = Verdict::new(camera, part, if a.anomalous { "fail" } else { "pass" });
     verdict.seq = Some(f.seq);
     verdict.captured_at = Some(rfc3339(f.captured));
+    verdict.camera_timestamp_ns = f.stamp.timestamp_ns;
     verdict.score = Some(a.score);
     verdict.normalised_score = Some(a.normalised_score);
     verdict.threshold = Some(a.image_threshold);
