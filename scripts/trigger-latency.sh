@@ -30,6 +30,10 @@ port=$((20000 + RANDOM % 20000))
 printf 'listener %s 127.0.0.1\nallow_anonymous true\n' "$port" > "$work/mosquitto.conf"
 mosquitto -c "$work/mosquitto.conf" > "$work/broker.log" 2>&1 &
 broker=$!
+for _ in $(seq 100); do # until the broker listens
+  mosquitto_pub -p "$port" -t probe -n 2>/dev/null && break
+  sleep 0.1
+done
 cat > "$work/config.toml" <<EOF
 [node]
 id = "latency"
