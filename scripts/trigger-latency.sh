@@ -62,21 +62,25 @@ loop = true
 trigger = "mqtt"
 EOF
 topic=edge-inspect/latency
-mosquitto_sub -p "$port" -t "$topic/available" -C 1 -W 120 > /dev/null &
-ready=$!
+# One subscription for the daemon's retained `available` and the verdicts: once `online` has
+# arrived, the verdict topic is subscribed too (both are in the one SUBSCRIBE).
+mosquitto_sub -p "$port" -q 1 -v -t "$topic/available" -t "$topic/line/verdict" -C $((PARTS + 1)) \
+  -W $((PARTS * INTERVAL_MS / 1000 + 240)) > "$work/messages" &
+sub=$!
 "$BIN" run --config "$work/config.toml" > "$work/daemon.log" 2>&1 &
 daemon=$!
-wait "$ready" || { echo "the daemon did not come online:" >&2; cat "$work/daemon.log" >&2; exit 1; }
-mosquitto_sub -p "$port" -q 1 -t "$topic/line/verdict" -C "$PARTS" -W $((PARTS * INTERVAL_MS / 1000 + 120)) \
-  > "$work/verdicts.jsonl" &
-sub=$!
-sleep 1 # the subscription is in place before the first trigger
+until grep -q "^$topic/available online" "$work/messages"; do
+  kill -0 "$sub" 2>/dev/null || { echo "the daemon did not come online:" >&2; cat "$work/daemon.log" >&2; exit 1; }
+  sleep 0.1
+done
+interval=$(python3 -c "print($INTERVAL_MS / 1000)")
 for i in $(seq 1 "$PARTS"); do
   mosquitto_pub -p "$port" -q 1 -t "$topic/line/trigger" -m "P-$i"
-  sleep "$(python3 -c "print($INTERVAL_MS / 1000)")"
+  sleep "$interval"
 done
 wait "$sub"
 sub=
+grep "^$topic/line/verdict " "$work/messages" | cut -d' ' -f2- > "$work/verdicts.jsonl"
 python3 - "$work/verdicts.jsonl" "$PARTS" "$INTERVAL_MS" <<'PY'
 import json, statistics, sys
 verdicts = [json.loads(line) for line in open(sys.argv[1]) if line.strip()]

@@ -77,16 +77,17 @@ fn write_state() -> Vec<(PathBuf, Vec<u8>)> {
         ("labels.jsonl", b"{\"seq\":1,\"label\":\"defect\"}\n".to_vec()),
         ("models/line-a/manifest.toml", std::fs::read(repo().join("models/brick-huber/manifest.toml")).unwrap()),
     ];
-    files
+    let written = files
         .into_iter()
         .map(|(name, bytes)| {
             let path = state.join(name);
             std::fs::create_dir_all(path.parent().unwrap()).unwrap();
             std::fs::write(&path, &bytes).unwrap();
-            ok("chown", &["-R", "edge-inspect:edge-inspect", "/var/lib/edge-inspect"]);
             (path, bytes)
         })
-        .collect()
+        .collect::<Vec<_>>();
+    ok("chown", &["-R", "edge-inspect:edge-inspect", "/var/lib/edge-inspect"]);
+    written
 }
 
 fn assert_state(state: &[(PathBuf, Vec<u8>)], when: &str) {

@@ -351,16 +351,23 @@ mod tests {
         StreamContext { camera: "gige".into(), channels: 1, max_pixels: 1 << 22, stall: Duration::from_secs(5), stop }
     }
 
-    /// Opens the fake camera, retrying while it starts (it answers once it listens).
-    fn open(address: &str, s: &GenicamSettings, stop: Receiver<()>) -> GenicamSource {
+    /// Repeats `attempt` until `done` accepts its outcome or 10 s pass: the fake camera is
+    /// a process of its own and answers only once it listens (it signals nothing sooner).
+    fn until_listening<T>(mut attempt: impl FnMut() -> T, done: impl Fn(&T) -> bool) -> T {
         let started = Instant::now();
         loop {
-            match GenicamSource::open(s, context(stop.clone())) {
-                Ok(source) => return source,
-                Err(_) if started.elapsed() < Duration::from_secs(10) => std::thread::sleep(Duration::from_millis(100)),
-                Err(e) => panic!("{address}: {e}"),
+            let outcome = attempt();
+            if done(&outcome) || started.elapsed() > Duration::from_secs(10) {
+                return outcome;
             }
+            std::thread::sleep(Duration::from_millis(100));
         }
+    }
+
+    /// Opens the fake camera once it listens.
+    fn open(address: &str, s: &GenicamSettings, stop: Receiver<()>) -> GenicamSource {
+        until_listening(|| GenicamSource::open(s, context(stop.clone())), Result::is_ok)
+            .unwrap_or_else(|e| panic!("{address}: {e}"))
     }
 
     #[test]
@@ -422,14 +429,10 @@ mod tests {
         let (_stop_tx, stop) = crossbeam_channel::bounded::<()>(0);
         let mut s = settings(address);
         s.features = vec![("NoSuchFeature".into(), Feature::Int(1))];
-        let started = Instant::now();
-        let e = loop {
-            let e = GenicamSource::open(&s, context(stop.clone())).err().unwrap();
-            if e.to_string().contains("NoSuchFeature") || started.elapsed() > Duration::from_secs(10) {
-                break e;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        };
+        let e = until_listening(
+            || GenicamSource::open(&s, context(stop.clone())).err().unwrap(),
+            |e| e.to_string().contains("NoSuchFeature"),
+        );
         assert!(e.to_string().contains("gige") && e.to_string().contains("NoSuchFeature"), "{e}");
         // check-config against the reachable camera: the same feature is named, nothing set.
         let problems = check_camera(&s).unwrap_err();

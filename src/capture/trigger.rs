@@ -1,9 +1,10 @@
 //! Triggered capture: one inspected frame per part, and exactly one verdict per trigger.
 //!
 //! On a conveyor the camera is triggered once per part — by software, a message on
-//! `<camera>/trigger` with the part's id, or by the line itself, wired to the camera's trigger
-//! input (then every frame the camera delivers is a part, numbered by the camera's frame
-//! counter); the line diverts the part by the verdict published for that id. The [`Triggers`] ledger of a camera owns the life of each trigger:
+//! `<camera>/trigger` with the part's id, or by the line itself, wired to the camera's
+//! trigger input (then every frame the camera delivers is a part, numbered by the camera's
+//! frame counter); the line diverts the part by the verdict published for that id. The
+//! [`Triggers`] ledger of a camera owns the life of each trigger:
 //! `pending` (waiting for a frame) → `captured` (its frame is in the pipeline) → answered.
 //! The capture thread claims the oldest pending trigger for the next frame it takes; the
 //! publisher answers a captured one with the frame's verdict; a trigger whose frame does not

@@ -164,3 +164,21 @@ fn gstreamer_sources_take_a_uri_or_a_pipeline_and_a_password_only_from_a_file() 
     assert_eq!(settings.credentials, Some(("u".into(), "s3cret".into())));
     assert_eq!(settings.buffers, 2);
 }
+
+#[test]
+fn triggers_are_refused_where_they_cannot_work() {
+    let dir = tempfile::tempdir().unwrap();
+    let messages = |text: &str| -> Vec<String> {
+        let errors = load_with_env(&write(dir.path(), text), &[]).unwrap_err();
+        errors.issues.iter().map(|i| format!("{}: {}", i.key, i.message)).collect()
+    };
+    // The line triggers only a GenICam camera: a replay has no frame counter.
+    let line = messages(&format!("{MINIMAL}trigger = \"camera\"\n"));
+    assert_eq!(line.len(), 1, "{line:?}");
+    assert!(line[0].starts_with("cameras[0].trigger: \"camera\"") && line[0].contains("source = \"genicam\""));
+    let mqtt_off = messages(&format!("[mqtt]\nenabled = false\n{MINIMAL}trigger = \"mqtt\"\n"));
+    assert!(mqtt_off[0].starts_with("cameras[0].trigger: \"mqtt\" needs [mqtt] enabled"), "{mqtt_off:?}");
+    let unknown = messages(&format!("{MINIMAL}trigger = \"plc\"\n"));
+    assert!(unknown[0].ends_with("'plc' is not one of free, mqtt, camera"), "{unknown:?}");
+    assert!(load_with_env(&write(dir.path(), &format!("{MINIMAL}trigger = \"mqtt\"\n")), &[]).is_ok());
+}
