@@ -23,13 +23,15 @@ repo_root=$(cd "$(dirname "$0")/.." && pwd)
 # libusb-1.0-0-dev) and are tested against
 # aravis-tools' arv-fake-gv-camera-0.8, a GigE Vision camera on loopback; the Debian packages
 # are built with dpkg-deb and dpkg-shlibdeps (dpkg-dev) from stripped binaries (binutils), and
-# tests/package.rs installs them with apt and checks the service user (passwd).
+# tests/package.rs installs them with apt and checks the service user (passwd); the review
+# page's browser tests drive Debian's chromium through chromium-driver (for the tests only:
+# no package of the project depends on a browser).
 packages=(curl unzip ca-certificates libclang1-14 mosquitto mosquitto-clients openssl procps systemd patchelf
           mesa-vulkan-drivers libvulkan1 libdnnl-dev g++
           pkg-config libgstreamer1.0-dev libgstreamer-plugins-base1.0-dev gstreamer1.0-plugins-base
           gstreamer1.0-plugins-good gstreamer1.0-plugins-bad gstreamer1.0-plugins-ugly gstreamer1.0-libav
           python3-gi gir1.2-gst-rtsp-server-1.0 libaravis-dev libusb-1.0-0-dev aravis-tools
-          dpkg-dev binutils passwd)
+          dpkg-dev binutils passwd chromium chromium-driver)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -24,7 +24,7 @@ pub enum Verdict {
 pub struct Label {
     pub verdict: Verdict,
     pub labelled_at: String,
-    /// Who labelled it: `mqtt` or `cli`.
+    /// Who labelled it: `mqtt`, `web` (the review page) or `cli`.
     pub source: String,
 }
 

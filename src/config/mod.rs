@@ -106,11 +106,26 @@ impl DaemonConfig {
     }
 }
 
-/// The monitoring endpoint (`/metrics`, `/healthz`).
-#[derive(Debug, Clone, PartialEq)]
+/// The HTTP endpoint: monitoring (`/metrics`, `/healthz`) and the review page.
+#[derive(Clone, PartialEq)]
 pub struct HttpConfig {
     pub enabled: bool,
     pub listen: std::net::SocketAddr,
+    /// What the review page's writes must carry; `None`: the page is read-only.
+    pub token: Option<String>,
+    /// How far back the review page lists alerts and events.
+    pub review_window: Duration,
+}
+
+impl std::fmt::Debug for HttpConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HttpConfig")
+            .field("enabled", &self.enabled)
+            .field("listen", &self.listen)
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("review_window", &self.review_window)
+            .finish()
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]

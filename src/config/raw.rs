@@ -99,6 +99,13 @@ pub(super) struct RawHttp {
     pub(super) enabled: Option<bool>,
     /// `host:port`; default `127.0.0.1:9610` (loopback: expose it deliberately).
     pub(super) listen: Option<String>,
+    /// The token the review page's writes (labels, controls) must carry: inline, from a
+    /// file, or a systemd credential. Without one the page is read-only.
+    pub(super) token: Option<String>,
+    pub(super) token_file: Option<PathBuf>,
+    pub(super) token_credential: Option<String>,
+    /// How far back the review page lists alerts and events (hours, default 24).
+    pub(super) review_hours: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -114,6 +114,25 @@ fn secrets_come_from_files_and_systemd_credentials() {
 }
 
 #[test]
+fn the_review_pages_write_token_is_a_secret_of_at_least_16_characters() {
+    let dir = tempfile::tempdir().unwrap();
+    let creds = dir.path().join("creds");
+    std::fs::create_dir(&creds).unwrap();
+    std::fs::write(creds.join("http-token"), "0123456789abcdef-token\n").unwrap();
+    let cred = write(dir.path(), &format!("{MINIMAL}[http]\ntoken_credential = \"http-token\"\nreview_hours = 8\n"));
+    let c = load_with_env(&cred, &env(&[("CREDENTIALS_DIRECTORY", creds.to_str().unwrap())])).unwrap();
+    assert_eq!(c.http.token.as_deref(), Some("0123456789abcdef-token"));
+    assert_eq!(c.http.review_window, std::time::Duration::from_secs(8 * 3600));
+    assert!(!format!("{:?}", c.http).contains("abcdef"), "the token stays out of debug output");
+    let default = load_with_env(&write(dir.path(), MINIMAL), &[]).unwrap();
+    assert_eq!((default.http.token, default.http.review_window.as_secs()), (None, 24 * 3600), "read-only by default");
+    let short = write(dir.path(), &format!("{MINIMAL}[http]\ntoken = \"short\"\nreview_hours = 0\n"));
+    let e = load_with_env(&short, &[]).unwrap_err().to_string();
+    assert!(e.contains("http.token: a token of 5 characters; give at least 16"), "{e}");
+    assert!(e.contains("http.review_hours"), "{e}");
+}
+
+#[test]
 fn a_cameras_inspection_mask_is_read_and_checked_against_its_roi() {
     let dir = tempfile::tempdir().unwrap();
     image::GrayImage::from_pixel(40, 30, image::Luma([255])).save(dir.path().join("mask.png")).unwrap();

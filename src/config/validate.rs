@@ -419,7 +419,22 @@ impl Validator {
                 self.fail("http.listen", format!("not a host:port address ({e}): {listen:?}"));
                 std::net::SocketAddr::from(([127, 0, 0, 1], 9610))
             }),
+            token: self
+                .secret("http.token", http.token, http.token_file, http.token_credential)
+                .filter(|t| self.token_is_long_enough(t)),
+            review_window: Duration::from_secs(
+                3600 * self.within("http.review_hours", http.review_hours.unwrap_or(24), 1..=720),
+            ),
         }
+    }
+
+    /// A write token guessable in few tries protects nothing: at least 16 characters.
+    fn token_is_long_enough(&mut self, token: &str) -> bool {
+        let long = token.chars().count() >= 16;
+        if !long {
+            self.fail("http.token", format!("a token of {} characters; give at least 16", token.chars().count()));
+        }
+        long
     }
 
     fn events(&mut self, events: RawEvents) -> EventsConfig {

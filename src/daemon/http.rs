@@ -1,5 +1,8 @@
 //! The daemon's HTTP endpoint, for plant monitoring: `/metrics` in the Prometheus text
-//! format (OpenMetrics, through `prometheus-client`) and `/healthz`.
+//! format (OpenMetrics, through `prometheus-client`) and `/healthz`; every other path is
+//! the review page's (`daemon::web`), whose live page holds at most [`MAX_STREAMS`] pushed
+//! streams open, each for [`STREAM_FOR`] (the browser reconnects), and whose writes have a
+//! body of at most [`MAX_BODY`] bytes.
 //!
 //! It listens from before the model loads, so a probe sees `503 loading model` rather than
 //! a refused connection; once the pipeline runs, [`Endpoint::ready`] hands it what to
@@ -22,7 +25,8 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-use http_body_util::Full;
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full, Limited, StreamBody};
 use hyper::body::Bytes;
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
@@ -33,6 +37,7 @@ use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::Registry;
 
 use super::cameras::{Camera, Cameras};
+use super::web::{self, Site};
 use crate::stats::{CameraStatus, DropReason, LogThrottle, PipelineStats, Progress};
 
 /// Connections served at once; more are closed on accept.
@@ -43,6 +48,13 @@ pub const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 pub const CONNECTION_TIMEOUT: Duration = Duration::from_secs(30);
 /// Pause after an accept that failed (out of descriptors), before the next.
 const ACCEPT_PAUSE: Duration = Duration::from_millis(200);
+/// Live pages pushed to at once (each holds a connection).
+pub const MAX_STREAMS: usize = 8;
+/// How long one pushed stream lasts before the browser reconnects (within
+/// [`CONNECTION_TIMEOUT`]).
+pub const STREAM_FOR: Duration = Duration::from_secs(25);
+/// The largest request body read (a write of the review page is a few bytes).
+pub const MAX_BODY: usize = crate::daemon::mqtt::control::MAX_COMMAND_BYTES;
 
 /// The endpoint's own counters (also in `/metrics`).
 #[derive(Debug, Default)]
@@ -51,6 +63,10 @@ pub struct HttpStats {
     pub rejected: AtomicU64,
     /// Accepts that failed (`EMFILE` and the like).
     pub accept_errors: AtomicU64,
+    /// Live-page streams refused because [`MAX_STREAMS`] were open.
+    pub streams_refused: AtomicU64,
+    /// Pushed verdicts a slow live page skipped.
+    pub stream_lagged: AtomicU64,
 }
 
 /// What the endpoint reports once the pipeline runs.
@@ -83,11 +99,14 @@ pub struct Endpoint {
     addr: SocketAddr,
     report: OnceLock<Registry>,
     health: OnceLock<Health>,
+    site: OnceLock<Site>,
     stats: Arc<HttpStats>,
+    streams: Arc<tokio::sync::Semaphore>,
     stop: tokio::sync::watch::Sender<bool>,
 }
 
-type Response = hyper::Response<Full<Bytes>>;
+type Body = BoxBody<Bytes, std::convert::Infallible>;
+type Response = hyper::Response<Body>;
 
 impl Endpoint {
     /// Binds `addr`; the error names the address.
@@ -96,19 +115,23 @@ impl Endpoint {
         let listener = std::net::TcpListener::bind(addr).map_err(fail)?;
         listener.set_nonblocking(true).map_err(fail)?;
         let addr = listener.local_addr().map_err(fail)?;
-        tracing::info!(addr = %addr, "HTTP endpoint listening (/metrics, /healthz).");
+        tracing::info!(addr = %addr, "HTTP endpoint listening (/metrics, /healthz, the review page at /).");
         Ok(Arc::new(Self {
             listener: Mutex::new(Some(listener)),
             addr,
             report: OnceLock::new(),
             health: OnceLock::new(),
+            site: OnceLock::new(),
             stats: Arc::default(),
+            streams: Arc::new(tokio::sync::Semaphore::new(MAX_STREAMS)),
             stop: tokio::sync::watch::channel(false).0,
         }))
     }
 
-    /// From now on `/metrics` reports `report` and `/healthz` watches its worker.
-    pub fn ready(&self, report: Report) {
+    /// From now on `/metrics` reports `report`, `/healthz` watches its worker and the
+    /// review page shows `site`.
+    pub fn ready(&self, report: Report, site: Site) {
+        let _ = self.site.set(site);
         let health = Health {
             worker: report.worker.clone(),
             bound: report.stage_timeout,
@@ -168,8 +191,8 @@ impl Endpoint {
     /// One request on `stream`, then the connection closes.
     async fn connection(self: Arc<Self>, stream: tokio::net::TcpStream) {
         let service = hyper::service::service_fn(move |request: hyper::Request<hyper::body::Incoming>| {
-            let response = self.respond(request.uri().path());
-            async move { Ok::<_, std::convert::Infallible>(response) }
+            let endpoint = self.clone();
+            async move { Ok::<_, std::convert::Infallible>(endpoint.request(request).await) }
         });
         let served = hyper::server::conn::http1::Builder::new()
             .timer(hyper_util::rt::TokioTimer::new())
@@ -188,7 +211,42 @@ impl Endpoint {
         self.stop.send_replace(true);
     }
 
-    fn respond(&self, path: &str) -> Response {
+    /// Reads the body (bounded) and answers: monitoring paths here, the rest the page's.
+    async fn request(&self, request: hyper::Request<hyper::body::Incoming>) -> Response {
+        let (parts, body) = request.into_parts();
+        let body = match Limited::new(body, MAX_BODY).collect().await {
+            Ok(collected) => collected.to_bytes(),
+            Err(_) => return plain(413, format!("a request body has at most {MAX_BODY} bytes\n")),
+        };
+        let path = parts.uri.path();
+        if let Some(response) = self.monitoring(path) {
+            return response;
+        }
+        let Some(site) = self.site.get() else { return plain(503, "loading model\n".into()) };
+        let page = web::Request {
+            method: &parts.method,
+            path,
+            query: parts.uri.query(),
+            headers: &parts.headers,
+            body: &body,
+        };
+        match site.handle(&page) {
+            Some(web::Reply::Body { status, content_type, body }) => {
+                response(status, content_type, Full::new(Bytes::from(body)).boxed())
+            }
+            Some(web::Reply::Stream(listener)) => match self.streams.clone().try_acquire_owned() {
+                Ok(slot) => response(200, "text/event-stream", event_stream(listener, slot, self.stats.clone())),
+                Err(_) => {
+                    self.stats.streams_refused.fetch_add(1, Relaxed);
+                    plain(503, format!("{MAX_STREAMS} live pages are open already; try again\n"))
+                }
+            },
+            None => plain(404, "not found: try /, /review, /history, /metrics or /healthz\n".into()),
+        }
+    }
+
+    /// `/metrics` and `/healthz`; `None` for other paths.
+    fn monitoring(&self, path: &str) -> Option<Response> {
         let (status, content_type, body) = match path {
             "/metrics" => match self.report.get() {
                 Some(registry) => {
@@ -204,13 +262,9 @@ impl Endpoint {
                 let (status, text) = self.health();
                 (status, "text/plain", text)
             }
-            _ => (404, "text/plain", "not found: try /metrics or /healthz\n".into()),
+            _ => return None,
         };
-        hyper::Response::builder()
-            .status(status)
-            .header(hyper::header::CONTENT_TYPE, content_type)
-            .body(Full::new(Bytes::from(body)))
-            .expect("a valid response")
+        Some(response(status, content_type, Full::new(Bytes::from(body)).boxed()))
     }
 
     /// `200 ok`, or `503` with what is wrong: loading, a stuck worker, or — degraded —
@@ -229,6 +283,55 @@ impl Endpoint {
         }
         (200, "ok: model loaded, inference worker turning\n".into())
     }
+}
+
+/// A response with the headers every answer carries: nothing is cached, framed, sniffed
+/// or loaded from elsewhere.
+fn response(status: u16, content_type: &str, body: Body) -> Response {
+    hyper::Response::builder()
+        .status(status)
+        .header(hyper::header::CONTENT_TYPE, content_type)
+        .header(hyper::header::CACHE_CONTROL, "no-store")
+        .header(hyper::header::X_CONTENT_TYPE_OPTIONS, "nosniff")
+        .header(hyper::header::X_FRAME_OPTIONS, "DENY")
+        .header(hyper::header::REFERRER_POLICY, "no-referrer")
+        .header(hyper::header::CONTENT_SECURITY_POLICY, "default-src 'self'; frame-ancestors 'none'")
+        .body(body)
+        .expect("a valid response")
+}
+
+fn plain(status: u16, text: String) -> Response {
+    response(status, "text/plain; charset=utf-8", Full::new(Bytes::from(text)).boxed())
+}
+
+/// The pushed verdicts as server-sent events for [`STREAM_FOR`], holding `slot` while
+/// open; a listener that fell behind skips ahead (counted).
+fn event_stream(
+    listener: tokio::sync::broadcast::Receiver<String>,
+    slot: tokio::sync::OwnedSemaphorePermit,
+    stats: Arc<HttpStats>,
+) -> Body {
+    use tokio::sync::broadcast::error::RecvError;
+    let deadline = tokio::time::Instant::now() + STREAM_FOR;
+    let opening = futures_util::stream::once(async { Bytes::from_static(b"retry: 1000\n\n") });
+    let verdicts = futures_util::stream::unfold((listener, slot), move |(mut listener, slot)| {
+        let stats = stats.clone();
+        async move {
+            loop {
+                match tokio::time::timeout_at(deadline, listener.recv()).await {
+                    Ok(Ok(verdict)) => return Some((Bytes::from(format!("data: {verdict}\n\n")), (listener, slot))),
+                    Ok(Err(RecvError::Lagged(skipped))) => {
+                        stats.stream_lagged.fetch_add(skipped, Relaxed);
+                    }
+                    Ok(Err(RecvError::Closed)) | Err(_) => return None,
+                }
+            }
+        }
+    });
+    let frames = futures_util::StreamExt::map(futures_util::StreamExt::chain(opening, verdicts), |bytes| {
+        Ok::<_, std::convert::Infallible>(hyper::body::Frame::data(bytes))
+    });
+    StreamBody::new(frames).boxed()
 }
 
 impl std::fmt::Debug for Report {
@@ -270,6 +373,12 @@ impl Collector for HttpCounters {
         let counters = [
             ("edge_inspect_http_rejected", "HTTP connections closed on accept: too many at once", &self.0.rejected),
             ("edge_inspect_http_accept_errors", "HTTP accepts that failed (out of descriptors)", &self.0.accept_errors),
+            (
+                "edge_inspect_http_streams_refused",
+                "Live-page streams refused: the most were open",
+                &self.0.streams_refused,
+            ),
+            ("edge_inspect_http_stream_lagged", "Pushed verdicts a slow live page skipped", &self.0.stream_lagged),
         ];
         for (name, help, value) in counters {
             single(&mut encoder, (name, help, MetricType::Counter), &ConstCounter::new(value.load(Relaxed)))?;

@@ -27,6 +27,7 @@ pub mod recorder;
 pub mod reload;
 pub mod signals;
 pub mod supervisor;
+pub mod web;
 mod wiring;
 pub mod worker;
 
@@ -289,19 +290,34 @@ impl Running {
         let link = wiring.mqtt(&loads_tx)?;
         let loader = wiring.loader(&link, swaps_tx, model.current.clone(), &inspectors, loads_tx, loads_rx)?;
         let recorder = wiring.recorder()?;
-        let (output, options) = wiring.publisher(&link, recorder.as_ref().map(|(tx, _)| tx.clone()))?;
+        let board = endpoint.as_ref().map(|_| Arc::new(web::board::Board::default()));
+        let (output, options) = wiring.publisher(&link, recorder.as_ref().map(|(tx, _)| tx.clone()), board.clone())?;
         let inference = wiring.worker(inspectors, &model, swaps_rx, output)?;
         let (capture_stop, joins) = wiring.batcher(inference.batches)?;
-        if let Some(endpoint) = &endpoint {
-            endpoint.ready(http::Report {
+        if let (Some(endpoint), Some(board)) = (&endpoint, board) {
+            let site = web::Site {
+                node: config.node_id.clone(),
+                board,
+                control: link.control.clone(),
                 cameras: cameras.clone(),
-                pipeline: pipeline.clone(),
+                store: config.recorder.enabled.then(|| config.recorder.dir.clone()),
+                models_dir: config.model.models_dir.clone(),
                 model: model.current.clone(),
-                provider: model.provider.clone(),
-                worker: inference.progress,
-                stage_timeout: config.pipeline.stage_timeout,
-                mqtt: config.mqtt.enabled,
-            });
+                token: config.http.token.clone(),
+                review_window: config.http.review_window,
+            };
+            endpoint.ready(
+                http::Report {
+                    cameras: cameras.clone(),
+                    pipeline: pipeline.clone(),
+                    model: model.current.clone(),
+                    provider: model.provider.clone(),
+                    worker: inference.progress,
+                    stage_timeout: config.pipeline.stage_timeout,
+                    mqtt: config.mqtt.enabled,
+                },
+                site,
+            );
         }
         let (status_tx, status) = bounded(64);
         let mut running = Self {

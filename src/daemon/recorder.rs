@@ -10,6 +10,11 @@
 //! is logged, counted (`recorder_errors`) and skipped, and pruning goes on with the next.
 //! Frames larger than `max_side` are recorded scaled down.
 //!
+//! With the review page on, making room spares the flagged frames of its review window:
+//! while anything else is left, the oldest normal sample (or flagged frame older than the
+//! window) goes first, so that the frames an operator is to label stay visible; only a
+//! store holding nothing else gives up its oldest flagged frame. `max_age` applies to all.
+//!
 //! Disk pressure spares alerts: before each write the recorder checks the free space of
 //! its filesystem and pauses — counting every frame it does not record
 //! (`recorder_low_disk`), logging when it pauses and when it resumes — while that is under
@@ -92,6 +97,8 @@ struct Store {
     /// Keyed by (modification time, the group's path without extension).
     groups: BTreeMap<(SystemTime, PathBuf), Vec<(PathBuf, u64)>>,
     total: u64,
+    /// Flagged frames this young are deleted to make room only when nothing else is left.
+    spare_flagged: Option<Duration>,
 }
 
 impl Store {
@@ -118,10 +125,26 @@ impl Store {
         self.groups.entry((modified, key)).or_default().extend(files);
     }
 
-    /// Deletes the oldest group's files; a file that cannot be deleted is logged with its
-    /// path, counted and skipped (its bytes stay counted). Returns the files deleted.
+    /// Deletes the oldest group's files (see [`Store::drop_group`]).
     fn drop_oldest(&mut self, stats: &PipelineStats) -> usize {
-        let Some((_, files)) = self.groups.pop_first() else { return 0 };
+        let Some(key) = self.groups.keys().next().cloned() else { return 0 };
+        self.drop_group(&key, stats)
+    }
+
+    /// The group to delete to make room: the oldest one that is not a flagged frame within
+    /// `spare_flagged`, or the oldest if nothing else is left.
+    fn next_to_go(&self) -> Option<(SystemTime, PathBuf)> {
+        let since = self.spare_flagged.map(|window| SystemTime::now() - window);
+        let spared = |(t, key): &&(SystemTime, PathBuf)| {
+            since.is_some_and(|since| *t >= since) && key.parent().is_some_and(|d| d.ends_with("flagged"))
+        };
+        self.groups.keys().find(|k| !spared(k)).or_else(|| self.groups.keys().next()).cloned()
+    }
+
+    /// Deletes a group's files; a file that cannot be deleted is logged with its path,
+    /// counted and skipped (its bytes stay counted). Returns the files deleted.
+    fn drop_group(&mut self, key: &(SystemTime, PathBuf), stats: &PipelineStats) -> usize {
+        let Some(files) = self.groups.remove(key) else { return 0 };
         let mut deleted = 0;
         for (path, size) in files {
             match std::fs::remove_file(&path) {
@@ -142,8 +165,10 @@ impl Store {
     /// Deletes oldest groups until `incoming` more bytes fit under `max_bytes`; false if
     /// they cannot fit even in an empty store.
     fn make_room(&mut self, incoming: u64, max_bytes: u64, stats: &PipelineStats) -> bool {
-        while self.total + incoming > max_bytes && !self.groups.is_empty() {
-            let deleted = self.drop_oldest(stats);
+        while self.total + incoming > max_bytes
+            && let Some(key) = self.next_to_go()
+        {
+            let deleted = self.drop_group(&key, stats);
             stats.recorder_pruned.fetch_add(deleted as u64, Relaxed);
         }
         self.total + incoming <= max_bytes
@@ -193,6 +218,12 @@ impl Recorder {
         };
         let floor = config.min_free_bytes.max(reserve);
         Ok(Self { config, cameras, stats, store, last_age_prune: None, floor, paused: false })
+    }
+
+    /// Spares the flagged frames of the last `window` when making room (module docs).
+    pub fn spare_flagged_for(mut self, window: Duration) -> Self {
+        self.store.spare_flagged = Some(window);
+        self
     }
 
     /// Whether `bytes` more leave the floor free; logs when the recorder pauses or resumes.
@@ -380,6 +411,29 @@ mod tests {
         assert_eq!(stats.recorder_pruned.load(Relaxed), 4);
         assert!(!recorder.store.make_room(500, 400, &stats), "larger than the whole store");
         assert!(dir.path().join(MARKER).is_file(), "the marker is never pruned");
+    }
+
+    #[test]
+    fn making_room_spares_the_flagged_frames_of_the_review_window_while_anything_else_is_left() {
+        let dir = tempfile::tempdir().unwrap();
+        let (flagged, normal) = (dir.path().join("cam/flagged"), dir.path().join("cam/normal"));
+        std::fs::create_dir_all(&flagged).unwrap();
+        std::fs::create_dir_all(&normal).unwrap();
+        put(&flagged, "old.png", 100, Duration::from_secs(7200));
+        put(&flagged, "a.png", 100, Duration::from_secs(300));
+        put(&normal, "n1.png", 100, Duration::from_secs(200));
+        put(&flagged, "b.png", 100, Duration::from_secs(100));
+        put(&normal, "n2.png", 100, Duration::from_secs(50));
+        let stats = Arc::new(PipelineStats::default());
+        let recorder = Recorder::open(config(dir.path(), 500), one_camera(), stats.clone(), None).unwrap();
+        let mut recorder = recorder.spare_flagged_for(Duration::from_secs(3600));
+        // Room for 300 bytes: the flagged frame older than the window, then both normal samples.
+        assert!(recorder.store.make_room(300, 500, &stats));
+        assert_eq!(left(&flagged), ["a.png", "b.png"]);
+        assert!(left(&normal).is_empty());
+        // Nothing else left: the oldest flagged frame of the window goes.
+        assert!(recorder.store.make_room(400, 500, &stats));
+        assert_eq!(left(&flagged), ["b.png"]);
     }
 
     #[test]

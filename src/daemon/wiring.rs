@@ -32,10 +32,12 @@ pub struct Wiring<'a> {
     pub cameras: &'a Cameras,
 }
 
-/// The MQTT link: the client stages publish through, and the sender whose drop stops it.
+/// The MQTT link: the client stages publish through, the sender whose drop stops it, and
+/// the operator commands (carried out for MQTT and for the review page alike).
 pub struct Link {
     pub client: Option<Arc<Mqtt>>,
     pub stop: Option<Sender<()>>,
+    pub control: Arc<control::Control>,
 }
 
 /// The model loader's channels: bundles to load, and what became of them.
@@ -63,8 +65,18 @@ impl Wiring<'_> {
     /// control thread, which queues bundle loads on `loads`.
     pub fn mqtt(&mut self, loads: &Sender<Load>) -> anyhow::Result<Link> {
         let config = self.config;
+        let control = |mqtt: Option<Arc<Mqtt>>| {
+            Arc::new(control::Control {
+                mqtt,
+                cameras: self.cameras.clone(),
+                controls_file: config.state_dir.join(CONTROLS_FILE),
+                store: config.recorder.enabled.then(|| config.recorder.dir.clone()),
+                models: loads.clone(),
+                models_dir: config.model.models_dir.clone(),
+            })
+        };
         if !config.mqtt.enabled {
-            return Ok(Link { client: None, stop: None });
+            return Ok(Link { client: None, stop: None, control: control(None) });
         }
         let ha = &config.homeassistant;
         let (commands_tx, commands_rx) = bounded(64);
@@ -76,18 +88,12 @@ impl Wiring<'_> {
         let client = Arc::new(client);
         let (stop_tx, stop_rx) = bounded::<()>(0);
         self.supervisor.spawn("mqtt", Role::Link, None, move || link.run(stop_rx))?;
+        let control = control(Some(client.clone()));
         if config.mqtt.commands {
-            let control = control::Control {
-                mqtt: client.clone(),
-                cameras: self.cameras.clone(),
-                controls_file: config.state_dir.join(CONTROLS_FILE),
-                store: config.recorder.enabled.then(|| config.recorder.dir.clone()),
-                models: loads.clone(),
-                models_dir: config.model.models_dir.clone(),
-            };
-            self.supervisor.spawn("control", Role::Link, None, move || control.run(commands_rx))?;
+            let (control, client) = (control.clone(), client.clone());
+            self.supervisor.spawn("control", Role::Link, None, move || control.run(&client, commands_rx))?;
         }
-        Ok(Link { client: Some(client), stop: Some(stop_tx) })
+        Ok(Link { client: Some(client), stop: Some(stop_tx), control })
     }
 
     /// The model loader: verified bundles go to the worker on `swaps`.
@@ -124,6 +130,9 @@ impl Wiring<'_> {
         let outbox = config.mqtt.enabled.then_some((config.mqtt.outbox_dir.as_path(), config.mqtt.outbox_max_bytes));
         let recorder = Recorder::open(config.recorder.clone(), self.cameras.clone(), self.pipeline.clone(), outbox)
             .with_context(|| format!("{}: cannot create the capture store", config.recorder.dir.display()))?;
+        // The review page shows the flagged frames of its window: making room spares them.
+        let recorder =
+            if config.http.enabled { recorder.spare_flagged_for(config.http.review_window) } else { recorder };
         let progress = Progress::new();
         let watch = self.watch(&progress);
         self.supervisor.spawn("recorder", Role::Pipe, watch, move || recorder.run(rx, limits_rx, progress))?;
@@ -135,6 +144,7 @@ impl Wiring<'_> {
         &mut self,
         link: &Link,
         recorder: Option<Sender<Inspected>>,
+        board: Option<Arc<crate::daemon::web::board::Board>>,
     ) -> anyhow::Result<(Sender<Inspected>, Sender<PublishOptions>)> {
         let (output_tx, output_rx) = bounded(self.config.pipeline.output_capacity);
         let (options, options_rx) = bounded(4);
@@ -144,6 +154,7 @@ impl Wiring<'_> {
             node: self.config.node_id.clone(),
             options: PublishOptions::of(self.config),
             recorder,
+            board,
         };
         let progress = Progress::new();
         let watch = self.watch(&progress);

@@ -1577,8 +1577,13 @@ impl Drop for Unlock {
     }
 }
 
+/// Every file under `dir`, none if it is not there (yet).
+pub(crate) fn walk_if_any(dir: &Path) -> Vec<PathBuf> {
+    if dir.is_dir() { walk(dir) } else { Vec::new() }
+}
+
 /// Every file under `dir`.
-fn walk(dir: &Path) -> Vec<PathBuf> {
+pub(crate) fn walk(dir: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
     for entry in std::fs::read_dir(dir).unwrap().flatten() {
         let path = entry.path();
@@ -1588,7 +1593,7 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
 }
 
 /// `GET path` on the daemon's HTTP endpoint: status and body, `None` if nothing listens.
-fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
+pub(crate) fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
     use std::io::Read;
     let mut stream = std::net::TcpStream::connect(addr).ok()?;
     stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
@@ -1601,13 +1606,13 @@ fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
 }
 
 /// Rewrites `config` with each `(from, to)` replaced.
-fn edit_config(config: &Path, edits: &[(&str, &str)]) {
+pub(crate) fn edit_config(config: &Path, edits: &[(&str, &str)]) {
     let text = edits.iter().fold(std::fs::read_to_string(config).unwrap(), |text, (from, to)| text.replace(from, to));
     std::fs::write(config, text).unwrap();
 }
 
 /// Moves the daemon's HTTP endpoint of `config` to a free port this test knows; its address.
-fn http_at_known_port(config: &Path) -> String {
+pub(crate) fn http_at_known_port(config: &Path) -> String {
     let addr = format!("127.0.0.1:{}", free_port());
     edit_config(config, &[("listen = \"127.0.0.1:0\"", &format!("listen = \"{addr}\""))]);
     addr
@@ -2138,7 +2143,7 @@ fn a_label_goes_from_mqtt_to_the_store_to_retrain_and_eval() {
 }
 
 /// Whether the capture store holds a recording with sequence number `seq`.
-fn recorded(store: &Path, seq: u64) -> bool {
+pub(crate) fn recorded(store: &Path, seq: u64) -> bool {
     store.is_dir() && walk(store).iter().any(|p| p.to_string_lossy().ends_with(&format!("-{seq:06}.png")))
 }
 
@@ -2561,7 +2566,7 @@ fn cameras_on_different_models_share_one_daemon() {
 }
 
 /// The PNG files under `dir` (relative to the repository), sorted.
-fn pngs(dir: &str) -> Vec<PathBuf> {
+pub(crate) fn pngs(dir: &str) -> Vec<PathBuf> {
     let mut files: Vec<PathBuf> =
         walk(&repo().join(dir)).into_iter().filter(|p| p.extension().is_some_and(|e| e == "png")).collect();
     files.sort();

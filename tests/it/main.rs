@@ -20,5 +20,6 @@ mod gpu_train;
 mod gstreamer;
 mod model_core;
 mod retrain;
+mod review_page;
 mod tiling;
 mod trigger;

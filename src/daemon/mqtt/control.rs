@@ -14,7 +14,9 @@
 //! A payload that cannot be carried out — bad JSON or value, an unknown camera, command or
 //! verdict, no such recording, recording switched off — is answered on `<node>/error` with
 //! the reason, and nothing else happens. Runs on its own thread, fed by the MQTT link;
-//! `mqtt.commands = false` switches it off.
+//! `mqtt.commands = false` switches that off. The review page (`daemon::web`) carries out
+//! its writes through the same [`Control::execute`], so a click and a command are one
+//! implementation, refused the same way and echoed on the same retained states.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -92,7 +94,8 @@ fn excerpt(payload: &[u8]) -> String {
 
 /// What the commands act on.
 pub struct Control {
-    pub mqtt: Arc<Mqtt>,
+    /// Where states are echoed (`None` with MQTT off: the review page still acts).
+    pub mqtt: Option<Arc<Mqtt>>,
     /// The configured cameras (commands to others are refused) and their controls.
     pub cameras: Cameras,
     /// Where enabled and sensitivity persist.
@@ -109,10 +112,11 @@ impl Control {
     /// Carries out commands until the link is gone.
     /// Every refusal is answered on `error`; the log gets one line per 10 s (a flood of bad
     /// commands must not flood the journal).
-    pub fn run(self, incoming: Receiver<Incoming>) {
+    pub fn run(&self, mqtt: &Mqtt, incoming: Receiver<Incoming>) {
         let refusals = LogThrottle::new(Duration::from_secs(10));
         for command in incoming {
-            if let Err(error) = self.handle(&command) {
+            let path = command.topic.strip_prefix(&format!("{}/", mqtt.base)).unwrap_or(&command.topic);
+            if let Err(error) = self.execute(path, &command.payload, "mqtt") {
                 if let Some(suppressed) = refusals.admit() {
                     tracing::warn!(topic = %command.topic, error = %error, suppressed, "Command refused.");
                 }
@@ -121,20 +125,22 @@ impl Control {
                     "payload": excerpt(&command.payload),
                     "error": error,
                 });
-                self.mqtt.publish("error", QoS::AtLeastOnce, false, serde_json::to_vec(&reply).expect("serialises"));
+                mqtt.publish("error", QoS::AtLeastOnce, false, serde_json::to_vec(&reply).expect("serialises"));
             }
         }
         tracing::debug!("Command handler stopped.");
     }
 
-    fn handle(&self, command: &Incoming) -> Result<(), String> {
-        if command.payload.len() > MAX_COMMAND_BYTES {
-            let size = command.payload.len();
+    /// Carries out the command `path` (the topic below the node's base, e.g.
+    /// `cam0/enabled/set`) with `payload`, or says why not; `origin` (`mqtt`, `web`) is
+    /// what a label records as its source.
+    pub fn execute(&self, path: &str, payload: &[u8], origin: &str) -> Result<(), String> {
+        if payload.len() > MAX_COMMAND_BYTES {
+            let size = payload.len();
             return Err(format!("a payload of {size} bytes; a command has at most {MAX_COMMAND_BYTES}"));
         }
-        let path = command.topic.strip_prefix(&format!("{}/", self.mqtt.base)).unwrap_or(&command.topic);
         if path == "model/set" {
-            let name = String::from_utf8_lossy(&command.payload).trim().to_string();
+            let name = String::from_utf8_lossy(payload).trim().to_string();
             let safe = !name.starts_with('.') && name.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c));
             if name.is_empty() || name.len() > MAX_BUNDLE_NAME || !safe {
                 return Err(format!(
@@ -146,18 +152,19 @@ impl Control {
             return self.models.try_send(load).map_err(|_| "a model swap is already queued; try again".to_string());
         }
         if let Some(camera) = path.strip_suffix("/trigger") {
-            return self.trigger(camera, &command.payload);
+            return self.trigger(camera, payload);
         }
         let Some((camera, feature)) = path.strip_suffix("/set").and_then(|p| p.rsplit_once('/')) else {
-            return Err(format!("unknown command topic {}", command.topic));
+            return Err(format!("unknown command topic {path}"));
         };
         let Some((_, entry)) = self.cameras.find(camera) else {
             return Err(format!("unknown camera '{camera}'"));
         };
-        let payload = String::from_utf8_lossy(&command.payload);
+        let bytes = payload;
+        let payload = String::from_utf8_lossy(bytes);
         let controls = &entry.controls;
         match feature {
-            "label" => return self.label(camera, &command.payload),
+            "label" => return self.label(camera, bytes, origin),
             "snapshot" => {
                 controls.request_snapshot();
                 return Ok(());
@@ -170,17 +177,16 @@ impl Control {
             "sensitivity" => match payload.trim().parse::<f64>() {
                 Ok(s) if SENSITIVITY.contains(&s) => controls.set_sensitivity(s),
                 _ => {
-                    return Err(format!(
-                        "expected a sensitivity in {SENSITIVITY:?}, got {}",
-                        excerpt(&command.payload)
-                    ));
+                    return Err(format!("expected a sensitivity in {SENSITIVITY:?}, got {}", excerpt(bytes)));
                 }
             },
             other => return Err(format!("unknown command '{other}'")),
         }
         tracing::info!(camera = %camera, feature = %feature, value = %payload.trim(), "Camera control changed.");
         persist(&self.cameras, &self.controls_file);
-        publish_state(&self.mqtt, &entry);
+        if let Some(mqtt) = &self.mqtt {
+            publish_state(mqtt, &entry);
+        }
         Ok(())
     }
 
@@ -202,15 +208,17 @@ impl Control {
         Ok(())
     }
 
-    fn label(&self, camera: &str, payload: &[u8]) -> Result<(), String> {
+    fn label(&self, camera: &str, payload: &[u8], origin: &str) -> Result<(), String> {
         let label: LabelCommand = serde_json::from_slice(payload)
             .map_err(|e| format!("expected {{\"seq\": <n>, \"verdict\": \"defect\" | \"normal\"}}: {e}"))?;
         let store = self.store.as_ref().ok_or("recording is off ([recorder] enabled = false): nothing to label")?;
-        let file = write_label(store, camera, label.seq, label.verdict, "mqtt").map_err(|e| e.to_string())?;
+        let file = write_label(store, camera, label.seq, label.verdict, origin).map_err(|e| e.to_string())?;
         tracing::info!(camera = %camera, seq = label.seq, verdict = ?label.verdict, file = %file.display(), "Frame labelled.");
         let state = LabelState { seq: label.seq, verdict: label.verdict, file: &file.display().to_string() };
         let payload = serde_json::to_vec(&state).expect("serialises");
-        self.mqtt.publish(&format!("{camera}/label/state"), QoS::AtLeastOnce, true, payload);
+        if let Some(mqtt) = &self.mqtt {
+            mqtt.publish(&format!("{camera}/label/state"), QoS::AtLeastOnce, true, payload);
+        }
         Ok(())
     }
 }

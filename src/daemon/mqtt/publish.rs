@@ -138,6 +138,8 @@ pub struct PublisherContext {
     pub options: PublishOptions,
     /// The recorder's queue.
     pub recorder: Option<Sender<Inspected>>,
+    /// What the review page shows (with the HTTP endpoint on).
+    pub board: Option<Arc<crate::daemon::web::board::Board>>,
 }
 
 /// What a SIGHUP may change in publishing while frames flow; the publisher takes a new
@@ -287,6 +289,9 @@ impl Publisher {
                 publish_event(ctx, &inspected.model, index, event);
             }
         }
+        if let Some(board) = &ctx.board {
+            board.observe(&camera.id, &inspected);
+        }
         if let Some(recorder) = &ctx.recorder {
             let keep = inspected.analysis.anomalous || rand::Rng::random_bool(sampler, ctx.options.normal_sample_rate);
             if keep && recorder.try_send(inspected).is_err() {
@@ -414,6 +419,9 @@ fn publish_event(ctx: &PublisherContext, model: &ModelRef, camera: usize, event:
     let id = &camera.id;
     let message = event.message(id, model, format!("{id}/events/snapshot"));
     tracing::info!(camera = %id, event = %message.id, kind = ?message.kind, frames = message.frames, "Event.");
+    if let Some(board) = &ctx.board {
+        board.event(serde_json::to_value(&message).expect("event serialises"));
+    }
     let Some(mqtt) = &ctx.mqtt else { return };
     let payload = serde_json::to_vec(&message).expect("event serialises");
     let kept = mqtt.publish_durable(&format!("{id}/events"), payload);
