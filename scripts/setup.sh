@@ -52,3 +52,15 @@ echo "export ORT_DYLIB_PATH=$lib"
 # The pretrained backbone that `retrain` builds a bundle's feature graph from (17 MB).
 backbone=$("$repo_root/scripts/fetch-backbone.sh")
 echo "export EDGE_INSPECT_BACKBONE=$backbone"
+# An S3-compatible server for the upload tests: moto's server, from PyPI wheels pinned with
+# hashes, in a venv of its own under target/ (tests only; nothing ships it).
+moto_venv="$repo_root/target/test-tools/moto"
+if [ ! -x "$moto_venv/bin/moto_server" ] \
+    || ! cmp -s "$repo_root/scripts/moto-requirements.txt" "$moto_venv/requirements.txt"; then
+    rm -rf "$moto_venv"
+    python3 -m venv "$moto_venv" >&2
+    "$moto_venv/bin/pip" install --quiet --no-deps --only-binary=:all: --require-hashes \
+        -r "$repo_root/scripts/moto-requirements.txt" >&2
+    cp "$repo_root/scripts/moto-requirements.txt" "$moto_venv/requirements.txt"
+fi
+echo "export EDGE_INSPECT_MOTO_SERVER=$moto_venv/bin/moto_server"

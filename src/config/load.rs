@@ -87,8 +87,19 @@ fn config_error_issue(prefix: &str, error: config::ConfigError) -> ConfigIssue {
     }
 }
 
-const SECTIONS: [&str; 10] =
-    ["node", "model", "runtime", "pipeline", "mqtt", "recorder", "http", "events", "homeassistant", "cameras"];
+const SECTIONS: [&str; 11] = [
+    "node",
+    "model",
+    "runtime",
+    "pipeline",
+    "mqtt",
+    "recorder",
+    "http",
+    "upload",
+    "events",
+    "homeassistant",
+    "cameras",
+];
 
 fn from_table(
     mut table: BTreeMap<String, config::Value>,
@@ -106,6 +117,7 @@ fn from_table(
     let mqtt: RawMqtt = section(&mut table, "mqtt", &mut issues);
     let recorder: RawRecorder = section(&mut table, "recorder", &mut issues);
     let http: RawHttp = section(&mut table, "http", &mut issues);
+    let upload: RawUpload = section(&mut table, "upload", &mut issues);
     let events: RawEvents = section(&mut table, "events", &mut issues);
     let homeassistant: RawHomeAssistant = section(&mut table, "homeassistant", &mut issues);
     let cameras: Vec<config::Value> = match table.remove("cameras") {
@@ -116,7 +128,8 @@ fn from_table(
         cameras.into_iter().enumerate().filter_map(|(i, v)| parse(v, &format!("cameras[{i}]"), &mut issues)).collect();
     let resolve = |p: PathBuf| if p.is_absolute() { p } else { base.join(p) };
     let mut v = Validator { issues, credentials };
-    let raw = RawConfig { node, model, runtime, pipeline, mqtt, recorder, http, events, homeassistant, cameras };
+    let raw =
+        RawConfig { node, model, runtime, pipeline, mqtt, recorder, http, upload, events, homeassistant, cameras };
     let config = v.build(raw, &resolve);
     if v.issues.is_empty() { Ok(config) } else { Err(v.issues) }
 }

@@ -64,6 +64,7 @@ pub struct DaemonConfig {
     pub mqtt: MqttConfig,
     pub recorder: RecorderConfig,
     pub http: HttpConfig,
+    pub upload: UploadConfig,
     pub events: EventsConfig,
     pub homeassistant: HomeAssistantConfig,
     pub cameras: Vec<CameraConfig>,
@@ -99,10 +100,37 @@ impl DaemonConfig {
             ("mqtt", self.mqtt != other.mqtt),
             ("recorder", self.recorder != other.recorder),
             ("http", self.http != other.http),
+            ("upload", self.upload != other.upload),
             ("events", self.events != other.events),
             ("homeassistant", self.homeassistant != other.homeassistant),
             ("cameras", self.cameras != other.cameras),
         ]
+    }
+}
+
+/// Shipping the capture store to an S3-compatible object store (`daemon::upload`).
+#[derive(Clone, PartialEq)]
+pub struct UploadConfig {
+    pub enabled: bool,
+    pub endpoint: String,
+    pub bucket: String,
+    pub region: String,
+    pub prefix: String,
+    /// Access key id and secret; `None`: unsigned requests (a server that allows them).
+    pub credentials: Option<(String, String)>,
+}
+
+impl std::fmt::Debug for UploadConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UploadConfig")
+            .field("enabled", &self.enabled)
+            .field("endpoint", &self.endpoint)
+            .field("bucket", &self.bucket)
+            .field("region", &self.region)
+            .field("prefix", &self.prefix)
+            .field("access_key_id", &self.credentials.as_ref().map(|c| &c.0))
+            .field("secret_access_key", &self.credentials.as_ref().map(|_| "<redacted>"))
+            .finish()
     }
 }
 

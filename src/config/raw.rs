@@ -94,6 +94,24 @@ pub(super) struct RawRecorder {
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(default)]
+pub(super) struct RawUpload {
+    /// Ship the capture store to object storage (default false).
+    pub(super) enabled: Option<bool>,
+    /// The S3-compatible endpoint, `http(s)://host:port` (AWS: `https://s3.<region>.amazonaws.com`).
+    pub(super) endpoint: Option<String>,
+    pub(super) bucket: Option<String>,
+    /// Default `us-east-1` (what most S3-compatible servers expect).
+    pub(super) region: Option<String>,
+    /// Keys are `<prefix>/<node>/<camera>/<day>/<class>/<file>`; default `edge-inspect`.
+    pub(super) prefix: Option<String>,
+    pub(super) access_key_id: Option<String>,
+    pub(super) secret_access_key: Option<String>,
+    pub(super) secret_access_key_file: Option<PathBuf>,
+    pub(super) secret_access_key_credential: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
 pub(super) struct RawHttp {
     /// Serve `/metrics` and `/healthz` (default true).
     pub(super) enabled: Option<bool>,
@@ -139,6 +157,7 @@ pub(super) struct RawConfig {
     pub(super) mqtt: RawMqtt,
     pub(super) recorder: RawRecorder,
     pub(super) http: RawHttp,
+    pub(super) upload: RawUpload,
     pub(super) events: RawEvents,
     pub(super) homeassistant: RawHomeAssistant,
     pub(super) cameras: Vec<RawCamera>,

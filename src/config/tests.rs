@@ -133,6 +133,23 @@ fn the_review_pages_write_token_is_a_secret_of_at_least_16_characters() {
 }
 
 #[test]
+fn upload_needs_the_recorder_an_endpoint_a_bucket_and_both_halves_of_a_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = "[upload]\nenabled = true\nendpoint = \"http://127.0.0.1:9000\"\nbucket = \"recordings\"\n\
+                access_key_id = \"node\"\nsecret_access_key = \"s3cret-key\"\n[recorder]\nenabled = true\n";
+    let c = load_with_env(&write(dir.path(), &format!("{MINIMAL}{good}")), &[]).unwrap();
+    assert_eq!((c.upload.prefix.as_str(), c.upload.region.as_str()), ("edge-inspect", "us-east-1"));
+    assert_eq!(c.upload.credentials, Some(("node".into(), "s3cret-key".into())));
+    assert!(!format!("{:?}", c.upload).contains("s3cret"), "the secret stays out of debug output");
+    let bad = "[upload]\nenabled = true\nendpoint = \"ftp://x\"\nbucket = \"Not_A_Bucket\"\naccess_key_id = \"node\"\n\
+               [recorder]\nenabled = false\n";
+    let e = load_with_env(&write(dir.path(), &format!("{MINIMAL}{bad}")), &[]).unwrap_err().to_string();
+    for key in ["upload.endpoint", "upload.bucket", "upload.access_key_id", "upload.enabled: needs [recorder]"] {
+        assert!(e.contains(key), "{key}: {e}");
+    }
+}
+
+#[test]
 fn a_cameras_inspection_mask_is_read_and_checked_against_its_roi() {
     let dir = tempfile::tempdir().unwrap();
     image::GrayImage::from_pixel(40, 30, image::Luma([255])).save(dir.path().join("mask.png")).unwrap();

@@ -98,7 +98,8 @@ impl Validator {
     }
 
     pub(super) fn build(&mut self, raw: RawConfig, resolve: &dyn Fn(PathBuf) -> PathBuf) -> DaemonConfig {
-        let RawConfig { node, model, runtime, pipeline, mqtt, recorder, http, events, homeassistant, cameras } = raw;
+        let RawConfig { node, model, runtime, pipeline, mqtt, recorder, http, upload, events, homeassistant, cameras } =
+            raw;
         let (node_id, state_dir, drain_timeout) = self.node(node, resolve);
         let model = self.model(model, resolve);
         self.runtime(&runtime);
@@ -119,6 +120,10 @@ impl Validator {
             }
         }
         let (http, events, homeassistant) = (self.http(http), self.events(events), self.homeassistant(homeassistant));
+        let upload = self.upload(upload);
+        if upload.enabled && !recorder.enabled {
+            self.fail("upload.enabled", "needs [recorder] enabled = true: what is uploaded is the capture store");
+        }
         DaemonConfig {
             node_id,
             state_dir,
@@ -129,6 +134,7 @@ impl Validator {
             mqtt,
             recorder,
             http,
+            upload,
             events,
             homeassistant,
             cameras,
@@ -426,6 +432,38 @@ impl Validator {
                 3600 * self.within("http.review_hours", http.review_hours.unwrap_or(24), 1..=720),
             ),
         }
+    }
+
+    /// `[upload]`: where the capture store goes; endpoint and bucket are needed once enabled.
+    fn upload(&mut self, upload: RawUpload) -> UploadConfig {
+        let enabled = upload.enabled.unwrap_or(false);
+        let endpoint = upload.endpoint.unwrap_or_default();
+        if enabled && !(endpoint.starts_with("http://") || endpoint.starts_with("https://")) {
+            self.fail("upload.endpoint", format!("expected an http:// or https:// URL, got {endpoint:?}"));
+        }
+        let bucket = upload.bucket.unwrap_or_default();
+        let valid_bucket = (3..=63).contains(&bucket.len())
+            && bucket.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.');
+        if enabled && !valid_bucket {
+            self.fail("upload.bucket", format!("not a bucket name (3–63 of a-z 0-9 . -): {bucket:?}"));
+        }
+        let prefix = upload.prefix.unwrap_or_else(|| "edge-inspect".into()).trim_matches('/').to_string();
+        let secret = self.secret(
+            "upload.secret_access_key",
+            upload.secret_access_key,
+            upload.secret_access_key_file,
+            upload.secret_access_key_credential,
+        );
+        let credentials = match (upload.access_key_id, secret) {
+            (Some(id), Some(secret)) => Some((id, secret)),
+            (None, None) => None,
+            _ => {
+                self.fail("upload.access_key_id", "give both the access key id and the secret access key, or neither");
+                None
+            }
+        };
+        let region = upload.region.unwrap_or_else(|| "us-east-1".into());
+        UploadConfig { enabled, endpoint, bucket, region, prefix, credentials }
     }
 
     /// A write token guessable in few tries protects nothing: at least 16 characters.

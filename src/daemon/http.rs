@@ -82,6 +82,8 @@ pub struct Report {
     pub stage_timeout: Duration,
     /// Alerts go to MQTT: health says degraded while they cannot be kept or published.
     pub mqtt: bool,
+    /// The uploader's counters, with `[upload]` on.
+    pub upload: Option<Arc<super::upload::UploadStats>>,
 }
 
 /// What `/healthz` watches.
@@ -492,6 +494,18 @@ impl Collector for Report {
         ];
         for (name, help, value) in counters {
             single(&mut encoder, (name, help, Counter), &count(value))?;
+        }
+        if let Some(upload) = &self.upload {
+            let counters = [
+                ("edge_inspect_upload_files", "Files of the capture store uploaded", &upload.files),
+                ("edge_inspect_upload_bytes", "Bytes uploaded", &upload.bytes),
+                ("edge_inspect_upload_failures", "Uploads that failed (retried after a backoff)", &upload.failures),
+            ];
+            for (name, help, value) in counters {
+                single(&mut encoder, (name, help, Counter), &count(value))?;
+            }
+            let pending = ConstGauge::new(upload.pending.load(Relaxed) as i64);
+            single(&mut encoder, ("edge_inspect_upload_pending", "Files waiting to be uploaded", Gauge), &pending)?;
         }
         let model = self.model.lock().expect("model lock").clone();
         let labels = [

@@ -27,6 +27,7 @@ pub mod recorder;
 pub mod reload;
 pub mod signals;
 pub mod supervisor;
+pub mod upload;
 pub mod web;
 mod wiring;
 pub mod worker;
@@ -238,6 +239,8 @@ struct Running {
     mqtt: Option<Arc<Mqtt>>,
     /// Dropped to stop the MQTT link, after `offline` went out.
     mqtt_stop: Option<Sender<()>>,
+    /// Dropped to stop the uploader.
+    upload_stop: Option<Sender<()>>,
     /// Dropped to stop the batcher (capture threads have their own stops).
     capture_stop: Option<Sender<()>>,
     /// New camera queues for the batcher; dropped at shutdown.
@@ -294,6 +297,7 @@ impl Running {
         let (output, options) = wiring.publisher(&link, recorder.as_ref().map(|(tx, _)| tx.clone()), board.clone())?;
         let inference = wiring.worker(inspectors, &model, swaps_rx, output)?;
         let (capture_stop, joins) = wiring.batcher(inference.batches)?;
+        let upload = wiring.uploader()?;
         if let (Some(endpoint), Some(board)) = (&endpoint, board) {
             let site = web::Site {
                 node: config.node_id.clone(),
@@ -315,6 +319,7 @@ impl Running {
                     worker: inference.progress,
                     stage_timeout: config.pipeline.stage_timeout,
                     mqtt: config.mqtt.enabled,
+                    upload: upload.as_ref().map(|(stats, _)| stats.clone()),
                 },
                 site,
             );
@@ -330,6 +335,7 @@ impl Running {
             models,
             mqtt: link.client,
             mqtt_stop: link.stop,
+            upload_stop: upload.map(|(_, stop)| stop),
             capture_stop: Some(capture_stop),
             joins: Some(joins),
             status,
@@ -503,6 +509,7 @@ impl Running {
             mqtt.go_offline(&ids);
         }
         drop(self.mqtt_stop.take());
+        drop(self.upload_stop.take());
         drop(self.loads.take());
         if let Some(endpoint) = &self.endpoint {
             endpoint.shutdown();

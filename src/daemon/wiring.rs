@@ -16,6 +16,7 @@ use super::mqtt::publish::{self, PublishOptions, PublisherContext};
 use super::mqtt::{Mqtt, Subscriptions, control};
 use super::recorder::Recorder;
 use super::supervisor::{Role, Supervisor};
+use super::upload::{UploadStats, Uploader};
 use super::worker::{Swap, Worker};
 use super::{CONTROLS_FILE, ModelInfo};
 use crate::batch;
@@ -162,6 +163,25 @@ impl Wiring<'_> {
             publish::publisher(publisher, output_rx, options_rx, progress)
         })?;
         Ok((output_tx, options))
+    }
+
+    /// The uploader (if `[upload]` is on): its counters and the sender whose drop stops it.
+    pub fn uploader(&mut self) -> anyhow::Result<Option<(Arc<UploadStats>, Sender<()>)>> {
+        let config = self.config;
+        if !config.upload.enabled {
+            return Ok(None);
+        }
+        let stats = Arc::new(UploadStats::default());
+        let uploader = Uploader::new(
+            config.upload.clone(),
+            config.node_id.clone(),
+            config.recorder.dir.clone(),
+            &config.state_dir,
+            stats.clone(),
+        );
+        let (stop, stop_rx) = bounded::<()>(0);
+        self.supervisor.spawn("upload", Role::Link, None, move || uploader.run(stop_rx))?;
+        Ok(Some((stats, stop)))
     }
 
     /// The inference worker over every loaded model (the node's first), taking swaps from

@@ -23,3 +23,4 @@ mod retrain;
 mod review_page;
 mod tiling;
 mod trigger;
+mod upload;
