@@ -210,7 +210,8 @@ pub struct EvalArgs {
     /// Model bundle directory.
     #[arg(long)]
     pub model: PathBuf,
-    /// Test data: an MVTec category or an anomalib Folder dataset.
+    /// Test data: an MVTec category, an anomalib Folder dataset, a capture store with labels,
+    /// or `s3://<bucket>/<prefix>` (capture stores uploaded there; AWS_* variables).
     #[arg(long)]
     pub data: PathBuf,
     /// Report directory (default: results/<model name>/<data directory name>).
@@ -459,9 +460,13 @@ pub enum LossArg {
 #[cfg(feature = "train")]
 #[derive(Debug, Args)]
 pub struct RetrainArgs {
-    /// Training frames: MVTec category, capture store, anomalib Folder, or any image folder.
+    /// Training frames: MVTec category, capture store, anomalib Folder, or any image folder;
+    /// or `s3://<bucket>/<prefix>`: the capture stores nodes uploaded there (AWS_* variables).
     #[arg(long)]
     pub data: PathBuf,
+    /// Also put the bundle under `s3://<bucket>/<prefix>/<name>/<version>/` with a SHA256SUMS.
+    #[arg(long)]
+    pub publish: Option<String>,
     /// Force the data layout instead of detecting it.
     #[arg(long, value_enum)]
     pub layout: Option<crate::train::data::Layout>,

@@ -65,6 +65,7 @@ pub mod image_files;
 pub mod infer;
 pub mod logging;
 pub mod model;
+pub mod objects;
 pub mod postprocess;
 pub mod stats;
 pub mod timestamp;

@@ -18,8 +18,9 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
     if args.batch == 0 {
         bail!("--batch must be at least 1");
     }
+    let data = crate::objects::local_data(&args.data, &crate::objects::cache_root())?;
     // Data problems are cheaper to find than a model load.
-    crate::eval::data::discover(&args.data)?;
+    crate::eval::data::discover(&data)?;
     let runtime = args.runtime.to_config();
     let mut bundle = Bundle::load(&args.model, &runtime)?;
     let anomaly = bundle.manifest.anomaly;
@@ -57,7 +58,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
         inspector = inspector.without_ensemble()?;
     }
     let out = args.out.clone().unwrap_or_else(|| {
-        let data_name = args.data.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let data_name = data.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
         PathBuf::from("results").join(&inspector.manifest().name).join(data_name)
     });
     fs::create_dir_all(&out).with_context(|| format!("{}: cannot create report directory", out.display()))?;
@@ -69,7 +70,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
         progress: !args.no_progress,
         sensitivity: args.sensitivity,
     };
-    let report = evaluate(&mut inspector, &args.model, &args.data, &out, &options)?;
+    let report = evaluate(&mut inspector, &args.model, &data, &out, &options)?;
     let summary = markdown(&report);
     write_atomic(&out.join("report.json"), &serde_json::to_vec_pretty(&report)?)
         .with_context(|| format!("{}: cannot write report.json", out.display()))?;

@@ -113,8 +113,9 @@ pub fn run(args: RetrainArgs) -> anyhow::Result<()> {
         parent.join(format!(".{name}.checkpoint"))
     });
     let report = args.report.clone().unwrap_or_else(|| beside(&args.out, ".report.json"));
+    let data = crate::objects::local_data(&args.data, &crate::objects::cache_root())?;
     let options = RunOptions {
-        data: args.data.clone(),
+        data,
         layout: args.layout,
         out: args.out.clone(),
         force: args.force,
@@ -159,6 +160,9 @@ pub fn run(args: RetrainArgs) -> anyhow::Result<()> {
                 summary.thresholds.image.value,
                 report.display()
             );
+            if let Some(url) = &args.publish {
+                println!("published {}", crate::objects::publish(&bundle, url)?);
+            }
         }
         Outcome::Paused { step, checkpoint } => {
             println!("paused at step {step}; checkpoint {} (continue with --resume)", checkpoint.display());

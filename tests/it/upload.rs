@@ -51,6 +51,25 @@ impl S3 {
         (status, response.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default())
     }
 
+    /// An object, read as the trainer would (signed, through `object_store`).
+    fn get_signed(&self, key: &str) -> String {
+        use object_store::ObjectStore;
+        let client = object_store::aws::AmazonS3Builder::new()
+            .with_endpoint(format!("http://127.0.0.1:{}", self.port))
+            .with_client_options(object_store::ClientOptions::new().with_allow_http(true))
+            .with_bucket_name("recordings")
+            .with_region("us-east-1")
+            .with_access_key_id("trainer")
+            .with_secret_access_key("not-a-real-secret")
+            .build()
+            .unwrap();
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let bytes = runtime.block_on(async {
+            client.get(&object_store::path::Path::parse(key).unwrap()).await.unwrap().bytes().await.unwrap()
+        });
+        String::from_utf8(bytes.to_vec()).unwrap()
+    }
+
     /// The bucket's keys under `prefix`.
     fn keys(&self, prefix: &str) -> Vec<String> {
         let (status, body) = self.request("GET", &format!("/recordings?list-type=2&max-keys=1000&prefix={prefix}"));
@@ -121,10 +140,50 @@ fn recordings_go_to_object_storage_and_an_outage_loses_none() {
         flagged(&s3).iter().any(|k| captured_ms(k) > outage)
     });
     assert!(metric(&addr, "edge_inspect_upload_files_total") >= 3.0);
+    let frames = |s3: &S3| flagged(s3).iter().filter(|k| k.ends_with("0.png") || k.ends_with("1.png")).count();
+    wait_for(Duration::from_secs(60), "enough frames in the bucket to train on", || frames(&s3) >= 6);
     daemon.signal("TERM");
     assert!(daemon.wait_exit(Duration::from_secs(30)).success(), "{}", daemon.log_text());
     let ledger: serde_json::Value =
         serde_json::from_slice(&std::fs::read(dir.path().join("state/upload-ledger.json")).unwrap()).unwrap();
     assert!(ledger.as_object().unwrap().keys().any(|k| k.starts_with("cam0/flagged/")), "{ledger}");
     assert!(Path::new(&dir.path().join("state/captures")).is_dir());
+    retrain_from_the_bucket(&s3, dir.path());
+}
+
+/// `retrain --data s3://…` trains on what the nodes uploaded, away from them, and
+/// `--publish` puts the bundle under `models/<name>/<version>/` with its sha256.
+fn retrain_from_the_bucket(s3: &S3, dir: &Path) {
+    let out = dir.join("retrained");
+    let env = [
+        ("AWS_ENDPOINT_URL", format!("http://127.0.0.1:{}", s3.port)),
+        ("AWS_ALLOW_HTTP", "true".into()),
+        ("AWS_ACCESS_KEY_ID", "trainer".into()),
+        ("AWS_SECRET_ACCESS_KEY", "not-a-real-secret".into()),
+        ("AWS_REGION", "us-east-1".into()),
+        ("EDGE_INSPECT_CACHE", dir.join("cache").display().to_string()),
+    ];
+    let o = Command::new(env!("CARGO_BIN_EXE_edge-inspect"))
+        .args(["retrain", "--data", "s3://recordings/plant-a", "--publish", "s3://recordings/models"])
+        .args(["--out", out.to_str().unwrap(), "--loss", "huber", "--steps", "2", "--batch-size", "4", "--size", "16"])
+        .args(["--base-channels", "16", "--channel-mults", "1,2", "--t0", "10", "--reverse-steps", "2"])
+        .args(["--no-progress", "--fixed-operating-point"])
+        .envs(env)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.with_extension("report.json")).unwrap()).unwrap();
+    assert_eq!(report["data"]["layout"], "captures", "{}", report["data"]);
+    assert!(dir.join("cache/recordings/plant-a/test.cam0/flagged").is_dir(), "mirrored as a capture store");
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    let published =
+        stdout.lines().find_map(|l| l.strip_prefix("published s3://recordings/")).expect("published").to_string();
+    let keys = s3.keys(&published);
+    assert!(keys.iter().any(|k| k.ends_with("/manifest.toml")), "{keys:?}");
+    let sums = s3.get_signed(&format!("{published}SHA256SUMS"));
+    use sha2::Digest;
+    let manifest = std::fs::read(out.join("manifest.toml")).unwrap();
+    let sha: String = sha2::Sha256::digest(&manifest).iter().map(|b| format!("{b:02x}")).collect();
+    assert!(sums.contains(&format!("{sha}  manifest.toml")), "{sums}");
 }
