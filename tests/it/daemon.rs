@@ -2106,28 +2106,12 @@ fn a_label_goes_from_mqtt_to_the_store_to_retrain_and_eval() {
     assert!(String::from_utf8_lossy(&o.stdout).trim().ends_with("-000006.label.json"));
 
     // retrain leaves the two frames labelled defect out, and says so.
-    let model = dir.path().join("retrained");
-    let o = Command::new(env!("CARGO_BIN_EXE_edge-inspect"))
-        .args(["retrain", "--data", store.to_str().unwrap(), "--loss", "huber", "--out", model.to_str().unwrap()])
-        .args(["--steps", "4", "--batch-size", "4", "--size", "16", "--base-channels", "16", "--channel-mults", "1,2"])
-        .args(["--t0", "10", "--reverse-steps", "2", "--no-progress", "--fixed-operating-point"])
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let report: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(model.with_extension("report.json")).unwrap()).unwrap();
+    let report = retrain_small(store.to_str().unwrap(), &dir.path().join("retrained"), &[], &[]).1;
     assert_eq!(report["data"]["layout"], "captures");
     assert_eq!(report["data"]["labelled_defect_excluded"], 2, "{}", report["data"]);
 
     // eval scores the three labelled frames at the deployed threshold.
-    let out = dir.path().join("eval");
-    let o = Command::new(env!("CARGO_BIN_EXE_edge-inspect"))
-        .args(["eval", "--model", repo().join("models/brick-huber").to_str().unwrap()])
-        .args(["--data", store.to_str().unwrap(), "--out", out.to_str().unwrap(), "--no-progress"])
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("report.json")).unwrap()).unwrap();
+    let report = eval_demo(&store, &dir.path().join("eval"));
     assert_eq!(report["data"]["layout"], "captures", "{}", report["data"]);
     let overall = &report["overall"];
     assert_eq!((overall["images"].as_u64(), overall["anomalous"].as_u64()), (Some(3), Some(2)), "{overall}");
@@ -2140,6 +2124,38 @@ fn a_label_goes_from_mqtt_to_the_store_to_retrain_and_eval() {
     );
     assert_eq!(deployed["f1"].as_f64(), Some(1.0), "{deployed}");
     assert!(overall["image_best_f1"].as_f64().is_some(), "best F1 beside it: {overall}");
+}
+
+/// `retrain` with the smallest settings (seconds on these cores) from `data` into `out`,
+/// with `extra` arguments and `env`: its stdout and report.
+pub(crate) fn retrain_small(
+    data: &str,
+    out: &Path,
+    extra: &[&str],
+    env: &[(&str, String)],
+) -> (String, serde_json::Value) {
+    let o = Command::new(env!("CARGO_BIN_EXE_edge-inspect"))
+        .args(["retrain", "--data", data, "--loss", "huber", "--out", out.to_str().unwrap()])
+        .args(["--steps", "4", "--batch-size", "4", "--size", "16", "--base-channels", "16", "--channel-mults", "1,2"])
+        .args(["--t0", "10", "--reverse-steps", "2", "--no-progress", "--fixed-operating-point"])
+        .args(extra)
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let report = serde_json::from_slice(&std::fs::read(out.with_extension("report.json")).unwrap()).unwrap();
+    (String::from_utf8_lossy(&o.stdout).into_owned(), report)
+}
+
+/// `eval` of the demo model on `data` into `out`: its report.
+pub(crate) fn eval_demo(data: &Path, out: &Path) -> serde_json::Value {
+    let o = Command::new(env!("CARGO_BIN_EXE_edge-inspect"))
+        .args(["eval", "--model", repo().join("models/brick-huber").to_str().unwrap()])
+        .args(["--data", data.to_str().unwrap(), "--out", out.to_str().unwrap(), "--no-progress"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    serde_json::from_slice(&std::fs::read(out.join("report.json")).unwrap()).unwrap()
 }
 
 /// Whether the capture store holds a recording with sequence number `seq`.

@@ -14,7 +14,10 @@ use std::time::{Duration, Instant};
 use fantoccini::{Client, ClientBuilder, Locator};
 use serde_json::Value;
 
-use crate::daemon::{Daemon, camera, free_port, http_at_known_port, http_get, repo, rig, wait_for, write_config};
+use crate::daemon::{
+    Daemon, camera, eval_demo, free_port, http_at_known_port, http_get, repo, retrain_small, rig, wait_for,
+    write_config,
+};
 
 const TOKEN: &str = "a-test-token-of-32-characters-00";
 
@@ -239,24 +242,9 @@ fn the_review_page_in_a_browser_shows_cameras_and_writes_labels_that_retrain_rea
     assert!(daemon.wait_exit(Duration::from_secs(30)).success(), "{}", daemon.log_text());
 
     // retrain leaves the frame labelled defect out; eval scores the two labelled frames.
-    let model = dir.path().join("retrained");
-    let o = Command::new(env!("CARGO_BIN_EXE_edge-inspect"))
-        .args(["retrain", "--data", store.to_str().unwrap(), "--loss", "huber", "--out", model.to_str().unwrap()])
-        .args(["--steps", "2", "--batch-size", "4", "--size", "16", "--base-channels", "16", "--channel-mults", "1,2"])
-        .args(["--t0", "10", "--reverse-steps", "2", "--no-progress", "--fixed-operating-point"])
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let report: Value = serde_json::from_slice(&std::fs::read(model.with_extension("report.json")).unwrap()).unwrap();
+    let report = retrain_small(store.to_str().unwrap(), &dir.path().join("retrained"), &[], &[]).1;
     assert_eq!(report["data"]["labelled_defect_excluded"], 1, "{}", report["data"]);
-    let out = dir.path().join("eval");
-    let o = Command::new(env!("CARGO_BIN_EXE_edge-inspect"))
-        .args(["eval", "--model", repo().join("models/brick-huber").to_str().unwrap()])
-        .args(["--data", store.to_str().unwrap(), "--out", out.to_str().unwrap(), "--no-progress"])
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let report: Value = serde_json::from_slice(&std::fs::read(out.join("report.json")).unwrap()).unwrap();
+    let report = eval_demo(&store, &dir.path().join("eval"));
     assert_eq!(report["overall"]["images"].as_u64(), Some(2), "{}", report["overall"]);
     drop(broker);
 }

@@ -9,7 +9,9 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use crate::daemon::{Daemon, camera, free_port, http_at_known_port, http_get, repo, rig, wait_for, write_config};
+use crate::daemon::{
+    Daemon, camera, free_port, http_at_known_port, http_get, repo, retrain_small, rig, wait_for, write_config,
+};
 
 /// moto's S3 server on `port`, killed on drop.
 struct S3 {
@@ -163,20 +165,10 @@ fn retrain_from_the_bucket(s3: &S3, dir: &Path) {
         ("AWS_REGION", "us-east-1".into()),
         ("EDGE_INSPECT_CACHE", dir.join("cache").display().to_string()),
     ];
-    let o = Command::new(env!("CARGO_BIN_EXE_edge-inspect"))
-        .args(["retrain", "--data", "s3://recordings/plant-a", "--publish", "s3://recordings/models"])
-        .args(["--out", out.to_str().unwrap(), "--loss", "huber", "--steps", "2", "--batch-size", "4", "--size", "16"])
-        .args(["--base-channels", "16", "--channel-mults", "1,2", "--t0", "10", "--reverse-steps", "2"])
-        .args(["--no-progress", "--fixed-operating-point"])
-        .envs(env)
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let report: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(out.with_extension("report.json")).unwrap()).unwrap();
+    let (stdout, report) =
+        retrain_small("s3://recordings/plant-a", &out, &["--publish", "s3://recordings/models"], &env);
     assert_eq!(report["data"]["layout"], "captures", "{}", report["data"]);
     assert!(dir.join("cache/recordings/plant-a/test.cam0/flagged").is_dir(), "mirrored as a capture store");
-    let stdout = String::from_utf8_lossy(&o.stdout);
     let published =
         stdout.lines().find_map(|l| l.strip_prefix("published s3://recordings/")).expect("published").to_string();
     let keys = s3.keys(&published);
