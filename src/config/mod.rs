@@ -65,7 +65,6 @@ pub struct DaemonConfig {
     pub recorder: RecorderConfig,
     pub http: HttpConfig,
     pub upload: UploadConfig,
-    pub fleet: FleetConfig,
     pub events: EventsConfig,
     pub homeassistant: HomeAssistantConfig,
     pub cameras: Vec<CameraConfig>,
@@ -102,7 +101,6 @@ impl DaemonConfig {
             ("recorder", self.recorder != other.recorder),
             ("http", self.http != other.http),
             ("upload", self.upload != other.upload),
-            ("fleet", self.fleet != other.fleet),
             ("events", self.events != other.events),
             ("homeassistant", self.homeassistant != other.homeassistant),
             ("cameras", self.cameras != other.cameras),
@@ -134,17 +132,6 @@ impl std::fmt::Debug for UploadConfig {
             .field("secret_access_key", &self.credentials.as_ref().map(|_| "<redacted>"))
             .finish()
     }
-}
-
-/// Following the fleet's model rollouts (`daemon::fleet`), and the rules that roll a
-/// watched model back.
-#[derive(Debug, Clone, PartialEq)]
-pub struct FleetConfig {
-    pub enabled: bool,
-    pub watch: Duration,
-    pub max_alert_ratio: f64,
-    pub min_alert_fraction: f64,
-    pub min_frames: u64,
 }
 
 /// The HTTP endpoint: monitoring (`/metrics`, `/healthz`) and the review page.

@@ -98,20 +98,8 @@ impl Validator {
     }
 
     pub(super) fn build(&mut self, raw: RawConfig, resolve: &dyn Fn(PathBuf) -> PathBuf) -> DaemonConfig {
-        let RawConfig {
-            node,
-            model,
-            runtime,
-            pipeline,
-            mqtt,
-            recorder,
-            http,
-            upload,
-            fleet,
-            events,
-            homeassistant,
-            cameras,
-        } = raw;
+        let RawConfig { node, model, runtime, pipeline, mqtt, recorder, http, upload, events, homeassistant, cameras } =
+            raw;
         let (node_id, state_dir, drain_timeout) = self.node(node, resolve);
         let model = self.model(model, resolve);
         self.runtime(&runtime);
@@ -136,7 +124,6 @@ impl Validator {
         if upload.enabled && !recorder.enabled {
             self.fail("upload.enabled", "needs [recorder] enabled = true: what is uploaded is the capture store");
         }
-        let fleet = self.fleet(fleet, &mqtt, &upload);
         DaemonConfig {
             node_id,
             state_dir,
@@ -148,38 +135,9 @@ impl Validator {
             recorder,
             http,
             upload,
-            fleet,
             events,
             homeassistant,
             cameras,
-        }
-    }
-
-    /// `[fleet]`: rollouts come over MQTT and bundles through `[upload]`'s connection.
-    fn fleet(&mut self, fleet: RawFleet, mqtt: &MqttConfig, upload: &UploadConfig) -> FleetConfig {
-        let enabled = fleet.enabled.unwrap_or(false);
-        if enabled && !mqtt.enabled {
-            self.fail("fleet.enabled", "needs [mqtt] enabled = true: rollouts arrive there");
-        }
-        let endpoint = &upload.endpoint;
-        if enabled && !(endpoint.starts_with("http://") || endpoint.starts_with("https://")) {
-            self.fail(
-                "fleet.enabled",
-                format!(
-                    "needs [upload] endpoint (an http:// or https:// URL, got {endpoint:?}): bundles come from there"
-                ),
-            );
-        }
-        FleetConfig {
-            enabled,
-            watch: Duration::from_secs(self.within("fleet.watch_s", fleet.watch_s.unwrap_or(600), 0..=86_400)),
-            max_alert_ratio: self.within("fleet.max_alert_ratio", fleet.max_alert_ratio.unwrap_or(3.0), 1.0..=1000.0),
-            min_alert_fraction: self.within(
-                "fleet.min_alert_fraction",
-                fleet.min_alert_fraction.unwrap_or(0.1),
-                0.0..=1.0,
-            ),
-            min_frames: self.within("fleet.min_frames", fleet.min_frames.unwrap_or(50), 1..=1_000_000),
         }
     }
 

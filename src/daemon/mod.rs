@@ -19,7 +19,6 @@
 //! ```
 
 pub mod cameras;
-pub mod fleet;
 pub mod http;
 mod lifecycle;
 pub mod models;
@@ -291,7 +290,7 @@ impl Running {
         // control thread and reloads.
         let (swaps_tx, swaps_rx) = bounded(1);
         let (loads_tx, loads_rx) = bounded(64);
-        let mut link = wiring.mqtt(&loads_tx)?;
+        let link = wiring.mqtt(&loads_tx)?;
         let loader = wiring.loader(&link, swaps_tx, model.current.clone(), &inspectors, loads_tx, loads_rx)?;
         let recorder = wiring.recorder()?;
         let board = endpoint.as_ref().map(|_| Arc::new(web::board::Board::default()));
@@ -299,7 +298,6 @@ impl Running {
         let inference = wiring.worker(inspectors, &model, swaps_rx, output)?;
         let (capture_stop, joins) = wiring.batcher(inference.batches)?;
         let upload = wiring.uploader()?;
-        wiring.follower(&mut link, loader.loads.clone(), loader.node_bundle.clone(), inference.progress.clone())?;
         if let (Some(endpoint), Some(board)) = (&endpoint, board) {
             let site = web::Site {
                 node: config.node_id.clone(),

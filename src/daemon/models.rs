@@ -50,8 +50,6 @@ struct ModelState<'a> {
     name: &'a str,
     version: &'a str,
     sha256: &'a str,
-    /// The sha256 of the bundle's manifest: its identity in fleet rollouts (`fleet`).
-    bundle_sha256: Option<String>,
     path: String,
     loaded_at: &'a str,
     last_error: Option<&'a str>,
@@ -63,18 +61,7 @@ struct ModelState<'a> {
 pub struct Load {
     pub key: usize,
     pub path: PathBuf,
-    /// Where the outcome goes as well (the fleet follower waits for its swaps).
-    pub reply: Option<Sender<Result<(), String>>>,
 }
-
-impl Load {
-    pub fn new(key: usize, path: PathBuf) -> Self {
-        Self { key, path, reply: None }
-    }
-}
-
-/// The bundle directory the node's model was loaded from (what a rollback returns to).
-pub type NodeBundle = Arc<Mutex<PathBuf>>;
 
 /// The node's model: the one `<node>/model` reports and `model/set` swaps.
 pub const NODE_MODEL: usize = 0;
@@ -87,9 +74,8 @@ pub struct Loader {
     pub config: DaemonConfig,
     pub mqtt: Option<Arc<Mqtt>>,
     pub swaps: Sender<Swap<OrtDenoiser>>,
-    /// The node's model, for `stats` and `/metrics`, and the bundle it came from.
+    /// The node's model, for `stats` and `/metrics`.
     pub current: CurrentModel,
-    pub node_bundle: NodeBundle,
     /// The manifests of the loaded models: what a swap of one must match.
     pub running: BTreeMap<usize, Manifest>,
     pub loaded: Sender<Loaded>,
@@ -98,10 +84,10 @@ pub struct Loader {
 impl Loader {
     /// Publishes the state, then carries out `requests` until they close.
     pub fn run(mut self, requests: Receiver<Load>) {
-        let mut loaded_at = timestamp::now();
-        self.publish(&loaded_at, None);
+        let (mut path, mut loaded_at) = (self.config.model.path.clone(), timestamp::now());
+        self.publish(&path, &loaded_at, None);
         for request in requests {
-            let Load { key, path: bundle, reply } = &request;
+            let Load { key, path: bundle } = &request;
             tracing::info!(key, model = %bundle.display(), "Loading a model.");
             let result = self.load(&request).and_then(|(swap, manifest)| {
                 let model = swap.model.clone();
@@ -110,8 +96,7 @@ impl Loader {
                 self.running.insert(*key, manifest.clone());
                 if *key == NODE_MODEL {
                     *self.current.lock().expect("model lock") = model;
-                    *self.node_bundle.lock().expect("bundle lock") = bundle.clone();
-                    loaded_at = timestamp::now();
+                    (path, loaded_at) = (bundle.clone(), timestamp::now());
                 }
                 Ok(manifest)
             });
@@ -119,10 +104,7 @@ impl Loader {
                 tracing::error!(key, model = %bundle.display(), error = %error, "Model not loaded; the current one stays.");
             }
             if *key == NODE_MODEL {
-                self.publish(&loaded_at, result.as_ref().err().map(String::as_str));
-            }
-            if let Some(reply) = reply {
-                let _ = reply.try_send(result.as_ref().map(|_| ()).map_err(Clone::clone));
+                self.publish(&path, &loaded_at, result.as_ref().err().map(String::as_str));
             }
             if self.loaded.send((*key, result)).is_err() {
                 break;
@@ -155,15 +137,13 @@ impl Loader {
         Ok((Swap { key: request.key, inspector, model }, manifest))
     }
 
-    fn publish(&self, loaded_at: &str, last_error: Option<&str>) {
+    fn publish(&self, path: &std::path::Path, loaded_at: &str, last_error: Option<&str>) {
         let Some(mqtt) = &self.mqtt else { return };
         let current = self.current.lock().expect("model lock").clone();
-        let path = self.node_bundle.lock().expect("bundle lock").clone();
         let state = ModelState {
             name: &current.name,
             version: &current.version,
             sha256: &current.sha256,
-            bundle_sha256: crate::fleet::bundle_sha(&path).ok(),
             path: path.display().to_string(),
             loaded_at,
             last_error,

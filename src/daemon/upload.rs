@@ -80,7 +80,27 @@ impl Uploader {
     }
 
     fn client(&self) -> object_store::Result<object_store::aws::AmazonS3> {
-        crate::objects::configured_client(&self.config, &self.config.bucket, PUT_TIMEOUT)
+        let c = &self.config;
+        // `allow_http` belongs to the client options: the builder's own setter would be
+        // replaced by them.
+        let options = object_store::ClientOptions::new()
+            .with_timeout(PUT_TIMEOUT)
+            .with_connect_timeout(Duration::from_secs(10))
+            .with_allow_http(c.endpoint.starts_with("http://"));
+        // Retries are ours (backoff that shutdown cuts short), not the client's.
+        let retry = object_store::RetryConfig { max_retries: 0, ..Default::default() };
+        let mut builder = object_store::aws::AmazonS3Builder::new()
+            .with_endpoint(&c.endpoint)
+            .with_bucket_name(&c.bucket)
+            .with_region(&c.region)
+            .with_virtual_hosted_style_request(false)
+            .with_client_options(options)
+            .with_retry(retry);
+        builder = match &c.credentials {
+            Some((id, secret)) => builder.with_access_key_id(id).with_secret_access_key(secret),
+            None => builder.with_skip_signature(true),
+        };
+        builder.build()
     }
 
     /// Uploads until `stop`'s sender is dropped; saves the ledger on the way out.

@@ -11,10 +11,9 @@ use anyhow::Context;
 use crossbeam_channel::{Receiver, Sender, bounded};
 
 use super::cameras::Cameras;
-use super::fleet::Follower;
 use super::models::{self, CurrentModel, Load, NODE_MODEL};
 use super::mqtt::publish::{self, PublishOptions, PublisherContext};
-use super::mqtt::{Incoming, Mqtt, Subscriptions, control};
+use super::mqtt::{Mqtt, Subscriptions, control};
 use super::recorder::Recorder;
 use super::supervisor::{Role, Supervisor};
 use super::upload::{UploadStats, Uploader};
@@ -25,12 +24,6 @@ use crate::config::{DaemonConfig, RecorderLimits};
 use crate::frame::{Frame, Inspected};
 use crate::infer::inspect::Inspector;
 use crate::stats::{PipelineStats, Progress};
-
-/// `mqtt.topic_prefix`: the node's base topic without its id.
-fn topic_prefix(config: &DaemonConfig) -> String {
-    let base = &config.mqtt.base_topic;
-    base.strip_suffix(&format!("/{}", config.node_id)).unwrap_or(base).to_string()
-}
 
 /// What every stage is started with.
 pub struct Wiring<'a> {
@@ -46,16 +39,12 @@ pub struct Link {
     pub client: Option<Arc<Mqtt>>,
     pub stop: Option<Sender<()>>,
     pub control: Arc<control::Control>,
-    /// Rollouts and halts for the fleet follower (`[fleet]` on).
-    pub fleet: Option<Receiver<Incoming>>,
 }
 
 /// The model loader's channels: bundles to load, and what became of them.
 pub struct Loader {
     pub loads: Sender<Load>,
     pub loaded: Receiver<models::Loaded>,
-    /// The bundle the node's model came from (what a rollback returns to).
-    pub node_bundle: models::NodeBundle,
 }
 
 /// The inference worker's handles.
@@ -88,15 +77,13 @@ impl Wiring<'_> {
             })
         };
         if !config.mqtt.enabled {
-            return Ok(Link { client: None, stop: None, control: control(None), fleet: None });
+            return Ok(Link { client: None, stop: None, control: control(None) });
         }
         let ha = &config.homeassistant;
         let (commands_tx, commands_rx) = bounded(64);
-        let (fleet_tx, fleet_rx) = bounded(16);
         let subscriptions = Subscriptions {
             birth: ha.enabled.then(|| format!("{}/status", ha.discovery_prefix)),
             commands: config.mqtt.commands.then(|| (control::filters(&config.mqtt.base_topic), commands_tx)),
-            fleet: config.fleet.enabled.then(|| (topic_prefix(config), fleet_tx)),
         };
         let (client, link) = Mqtt::start(&config.mqtt, self.pipeline.clone(), subscriptions)?;
         let client = Arc::new(client);
@@ -107,35 +94,7 @@ impl Wiring<'_> {
             let (control, client) = (control.clone(), client.clone());
             self.supervisor.spawn("control", Role::Link, None, move || control.run(&client, commands_rx))?;
         }
-        let fleet = config.fleet.enabled.then_some(fleet_rx);
-        Ok(Link { client: Some(client), stop: Some(stop_tx), control, fleet })
-    }
-
-    /// The fleet follower (if `[fleet]` is on): rollouts from `link`, swaps through `loads`.
-    pub fn follower(
-        &mut self,
-        link: &mut Link,
-        loads: Sender<Load>,
-        node_bundle: models::NodeBundle,
-        worker: crate::stats::Progress,
-    ) -> anyhow::Result<()> {
-        let (Some(incoming), Some(mqtt)) = (link.fleet.take(), link.client.clone()) else { return Ok(()) };
-        let config = self.config;
-        let follower = Follower {
-            node: config.node_id.clone(),
-            topic_prefix: topic_prefix(config),
-            config: config.fleet.clone(),
-            connection: config.upload.clone(),
-            models_dir: config.model.models_dir.clone(),
-            mqtt,
-            loads,
-            node_bundle,
-            cameras: self.cameras.clone(),
-            worker,
-            stage_timeout: config.pipeline.stage_timeout,
-        };
-        self.supervisor.spawn("fleet", Role::Link, None, move || follower.run(incoming))?;
-        Ok(())
+        Ok(Link { client: Some(client), stop: Some(stop_tx), control })
     }
 
     /// The model loader: verified bundles go to the worker on `swaps`.
@@ -149,18 +108,16 @@ impl Wiring<'_> {
         loads_rx: Receiver<Load>,
     ) -> anyhow::Result<Loader> {
         let (loaded_tx, loaded) = bounded(8);
-        let node_bundle = Arc::new(Mutex::new(self.config.model.path.clone()));
         let loader = models::Loader {
             config: self.config.clone(),
             mqtt: link.client.clone(),
             swaps,
             current,
-            node_bundle: node_bundle.clone(),
             running: inspectors.iter().enumerate().map(|(key, i)| (key, i.manifest().clone())).collect(),
             loaded: loaded_tx,
         };
         self.supervisor.spawn("models", Role::Link, None, move || loader.run(loads_rx))?;
-        Ok(Loader { loads, loaded, node_bundle })
+        Ok(Loader { loads, loaded })
     }
 
     /// The recorder (if enabled): its input and the channel for new limits.

@@ -27,12 +27,12 @@ pub(crate) struct Broker {
 }
 
 impl Broker {
-    pub(crate) fn start() -> Self {
+    fn start() -> Self {
         Self::start_with(|port, _| format!("listener {port} 127.0.0.1\nallow_anonymous true\n"))
     }
 
     /// `listeners(port, dir)` gives the listener section; `port` is the anonymous plain one.
-    pub(crate) fn start_with(listeners: impl FnOnce(u16, &Path) -> String) -> Self {
+    fn start_with(listeners: impl FnOnce(u16, &Path) -> String) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
         let conf = dir.path().join("mosquitto.conf");
@@ -104,7 +104,7 @@ pub(crate) struct Subscriber {
 }
 
 impl Subscriber {
-    pub(crate) fn start(port: u16) -> Self {
+    fn start(port: u16) -> Self {
         Self::start_on(port, "edge-inspect/#")
     }
 
@@ -225,14 +225,7 @@ pub(crate) fn write_config(dir: &Path, port: u16, pipeline: &str, cameras: &str)
 }
 
 /// A config for `model` with extra `[model]` keys.
-pub(crate) fn write_config_for(
-    model: &Path,
-    model_keys: &str,
-    dir: &Path,
-    port: u16,
-    pipeline: &str,
-    cameras: &str,
-) -> PathBuf {
+fn write_config_for(model: &Path, model_keys: &str, dir: &Path, port: u16, pipeline: &str, cameras: &str) -> PathBuf {
     let path = dir.join("edge-inspect.toml");
     let text = format!(
         r#"
@@ -2307,13 +2300,13 @@ fn export_bundle(out: &Path, size: &str, seed: &str) {
 }
 
 /// The sha256 a bundle's manifest names.
-pub(crate) fn bundle_sha(bundle: &Path) -> String {
+fn bundle_sha(bundle: &Path) -> String {
     let text = std::fs::read_to_string(bundle.join("manifest.toml")).unwrap();
     text.lines().find(|l| l.starts_with("sha256")).unwrap().split('"').nth(1).unwrap().to_string()
 }
 
 /// `(seq, model sha256)` of every retained state `camera` published, in order.
-pub(crate) fn judged(sub: &Subscriber, camera: &str) -> Vec<(u64, String)> {
+fn judged(sub: &Subscriber, camera: &str) -> Vec<(u64, String)> {
     sub.on(&format!("/{camera}/state"))
         .iter()
         .map(|m| serde_json::from_slice::<serde_json::Value>(&m.payload).unwrap())
@@ -2332,7 +2325,7 @@ fn corrupt_copy(from: &Path, to: &Path) {
 }
 
 /// Copies a bundle directory.
-pub(crate) fn copy_bundle(from: &Path, to: &Path) {
+fn copy_bundle(from: &Path, to: &Path) {
     std::fs::create_dir_all(to).unwrap();
     for entry in std::fs::read_dir(from).unwrap().flatten() {
         std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();

@@ -14,13 +14,13 @@ use crate::daemon::{
 };
 
 /// moto's S3 server on `port`, killed on drop.
-pub(crate) struct S3 {
+struct S3 {
     child: Child,
-    pub(crate) port: u16,
+    port: u16,
 }
 
 impl S3 {
-    pub(crate) fn start(port: u16) -> Self {
+    fn start(port: u16) -> Self {
         let server = std::env::var("EDGE_INSPECT_MOTO_SERVER")
             .expect("EDGE_INSPECT_MOTO_SERVER (eval \"$(scripts/setup.sh)\" installs moto's server)");
         let child = Command::new(server)
@@ -73,7 +73,7 @@ impl S3 {
     }
 
     /// The bucket's keys under `prefix`.
-    pub(crate) fn keys(&self, prefix: &str) -> Vec<String> {
+    fn keys(&self, prefix: &str) -> Vec<String> {
         let (status, body) = self.request("GET", &format!("/recordings?list-type=2&max-keys=1000&prefix={prefix}"));
         assert_eq!(status, 200, "{body}");
         body.split("<Key>").skip(1).filter_map(|k| k.split_once("</Key>").map(|(key, _)| key.to_string())).collect()
@@ -88,7 +88,7 @@ impl Drop for S3 {
 }
 
 /// The capture time (ms) in a key's file name.
-pub(crate) fn captured_ms(key: &str) -> u128 {
+fn captured_ms(key: &str) -> u128 {
     key.rsplit('/').next().and_then(|f| f.split_once('-')).and_then(|(ms, _)| ms.parse().ok()).unwrap_or(0)
 }
 
