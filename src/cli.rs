@@ -40,6 +40,9 @@ pub enum Command {
     /// Label a recorded frame in the capture store as a defect or normal (what the MQTT
     /// command `<camera>/label/set` does): `retrain` leaves out defects, `eval` scores on labels.
     Label(LabelArgs),
+    /// The fleet: publish a bundle to object storage, roll it out to nodes over MQTT (a
+    /// canary first), and list the nodes with their models, rollout states and alert rates.
+    Fleet(FleetArgs),
     /// Export a UNet with seeded random weights as a verified bundle (tests, benchmarks).
     #[cfg(feature = "train")]
     Export(ExportArgs),
@@ -644,6 +647,66 @@ pub struct LabelArgs {
     pub seq: u64,
     #[arg(long, value_enum)]
     pub verdict: VerdictArg,
+}
+
+#[derive(Debug, Args)]
+pub struct FleetArgs {
+    #[command(subcommand)]
+    pub action: FleetAction,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum FleetAction {
+    /// Put a bundle under `<to>/<name>/<version>/` with its SHA256SUMS (as `retrain
+    /// --publish`); prints the folder's URL and the bundle's sha256. Object storage from the
+    /// AWS_* variables.
+    Publish {
+        bundle: PathBuf,
+        /// `s3://<bucket>/<prefix>`.
+        #[arg(long)]
+        to: String,
+    },
+    /// Roll the bundle in `url` (a folder `publish` printed) out to `--nodes`: the retained
+    /// `<topic_prefix>/fleet/model`. Refused while a node's halt on that bundle stands.
+    Rollout {
+        url: String,
+        /// `all`, node ids separated by commas, or a percentage (`10%`, a canary).
+        #[arg(long)]
+        nodes: String,
+        /// Lift a halt on this bundle first.
+        #[arg(long)]
+        force: bool,
+        #[command(flatten)]
+        broker: BrokerArgs,
+    },
+    /// The nodes as their retained states and live stats tell: availability, model,
+    /// rollout state, frames and alerts (alerts through a shared subscription, so several
+    /// consumers split the stats stream).
+    Status {
+        #[command(flatten)]
+        broker: BrokerArgs,
+        /// The shared subscription group for the stats stream.
+        #[arg(long, default_value = "edge-inspect-fleet")]
+        group: String,
+        /// How long to listen for the nodes' stats.
+        #[arg(long, default_value_t = 5)]
+        listen_s: u64,
+        /// One JSON object per node instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Where the fleet's broker is.
+#[derive(Debug, Clone, Args)]
+pub struct BrokerArgs {
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+    #[arg(long, default_value_t = 1883)]
+    pub port: u16,
+    /// The nodes' `mqtt.topic_prefix`.
+    #[arg(long, default_value = "edge-inspect")]
+    pub topic_prefix: String,
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]

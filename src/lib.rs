@@ -42,6 +42,9 @@
 //!   AUPRO), reports, and the synthetic contamination benchmark.
 //! - [`daemon`]: `run`: wiring, the supervisor, the inference worker, MQTT, recording,
 //!   systemd integration.
+//! - [`objects`]: object storage for the offline commands (`--data s3://…`, `--publish`).
+//!   [`fleet`]: the fleet's rollout protocol (messages, targeting, checked bundle downloads),
+//!   followed by `daemon::fleet` and published by `edge-inspect fleet`.
 //! - [`image_files`]: which files are images, listed the same way everywhere.
 //! - [`logging`]: text, journald-native or JSON logs.
 //! - [`commands`]: the subcommands, thin over the above.
@@ -60,6 +63,7 @@ pub mod controls;
 pub mod daemon;
 pub mod durable;
 pub mod eval;
+pub mod fleet;
 pub mod frame;
 pub mod image_files;
 pub mod infer;

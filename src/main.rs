@@ -24,6 +24,7 @@ fn main() -> ExitCode {
         Command::Synth(args) => commands::synth::run(args),
         Command::Bench(args) => commands::bench::run(args),
         Command::Label(args) => commands::label::run(args),
+        Command::Fleet(args) => commands::fleet::run(args),
         #[cfg(feature = "train")]
         Command::Export(args) => commands::export::run(args),
         #[cfg(feature = "train")]

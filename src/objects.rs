@@ -20,6 +20,7 @@ use object_store::path::Path as Key;
 
 use crate::capture::STORE_MARKER;
 use crate::durable::write_atomic;
+use crate::infer::bundle::sha256_hex;
 
 /// Where mirrors of object storage are kept: `$EDGE_INSPECT_CACHE`, else
 /// `$XDG_CACHE_HOME/edge-inspect/objects`, else `~/.cache/edge-inspect/objects`.
@@ -39,21 +40,55 @@ pub fn is_remote(path: &Path) -> bool {
     path.to_str().is_some_and(|p| p.starts_with("s3://"))
 }
 
-/// The client for `url`'s bucket and the key prefix within it.
-fn client(url: &str) -> anyhow::Result<(AmazonS3, Key)> {
+/// The bucket of an `s3://<bucket>/<prefix>` URL and the key prefix within it.
+pub fn split_url(url: &str) -> anyhow::Result<(&str, Key)> {
     let rest = url.strip_prefix("s3://").with_context(|| format!("{url}: not an s3:// URL"))?;
     let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
     if bucket.is_empty() {
         bail!("{url}: no bucket");
     }
+    Ok((bucket, Key::parse(prefix.trim_matches('/')).with_context(|| format!("{url}: not a key prefix"))?))
+}
+
+/// The client for `url`'s bucket (from the AWS variables) and the key prefix within it.
+pub fn client(url: &str) -> anyhow::Result<(AmazonS3, Key)> {
+    let (bucket, prefix) = split_url(url)?;
     let client = AmazonS3Builder::from_env()
         .with_bucket_name(bucket)
         .build()
         .with_context(|| format!("{url}: cannot set up the object store client (AWS_* variables)"))?;
-    Ok((client, Key::parse(prefix.trim_matches('/')).with_context(|| format!("{url}: not a key prefix"))?))
+    Ok((client, prefix))
 }
 
-fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+/// A client for `bucket` on a node: the connection from its config (`[upload]`), not the
+/// environment; no retries of its own (the callers back off, and shutdown cuts that short).
+pub fn configured_client(
+    connection: &crate::config::UploadConfig,
+    bucket: &str,
+    timeout: std::time::Duration,
+) -> object_store::Result<AmazonS3> {
+    // `allow_http` belongs to the client options: the builder's own setter would be
+    // replaced by them.
+    let options = object_store::ClientOptions::new()
+        .with_timeout(timeout)
+        .with_connect_timeout(std::time::Duration::from_secs(10))
+        .with_allow_http(connection.endpoint.starts_with("http://"));
+    let retry = object_store::RetryConfig { max_retries: 0, ..Default::default() };
+    let builder = AmazonS3Builder::new()
+        .with_endpoint(&connection.endpoint)
+        .with_bucket_name(bucket)
+        .with_region(&connection.region)
+        .with_virtual_hosted_style_request(false)
+        .with_client_options(options)
+        .with_retry(retry);
+    match &connection.credentials {
+        Some((id, secret)) => builder.with_access_key_id(id).with_secret_access_key(secret),
+        None => builder.with_skip_signature(true),
+    }
+    .build()
+}
+
+pub fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_current_thread().enable_all().build().context("cannot start a tokio runtime")
 }
 
@@ -135,11 +170,6 @@ pub fn publish(bundle: &Path, url: &str) -> anyhow::Result<String> {
     })?;
     let bucket = url.trim_start_matches("s3://").split('/').next().unwrap_or_default();
     Ok(format!("s3://{bucket}/{folder}/"))
-}
-
-fn sha256_hex(bytes: &[u8]) -> String {
-    use sha2::Digest;
-    sha2::Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
 }
 
 #[cfg(test)]

@@ -104,8 +104,9 @@ impl CaptureLoop {
             match self.queue_tx.try_send(frame) {
                 Ok(()) => return,
                 Err(TrySendError::Full(back)) => {
-                    if self.queue_rx.try_recv().is_ok() {
+                    if let Ok(evicted) = self.queue_rx.try_recv() {
                         self.stats.drop_frame(DropReason::QueueFull);
+                        self.triggers.lost(evicted.seq, DropReason::QueueFull.as_str());
                     }
                     frame = back;
                 }
@@ -122,6 +123,7 @@ impl CaptureLoop {
             Some([x, y, w, h]) => {
                 if x + w > image.width() || y + h > image.height() {
                     self.stats.drop_frame(DropReason::RoiOutside);
+                    self.triggers.lost(seq, DropReason::RoiOutside.as_str());
                     if let Some(suppressed) = self.stats.warnings.admit() {
                         tracing::warn!(camera = %self.config.id, roi = ?self.config.roi, width = image.width(), height = image.height(), suppressed, "Region of interest lies outside the frame; frame dropped.");
                     }
@@ -134,6 +136,7 @@ impl CaptureLoop {
             && mask.size() != [original.width(), original.height()]
         {
             self.stats.drop_frame(DropReason::MaskSize);
+            self.triggers.lost(seq, DropReason::MaskSize.as_str());
             if let Some(suppressed) = self.stats.warnings.admit() {
                 tracing::warn!(camera = %self.config.id, mask = %mask.path().display(), mask_size = ?mask.size(), width = original.width(), height = original.height(), suppressed, "The inspection mask is not the size of the frame (after the ROI); frame dropped.");
             }

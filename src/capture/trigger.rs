@@ -10,7 +10,9 @@
 //! publisher answers a captured one with the frame's verdict; a trigger whose frame does not
 //! arrive within `frame_timeout`, or whose frame gets no verdict within `verdict_timeout`
 //! (dropped on the way: a full queue, a failed inference, the shutdown deadline), is answered
-//! `missed` with the reason. Whichever comes first removes the entry, so a late verdict never
+//! `missed` with the reason. A frame dropped on the way with its reason known (a full queue,
+//! a failed inference) is answered `missed` at once, within a turn of the publisher, rather
+//! than at its deadline. Whichever comes first removes the entry, so a late verdict never
 //! answers a trigger twice.
 
 use std::collections::VecDeque;
@@ -62,6 +64,8 @@ struct Entry {
     /// The frame's sequence number once a frame claimed it.
     seq: Option<u64>,
     deadline: Instant,
+    /// Why its frame was dropped, once the pipeline said so.
+    lost: Option<String>,
 }
 
 /// One camera's triggers (shared by the command handler, the capture thread and the
@@ -136,7 +140,7 @@ impl Triggers {
         };
         let now = Instant::now();
         let part = Part { id: id.clone(), triggered: SystemTime::now(), triggered_at: now };
-        state.entries.push_back(Entry { part, seq: None, deadline: now + frame_timeout });
+        state.entries.push_back(Entry { part, seq: None, deadline: now + frame_timeout, lost: None });
         let _ = self.bell_tx.try_send(());
         Ok(id)
     }
@@ -180,7 +184,12 @@ impl Triggers {
         }
         let seq = number();
         let part = Part { id, triggered: captured, triggered_at: captured_at };
-        state.entries.push_back(Entry { part: part.clone(), seq: Some(seq), deadline: captured_at + verdict_timeout });
+        state.entries.push_back(Entry {
+            part: part.clone(),
+            seq: Some(seq),
+            deadline: captured_at + verdict_timeout,
+            lost: None,
+        });
         Some((seq, part))
     }
 
@@ -191,6 +200,17 @@ impl Triggers {
         let Some(at) = state.entries.iter().position(|e| e.seq == Some(seq)) else { return false };
         state.entries.remove(at);
         true
+    }
+
+    /// Frame `seq` was dropped on the way for `reason`: its trigger is due now, answered
+    /// `missed` with that reason at the publisher's next turn. Nothing for a frame that
+    /// carries no trigger or was already answered.
+    pub fn lost(&self, seq: u64, reason: &str) {
+        let mut state = self.state();
+        if let Some(entry) = state.entries.iter_mut().find(|e| e.seq == Some(seq)) {
+            entry.deadline = Instant::now();
+            entry.lost = Some(reason.to_string());
+        }
     }
 
     /// Removes and returns the triggers past their deadline at `now`.
@@ -210,9 +230,10 @@ impl Triggers {
 
 fn missed(entry: Entry) -> Missed {
     let waited = entry.deadline.saturating_duration_since(entry.part.triggered_at).as_millis();
-    let reason = match entry.seq {
-        None => format!("no frame within {waited} ms of the trigger"),
-        Some(seq) => format!("frame {seq} got no verdict (dropped on the way; see stats)"),
+    let reason = match (entry.seq, entry.lost) {
+        (None, _) => format!("no frame within {waited} ms of the trigger"),
+        (Some(seq), Some(lost)) => format!("frame {seq} was dropped: {lost}"),
+        (Some(seq), None) => format!("frame {seq} got no verdict (dropped on the way; see stats)"),
     };
     Missed { part: entry.part, reason, seq: entry.seq }
 }
@@ -267,6 +288,23 @@ mod tests {
         assert_eq!((missed[0].part.id.as_str(), missed[0].seq), ("no-verdict", Some(2)));
         assert!(!t.answer(2), "a verdict after `missed` answers nothing");
         assert!(t.expire(start + Duration::from_secs(10)).is_empty());
+    }
+
+    #[test]
+    fn a_frame_dropped_on_the_way_answers_its_trigger_missed_at_once_with_the_reason() {
+        let t = triggered(100, 60_000);
+        t.trigger("cam", Some("P-1")).unwrap();
+        t.trigger("cam", Some("P-2")).unwrap();
+        let start = Instant::now();
+        t.claim(start, || 1).unwrap();
+        t.claim(start, || 2).unwrap();
+        t.lost(1, "the camera's queue was full");
+        t.lost(7, "a frame that carries no trigger");
+        let missed = t.expire(Instant::now());
+        assert_eq!(missed.len(), 1, "only the lost frame's trigger, long before its deadline: {missed:?}");
+        assert_eq!((missed[0].part.id.as_str(), missed[0].seq), ("P-1", Some(1)));
+        assert_eq!(missed[0].reason, "frame 1 was dropped: the camera's queue was full");
+        assert!(!t.answer(1) && t.answer(2), "the other trigger still takes its verdict");
     }
 
     #[test]

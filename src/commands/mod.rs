@@ -4,6 +4,7 @@ pub mod bench;
 pub mod eval;
 #[cfg(feature = "train")]
 pub mod export;
+pub mod fleet;
 pub mod infer;
 pub mod label;
 #[cfg(feature = "train")]

@@ -87,7 +87,7 @@ fn config_error_issue(prefix: &str, error: config::ConfigError) -> ConfigIssue {
     }
 }
 
-const SECTIONS: [&str; 11] = [
+const SECTIONS: [&str; 12] = [
     "node",
     "model",
     "runtime",
@@ -96,6 +96,7 @@ const SECTIONS: [&str; 11] = [
     "recorder",
     "http",
     "upload",
+    "fleet",
     "events",
     "homeassistant",
     "cameras",
@@ -118,6 +119,7 @@ fn from_table(
     let recorder: RawRecorder = section(&mut table, "recorder", &mut issues);
     let http: RawHttp = section(&mut table, "http", &mut issues);
     let upload: RawUpload = section(&mut table, "upload", &mut issues);
+    let fleet: RawFleet = section(&mut table, "fleet", &mut issues);
     let events: RawEvents = section(&mut table, "events", &mut issues);
     let homeassistant: RawHomeAssistant = section(&mut table, "homeassistant", &mut issues);
     let cameras: Vec<config::Value> = match table.remove("cameras") {
@@ -128,8 +130,20 @@ fn from_table(
         cameras.into_iter().enumerate().filter_map(|(i, v)| parse(v, &format!("cameras[{i}]"), &mut issues)).collect();
     let resolve = |p: PathBuf| if p.is_absolute() { p } else { base.join(p) };
     let mut v = Validator { issues, credentials };
-    let raw =
-        RawConfig { node, model, runtime, pipeline, mqtt, recorder, http, upload, events, homeassistant, cameras };
+    let raw = RawConfig {
+        node,
+        model,
+        runtime,
+        pipeline,
+        mqtt,
+        recorder,
+        http,
+        upload,
+        fleet,
+        events,
+        homeassistant,
+        cameras,
+    };
     let config = v.build(raw, &resolve);
     if v.issues.is_empty() { Ok(config) } else { Err(v.issues) }
 }

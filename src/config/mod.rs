@@ -65,6 +65,7 @@ pub struct DaemonConfig {
     pub recorder: RecorderConfig,
     pub http: HttpConfig,
     pub upload: UploadConfig,
+    pub fleet: FleetConfig,
     pub events: EventsConfig,
     pub homeassistant: HomeAssistantConfig,
     pub cameras: Vec<CameraConfig>,
@@ -101,6 +102,7 @@ impl DaemonConfig {
             ("recorder", self.recorder != other.recorder),
             ("http", self.http != other.http),
             ("upload", self.upload != other.upload),
+            ("fleet", self.fleet != other.fleet),
             ("events", self.events != other.events),
             ("homeassistant", self.homeassistant != other.homeassistant),
             ("cameras", self.cameras != other.cameras),
@@ -132,6 +134,17 @@ impl std::fmt::Debug for UploadConfig {
             .field("secret_access_key", &self.credentials.as_ref().map(|_| "<redacted>"))
             .finish()
     }
+}
+
+/// Following the fleet's model rollouts (`daemon::fleet`), and the rules that roll a
+/// watched model back.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FleetConfig {
+    pub enabled: bool,
+    pub watch: Duration,
+    pub max_alert_ratio: f64,
+    pub min_alert_fraction: f64,
+    pub min_frames: u64,
 }
 
 /// The HTTP endpoint: monitoring (`/metrics`, `/healthz`) and the review page.
@@ -193,6 +206,8 @@ pub struct MqttConfig {
     pub client_id: String,
     /// `<topic_prefix>/<node>`: every topic starts with this.
     pub base_topic: String,
+    /// What the nodes of a fleet share (`<topic_prefix>/fleet/…`).
+    pub topic_prefix: String,
     pub keep_alive: Duration,
     /// How long the broker keeps the node's session (subscriptions, queued commands) while
     /// it is away.
@@ -222,6 +237,7 @@ impl std::fmt::Debug for MqttConfig {
             .field("port", &self.port)
             .field("client_id", &self.client_id)
             .field("base_topic", &self.base_topic)
+            .field("topic_prefix", &self.topic_prefix)
             .field("username", &self.credentials.as_ref().map(|c| &c.0))
             .field("password", &self.credentials.as_ref().map(|_| "<redacted>"))
             .field("tls", &self.tls)

@@ -112,6 +112,23 @@ pub(super) struct RawUpload {
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(default)]
+pub(super) struct RawFleet {
+    /// Follow the fleet's rollouts on `<topic_prefix>/fleet/model` (default false); bundles
+    /// are downloaded through `[upload]`'s endpoint and credentials.
+    pub(super) enabled: Option<bool>,
+    /// How long a rolled-out model is watched before it counts as good (default 600).
+    pub(super) watch_s: Option<u64>,
+    /// The alert fraction a watched model may reach, as a multiple of the one before it
+    /// (default 3).
+    pub(super) max_alert_ratio: Option<f64>,
+    /// …and never breaches below this fraction of frames alerting (default 0.1).
+    pub(super) min_alert_fraction: Option<f64>,
+    /// Frames inspected before the alert rule judges (default 50).
+    pub(super) min_frames: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
 pub(super) struct RawHttp {
     /// Serve `/metrics` and `/healthz` (default true).
     pub(super) enabled: Option<bool>,
@@ -158,6 +175,7 @@ pub(super) struct RawConfig {
     pub(super) recorder: RawRecorder,
     pub(super) http: RawHttp,
     pub(super) upload: RawUpload,
+    pub(super) fleet: RawFleet,
     pub(super) events: RawEvents,
     pub(super) homeassistant: RawHomeAssistant,
     pub(super) cameras: Vec<RawCamera>,

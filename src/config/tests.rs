@@ -39,6 +39,9 @@ fn defaults_relative_paths_and_environment_overrides() {
     )
     .unwrap();
     assert_eq!((c.mqtt.port, c.mqtt.base_topic.as_str()), (1884, "edge-inspect/line2"));
+    // The fleet's topics live at `<prefix>/fleet/…`: no node may take that id.
+    let e = load_with_env(&path, &env(&[("EDGE_INSPECT__NODE__ID", "fleet")])).unwrap_err().to_string();
+    assert!(e.contains("node.id") && e.contains("reserved for the fleet"), "{e}");
 }
 
 #[test]

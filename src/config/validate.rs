@@ -98,8 +98,20 @@ impl Validator {
     }
 
     pub(super) fn build(&mut self, raw: RawConfig, resolve: &dyn Fn(PathBuf) -> PathBuf) -> DaemonConfig {
-        let RawConfig { node, model, runtime, pipeline, mqtt, recorder, http, upload, events, homeassistant, cameras } =
-            raw;
+        let RawConfig {
+            node,
+            model,
+            runtime,
+            pipeline,
+            mqtt,
+            recorder,
+            http,
+            upload,
+            fleet,
+            events,
+            homeassistant,
+            cameras,
+        } = raw;
         let (node_id, state_dir, drain_timeout) = self.node(node, resolve);
         let model = self.model(model, resolve);
         self.runtime(&runtime);
@@ -124,6 +136,7 @@ impl Validator {
         if upload.enabled && !recorder.enabled {
             self.fail("upload.enabled", "needs [recorder] enabled = true: what is uploaded is the capture store");
         }
+        let fleet = self.fleet(fleet, &mqtt, &upload);
         DaemonConfig {
             node_id,
             state_dir,
@@ -135,9 +148,38 @@ impl Validator {
             recorder,
             http,
             upload,
+            fleet,
             events,
             homeassistant,
             cameras,
+        }
+    }
+
+    /// `[fleet]`: rollouts come over MQTT and bundles through `[upload]`'s connection.
+    fn fleet(&mut self, fleet: RawFleet, mqtt: &MqttConfig, upload: &UploadConfig) -> FleetConfig {
+        let enabled = fleet.enabled.unwrap_or(false);
+        if enabled && !mqtt.enabled {
+            self.fail("fleet.enabled", "needs [mqtt] enabled = true: rollouts arrive there");
+        }
+        let endpoint = &upload.endpoint;
+        if enabled && !(endpoint.starts_with("http://") || endpoint.starts_with("https://")) {
+            self.fail(
+                "fleet.enabled",
+                format!(
+                    "needs [upload] endpoint (an http:// or https:// URL, got {endpoint:?}): bundles come from there"
+                ),
+            );
+        }
+        FleetConfig {
+            enabled,
+            watch: Duration::from_secs(self.within("fleet.watch_s", fleet.watch_s.unwrap_or(600), 0..=86_400)),
+            max_alert_ratio: self.within("fleet.max_alert_ratio", fleet.max_alert_ratio.unwrap_or(3.0), 1.0..=1000.0),
+            min_alert_fraction: self.within(
+                "fleet.min_alert_fraction",
+                fleet.min_alert_fraction.unwrap_or(0.1),
+                0.0..=1.0,
+            ),
+            min_frames: self.within("fleet.min_frames", fleet.min_frames.unwrap_or(50), 1..=1_000_000),
         }
     }
 
@@ -147,6 +189,10 @@ impl Validator {
         // host name is the id.
         let node_id = node.id.unwrap_or_else(host_name_id);
         self.identifier("node.id", &node_id);
+        if node_id == crate::fleet::FLEET_LEVEL {
+            // `<prefix>/fleet/model` is the rollout message: a node of that id would answer it.
+            self.fail("node.id", format!("'{node_id}' is reserved for the fleet's topics (<prefix>/fleet/…)"));
+        }
         let state_dir = resolve(node.state_dir.unwrap_or_else(|| "/var/lib/edge-inspect".into()));
         // Created at start when missing; a file there would fail every write (a restart loop).
         if state_dir.exists() && !state_dir.is_dir() {
@@ -261,6 +307,7 @@ impl Validator {
             port: port.clamp(1, 65535) as u16,
             client_id: mqtt.client_id.unwrap_or_else(|| format!("edge-inspect-{node_id}")),
             base_topic: format!("{topic_prefix}/{node_id}"),
+            topic_prefix,
             // MQTT carries the keep-alive in 16 bits; the client pings no more often than 5 s.
             keep_alive: Duration::from_secs(self.within(
                 "mqtt.keep_alive_s",

@@ -50,7 +50,7 @@ impl Running {
         self.models.push(ModelSlot { path: path.clone(), manifest: None });
         let key = self.models.len() - 1;
         tracing::info!(camera = %camera.id, key, model = %path.display(), "Loading the camera's model.");
-        self.request_load(Load { key, path: path.clone() });
+        self.request_load(Load::new(key, path.clone()));
         key
     }
 
@@ -204,7 +204,7 @@ impl Running {
             match crate::infer::bundle::read_manifest(path) {
                 Ok(m) if m.artifact.sha256 != running.artifact.sha256 => {
                     tracing::info!(key, model = %path.display(), "SIGHUP: the bundle changed; swapping.");
-                    self.request_load(Load { key, path: path.clone() });
+                    self.request_load(Load::new(key, path.clone()));
                 }
                 _ => {}
             }

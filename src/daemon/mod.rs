@@ -19,6 +19,7 @@
 //! ```
 
 pub mod cameras;
+pub mod fleet;
 pub mod http;
 mod lifecycle;
 pub mod models;
@@ -284,13 +285,18 @@ impl Running {
             .zip(&inspectors)
             .map(|((_, path), inspector)| ModelSlot { path, manifest: Some(inspector.manifest().clone()) })
             .collect();
-        let mut wiring =
-            Wiring { config: &config, supervisor: &mut supervisor, pipeline: &pipeline, cameras: &cameras };
+        let mut wiring = Wiring {
+            config: &config,
+            supervisor: &mut supervisor,
+            pipeline: &pipeline,
+            cameras: &cameras,
+            uploaded: Arc::default(),
+        };
         // Verified models for the worker, from the loader; bundles to load, from the
         // control thread and reloads.
         let (swaps_tx, swaps_rx) = bounded(1);
         let (loads_tx, loads_rx) = bounded(64);
-        let link = wiring.mqtt(&loads_tx)?;
+        let mut link = wiring.mqtt(&loads_tx)?;
         let loader = wiring.loader(&link, swaps_tx, model.current.clone(), &inspectors, loads_tx, loads_rx)?;
         let recorder = wiring.recorder()?;
         let board = endpoint.as_ref().map(|_| Arc::new(web::board::Board::default()));
@@ -298,6 +304,7 @@ impl Running {
         let inference = wiring.worker(inspectors, &model, swaps_rx, output)?;
         let (capture_stop, joins) = wiring.batcher(inference.batches)?;
         let upload = wiring.uploader()?;
+        wiring.follower(&mut link, loader.loads.clone(), loader.node_bundle.clone(), inference.progress.clone())?;
         if let (Some(endpoint), Some(board)) = (&endpoint, board) {
             let site = web::Site {
                 node: config.node_id.clone(),

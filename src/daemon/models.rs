@@ -50,6 +50,8 @@ struct ModelState<'a> {
     name: &'a str,
     version: &'a str,
     sha256: &'a str,
+    /// The sha256 of the bundle's manifest: its identity in fleet rollouts (`fleet`).
+    bundle_sha256: Option<String>,
     path: String,
     loaded_at: &'a str,
     last_error: Option<&'a str>,
@@ -61,7 +63,18 @@ struct ModelState<'a> {
 pub struct Load {
     pub key: usize,
     pub path: PathBuf,
+    /// Where the outcome goes as well (the fleet follower waits for its swaps).
+    pub reply: Option<Sender<Result<(), String>>>,
 }
+
+impl Load {
+    pub fn new(key: usize, path: PathBuf) -> Self {
+        Self { key, path, reply: None }
+    }
+}
+
+/// The bundle directory the node's model was loaded from (what a rollback returns to).
+pub type NodeBundle = Arc<Mutex<PathBuf>>;
 
 /// The node's model: the one `<node>/model` reports and `model/set` swaps.
 pub const NODE_MODEL: usize = 0;
@@ -74,8 +87,9 @@ pub struct Loader {
     pub config: DaemonConfig,
     pub mqtt: Option<Arc<Mqtt>>,
     pub swaps: Sender<Swap<OrtDenoiser>>,
-    /// The node's model, for `stats` and `/metrics`.
+    /// The node's model, for `stats` and `/metrics`, and the bundle it came from.
     pub current: CurrentModel,
+    pub node_bundle: NodeBundle,
     /// The manifests of the loaded models: what a swap of one must match.
     pub running: BTreeMap<usize, Manifest>,
     pub loaded: Sender<Loaded>,
@@ -84,10 +98,10 @@ pub struct Loader {
 impl Loader {
     /// Publishes the state, then carries out `requests` until they close.
     pub fn run(mut self, requests: Receiver<Load>) {
-        let (mut path, mut loaded_at) = (self.config.model.path.clone(), timestamp::now());
-        self.publish(&path, &loaded_at, None);
+        let mut loaded_at = timestamp::now();
+        self.publish(&loaded_at, None);
         for request in requests {
-            let Load { key, path: bundle } = &request;
+            let Load { key, path: bundle, reply } = &request;
             tracing::info!(key, model = %bundle.display(), "Loading a model.");
             let result = self.load(&request).and_then(|(swap, manifest)| {
                 let model = swap.model.clone();
@@ -96,7 +110,8 @@ impl Loader {
                 self.running.insert(*key, manifest.clone());
                 if *key == NODE_MODEL {
                     *self.current.lock().expect("model lock") = model;
-                    (path, loaded_at) = (bundle.clone(), timestamp::now());
+                    *self.node_bundle.lock().expect("bundle lock") = bundle.clone();
+                    loaded_at = timestamp::now();
                 }
                 Ok(manifest)
             });
@@ -104,7 +119,10 @@ impl Loader {
                 tracing::error!(key, model = %bundle.display(), error = %error, "Model not loaded; the current one stays.");
             }
             if *key == NODE_MODEL {
-                self.publish(&path, &loaded_at, result.as_ref().err().map(String::as_str));
+                self.publish(&loaded_at, result.as_ref().err().map(String::as_str));
+            }
+            if let Some(reply) = reply {
+                let _ = reply.try_send(result.as_ref().map(|_| ()).map_err(Clone::clone));
             }
             if self.loaded.send((*key, result)).is_err() {
                 break;
@@ -137,13 +155,15 @@ impl Loader {
         Ok((Swap { key: request.key, inspector, model }, manifest))
     }
 
-    fn publish(&self, path: &std::path::Path, loaded_at: &str, last_error: Option<&str>) {
+    fn publish(&self, loaded_at: &str, last_error: Option<&str>) {
         let Some(mqtt) = &self.mqtt else { return };
         let current = self.current.lock().expect("model lock").clone();
+        let path = self.node_bundle.lock().expect("bundle lock").clone();
         let state = ModelState {
             name: &current.name,
             version: &current.version,
             sha256: &current.sha256,
+            bundle_sha256: crate::fleet::bundle_sha(&path).ok(),
             path: path.display().to_string(),
             loaded_at,
             last_error,

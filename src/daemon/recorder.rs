@@ -15,6 +15,10 @@
 //! window) goes first, so that the frames an operator is to label stay visible; only a
 //! store holding nothing else gives up its oldest flagged frame. `max_age` applies to all.
 //!
+//! With `[upload]` on, making room takes recordings already in object storage (the
+//! uploader's [`Uploaded`]) before those still waiting to go up, within the same order:
+//! uploaded and unspared, then unspared, then the oldest.
+//!
 //! Disk pressure spares alerts: before each write the recorder checks the free space of
 //! its filesystem and pauses — counting every frame it does not record
 //! (`recorder_low_disk`), logging when it pauses and when it resumes — while that is under
@@ -31,6 +35,7 @@ use crossbeam_channel::Receiver;
 use serde::Serialize;
 
 use super::cameras::Cameras;
+use super::upload::Uploaded;
 use crate::config::{RecorderConfig, RecorderLimits};
 use crate::durable::write_atomic;
 use crate::frame::Inspected;
@@ -99,6 +104,8 @@ struct Store {
     total: u64,
     /// Flagged frames this young are deleted to make room only when nothing else is left.
     spare_flagged: Option<Duration>,
+    /// Files in object storage: their groups go first when making room.
+    uploaded: Option<Arc<Uploaded>>,
 }
 
 impl Store {
@@ -131,14 +138,21 @@ impl Store {
         self.drop_group(&key, stats)
     }
 
-    /// The group to delete to make room: the oldest one that is not a flagged frame within
-    /// `spare_flagged`, or the oldest if nothing else is left.
+    /// The group to delete to make room: the oldest uploaded one that is not a flagged
+    /// frame within `spare_flagged`, else the oldest such one uploaded or not, else the
+    /// oldest.
     fn next_to_go(&self) -> Option<(SystemTime, PathBuf)> {
         let since = self.spare_flagged.map(|window| SystemTime::now() - window);
-        let spared = |(t, key): &&(SystemTime, PathBuf)| {
+        let spared = |(t, key): &(SystemTime, PathBuf)| {
             since.is_some_and(|since| *t >= since) && key.parent().is_some_and(|d| d.ends_with("flagged"))
         };
-        self.groups.keys().find(|k| !spared(k)).or_else(|| self.groups.keys().next()).cloned()
+        let mut unspared = self.groups.iter().filter(|(key, _)| !spared(key));
+        let uploaded = self
+            .uploaded
+            .as_ref()
+            .and_then(|uploaded| unspared.clone().find(|(_, files)| uploaded.all(files.iter().map(|(path, _)| path))));
+        let (key, _) = uploaded.or_else(|| unspared.next()).or_else(|| self.groups.iter().next())?;
+        Some(key.clone())
     }
 
     /// Deletes a group's files; a file that cannot be deleted is logged with its path,
@@ -223,6 +237,12 @@ impl Recorder {
     /// Spares the flagged frames of the last `window` when making room (module docs).
     pub fn spare_flagged_for(mut self, window: Duration) -> Self {
         self.store.spare_flagged = Some(window);
+        self
+    }
+
+    /// Prunes files in object storage first when making room (module docs).
+    pub fn prune_uploaded_first(mut self, uploaded: Arc<Uploaded>) -> Self {
+        self.store.uploaded = Some(uploaded);
         self
     }
 
@@ -434,6 +454,30 @@ mod tests {
         // Nothing else left: the oldest flagged frame of the window goes.
         assert!(recorder.store.make_room(400, 500, &stats));
         assert_eq!(left(&flagged), ["b.png"]);
+    }
+
+    #[test]
+    fn making_room_takes_what_is_already_in_object_storage_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let normal = dir.path().join("cam/normal");
+        std::fs::create_dir_all(&normal).unwrap();
+        for (name, age) in [("a", 400), ("b", 300), ("c", 200), ("d", 100)] {
+            put(&normal, &format!("{name}.png"), 100, Duration::from_secs(age));
+        }
+        put(&normal, "c.json", 10, Duration::from_secs(200));
+        let uploaded = Arc::new(Uploaded::default());
+        // b whole; c without its sidecar: only b counts as uploaded.
+        for name in ["b.png", "c.png"] {
+            uploaded.insert(normal.join(name));
+        }
+        let stats = Arc::new(PipelineStats::default());
+        let recorder = Recorder::open(config(dir.path(), 410), one_camera(), stats.clone(), None).unwrap();
+        let mut recorder = recorder.prune_uploaded_first(uploaded.clone());
+        assert!(recorder.store.make_room(100, 410, &stats));
+        assert_eq!(left(&normal), ["a.png", "c.json", "c.png", "d.png"], "b went before the older a");
+        // Nothing else uploaded: the oldest goes, as without an uploader.
+        assert!(recorder.store.make_room(200, 410, &stats));
+        assert_eq!(left(&normal), ["c.json", "c.png", "d.png"]);
     }
 
     #[test]

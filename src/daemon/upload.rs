@@ -12,6 +12,10 @@
 //!
 //! Keys are `<prefix>/<node>/<camera>/<YYYY-MM-DD>/<class>/<file>`, the day (UTC) from the
 //! recording's capture time, so that a store's listing by node, camera and day is a prefix.
+//!
+//! What is uploaded is shared with the recorder ([`Uploaded`]): when the store is full it
+//! prunes recordings already in object storage before those still waiting, so an outage
+//! loses the newest uploads' local copies rather than recordings that exist nowhere else.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -49,6 +53,29 @@ pub struct UploadStats {
 /// What the ledger keeps of an uploaded file.
 type Seen = (u64, u128);
 
+/// The store's files that are in object storage as they are (absolute paths), kept by the
+/// uploader and read by the recorder when it makes room; as large as the ledger.
+#[derive(Debug, Default)]
+pub struct Uploaded(std::sync::Mutex<std::collections::HashSet<PathBuf>>);
+
+impl Uploaded {
+    /// Whether every one of `files` is uploaded.
+    pub fn all(&self, files: impl IntoIterator<Item = impl AsRef<Path>>) -> bool {
+        let uploaded = self.0.lock().expect("uploaded lock");
+        files.into_iter().all(|f| uploaded.contains(f.as_ref()))
+    }
+
+    /// `file` is in object storage as it is now.
+    pub fn insert(&self, file: PathBuf) {
+        self.0.lock().expect("uploaded lock").insert(file);
+    }
+
+    /// Now exactly `files` (relative to `store_dir`).
+    fn reset<'a>(&self, store_dir: &Path, files: impl Iterator<Item = &'a String>) {
+        *self.0.lock().expect("uploaded lock") = files.map(|relative| store_dir.join(relative)).collect();
+    }
+}
+
 pub struct Uploader {
     config: UploadConfig,
     node: String,
@@ -56,17 +83,20 @@ pub struct Uploader {
     ledger_path: PathBuf,
     ledger: BTreeMap<String, Seen>,
     stats: Arc<UploadStats>,
+    uploaded: Arc<Uploaded>,
 }
 
 impl Uploader {
     /// The uploader of `store_dir` with the ledger under `state_dir` (an unreadable ledger
-    /// is logged and started afresh: puts are idempotent, so files go up again).
+    /// is logged and started afresh: puts are idempotent, so files go up again); each
+    /// listing and put brings `uploaded` in step with the ledger.
     pub fn new(
         config: UploadConfig,
         node: String,
         store_dir: PathBuf,
         state_dir: &Path,
         stats: Arc<UploadStats>,
+        uploaded: Arc<Uploaded>,
     ) -> Self {
         let ledger_path = state_dir.join(LEDGER);
         let ledger = match std::fs::read(&ledger_path) {
@@ -76,31 +106,11 @@ impl Uploader {
             }),
             Err(_) => BTreeMap::new(),
         };
-        Self { config, node, store_dir, ledger_path, ledger, stats }
+        Self { config, node, store_dir, ledger_path, ledger, stats, uploaded }
     }
 
     fn client(&self) -> object_store::Result<object_store::aws::AmazonS3> {
-        let c = &self.config;
-        // `allow_http` belongs to the client options: the builder's own setter would be
-        // replaced by them.
-        let options = object_store::ClientOptions::new()
-            .with_timeout(PUT_TIMEOUT)
-            .with_connect_timeout(Duration::from_secs(10))
-            .with_allow_http(c.endpoint.starts_with("http://"));
-        // Retries are ours (backoff that shutdown cuts short), not the client's.
-        let retry = object_store::RetryConfig { max_retries: 0, ..Default::default() };
-        let mut builder = object_store::aws::AmazonS3Builder::new()
-            .with_endpoint(&c.endpoint)
-            .with_bucket_name(&c.bucket)
-            .with_region(&c.region)
-            .with_virtual_hosted_style_request(false)
-            .with_client_options(options)
-            .with_retry(retry);
-        builder = match &c.credentials {
-            Some((id, secret)) => builder.with_access_key_id(id).with_secret_access_key(secret),
-            None => builder.with_skip_signature(true),
-        };
-        builder.build()
+        crate::objects::configured_client(&self.config, &self.config.bucket, PUT_TIMEOUT)
     }
 
     /// Uploads until `stop`'s sender is dropped; saves the ledger on the way out.
@@ -129,6 +139,7 @@ impl Uploader {
                     Ok(None) => {}
                     Ok(Some(bytes)) => {
                         self.ledger.insert(relative.clone(), *seen);
+                        self.uploaded.insert(self.store_dir.join(relative));
                         self.stats.files.fetch_add(1, Relaxed);
                         self.stats.bytes.fetch_add(bytes, Relaxed);
                         self.stats.pending.fetch_sub(1, Relaxed);
@@ -182,6 +193,8 @@ impl Uploader {
         list(&self.store_dir, &self.store_dir, &mut found);
         let present: std::collections::BTreeSet<&String> = found.iter().map(|(r, _, _)| r).collect();
         self.ledger.retain(|path, _| present.contains(path));
+        let current = found.iter().filter(|(relative, seen, _)| self.ledger.get(relative) == Some(seen));
+        self.uploaded.reset(&self.store_dir, current.map(|(relative, _, _)| relative));
         let mut pending: Vec<(String, Seen, SystemTime)> = found
             .into_iter()
             .filter(|(relative, seen, _)| self.ledger.get(relative) != Some(seen))
@@ -278,7 +291,9 @@ mod tests {
             credentials: None,
         };
         let stats = Arc::new(UploadStats::default());
-        let mut uploader = Uploader::new(config.clone(), "n".into(), store.clone(), dir.path(), stats.clone());
+        let uploaded = Arc::new(Uploaded::default());
+        let mut uploader =
+            Uploader::new(config.clone(), "n".into(), store.clone(), dir.path(), stats.clone(), uploaded.clone());
         let pending = uploader.pending();
         assert_eq!(
             pending.iter().map(|p| p.0.as_str()).collect::<Vec<_>>(),
@@ -288,11 +303,17 @@ mod tests {
         uploader.ledger.insert(pending[0].0.clone(), pending[0].1);
         uploader.ledger.insert("cam0/flagged/0-000000.png".into(), (1, 1));
         uploader.save();
-        let mut reopened = Uploader::new(config, "n".into(), store.clone(), dir.path(), stats);
+        let uploaded = Arc::new(Uploaded::default());
+        let mut reopened = Uploader::new(config, "n".into(), store.clone(), dir.path(), stats, uploaded.clone());
+        let first = store.join("cam0/flagged/1000-000001.png");
         assert_eq!(reopened.pending().len(), 1, "the ledger survives a restart");
+        assert!(uploaded.all([&first]), "the recorder knows what the ledger holds");
         assert!(!reopened.ledger.contains_key("cam0/flagged/0-000000.png"));
+        assert!(!uploaded.all([store.join("cam0/flagged/0-000000.png")]), "nor a file gone");
+        assert!(!uploaded.all([&first, &store.join("cam0/flagged/2000-000002.png")]));
         // A file that changes (a label rewritten) is pending again.
-        std::fs::write(store.join("cam0/flagged/1000-000001.png"), b"changed").unwrap();
+        std::fs::write(&first, b"changed").unwrap();
         assert_eq!(reopened.pending().len(), 2);
+        assert!(!uploaded.all([&first]), "a changed file is not uploaded as it is");
     }
 }

@@ -11,12 +11,13 @@ use anyhow::Context;
 use crossbeam_channel::{Receiver, Sender, bounded};
 
 use super::cameras::Cameras;
+use super::fleet::Follower;
 use super::models::{self, CurrentModel, Load, NODE_MODEL};
 use super::mqtt::publish::{self, PublishOptions, PublisherContext};
-use super::mqtt::{Mqtt, Subscriptions, control};
+use super::mqtt::{Incoming, Mqtt, Subscriptions, control};
 use super::recorder::Recorder;
 use super::supervisor::{Role, Supervisor};
-use super::upload::{UploadStats, Uploader};
+use super::upload::{UploadStats, Uploaded, Uploader};
 use super::worker::{Swap, Worker};
 use super::{CONTROLS_FILE, ModelInfo};
 use crate::batch;
@@ -31,6 +32,8 @@ pub struct Wiring<'a> {
     pub supervisor: &'a mut Supervisor,
     pub pipeline: &'a Arc<PipelineStats>,
     pub cameras: &'a Cameras,
+    /// What the uploader has put in object storage, for the recorder's pruning.
+    pub uploaded: Arc<Uploaded>,
 }
 
 /// The MQTT link: the client stages publish through, the sender whose drop stops it, and
@@ -39,12 +42,16 @@ pub struct Link {
     pub client: Option<Arc<Mqtt>>,
     pub stop: Option<Sender<()>>,
     pub control: Arc<control::Control>,
+    /// Rollouts and halts for the fleet follower (`[fleet]` on).
+    pub fleet: Option<Receiver<Incoming>>,
 }
 
 /// The model loader's channels: bundles to load, and what became of them.
 pub struct Loader {
     pub loads: Sender<Load>,
     pub loaded: Receiver<models::Loaded>,
+    /// The bundle the node's model came from (what a rollback returns to).
+    pub node_bundle: models::NodeBundle,
 }
 
 /// The inference worker's handles.
@@ -77,13 +84,15 @@ impl Wiring<'_> {
             })
         };
         if !config.mqtt.enabled {
-            return Ok(Link { client: None, stop: None, control: control(None) });
+            return Ok(Link { client: None, stop: None, control: control(None), fleet: None });
         }
         let ha = &config.homeassistant;
         let (commands_tx, commands_rx) = bounded(64);
+        let (fleet_tx, fleet_rx) = bounded(16);
         let subscriptions = Subscriptions {
             birth: ha.enabled.then(|| format!("{}/status", ha.discovery_prefix)),
             commands: config.mqtt.commands.then(|| (control::filters(&config.mqtt.base_topic), commands_tx)),
+            fleet: config.fleet.enabled.then(|| (config.mqtt.topic_prefix.clone(), fleet_tx)),
         };
         let (client, link) = Mqtt::start(&config.mqtt, self.pipeline.clone(), subscriptions)?;
         let client = Arc::new(client);
@@ -94,7 +103,35 @@ impl Wiring<'_> {
             let (control, client) = (control.clone(), client.clone());
             self.supervisor.spawn("control", Role::Link, None, move || control.run(&client, commands_rx))?;
         }
-        Ok(Link { client: Some(client), stop: Some(stop_tx), control })
+        let fleet = config.fleet.enabled.then_some(fleet_rx);
+        Ok(Link { client: Some(client), stop: Some(stop_tx), control, fleet })
+    }
+
+    /// The fleet follower (if `[fleet]` is on): rollouts from `link`, swaps through `loads`.
+    pub fn follower(
+        &mut self,
+        link: &mut Link,
+        loads: Sender<Load>,
+        node_bundle: models::NodeBundle,
+        worker: crate::stats::Progress,
+    ) -> anyhow::Result<()> {
+        let (Some(incoming), Some(mqtt)) = (link.fleet.take(), link.client.clone()) else { return Ok(()) };
+        let config = self.config;
+        let follower = Follower {
+            node: config.node_id.clone(),
+            topic_prefix: config.mqtt.topic_prefix.clone(),
+            config: config.fleet.clone(),
+            connection: config.upload.clone(),
+            models_dir: config.model.models_dir.clone(),
+            mqtt,
+            loads,
+            node_bundle,
+            cameras: self.cameras.clone(),
+            worker,
+            stage_timeout: config.pipeline.stage_timeout,
+        };
+        self.supervisor.spawn("fleet", Role::Link, None, move || follower.run(incoming))?;
+        Ok(())
     }
 
     /// The model loader: verified bundles go to the worker on `swaps`.
@@ -108,16 +145,18 @@ impl Wiring<'_> {
         loads_rx: Receiver<Load>,
     ) -> anyhow::Result<Loader> {
         let (loaded_tx, loaded) = bounded(8);
+        let node_bundle = Arc::new(Mutex::new(self.config.model.path.clone()));
         let loader = models::Loader {
             config: self.config.clone(),
             mqtt: link.client.clone(),
             swaps,
             current,
+            node_bundle: node_bundle.clone(),
             running: inspectors.iter().enumerate().map(|(key, i)| (key, i.manifest().clone())).collect(),
             loaded: loaded_tx,
         };
         self.supervisor.spawn("models", Role::Link, None, move || loader.run(loads_rx))?;
-        Ok(Loader { loads, loaded })
+        Ok(Loader { loads, loaded, node_bundle })
     }
 
     /// The recorder (if enabled): its input and the channel for new limits.
@@ -134,6 +173,9 @@ impl Wiring<'_> {
         // The review page shows the flagged frames of its window: making room spares them.
         let recorder =
             if config.http.enabled { recorder.spare_flagged_for(config.http.review_window) } else { recorder };
+        // Making room takes what is already in object storage first.
+        let recorder =
+            if config.upload.enabled { recorder.prune_uploaded_first(self.uploaded.clone()) } else { recorder };
         let progress = Progress::new();
         let watch = self.watch(&progress);
         self.supervisor.spawn("recorder", Role::Pipe, watch, move || recorder.run(rx, limits_rx, progress))?;
@@ -178,6 +220,7 @@ impl Wiring<'_> {
             config.recorder.dir.clone(),
             &config.state_dir,
             stats.clone(),
+            self.uploaded.clone(),
         );
         let (stop, stop_rx) = bounded::<()>(0);
         self.supervisor.spawn("upload", Role::Link, None, move || uploader.run(stop_rx))?;

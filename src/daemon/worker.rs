@@ -176,11 +176,15 @@ impl<D: Denoiser> Worker<D> {
             }
         };
         for (frame, analysis) in batch.into_iter().zip(analyses) {
-            let camera = self.cameras.get(frame.camera).stats.clone();
-            camera.processed.fetch_add(1, Relaxed);
+            let camera = self.cameras.get(frame.camera);
+            camera.stats.processed.fetch_add(1, Relaxed);
+            let seq = frame.seq;
             match output.try_send(Inspected { frame, analysis, model: model.clone() }) {
                 Ok(()) => {}
-                Err(TrySendError::Full(_)) => camera.drop_frame(DropReason::OutputFull),
+                Err(TrySendError::Full(_)) => {
+                    camera.stats.drop_frame(DropReason::OutputFull);
+                    camera.triggers.lost(seq, DropReason::OutputFull.as_str());
+                }
                 Err(TrySendError::Disconnected(_)) => return false,
             }
         }
@@ -189,7 +193,9 @@ impl<D: Denoiser> Worker<D> {
 
     fn drop_all(&self, batch: &[Frame], reason: DropReason) {
         for f in batch {
-            self.cameras.get(f.camera).stats.drop_frame(reason);
+            let camera = self.cameras.get(f.camera);
+            camera.stats.drop_frame(reason);
+            camera.triggers.lost(f.seq, reason.as_str());
         }
     }
 }

@@ -7,13 +7,19 @@
 //! pixel threshold as a high quantile of the remaining pixels' scores and the image
 //! threshold as a quantile (default: the maximum) of the remaining image scores. The
 //! spread used for normalisation is the min…max of those remaining values.
+//!
+//! A tiled model is calibrated on the held-out frames' tiles, but the daemon scores whole
+//! frames: the image score of a frame is the rule's score over all its tiles' maps (the
+//! top-k mean over the union is the frame's top-k mean; the max, its max), never a single
+//! tile's — a threshold taken over tile scores would sit inside the spread of one frame's
+//! tiles, and a frame of many tiles would almost always alert.
 
 use serde::{Deserialize, Serialize};
 
 use crate::infer::ensemble::{Ensemble, MapGraphs};
 use crate::infer::runtime::{Denoiser, RuntimeError};
 use crate::model::manifest::{Calibration, Manifest, Thresholds};
-use crate::postprocess::anomaly::{Threshold, verdict};
+use crate::postprocess::anomaly::{ImageScore, Threshold, image_score, verdict};
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct CalibrationRule {
@@ -57,13 +63,36 @@ fn threshold_from(sorted: &[f64], q: f64) -> Threshold {
 
 const REPORTED_QUANTILES: [f64; 6] = [0.5, 0.9, 0.99, 0.999, 0.9999, 1.0];
 
-/// Computes thresholds for `manifest` from `frames` (`[C, H, W]` each, model space).
+/// Each frame's image score under `rule` over the maps of its tiles (`groups[i]` tiles of
+/// `tile_maps` in order make frame `i`), with the maps of all its tiles.
+fn frame_scores(
+    tile_maps: Vec<Vec<f32>>,
+    groups: &[usize],
+    rule: ImageScore,
+    tile_area: usize,
+) -> Vec<(f64, Vec<f32>)> {
+    assert_eq!(groups.iter().sum::<usize>(), tile_maps.len(), "the groups cover every tile once");
+    let mut tiles = tile_maps.into_iter();
+    groups
+        .iter()
+        .map(|&count| {
+            let map: Vec<f32> = tiles.by_ref().take(count).flatten().collect();
+            (image_score(&map, rule, tile_area), map)
+        })
+        .collect()
+}
+
+/// Computes thresholds for `manifest` from `frames` (`[C, H, W]` each, model space): the
+/// tiles of the held-out frames, `groups[i]` consecutive ones making frame `i` (one each
+/// for a model that sees whole frames).
+#[allow(clippy::too_many_arguments)] // the model, its graphs and the frames, all needed
 pub fn calibrate(
     denoiser: &mut dyn Denoiser,
     graphs: &mut MapGraphs<'_>,
     ensemble: &mut Ensemble,
     manifest: &Manifest,
     frames: &[Vec<f32>],
+    groups: &[usize],
     rule: &CalibrationRule,
     seed: u64,
 ) -> Result<Thresholds, RuntimeError> {
@@ -72,14 +101,12 @@ pub fn calibrate(
     let neutral = Threshold { value: 0.0, min: 0.0, max: 1.0 };
     let size = [input.height, input.width];
     let shape = [input.channels, input.height, input.width];
-    let mut per_frame: Vec<(f64, Vec<f32>)> = ensemble
+    let tile_maps: Vec<Vec<f32>> = ensemble
         .raw_maps_of(denoiser, graphs, frames, shape, seed, &manifest.anomaly)?
         .into_iter()
-        .map(|(raw, mse)| {
-            let a = verdict(raw, mse, size, size[0] * size[1], &manifest.anomaly, &neutral, &neutral);
-            (a.score, a.map)
-        })
+        .map(|(raw, mse)| verdict(raw, mse, size, size[0] * size[1], &manifest.anomaly, &neutral, &neutral).map)
         .collect();
+    let mut per_frame = frame_scores(tile_maps, groups, manifest.anomaly.image_score, size[0] * size[1]);
     per_frame.sort_by(|a, b| a.0.total_cmp(&b.0));
     let dropped = (per_frame.len() as f64 * rule.trim).floor() as usize;
     let kept = &per_frame[..per_frame.len() - dropped.min(per_frame.len() - 1)];
@@ -104,6 +131,20 @@ pub fn calibrate(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_frame_of_tiles_is_scored_over_all_its_tiles_like_the_daemon_scores_it() {
+        // Two frames of three 4-pixel tiles and one whole frame; one hot tile in the first.
+        let tile = |v: f32| vec![v; 4];
+        let maps = vec![tile(0.1), tile(0.9), tile(0.2), tile(0.3), tile(0.3), tile(0.3), tile(0.5)];
+        let top = ImageScore::TopKMean { fraction: 0.5 };
+        let scores = frame_scores(maps.clone(), &[3, 3, 1], top, 4);
+        let got: Vec<f64> = scores.iter().map(|(s, _)| (*s * 100.0).round() / 100.0).collect();
+        assert_eq!(got, [0.9, 0.3, 0.5], "a frame scores as its hottest pixels, wherever the tile");
+        assert_eq!(scores[0].1.len(), 12, "a frame's map holds all its tiles' pixels");
+        let max = frame_scores(maps, &[1; 7], ImageScore::Max, 4);
+        assert_eq!(max.len(), 7, "one tile per frame: tile scores, as before");
+    }
 
     #[test]
     fn quantiles_interpolate() {

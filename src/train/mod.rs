@@ -421,6 +421,8 @@ struct Exporter<'a> {
     config: &'a TrainConfig,
     options: &'a RunOptions,
     calibration_frames: &'a [Vec<f32>],
+    /// How many consecutive calibration frames (tiles) make each held-out frame.
+    calibration_groups: &'a [usize],
     head_frames: &'a [Vec<f32>],
     patch_tiles: &'a [Vec<f32>],
     data_sha256: &'a str,
@@ -652,6 +654,7 @@ impl Exporter<'_> {
             &mut ensemble,
             manifest,
             self.calibration_frames,
+            self.calibration_groups,
             &self.config.calibration,
             self.config.seed,
         )?;
@@ -740,8 +743,10 @@ pub fn train(config: TrainConfig, options: &RunOptions) -> Result<Outcome, Train
     let start_step = weights.step;
 
     let augment = Augment { flips: config.flips, random_crop: config.random_crop };
-    let calibration_frames: Vec<Vec<f32>> =
-        split.calibration.iter().flat_map(|&i| dataset.frames_for_calibration(i, &augment)).collect();
+    let calibration: Vec<Vec<Vec<f32>>> =
+        split.calibration.iter().map(|&i| dataset.frames_for_calibration(i, &augment)).collect();
+    let calibration_groups: Vec<usize> = calibration.iter().map(Vec::len).collect();
+    let calibration_frames: Vec<Vec<f32>> = calibration.into_iter().flatten().collect();
     // The head and the normal-patch model learn from training frames (random crops at the
     // model's scale), never from the calibration frames they are then scored on.
     let head_count = config.head.as_ref().map_or(0, |h| h.frames);
@@ -755,6 +760,7 @@ pub fn train(config: TrainConfig, options: &RunOptions) -> Result<Outcome, Train
         config: &config,
         options,
         calibration_frames: &calibration_frames,
+        calibration_groups: &calibration_groups,
         head_frames: &head_frames,
         patch_tiles: &patch_tiles,
         data_sha256: &data_sha256,

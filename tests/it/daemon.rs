@@ -27,12 +27,12 @@ pub(crate) struct Broker {
 }
 
 impl Broker {
-    fn start() -> Self {
+    pub(crate) fn start() -> Self {
         Self::start_with(|port, _| format!("listener {port} 127.0.0.1\nallow_anonymous true\n"))
     }
 
     /// `listeners(port, dir)` gives the listener section; `port` is the anonymous plain one.
-    fn start_with(listeners: impl FnOnce(u16, &Path) -> String) -> Self {
+    pub(crate) fn start_with(listeners: impl FnOnce(u16, &Path) -> String) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
         let conf = dir.path().join("mosquitto.conf");
@@ -104,7 +104,7 @@ pub(crate) struct Subscriber {
 }
 
 impl Subscriber {
-    fn start(port: u16) -> Self {
+    pub(crate) fn start(port: u16) -> Self {
         Self::start_on(port, "edge-inspect/#")
     }
 
@@ -141,6 +141,13 @@ impl Subscriber {
 
     pub(crate) fn on(&self, topic_suffix: &str) -> Vec<Message> {
         self.messages.lock().unwrap().iter().filter(|m| m.topic.ends_with(topic_suffix)).cloned().collect()
+    }
+
+    /// Messages and payload bytes received so far on topics under `prefix`.
+    pub(crate) fn traffic(&self, prefix: &str) -> (usize, usize) {
+        let messages = self.messages.lock().unwrap();
+        let under = messages.iter().filter(|m| m.topic.starts_with(prefix));
+        under.fold((0, 0), |(n, bytes), m| (n + 1, bytes + m.topic.len() + m.payload.len()))
     }
 
     pub(crate) fn texts(&self, topic_suffix: &str) -> Vec<String> {
@@ -225,7 +232,14 @@ pub(crate) fn write_config(dir: &Path, port: u16, pipeline: &str, cameras: &str)
 }
 
 /// A config for `model` with extra `[model]` keys.
-fn write_config_for(model: &Path, model_keys: &str, dir: &Path, port: u16, pipeline: &str, cameras: &str) -> PathBuf {
+pub(crate) fn write_config_for(
+    model: &Path,
+    model_keys: &str,
+    dir: &Path,
+    port: u16,
+    pipeline: &str,
+    cameras: &str,
+) -> PathBuf {
     let path = dir.join("edge-inspect.toml");
     let text = format!(
         r#"
@@ -2300,13 +2314,13 @@ fn export_bundle(out: &Path, size: &str, seed: &str) {
 }
 
 /// The sha256 a bundle's manifest names.
-fn bundle_sha(bundle: &Path) -> String {
+pub(crate) fn bundle_sha(bundle: &Path) -> String {
     let text = std::fs::read_to_string(bundle.join("manifest.toml")).unwrap();
     text.lines().find(|l| l.starts_with("sha256")).unwrap().split('"').nth(1).unwrap().to_string()
 }
 
 /// `(seq, model sha256)` of every retained state `camera` published, in order.
-fn judged(sub: &Subscriber, camera: &str) -> Vec<(u64, String)> {
+pub(crate) fn judged(sub: &Subscriber, camera: &str) -> Vec<(u64, String)> {
     sub.on(&format!("/{camera}/state"))
         .iter()
         .map(|m| serde_json::from_slice::<serde_json::Value>(&m.payload).unwrap())
@@ -2325,7 +2339,7 @@ fn corrupt_copy(from: &Path, to: &Path) {
 }
 
 /// Copies a bundle directory.
-fn copy_bundle(from: &Path, to: &Path) {
+pub(crate) fn copy_bundle(from: &Path, to: &Path) {
     std::fs::create_dir_all(to).unwrap();
     for entry in std::fs::read_dir(from).unwrap().flatten() {
         std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();

@@ -11,6 +11,7 @@ mod backbone;
 mod config_property;
 mod daemon;
 mod eval;
+mod fleet;
 #[cfg(feature = "genicam")]
 mod genicam;
 mod gpu_runtime;

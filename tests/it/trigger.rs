@@ -26,7 +26,8 @@ fn each_mqtt_trigger_gets_one_verdict_with_its_part_id_and_a_frameless_trigger_i
     let cameras = camera("line", &frames, 5.0, true, triggered)
         + &camera("dark", &dark.display().to_string(), 5.0, true, triggered)
         + &camera("free", &frames, 5.0, true, "enabled = false");
-    let config = write_config(dir.path(), broker.port, "max_batch = 2\nmax_wait_ms = 20", &cameras);
+    // Three triggers come at once: a queue of four holds their frames while the worker is busy.
+    let config = write_config(dir.path(), broker.port, "max_batch = 2\nmax_wait_ms = 20\nqueue_capacity = 4", &cameras);
     let mut daemon = Daemon::start(&config);
     let base = "edge-inspect/test";
     // The command path is live once a refusal comes back: a free camera takes no trigger.

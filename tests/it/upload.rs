@@ -14,13 +14,13 @@ use crate::daemon::{
 };
 
 /// moto's S3 server on `port`, killed on drop.
-struct S3 {
+pub(crate) struct S3 {
     child: Child,
-    port: u16,
+    pub(crate) port: u16,
 }
 
 impl S3 {
-    fn start(port: u16) -> Self {
+    pub(crate) fn start(port: u16) -> Self {
         let server = std::env::var("EDGE_INSPECT_MOTO_SERVER")
             .expect("EDGE_INSPECT_MOTO_SERVER (eval \"$(scripts/setup.sh)\" installs moto's server)");
         let child = Command::new(server)
@@ -73,7 +73,15 @@ impl S3 {
     }
 
     /// The bucket's keys under `prefix`.
-    fn keys(&self, prefix: &str) -> Vec<String> {
+    /// The number and total size of the objects under `prefix` (up to 1000 of them).
+    pub(crate) fn usage(&self, prefix: &str) -> (usize, u64) {
+        let (status, body) = self.request("GET", &format!("/recordings?list-type=2&max-keys=1000&prefix={prefix}"));
+        assert_eq!(status, 200, "{body}");
+        let sizes = body.split("<Size>").skip(1).filter_map(|s| s.split_once("</Size>")?.0.parse::<u64>().ok());
+        sizes.fold((0, 0), |(n, total), size| (n + 1, total + size))
+    }
+
+    pub(crate) fn keys(&self, prefix: &str) -> Vec<String> {
         let (status, body) = self.request("GET", &format!("/recordings?list-type=2&max-keys=1000&prefix={prefix}"));
         assert_eq!(status, 200, "{body}");
         body.split("<Key>").skip(1).filter_map(|k| k.split_once("</Key>").map(|(key, _)| key.to_string())).collect()
@@ -88,7 +96,7 @@ impl Drop for S3 {
 }
 
 /// The capture time (ms) in a key's file name.
-fn captured_ms(key: &str) -> u128 {
+pub(crate) fn captured_ms(key: &str) -> u128 {
     key.rsplit('/').next().and_then(|f| f.split_once('-')).and_then(|(ms, _)| ms.parse().ok()).unwrap_or(0)
 }
 

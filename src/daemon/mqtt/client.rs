@@ -368,6 +368,9 @@ pub struct Subscriptions {
     /// Command topic filters and where their messages go (a bounded queue: when it is full
     /// a command is dropped and logged, never blocking the connection).
     pub commands: Option<(Vec<String>, crossbeam_channel::Sender<Incoming>)>,
+    /// The fleet's topic prefix and where its messages go (`daemon::fleet`): rollouts and
+    /// halts, subscribed before the commands.
+    pub fleet: Option<(String, crossbeam_channel::Sender<Incoming>)>,
 }
 
 /// The connection's driver: reconnects, announces, drains the outbox.
@@ -409,10 +412,18 @@ impl Link {
         }
     }
 
-    /// Home Assistant's birth message, or a command for the control thread.
+    /// Home Assistant's birth message, a fleet message, or a command for the control thread.
     fn incoming(&self, p: rumqttc::v5::mqttbytes::v5::Publish, stopping: bool) {
         let topic = String::from_utf8_lossy(&p.topic).into_owned();
-        if self.subscriptions.birth.as_deref() == Some(topic.as_str()) {
+        let fleet =
+            self.subscriptions.fleet.as_ref().filter(|(prefix, _)| {
+                topic.strip_prefix(prefix.as_str()).is_some_and(|rest| rest.starts_with("/fleet/"))
+            });
+        if let Some((_, follower)) = fleet {
+            if follower.try_send(Incoming { topic: topic.clone(), payload: p.payload.to_vec() }).is_err() {
+                tracing::warn!(topic = %topic, "Fleet queue full; message dropped (a retained one comes again on reconnect).");
+            }
+        } else if self.subscriptions.birth.as_deref() == Some(topic.as_str()) {
             if &p.payload[..] == b"online" {
                 // Home Assistant (re)started: it needs the discovery configs and the state again.
                 tracing::info!(topic = %topic, "Home Assistant is online; announcing again.");
@@ -456,9 +467,10 @@ impl Link {
         let lost = self.wire.handoff.lock().expect("handoff lock").reconnected(ack.session_present, Instant::now());
         self.outbox.lock().expect("outbox lock").unhand(&lost);
         tracing::info!(code = ?ack.code, session_present = ack.session_present, resending = lost.len(), "MQTT connected.");
-        let commands = self.subscriptions.commands.iter().flat_map(|(filters, _)| filters.iter());
-        for filter in self.subscriptions.birth.iter().chain(commands) {
-            let _ = self.wire.client.try_subscribe(filter.clone(), QoS::AtLeastOnce);
+        let commands = self.subscriptions.commands.iter().flat_map(|(filters, _)| filters.iter().cloned());
+        let fleet = self.subscriptions.fleet.iter().flat_map(|(prefix, _)| crate::fleet::filters(prefix));
+        for filter in self.subscriptions.birth.iter().cloned().chain(fleet).chain(commands) {
+            let _ = self.wire.client.try_subscribe(filter, QoS::AtLeastOnce);
         }
         self.announce(stopping);
         self.drain_outbox();

@@ -148,7 +148,7 @@ impl Control {
                     excerpt(name.as_bytes())
                 ));
             }
-            let load = Load { key: NODE_MODEL, path: self.models_dir.join(&name) };
+            let load = Load::new(NODE_MODEL, self.models_dir.join(&name));
             return self.models.try_send(load).map_err(|_| "a model swap is already queued; try again".to_string());
         }
         if let Some(camera) = path.strip_suffix("/trigger") {
