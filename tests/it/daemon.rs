@@ -82,10 +82,15 @@ impl Drop for Broker {
     }
 }
 
-pub(crate) fn wait_for(timeout: Duration, what: &str, mut ready: impl FnMut() -> bool) {
+pub(crate) fn wait_for(timeout: Duration, what: &str, ready: impl FnMut() -> bool) {
+    wait_for_or(timeout, ready, || format!("timed out after {timeout:?} waiting for {what}"));
+}
+
+/// [`wait_for`] that says what it saw instead (`explain`, asked only on a timeout).
+pub(crate) fn wait_for_or(timeout: Duration, mut ready: impl FnMut() -> bool, explain: impl Fn() -> String) {
     let started = Instant::now();
     while !ready() {
-        assert!(started.elapsed() < timeout, "timed out after {timeout:?} waiting for {what}");
+        assert!(started.elapsed() < timeout, "{}", explain());
         std::thread::sleep(Duration::from_millis(50));
     }
 }

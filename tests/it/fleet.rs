@@ -11,7 +11,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::daemon::{
     Broker, Daemon, Subscriber, camera, copy_bundle, free_port, judged, mqtt_send, repo, retrain_small, wait_for,
-    write_config_for,
+    wait_for_or, write_config_for,
 };
 use crate::upload::{S3, captured_ms};
 
@@ -79,15 +79,16 @@ fn running(sub: &Subscriber, node: &str) -> Option<String> {
 /// what the node reported instead.
 fn wait_rollout(sub: &Subscriber, node: &str, status: &str, sha: &str, secs: u64) {
     let want = Some((status.to_string(), sha.to_string()));
-    let started = std::time::Instant::now();
-    while rollout_status(sub, node) != want {
-        let last = json(sub, &format!("edge-inspect/{node}/rollout"));
-        assert!(
-            started.elapsed() < Duration::from_secs(secs),
-            "{node} not {status} after {secs} s; it reported {last:?}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_for_or(
+        Duration::from_secs(secs),
+        || rollout_status(sub, node) == want,
+        || {
+            format!(
+                "{node} not {status} after {secs} s; it reported {:?}",
+                json(sub, &format!("edge-inspect/{node}/rollout"))
+            )
+        },
+    );
 }
 
 fn rollout_status(sub: &Subscriber, node: &str) -> Option<(String, String)> {
