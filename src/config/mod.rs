@@ -142,6 +142,8 @@ impl std::fmt::Debug for UploadConfig {
 pub struct FleetConfig {
     pub enabled: bool,
     pub watch: Duration,
+    /// A download that failed for the store's sake is tried again after this.
+    pub retry: Duration,
     pub max_alert_ratio: f64,
     pub min_alert_fraction: f64,
     pub min_frames: u64,

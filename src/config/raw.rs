@@ -118,6 +118,9 @@ pub(super) struct RawFleet {
     pub(super) enabled: Option<bool>,
     /// How long a rolled-out model is watched before it counts as good (default 600).
     pub(super) watch_s: Option<u64>,
+    /// A download that failed for the store's sake (unreachable, a timeout) is tried again
+    /// after this many seconds (default 30).
+    pub(super) retry_s: Option<u64>,
     /// The alert fraction a watched model may reach, as a multiple of the one before it
     /// (default 3).
     pub(super) max_alert_ratio: Option<f64>,

@@ -42,6 +42,10 @@ fn defaults_relative_paths_and_environment_overrides() {
     // The fleet's topics live at `<prefix>/fleet/…`: no node may take that id.
     let e = load_with_env(&path, &env(&[("EDGE_INSPECT__NODE__ID", "fleet")])).unwrap_err().to_string();
     assert!(e.contains("node.id") && e.contains("reserved for the fleet"), "{e}");
+    // A download retried in a busy loop would hammer the store.
+    assert_eq!(c.fleet.retry, std::time::Duration::from_secs(30));
+    let e = load_with_env(&path, &env(&[("EDGE_INSPECT__FLEET__RETRY_S", "0")])).unwrap_err().to_string();
+    assert!(e.contains("fleet.retry_s") && e.contains('0'), "{e}");
 }
 
 #[test]

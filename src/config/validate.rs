@@ -173,6 +173,7 @@ impl Validator {
         FleetConfig {
             enabled,
             watch: Duration::from_secs(self.within("fleet.watch_s", fleet.watch_s.unwrap_or(600), 0..=86_400)),
+            retry: Duration::from_secs(self.within("fleet.retry_s", fleet.retry_s.unwrap_or(30), 1..=3600)),
             max_alert_ratio: self.within("fleet.max_alert_ratio", fleet.max_alert_ratio.unwrap_or(3.0), 1.0..=1000.0),
             min_alert_fraction: self.within(
                 "fleet.min_alert_fraction",

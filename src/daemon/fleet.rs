@@ -15,7 +15,7 @@
 //! stands, and a node still watching it rolls back too — the rollout stops. Each step is
 //! reported on the retained `<node>/rollout` (`downloading`, `watching`, `running`,
 //! `rolled_back`, `refused`, `halted`, `not_targeted`, `failed` with a reason). A download
-//! that fails for the store's sake (unreachable, a timeout) is retried every 30 s; one that
+//! that fails for the store's sake (unreachable, a timeout) is retried every `retry_s`; one that
 //! fails for the bundle's (a checksum, a missing file) is a refusal.
 //!
 //! After a restart the node runs `model.path` again and takes the retained rollout anew (the
@@ -43,8 +43,6 @@ use crate::timestamp;
 const FETCH_TIMEOUT: Duration = Duration::from_secs(600);
 /// How long a swap may wait for the loader (verification and warm-up included).
 const SWAP_TIMEOUT: Duration = Duration::from_secs(300);
-/// A download that failed for the store's sake is tried again after this.
-const RETRY_AFTER: Duration = Duration::from_secs(30);
 /// How often a watched model is checked.
 const TICK: Duration = Duration::from_secs(1);
 /// Halts remembered (the oldest are forgotten beyond this; their retained messages stay).
@@ -244,7 +242,7 @@ impl Follower {
             Err(Failure::Store(error)) => {
                 tracing::warn!(url = %rollout.url, error = %error, "Cannot download the rolled-out bundle; trying again.");
                 self.report(&rollout, "failed", Some(&error));
-                state.retry = Some((rollout, Instant::now() + RETRY_AFTER));
+                state.retry = Some((rollout, Instant::now() + self.config.retry));
             }
             Err(Failure::Bundle(error)) => {
                 tracing::error!(url = %rollout.url, error = %error, "Rolled-out bundle refused; halting the rollout.");
@@ -354,6 +352,7 @@ mod tests {
         let config = FleetConfig {
             enabled: true,
             watch: Duration::from_secs(60),
+            retry: Duration::from_secs(30),
             max_alert_ratio: 3.0,
             min_alert_fraction: 0.1,
             min_frames: 20,

@@ -82,6 +82,15 @@ fn frame_scores(
         .collect()
 }
 
+/// How many of `n` frames, sorted by score, calibration keeps: the top `trim` fraction is
+/// dropped, rounded *up* — a held-out set as contaminated as the training frames holds about
+/// `trim · n` defective frames, and rounding down kept the one defect of a small set as the
+/// image threshold — but one frame is always kept.
+fn kept_count(n: usize, trim: f64) -> usize {
+    let dropped = (n as f64 * trim - 1e-9).ceil().max(0.0) as usize;
+    n - dropped.min(n.saturating_sub(1))
+}
+
 /// Computes thresholds for `manifest` from `frames` (`[C, H, W]` each, model space): the
 /// tiles of the held-out frames, `groups[i]` consecutive ones making frame `i` (one each
 /// for a model that sees whole frames).
@@ -108,8 +117,7 @@ pub fn calibrate(
         .collect();
     let mut per_frame = frame_scores(tile_maps, groups, manifest.anomaly.image_score, size[0] * size[1]);
     per_frame.sort_by(|a, b| a.0.total_cmp(&b.0));
-    let dropped = (per_frame.len() as f64 * rule.trim).floor() as usize;
-    let kept = &per_frame[..per_frame.len() - dropped.min(per_frame.len() - 1)];
+    let kept = &per_frame[..kept_count(per_frame.len(), rule.trim)];
 
     let mut image_scores: Vec<f64> = kept.iter().map(|(s, _)| *s).collect();
     image_scores.sort_by(f64::total_cmp);
@@ -144,6 +152,16 @@ mod tests {
         assert_eq!(scores[0].1.len(), 12, "a frame's map holds all its tiles' pixels");
         let max = frame_scores(maps, &[1; 7], ImageScore::Max, 4);
         assert_eq!(max.len(), 7, "one tile per frame: tile scores, as before");
+    }
+
+    #[test]
+    fn the_trimmed_fraction_is_rounded_up_and_one_frame_is_always_kept() {
+        assert_eq!(kept_count(6, 0.1), 5, "six held-out frames at 10 % contamination: the top one goes");
+        assert_eq!(kept_count(10, 0.1), 9);
+        assert_eq!(kept_count(20, 0.1), 18);
+        assert_eq!(kept_count(8, 0.0), 8, "no trim");
+        assert_eq!(kept_count(1, 0.1), 1, "one frame stays");
+        assert_eq!(kept_count(3, 1.0), 1);
     }
 
     #[test]

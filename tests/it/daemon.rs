@@ -1087,7 +1087,7 @@ fn latency_proxy(upstream: u16, delay: Duration) -> u16 {
 }
 
 /// [`latency_proxy`] that refuses new connections while `open` is false: a link that is cut.
-fn gated_proxy(upstream: u16, delay: Duration, open: Arc<std::sync::atomic::AtomicBool>) -> u16 {
+pub(crate) fn gated_proxy(upstream: u16, delay: Duration, open: Arc<std::sync::atomic::AtomicBool>) -> u16 {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
     let pipe = move |mut from: TcpStream, mut to: TcpStream| {

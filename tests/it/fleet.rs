@@ -1,17 +1,20 @@
 //! A plant of three nodes: three daemons (replay cameras) on two Mosquitto brokers bridged
 //! together, recording into one S3-compatible bucket (moto's server). What they uploaded —
 //! also across a storage outage — trains a bundle away from them (`retrain --data s3://…
-//! --publish`); `edge-inspect fleet rollout` takes it to a canary, then to every node, each
-//! swapping with no frame lost; a bundle that alerts on everything is rolled back by its
+//! --publish`); `edge-inspect fleet rollout` takes it to a canary, then to every node (whose
+//! downloads fail while their link to the store is cut, and are tried again), each swapping
+//! with no frame lost; a bundle that alerts on everything is rolled back by its
 //! canary, whose halt stops the rollout everywhere.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::daemon::{
-    Broker, Daemon, Subscriber, camera, copy_bundle, free_port, judged, mqtt_send, repo, retrain_small, wait_for,
-    wait_for_or, write_config_for,
+    Broker, Daemon, Subscriber, camera, copy_bundle, free_port, gated_proxy, judged, mqtt_send, repo, retrain_small,
+    wait_for, wait_for_or, write_config_for,
 };
 use crate::upload::{S3, captured_ms};
 
@@ -39,7 +42,8 @@ fn fleet(args: &[&str], port: u16, env: &[(&'static str, String)]) -> Output {
     command.envs(env.iter().map(|(k, v)| (k, v))).output().unwrap()
 }
 
-/// A node's config: its own state, the first bundle, uploads and the fleet on.
+/// A node's config: its own state, the first bundle, uploads and the fleet on; the store
+/// at port `s3`.
 fn node_config(dir: &Path, node: &str, broker: u16, s3: u16, first: &Path) -> PathBuf {
     let models = dir.join("models");
     copy_bundle(first, &models.join("brick-1"));
@@ -55,7 +59,7 @@ fn node_config(dir: &Path, node: &str, broker: u16, s3: u16, first: &Path) -> Pa
     let extra = format!(
         "[upload]\nenabled = true\nendpoint = \"http://127.0.0.1:{s3}\"\nbucket = \"recordings\"\nprefix = \"plant-a\"\n\
          access_key_id = \"{node}\"\nsecret_access_key = \"not-a-real-secret\"\n\n\
-         [fleet]\nenabled = true\nwatch_s = 4\nmin_frames = 8\nmax_alert_ratio = 1.5\nmin_alert_fraction = 0.5\n\n\
+         [fleet]\nenabled = true\nwatch_s = 4\nretry_s = 2\nmin_frames = 8\nmax_alert_ratio = 1.5\nmin_alert_fraction = 0.5\n\n\
          [[cameras]]"
     );
     let text = std::fs::read_to_string(&config).unwrap();
@@ -122,6 +126,9 @@ fn a_plant_uploads_trains_away_from_the_line_and_rolls_models_out_with_canaries(
         )
     });
     let sub = Subscriber::start(a.port);
+    // The nodes reach the store through a link the test can cut.
+    let link = Arc::new(AtomicBool::new(true));
+    let store_for_nodes = gated_proxy(s3_port, Duration::ZERO, link.clone());
     // The first bundle, trained on the line's own frames: every node starts on it.
     let first = work.path().join("first/brick");
     retrain_small(repo().join("data/brick").to_str().unwrap(), &first, &["--name", "brick", "--version", "1"], &[]);
@@ -132,7 +139,7 @@ fn a_plant_uploads_trains_away_from_the_line_and_rolls_models_out_with_canaries(
         .iter()
         .zip(&dirs)
         .zip(brokers)
-        .map(|((node, dir), port)| Daemon::start(&node_config(dir.path(), node, port, s3_port, &first)))
+        .map(|((node, dir), port)| Daemon::start(&node_config(dir.path(), node, port, store_for_nodes, &first)))
         .collect();
     let started = std::time::Instant::now();
     let uploaded = |s3: &S3, node: &str, after: u128| {
@@ -182,9 +189,16 @@ fn a_plant_uploads_trains_away_from_the_line_and_rolls_models_out_with_canaries(
         });
         assert_eq!(running(&sub, node), Some(first_sha.clone()), "{node} stays on the first bundle");
     }
-    // Everyone.
+    // Everyone, while the nodes cannot reach the store: each says so and tries again every
+    // retry_s, on the model it has, until the link is back.
+    link.store(false, SeqCst);
     let o = rollout(&url, "all", b.port, &env);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    for node in ["line2", "line3"] {
+        wait_rollout(&sub, node, "failed", &second_sha, 30);
+        assert_eq!(running(&sub, node), Some(first_sha.clone()), "{node} inspects on with the first bundle");
+    }
+    link.store(true, SeqCst);
     wait_for(Duration::from_secs(60), "every node on the new bundle", || {
         NODES.iter().all(|n| running(&sub, n) == Some(second_sha.clone()))
             && NODES.iter().all(|n| rollout_status(&sub, n).is_some_and(|(s, _)| s == "running"))

@@ -720,3 +720,47 @@ fn a_head_can_read_the_patch_map_as_a_third_input() {
     let e = Bundle::load(&bundle, &RuntimeConfig::default()).err().expect("no [patch]").to_string();
     assert!(e.contains("head.patch_channel") && e.contains("[patch]"), "{e}");
 }
+
+/// A tiled bundle's image threshold is calibrated on whole frames, scored over all their
+/// tiles as the daemon and `eval` score them: normal 128² frames of sixty-four 16² tiles
+/// rarely alert. (Calibrated on single tiles, the threshold sat inside the spread of one
+/// frame's tiles, whose top-k mean is near their maximum: 14 of these 16 frames alerted.)
+#[test]
+fn a_tiled_bundle_is_calibrated_on_whole_frames_and_passes_normal_frames() {
+    let dir = tempfile::tempdir().unwrap();
+    let brick = Path::new(env!("CARGO_MANIFEST_DIR")).join("data/brick");
+    let bundle = dir.path().join("brick");
+    let (_, report) =
+        crate::daemon::retrain_small(brick.to_str().unwrap(), &bundle, &["--calibration-fraction", "0.5"], &[]);
+    assert_eq!(report["data"]["calibration_frames"], 8, "{}", report["data"]);
+    let manifest = read_manifest(&bundle).unwrap();
+    let kept = manifest.thresholds.calibration.frames;
+    assert!((1..=8).contains(&kept), "{kept}: counted in frames (after trimming), not in their 512 tiles");
+
+    // The sixteen normal training frames (half of them held out for the calibration), and
+    // one scratched test frame with its mask (eval needs an anomalous image).
+    let data = dir.path().join("normal");
+    fs::create_dir_all(data.join("test/good")).unwrap();
+    for sub in ["test/scratch", "ground_truth/scratch"] {
+        fs::create_dir_all(data.join(sub)).unwrap();
+    }
+    fs::copy(brick.join("test/scratch/000.png"), data.join("test/scratch/000.png")).unwrap();
+    fs::copy(brick.join("ground_truth/scratch/000_mask.png"), data.join("ground_truth/scratch/000_mask.png")).unwrap();
+    for entry in fs::read_dir(brick.join("train/good")).unwrap() {
+        let path = entry.unwrap().path();
+        fs::copy(&path, data.join("test/good").join(path.file_name().unwrap())).unwrap();
+    }
+    let out = dir.path().join("eval");
+    let o = Command::new(BIN)
+        .args(["eval", "--model", bundle.to_str().unwrap(), "--data", data.to_str().unwrap()])
+        .args(["--out", out.to_str().unwrap(), "--no-progress"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&fs::read(out.join("report.json")).unwrap()).unwrap();
+    let overall = &report["overall"];
+    assert_eq!(overall["images"], 17, "{overall}");
+    let false_alarms = overall["deployed"]["false_positives"].as_u64().expect("deployed counts");
+    eprintln!("calibrated on whole frames: {false_alarms} of 16 normal frames alerted");
+    assert!(false_alarms <= 6, "{false_alarms} of 16 normal frames alerted: {overall}");
+}
