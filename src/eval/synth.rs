@@ -7,6 +7,7 @@
 //! Contamination mixes freshly generated defective images (never reused in `test/`) into
 //! `train/good`; `synth.json` lists them, for analysis only — training never reads it.
 
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
 use image::{GrayImage, Luma, imageops};
@@ -412,6 +413,17 @@ fn defect_image(
     (img, mask, scale, high_contrast)
 }
 
+/// Which of the `train` training images are defective: the first `defective` of a
+/// Fisher–Yates shuffle drawn from `rng`, so they are not all at the end of the listing.
+/// (Datasets stay byte-identical across versions: this is the stream every `synth` used.)
+pub fn contaminated_positions(rng: &mut ChaCha8Rng, train: usize, defective: usize) -> BTreeSet<usize> {
+    let mut positions: Vec<usize> = (0..train).collect();
+    for i in (1..positions.len()).rev() {
+        positions.swap(i, rng.random_range(0..=i));
+    }
+    positions[..defective].iter().copied().collect()
+}
+
 /// Writes the benchmark into `out` (through a temporary directory renamed at the end).
 pub fn synthesise(
     texture_path: &Path,
@@ -485,12 +497,7 @@ pub fn synthesise(
     }
     let mut rng = ChaCha8Rng::seed_from_u64(config.seed);
     let defective = (config.contamination * config.train as f64).round() as usize;
-    // Defective positions are drawn so they are not all at the end of the listing.
-    let mut positions: Vec<usize> = (0..config.train).collect();
-    for i in (1..positions.len()).rev() {
-        positions.swap(i, rng.random_range(0..=i));
-    }
-    let contaminated: std::collections::BTreeSet<usize> = positions[..defective].iter().copied().collect();
+    let contaminated = contaminated_positions(&mut rng, config.train, defective);
     let mut contaminated_train = Vec::new();
     for i in 0..config.train {
         let file = format!("train/good/{i:03}.png");

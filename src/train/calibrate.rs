@@ -91,9 +91,29 @@ fn kept_count(n: usize, trim: f64) -> usize {
     n - dropped.min(n.saturating_sub(1))
 }
 
+/// Which of the frames with these image `scores` the trim drops: the highest-scoring ones,
+/// [`kept_count`] left.
+fn trimmed(scores: &[f64], trim: f64) -> Vec<bool> {
+    let mut order: Vec<usize> = (0..scores.len()).collect();
+    order.sort_by(|&a, &b| scores[a].total_cmp(&scores[b]));
+    let mut dropped = vec![false; scores.len()];
+    for &i in &order[kept_count(scores.len(), trim)..] {
+        dropped[i] = true;
+    }
+    dropped
+}
+
+/// One held-out frame's image score and whether the trim dropped it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct HeldOutScore {
+    pub image_score: f64,
+    pub trimmed: bool,
+}
+
 /// Computes thresholds for `manifest` from `frames` (`[C, H, W]` each, model space): the
 /// tiles of the held-out frames, `groups[i]` consecutive ones making frame `i` (one each
-/// for a model that sees whole frames).
+/// for a model that sees whole frames). Also returns each frame's score, in `groups`'
+/// order, so the report can say which frames were trimmed and which set the threshold.
 #[allow(clippy::too_many_arguments)] // the model, its graphs and the frames, all needed
 pub fn calibrate(
     denoiser: &mut dyn Denoiser,
@@ -104,7 +124,7 @@ pub fn calibrate(
     groups: &[usize],
     rule: &CalibrationRule,
     seed: u64,
-) -> Result<Thresholds, RuntimeError> {
+) -> Result<(Thresholds, Vec<HeldOutScore>), RuntimeError> {
     assert!(!frames.is_empty(), "calibration needs at least one frame");
     let input = manifest.input;
     let neutral = Threshold { value: 0.0, min: 0.0, max: 1.0 };
@@ -115,16 +135,19 @@ pub fn calibrate(
         .into_iter()
         .map(|(raw, mse)| verdict(raw, mse, size, size[0] * size[1], &manifest.anomaly, &neutral, &neutral).map)
         .collect();
-    let mut per_frame = frame_scores(tile_maps, groups, manifest.anomaly.image_score, size[0] * size[1]);
-    per_frame.sort_by(|a, b| a.0.total_cmp(&b.0));
-    let kept = &per_frame[..kept_count(per_frame.len(), rule.trim)];
+    let per_frame = frame_scores(tile_maps, groups, manifest.anomaly.image_score, size[0] * size[1]);
+    let scores: Vec<f64> = per_frame.iter().map(|(s, _)| *s).collect();
+    let dropped = trimmed(&scores, rule.trim);
+    let kept: Vec<&(f64, Vec<f32>)> = per_frame.iter().zip(&dropped).filter(|(_, d)| !**d).map(|(f, _)| f).collect();
+    let held_out =
+        scores.iter().zip(&dropped).map(|(&image_score, &trimmed)| HeldOutScore { image_score, trimmed }).collect();
 
     let mut image_scores: Vec<f64> = kept.iter().map(|(s, _)| *s).collect();
     image_scores.sort_by(f64::total_cmp);
     let mut pixels: Vec<f64> = kept.iter().flat_map(|(_, m)| m.iter().map(|v| *v as f64)).collect();
     pixels.sort_by(f64::total_cmp);
     let table = |sorted: &[f64]| REPORTED_QUANTILES.iter().map(|q| [*q, quantile(sorted, *q)]).collect();
-    Ok(Thresholds {
+    let thresholds = Thresholds {
         pixel: threshold_from(&pixels, rule.pixel_quantile),
         image: threshold_from(&image_scores, rule.image_quantile),
         calibration: Calibration {
@@ -133,7 +156,8 @@ pub fn calibrate(
             pixel_quantiles: table(&pixels),
             image_quantiles: table(&image_scores),
         },
-    })
+    };
+    Ok((thresholds, held_out))
 }
 
 #[cfg(test)]
@@ -162,6 +186,15 @@ mod tests {
         assert_eq!(kept_count(8, 0.0), 8, "no trim");
         assert_eq!(kept_count(1, 0.1), 1, "one frame stays");
         assert_eq!(kept_count(3, 1.0), 1);
+    }
+
+    #[test]
+    fn the_highest_scoring_frames_are_the_ones_trimmed_wherever_they_are() {
+        let scores = [3.0, 9.0, 1.0, 7.0, 2.0, 8.0, 4.0, 5.0, 6.0, 0.5, 0.4, 0.3];
+        let dropped = trimmed(&scores, 0.2);
+        let which: Vec<f64> = scores.iter().zip(&dropped).filter(|(_, d)| **d).map(|(s, _)| *s).collect();
+        assert_eq!(which, [9.0, 7.0, 8.0], "12 frames at 0.2: the top 3 go, in the frames' own order");
+        assert_eq!(trimmed(&[2.0], 0.5), [false], "one frame is kept");
     }
 
     #[test]

@@ -126,6 +126,16 @@ fn short_training_lowers_the_loss_and_exports_a_loadable_bundle() {
     let written: serde_json::Value =
         serde_json::from_slice(&fs::read(out.with_extension("report.json")).unwrap()).unwrap();
     assert_eq!(written["data"]["skipped"][0]["path"].as_str().unwrap(), report.data.skipped[0].path);
+    // The step's phases are timed and account for the loop's time.
+    let p = report.step_phases;
+    let timed = p.batch + p.forward + p.backward + p.optimizer + p.ema + p.other;
+    assert!(p.forward > 0.0 && p.backward > 0.0 && p.optimizer > 0.0 && p.ema > 0.0, "{p:?}");
+    assert!(
+        timed <= report.seconds_per_step * 1.001 && timed > report.seconds_per_step * 0.9,
+        "{p:?} vs {}",
+        report.seconds_per_step
+    );
+    assert!(written["step_phases"]["backward"].as_f64().unwrap() > 0.0);
 
     let manifest = read_manifest(&bundle).unwrap();
     assert_eq!(manifest.provenance.loss, "huber");
@@ -133,6 +143,15 @@ fn short_training_lowers_the_loss_and_exports_a_loadable_bundle() {
     assert!(manifest.thresholds.calibration.frames >= 1);
     assert!(manifest.thresholds.pixel.value > 0.0 && manifest.thresholds.image.value > 0.0);
     Bundle::load(&bundle, &RuntimeConfig::default()).unwrap();
+    // The report names the held-out frames, highest score first; the highest one the trim
+    // kept is the image threshold (quantile 1).
+    let held_out = &report.held_out;
+    assert_eq!(held_out.len(), report.data.calibration_frames);
+    assert!(held_out.windows(2).all(|w| w[0].image_score >= w[1].image_score), "{held_out:?}");
+    assert!(held_out.iter().all(|f| f.file.starts_with(data.to_str().unwrap()) && f.file.ends_with(".png")));
+    let kept: Vec<_> = held_out.iter().filter(|f| !f.trimmed).collect();
+    assert_eq!(kept.len(), manifest.thresholds.calibration.frames);
+    assert!((kept[0].image_score - manifest.thresholds.image.value).abs() < 1e-9, "{held_out:?}");
 
     let o = Command::new(BIN)
         .args(["infer", "--model", bundle.to_str().unwrap(), "--out", tmp.path().join("infer").to_str().unwrap()])
@@ -736,6 +755,10 @@ fn a_tiled_bundle_is_calibrated_on_whole_frames_and_passes_normal_frames() {
     let manifest = read_manifest(&bundle).unwrap();
     let kept = manifest.thresholds.calibration.frames;
     assert!((1..=8).contains(&kept), "{kept}: counted in frames (after trimming), not in their 512 tiles");
+    let held_out = report["held_out"].as_array().unwrap();
+    let trimmed: Vec<bool> = held_out.iter().map(|f| f["trimmed"].as_bool().unwrap()).collect();
+    assert_eq!(trimmed, [true, false, false, false, false, false, false, false], "the top frame of eight is trimmed");
+    assert_eq!(held_out[1]["image_score"].as_f64().unwrap(), manifest.thresholds.image.value, "{held_out:?}");
 
     // The sixteen normal training frames (half of them held out for the calibration), and
     // one scratched test frame with its mask (eval needs an anomalous image).
