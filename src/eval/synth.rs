@@ -413,15 +413,21 @@ fn defect_image(
     (img, mask, scale, high_contrast)
 }
 
-/// Which of the `train` training images are defective: the first `defective` of a
-/// Fisher–Yates shuffle drawn from `rng`, so they are not all at the end of the listing.
-/// (Datasets stay byte-identical across versions: this is the stream every `synth` used.)
-pub fn contaminated_positions(rng: &mut ChaCha8Rng, train: usize, defective: usize) -> BTreeSet<usize> {
-    let mut positions: Vec<usize> = (0..train).collect();
-    for i in (1..positions.len()).rev() {
-        positions.swap(i, rng.random_range(0..=i));
+/// `0..len` in a Fisher–Yates order drawn from `rng`. Written out rather than rand's
+/// `SliceRandom::shuffle`, which draws its indices differently: every `synth` so far chose
+/// its defective frames with this stream, and datasets stay byte-identical across versions.
+pub fn shuffled(len: usize, rng: &mut ChaCha8Rng) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..len).collect();
+    for i in (1..order.len()).rev() {
+        order.swap(i, rng.random_range(0..=i));
     }
-    positions[..defective].iter().copied().collect()
+    order
+}
+
+/// Which of the `train` training images are defective: the first `defective` of a shuffle
+/// drawn from `rng`, so they are not all at the end of the listing.
+pub fn contaminated_positions(rng: &mut ChaCha8Rng, train: usize, defective: usize) -> BTreeSet<usize> {
+    shuffled(train, rng)[..defective].iter().copied().collect()
 }
 
 /// Writes the benchmark into `out` (through a temporary directory renamed at the end).

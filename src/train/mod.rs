@@ -912,11 +912,7 @@ impl Split {
     /// `seed` would repeat the shuffle with which `synth` (same algorithm, same seed) chose
     /// its contaminated frames, and hold out exactly those.
     fn of(len: usize, seed: u64, fraction: f64) -> Self {
-        let mut order: Vec<usize> = (0..len).collect();
-        let mut split_rng = ChaCha8Rng::seed_from_u64(seed ^ SPLIT_STREAM);
-        for i in (1..order.len()).rev() {
-            order.swap(i, split_rng.random_range(0..=i));
-        }
+        let order = crate::eval::synth::shuffled(len, &mut ChaCha8Rng::seed_from_u64(seed ^ SPLIT_STREAM));
         let held_out = if len >= 2 { ((len as f64 * fraction).round() as usize).clamp(1, len - 1) } else { 0 };
         let (calibration, train) = order.split_at(held_out);
         // With a single frame there is nothing to hold out: calibrate on the training frame.
