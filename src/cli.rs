@@ -4,10 +4,12 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::infer::runtime::{Provider, RuntimeConfig};
+use crate::infer::runtime::{Precision, Provider, RuntimeConfig};
 use crate::logging::LogFormat;
 use crate::model::sampling::Sampler;
 use crate::postprocess::anomaly::Residual;
+#[cfg(feature = "train")]
+use crate::train::int8::Int8Bound;
 
 #[derive(Debug, Parser)]
 #[command(name = "edge-inspect", version = env!("EDGE_INSPECT_VERSION_LINE"), about = "Visual inspection with robust diffusion (RDDPM) anomaly maps")]
@@ -66,6 +68,9 @@ pub struct RuntimeArgs {
     /// ONNX Runtime intra-op threads.
     #[arg(long, default_value_t = 1)]
     pub threads: usize,
+    /// The bundle's f32 graphs, or the int8 copies `retrain --int8` made.
+    #[arg(long, value_enum, default_value_t = Precision::Fp32)]
+    pub precision: Precision,
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -90,6 +95,7 @@ impl RuntimeArgs {
                 .collect(),
             allow_cpu_fallback: self.allow_cpu_fallback,
             intra_threads: self.threads,
+            precision: self.precision,
             ..RuntimeConfig::default()
         }
     }
@@ -578,6 +584,16 @@ pub struct RetrainArgs {
     /// map); `none` = reconstruct every tile.
     #[arg(long, default_value = "0.99", value_parser = parse_screen_recall)]
     pub screen_recall: ScreenRecallArg,
+    /// Also ship int8 copies of the bundle's graphs (UNet, head, patch model), statically
+    /// quantised with scales measured on the held-out frames through the shipped rule; kept
+    /// only if the shipped rule loses at most --int8-max-loss on the validation defects (the
+    /// patch model is left in f32 first). The daemon runs them with
+    /// `runtime.precision = "int8"`.
+    #[arg(long)]
+    pub int8: bool,
+    /// The largest pixel AUROC and AUPRC losses (int8 against f32) at which --int8 ships.
+    #[arg(long, default_value = "0.01,0.05", value_parser = parse_int8_bound)]
+    pub int8_max_loss: Int8Bound,
     /// Anomaly-map Gaussian σ in pixels.
     #[arg(long, default_value_t = 2.0)]
     pub smoothing_sigma: f64,
@@ -741,6 +757,16 @@ fn parse_fusion_weight(s: &str) -> Result<FusionWeightArg, String> {
 #[cfg(feature = "train")]
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct ScreenRecallArg(pub Option<f64>);
+
+#[cfg(feature = "train")]
+fn parse_int8_bound(s: &str) -> Result<Int8Bound, String> {
+    let parts: Vec<&str> = s.split(',').collect();
+    let [auroc, auprc] = parts[..] else { return Err(format!("expected AUROC,AUPRC losses, got '{s}'")) };
+    let number = |v: &str| v.trim().parse::<f64>().map_err(|e| format!("'{v}' in '{s}': {e}"));
+    let bound = Int8Bound { pixel_auroc: number(auroc)?, pixel_auprc: number(auprc)? };
+    bound.validate()?;
+    Ok(bound)
+}
 
 #[cfg(feature = "train")]
 fn parse_screen_recall(s: &str) -> Result<ScreenRecallArg, String> {

@@ -7,6 +7,7 @@ use std::sync::atomic::AtomicBool;
 use anyhow::Context;
 
 use crate::cli::{InspectionArg, LossArg, PatchModelArg, RetrainArgs, bundle_name};
+use crate::infer::runtime::Precision;
 use crate::model::diffusion::ScheduleSpec;
 use crate::model::preprocess::Inspection;
 use crate::model::sampling::ReconstructionSpec;
@@ -43,6 +44,12 @@ fn passive_openmp() -> anyhow::Result<String> {
 pub fn run(args: RetrainArgs) -> anyhow::Result<()> {
     let wait_policy = passive_openmp()?;
     tracing::info!(openmp_wait_policy = %wait_policy, "CPU training kernels: oneDNN on OpenMP.");
+    if args.runtime.precision != Precision::Fp32 {
+        anyhow::bail!(
+            "--precision {}: retrain trains, searches and calibrates in fp32; --int8 adds the int8 graphs",
+            args.runtime.precision
+        );
+    }
     let name = bundle_name(&args.out, args.name.as_deref());
     let loss = match args.loss {
         LossArg::Mse => Loss::Mse,
@@ -102,6 +109,7 @@ pub fn run(args: RetrainArgs) -> anyhow::Result<()> {
         operating_point: (!args.fixed_operating_point).then(|| SearchSpace::with_budget(args.unet_budget)),
         head: head_config(&args),
         patch: patch_config(&args)?,
+        int8: args.int8.then_some(args.int8_max_loss),
     };
     let interrupt = Arc::new(AtomicBool::new(false));
     // Ctrl-C or SIGTERM: the training loop sees the flag, writes a checkpoint and stops.

@@ -15,9 +15,9 @@ use std::path::{Path, PathBuf};
 use sha2::{Digest, Sha256};
 
 use crate::infer::reconstruct::Reconstructor;
-use crate::infer::runtime::{Denoiser, OrtDenoiser, RuntimeConfig, RuntimeError};
+use crate::infer::runtime::{Denoiser, OrtDenoiser, Precision, RuntimeConfig, RuntimeError};
 use crate::model::diffusion::NoiseSchedule;
-use crate::model::manifest::{GoldenCheck, MANIFEST_FILE, Manifest, SCHEMA_VERSION};
+use crate::model::manifest::{GoldenCheck, MANIFEST_FILE, Manifest, QuantizedGraph, SCHEMA_VERSION};
 use crate::model::preprocess::InputSpec;
 use crate::model::sampling::ReconstructionSpec;
 use crate::postprocess::anomaly::Residual;
@@ -189,18 +189,20 @@ pub struct Bundle {
 impl Bundle {
     pub fn load(dir: &Path, runtime: &RuntimeConfig) -> Result<Self, BundleError> {
         let manifest = read_manifest(dir)?;
-        let onnx_path = dir.join(&manifest.artifact.onnx);
-        verify_sha(&onnx_path, &manifest.artifact.sha256)?;
+        let chosen = GraphRefs::at(&manifest, runtime.precision)
+            .map_err(|what| BundleError::Inconsistent { path: dir.to_path_buf(), what })?;
+        let onnx_path = dir.join(chosen.unet.onnx);
+        verify_sha(&onnx_path, chosen.unet.sha256)?;
         let mut denoiser = OrtDenoiser::load(&onnx_path, manifest.unet.channels, runtime)?;
-        run_golden(&mut denoiser, &manifest).map_err(|what| BundleError::Golden { path: onnx_path, what })?;
+        check_golden(&mut denoiser, chosen.unet.golden, &manifest.input)
+            .map_err(|what| BundleError::Golden { path: onnx_path, what })?;
         let pair = 2 * manifest.input.channels;
-        let graph = |onnx: &str, sha256: &str, golden: &GoldenCheck, channels: usize| {
-            pair_graph(dir, onnx, sha256, golden, channels, &manifest, runtime)
-        };
-        let head = manifest.head.as_ref();
-        let head = head.map(|a| graph(&a.onnx, &a.sha256, &a.golden, a.unet.channels)).transpose()?;
-        let patch = manifest.patch.as_ref().map(|a| graph(&a.onnx, &a.sha256, &a.golden, pair)).transpose()?;
-        tracing::info!(bundle = %dir.display(), name = %manifest.name, version = %manifest.version, sha256 = %manifest.artifact.sha256, "Model bundle verified.");
+        let graph =
+            |g: GraphRef, channels: usize| pair_graph(dir, g.onnx, g.sha256, g.golden, channels, &manifest, runtime);
+        let head_channels = manifest.head.as_ref().map_or(pair, |a| a.unet.channels);
+        let head = chosen.head.map(|g| graph(g, head_channels)).transpose()?;
+        let patch = chosen.patch.map(|g| graph(g, pair)).transpose()?;
+        tracing::info!(bundle = %dir.display(), name = %manifest.name, version = %manifest.version, sha256 = %manifest.artifact.sha256, precision = %runtime.precision, "Model bundle verified.");
         let (residual, feature_t) = (manifest.anomaly.residual, manifest.anomaly.feature_t);
         let mut bundle = Self { dir: dir.to_path_buf(), manifest, denoiser, head, features: None, patch };
         bundle.use_map_rule(residual, feature_t, runtime)?;
@@ -249,6 +251,53 @@ impl Bundle {
             .map_err(|e| BundleError::Inconsistent { path: self.dir.clone(), what: e.to_string() })?;
         Reconstructor::new(schedule, spec.unwrap_or(self.manifest.reconstruction))
             .map_err(|e| BundleError::Inconsistent { path: self.dir.clone(), what: format!("reconstruction: {e}") })
+    }
+}
+
+/// A graph file of the bundle, its hash and its golden check.
+#[derive(Clone, Copy)]
+struct GraphRef<'a> {
+    onnx: &'a str,
+    sha256: &'a str,
+    golden: &'a GoldenCheck,
+}
+
+/// The graphs a bundle runs at one precision.
+struct GraphRefs<'a> {
+    unet: GraphRef<'a>,
+    head: Option<GraphRef<'a>>,
+    patch: Option<GraphRef<'a>>,
+}
+
+impl<'a> GraphRefs<'a> {
+    fn at(m: &'a Manifest, precision: Precision) -> Result<Self, String> {
+        let head = m.head.as_ref().map(|a| GraphRef { onnx: &a.onnx, sha256: &a.sha256, golden: &a.golden });
+        let patch = m.patch.as_ref().map(|a| GraphRef { onnx: &a.onnx, sha256: &a.sha256, golden: &a.golden });
+        let unet = GraphRef { onnx: &m.artifact.onnx, sha256: &m.artifact.sha256, golden: &m.golden };
+        match precision {
+            Precision::Fp32 => Ok(Self { unet, head, patch }),
+            Precision::Int8 => {
+                let int8 = m.int8.as_ref().ok_or(
+                    "precision int8: the bundle has no int8 graphs (made without `retrain --int8`, or its int8 \
+                     graphs lost too much quality: see the retrain report)",
+                )?;
+                let of = |g: &'a QuantizedGraph| GraphRef { onnx: &g.onnx, sha256: &g.sha256, golden: &g.golden };
+                // A graph without an int8 copy runs in f32 (retrain kept it so: its int8
+                // copy cost too much quality); an int8 copy of a graph the bundle lacks is
+                // an inconsistent manifest.
+                let quantized =
+                    |name: &str, f32_graph: Option<GraphRef<'a>>, q: Option<&'a QuantizedGraph>| match (f32_graph, q) {
+                        (Some(_), Some(q)) => Ok(Some(of(q))),
+                        (f32_graph, None) => Ok(f32_graph),
+                        (None, Some(_)) => Err(format!("precision int8: [int8.{name}] without a [{name}]")),
+                    };
+                Ok(Self {
+                    unet: of(&int8.unet),
+                    head: quantized("head", head, int8.head.as_ref())?,
+                    patch: quantized("patch", patch, int8.patch.as_ref())?,
+                })
+            }
+        }
     }
 }
 

@@ -49,6 +49,25 @@ impl std::fmt::Display for Provider {
     }
 }
 
+/// Which of a bundle's graphs run: the f32 ones, or the int8 copies `retrain --int8` made
+/// (refused where the bundle has none).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    #[default]
+    Fp32,
+    Int8,
+}
+
+impl std::fmt::Display for Precision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Precision::Fp32 => "fp32",
+            Precision::Int8 => "int8",
+        })
+    }
+}
+
 /// How to run the model; part of the daemon config and of `infer`'s flags.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -65,6 +84,8 @@ pub struct RuntimeConfig {
     pub device_id: i32,
     /// TensorRT engine and timing cache directory.
     pub tensorrt_cache: Option<PathBuf>,
+    /// The bundle's f32 graphs or their int8 copies.
+    pub precision: Precision,
 }
 
 impl Default for RuntimeConfig {
@@ -76,6 +97,7 @@ impl Default for RuntimeConfig {
             intra_threads: 1,
             device_id: 0,
             tensorrt_cache: None,
+            precision: Precision::Fp32,
         }
     }
 }
@@ -243,12 +265,17 @@ impl<F: FnMut(usize, f32, usize) -> f32> Denoiser for FnDenoiser<F> {
     }
 }
 
+/// Receives each extra output of an observer graph by name (int8 calibration).
+pub type Observer = Box<dyn FnMut(&str, &[f32]) + Send>;
+
 /// A loaded UNet session and the provider it actually runs on.
 pub struct OrtDenoiser {
     session: Session,
     channels: usize,
     provider: Provider,
     fell_back_to_cpu: bool,
+    /// Sees every output besides `eps` after each run (`model::quantize::observer` graphs).
+    observer: Option<Observer>,
 }
 
 impl OrtDenoiser {
@@ -325,7 +352,7 @@ impl OrtDenoiser {
             }
             None => return Err(RuntimeError::NoProvider { failures }),
         };
-        let denoiser = Self { session, channels, provider, fell_back_to_cpu };
+        let denoiser = Self { session, channels, provider, fell_back_to_cpu, observer: None };
         denoiser.check_contract(model_path)?;
         tracing::info!(model = %model_path.display(), provider = %provider, fallback = fell_back_to_cpu, "Model session ready.");
         Ok(denoiser)
@@ -367,6 +394,11 @@ impl OrtDenoiser {
     pub fn fell_back_to_cpu(&self) -> bool {
         self.fell_back_to_cpu
     }
+
+    /// Hands every output besides `eps` of each later run to `observer`.
+    pub fn observe(&mut self, observer: Observer) {
+        self.observer = Some(observer);
+    }
 }
 
 impl OrtDenoiser {
@@ -384,6 +416,11 @@ impl OrtDenoiser {
         let time = TensorRef::from_array_view(([t.len()], t)).map_err(run)?;
         let inputs = ort::inputs![INPUT_IMAGE => image, INPUT_TIME => time];
         let outputs = self.session.run_with_options(inputs, run_options()?).map_err(run)?;
+        if let Some(observer) = self.observer.as_mut() {
+            for (name, value) in outputs.iter().filter(|(name, _)| *name != OUTPUT_EPS) {
+                observer(name, value.try_extract_tensor::<f32>().map_err(run)?.1);
+            }
+        }
         let (out_shape, out) = outputs[OUTPUT_EPS].try_extract_tensor::<f32>().map_err(run)?;
         let dims: Vec<usize> = out_shape.iter().map(|&d| d as usize).collect();
         consume(&dims, out);

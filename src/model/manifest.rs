@@ -21,6 +21,10 @@ pub const MANIFEST_FILE: &str = "manifest.toml";
 pub const ONNX_FILE: &str = "model.onnx";
 pub const HEAD_FILE: &str = "head.onnx";
 pub const PATCH_FILE: &str = "patch.onnx";
+/// The int8 graphs' files, beside their f32 ones.
+pub const INT8_ONNX_FILE: &str = "model.int8.onnx";
+pub const INT8_HEAD_FILE: &str = "head.int8.onnx";
+pub const INT8_PATCH_FILE: &str = "patch.int8.onnx";
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -60,6 +64,10 @@ pub struct Manifest {
     /// one instead, trading recall for speed.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub screen_curve: Vec<Screen>,
+    /// The statically quantised graphs (`retrain --int8`), run where the runtime's
+    /// `precision` is `int8`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub int8: Option<Int8Graphs>,
 }
 
 impl Manifest {
@@ -144,6 +152,46 @@ impl HeadArtifact {
     pub fn input_channels(&self, channels: usize) -> usize {
         2 * channels + usize::from(self.patch_channel.is_some())
     }
+}
+
+/// One graph's int8 copy: its file, hash and golden statistics (its own: int8 answers the
+/// probe a little differently from f32).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QuantizedGraph {
+    pub onnx: String,
+    pub sha256: String,
+    pub golden: GoldenCheck,
+}
+
+/// The shipped rule's figures on the validation defects (the search's pasted families,
+/// mean over the family groups), at one precision.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuleFigures {
+    pub pixel_auroc: f64,
+    pub pixel_auprc: f64,
+    pub image_auroc: f64,
+}
+
+/// The int8 graphs of a bundle: the UNet's, and the head's and the patch model's where the
+/// bundle has them; how they were calibrated and what they cost in quality.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Int8Graphs {
+    pub unet: QuantizedGraph,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub head: Option<QuantizedGraph>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub patch: Option<QuantizedGraph>,
+    /// Held-out frames (tiles) whose activations set the scales.
+    pub calibration_frames: usize,
+    pub fp32: RuleFigures,
+    pub int8: RuleFigures,
+    /// The largest pixel-AUROC and AUPRC losses `retrain` accepted (int8 below f32 by more:
+    /// not shipped).
+    pub max_pixel_auroc_loss: f64,
+    pub max_pixel_auprc_loss: f64,
 }
 
 /// Ensemble members beyond `reconstruction`: the same sampler, steps and conditioning at

@@ -17,6 +17,8 @@ pub mod onnx_export;
 #[cfg(feature = "train")]
 pub mod patch;
 pub mod preprocess;
+#[cfg(feature = "train")]
+pub mod quantize;
 pub mod sampling;
 #[cfg(feature = "train")]
 pub mod unet;

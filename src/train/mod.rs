@@ -17,6 +17,7 @@ pub mod data;
 pub mod defects;
 pub mod export;
 pub mod head;
+pub mod int8;
 pub mod losses;
 pub mod operating_point;
 pub mod patch_model;
@@ -100,6 +101,9 @@ pub struct TrainConfig {
     /// `patch` rule if it wins the search.
     #[serde(default)]
     pub patch: Option<PatchConfig>,
+    /// Also ship int8 copies of the graphs if they keep the shipped rule's quality within
+    /// this bound (`int8`).
+    pub int8: Option<int8::Int8Bound>,
 }
 
 /// Where and how to run.
@@ -260,6 +264,9 @@ pub struct Report {
     /// the one whose score set the image threshold (at the default quantile 1). A defect
     /// there means the frames held more contamination than the trim; label it and retrain.
     pub held_out: Vec<HeldOutFrame>,
+    /// With `--int8`: the figures of each set of int8 graphs tried and which shipped.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub int8: Option<int8::Int8Report>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -394,6 +401,9 @@ impl TrainConfig {
             return Err("--anomaly-map patch needs the normal-patch model (--patch-model gaussian)".into());
         }
         self.inspection.validate([self.input.height, self.input.width])?;
+        if let Some(bound) = &self.int8 {
+            bound.validate()?;
+        }
         if !(0.0..1.0).contains(&self.calibration_fraction) {
             return Err(format!("--calibration-fraction must be in [0, 1), got {}", self.calibration_fraction));
         }
@@ -500,6 +510,8 @@ struct Exporter<'a> {
     data_sha256: &'a str,
     /// The held-out frames' scores from the last calibration, for the report.
     held_out: std::cell::RefCell<Vec<HeldOutScore>>,
+    /// What `--int8` tried and shipped, for the report.
+    int8: std::cell::RefCell<int8::Int8Report>,
 }
 
 impl Exporter<'_> {
@@ -550,6 +562,7 @@ impl Exporter<'_> {
             head: None,
             patch: None,
             screen_curve: Vec::new(),
+            int8: None,
         }
     }
 
@@ -640,7 +653,14 @@ impl Exporter<'_> {
             manifest.screen_curve = self.screen_curve(&mut **patch, manifest, recall)?;
             manifest.anomaly.screen = manifest.screen_at(recall).ok();
         }
-        self.calibrate(ort, &mut graphs, manifest, &self.options.out)
+        self.calibrate(ort, &mut graphs, manifest, &self.options.out)?;
+        if let Some(bound) = self.config.int8 {
+            let (frames, seed) = (self.calibration_frames, self.config.seed);
+            let finished = int8::Finished { unet: ort, graphs: &mut graphs, frames, seed };
+            let report = &mut self.int8.borrow_mut();
+            manifest.int8 = int8::quantize_bundle(finished, manifest, staged, &self.options.runtime, bound, report)?;
+        }
+        Ok(())
     }
 
     /// The cascade's screen at `recall` and at each of [`SCREEN_RECALLS`], chosen on the
@@ -841,6 +861,7 @@ pub fn train(config: TrainConfig, options: &RunOptions) -> Result<Outcome, Train
         patch_tiles: &patch_tiles,
         data_sha256: &data_sha256,
         held_out: Default::default(),
+        int8: Default::default(),
     };
 
     let loop_started = Instant::now();
@@ -864,6 +885,7 @@ pub fn train(config: TrainConfig, options: &RunOptions) -> Result<Outcome, Train
             exporter.finish(ort, m, staged)
         })?;
     let held_out = held_out_frames(&dataset, &split, &exporter.held_out.take());
+    let int8 = config.int8.map(|_| exporter.int8.take());
     let report = Report {
         config: config.clone(),
         data: DataReport {
@@ -887,6 +909,7 @@ pub fn train(config: TrainConfig, options: &RunOptions) -> Result<Outcome, Train
         step_phases,
         resumed_from_step: start_step,
         held_out,
+        int8,
     };
     if let Some(path) = &options.report {
         let json = serde_json::to_vec_pretty(&report).map_err(|e| TrainError::Config(e.to_string()))?;

@@ -25,7 +25,7 @@ use crate::infer::ensemble::{Ensemble, MapGraphs, patch_maps_of};
 use crate::infer::reconstruct::Reconstructor;
 use crate::infer::runtime::{Denoiser, RuntimeError};
 use crate::model::diffusion::NoiseSchedule;
-use crate::model::manifest::{CandidateScore, FusionScore, OperatingPoint};
+use crate::model::manifest::{CandidateScore, FusionScore, OperatingPoint, RuleFigures};
 use crate::model::sampling::{ReconstructionSpec, Sampler};
 use crate::postprocess::anomaly::{AnomalySpec, Fusion, Residual, Threshold, residual_map, verdict};
 use crate::train::defects::{FOLDS, Family, names};
@@ -369,6 +369,34 @@ impl Validation<'_> {
         });
         Ok(scores)
     }
+}
+
+/// The figures of the rule `anomaly` exactly as shipped (fusion and screen included) on
+/// `frames` with one defect of every family group pasted on copies (as the search's
+/// validation), mean over the groups: what `retrain --int8` compares the precisions by.
+pub(crate) fn shipped_figures(
+    denoiser: &mut dyn Denoiser,
+    graphs: &mut MapGraphs<'_>,
+    ensemble: &mut Ensemble,
+    frames: &[Vec<f32>],
+    shape: [usize; 3],
+    seed: u64,
+    anomaly: &AnomalySpec,
+) -> Result<RuleFigures, RuntimeError> {
+    let set = pasted_set(frames, shape, seed, &FOLDS);
+    let maps: Vec<Vec<f32>> = ensemble
+        .raw_maps_of(denoiser, graphs, &set.frames, shape, seed, anomaly)?
+        .into_iter()
+        .map(|(m, _)| m)
+        .collect();
+    let per_group: Vec<Figures> = (0..set.groups.len())
+        .map(|k| {
+            let indices = set.subset(k);
+            figures(&set, &indices, indices.iter().map(|&i| maps[i].clone()).collect(), shape, anomaly)
+        })
+        .collect();
+    let mean = Figures::mean(&per_group);
+    Ok(RuleFigures { pixel_auroc: mean.pixel_auroc, pixel_auprc: mean.pixel_auprc, image_auroc: mean.image_auroc })
 }
 
 /// Best pixel AUPRC first; ties to fewer UNet calls.

@@ -923,6 +923,11 @@ sensitivity = 0.0
         check_config(&demo, &[("EDGE_INSPECT__MQTT__PORT", "0"), ("EDGE_INSPECT__PIPELINE__MAX_BATCH", "x")]);
     assert_eq!(code, 78, "{text}");
     assert!(text.contains("mqtt.port") && text.contains("pipeline"), "{text}");
+    // int8 graphs the demo bundle does not have, and a precision that does not exist.
+    let (code, text) = check_config(&demo, &[("EDGE_INSPECT__RUNTIME__PRECISION", "int8")]);
+    assert!(code == 78 && text.contains("precision int8") && text.contains("retrain --int8"), "{text}");
+    let (code, text) = check_config(&demo, &[("EDGE_INSPECT__RUNTIME__PRECISION", "int4")]);
+    assert!(code == 78 && text.contains("runtime") && text.contains("int4"), "{text}");
     let (code, _) = check_config(&dir.path().join("missing.toml"), &[]);
     assert_eq!(code, 78);
 

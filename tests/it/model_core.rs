@@ -81,6 +81,7 @@ fn manifest_for(unet: &UNetConfig, size: usize) -> Manifest {
         head: None,
         patch: None,
         screen_curve: Vec::new(),
+        int8: None,
     }
 }
 
@@ -609,4 +610,59 @@ fn the_feature_graph_is_the_cosine_distance_of_the_encoder_features() {
     let inside: f32 = (4..8).flat_map(|y| (9..13).map(move |x| y * size + x)).map(|p| maps[1][p]).sum::<f32>() / 16.0;
     let far: f32 = (12..16).flat_map(|y| (0..4).map(move |x| y * size + x)).map(|p| maps[1][p]).sum::<f32>() / 16.0;
     assert!(inside > 10.0 * far.max(1e-6), "changed patch {inside} vs far corner {far}");
+}
+
+/// int8 (`model::quantize`): the observer graph exposes every convolution's input and
+/// output, calibration on inputs of the kind the model sees gives each a range, and the QDQ
+/// graph ORT runs from those ranges answers within a few percent of f32 on other inputs of
+/// that kind, with its convolutions' weights stored as int8.
+#[test]
+fn an_int8_graph_calibrated_on_real_inputs_stays_close_to_f32() {
+    use edge_inspect::model::onnx_export::export_onnx;
+    use edge_inspect::model::quantize::{Ranges, observer, quantize};
+    use std::sync::{Arc, Mutex};
+
+    let config = small_config(1, true);
+    let model = UNet::init(&config, 7, &Device::flex()).unwrap();
+    let onnx = export_onnx(&model, &config, "test");
+    let label = Path::new("int8-test");
+    let inputs = |seed: usize| -> (Vec<f32>, Vec<f32>) {
+        let x = (0..4 * 16 * 16).map(|i| ((i + seed) as f32 * 0.37).sin() * ((i as f32) * 0.05).cos()).collect();
+        (x, vec![10.0 + seed as f32, 40.0, 120.0, 300.0])
+    };
+    let (observed, names) = observer(&onnx, &[]).unwrap();
+    let convs = names.len();
+    assert!(convs >= 10, "the small UNet has a dozen convolutions, observed {convs} tensors");
+    let mut session = OrtDenoiser::from_memory(&observed, label, 1, &runtime()).unwrap();
+    let ranges = Arc::new(Mutex::new(Ranges::default()));
+    let sink = Arc::clone(&ranges);
+    session.observe(Box::new(move |name, values| sink.lock().unwrap().observe(name, values)));
+    for seed in 0..4 {
+        let (x, t) = inputs(seed);
+        session.predict_raw(&x, [4, 1, 16, 16], &t, &mut |_, _| {}).unwrap();
+    }
+    let ranges = ranges.lock().unwrap().clone();
+    let int8 = quantize(&onnx, &ranges, &[]).unwrap();
+    assert!(int8.len() < onnx.len() / 2, "int8 weights: {} bytes against {} for f32", int8.len(), onnx.len());
+
+    let (x, t) = inputs(9);
+    let mut f32_out = Vec::new();
+    OrtDenoiser::from_memory(&onnx, label, 1, &runtime())
+        .unwrap()
+        .predict_raw(&x, [4, 1, 16, 16], &t, &mut |_, out| f32_out = out.to_vec())
+        .unwrap();
+    let mut int8_out = Vec::new();
+    OrtDenoiser::from_memory(&int8, label, 1, &runtime())
+        .unwrap()
+        .predict_raw(&x, [4, 1, 16, 16], &t, &mut |_, out| int8_out = out.to_vec())
+        .unwrap();
+    let mean_abs = |v: &[f32]| v.iter().map(|a| a.abs() as f64).sum::<f64>() / v.len() as f64;
+    let diff: Vec<f32> = f32_out.iter().zip(&int8_out).map(|(a, b)| a - b).collect();
+    let relative = mean_abs(&diff) / mean_abs(&f32_out);
+    assert!(relative < 0.05, "int8 differs from f32 by {relative:.4} (mean |Δ| / mean |f32|)");
+    assert!(relative > 0.0, "the int8 graph computes something else than the f32 one");
+
+    // Without a range for a convolution's tensors there is no graph.
+    let err = quantize(&onnx, &Ranges::default(), &[]).unwrap_err();
+    assert!(err.contains("calibration observed no values of tensor"), "{err}");
 }

@@ -78,6 +78,7 @@ fn config(loss: Loss, steps: usize) -> TrainConfig {
         operating_point: None,
         head: None,
         patch: None,
+        int8: None,
     }
 }
 
@@ -793,4 +794,85 @@ fn a_tiled_bundle_is_calibrated_on_whole_frames_and_passes_normal_frames() {
     let false_alarms = overall["deployed"]["false_positives"].as_u64().expect("deployed counts");
     eprintln!("calibrated on whole frames: {false_alarms} of 16 normal frames alerted");
     assert!(false_alarms <= 6, "{false_alarms} of 16 normal frames alerted: {overall}");
+}
+
+/// `retrain --int8` on a bundle with all three graphs (the UNet, a head that reads the
+/// patch map, the fused patch model): each gets an int8 copy with its own hash and golden
+/// check, calibrated through the shipped rule, and ships only within the quality bound on
+/// the validation defects: a bound of 0 refuses every set and leaves no int8 file; a
+/// looser one refuses the int8 patch model and ships the UNet and head, the patch model
+/// running in f32; `precision = "int8"` runs the copies, refuses a corrupt one, and a
+/// bundle without int8 graphs is refused at that precision with a message that says how to
+/// make them.
+#[test]
+fn int8_copies_ship_within_their_quality_bound_and_run_at_precision_int8() {
+    use edge_inspect::infer::runtime::Precision;
+    use edge_inspect::train::int8::Int8Bound;
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    tiny_dataset(&data);
+    let mut cfg = config(Loss::Huber { delta: 0.2 }, 6);
+    cfg.input = InputSpec { width: 32, height: 32, ..InputSpec::default() };
+    cfg.operating_point = Some(one_candidate(2));
+    cfg.head = Some(HeadConfig { frames: 16, patch_channel: true, ..HeadConfig::with_steps(40) });
+    cfg.patch = Some(PatchConfig { tiles: 16, ..PatchConfig::with_backbone(backbone(), 0.1, Some(0.5)) });
+    cfg.int8 = Some(Int8Bound { pixel_auroc: 0.0, pixel_auprc: 0.0 });
+    let strict = tmp.path().join("strict");
+    let Outcome::Finished { bundle: refused, report } = train(cfg.clone(), &options(&data, &strict)).unwrap() else {
+        panic!()
+    };
+    let tried = report.int8.expect("the report says what --int8 tried");
+    assert_eq!(tried.tried.len(), 2, "all graphs, then the patch model left f32: {tried:?}");
+    assert!(tried.tried.iter().all(|t| !t.shipped) && tried.shipped.is_empty(), "{tried:?}");
+    assert!(read_manifest(&refused).unwrap().int8.is_none());
+    for file in ["model.int8.onnx", "head.int8.onnx", "patch.int8.onnx"] {
+        assert!(!refused.join(file).exists(), "{file} is left behind");
+    }
+
+    // All three int8 graphs lose most of the patch map (its whitened distance amplifies
+    // feature noise: AUROC 0.99 → 0.74 here); with the patch model left f32, the UNet and
+    // the head lose 0.006 AUROC and 0.21 AUPRC on this 6-step model, inside this bound.
+    cfg.int8 = Some(Int8Bound { pixel_auroc: 0.01, pixel_auprc: 0.25 });
+    let out = tmp.path().join("int8");
+    let Outcome::Finished { bundle, report } = train(cfg, &options(&data, &out)).unwrap() else { panic!() };
+    let manifest = read_manifest(&bundle).unwrap();
+    assert!(manifest.head.is_some() && manifest.patch.is_some(), "the head and the patch model ship");
+    let tried = report.int8.expect("the report says what --int8 tried");
+    let int8 = manifest.int8.clone().unwrap_or_else(|| panic!("int8 graphs within the bound: {tried:?}"));
+    eprintln!("validation figures: f32 {:?}, int8 {:?}; tried {tried:?}", int8.fp32, int8.int8);
+    assert_eq!(tried.shipped, ["unet", "head"], "the patch model stays f32: {tried:?}");
+    assert!(!tried.tried[0].shipped && tried.tried[1].shipped);
+    assert_eq!((int8.fp32, int8.int8), (tried.fp32.unwrap(), tried.tried[1].figures));
+    assert!(int8.calibration_frames > 0 && int8.patch.is_none());
+    assert!(!bundle.join("patch.int8.onnx").exists(), "the refused patch copy is removed");
+    let head = int8.head.as_ref().expect("the head's int8 copy");
+    for q in [&int8.unet, head] {
+        let bytes = fs::read(bundle.join(&q.onnx)).unwrap();
+        assert_eq!(edge_inspect::infer::bundle::sha256_hex(&bytes), q.sha256, "{}", q.onnx);
+        assert!(String::from_utf8_lossy(&bytes).contains("QuantizeLinear"), "{} is in QDQ form", q.onnx);
+    }
+    // The f32 graphs are those of the run whose int8 copies were refused: the copies are extra.
+    assert_eq!(manifest.artifact.sha256, read_manifest(&refused).unwrap().artifact.sha256);
+
+    let prepared = manifest.input.prepare(&image::open(fixture("brick_stain.png")).unwrap());
+    let map_at = |precision: Precision| {
+        let runtime = RuntimeConfig { precision, ..RuntimeConfig::default() };
+        let mut inspector = Inspector::new(Bundle::load(&bundle, &runtime).unwrap(), None).unwrap();
+        inspector.inspect(&[FrameView::new(&prepared.tensor, prepared.size())], &[1]).unwrap().remove(0).map
+    };
+    let (f32_map, int8_map) = (map_at(Precision::Fp32), map_at(Precision::Int8));
+    let mean_abs = |v: &mut dyn Iterator<Item = f32>| v.map(|x| x.abs() as f64).sum::<f64>() / f32_map.len() as f64;
+    let diff = mean_abs(&mut f32_map.iter().zip(&int8_map).map(|(a, b)| a - b));
+    let scale = mean_abs(&mut f32_map.iter().copied());
+    // Int8 answers differently, but about the same map (this 6-step model's fused map moved
+    // by about a third of its mean magnitude).
+    assert!(diff > 0.0 && diff < 0.5 * scale, "int8 map differs by {diff:.4} (f32 map mean |x| {scale:.4})");
+
+    let int8_runtime = RuntimeConfig { precision: Precision::Int8, ..RuntimeConfig::default() };
+    let e = Bundle::load(&refused, &int8_runtime).err().expect("no int8 graphs").to_string();
+    assert!(e.contains("precision int8") && e.contains("retrain --int8"), "{e}");
+    flip_last_byte(&bundle.join(&head.onnx));
+    let e = Bundle::load(&bundle, &int8_runtime).err().expect("a corrupt int8 copy must not load").to_string();
+    assert!(e.contains("head.int8.onnx") && e.contains("sha256"), "{e}");
+    Bundle::load(&bundle, &RuntimeConfig::default()).expect("f32 never reads the int8 copies");
 }
