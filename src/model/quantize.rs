@@ -176,7 +176,7 @@ impl Rewrite<'_> {
             return Err(format!("conv weight '{weight_name}' has {} values for {out_channels} channels", w.len()));
         }
         let (wq, w_scales) = quantize_weights(&w, out_channels);
-        let wq_name = self.int_initializer(&format!("{weight_name}_q"), INT8, &dims, bytes_i8(&wq));
+        let wq_name = self.raw_initializer(&format!("{weight_name}_q"), INT8, &dims, bytes_i8(&wq));
         let w_dq = self.dequantize_channels(&wq_name, &w_scales, INT8);
         node.input[0] = x;
         node.input[1] = w_dq;
@@ -185,7 +185,7 @@ impl Rewrite<'_> {
             let scales: Vec<f32> = w_scales.iter().map(|s| s * x_scale).collect();
             let bq: Vec<i32> = b.iter().zip(&scales).map(|(v, s)| (v / s).round() as i32).collect();
             let bytes = bq.iter().flat_map(|v| v.to_le_bytes()).collect();
-            let bq_name = self.int_initializer(&format!("{bias_name}_q"), INT32, &[bq.len() as i64], bytes);
+            let bq_name = self.raw_initializer(&format!("{bias_name}_q"), INT32, &[bq.len() as i64], bytes);
             node.input[2] = self.dequantize_channels(&bq_name, &scales, INT32);
         }
         let output = node.output[0].clone();
@@ -212,7 +212,7 @@ impl Rewrite<'_> {
     fn round_trip(&mut self, x: &str, range: (f32, f32), out: &str) -> f32 {
         let (scale, zero) = activation_params(range);
         let s = self.float_initializer(&format!("{x}_scale"), &[], &[scale]);
-        let z = self.int_initializer(&format!("{x}_zero"), UINT8, &[], vec![zero]);
+        let z = self.raw_initializer(&format!("{x}_zero"), UINT8, &[], vec![zero]);
         let q = self.push("QuantizeLinear", &[x, &s, &z], format!("{x}_q"), vec![]);
         self.push("DequantizeLinear", &[&q, &s, &z], out.to_string(), vec![]);
         scale
@@ -223,7 +223,7 @@ impl Rewrite<'_> {
         let n = scales.len() as i64;
         let s = self.float_initializer(&format!("{q}_scale"), &[n], scales);
         let width = if data_type == INT32 { 4 } else { 1 };
-        let z = self.int_initializer(&format!("{q}_zero"), data_type, &[n], vec![0; scales.len() * width]);
+        let z = self.raw_initializer(&format!("{q}_zero"), data_type, &[n], vec![0; scales.len() * width]);
         self.push("DequantizeLinear", &[q, &s, &z], format!("{q}_dq"), vec![attr_int("axis", 0)])
     }
 
@@ -239,16 +239,11 @@ impl Rewrite<'_> {
     }
 
     fn float_initializer(&mut self, name: &str, dims: &[i64], values: &[f32]) -> String {
-        let mut t = TensorProto::new();
-        t.name = name.into();
-        t.data_type = FLOAT;
-        t.dims = dims.to_vec();
-        t.float_data = values.to_vec();
-        self.initializers.push(t);
-        name.to_string()
+        self.raw_initializer(name, FLOAT, dims, values.iter().flat_map(|v| v.to_le_bytes()).collect())
     }
 
-    fn int_initializer(&mut self, name: &str, data_type: i32, dims: &[i64], raw: Vec<u8>) -> String {
+    /// An initializer of `data_type` from its little-endian bytes.
+    fn raw_initializer(&mut self, name: &str, data_type: i32, dims: &[i64], raw: Vec<u8>) -> String {
         let mut t = TensorProto::new();
         t.name = name.into();
         t.data_type = data_type;

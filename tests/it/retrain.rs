@@ -699,17 +699,23 @@ fn a_per_position_model_finds_a_normal_pattern_in_the_wrong_place() {
     assert!(e.contains("per-position") && e.contains("--inspection resize"), "{e}");
 }
 
+/// 32² frames, 6 steps, and a head that reads the patch map (the patch model not yet
+/// configured): at t0 = 2 the reconstruction is nearly the frame, its L1 map is weak, and
+/// the head wins the search and ships.
+fn head_reading_the_patch_map() -> TrainConfig {
+    let mut cfg = config(Loss::Huber { delta: 0.2 }, 6);
+    cfg.input = InputSpec { width: 32, height: 32, ..InputSpec::default() };
+    cfg.operating_point = Some(one_candidate(2));
+    cfg.head = Some(HeadConfig { frames: 16, patch_channel: true, ..HeadConfig::with_steps(40) });
+    cfg
+}
+
 #[test]
 fn a_head_can_read_the_patch_map_as_a_third_input() {
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("data");
     tiny_dataset(&data);
-    let mut cfg = config(Loss::Huber { delta: 0.2 }, 6);
-    cfg.input = InputSpec { width: 32, height: 32, ..InputSpec::default() };
-    // At t0 = 2 the reconstruction is nearly the frame: its L1 map is weak, and the head,
-    // which also reads the patch map, wins the search and ships.
-    cfg.operating_point = Some(one_candidate(2));
-    cfg.head = Some(HeadConfig { frames: 16, patch_channel: true, ..HeadConfig::with_steps(40) });
+    let mut cfg = head_reading_the_patch_map();
     // Without the patch model there is no map to read.
     let e = train(cfg.clone(), &options(&data, &tmp.path().join("x"))).err().unwrap().to_string();
     assert!(e.contains("--head-patch-channel") && e.contains("--patch-model"), "{e}");
@@ -811,10 +817,7 @@ fn int8_copies_ship_within_their_quality_bound_and_run_at_precision_int8() {
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("data");
     tiny_dataset(&data);
-    let mut cfg = config(Loss::Huber { delta: 0.2 }, 6);
-    cfg.input = InputSpec { width: 32, height: 32, ..InputSpec::default() };
-    cfg.operating_point = Some(one_candidate(2));
-    cfg.head = Some(HeadConfig { frames: 16, patch_channel: true, ..HeadConfig::with_steps(40) });
+    let mut cfg = head_reading_the_patch_map();
     cfg.patch = Some(PatchConfig { tiles: 16, ..PatchConfig::with_backbone(backbone(), 0.1, Some(0.5)) });
     cfg.int8 = Some(Int8Bound { pixel_auroc: 0.0, pixel_auprc: 0.0 });
     let strict = tmp.path().join("strict");
