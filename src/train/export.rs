@@ -118,6 +118,22 @@ pub fn pair_golden(graph: &mut dyn Denoiser, manifest: &Manifest, channels: usiz
     Ok(golden.expect("predict_eps hands over its output"))
 }
 
+/// The golden statistics of a UNet graph on the probe of `manifest`'s input, one frame at
+/// each of `timesteps` (export's parity probe; the int8 copy answers the same probe).
+pub fn unet_golden(
+    graph: &mut dyn Denoiser,
+    manifest: &Manifest,
+    timesteps: &[f32],
+) -> Result<GoldenCheck, BundleError> {
+    let (input, batch) = (manifest.input, timesteps.len());
+    let probe = GoldenCheck::probe(batch, &input);
+    let mut golden = None;
+    graph.predict_eps(&probe, [batch, input.channels, input.height, input.width], timesteps, &mut |eps| {
+        golden = Some(GoldenCheck::from_output(batch, timesteps.to_vec(), eps, GOLDEN_TOLERANCE));
+    })?;
+    Ok(golden.expect("predict_eps hands over its output"))
+}
+
 /// Exports `model` as the bundle described by `manifest` (its `artifact` and `golden`
 /// sections are filled in here) into `target`. `calibrate` runs on the verified graph,
 /// before the manifest is written, and may choose the operating point (reconstruction,
@@ -149,11 +165,7 @@ pub fn export_bundle(
             what: format!("export parity failed: max |ORT − burn| = {worst:e} > {PARITY_TOLERANCE:e}"),
         });
     }
-    let mut golden = None;
-    ort.predict_eps(&probe, shape, &timesteps, &mut |eps| {
-        golden = Some(GoldenCheck::from_output(batch, timesteps.clone(), eps, GOLDEN_TOLERANCE));
-    })?;
-    manifest.golden = golden.expect("predict_eps hands over its output");
+    manifest.golden = unet_golden(&mut ort, &manifest, &timesteps)?;
     manifest.artifact.onnx = ONNX_FILE.to_string();
     manifest.artifact.sha256 = sha256_hex(&onnx);
     manifest.artifact.opset = OPSET;

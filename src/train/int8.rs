@@ -12,7 +12,7 @@
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
-use crate::infer::bundle::{BundleError, Staged, check_golden, sha256_hex};
+use crate::infer::bundle::{BundleError, Staged, sha256_hex};
 use crate::infer::ensemble::{Ensemble, MapGraphs};
 use serde::{Deserialize, Serialize};
 
@@ -24,7 +24,7 @@ use crate::model::manifest::{
 };
 use crate::model::quantize::{Ranges, observer, quantize};
 use crate::postprocess::anomaly::{AnomalySpec, Residual};
-use crate::train::export::{GOLDEN_TOLERANCE, pair_golden};
+use crate::train::export::{pair_golden, unet_golden};
 use crate::train::operating_point::shipped_figures;
 
 /// The largest losses of the shipped rule (int8 against f32, on the validation defects)
@@ -134,7 +134,7 @@ pub fn quantize_bundle(
         })?;
 
     let mut unet_q = quantized(&unet_graph, &ranges[0], staged, runtime)?;
-    unet_q.1.golden = unet_golden(&mut unet_q.0, manifest)?;
+    unet_q.1.golden = unet_golden(&mut unet_q.0, manifest, &manifest.golden.timesteps)?;
     let mut next = 1;
     let mut pair_quantized = |g: Option<&Graph>| -> Result<Option<(OrtDenoiser, QuantizedGraph)>, BundleError> {
         let Some(g) = g else { return Ok(None) };
@@ -253,20 +253,6 @@ fn quantized(
     let artifact =
         QuantizedGraph { onnx: g.int8_file.into(), sha256: sha256_hex(&int8), golden: GoldenCheck::pending() };
     Ok((session, artifact))
-}
-
-/// The int8 UNet's golden statistics on the f32 UNet's probe, checked once as the daemon will.
-fn unet_golden(session: &mut OrtDenoiser, manifest: &Manifest) -> Result<GoldenCheck, BundleError> {
-    let input = manifest.input;
-    let (batch, timesteps) = (manifest.golden.batch, manifest.golden.timesteps.clone());
-    let probe = GoldenCheck::probe(batch, &input);
-    let mut golden = None;
-    session.predict_eps(&probe, [batch, input.channels, input.height, input.width], &timesteps, &mut |eps| {
-        golden = Some(GoldenCheck::from_output(batch, timesteps.clone(), eps, GOLDEN_TOLERANCE));
-    })?;
-    let golden = golden.expect("predict_eps hands over its output");
-    check_golden(session, &golden, &input).map_err(|what| BundleError::Golden { path: INT8_ONNX_FILE.into(), what })?;
-    Ok(golden)
 }
 
 /// The map graphs of `manifest`'s rule made of these sessions.
