@@ -6,9 +6,14 @@
    with ONNX Runtime's on the same graph: an independent check of the exported semantics.
 2. Times a training step (forward + Huber loss + backward + AdamW) at the given batch size,
    on CPU with the given thread count and, if available, on CUDA.
+3. With `--loop DATA`, also runs the loop `retrain` runs (random training frames of DATA/train,
+   random flips, noising on the bundle's schedule, Huber, per-tensor gradient clipping, AdamW,
+   EMA) for `--steps` steps and prints its seconds per step, comparable with the
+   `seconds_per_step` of `retrain`'s report.
 
 Usage: python3 scripts/torch_reference.py models/<bundle> [--batch 16] [--threads 2] [--steps 10]
-Needs torch, onnx, onnxruntime, numpy (and tomllib, Python >= 3.11).
+       [--loop data/brick]
+Needs torch, onnx, onnxruntime, numpy (and tomllib, Python >= 3.11); `--loop` also Pillow.
 """
 import argparse
 import math
@@ -180,12 +185,57 @@ def time_steps(model, batch, channels, size, steps, device):
     return times[len(times) // 2]
 
 
+def load_frames(data, size):
+    from pathlib import Path
+
+    from PIL import Image
+
+    files = sorted(p for p in Path(data, "train").rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
+    frames = [np.asarray(Image.open(p).convert("L").resize((size, size), Image.BILINEAR), np.float32) for p in files]
+    return torch.from_numpy(np.stack(frames) / 127.5 - 1.0).unsqueeze(1)
+
+
+def time_loop(model, frames, schedule, batch, steps, clip=1.0, ema_decay=0.999):
+    """`retrain`'s loop on the CPU: returns (mean, median) seconds per step over all steps."""
+    betas = torch.linspace(schedule["beta_start"], schedule["beta_end"], schedule["steps"], dtype=torch.float64)
+    alpha_bar = torch.cumprod(1.0 - betas, 0).float()
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-4, weight_decay=0.01)
+    ema = [p.detach().clone() for p in model.parameters()]
+    times, started = [], time.perf_counter()
+    for step in range(steps):
+        start = time.perf_counter()
+        x0 = frames[torch.randint(0, len(frames), (batch,))]
+        flip = torch.rand(batch, 2) < 0.5
+        x0 = torch.where(flip[:, 0, None, None, None], x0.flip(3), x0)
+        x0 = torch.where(flip[:, 1, None, None, None], x0.flip(2), x0)
+        k = torch.randint(0, len(alpha_bar), (batch,))
+        eps = torch.randn_like(x0)
+        a = alpha_bar[k][:, None, None, None]
+        x_t = a.sqrt() * x0 + (1 - a).sqrt() * eps
+        loss = F.huber_loss(model(x_t, k.float()), eps, delta=0.2)
+        if not math.isfinite(loss.item()):
+            raise SystemExit(f"loss became {loss.item()} at step {step}")
+        opt.zero_grad()
+        loss.backward()
+        for p in model.parameters():
+            torch.nn.utils.clip_grad_norm_([p], clip)
+        opt.step()
+        decay = min(ema_decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for e, p in zip(ema, model.parameters()):
+                e.mul_(decay).add_(p, alpha=1 - decay)
+        times.append(time.perf_counter() - start)
+    times.sort()
+    return (time.perf_counter() - started) / steps, times[len(times) // 2]
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("bundle")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--loop", metavar="DATA", help="also time retrain's loop on DATA/train's frames")
     args = ap.parse_args()
     manifest = tomllib.load(open(f"{args.bundle}/manifest.toml", "rb"))
     cfg, size = manifest["unet"], manifest["input"]["height"]
@@ -207,6 +257,10 @@ def main():
     torch.set_num_threads(args.threads)
     ms = time_steps(UNet(cfg), args.batch, cfg["channels"], size, args.steps, "cpu")
     print(f"PyTorch CPU ({args.threads} threads): batch {args.batch}, {size}x{size}: median train step {ms:.0f} ms")
+    if args.loop:
+        frames = load_frames(args.loop, size)
+        mean, median = time_loop(UNet(cfg), frames, manifest["schedule"]["betas"] | {"steps": manifest["schedule"]["steps"]}, args.batch, args.steps)
+        print(f"PyTorch CPU loop ({len(frames)} frames of {args.loop}): {args.steps} steps, {mean:.3f} s per step (median {median:.3f})")
     if torch.cuda.is_available():
         ms = time_steps(UNet(cfg), args.batch, cfg["channels"], size, args.steps * 3, "cuda")
         print(f"PyTorch CUDA ({torch.cuda.get_device_name()}): batch {args.batch}: median train step {ms:.1f} ms")

@@ -347,6 +347,12 @@ impl CaptureLoop {
                     Err(CaptureError::Stopped { .. }) => break 'reopen,
                     Err(CaptureError::Ended { .. }) if repeat => {
                         first_open = true; // looping is not a failure: no backoff
+                        // The tick that found the end delivered no frame: it gives its slot
+                        // back, or every wrap-around costs one (a one-file loop ran at half
+                        // its fps, and the daemon looked slower than `bench`).
+                        if let Some(interval) = pacing {
+                            next_due = next_due.checked_sub(interval).unwrap_or(next_due);
+                        }
                         continue 'reopen;
                     }
                     Err(CaptureError::Ended { .. }) => {

@@ -616,6 +616,33 @@ fn overload_drops_frames_with_a_reason_and_memory_stays_bounded() {
     assert!(daemon.wait_exit(Duration::from_secs(15)).success(), "{}", daemon.log_text());
 }
 
+/// Drill: a looping replay spent one tick of its pace on finding the end of its files, so a
+/// folder of one frame came at half its fps (the daemon against `bench` looked 0.63 of it).
+#[test]
+fn a_looping_replay_keeps_its_pace_at_the_wrap_around() {
+    let (broker, sub, dir) = rig();
+    let one = dir.path().join("one");
+    std::fs::create_dir(&one).unwrap();
+    std::fs::copy(repo().join("data/brick/test/good/000.png"), one.join("000.png")).unwrap();
+    let cameras = camera("loop1", &one.display().to_string(), 20.0, true, "");
+    let config = write_config(dir.path(), broker.port, "queue_capacity = 2", &cameras);
+    let mut daemon = Daemon::start(&config);
+    let seen = |at_least: u64| {
+        wait_for(Duration::from_secs(60), "frames in", || {
+            sub.last_stats().is_some_and(|s| stat(&s, "loop1", "frames_in") >= at_least)
+        });
+        let s = sub.last_stats().unwrap();
+        (stat(&s, "loop1", "frames_in"), s["uptime_s"].as_f64().unwrap())
+    };
+    let (in0, t0) = seen(5);
+    let (in1, t1) = seen(in0 + 40);
+    // Before the fix this was 10 at most: every other tick found the end of the folder.
+    let fps = (in1 - in0) as f64 / (t1 - t0);
+    assert!(fps > 15.0, "a one-frame loop at 20 fps captured {fps:.1} frames/s");
+    daemon.signal("TERM");
+    assert!(daemon.wait_exit(Duration::from_secs(15)).success(), "{}", daemon.log_text());
+}
+
 #[test]
 fn a_failing_and_a_stalling_source_are_reopened_while_another_camera_flows() {
     let (broker, sub, dir) = rig();
