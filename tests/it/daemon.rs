@@ -1812,7 +1812,7 @@ fn http_rig() -> (Broker, Subscriber, tempfile::TempDir, Daemon, String) {
 #[test]
 fn the_http_endpoint_survives_idle_connection_floods_and_running_out_of_descriptors() {
     let (_broker, _sub, _dir, mut daemon, addr) = http_rig();
-    let pid = daemon.child.id().to_string();
+    let pid = daemon.pid().to_string();
     let flood = |n: usize| -> Vec<TcpStream> { (0..n).filter_map(|_| TcpStream::connect(&addr).ok()).collect() };
     let idle = flood(900);
     assert!(idle.len() >= 800, "the test opened {} connections", idle.len());
