@@ -7,6 +7,8 @@ pub mod architecture;
 #[cfg(feature = "train")]
 pub mod backbone;
 pub mod diffusion;
+#[cfg(feature = "train")]
+pub mod half;
 pub mod manifest;
 #[cfg(feature = "train")]
 // The crate's only unsafe code: the FFI to the oneDNN shim, each call with its SAFETY note.

@@ -116,7 +116,7 @@ fn float_output(name: &str) -> ValueInfoProto {
 }
 
 /// The f32 values of an initializer (either of ONNX's two encodings), or none for another type.
-fn floats_of(t: &TensorProto) -> Result<Option<Vec<f32>>, String> {
+pub(super) fn floats_of(t: &TensorProto) -> Result<Option<Vec<f32>>, String> {
     if t.data_type != FLOAT {
         return Ok(None);
     }

@@ -666,3 +666,44 @@ fn an_int8_graph_calibrated_on_real_inputs_stays_close_to_f32() {
     let err = quantize(&onnx, &Ranges::default(), &[]).unwrap_err();
     assert!(err.contains("calibration observed no values of tensor"), "{err}");
 }
+
+/// The fp16 copy computes what the f32 graph does (to f16's precision) over the whole
+/// timestep range: the timestep branch stays f32, the frame path runs in f16.
+#[test]
+fn an_fp16_graph_keeps_the_timestep_branch_in_f32_and_stays_close_to_f32() {
+    use edge_inspect::model::half::to_fp16;
+    use edge_inspect::model::onnx_export::export_onnx;
+    use onnx_ir::{Message, ModelProto};
+
+    let config = small_config(1, true);
+    let model = UNet::init(&config, 7, &Device::flex()).unwrap();
+    let onnx = export_onnx(&model, &config, "test");
+    let fp16 = to_fp16(&onnx).unwrap();
+    let graph = ModelProto::parse_from_bytes(&fp16).unwrap().graph.unwrap();
+    let halves = graph.initializer.iter().filter(|t| t.data_type == 10).count();
+    assert!(halves >= 20, "{halves} f16 weights");
+    assert!(fp16.len() < onnx.len() * 7 / 10, "f16 weights: {} bytes against {} for f32", fp16.len(), onnx.len());
+    let sin = graph.node.iter().find(|n| n.op_type == "Sin").expect("the timestep embedding");
+    assert!(!sin.input[0].ends_with("_f16"), "the embedding's argument must stay f32: {:?}", sin.input);
+
+    let label = Path::new("fp16-test");
+    let x: Vec<f32> = (0..4 * 16 * 16).map(|i| (i as f32 * 0.37).sin() * ((i as f32) * 0.05).cos()).collect();
+    let run = |graph: &[u8], t: &[f32]| {
+        let mut out = Vec::new();
+        OrtDenoiser::from_memory(graph, label, 1, &runtime())
+            .unwrap()
+            .predict_raw(&x, [4, 1, 16, 16], t, &mut |_, o| out = o.to_vec())
+            .unwrap();
+        out
+    };
+    let mean_abs = |v: &[f32]| v.iter().map(|a| a.abs() as f64).sum::<f64>() / v.len() as f64;
+    for t in [[0.0, 1.0, 2.0, 3.0], [500.0, 777.0, 998.0, 999.0]] {
+        let (f32_out, f16_out) = (run(&onnx, &t), run(&fp16, &t));
+        let diff: Vec<f32> = f32_out.iter().zip(&f16_out).map(|(a, b)| a - b).collect();
+        let relative = mean_abs(&diff) / mean_abs(&f32_out);
+        assert!(relative < 0.01, "t {t:?}: fp16 differs from f32 by {relative:.5} (mean |Δ| / mean |f32|)");
+        assert!(relative > 0.0, "t {t:?}: the fp16 graph computes in f32");
+    }
+    let err = to_fp16(b"not a model").unwrap_err();
+    assert!(err.contains("not an ONNX model"), "{err}");
+}
