@@ -9,7 +9,7 @@ use crate::logging::LogFormat;
 use crate::model::sampling::Sampler;
 use crate::postprocess::anomaly::Residual;
 #[cfg(feature = "train")]
-use crate::train::int8::Int8Bound;
+use crate::train::reduced::QualityBound;
 
 #[derive(Debug, Parser)]
 #[command(name = "edge-inspect", version = env!("EDGE_INSPECT_VERSION_LINE"), about = "Visual inspection with robust diffusion (RDDPM) anomaly maps")]
@@ -593,7 +593,16 @@ pub struct RetrainArgs {
     pub int8: bool,
     /// The largest pixel AUROC and AUPRC losses (int8 against f32) at which --int8 ships.
     #[arg(long, default_value = "0.01,0.05", value_parser = parse_int8_bound)]
-    pub int8_max_loss: Int8Bound,
+    pub int8_max_loss: QualityBound,
+    /// Also ship fp16 copies of the bundle's graphs for GPU providers (the frame path in
+    /// f16; the timestep branch and the patch distance stay f32), kept only if the shipped
+    /// rule loses at most --fp16-max-loss on the validation defects. The daemon runs them
+    /// with `runtime.precision = "fp16"`.
+    #[arg(long)]
+    pub fp16: bool,
+    /// The largest pixel AUROC and AUPRC losses (fp16 against f32) at which --fp16 ships.
+    #[arg(long, default_value = "0.005,0.02", value_parser = parse_fp16_bound)]
+    pub fp16_max_loss: QualityBound,
     /// Anomaly-map Gaussian σ in pixels.
     #[arg(long, default_value_t = 2.0)]
     pub smoothing_sigma: f64,
@@ -759,12 +768,23 @@ fn parse_fusion_weight(s: &str) -> Result<FusionWeightArg, String> {
 pub struct ScreenRecallArg(pub Option<f64>);
 
 #[cfg(feature = "train")]
-fn parse_int8_bound(s: &str) -> Result<Int8Bound, String> {
+fn parse_int8_bound(s: &str) -> Result<QualityBound, String> {
+    parse_bound(s, "--int8-max-loss")
+}
+
+#[cfg(feature = "train")]
+fn parse_fp16_bound(s: &str) -> Result<QualityBound, String> {
+    parse_bound(s, "--fp16-max-loss")
+}
+
+/// `AUROC,AUPRC` losses of a reduced precision's quality bound.
+#[cfg(feature = "train")]
+fn parse_bound(s: &str, flag: &str) -> Result<QualityBound, String> {
     let parts: Vec<&str> = s.split(',').collect();
     let [auroc, auprc] = parts[..] else { return Err(format!("expected AUROC,AUPRC losses, got '{s}'")) };
     let number = |v: &str| v.trim().parse::<f64>().map_err(|e| format!("'{v}' in '{s}': {e}"));
-    let bound = Int8Bound { pixel_auroc: number(auroc)?, pixel_auprc: number(auprc)? };
-    bound.validate()?;
+    let bound = QualityBound { pixel_auroc: number(auroc)?, pixel_auprc: number(auprc)? };
+    bound.validate(flag)?;
     Ok(bound)
 }
 

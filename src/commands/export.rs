@@ -64,6 +64,7 @@ pub fn run(args: ExportArgs) -> anyhow::Result<()> {
         patch: None,
         screen_curve: Vec::new(),
         int8: None,
+        fp16: None,
     };
     let (path, manifest) =
         export_bundle(&model, manifest, &args.out, &args.runtime.to_config(), args.force, keep_thresholds)?;

@@ -46,7 +46,7 @@ pub fn run(args: RetrainArgs) -> anyhow::Result<()> {
     tracing::info!(openmp_wait_policy = %wait_policy, "CPU training kernels: oneDNN on OpenMP.");
     if args.runtime.precision != Precision::Fp32 {
         anyhow::bail!(
-            "--precision {}: retrain trains, searches and calibrates in fp32; --int8 adds the int8 graphs",
+            "--precision {}: retrain trains, searches and calibrates in fp32; --int8 and --fp16 add the reduced-precision graphs",
             args.runtime.precision
         );
     }
@@ -110,6 +110,7 @@ pub fn run(args: RetrainArgs) -> anyhow::Result<()> {
         head: head_config(&args),
         patch: patch_config(&args)?,
         int8: args.int8.then_some(args.int8_max_loss),
+        fp16: args.fp16.then_some(args.fp16_max_loss),
     };
     let interrupt = Arc::new(AtomicBool::new(false));
     // Ctrl-C or SIGTERM: the training loop sees the flag, writes a checkpoint and stops.

@@ -274,30 +274,26 @@ impl<'a> GraphRefs<'a> {
         let head = m.head.as_ref().map(|a| GraphRef { onnx: &a.onnx, sha256: &a.sha256, golden: &a.golden });
         let patch = m.patch.as_ref().map(|a| GraphRef { onnx: &a.onnx, sha256: &a.sha256, golden: &a.golden });
         let unet = GraphRef { onnx: &m.artifact.onnx, sha256: &m.artifact.sha256, golden: &m.golden };
-        match precision {
-            Precision::Fp32 => Ok(Self { unet, head, patch }),
-            Precision::Int8 => {
-                let int8 = m.int8.as_ref().ok_or(
-                    "precision int8: the bundle has no int8 graphs (made without `retrain --int8`, or its int8 \
-                     graphs lost too much quality: see the retrain report)",
-                )?;
-                let of = |g: &'a QuantizedGraph| GraphRef { onnx: &g.onnx, sha256: &g.sha256, golden: &g.golden };
-                // A graph without an int8 copy runs in f32 (retrain kept it so: its int8
-                // copy cost too much quality); an int8 copy of a graph the bundle lacks is
-                // an inconsistent manifest.
-                let quantized =
-                    |name: &str, f32_graph: Option<GraphRef<'a>>, q: Option<&'a QuantizedGraph>| match (f32_graph, q) {
-                        (Some(_), Some(q)) => Ok(Some(of(q))),
-                        (f32_graph, None) => Ok(f32_graph),
-                        (None, Some(_)) => Err(format!("precision int8: [int8.{name}] without a [{name}]")),
-                    };
-                Ok(Self {
-                    unet: of(&int8.unet),
-                    head: quantized("head", head, int8.head.as_ref())?,
-                    patch: quantized("patch", patch, int8.patch.as_ref())?,
-                })
-            }
-        }
+        let copies = match precision {
+            Precision::Fp32 => return Ok(Self { unet, head, patch }),
+            Precision::Int8 => m.int8.as_ref().map(|g| (&g.unet, g.head.as_ref(), g.patch.as_ref())),
+            Precision::Fp16 => m.fp16.as_ref().map(|g| (&g.unet, g.head.as_ref(), g.patch.as_ref())),
+        };
+        let (unet_copy, head_copy, patch_copy) = copies.ok_or_else(|| {
+            format!(
+                "precision {precision}: the bundle has no {precision} graphs (made without `retrain --{precision}`, \
+                 or its {precision} graphs lost too much quality: see the retrain report)"
+            )
+        })?;
+        let of = |g: &'a QuantizedGraph| GraphRef { onnx: &g.onnx, sha256: &g.sha256, golden: &g.golden };
+        // A graph without a copy runs in f32 (retrain kept it so: its copy cost too much
+        // quality); a copy of a graph the bundle lacks is an inconsistent manifest.
+        let copy = |name: &str, f32_graph: Option<GraphRef<'a>>, q: Option<&'a QuantizedGraph>| match (f32_graph, q) {
+            (Some(_), Some(q)) => Ok(Some(of(q))),
+            (f32_graph, None) => Ok(f32_graph),
+            (None, Some(_)) => Err(format!("precision {precision}: [{precision}.{name}] without a [{name}]")),
+        };
+        Ok(Self { unet: of(unet_copy), head: copy("head", head, head_copy)?, patch: copy("patch", patch, patch_copy)? })
     }
 }
 

@@ -49,14 +49,15 @@ impl std::fmt::Display for Provider {
     }
 }
 
-/// Which of a bundle's graphs run: the f32 ones, or the int8 copies `retrain --int8` made
-/// (refused where the bundle has none).
+/// Which of a bundle's graphs run: the f32 ones, or the int8 or fp16 copies that
+/// `retrain --int8` / `--fp16` made (refused where the bundle has none).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Precision {
     #[default]
     Fp32,
     Int8,
+    Fp16,
 }
 
 impl std::fmt::Display for Precision {
@@ -64,6 +65,7 @@ impl std::fmt::Display for Precision {
         f.write_str(match self {
             Precision::Fp32 => "fp32",
             Precision::Int8 => "int8",
+            Precision::Fp16 => "fp16",
         })
     }
 }

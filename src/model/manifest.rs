@@ -25,6 +25,9 @@ pub const PATCH_FILE: &str = "patch.onnx";
 pub const INT8_ONNX_FILE: &str = "model.int8.onnx";
 pub const INT8_HEAD_FILE: &str = "head.int8.onnx";
 pub const INT8_PATCH_FILE: &str = "patch.int8.onnx";
+pub const FP16_ONNX_FILE: &str = "model.fp16.onnx";
+pub const FP16_HEAD_FILE: &str = "head.fp16.onnx";
+pub const FP16_PATCH_FILE: &str = "patch.fp16.onnx";
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -68,6 +71,10 @@ pub struct Manifest {
     /// `precision` is `int8`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub int8: Option<Int8Graphs>,
+    /// The half-precision graphs (`retrain --fp16`), run where the runtime's `precision` is
+    /// `fp16` (CUDA's and TensorRT's fp16 kernels).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fp16: Option<Fp16Graphs>,
 }
 
 impl Manifest {
@@ -154,8 +161,8 @@ impl HeadArtifact {
     }
 }
 
-/// One graph's int8 copy: its file, hash and golden statistics (its own: int8 answers the
-/// probe a little differently from f32).
+/// One graph's int8 or fp16 copy: its file, hash and golden statistics (its own: a reduced
+/// precision answers the probe a little differently from f32).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct QuantizedGraph {
@@ -190,6 +197,22 @@ pub struct Int8Graphs {
     pub int8: RuleFigures,
     /// The largest pixel-AUROC and AUPRC losses `retrain` accepted (int8 below f32 by more:
     /// not shipped).
+    pub max_pixel_auroc_loss: f64,
+    pub max_pixel_auprc_loss: f64,
+}
+
+/// The fp16 graphs of a bundle (`model::half`: the frame path in f16, the timestep branch
+/// and the distances in f32) and what they cost in quality.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Fp16Graphs {
+    pub unet: QuantizedGraph,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub head: Option<QuantizedGraph>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub patch: Option<QuantizedGraph>,
+    pub fp32: RuleFigures,
+    pub fp16: RuleFigures,
     pub max_pixel_auroc_loss: f64,
     pub max_pixel_auprc_loss: f64,
 }

@@ -17,10 +17,10 @@ pub mod data;
 pub mod defects;
 pub mod export;
 pub mod head;
-pub mod int8;
 pub mod losses;
 pub mod operating_point;
 pub mod patch_model;
+pub mod reduced;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -103,7 +103,11 @@ pub struct TrainConfig {
     pub patch: Option<PatchConfig>,
     /// Also ship int8 copies of the graphs if they keep the shipped rule's quality within
     /// this bound (`int8`).
-    pub int8: Option<int8::Int8Bound>,
+    pub int8: Option<reduced::QualityBound>,
+    /// Also ship fp16 copies of the graphs if they keep the shipped rule's quality within
+    /// this bound (`fp16`).
+    #[serde(default)]
+    pub fp16: Option<reduced::QualityBound>,
 }
 
 /// Where and how to run.
@@ -266,7 +270,10 @@ pub struct Report {
     pub held_out: Vec<HeldOutFrame>,
     /// With `--int8`: the figures of each set of int8 graphs tried and which shipped.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub int8: Option<int8::Int8Report>,
+    pub int8: Option<reduced::ReducedReport>,
+    /// With `--fp16`: the same for the fp16 graphs.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fp16: Option<reduced::ReducedReport>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -402,7 +409,10 @@ impl TrainConfig {
         }
         self.inspection.validate([self.input.height, self.input.width])?;
         if let Some(bound) = &self.int8 {
-            bound.validate()?;
+            bound.validate("--int8-max-loss")?;
+        }
+        if let Some(bound) = &self.fp16 {
+            bound.validate("--fp16-max-loss")?;
         }
         if !(0.0..1.0).contains(&self.calibration_fraction) {
             return Err(format!("--calibration-fraction must be in [0, 1), got {}", self.calibration_fraction));
@@ -511,7 +521,9 @@ struct Exporter<'a> {
     /// The held-out frames' scores from the last calibration, for the report.
     held_out: std::cell::RefCell<Vec<HeldOutScore>>,
     /// What `--int8` tried and shipped, for the report.
-    int8: std::cell::RefCell<int8::Int8Report>,
+    int8: std::cell::RefCell<reduced::ReducedReport>,
+    /// What `--fp16` tried and shipped, for the report.
+    fp16: std::cell::RefCell<reduced::ReducedReport>,
 }
 
 impl Exporter<'_> {
@@ -563,6 +575,7 @@ impl Exporter<'_> {
             patch: None,
             screen_curve: Vec::new(),
             int8: None,
+            fp16: None,
         }
     }
 
@@ -656,9 +669,15 @@ impl Exporter<'_> {
         self.calibrate(ort, &mut graphs, manifest, &self.options.out)?;
         if let Some(bound) = self.config.int8 {
             let (frames, seed) = (self.calibration_frames, self.config.seed);
-            let finished = int8::Finished { unet: ort, graphs: &mut graphs, frames, seed };
+            let finished = reduced::Finished { unet: ort, graphs: &mut graphs, frames, seed };
             let report = &mut self.int8.borrow_mut();
-            manifest.int8 = int8::quantize_bundle(finished, manifest, staged, &self.options.runtime, bound, report)?;
+            manifest.int8 = reduced::quantize_bundle(finished, manifest, staged, &self.options.runtime, bound, report)?;
+        }
+        if let Some(bound) = self.config.fp16 {
+            let (frames, seed) = (self.calibration_frames, self.config.seed);
+            let finished = reduced::Finished { unet: ort, graphs: &mut graphs, frames, seed };
+            let report = &mut self.fp16.borrow_mut();
+            manifest.fp16 = reduced::half_bundle(finished, manifest, staged, &self.options.runtime, bound, report)?;
         }
         Ok(())
     }
@@ -862,6 +881,7 @@ pub fn train(config: TrainConfig, options: &RunOptions) -> Result<Outcome, Train
         data_sha256: &data_sha256,
         held_out: Default::default(),
         int8: Default::default(),
+        fp16: Default::default(),
     };
 
     let loop_started = Instant::now();
@@ -886,6 +906,7 @@ pub fn train(config: TrainConfig, options: &RunOptions) -> Result<Outcome, Train
         })?;
     let held_out = held_out_frames(&dataset, &split, &exporter.held_out.take());
     let int8 = config.int8.map(|_| exporter.int8.take());
+    let fp16 = config.fp16.map(|_| exporter.fp16.take());
     let report = Report {
         config: config.clone(),
         data: DataReport {
@@ -910,6 +931,7 @@ pub fn train(config: TrainConfig, options: &RunOptions) -> Result<Outcome, Train
         resumed_from_step: start_step,
         held_out,
         int8,
+        fp16,
     };
     if let Some(path) = &options.report {
         let json = serde_json::to_vec_pretty(&report).map_err(|e| TrainError::Config(e.to_string()))?;

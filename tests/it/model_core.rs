@@ -82,6 +82,7 @@ fn manifest_for(unet: &UNetConfig, size: usize) -> Manifest {
         patch: None,
         screen_curve: Vec::new(),
         int8: None,
+        fp16: None,
     }
 }
 

@@ -79,6 +79,7 @@ fn config(loss: Loss, steps: usize) -> TrainConfig {
         head: None,
         patch: None,
         int8: None,
+        fp16: None,
     }
 }
 
@@ -811,15 +812,15 @@ fn a_tiled_bundle_is_calibrated_on_whole_frames_and_passes_normal_frames() {
 /// bundle without int8 graphs is refused at that precision with a message that says how to
 /// make them.
 #[test]
-fn int8_copies_ship_within_their_quality_bound_and_run_at_precision_int8() {
+fn int8_and_fp16_copies_ship_within_their_quality_bounds_and_run_at_their_precision() {
     use edge_inspect::infer::runtime::Precision;
-    use edge_inspect::train::int8::Int8Bound;
+    use edge_inspect::train::reduced::QualityBound;
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("data");
     tiny_dataset(&data);
     let mut cfg = head_reading_the_patch_map();
     cfg.patch = Some(PatchConfig { tiles: 16, ..PatchConfig::with_backbone(backbone(), 0.1, Some(0.5)) });
-    cfg.int8 = Some(Int8Bound { pixel_auroc: 0.0, pixel_auprc: 0.0 });
+    cfg.int8 = Some(QualityBound { pixel_auroc: 0.0, pixel_auprc: 0.0 });
     let strict = tmp.path().join("strict");
     let Outcome::Finished { bundle: refused, report } = train(cfg.clone(), &options(&data, &strict)).unwrap() else {
         panic!()
@@ -835,7 +836,8 @@ fn int8_copies_ship_within_their_quality_bound_and_run_at_precision_int8() {
     // All three int8 graphs lose most of the patch map (its whitened distance amplifies
     // feature noise: AUROC 0.99 → 0.74 here); with the patch model left f32, the UNet and
     // the head lose 0.006 AUROC and 0.21 AUPRC on this 6-step model, inside this bound.
-    cfg.int8 = Some(Int8Bound { pixel_auroc: 0.01, pixel_auprc: 0.25 });
+    cfg.int8 = Some(QualityBound { pixel_auroc: 0.01, pixel_auprc: 0.25 });
+    cfg.fp16 = Some(QualityBound { pixel_auroc: 0.005, pixel_auprc: 0.02 });
     let out = tmp.path().join("int8");
     let Outcome::Finished { bundle, report } = train(cfg, &options(&data, &out)).unwrap() else { panic!() };
     let manifest = read_manifest(&bundle).unwrap();
@@ -878,4 +880,22 @@ fn int8_copies_ship_within_their_quality_bound_and_run_at_precision_int8() {
     let e = Bundle::load(&bundle, &int8_runtime).err().expect("a corrupt int8 copy must not load").to_string();
     assert!(e.contains("head.int8.onnx") && e.contains("sha256"), "{e}");
     Bundle::load(&bundle, &RuntimeConfig::default()).expect("f32 never reads the int8 copies");
+
+    // fp16: the frame path in half precision costs (almost) nothing, so every copy ships.
+    let tried = report.fp16.expect("the report says what --fp16 tried");
+    let fp16 = manifest.fp16.clone().unwrap_or_else(|| panic!("fp16 graphs within the bound: {tried:?}"));
+    eprintln!("validation figures: f32 {:?}, fp16 {:?}; tried {tried:?}", fp16.fp32, fp16.fp16);
+    assert_eq!(tried.shipped, ["unet", "head", "patch"], "{tried:?}");
+    assert!(fp16.fp32.pixel_auroc - fp16.fp16.pixel_auroc <= 0.005);
+    for q in [Some(&fp16.unet), fp16.head.as_ref(), fp16.patch.as_ref()] {
+        let q = q.expect("each graph has its fp16 copy");
+        let bytes = fs::read(bundle.join(&q.onnx)).unwrap();
+        assert_eq!(edge_inspect::infer::bundle::sha256_hex(&bytes), q.sha256, "{}", q.onnx);
+    }
+    let fp16_map = map_at(Precision::Fp16);
+    let diff = mean_abs(&mut f32_map.iter().zip(&fp16_map).map(|(a, b)| a - b));
+    assert!(diff > 0.0 && diff < 0.02 * scale, "fp16 map differs by {diff:.5} (f32 map mean |x| {scale:.4})");
+    let fp16_runtime = RuntimeConfig { precision: Precision::Fp16, ..RuntimeConfig::default() };
+    let e = Bundle::load(&refused, &fp16_runtime).err().expect("no fp16 graphs").to_string();
+    assert!(e.contains("precision fp16") && e.contains("retrain --fp16"), "{e}");
 }
