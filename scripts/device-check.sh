@@ -14,10 +14,19 @@
 #   1. `bench` on CUDA (and TensorRT when the host has libnvinfer.so.10) and on CPU, at
 #      batch 1/8/32/128 with 1 and 10 UNet calls, for a 64² and a 256² bundle, plus tiles/s
 #      of whole 1280×1024 frames through the tiled 64² model;
-#   2. CPU against GPU outputs of the same images and seeds (`infer`, scores compared);
-#   3. the GPU training step, when the binary was built with a GPU training backend.
+#   2. the shipped operating point of a `retrain`-made bundle (head, search, cascade, with
+#      its int8 and fp16 copies; made here on the host's CPU): tiles/s at batch 8–256 and
+#      MP/s of 1.3 MP (1280×1024) and 4.9 MP (2560×1920) frames, at fp32, fp16 and int8 on
+#      each GPU provider, fp32 and int8 on the CPU;
+#   3. CPU against GPU outputs of the same images and seeds (`infer`, scores compared): the
+#      64² bundle at fp32, and the retrained bundle's verdicts at each precision against the
+#      CPU's fp32 ones;
+#   4. the GPU training step, when the binary was built with a GPU training backend.
 # Environment: BIN (the binary), GPU_ORT_DIR (the runtime folder), PIECES (the pieces'
-# folder), OUT (where the measurements go), STEP_TIMEOUT (seconds per step, default 240).
+# folder), OUT (where the measurements go), STEP_TIMEOUT (seconds per step, default 240;
+# the retrain gets three times that), RETRAIN_STEPS (the shipped bundle's training steps,
+# default 400), PROVIDERS (the GPU providers to measure, default cuda and tensorrt where
+# the host has it; "" rehearses the script on a CPU host with its CPU rows only).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -79,8 +88,12 @@ export ORT_DYLIB_PATH=$ORT
 
 probe > "$OUT/host.md"
 cat "$OUT/host.md" >&2
-providers=(cuda)
-ldconfig -p 2>/dev/null | grep -q 'libnvinfer.so.10 ' && providers+=(tensorrt)
+if [ -n "${PROVIDERS+set}" ]; then
+    read -ra providers <<< "$PROVIDERS"
+else
+    providers=(cuda)
+    ldconfig -p 2>/dev/null | grep -q 'libnvinfer.so.10 ' && providers+=(tensorrt)
+fi
 
 # Step runner: a timeout per step, its output kept, its status in the summary.
 summary=()
@@ -112,31 +125,72 @@ for provider in "${providers[@]}" cpu; do
         --model "$models_dir/unet-256" --provider "$provider" --batches "$big" --ddim-steps 1,10 --repeats 10
 done
 
-# CPU against GPU on the same images and seeds.
-images=(data/brick/test/*/00[0-4].png)
-for provider in cpu "${providers[@]}"; do
-    step "infer-$provider" "$BIN" infer --model models/brick-huber --out "$OUT/infer-$provider" \
-        --provider "$provider" "${images[@]}"
-done
-if command -v python3 >/dev/null; then
-    for provider in "${providers[@]}"; do
-        step "compare-cpu-$provider" python3 - "$OUT/infer-cpu/results.jsonl" "$OUT/infer-$provider/results.jsonl" <<'PY'
+# The shipped operating point: a bundle made by `retrain` as a user would (a head, the
+# search, the cascade screen), with int8 and fp16 copies, on a contaminated synthetic set.
+"$BIN" synth --texture data/textures/gravel.png --out "$OUT/synth" --contamination 0.2 > /dev/null 2>&1
+shipped=$models_dir/shipped
+steps=${RETRAIN_STEPS:-400}
+[ -f "$shipped/manifest.toml" ] || STEP_TIMEOUT=$((3 * STEP_TIMEOUT)) step "retrain-shipped" "$BIN" retrain \
+    --data "$OUT/synth" --out "$shipped" --force --threads "$(nproc)" --steps "$steps" \
+    --head-steps $((steps / 2)) --int8 --fp16 --no-progress
+if [ -f "$shipped/manifest.toml" ]; then
+    for provider in "${providers[@]}" cpu; do
+        precisions=(fp32 fp16 int8); batches=8,32,128,256
+        [ "$provider" = cpu ] && precisions=(fp32 int8) && batches=8,32
+        for precision in "${precisions[@]}"; do
+            step "shipped-$provider-$precision" "$BIN" bench --model "$shipped" --provider "$provider" \
+                --precision "$precision" --threads "$(nproc)" --batches "$batches" --repeats 10 \
+                --frames 1280x1024,2560x1920 --frame-image data/textures/gravel.png --frame-repeats 3
+        done
+    done
+fi
+
+# CPU against GPU on the same images and seeds: the 64² bundle at fp32 (scores within
+# 1e-3), and the shipped bundle at each precision (verdicts against the CPU's fp32 ones).
+compare() { # compare NAME CPU_DIR GPU_DIR MAX_RELATIVE_DIFFERENCE
+    step "$1" python3 - "$2/results.jsonl" "$3/results.jsonl" "$4" <<'PY'
 import json, sys
 cpu, gpu = ([json.loads(l) for l in open(p)] for p in sys.argv[1:3])
 assert len(cpu) == len(gpu) > 0, (len(cpu), len(gpu))
 worst = max(abs(a["score"] - b["score"]) / max(abs(a["score"]), 1e-9) for a, b in zip(cpu, gpu))
 same = sum(a["label"] == b["label"] for a, b in zip(cpu, gpu))
-print("| images | worst relative score difference | same label |")
+print("| images | worst relative score difference | same verdict |")
 print("|---:|---:|---:|")
 print(f"| {len(cpu)} | {worst:.2e} | {same}/{len(cpu)} |")
-sys.exit(0 if worst < 1e-3 and same == len(cpu) else 1)
+sys.exit(0 if worst < float(sys.argv[3]) and same == len(cpu) else 1)
 PY
+}
+images=(data/brick/test/*/00[0-4].png)
+for provider in cpu "${providers[@]}"; do
+    step "infer-$provider" "$BIN" infer --model models/brick-huber --out "$OUT/infer-$provider" \
+        --provider "$provider" "${images[@]}"
+done
+shipped_images=("$OUT"/synth/test/*/00[0-9].png)
+if [ -f "$shipped/manifest.toml" ]; then
+    step "infer-shipped-cpu-fp32" "$BIN" infer --model "$shipped" --out "$OUT/infer-shipped-cpu-fp32" \
+        --provider cpu "${shipped_images[@]}"
+    for provider in "${providers[@]}"; do
+        for precision in fp32 fp16 int8; do
+            step "infer-shipped-$provider-$precision" "$BIN" infer --model "$shipped" --provider "$provider" \
+                --precision "$precision" --out "$OUT/infer-shipped-$provider-$precision" "${shipped_images[@]}"
+        done
+    done
+fi
+if command -v python3 >/dev/null; then
+    for provider in "${providers[@]}"; do
+        compare "compare-cpu-$provider" "$OUT/infer-cpu" "$OUT/infer-$provider" 1e-3
+        [ -f "$shipped/manifest.toml" ] || continue
+        # fp16 and int8 are held to their verdicts; their scores differ by design.
+        for precision in fp32 fp16 int8; do
+            bound=1e-3; [ "$precision" = fp32 ] || bound=1
+            compare "compare-shipped-cpu-$provider-$precision" "$OUT/infer-shipped-cpu-fp32" \
+                "$OUT/infer-shipped-$provider-$precision" "$bound"
+        done
     done
 fi
 
 # The GPU training step (a `--features gpu-train` binary): 20 steps of the default UNet
-# (batch 16, 64²) on a synthetic set; the log has the step times.
-"$BIN" synth --texture data/textures/gravel.png --out "$OUT/synth" --contamination 0.2 > /dev/null 2>&1
+# (batch 16, 64²) on the synthetic set; the log has the step times.
 step "train-step-gpu" "$BIN" retrain --device wgpu --data "$OUT/synth" --out "$OUT/train-gpu" --force \
     --steps 20 --batch-size 16 --head-steps 0 --fixed-operating-point --no-progress
 if grep -q "built without a GPU training backend" "$OUT/train-step-gpu.log"; then
@@ -154,7 +208,7 @@ rm -rf "$OUT/synth" "$OUT/train-gpu" "$OUT/train-gpu.report.json" "$OUT/train-gp
     echo "| step | result | time |"
     echo "|---|---|---:|"
     printf '%s\n' "${summary[@]}"
-    for f in "$OUT"/bench-*.md "$OUT"/compare-*.md; do
+    for f in "$OUT"/bench-*.md "$OUT"/shipped-*.md "$OUT"/compare-*.md; do
         [ -s "$f" ] || continue
         echo; echo "## $(basename "$f" .md)"; echo; cat "$f"
     done

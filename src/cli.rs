@@ -68,7 +68,7 @@ pub struct RuntimeArgs {
     /// ONNX Runtime intra-op threads.
     #[arg(long, default_value_t = 1)]
     pub threads: usize,
-    /// The bundle's f32 graphs, or the int8 copies `retrain --int8` made.
+    /// The bundle's f32 graphs, or the int8 or fp16 copies `retrain --int8` / `--fp16` made.
     #[arg(long, value_enum, default_value_t = Precision::Fp32)]
     pub precision: Precision,
 }

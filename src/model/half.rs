@@ -15,7 +15,7 @@
 //! Integer tensors (shapes, indices) are never cast, and `Resize`'s `roi` and `scales`
 //! stay f32 as ONNX requires.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use half::f16;
 use onnx_ir::{Message, ModelProto, NodeProto, TensorProto};
@@ -48,7 +48,7 @@ pub fn to_fp16(onnx: &[u8]) -> Result<Vec<u8>, String> {
         plan: &plan,
         initializers: &initializers,
         nodes: Vec::new(),
-        added: Vec::new(),
+        added: BTreeMap::new(),
         casts: HashMap::new(),
     };
     for (index, node) in std::mem::take(&mut graph.node).into_iter().enumerate() {
@@ -70,7 +70,7 @@ pub fn to_fp16(onnx: &[u8]) -> Result<Vec<u8>, String> {
     // An f32 weight that only f16 nodes read now lives as its f16 copy.
     let still_read: HashSet<&String> = graph.node.iter().flat_map(|n| n.input.iter()).collect();
     graph.initializer.retain(|t| still_read.contains(&t.name));
-    graph.initializer.extend(rewrite.added);
+    graph.initializer.extend(rewrite.added.into_values());
     // Intermediate type annotations would now be wrong; ORT infers them.
     graph.value_info.clear();
     proto.write_to_bytes().map_err(|e| e.to_string())
@@ -133,8 +133,9 @@ struct Rewrite<'a> {
     plan: &'a Plan,
     initializers: &'a HashMap<String, TensorProto>,
     nodes: Vec<NodeProto>,
-    /// f16 copies of weights, made once each.
-    added: Vec<TensorProto>,
+    /// f16 copies of weights by name, made once each (ordered: the file's bytes are
+    /// reproducible).
+    added: BTreeMap<String, TensorProto>,
     /// (tensor, target type) → the cast's output, made once each.
     casts: HashMap<(String, i32), String>,
 }
@@ -168,7 +169,7 @@ impl Rewrite<'_> {
     /// The f16 copy of a float initializer.
     fn weight(&mut self, name: &str) -> Result<String, String> {
         let copy = format!("{name}_f16");
-        if self.added.iter().any(|t| t.name == copy) {
+        if self.added.contains_key(&copy) {
             return Ok(copy);
         }
         let source = &self.initializers[name];
@@ -178,7 +179,7 @@ impl Rewrite<'_> {
         t.data_type = FLOAT16;
         t.dims = source.dims.clone();
         t.raw_data = values.iter().flat_map(|v| f16::from_f32(*v).to_le_bytes()).collect::<Vec<u8>>().into();
-        self.added.push(t);
+        self.added.insert(copy.clone(), t);
         Ok(copy)
     }
 

@@ -667,18 +667,21 @@ impl Exporter<'_> {
             manifest.anomaly.screen = manifest.screen_at(recall).ok();
         }
         self.calibrate(ort, &mut graphs, manifest, &self.options.out)?;
-        if let Some(bound) = self.config.int8 {
-            let (frames, seed) = (self.calibration_frames, self.config.seed);
-            let finished = reduced::Finished { unet: ort, graphs: &mut graphs, frames, seed };
-            let report = &mut self.int8.borrow_mut();
-            manifest.int8 = reduced::quantize_bundle(finished, manifest, staged, &self.options.runtime, bound, report)?;
+        if self.config.int8.is_none() && self.config.fp16.is_none() {
+            return Ok(());
         }
-        if let Some(bound) = self.config.fp16 {
-            let (frames, seed) = (self.calibration_frames, self.config.seed);
-            let finished = reduced::Finished { unet: ort, graphs: &mut graphs, frames, seed };
-            let report = &mut self.fp16.borrow_mut();
-            manifest.fp16 = reduced::half_bundle(finished, manifest, staged, &self.options.runtime, bound, report)?;
-        }
+        let (frames, seed) = (self.calibration_frames, self.config.seed);
+        let finished = reduced::Finished { unet: ort, graphs: &mut graphs, frames, seed };
+        let mut reducer = reduced::Reducer::new(finished, manifest, staged, &self.options.runtime)?;
+        let int8 = match self.config.int8 {
+            Some(bound) => reducer.int8(bound, &mut self.int8.borrow_mut())?,
+            None => None,
+        };
+        let fp16 = match self.config.fp16 {
+            Some(bound) => reducer.fp16(bound, &mut self.fp16.borrow_mut())?,
+            None => None,
+        };
+        (manifest.int8, manifest.fp16) = (int8, fp16);
         Ok(())
     }
 

@@ -6,9 +6,10 @@
 //! (`model::quantize::observer`) through the shipped rule on the held-out calibration
 //! frames — the UNet at the operating point's timesteps, the head on real reconstructions,
 //! the patch model on real tiles — so the ranges are the ones inspection meets. The int8
-//! graphs then get their own golden checks. Either way the shipped rule is scored at f32 and
-//! with the copies on the search's validation defects: if a precision loses more than its
-//! [`QualityBound`] allows, none of its graphs ships (the report says why).
+//! graphs then get their own golden checks. Either way the shipped rule is scored with the
+//! copies on the search's validation defects against its f32 figures ([`Reducer`] scores
+//! those once for both precisions): if a precision loses more than its [`QualityBound`]
+//! allows, none of its graphs ships (the report says why).
 
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -139,68 +140,142 @@ struct Chosen {
     figures: RuleFigures,
 }
 
-/// Quantises the staged bundle's graphs (scales measured through the shipped rule on the
-/// held-out frames) and ships the int8 copies the quality rule admits ([`choose`]).
-pub fn quantize_bundle(
-    finished: Finished<'_, '_>,
-    manifest: &Manifest,
-    staged: &Staged,
-    runtime: &RuntimeConfig,
-    bound: QualityBound,
-    report: &mut ReducedReport,
-) -> Result<Option<Int8Graphs>, BundleError> {
-    let graphs = graphs_of(manifest);
-    let shape = [manifest.input.channels, manifest.input.height, manifest.input.width];
-    let mut ensemble = ensemble_of(manifest, staged.path(""))?;
-    let (frames, seed) = (finished.frames, finished.seed);
-    let ranges = observe(manifest, staged, runtime, graphs.each_ref().map(Option::as_ref), |unet, observed| {
-        let all_tiles = AnomalySpec { screen: None, ..manifest.anomaly };
-        ensemble.raw_maps_of(unet, observed, frames, shape, seed, &all_tiles).map(|_| ())
-    })?;
-    let mut ranges = ranges.into_iter();
-    let copies = copies_of(manifest, staged, runtime, &graphs, |g, onnx| {
-        let ranges = ranges.next().expect("one range table per graph");
-        (g.int8_file, quantize(onnx, &ranges, g.skip))
-    })?;
-    let frames_used = frames.len();
-    let chosen = choose(finished, copies, manifest, &mut ensemble, bound, report)?;
-    remove_unshipped(staged, &graphs, chosen.as_ref(), |g| g.int8_file)?;
-    Ok(chosen.map(|c| Int8Graphs {
-        unet: c.unet,
-        head: c.head,
-        patch: c.patch,
-        calibration_frames: frames_used,
-        fp32: c.fp32,
-        int8: c.figures,
-        max_pixel_auroc_loss: bound.pixel_auroc,
-        max_pixel_auprc_loss: bound.pixel_auprc,
-    }))
+/// What the copies are made from and scored against: the finished bundle's f32 sessions
+/// and the shipped rule's f32 figures, scored once for both precisions.
+pub struct Reducer<'a, 'g> {
+    graphs: &'a mut MapGraphs<'g>,
+    frames: &'a [Vec<f32>],
+    seed: u64,
+    manifest: &'a Manifest,
+    staged: &'a Staged,
+    runtime: &'a RuntimeConfig,
+    ensemble: Ensemble,
+    fp32: RuleFigures,
 }
 
-/// Converts the staged bundle's graphs to fp16 (`model::half`) and ships the copies the
-/// quality rule admits ([`choose`]).
-pub fn half_bundle(
-    finished: Finished<'_, '_>,
-    manifest: &Manifest,
-    staged: &Staged,
-    runtime: &RuntimeConfig,
-    bound: QualityBound,
-    report: &mut ReducedReport,
-) -> Result<Option<Fp16Graphs>, BundleError> {
-    let graphs = graphs_of(manifest);
-    let mut ensemble = ensemble_of(manifest, staged.path(""))?;
-    let copies = copies_of(manifest, staged, runtime, &graphs, |g, onnx| (g.fp16_file, to_fp16(onnx)))?;
-    let chosen = choose(finished, copies, manifest, &mut ensemble, bound, report)?;
-    remove_unshipped(staged, &graphs, chosen.as_ref(), |g| g.fp16_file)?;
-    Ok(chosen.map(|c| Fp16Graphs {
-        unet: c.unet,
-        head: c.head,
-        patch: c.patch,
-        fp32: c.fp32,
-        fp16: c.figures,
-        max_pixel_auroc_loss: bound.pixel_auroc,
-        max_pixel_auprc_loss: bound.pixel_auprc,
-    }))
+impl<'a, 'g> Reducer<'a, 'g> {
+    /// Scores the shipped rule at f32 on the validation defects.
+    pub fn new(
+        finished: Finished<'a, 'g>,
+        manifest: &'a Manifest,
+        staged: &'a Staged,
+        runtime: &'a RuntimeConfig,
+    ) -> Result<Self, BundleError> {
+        let Finished { unet, graphs, frames, seed } = finished;
+        let mut ensemble = ensemble_of(manifest, staged.path(""))?;
+        let shape = shape_of(manifest);
+        let fp32 = shipped_figures(unet, graphs, &mut ensemble, frames, shape, seed, &manifest.anomaly)?;
+        Ok(Self { graphs, frames, seed, manifest, staged, runtime, ensemble, fp32 })
+    }
+
+    /// Quantises the staged bundle's graphs (scales measured through the shipped rule on
+    /// the held-out frames) and ships the int8 copies the quality rule admits
+    /// ([`Self::choose`]).
+    pub fn int8(&mut self, bound: QualityBound, report: &mut ReducedReport) -> Result<Option<Int8Graphs>, BundleError> {
+        let (manifest, staged, runtime) = (self.manifest, self.staged, self.runtime);
+        let graphs = graphs_of(manifest);
+        let (frames, seed, ensemble) = (self.frames, self.seed, &mut self.ensemble);
+        let ranges = observe(manifest, staged, runtime, graphs.each_ref().map(Option::as_ref), |unet, observed| {
+            let all_tiles = AnomalySpec { screen: None, ..manifest.anomaly };
+            ensemble.raw_maps_of(unet, observed, frames, shape_of(manifest), seed, &all_tiles).map(|_| ())
+        })?;
+        let mut ranges = ranges.into_iter();
+        let copies = copies_of(manifest, staged, runtime, &graphs, |g, onnx| {
+            let ranges = ranges.next().expect("one range table per graph");
+            (g.int8_file, quantize(onnx, &ranges, g.skip))
+        })?;
+        let chosen = self.choose(copies, bound, report)?;
+        remove_unshipped(staged, &graphs, chosen.as_ref(), |g| g.int8_file)?;
+        Ok(chosen.map(|c| Int8Graphs {
+            unet: c.unet,
+            head: c.head,
+            patch: c.patch,
+            calibration_frames: self.frames.len(),
+            fp32: c.fp32,
+            int8: c.figures,
+            max_pixel_auroc_loss: bound.pixel_auroc,
+            max_pixel_auprc_loss: bound.pixel_auprc,
+        }))
+    }
+
+    /// Converts the staged bundle's graphs to fp16 (`model::half`) and ships the copies the
+    /// quality rule admits ([`Self::choose`]).
+    pub fn fp16(&mut self, bound: QualityBound, report: &mut ReducedReport) -> Result<Option<Fp16Graphs>, BundleError> {
+        let graphs = graphs_of(self.manifest);
+        let copies =
+            copies_of(self.manifest, self.staged, self.runtime, &graphs, |g, onnx| (g.fp16_file, to_fp16(onnx)))?;
+        let chosen = self.choose(copies, bound, report)?;
+        remove_unshipped(self.staged, &graphs, chosen.as_ref(), |g| g.fp16_file)?;
+        Ok(chosen.map(|c| Fp16Graphs {
+            unet: c.unet,
+            head: c.head,
+            patch: c.patch,
+            fp32: c.fp32,
+            fp16: c.figures,
+            max_pixel_auroc_loss: bound.pixel_auroc,
+            max_pixel_auprc_loss: bound.pixel_auprc,
+        }))
+    }
+
+    /// Scores the shipped rule with the copies against its f32 figures: all of them first,
+    /// then with the patch model left f32 (its distance is the most sensitive to precision).
+    /// The first set within `bound` is chosen.
+    fn choose(
+        &mut self,
+        copies: [Option<Copy>; 3],
+        bound: QualityBound,
+        report: &mut ReducedReport,
+    ) -> Result<Option<Chosen>, BundleError> {
+        let manifest = self.manifest;
+        let [unet_copy, mut head_copy, mut patch_copy] = copies;
+        let mut unet_copy = unet_copy.expect("the UNet always has a copy");
+        let fp32 = self.fp32;
+        report.fp32 = Some(fp32);
+        let has_head = head_copy.is_some();
+        let names = |patch_reduced: bool| {
+            let mut n = vec!["unet".to_string()];
+            n.extend(has_head.then(|| "head".to_string()));
+            n.extend(patch_reduced.then(|| "patch".to_string()));
+            n
+        };
+        let tries: &[bool] = if patch_copy.is_some() { &[true, false] } else { &[true] };
+        for &patch_reduced in tries {
+            let head_graph = head_copy.as_mut().map(|q| &mut q.0 as &mut dyn Denoiser);
+            let patch_graph = match patch_copy.as_mut().filter(|_| patch_reduced) {
+                Some(q) => Some(&mut q.0 as &mut dyn Denoiser),
+                None => self.graphs.patch.as_mut().map(|g| &mut **g as &mut dyn Denoiser),
+            };
+            let mut mixed = rule_graphs(manifest, head_graph, patch_graph, self.graphs.head_patch);
+            let figures = shipped_figures(
+                &mut unet_copy.0,
+                &mut mixed,
+                &mut self.ensemble,
+                self.frames,
+                shape_of(manifest),
+                self.seed,
+                &manifest.anomaly,
+            )?;
+            let shipped = bound.admits(&fp32, &figures);
+            tracing::info!(graphs = ?names(patch_reduced), ?fp32, ?figures, ?bound, shipped, "Reduced-precision graphs scored against f32 on the validation defects.");
+            report.tried.push(ReducedTry { graphs: names(patch_reduced), figures, shipped });
+            if shipped {
+                report.shipped = names(patch_reduced);
+                return Ok(Some(Chosen {
+                    unet: unet_copy.1,
+                    head: head_copy.map(|q| q.1),
+                    patch: patch_copy.filter(|_| patch_reduced).map(|q| q.1),
+                    fp32,
+                    figures,
+                }));
+            }
+        }
+        tracing::warn!(?bound, "Reduced-precision graphs lose too much quality: none shipped.");
+        Ok(None)
+    }
+}
+
+fn shape_of(manifest: &Manifest) -> [usize; 3] {
+    [manifest.input.channels, manifest.input.height, manifest.input.width]
 }
 
 /// Each graph's copy made by `rewrite` (its file and bytes), written, opened and given its
@@ -230,57 +305,6 @@ fn copies_of(
         copies[i] = Some((session, QuantizedGraph { onnx: file.into(), sha256: sha256_hex(&bytes), golden }));
     }
     Ok(copies)
-}
-
-/// Scores the shipped rule at f32 and with the copies: all of them first, then with the
-/// patch model left f32 (its distance is the most sensitive to precision). The first set
-/// within `bound` is chosen.
-fn choose(
-    finished: Finished<'_, '_>,
-    copies: [Option<Copy>; 3],
-    manifest: &Manifest,
-    ensemble: &mut Ensemble,
-    bound: QualityBound,
-    report: &mut ReducedReport,
-) -> Result<Option<Chosen>, BundleError> {
-    let Finished { unet, graphs, frames, seed } = finished;
-    let shape = [manifest.input.channels, manifest.input.height, manifest.input.width];
-    let [unet_copy, mut head_copy, mut patch_copy] = copies;
-    let mut unet_copy = unet_copy.expect("the UNet always has a copy");
-    let fp32 = shipped_figures(&mut *unet, graphs, ensemble, frames, shape, seed, &manifest.anomaly)?;
-    report.fp32 = Some(fp32);
-    let has_head = head_copy.is_some();
-    let names = |patch_reduced: bool| {
-        let mut n = vec!["unet".to_string()];
-        n.extend(has_head.then(|| "head".to_string()));
-        n.extend(patch_reduced.then(|| "patch".to_string()));
-        n
-    };
-    let tries: &[bool] = if patch_copy.is_some() { &[true, false] } else { &[true] };
-    for &patch_reduced in tries {
-        let head_graph = head_copy.as_mut().map(|q| &mut q.0 as &mut dyn Denoiser);
-        let patch_graph = match patch_copy.as_mut().filter(|_| patch_reduced) {
-            Some(q) => Some(&mut q.0 as &mut dyn Denoiser),
-            None => graphs.patch.as_mut().map(|g| &mut **g as &mut dyn Denoiser),
-        };
-        let mut mixed = rule_graphs(manifest, head_graph, patch_graph, graphs.head_patch);
-        let figures = shipped_figures(&mut unet_copy.0, &mut mixed, ensemble, frames, shape, seed, &manifest.anomaly)?;
-        let shipped = bound.admits(&fp32, &figures);
-        tracing::info!(graphs = ?names(patch_reduced), ?fp32, ?figures, ?bound, shipped, "Reduced-precision graphs scored against f32 on the validation defects.");
-        report.tried.push(ReducedTry { graphs: names(patch_reduced), figures, shipped });
-        if shipped {
-            report.shipped = names(patch_reduced);
-            return Ok(Some(Chosen {
-                unet: unet_copy.1,
-                head: head_copy.map(|q| q.1),
-                patch: patch_copy.filter(|_| patch_reduced).map(|q| q.1),
-                fp32,
-                figures,
-            }));
-        }
-    }
-    tracing::warn!(?bound, "Reduced-precision graphs lose too much quality: none shipped.");
-    Ok(None)
 }
 
 /// Removes the copy files that do not ship (all of them when nothing was chosen).
