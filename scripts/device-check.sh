@@ -126,8 +126,11 @@ for provider in "${providers[@]}" cpu; do
 done
 
 # The shipped operating point: a bundle made by `retrain` as a user would (a head, the
-# search, the cascade screen), with int8 and fp16 copies, on a contaminated synthetic set.
-"$BIN" synth --texture data/textures/gravel.png --out "$OUT/synth" --contamination 0.2 > /dev/null 2>&1
+# search, the cascade screen), with int8 and fp16 copies, on a contaminated synthetic set of
+# 128² frames at half the photograph's scale. The frames timed are a clean test frame
+# mirrored up to size: at the training scale, so the cascade screens what it would on a line.
+"$BIN" synth --texture data/textures/gravel.png --out "$OUT/synth" --contamination 0.2 --size 128 --crop 256 \
+    > /dev/null 2>&1
 shipped=$models_dir/shipped
 steps=${RETRAIN_STEPS:-400}
 [ -f "$shipped/manifest.toml" ] || STEP_TIMEOUT=$((3 * STEP_TIMEOUT)) step "retrain-shipped" "$BIN" retrain \
@@ -140,7 +143,7 @@ if [ -f "$shipped/manifest.toml" ]; then
         for precision in "${precisions[@]}"; do
             step "shipped-$provider-$precision" "$BIN" bench --model "$shipped" --provider "$provider" \
                 --precision "$precision" --threads "$(nproc)" --batches "$batches" --repeats 10 \
-                --frames 1280x1024,2560x1920 --frame-image data/textures/gravel.png --frame-repeats 3
+                --frames 1280x1024,2560x1920 --frame-image "$OUT/synth/test/good/000.png" --frame-repeats 3
         done
     done
 fi
@@ -190,7 +193,7 @@ if command -v python3 >/dev/null; then
 fi
 
 # The GPU training step (a `--features gpu-train` binary): 20 steps of the default UNet
-# (batch 16, 64²) on the synthetic set; the log has the step times.
+# (batch 16, 64² crops) on the synthetic set; the log has the step times.
 step "train-step-gpu" "$BIN" retrain --device wgpu --data "$OUT/synth" --out "$OUT/train-gpu" --force \
     --steps 20 --batch-size 16 --head-steps 0 --fixed-operating-point --no-progress
 if grep -q "built without a GPU training backend" "$OUT/train-step-gpu.log"; then
