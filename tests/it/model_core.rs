@@ -660,7 +660,9 @@ fn an_int8_graph_calibrated_on_real_inputs_stays_close_to_f32() {
     let mean_abs = |v: &[f32]| v.iter().map(|a| a.abs() as f64).sum::<f64>() / v.len() as f64;
     let diff: Vec<f32> = f32_out.iter().zip(&int8_out).map(|(a, b)| a - b).collect();
     let relative = mean_abs(&diff) / mean_abs(&f32_out);
-    assert!(relative < 0.05, "int8 differs from f32 by {relative:.4} (mean |Δ| / mean |f32|)");
+    // 7-bit weights (`quantize::WEIGHT_MAX`, safe from the u8·s8 saturation of CPUs without
+    // VNNI): 0.055 on an AVX2-only EPYC, where 8-bit weights saturated to 0.42.
+    assert!(relative < 0.08, "int8 differs from f32 by {relative:.4} (mean |Δ| / mean |f32|)");
     assert!(relative > 0.0, "the int8 graph computes something else than the f32 one");
 
     // Without a range for a convolution's tensors there is no graph.

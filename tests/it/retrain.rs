@@ -773,7 +773,11 @@ fn a_tiled_bundle_is_calibrated_on_whole_frames_and_passes_normal_frames() {
     let held_out = report["held_out"].as_array().unwrap();
     let trimmed: Vec<bool> = held_out.iter().map(|f| f["trimmed"].as_bool().unwrap()).collect();
     assert_eq!(trimmed, [true, false, false, false, false, false, false, false], "the top frame of eight is trimmed");
-    assert_eq!(held_out[1]["image_score"].as_f64().unwrap(), manifest.thresholds.image.value, "{held_out:?}");
+    // The same frame scored in two batches of different make-up: equal up to the last bits
+    // of ORT's CPU kernels (one ulp apart on an AVX2-only EPYC); the other frames' scores
+    // are 10⁻² and more away.
+    let (top_kept, threshold) = (held_out[1]["image_score"].as_f64().unwrap(), manifest.thresholds.image.value);
+    assert!((top_kept - threshold).abs() <= 1e-9 * threshold.abs(), "{threshold} vs {held_out:?}");
 
     // The sixteen normal training frames (half of them held out for the calibration), and
     // one scratched test frame with its mask (eval needs an anomalous image).
