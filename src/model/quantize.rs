@@ -8,9 +8,9 @@
 //!
 //! The form is the one ORT's CPU provider fuses into `QLinearConv` (u8 activations, s8
 //! weights, VNNI where the CPU has it): `Q → DQ` on the convolution's input, per-output-
-//! channel symmetric 7-bit weights behind a `DQ` (axis 0; see [`WEIGHT_MAX`]), the bias as int32 at the scale
-//! `s_x · s_w[c]` (zero point 0), and `Q → DQ` on its output. Everything between two
-//! convolutions (norms, activations, attention, distances) stays in f32.
+//! channel symmetric 7-bit weights behind a `DQ` (axis 0; see [`WEIGHT_MAX`]), the bias as
+//! int32 at the scale `s_x · s_w[c]` (zero point 0), and `Q → DQ` on its output. Everything
+//! between two convolutions (norms, activations, attention, distances) stays in f32.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
@@ -266,6 +266,29 @@ impl Rewrite<'_> {
         match self.floats.get(name) {
             Some((dims, Some(values))) => Ok((dims.clone(), values.clone())),
             _ => Err(format!("conv input '{name}' is not an f32 initializer: only the emitter's graphs are quantised")),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The saturation drill without a CPU that lacks VNNI: two u8 activations times two
+    /// weights, as `vpmaddubsw` adds them, must fit in i16 for every weight made, the
+    /// channel's largest included (8-bit weights reached 255 · 127 · 2 = 64770).
+    #[test]
+    fn weight_pairs_times_u8_activations_fit_in_sixteen_bits() {
+        let w: Vec<f32> = (0..64).map(|i| (i as f32 * 0.7).sin() * if i < 32 { 1.0 } else { 0.01 }).collect();
+        let (q, scales) = quantize_weights(&w, 2);
+        let largest = q.iter().map(|v| i32::from(*v).abs()).max().unwrap();
+        assert!(255 * largest * 2 <= i32::from(i16::MAX), "largest weight {largest}");
+        assert_eq!(largest, WEIGHT_MAX as i32, "each channel's largest weight takes the whole range");
+        // Each channel keeps its own scale, and the values come back within half a step.
+        for (c, (w, q)) in w.chunks(32).zip(q.chunks(32)).enumerate() {
+            for (v, qv) in w.iter().zip(q) {
+                assert!((v - f32::from(*qv) * scales[c]).abs() <= scales[c] / 2.0 + 1e-7, "channel {c}: {v} vs {qv}");
+            }
         }
     }
 }
