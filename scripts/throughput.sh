@@ -65,6 +65,7 @@ path = "$model"
 [runtime]
 providers = ["cpu"]
 intra_threads = $THREADS
+tile_batch = $BATCH
 [pipeline]
 max_batch = $BATCH
 queue_capacity = 2

@@ -343,6 +343,8 @@ pub struct InferenceReport {
     pub batches: u64,
     pub mean_batch_fill: f64,
     pub max_batch: usize,
+    /// Tiles per UNet call (`runtime.tile_batch`, probed for the device when `"auto"`).
+    pub tile_batch: usize,
     pub mean_ms: f64,
     pub last_ms: f64,
     pub unet_calls_per_frame: usize,
@@ -446,12 +448,18 @@ pub fn camera_report(camera: &CameraStats, queue_depth: usize, rates: (f64, f64)
     }
 }
 
+/// How the node's model runs: frames per batch, tiles per UNet call, UNet calls per tile.
+pub struct InferenceShape {
+    pub max_batch: usize,
+    pub tile_batch: usize,
+    pub unet_calls: usize,
+}
+
 pub fn inference_report(
     p: &PipelineStats,
     provider: String,
     fell_back: bool,
-    max_batch: usize,
-    calls: usize,
+    shape: InferenceShape,
 ) -> InferenceReport {
     let batches = p.batches.load(Relaxed);
     InferenceReport {
@@ -459,10 +467,11 @@ pub fn inference_report(
         fell_back_to_cpu: fell_back,
         batches,
         mean_batch_fill: if batches == 0 { 0.0 } else { p.batched_frames.load(Relaxed) as f64 / batches as f64 },
-        max_batch,
+        max_batch: shape.max_batch,
+        tile_batch: shape.tile_batch,
         mean_ms: if batches == 0 { 0.0 } else { p.inference_us.load(Relaxed) as f64 / 1e3 / batches as f64 },
         last_ms: p.last_inference_us.load(Relaxed) as f64 / 1e3,
-        unet_calls_per_frame: calls,
+        unet_calls_per_frame: shape.unet_calls,
     }
 }
 

@@ -99,6 +99,22 @@ fn every_problem_is_reported_with_its_key_path() {
 }
 
 #[test]
+fn the_tile_batch_is_auto_or_a_bounded_count() {
+    use crate::infer::batch_size::TileBatch;
+    let dir = tempfile::tempdir().unwrap();
+    let c = load_with_env(&write(dir.path(), MINIMAL), &[]).unwrap();
+    assert_eq!(c.runtime.tile_batch, TileBatch::Auto);
+    let with =
+        |value: &str| load_with_env(&write(dir.path(), &format!("{MINIMAL}[runtime]\ntile_batch = {value}\n")), &[]);
+    assert_eq!(with("64").unwrap().runtime.tile_batch, TileBatch::Fixed(64));
+    assert_eq!(with("\"auto\"").unwrap().runtime.tile_batch, TileBatch::Auto);
+    for bad in ["0", "1025", "\"lots\"", "-3"] {
+        let errors = with(bad).unwrap_err();
+        assert!(errors.issues.iter().any(|i| i.key == "runtime.tile_batch"), "{bad}: {errors}");
+    }
+}
+
+#[test]
 fn secrets_come_from_files_and_systemd_credentials() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("pw"), "s3cret\n").unwrap();

@@ -15,6 +15,7 @@ const DEFAULT_MAX_FRAME_PIXELS: u64 = 32_000_000;
 use crate::capture::SourceConfig;
 use crate::capture::mask::InspectMask;
 use crate::capture::trigger::TriggerMode;
+use crate::infer::batch_size::{MAX_TILE_BATCH, TileBatch};
 
 pub(super) struct Validator {
     pub(super) issues: Vec<ConfigIssue>,
@@ -254,6 +255,9 @@ impl Validator {
         }
         if runtime.intra_threads == 0 {
             self.fail("runtime.intra_threads", "must be at least 1");
+        }
+        if let TileBatch::Fixed(n) = runtime.tile_batch {
+            self.within("runtime.tile_batch", n, 1..=MAX_TILE_BATCH);
         }
     }
 

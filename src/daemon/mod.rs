@@ -156,6 +156,7 @@ struct ModelInfo {
     provider: String,
     fell_back: bool,
     unet_calls: usize,
+    tile_batch: usize,
 }
 
 /// Runs the daemon until SIGTERM/SIGINT, until every source has ended (finite replays,
@@ -201,8 +202,9 @@ pub fn run(config: DaemonConfig, config_path: &std::path::Path) -> anyhow::Resul
         provider: node.denoiser().provider().to_string(),
         fell_back: node.denoiser().fell_back_to_cpu(),
         unet_calls: node.unet_calls(),
+        tile_batch: node.tile_batch(),
     };
-    tracing::info!(model = %manifest.name, provider = %model.provider, fell_back_to_cpu = model.fell_back, unet_calls = model.unet_calls, models = inspectors.len(), "Model ready.");
+    tracing::info!(model = %manifest.name, provider = %model.provider, fell_back_to_cpu = model.fell_back, unet_calls = model.unet_calls, tile_batch = model.tile_batch, models = inspectors.len(), "Model ready.");
     let status_line =
         format!("inspecting {} camera(s) with {} on {}", config.cameras.len(), manifest.name, model.provider);
 
@@ -444,8 +446,12 @@ impl Running {
             sha256: current.sha256.clone(),
         };
         let (m, p) = (&self.model, &self.pipeline);
-        let inference =
-            stats::inference_report(p, m.provider.clone(), m.fell_back, self.config.pipeline.max_batch, m.unet_calls);
+        let shape = stats::InferenceShape {
+            max_batch: self.config.pipeline.max_batch,
+            tile_batch: m.tile_batch,
+            unet_calls: m.unet_calls,
+        };
+        let inference = stats::inference_report(p, m.provider.clone(), m.fell_back, shape);
         let cameras = self
             .cameras
             .active()

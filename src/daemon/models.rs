@@ -17,6 +17,7 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use crossbeam_channel::{Receiver, Sender};
 use rumqttc::v5::mqttbytes::QoS;
@@ -26,6 +27,7 @@ use super::mqtt::Mqtt;
 use super::worker::Swap;
 use crate::config::DaemonConfig;
 use crate::frame::ModelRef;
+use crate::infer::batch_size::{self, TileBatch};
 use crate::infer::bundle::{Bundle, BundleError};
 use crate::infer::inspect::Inspector;
 use crate::infer::runtime::OrtDenoiser;
@@ -175,8 +177,27 @@ impl Loader {
 
 /// The inspector the daemon runs for `bundle`: the config's reconstruction overrides and
 /// tile batch applied.
-pub fn inspector(bundle: Bundle, config: &DaemonConfig) -> Result<Inspector, BundleError> {
+pub fn inspector(mut bundle: Bundle, config: &DaemonConfig) -> Result<Inspector, BundleError> {
     let m = &config.model;
     let spec = bundle.manifest.reconstruction.with_overrides(m.t0, m.steps, m.sampler, m.eta, None);
-    Ok(Inspector::new(bundle, Some(spec))?.with_tile_batch(config.pipeline.max_batch))
+    let tiles = tile_batch(&mut bundle, config.runtime.tile_batch)?;
+    Ok(Inspector::new(bundle, Some(spec))?.with_tile_batch(tiles))
+}
+
+/// Tiles per UNet call for `bundle`'s session: the config's, or probed on the warm session
+/// (`infer::batch_size`; the golden check at load was its first call).
+fn tile_batch(bundle: &mut Bundle, setting: TileBatch) -> Result<usize, BundleError> {
+    if let TileBatch::Fixed(n) = setting {
+        return Ok(n);
+    }
+    let input = bundle.manifest.input;
+    let provider = bundle.denoiser.provider();
+    let start = Instant::now();
+    let tile = [input.channels, input.height, input.width];
+    let probe =
+        batch_size::probe(&mut bundle.denoiser, tile, batch_size::candidates(provider), &mut || start.elapsed())?;
+    let measured: Vec<String> = probe.measured.iter().map(|(n, rate)| format!("{n}: {rate:.0}/s")).collect();
+    tracing::info!(model = %bundle.dir.display(), %provider, tile_batch = probe.chosen, measured = %measured.join(", "),
+        took_ms = start.elapsed().as_millis() as u64, "Tile batch chosen for the device.");
+    Ok(probe.chosen)
 }

@@ -153,6 +153,11 @@ impl<D: Denoiser> Inspector<D> {
         self
     }
 
+    /// Tiles per UNet call.
+    pub fn tile_batch(&self) -> usize {
+        self.tile_batch
+    }
+
     /// The same model at other primary reconstruction settings (the manifest's ensemble
     /// members follow them).
     pub fn with_spec(self, spec: ReconstructionSpec) -> Result<Self, BundleError> {

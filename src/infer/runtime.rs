@@ -25,6 +25,8 @@ use ort::session::{RunOptions, Session};
 use ort::value::{TensorRef, ValueType};
 use serde::{Deserialize, Serialize};
 
+use super::batch_size::TileBatch;
+
 /// Names of the graph's inputs and output (the exporter's contract).
 pub const INPUT_IMAGE: &str = "x_t";
 pub const INPUT_TIME: &str = "t";
@@ -88,6 +90,8 @@ pub struct RuntimeConfig {
     pub tensorrt_cache: Option<PathBuf>,
     /// The bundle's f32 graphs or their int8 copies.
     pub precision: Precision,
+    /// Tiles per UNet call: probed for the device (`"auto"`) or fixed.
+    pub tile_batch: TileBatch,
 }
 
 impl Default for RuntimeConfig {
@@ -100,6 +104,7 @@ impl Default for RuntimeConfig {
             device_id: 0,
             tensorrt_cache: None,
             precision: Precision::Fp32,
+            tile_batch: TileBatch::Auto,
         }
     }
 }

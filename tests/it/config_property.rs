@@ -37,6 +37,7 @@ const KEYS: &[(&str, &str)] = &[
     ("pipeline", "queue_capacity"),
     ("runtime", "providers"),
     ("runtime", "intra_threads"),
+    ("runtime", "tile_batch"),
     ("mqtt", "port"),
     ("mqtt", "keep_alive_s"),
     ("mqtt", "session_expiry_s"),

@@ -359,6 +359,11 @@ fn replay_publishes_alerts_with_masks_and_goes_offline_on_sigterm() {
     let stats = sub.last_stats().unwrap();
     assert_eq!(stats["inference"]["provider"], "cpu");
     assert_eq!(stats["inference"]["fell_back_to_cpu"], false);
+    // `tile_batch = "auto"` (the default): timed on the CPU's ladder at load, and reported.
+    let tile_batch = stats["inference"]["tile_batch"].as_u64().unwrap();
+    assert!([1, 2, 4, 8, 16, 32].contains(&tile_batch), "tile batch {tile_batch}");
+    let log = daemon.log_text();
+    assert!(log.contains("Tile batch chosen for the device") && log.contains("1: "), "{log}");
     assert_eq!(stat(&stats, "cam0", "frames_in"), 10);
 
     // Recorded for retraining in the layout `retrain` reads.
