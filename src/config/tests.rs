@@ -108,6 +108,8 @@ fn the_tile_batch_is_auto_or_a_bounded_count() {
         |value: &str| load_with_env(&write(dir.path(), &format!("{MINIMAL}[runtime]\ntile_batch = {value}\n")), &[]);
     assert_eq!(with("64").unwrap().runtime.tile_batch, TileBatch::Fixed(64));
     assert_eq!(with("\"auto\"").unwrap().runtime.tile_batch, TileBatch::Auto);
+    let from_env = load_with_env(&write(dir.path(), MINIMAL), &env(&[("EDGE_INSPECT__RUNTIME__TILE_BATCH", "16")]));
+    assert_eq!(from_env.unwrap().runtime.tile_batch, TileBatch::Fixed(16));
     for bad in ["0", "1025", "\"lots\"", "-3"] {
         let errors = with(bad).unwrap_err();
         assert!(errors.issues.iter().any(|i| i.key == "runtime.tile_batch"), "{bad}: {errors}");
