@@ -8,7 +8,8 @@
 //! [`TIMED_CALLS`] times; the choice is the smallest batch within [`TOLERANCE`] of the best
 //! tiles per second, so that a plateau does not buy latency and memory for nothing. The
 //! ladder stops early once two candidates in a row gain less than the tolerance, or when
-//! the probe has used its time budget. On a hot swap the probe runs beside the running
+//! the timed calls have used the time budget (warm-up calls do not count: a TensorRT engine
+//! build takes far longer than the calls it serves, and must not end the ladder). On a hot swap the probe runs beside the running
 //! model's inference, so on a busy CPU its figures are noisier than at start-up.
 
 use std::time::Duration;
@@ -64,7 +65,7 @@ pub const TIMED_CALLS: usize = 3;
 /// A batch within this fraction of the best throughput is as good as the best.
 pub const TOLERANCE: f64 = 0.05;
 
-/// Wall time after which the ladder stops (the candidates measured so far decide).
+/// Time in timed calls after which the ladder stops (the candidates measured so far decide).
 pub const BUDGET: Duration = Duration::from_secs(10);
 
 /// The largest probe input: candidates whose batch of tiles would be larger are not tried.
@@ -96,7 +97,7 @@ pub fn probe(
     clock: &mut dyn FnMut() -> Duration,
 ) -> Result<Probe, RuntimeError> {
     let [c, h, w] = tile;
-    let started = clock();
+    let mut spent = Duration::ZERO;
     let mut measured: Vec<(usize, f64)> = Vec::new();
     let (mut best, mut flat) = (0.0f64, 0);
     let fits = |n: usize| n == candidates[0] || n * c * h * w * size_of::<f32>() <= MAX_PROBE_BYTES;
@@ -109,14 +110,16 @@ pub fn probe(
         for _ in 0..TIMED_CALLS {
             let before = clock();
             denoiser.predict_eps(&x, [n, c, h, w], &t, &mut |_| {})?;
-            calls.push((clock() - before).as_secs_f64());
+            let call = clock() - before;
+            spent += call;
+            calls.push(call.as_secs_f64());
         }
         calls.sort_by(f64::total_cmp);
         let rate = n as f64 / calls[TIMED_CALLS / 2].max(1e-9);
         measured.push((n, rate));
         flat = if rate >= best * (1.0 + TOLERANCE) { 0 } else { flat + 1 };
         best = best.max(rate);
-        if flat == 2 || clock() - started >= BUDGET {
+        if flat == 2 || spent >= BUDGET {
             break;
         }
     }
@@ -205,12 +208,42 @@ mod tests {
     }
 
     #[test]
-    fn the_budget_ends_the_ladder() {
-        // 1 s per call: each candidate costs 4 s of the 10 s budget, so the third is the last.
-        let (mut slow, clock) = costly(1000, 0);
+    fn the_timed_calls_budget_ends_the_ladder() {
+        // 1.5 s per call: each candidate's timed calls cost 4.5 s of the 10 s budget (its
+        // warm-up call does not count), so the third is the last.
+        let (mut slow, clock) = costly(1500, 0);
         let p = probe(&mut slow, [1, 8, 8], candidates(Provider::Cuda), &mut || clock.get()).unwrap();
         assert_eq!(p.measured.len(), 3);
         assert_eq!(p.chosen, 32, "a fixed cost per call: the largest batch measured is best");
+    }
+
+    #[test]
+    fn a_slow_warm_up_does_not_end_the_ladder() {
+        // A TensorRT-like first call per shape: a 60 s engine build, then 40 ms + 1 ms per tile.
+        struct Building(Costly, Option<usize>);
+        impl Denoiser for Building {
+            fn channels(&self) -> usize {
+                1
+            }
+            fn predict_eps(
+                &mut self,
+                x: &[f32],
+                shape: [usize; 4],
+                t: &[f32],
+                consume: &mut dyn FnMut(&[f32]),
+            ) -> Result<(), RuntimeError> {
+                if self.1 != Some(shape[0]) {
+                    self.1 = Some(shape[0]);
+                    self.0.clock.set(self.0.clock.get() + Duration::from_secs(60));
+                }
+                self.0.predict_eps(x, shape, t, consume)
+            }
+        }
+        let (gpu, clock) = costly(40, 1);
+        let p =
+            probe(&mut Building(gpu, None), [1, 8, 8], candidates(Provider::Tensorrt), &mut || clock.get()).unwrap();
+        assert_eq!(p.measured.len(), 6, "{:?}", p.measured);
+        assert_eq!(p.chosen, 256);
     }
 
     #[test]
