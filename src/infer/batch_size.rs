@@ -9,8 +9,9 @@
 //! tiles per second, so that a plateau does not buy latency and memory for nothing. The
 //! ladder stops early once two candidates in a row gain less than the tolerance, or when
 //! the timed calls have used the time budget (warm-up calls do not count: a TensorRT engine
-//! build takes far longer than the calls it serves, and must not end the ladder). On a hot swap the probe runs beside the running
-//! model's inference, so on a busy CPU its figures are noisier than at start-up.
+//! build takes far longer than the calls it serves, and must not end the ladder). On a hot
+//! swap the probe runs beside the running model's inference, so on a busy CPU its figures
+//! are noisier than at start-up.
 
 use std::time::Duration;
 
