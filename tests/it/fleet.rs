@@ -224,7 +224,10 @@ fn a_plant_uploads_trains_away_from_the_line_and_rolls_models_out_with_canaries(
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     wait_rollout(&sub, "line2", "rolled_back", &bad_sha, 60);
     assert_eq!(running(&sub, "line2"), Some(second_sha.clone()), "line2 is back on the good bundle");
-    let halt = json(&sub, &format!("edge-inspect/fleet/halt/{bad_sha}")).expect("a halt");
+    // The halt is published right after the rolled_back report: wait for it, not just look.
+    let halt_topic = format!("edge-inspect/fleet/halt/{bad_sha}");
+    wait_for(Duration::from_secs(10), "the halt", || json(&sub, &halt_topic).is_some());
+    let halt = json(&sub, &halt_topic).expect("a halt");
     assert_eq!(halt["node"], "line2");
     assert!(halt["reason"].as_str().unwrap().contains("frames alerting"), "{halt}");
     let refused = rollout(&bad_url, "all", b.port, &env);
