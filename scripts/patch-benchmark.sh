@@ -24,6 +24,7 @@
 #   OUT=bench-headpatch UNTRIMMED=0 EXTRA=--head-patch-channel scripts/patch-benchmark.sh
 #   OUT=bench-cascade UNTRIMMED=0 NATIVE=1 TEXTURES=gravel scripts/patch-benchmark.sh  (the cascade)
 #   OUT=bench-native-lofo UNTRIMMED=0 NATIVE=1 TEXTURES=gravel scripts/patch-benchmark.sh
+#   OUT=bench-screen64 UNTRIMMED=0 SCREEN_EVALS=0.8 scripts/patch-benchmark.sh  (the cascade at 64²)
 #
 # Re-running skips datasets, models and reports that already exist. Everything lands in
 # $OUT; the tables: python3 scripts/patch-tables.py $OUT
@@ -48,6 +49,9 @@ UNTRIMMED=${UNTRIMMED:-1}
 # inspected in 64-pixel tiles (stride 48, retrain's default); 20 good and 6 per defect type
 # in the test set. Use an OUT of its own.
 NATIVE=${NATIVE:-0}
+# Extra evals of the shipped bundle with the cascade's screen at these recalls
+# (eval/screen-R/, `--screen-recall R`), e.g. "0.8 0.9".
+read -r -a SCREEN_EVALS <<< "${SCREEN_EVALS:-}"
 # More retrain flags for a variant of the recipe (e.g. --head-patch-channel); use an OUT of
 # its own.
 read -r -a EXTRA <<< "${EXTRA:-}"
@@ -95,6 +99,9 @@ for texture in $TEXTURES; do
     evaluate "$OUT/eval/noscreen/$name" "$model" "$data" --no-screen
     evaluate "$OUT/eval/recon/$name" "$model" "$data" --no-fusion
     evaluate "$OUT/eval/patch/$name" "$model" "$data" --anomaly-map patch
+    for recall in "${SCREEN_EVALS[@]}"; do
+      evaluate "$OUT/eval/screen-$recall/$name" "$model" "$data" --screen-recall "$recall"
+    done
     [ "$UNTRIMMED" = 1 ] || continue
     untrimmed="$OUT/models/untrimmed/$name"
     if [ ! -f "$untrimmed/manifest.toml" ]; then

@@ -259,6 +259,9 @@ pub struct PipelineStats {
     /// Seconds per inference batch, and frames per batch (Prometheus only).
     pub inference_seconds: Histogram,
     pub batch_frames: Histogram,
+    /// Tiles inspected, and of those the cascade's screen declared clean (not reconstructed).
+    pub tiles: AtomicU64,
+    pub tiles_screened: AtomicU64,
     /// Total inference time in microseconds.
     pub inference_us: AtomicU64,
     pub last_inference_us: AtomicU64,
@@ -293,6 +296,8 @@ impl Default for PipelineStats {
             batched_frames: AtomicU64::default(),
             inference_seconds: Histogram::new(exponential_buckets(0.005, 2.0, 14)),
             batch_frames: Histogram::new(exponential_buckets(1.0, 2.0, 11)),
+            tiles: AtomicU64::default(),
+            tiles_screened: AtomicU64::default(),
             inference_us: AtomicU64::default(),
             last_inference_us: AtomicU64::default(),
             mqtt_connects: AtomicU64::default(),
@@ -345,6 +350,9 @@ pub struct InferenceReport {
     pub max_batch: usize,
     /// Tiles per UNet call (`runtime.tile_batch`, probed for the device when `"auto"`).
     pub tile_batch: usize,
+    /// Tiles inspected, and of those the cascade's screen declared clean.
+    pub tiles: u64,
+    pub tiles_screened: u64,
     pub mean_ms: f64,
     pub last_ms: f64,
     pub unet_calls_per_frame: usize,
@@ -469,6 +477,8 @@ pub fn inference_report(
         mean_batch_fill: if batches == 0 { 0.0 } else { p.batched_frames.load(Relaxed) as f64 / batches as f64 },
         max_batch: shape.max_batch,
         tile_batch: shape.tile_batch,
+        tiles: p.tiles.load(Relaxed),
+        tiles_screened: p.tiles_screened.load(Relaxed),
         mean_ms: if batches == 0 { 0.0 } else { p.inference_us.load(Relaxed) as f64 / 1e3 / batches as f64 },
         last_ms: p.last_inference_us.load(Relaxed) as f64 / 1e3,
         unet_calls_per_frame: shape.unet_calls,

@@ -22,17 +22,13 @@ use crate::infer::inspect::{FrameView, Inspector, rule_graphs};
 use crate::infer::runtime::{Denoiser, OrtDenoiser, RuntimeError};
 use crate::model::manifest::{GoldenCheck, Manifest};
 use crate::model::sampling::{ReconstructionSpec, Sampler};
+use crate::postprocess::screen::ScreenChoice;
 
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let frames = args.frames.iter().map(|f| parse_frame(f)).collect::<anyhow::Result<Vec<_>>>()?;
     let mut bundle = Bundle::load(&args.model, &args.runtime.to_config())?;
-    if args.no_screen {
-        bundle.manifest.anomaly.screen = None;
-    }
-    if let Some(recall) = args.screen_recall {
-        let screen = bundle.manifest.screen_at(recall).map_err(|e| anyhow::anyhow!("--screen-recall: {e}"))?;
-        bundle.manifest.anomaly.screen = Some(screen);
-    }
+    let screen = ScreenChoice::from_flags(args.no_screen, args.screen_recall);
+    bundle.manifest.choose_screen(screen).map_err(|e| anyhow::anyhow!("--screen-recall: {e}"))?;
     let shipped = bundle.manifest.reconstruction;
     let t0 = args.t0.unwrap_or(shipped.t0);
     let ddim_steps = args.ddim_steps.clone().unwrap_or(vec![shipped.steps]);

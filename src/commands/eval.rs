@@ -13,6 +13,7 @@ use crate::eval::{EvalOptions, evaluate, markdown};
 use crate::infer::bundle::Bundle;
 use crate::infer::inspect::Inspector;
 use crate::model::preprocess::Inspection;
+use crate::postprocess::screen::ScreenChoice;
 
 pub fn run(args: EvalArgs) -> anyhow::Result<()> {
     if args.batch == 0 {
@@ -29,13 +30,8 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
     if args.no_fusion {
         bundle.manifest.anomaly.fusion = None;
     }
-    if args.no_fusion || args.no_screen {
-        bundle.manifest.anomaly.screen = None;
-    }
-    if let Some(recall) = args.screen_recall {
-        let screen = bundle.manifest.screen_at(recall).map_err(|e| anyhow::anyhow!("--screen-recall: {e}"))?;
-        bundle.manifest.anomaly.screen = Some(screen);
-    }
+    let screen = ScreenChoice::from_flags(args.no_fusion || args.no_screen, args.screen_recall);
+    bundle.manifest.choose_screen(screen).map_err(|e| anyhow::anyhow!("--screen-recall: {e}"))?;
     if let Some(weight) = args.fusion_weight {
         let Some(fusion) = bundle.manifest.anomaly.fusion.as_mut() else {
             bail!("--fusion-weight {weight}: {} fuses no patch map (no [anomaly.fusion])", args.model.display());

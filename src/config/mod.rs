@@ -16,6 +16,7 @@ use std::time::Duration;
 use crate::capture::CameraConfig;
 use crate::infer::runtime::RuntimeConfig;
 use crate::model::sampling::Sampler;
+use crate::postprocess::screen::ScreenChoice;
 
 /// Default config file location (systemd's `ConfigurationDirectory=edge-inspect`).
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/edge-inspect/edge-inspect.toml";
@@ -92,7 +93,8 @@ impl DaemonConfig {
     /// SIGHUP cannot apply live).
     pub fn differences(&self, other: &DaemonConfig) -> Vec<(&'static str, bool)> {
         let node = |c: &DaemonConfig| (c.node_id.clone(), c.state_dir.clone(), c.drain_timeout);
-        let overrides = |m: &ModelConfig| (m.t0, m.steps, m.sampler, m.eta, m.seed, m.models_dir.clone());
+        let overrides =
+            |m: &ModelConfig| (m.t0, m.steps, m.sampler, m.eta, m.seed, m.screen_recall, m.models_dir.clone());
         vec![
             ("node", node(self) != node(other)),
             ("model overrides", overrides(&self.model) != overrides(&other.model)),
@@ -181,6 +183,9 @@ pub struct ModelConfig {
     pub sampler: Option<Sampler>,
     pub eta: Option<f64>,
     pub seed: u64,
+    /// Which of each bundle's cascade screens runs (a recall must be on every bundle's
+    /// `screen_curve`).
+    pub screen_recall: ScreenChoice,
 }
 
 #[derive(Debug, Clone, PartialEq)]

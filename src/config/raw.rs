@@ -7,6 +7,7 @@ use serde::Deserialize;
 
 use crate::infer::runtime::RuntimeConfig;
 use crate::model::sampling::Sampler;
+use crate::postprocess::screen::ScreenChoice;
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(default)]
@@ -28,6 +29,8 @@ pub(super) struct RawModel {
     pub(super) sampler: Option<Sampler>,
     pub(super) eta: Option<f64>,
     pub(super) seed: Option<u64>,
+    /// Which of the bundle's cascade screens runs: `"bundle"`, `"off"` or a recall.
+    pub(super) screen_recall: Option<ScreenChoice>,
 }
 
 #[derive(Debug, Default, Deserialize)]

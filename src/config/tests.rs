@@ -117,6 +117,31 @@ fn the_tile_batch_is_auto_or_a_bounded_count() {
 }
 
 #[test]
+fn the_screen_recall_is_the_bundles_off_or_a_recall() {
+    use crate::postprocess::screen::ScreenChoice;
+    let dir = tempfile::tempdir().unwrap();
+    let c = load_with_env(&write(dir.path(), MINIMAL), &[]).unwrap();
+    assert_eq!(c.model.screen_recall, ScreenChoice::Bundle);
+    let with = |value: &str| {
+        let text = MINIMAL.replace("[model]\n", &format!("[model]\nscreen_recall = {value}\n"));
+        load_with_env(&write(dir.path(), &text), &[])
+    };
+    assert_eq!(with("0.8").unwrap().model.screen_recall, ScreenChoice::Recall(0.8));
+    assert_eq!(with("1").unwrap().model.screen_recall, ScreenChoice::Recall(1.0));
+    assert_eq!(with("\"off\"").unwrap().model.screen_recall, ScreenChoice::Off);
+    assert_eq!(with("\"bundle\"").unwrap().model.screen_recall, ScreenChoice::Bundle);
+    let from_env = |value: &str| {
+        load_with_env(&write(dir.path(), MINIMAL), &env(&[("EDGE_INSPECT__MODEL__SCREEN_RECALL", value)]))
+    };
+    assert_eq!(from_env("0.9").unwrap().model.screen_recall, ScreenChoice::Recall(0.9));
+    assert_eq!(from_env("off").unwrap().model.screen_recall, ScreenChoice::Off);
+    for bad in ["0", "1.5", "-0.2", "\"fast\""] {
+        let errors = with(bad).unwrap_err();
+        assert!(errors.issues.iter().any(|i| i.key == "model.screen_recall"), "{bad}: {errors}");
+    }
+}
+
+#[test]
 fn secrets_come_from_files_and_systemd_credentials() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("pw"), "s3cret\n").unwrap();

@@ -245,6 +245,7 @@ impl Validator {
             sampler: model.sampler,
             eta: model.eta,
             seed: model.seed.unwrap_or(0),
+            screen_recall: model.screen_recall.unwrap_or_default(),
         }
     }
 

@@ -485,6 +485,12 @@ impl Collector for Report {
                 "Durable messages the outbox could not keep",
                 &p.outbox_write_failures,
             ),
+            ("edge_inspect_tiles", "Tiles inspected", &p.tiles),
+            (
+                "edge_inspect_tiles_screened",
+                "Tiles the cascade's screen declared clean (not reconstructed)",
+                &p.tiles_screened,
+            ),
             ("edge_inspect_recorder_errors", "Failed recordings and deletes", &p.recorder_errors),
             (
                 "edge_inspect_recorder_low_disk",

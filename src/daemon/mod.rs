@@ -130,7 +130,11 @@ pub fn load_bundles(config: &DaemonConfig, source_name: &str) -> Result<Vec<Bund
     named_bundles(config)
         .into_iter()
         .map(|(model_key, path)| {
-            Bundle::load(&path, &config.runtime).map_err(|e| {
+            let issue = |key: String, message: String| config::ConfigErrors {
+                source_name: source_name.to_string(),
+                issues: vec![ConfigIssue { key, message }],
+            };
+            let mut bundle = Bundle::load(&path, &config.runtime).map_err(|e| {
                 let key = match &e {
                     BundleError::Runtime(RuntimeError::NoProvider { .. } | RuntimeError::EmptyProviders) => {
                         "runtime.providers".to_string()
@@ -140,11 +144,11 @@ pub fn load_bundles(config: &DaemonConfig, source_name: &str) -> Result<Vec<Bund
                     }
                     _ => model_key,
                 };
-                config::ConfigErrors {
-                    source_name: source_name.to_string(),
-                    issues: vec![ConfigIssue { key, message: e.to_string() }],
-                }
-            })
+                issue(key, e.to_string())
+            })?;
+            models::choose_screen(&mut bundle, config)
+                .map_err(|message| issue("model.screen_recall".into(), message))?;
+            Ok(bundle)
         })
         .collect()
 }

@@ -32,6 +32,7 @@ use crate::infer::bundle::{Bundle, BundleError};
 use crate::infer::inspect::Inspector;
 use crate::infer::runtime::OrtDenoiser;
 use crate::model::manifest::Manifest;
+use crate::postprocess::screen::ScreenChoice;
 use crate::timestamp;
 
 /// How verdicts name the model of `manifest`.
@@ -137,7 +138,8 @@ impl Loader {
     /// it replaces.
     fn load(&self, request: &Load) -> Result<(Swap<OrtDenoiser>, Manifest), String> {
         let path = &request.path;
-        let bundle = Bundle::load(path, &self.config.runtime).map_err(|e| e.to_string())?;
+        let mut bundle = Bundle::load(path, &self.config.runtime).map_err(|e| e.to_string())?;
+        choose_screen(&mut bundle, &self.config)?;
         if let Some(old) = self.running.get(&request.key) {
             let new = &bundle.manifest;
             if new.input != old.input || new.inspection != old.inspection {
@@ -182,6 +184,18 @@ pub fn inspector(mut bundle: Bundle, config: &DaemonConfig) -> Result<Inspector,
     let spec = bundle.manifest.reconstruction.with_overrides(m.t0, m.steps, m.sampler, m.eta, None);
     let tiles = tile_batch(&mut bundle, config.runtime.tile_batch)?;
     Ok(Inspector::new(bundle, Some(spec))?.with_tile_batch(tiles))
+}
+
+/// Makes the config's `model.screen_recall` the screen `bundle` runs; an error names the
+/// bundle and the recalls it has.
+pub fn choose_screen(bundle: &mut Bundle, config: &DaemonConfig) -> Result<(), String> {
+    let choice = config.model.screen_recall;
+    bundle.manifest.choose_screen(choice).map_err(|e| format!("{}: {e}", bundle.dir.display()))?;
+    if choice != ScreenChoice::Bundle {
+        let recall = bundle.manifest.anomaly.screen.map(|s| s.recall_target);
+        tracing::info!(model = %bundle.dir.display(), ?recall, "Cascade screen chosen by model.screen_recall.");
+    }
+    Ok(())
 }
 
 /// Tiles per UNet call for `bundle`'s session: the config's, or probed on the warm session

@@ -150,10 +150,14 @@ impl<D: Denoiser> Worker<D> {
             return true;
         };
         let started = Instant::now();
+        let [tiles, screened] = loaded.inspector.tile_counts();
         let result = loaded.inspector.inspect(&frames, &seeds);
+        let [tiles_after, screened_after] = loaded.inspector.tile_counts();
         let model = loaded.model.clone();
         drop(frames);
         let elapsed = started.elapsed().as_micros() as u64;
+        self.pipeline.tiles.fetch_add(tiles_after.saturating_sub(tiles) as u64, Relaxed);
+        self.pipeline.tiles_screened.fetch_add(screened_after.saturating_sub(screened) as u64, Relaxed);
         self.pipeline.batches.fetch_add(1, Relaxed);
         self.pipeline.batched_frames.fetch_add(batch.len() as u64, Relaxed);
         self.pipeline.inference_us.fetch_add(elapsed, Relaxed);

@@ -13,7 +13,7 @@ use super::diffusion::ScheduleSpec;
 use super::preprocess::{InputSpec, Inspection};
 use crate::model::sampling::ReconstructionSpec;
 use crate::postprocess::anomaly::{AnomalySpec, Residual, Threshold};
-use crate::postprocess::screen::Screen;
+use crate::postprocess::screen::{Screen, ScreenChoice};
 
 /// Bumped on any incompatible change of this file's layout.
 pub const SCHEMA_VERSION: u32 = 1;
@@ -84,6 +84,17 @@ impl Manifest {
             let have: Vec<f64> = self.screen_curve.iter().map(|s| s.recall_target).collect();
             format!("the bundle has no cascade screen for recall {recall} (it has {have:?})")
         })
+    }
+
+    /// Makes `choice` the screen that runs (`anomaly.screen`); an error names the recall the
+    /// bundle lacks.
+    pub fn choose_screen(&mut self, choice: ScreenChoice) -> Result<(), String> {
+        match choice {
+            ScreenChoice::Bundle => {}
+            ScreenChoice::Off => self.anomaly.screen = None,
+            ScreenChoice::Recall(recall) => self.anomaly.screen = Some(self.screen_at(recall)?),
+        }
+        Ok(())
     }
 }
 

@@ -75,6 +75,64 @@ impl Screen {
     }
 }
 
+/// Which of a bundle's screens runs (the daemon's `model.screen_recall`, `eval`'s and
+/// `bench`'s `--no-screen` / `--screen-recall`): a line trades recall for speed without
+/// retraining, among the screens `retrain` chose on its validation defects.
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
+#[serde(try_from = "ScreenChoiceRepr", into = "ScreenChoiceRepr")]
+pub enum ScreenChoice {
+    /// The manifest's `anomaly.screen`, if it has one.
+    #[default]
+    Bundle,
+    /// Every tile is reconstructed.
+    Off,
+    /// The manifest's `screen_curve` entry for this recall target.
+    Recall(f64),
+}
+
+/// The TOML form: `"bundle"`, `"off"` or a recall in (0, 1].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(untagged)]
+enum ScreenChoiceRepr {
+    Recall(f64),
+    Name(String),
+}
+
+impl TryFrom<ScreenChoiceRepr> for ScreenChoice {
+    type Error = String;
+
+    fn try_from(repr: ScreenChoiceRepr) -> Result<Self, String> {
+        match repr {
+            ScreenChoiceRepr::Recall(r) if r > 0.0 && r <= 1.0 => Ok(Self::Recall(r)),
+            ScreenChoiceRepr::Recall(r) => Err(format!("a recall must be in (0, 1], got {r}")),
+            ScreenChoiceRepr::Name(name) if name == "bundle" => Ok(Self::Bundle),
+            ScreenChoiceRepr::Name(name) if name == "off" => Ok(Self::Off),
+            ScreenChoiceRepr::Name(name) => Err(format!("expected \"bundle\", \"off\" or a recall, got {name:?}")),
+        }
+    }
+}
+
+impl From<ScreenChoice> for ScreenChoiceRepr {
+    fn from(choice: ScreenChoice) -> Self {
+        match choice {
+            ScreenChoice::Bundle => Self::Name("bundle".into()),
+            ScreenChoice::Off => Self::Name("off".into()),
+            ScreenChoice::Recall(r) => Self::Recall(r),
+        }
+    }
+}
+
+impl ScreenChoice {
+    /// The choice of the command-line flags `--no-screen` and `--screen-recall R`.
+    pub fn from_flags(no_screen: bool, recall: Option<f64>) -> Self {
+        match (no_screen, recall) {
+            (true, _) => Self::Off,
+            (false, Some(r)) => Self::Recall(r),
+            (false, None) => Self::Bundle,
+        }
+    }
+}
+
 /// A tile's screen score: the maximum of its raw patch map.
 pub fn screen_score(patch_map: &[f32]) -> f64 {
     patch_map.iter().fold(f64::NEG_INFINITY, |m, &v| m.max(v as f64))

@@ -884,7 +884,7 @@ fn connects_with_mutual_tls_and_a_password_from_a_file() {
     assert!(daemon.wait_exit(Duration::from_secs(15)).success(), "{}", daemon.log_text());
 }
 
-fn check_config(config: &Path, env: &[(&str, &str)]) -> (i32, String) {
+pub(crate) fn check_config(config: &Path, env: &[(&str, &str)]) -> (i32, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_edge-inspect"))
         .args(["check-config", "--config"])
         .arg(config)

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
+use std::time::Duration;
 
 use edge_inspect::infer::bundle::{Bundle, read_manifest};
 use edge_inspect::infer::ensemble::{Ensemble, MapGraphs, patch_maps};
@@ -384,6 +385,7 @@ fn retrain_fuses_the_patch_map_into_the_shipped_rule() {
     assert!(inside > outside + 1.0, "fused map inside {inside:.3}, outside {outside:.3} (standardised units)");
 
     the_screen_skips_exactly_the_tiles_below_it(&bundle);
+    the_daemon_runs_the_screen_its_config_names(&bundle, &data);
 
     // A fused manifest without its patch model is refused before anything runs.
     let text = fs::read_to_string(bundle.join("manifest.toml")).unwrap();
@@ -391,6 +393,44 @@ fn retrain_fuses_the_patch_map_into_the_shipped_rule() {
     fs::write(bundle.join("manifest.toml"), &text[..cut]).unwrap();
     let e = Bundle::load(&bundle, &RuntimeConfig::default()).err().expect("fusion without [patch]").to_string();
     assert!(e.contains("fusion") && e.contains("[patch]"), "{e}");
+}
+
+/// `model.screen_recall` picks one of `bundle`'s screens in the daemon: at the recall that
+/// screens the most clean validation tiles, replaying the training frames (the clean
+/// calibration frames among them) screens some tiles out; `"off"` screens none; a recall
+/// the bundle has no screen for is a configuration error (exit 78) naming the key.
+fn the_daemon_runs_the_screen_its_config_names(bundle: &Path, frames: &Path) {
+    use crate::daemon::{Daemon, camera, check_config, rig, wait_for, write_config_for};
+    let manifest = read_manifest(bundle).unwrap();
+    let widest = manifest.screen_curve.iter().max_by(|a, b| a.clean_screened.total_cmp(&b.clean_screened)).unwrap();
+    let frame_count = fs::read_dir(frames).unwrap().count() as u64;
+    let tiles = |choice: &str| {
+        let (broker, sub, dir) = rig();
+        let cameras = camera("cam0", &frames.display().to_string(), 50.0, false, "");
+        let model_keys = format!("screen_recall = {choice}");
+        let pipeline = "max_batch = 1\nqueue_capacity = 8";
+        let config = write_config_for(bundle, &model_keys, dir.path(), broker.port, pipeline, &cameras);
+        let mut daemon = Daemon::start(&config);
+        let status = daemon.wait_exit(Duration::from_secs(120));
+        assert!(status.success(), "screen_recall = {choice}: exit {status:?}; log:\n{}", daemon.log_text());
+        let inference = |sub: &crate::daemon::Subscriber| sub.last_stats().map(|s| s["inference"].clone());
+        wait_for(Duration::from_secs(10), "the final stats", || {
+            inference(&sub).is_some_and(|i| i["tiles"].as_u64() == Some(frame_count))
+        });
+        let i = inference(&sub).unwrap();
+        (i["tiles_screened"].as_u64().unwrap(), daemon.log_text())
+    };
+    let (screened, log) = tiles(&widest.recall_target.to_string());
+    assert!(screened > 0 && screened <= frame_count, "recall {}: {screened} screened; {log}", widest.recall_target);
+    assert!(log.contains("Cascade screen chosen by model.screen_recall"), "{log}");
+    assert_eq!(tiles("\"off\"").0, 0, "screen_recall = \"off\" reconstructs every tile");
+
+    let dir = tempfile::tempdir().unwrap();
+    let cameras = camera("cam0", &frames.display().to_string(), 50.0, false, "");
+    let config = write_config_for(bundle, "screen_recall = 0.5", dir.path(), 1883, "", &cameras);
+    let (code, out) = check_config(&config, &[]);
+    assert_eq!(code, 78, "{out}");
+    assert!(out.contains("model.screen_recall") && out.contains("no cascade screen for recall 0.5"), "{out}");
 }
 
 /// The cascade on `bundle` (fused, with the screen `retrain` chose): frames whose patch map
