@@ -29,6 +29,7 @@
 //! - [`controls`]: what an operator changes on a camera at run time (enabled, sensitivity).
 //! - [`frame`]: the frames that cross threads. [`batch`]: the cross-camera batcher.
 //! - [`stats`]: counters, drop reasons and stage progress shared by the threads.
+//! - [`allocator`]: the process's malloc thresholds, fixed at start.
 //! - [`backoff`]: retry delays and stop-aware sleeps. [`durable`]: atomic, durable writes.
 //!   [`timestamp`]: RFC 3339, the one way a time is written.
 //! - [`model`]: what a model *is*: architecture, schedule, sampling plan, preprocessing, the
@@ -53,6 +54,7 @@
 // `infer::runtime::opt_out_of_telemetry` (the environment, set before any thread starts).
 #![deny(unsafe_code)]
 
+pub mod allocator;
 pub mod backoff;
 pub mod batch;
 pub mod capture;

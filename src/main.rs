@@ -14,6 +14,7 @@ use edge_inspect::daemon::{EXIT_SOFTWARE, StageFailed};
 fn main() -> ExitCode {
     // First, while this is the only thread: a line node must not phone home.
     edge_inspect::infer::runtime::opt_out_of_telemetry();
+    edge_inspect::allocator::keep_heap();
     let cli = Cli::parse();
     edge_inspect::logging::init(cli.log_format);
     let result = match cli.command {
