@@ -6,10 +6,10 @@
 //! daemon's inference thread (tiles, maps, ONNX Runtime's outputs), so depending on the
 //! order of early allocations a daemon either reuses them or returns them to the kernel and
 //! faults them back in on every batch: measured on dev-epyc at 32 k to 1.9 M page faults in
-//! 30 s of the same 640×480 replay, and up to 20 % slower inspections (docs/performance.md,
-//! "The daemon's heap"). Fixing the thresholds makes the heap keep what it had: 6–9 k faults
-//! in 30 s. No crate sets these; a global allocator crate would not reach ONNX Runtime's
-//! own allocations, which go through the same malloc.
+//! 30 s of the same 640×480 replay, and about 20 % slower inspections in the runs with
+//! millions (docs/performance.md, "The daemon's heap"). With the thresholds fixed the heap
+//! keeps what it had: 9–17 k faults in 30 s. A global allocator crate would not reach ONNX
+//! Runtime's own allocations, which go through the same malloc.
 
 /// Blocks up to this size come from the arenas, never from a fresh mmap.
 const MMAP_THRESHOLD: i32 = 32 << 20;
