@@ -6,12 +6,13 @@ use std::sync::atomic::AtomicBool;
 
 use anyhow::Context;
 
-use crate::cli::{InspectionArg, LossArg, PatchModelArg, RetrainArgs, bundle_name};
+use crate::cli::{InspectionArg, LossArg, PatchModelArg, RetrainArgs, ScreenRecallArg, bundle_name};
 use crate::infer::runtime::Precision;
 use crate::model::diffusion::ScheduleSpec;
 use crate::model::preprocess::Inspection;
 use crate::model::sampling::ReconstructionSpec;
 use crate::postprocess::anomaly::AnomalySpec;
+use crate::postprocess::screen::{DEFAULT_RECALL, TILED_RECALL};
 use crate::train::calibrate::CalibrationRule;
 use crate::train::head::HeadConfig;
 use crate::train::losses::Loss;
@@ -108,7 +109,7 @@ pub fn run(args: RetrainArgs) -> anyhow::Result<()> {
         calibration: CalibrationRule { trim: args.calibration_trim, ..CalibrationRule::default() },
         operating_point: (!args.fixed_operating_point).then(|| SearchSpace::with_budget(args.unet_budget)),
         head: head_config(&args),
-        patch: patch_config(&args)?,
+        patch: patch_config(&args, inspection)?,
         int8: args.int8.then_some(args.int8_max_loss),
         fp16: args.fp16.then_some(args.fp16_max_loss),
     };
@@ -204,7 +205,7 @@ fn installed_backbone() -> Option<PathBuf> {
 }
 
 /// The normal-patch model's settings, when `--patch-model` asks for one.
-fn patch_config(args: &RetrainArgs) -> anyhow::Result<Option<PatchConfig>> {
+fn patch_config(args: &RetrainArgs, inspection: Inspection) -> anyhow::Result<Option<PatchConfig>> {
     match args.patch_model {
         PatchModelArg::None => Ok(None),
         PatchModelArg::Gaussian | PatchModelArg::PerPosition => {
@@ -218,8 +219,20 @@ fn patch_config(args: &RetrainArgs) -> anyhow::Result<Option<PatchConfig>> {
                 _ => PatchKind::Gaussian,
             };
             let config = PatchConfig::with_backbone(backbone, args.patch_trim, args.patch_fusion.0);
-            Ok(Some(PatchConfig { model, screen_recall: args.screen_recall.0, ..config }))
+            let screen_recall = screen_recall(args.screen_recall, inspection);
+            Ok(Some(PatchConfig { model, screen_recall, ..config }))
         }
+    }
+}
+
+/// The recall the shipped cascade screen is chosen for (`--screen-recall`; `auto` by the
+/// inspection), or none.
+fn screen_recall(arg: ScreenRecallArg, inspection: Inspection) -> Option<f64> {
+    match (arg, inspection) {
+        (ScreenRecallArg::Auto, Inspection::Tiled { .. }) => Some(TILED_RECALL),
+        (ScreenRecallArg::Auto, Inspection::Resize) => Some(DEFAULT_RECALL),
+        (ScreenRecallArg::None, _) => None,
+        (ScreenRecallArg::Recall(r), _) => Some(r),
     }
 }
 
@@ -229,4 +242,35 @@ fn beside(out: &Path, suffix: &str) -> PathBuf {
     let mut path = out.as_os_str().to_owned();
     path.push(suffix);
     path.into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cli::{Cli, Command};
+    use clap::Parser;
+
+    #[test]
+    fn the_shipped_screen_recall_follows_the_inspection_unless_given() {
+        let parsed = |extra: &[&str]| {
+            let args = ["edge-inspect", "retrain", "--data", "d", "--out", "o"].iter().chain(extra);
+            match Cli::try_parse_from(args).map(|c| c.command) {
+                Ok(Command::Retrain(args)) => Ok(args.screen_recall),
+                Ok(_) => unreachable!("retrain parses as retrain"),
+                Err(e) => Err(e.to_string()),
+            }
+        };
+        let tiled = Inspection::Tiled { scale: 1.0, stride: 64 };
+        let auto = parsed(&[]).unwrap();
+        assert_eq!(auto, ScreenRecallArg::Auto);
+        assert_eq!(screen_recall(auto, tiled), Some(TILED_RECALL));
+        assert_eq!(screen_recall(auto, Inspection::Resize), Some(DEFAULT_RECALL));
+        let given = parsed(&["--screen-recall", "0.95"]).unwrap();
+        assert_eq!(screen_recall(given, tiled), Some(0.95));
+        assert_eq!(screen_recall(parsed(&["--screen-recall", "none"]).unwrap(), tiled), None);
+        for bad in ["0", "1.2", "fast"] {
+            let e = parsed(&["--screen-recall", bad]).unwrap_err();
+            assert!(e.contains("--screen-recall") && e.contains(bad), "{bad}: {e}");
+        }
+    }
 }
