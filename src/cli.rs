@@ -554,6 +554,10 @@ pub struct RetrainArgs {
     /// highest-loss ones (where the field frames' own unlabelled defects are likeliest).
     #[arg(long, default_value_t = 0.0)]
     pub head_trim: f64,
+    /// The head's width: channels of its first level (a multiple of 8; 16 is the benchmarked
+    /// recipe). The head costs about one UNet call per tile at 16; narrower is cheaper.
+    #[arg(long, default_value_t = 16)]
+    pub head_base_channels: usize,
     /// The head also reads the normal-patch model's map as a third input (needs
     /// --patch-model).
     #[arg(long)]

@@ -188,6 +188,7 @@ fn head_config(args: &RetrainArgs) -> Option<HeadConfig> {
     (steps > 0).then(|| HeadConfig {
         trim: args.head_trim,
         patch_channel: args.head_patch_channel,
+        base_channels: args.head_base_channels,
         ..HeadConfig::with_steps(steps)
     })
 }

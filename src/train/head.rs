@@ -80,6 +80,8 @@ impl HeadConfig {
         if !(self.learning_rate > 0.0 && self.positive_weight > 0.0) {
             return Err("the head's learning rate and positive weight must be > 0".into());
         }
+        // Its width: the architecture's own rules (channels 1 stands for any frame).
+        self.unet(1).validate().map_err(|e| format!("the head: {e}"))?;
         if !(0.0..0.5).contains(&self.trim) {
             return Err(format!("the head's trim must be in [0, 0.5), got {}", self.trim));
         }
@@ -215,6 +217,17 @@ fn weighted_bce_with_logits(logits: Tensor<4>, target: Tensor<4>, positive_weigh
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_heads_width_is_checked_like_any_unet() {
+        let head = |base_channels| HeadConfig { base_channels, ..HeadConfig::with_steps(10) };
+        assert_eq!(head(8).validate(), Ok(()));
+        assert_eq!(head(8).unet(1).level_widths(), vec![8, 16]);
+        for bad in [0, 12] {
+            let e = head(bad).validate().unwrap_err();
+            assert!(e.starts_with("the head: ") && e.contains(&bad.to_string()), "{bad}: {e}");
+        }
+    }
 
     #[test]
     fn weighted_bce_matches_the_closed_form() {
