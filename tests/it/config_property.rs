@@ -52,6 +52,7 @@ const KEYS: &[(&str, &str)] = &[
     ("model", "t0"),
     ("model", "steps"),
     ("model", "eta"),
+    ("model", "screen_recall"),
 ];
 
 const CAMERA_KEYS: &[&str] = &["id", "fps", "roi", "stall_timeout_ms", "width", "height", "device"];
