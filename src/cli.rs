@@ -805,7 +805,7 @@ fn parse_screen_recall(s: &str) -> Result<ScreenRecallArg, String> {
     match (s, s.parse::<f64>()) {
         ("auto", _) => Ok(ScreenRecallArg::Auto),
         ("none", _) => Ok(ScreenRecallArg::None),
-        (_, Ok(r)) if r > 0.0 && r <= 1.0 => Ok(ScreenRecallArg::Recall(r)),
+        (_, Ok(r)) if crate::postprocess::screen::is_recall(r) => Ok(ScreenRecallArg::Recall(r)),
         _ => Err(format!("`auto`, `none` or a recall in (0, 1], got {s:?}")),
     }
 }

@@ -76,7 +76,7 @@ impl Screen {
         if !self.threshold.is_finite() {
             return Err(format!("anomaly.screen.threshold must be finite, got {}", self.threshold));
         }
-        if !(self.recall_target > 0.0 && self.recall_target <= 1.0) {
+        if !is_recall(self.recall_target) {
             return Err(format!("anomaly.screen.recall_target must be in (0, 1], got {}", self.recall_target));
         }
         Ok(())
@@ -86,8 +86,8 @@ impl Screen {
 /// Which of a bundle's screens runs (the daemon's `model.screen_recall`, `eval`'s and
 /// `bench`'s `--no-screen` / `--screen-recall`): a line trades recall for speed without
 /// retraining, among the screens `retrain` chose on its validation defects.
-#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
-#[serde(try_from = "ScreenChoiceRepr", into = "ScreenChoiceRepr")]
+#[derive(Debug, Clone, Copy, PartialEq, Default, Deserialize)]
+#[serde(try_from = "ScreenChoiceRepr")]
 pub enum ScreenChoice {
     /// The manifest's `anomaly.screen`, if it has one.
     #[default]
@@ -99,7 +99,7 @@ pub enum ScreenChoice {
 }
 
 /// The TOML form: `"bundle"`, `"off"` or a recall in (0, 1].
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(untagged)]
 enum ScreenChoiceRepr {
     Recall(f64),
@@ -111,7 +111,7 @@ impl TryFrom<ScreenChoiceRepr> for ScreenChoice {
 
     fn try_from(repr: ScreenChoiceRepr) -> Result<Self, String> {
         match repr {
-            ScreenChoiceRepr::Recall(r) if r > 0.0 && r <= 1.0 => Ok(Self::Recall(r)),
+            ScreenChoiceRepr::Recall(r) if is_recall(r) => Ok(Self::Recall(r)),
             ScreenChoiceRepr::Recall(r) => Err(format!("a recall must be in (0, 1], got {r}")),
             ScreenChoiceRepr::Name(name) if name == "bundle" => Ok(Self::Bundle),
             ScreenChoiceRepr::Name(name) if name == "off" => Ok(Self::Off),
@@ -120,14 +120,9 @@ impl TryFrom<ScreenChoiceRepr> for ScreenChoice {
     }
 }
 
-impl From<ScreenChoice> for ScreenChoiceRepr {
-    fn from(choice: ScreenChoice) -> Self {
-        match choice {
-            ScreenChoice::Bundle => Self::Name("bundle".into()),
-            ScreenChoice::Off => Self::Name("off".into()),
-            ScreenChoice::Recall(r) => Self::Recall(r),
-        }
-    }
+/// Whether `r` is a recall a screen can be chosen for: in (0, 1].
+pub fn is_recall(r: f64) -> bool {
+    r > 0.0 && r <= 1.0
 }
 
 impl ScreenChoice {
