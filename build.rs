@@ -42,12 +42,16 @@ fn stamp_version() {
         Some(String::from_utf8_lossy(&out.stdout).trim().to_string())
     };
     if let Some(dir) = git(&["rev-parse", "--git-dir"]) {
-        // A new commit or checkout moves HEAD or the branch it names.
-        println!("cargo::rerun-if-changed={dir}/HEAD");
-        if let Some(head) = git(&["symbolic-ref", "-q", "HEAD"]) {
-            println!("cargo::rerun-if-changed={dir}/{head}");
+        // A new commit or checkout moves HEAD or a branch: a loose file under refs/ (cargo
+        // scans a directory whole) or packed-refs after `git gc`. Only paths that exist are
+        // named: cargo treats a missing one as changed, which rebuilt the crate on every run
+        // in a checkout without packed-refs.
+        for name in ["HEAD", "refs", "packed-refs"] {
+            let path = format!("{dir}/{name}");
+            if std::path::Path::new(&path).exists() {
+                println!("cargo::rerun-if-changed={path}");
+            }
         }
-        println!("cargo::rerun-if-changed={dir}/packed-refs");
     }
     let commit = git(&["rev-parse", "--short=12", "HEAD"]).unwrap_or_else(|| "unknown".to_string());
     println!("cargo::rustc-env=EDGE_INSPECT_VERSION={version}");
