@@ -158,16 +158,21 @@ pub fn run(
             break drain(&mut queues, &mut batcher, &batches, &progress);
         }
         queues.take_joins();
-        // Whatever is queued, one frame per camera per round, starting one camera later
-        // each time.
-        if let Err(stopped) = take_queued(&mut queues, &mut batcher, &batches, &progress) {
-            break stopped;
-        }
+        // One frame per camera per round, starting one camera later each time. Between
+        // rounds the loop comes back here: under overload the queues never run empty, and
+        // a camera that joins, a stop or another model's max_wait must not wait for that.
+        let took = match take_round(&mut queues, &mut batcher, &batches, &progress) {
+            Ok(took) => took,
+            Err(stopped) => break stopped,
+        };
         if let Err(stopped) = hand_on_all(&batches, batcher.due(Instant::now()), &progress) {
             break stopped;
         }
         if queues.ended() {
             break drain(&mut queues, &mut batcher, &batches, &progress);
+        }
+        if took {
+            continue;
         }
         let mut select = Select::new();
         for queue in &queues.queues {
@@ -208,41 +213,37 @@ pub fn run(
     }
 }
 
-/// Moves every queued frame into the batcher, round-robin; full batches are handed on.
-/// A queue found closed and empty leaves.
-fn take_queued(
+/// One round-robin round: the next queued frame of each camera into the batcher, full
+/// batches handed on; `true` when it took any. A queue found closed and empty leaves.
+fn take_round(
     queues: &mut Queues,
     batcher: &mut PerModel,
     batches: &Sender<Vec<Frame>>,
     progress: &Progress,
-) -> Result<(), Stop> {
-    loop {
-        let mut took = false;
-        let mut closed = Vec::new();
-        let n = queues.queues.len();
-        for k in 0..n {
-            let i = (queues.next + k) % n;
-            match queues.queues[i].try_recv() {
-                Ok(frame) => {
-                    took = true;
-                    if let Some(batch) = batcher.push(frame, Instant::now()) {
-                        hand_on(batches, batch, progress)?;
-                    }
+) -> Result<bool, Stop> {
+    let mut took = false;
+    let mut closed = Vec::new();
+    let n = queues.queues.len();
+    for k in 0..n {
+        let i = (queues.next + k) % n;
+        match queues.queues[i].try_recv() {
+            Ok(frame) => {
+                took = true;
+                if let Some(batch) = batcher.push(frame, Instant::now()) {
+                    hand_on(batches, batch, progress)?;
                 }
-                Err(TryRecvError::Disconnected) => closed.push(i),
-                Err(TryRecvError::Empty) => {}
             }
-        }
-        // Highest index first: the round started at `next`, so `closed` is not in order.
-        closed.sort_unstable_by(|a, b| b.cmp(a));
-        for i in closed {
-            queues.queues.remove(i);
-        }
-        queues.next = (queues.next + 1) % queues.queues.len().max(1);
-        if !took {
-            return Ok(());
+            Err(TryRecvError::Disconnected) => closed.push(i),
+            Err(TryRecvError::Empty) => {}
         }
     }
+    // Highest index first: the round started at `next`, so `closed` is not in order.
+    closed.sort_unstable_by(|a, b| b.cmp(a));
+    for i in closed {
+        queues.queues.remove(i);
+    }
+    queues.next = (queues.next + 1) % queues.queues.len().max(1);
+    Ok(took)
 }
 
 /// Batches everything still queued and hands it on: the last act of the batcher.
@@ -330,8 +331,39 @@ mod tests {
         drop((a_tx, b_tx));
         let (out_tx, _out_rx) = crossbeam_channel::bounded(1);
         let mut batcher = PerModel::new(2, Duration::from_secs(1));
-        assert!(take_queued(&mut queues, &mut batcher, &out_tx, &Progress::new()).is_ok());
+        assert_eq!(take_round(&mut queues, &mut batcher, &out_tx, &Progress::new()).ok(), Some(false));
         assert!(queues.queues.is_empty());
+    }
+
+    /// The drill for starvation under overload: while one camera's queue never runs empty
+    /// (here: 40 frames queued and a worker that takes one batch at a time), a camera that
+    /// joins gets its frame into the next rounds, not after the backlog.
+    #[test]
+    fn a_camera_that_joins_under_a_backlog_is_served_at_once() {
+        let (joins_tx, joins_rx) = crossbeam_channel::unbounded();
+        let (out_tx, out_rx) = crossbeam_channel::bounded(1);
+        let (_stop_tx, stop_rx) = crossbeam_channel::bounded::<()>(0);
+        let (a_tx, a_rx) = crossbeam_channel::bounded(64);
+        for seq in 0..40 {
+            a_tx.send(Frame::uniform(0, seq, [1, 1], 0.0)).unwrap();
+        }
+        joins_tx.send(a_rx).unwrap();
+        let worker =
+            std::thread::spawn(move || run(joins_rx, 1, Duration::from_secs(60), out_tx, stop_rx, Progress::new()));
+        // Camera 1 joins once the batcher is in its rounds over camera 0's backlog: it has
+        // handed the first batch on and has moved at most two more frames (one in the full
+        // channel, one waiting to be sent).
+        let first = out_rx.recv_timeout(Duration::from_secs(5)).unwrap();
+        assert_eq!(first[0].camera, 0);
+        let (b_tx, b_rx) = crossbeam_channel::bounded(4);
+        b_tx.send(Frame::uniform(1, 0, [1, 1], 0.0)).unwrap();
+        joins_tx.send(b_rx).unwrap();
+        let order: Vec<usize> =
+            (0..40).map(|_| out_rx.recv_timeout(Duration::from_secs(5)).unwrap()[0].camera).collect();
+        let position = order.iter().position(|&camera| camera == 1);
+        assert!(position.is_some_and(|p| p < 4), "camera 1's frame came at {position:?} of {order:?}");
+        drop((joins_tx, a_tx, b_tx));
+        worker.join().unwrap();
     }
 
     #[test]

@@ -2370,6 +2370,18 @@ pub(crate) fn judged(sub: &Subscriber, camera: &str) -> Vec<(u64, String)> {
         .collect()
 }
 
+/// When the frame of each verdict of `camera` was captured, in the order published.
+fn captured(sub: &Subscriber, camera: &str) -> Vec<time::OffsetDateTime> {
+    sub.on(&format!("/{camera}/state"))
+        .iter()
+        .map(|m| serde_json::from_slice::<serde_json::Value>(&m.payload).unwrap())
+        .map(|v| {
+            let at = v["captured_at"].as_str().unwrap();
+            time::OffsetDateTime::parse(at, &time::format_description::well_known::Rfc3339).unwrap()
+        })
+        .collect()
+}
+
 /// Copies a bundle with one byte of its ONNX file flipped: it fails the sha256 check.
 fn corrupt_copy(from: &Path, to: &Path) {
     copy_bundle(from, to);
@@ -2516,9 +2528,11 @@ fn sighup_adds_removes_and_changes_cameras_while_the_others_go_on() {
     let (broker, sub, dir) = rig();
     let scratch = repo().join("data/brick/test/scratch").display().to_string();
     let good = repo().join("data/brick/test/good").display().to_string();
+    // 2 frames/s per camera: the 10-call brick model keeps up with two cameras on a busy
+    // CI machine, so cam0's numbers stay consecutive (no queue-full drops).
     let pipeline = "max_batch = 2\nmax_wait_ms = 20\nqueue_capacity = 64";
     let cameras = |list: &[String]| list.concat();
-    let (cam0, cam1) = (camera("cam0", &scratch, 4.0, true, ""), camera("cam1", &good, 4.0, true, ""));
+    let (cam0, cam1) = (camera("cam0", &scratch, 2.0, true, ""), camera("cam1", &good, 2.0, true, ""));
     let config = write_config(dir.path(), broker.port, pipeline, &cameras(&[cam0.clone(), cam1]));
     let mut daemon = Daemon::start(&config);
     wait_for(Duration::from_secs(60), "both cameras inspecting", || {
@@ -2528,7 +2542,7 @@ fn sighup_adds_removes_and_changes_cameras_while_the_others_go_on() {
 
     // cam1 removed, cam2 added, images off.
     let reload = |cam2_extra: &str| {
-        let cam2 = camera("cam2", &good, 4.0, true, cam2_extra);
+        let cam2 = camera("cam2", &good, 2.0, true, cam2_extra);
         let path = write_config(dir.path(), broker.port, pipeline, &cameras(&[cam0.clone(), cam2]));
         let text = std::fs::read_to_string(&path)
             .unwrap()
@@ -2540,12 +2554,10 @@ fn sighup_adds_removes_and_changes_cameras_while_the_others_go_on() {
     reload("");
     wait_for(Duration::from_secs(30), "the added camera inspecting", || judged(&sub, "cam2").len() >= 3);
     assert_eq!(sub.texts("cam1/status").last().map(String::as_str), Some("offline"), "the removed camera is offline");
-    let cam1_judged = judged(&sub, "cam1").len();
     let masks = sub.on("cam0/mask").len();
     let anomalies = sub.on("cam0/anomaly").len();
     wait_for(Duration::from_secs(30), "more alerts of cam0", || sub.on("cam0/anomaly").len() >= anomalies + 3);
     assert_eq!(sub.on("cam0/mask").len(), masks, "images off: alerts without masks");
-    assert_eq!(judged(&sub, "cam1").len(), cam1_judged, "nothing more of the removed camera");
 
     // cam2's sensitivity changes (applied without a restart), then its ROI: it restarts
     // where it was.
@@ -2572,6 +2584,13 @@ fn sighup_adds_removes_and_changes_cameras_while_the_others_go_on() {
     let cam2 = seqs("cam2");
     assert_eq!(cam2[0], 1);
     assert!(cam2.windows(2).all(|w| w[1] > w[0]), "cam2's numbers go on across its restart: {cam2:?}");
+    // The removed camera's queued frames are still inspected (under load that goes on after
+    // cam2 starts), but it captures nothing after the reload: every one of its frames came
+    // before cam2's second (a frame cam1 was reading at the stop may stamp after cam2's first).
+    let mut cam2_captured = captured(&sub, "cam2");
+    cam2_captured.sort();
+    let late: Vec<_> = captured(&sub, "cam1").into_iter().filter(|t| *t >= cam2_captured[1]).collect();
+    assert!(late.is_empty(), "the removed camera captured after the reload: {late:?}, cam2 from {cam2_captured:?}");
     let stats = sub.last_stats().unwrap();
     let listed: Vec<&String> = stats["cameras"].as_object().unwrap().keys().collect();
     assert_eq!(listed, ["cam0", "cam2"], "{stats}");

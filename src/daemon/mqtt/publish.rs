@@ -71,6 +71,8 @@ pub struct State<'a> {
     pub schema: u32,
     #[serde(rename = "@timestamp")]
     pub timestamp: String,
+    /// When the frame was captured (`@timestamp` is when the verdict was published).
+    pub captured_at: String,
     pub seq: u64,
     pub label: &'static str,
     pub score: f64,
@@ -252,6 +254,7 @@ impl Publisher {
             let state = State {
                 schema: PAYLOAD_SCHEMA,
                 timestamp: rfc3339(now),
+                captured_at: rfc3339(f.captured),
                 seq: f.seq,
                 label: if a.anomalous { "anomalous" } else { "normal" },
                 score: a.score,
