@@ -81,7 +81,7 @@ pub fn candidates(provider: Provider) -> &'static [usize] {
 }
 
 /// What the probe measured and chose.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Probe {
     /// `(tiles per call, tiles per second)`, in the order measured.
     pub measured: Vec<(usize, f64)>,
@@ -129,7 +129,7 @@ pub fn probe(
 }
 
 /// The smallest batch within [`TOLERANCE`] of the best measured throughput.
-pub fn choose(measured: &[(usize, f64)]) -> usize {
+fn choose(measured: &[(usize, f64)]) -> usize {
     let best = measured.iter().map(|&(_, rate)| rate).fold(0.0, f64::max);
     measured
         .iter()
